@@ -1,0 +1,359 @@
+//! The shared memfd: creating, validating, sizing and mapping it.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use memmap2::{MmapMut, MmapOptions, MmapRaw};
+use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+use nix::sys::memfd::{MFdFlags, memfd_create};
+
+use crate::env::{ListenEnv, check_name};
+use crate::error::{Error, Result};
+
+/// The seals of a memfd (`F_GET_SEALS`), as a small bit set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Seals(u32);
+
+impl Seals {
+    /// No further seals can be added (`F_SEAL_SEAL`).
+    pub const SEAL: Seals = Seals(libc::F_SEAL_SEAL as u32);
+    /// The file cannot shrink (`F_SEAL_SHRINK`).
+    pub const SHRINK: Seals = Seals(libc::F_SEAL_SHRINK as u32);
+    /// The file cannot grow (`F_SEAL_GROW`).
+    pub const GROW: Seals = Seals(libc::F_SEAL_GROW as u32);
+    /// The contents cannot be written (`F_SEAL_WRITE`).
+    pub const WRITE: Seals = Seals(libc::F_SEAL_WRITE as u32);
+
+    /// The raw `F_SEAL_*` bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether every seal in `other` is set.
+    pub fn contains(self, other: Seals) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+/// How [`SharedFd::create`] makes a new memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Initial size in bytes (the memfd reads as zeros; no memory is used
+    /// until written).
+    pub size: u64,
+    /// Seal against shrinking (`F_SEAL_SHRINK`), so that no process can cut
+    /// the file under another one's mapping (which would SIGBUS it).
+    pub seal_shrink: bool,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            seal_shrink: true,
+        }
+    }
+}
+
+/// An owned, validated memfd: the shared memory a program keeps its state in.
+///
+/// Obtained from the environment ([`SharedFd::from_env`]), by validating an
+/// fd ([`SharedFd::adopt`]), or by creating one ([`SharedFd::create`]). The fd
+/// is close-on-exec; a producer passes it on explicitly (see
+/// [`crate::PassedFds`]).
+#[derive(Debug)]
+pub struct SharedFd {
+    fd: OwnedFd,
+    name: String,
+}
+
+impl SharedFd {
+    /// Creates a new memfd called `name` (the name shows in
+    /// `/proc/PID/fd/` as `/memfd:NAME`).
+    pub fn create(name: &str, options: CreateOptions) -> Result<Self> {
+        check_name(name).map_err(|reason| Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })?;
+        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+            .map_err(|e| Error::io("memfd_create", e))?;
+        let shared = SharedFd {
+            fd,
+            name: name.to_owned(),
+        };
+        if options.size > 0 {
+            shared.grow_to(options.size)?;
+        }
+        if options.seal_shrink {
+            fcntl(&shared.fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))
+                .map_err(|e| Error::io("fcntl(F_ADD_SEALS)", e))?;
+        }
+        Ok(shared)
+    }
+
+    /// Validates that `fd` is a memfd and takes it as the shared fd `name`.
+    ///
+    /// The fd is set close-on-exec. A file of another kind (a regular file,
+    /// a pipe, ...) is [`Error::BadFd`].
+    pub fn adopt(fd: OwnedFd, name: &str) -> Result<Self> {
+        let raw = fd.as_raw_fd();
+        let bad = |problem: String| Error::BadFd {
+            fd: raw,
+            name: name.to_owned(),
+            problem,
+        };
+        let stat =
+            nix::sys::stat::fstat(&fd).map_err(|e| bad(format!("cannot be examined: {e}")))?;
+        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(bad("is not a memfd (not a regular file)".into()));
+        }
+        let target = std::fs::read_link(format!("/proc/self/fd/{raw}"))
+            .map_err(|e| bad(format!("cannot be examined in /proc/self/fd: {e}")))?;
+        if !target
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(b"/memfd:")
+        {
+            return Err(bad(format!("is not a memfd (it is {})", target.display())));
+        }
+        nix::fcntl::fcntl(&fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+            .map_err(|e| Error::io("fcntl(F_SETFD)", e))?;
+        Ok(SharedFd {
+            fd,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Finds the fd called `name` in a parsed hand-over, checks that it is
+    /// meant for this process, takes it and validates it.
+    pub fn from_listen_env(env: Option<&ListenEnv>, name: &str) -> Result<Self> {
+        let env = env.ok_or_else(|| Error::NotPassed {
+            name: name.to_owned(),
+        })?;
+        let own_pid = std::process::id();
+        if let Some(listen_pid) = env.pid().filter(|_| !env.is_for(own_pid)) {
+            return Err(Error::NotForThisProcess {
+                listen_pid,
+                own_pid,
+            });
+        }
+        let index = env.position(name).ok_or_else(|| Error::NameNotFound {
+            name: name.to_owned(),
+            passed: env.names().to_vec(),
+        })?;
+        Self::adopt(env.take(index)?, name)
+    }
+
+    /// The consumer's one call: reads `LISTEN_FDS`, `LISTEN_FDNAMES` and
+    /// `LISTEN_PID` and returns the memfd called `name`.
+    ///
+    /// When the program was not started under a watcher the error is
+    /// [`Error::NotPassed`], whose message tells the user what to do.
+    pub fn from_env(name: &str) -> Result<Self> {
+        let env = ListenEnv::from_process_env()?;
+        Self::from_listen_env(env.as_ref(), name)
+    }
+
+    /// The fd's name in `LISTEN_FDNAMES`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current size in bytes.
+    pub fn len(&self) -> Result<u64> {
+        let stat = nix::sys::stat::fstat(&self.fd).map_err(|e| Error::io("fstat", e))?;
+        Ok(stat.st_size as u64)
+    }
+
+    /// True when the memfd holds no bytes (a fresh watcher's).
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// The seals currently set.
+    pub fn seals(&self) -> Result<Seals> {
+        let bits = fcntl(&self.fd, FcntlArg::F_GET_SEALS)
+            .map_err(|e| Error::io("fcntl(F_GET_SEALS)", e))?;
+        Ok(Seals(bits as u32))
+    }
+
+    /// Grows the memfd to at least `min_len` bytes; never shrinks it.
+    /// Returns the size afterwards.
+    pub fn grow_to(&self, min_len: u64) -> Result<u64> {
+        let len = self.len()?;
+        if len >= min_len {
+            return Ok(len);
+        }
+        let wanted = i64::try_from(min_len).map_err(|_| Error::CannotGrow {
+            len,
+            wanted: min_len,
+        })?;
+        match nix::unistd::ftruncate(&self.fd, wanted) {
+            Ok(()) => Ok(min_len),
+            Err(nix::errno::Errno::EPERM) => Err(Error::CannotGrow {
+                len,
+                wanted: min_len,
+            }),
+            Err(e) => Err(Error::io("ftruncate", e)),
+        }
+    }
+
+    /// Maps the whole memfd, growing it first to at least `min_len` bytes,
+    /// as raw memory: the safe base for memory other processes may change.
+    ///
+    /// A memfd of size 0 cannot be mapped: pass a non-zero `min_len`.
+    pub fn map_raw(&self, min_len: u64) -> Result<MmapRaw> {
+        let len = self.map_len(min_len)?;
+        MmapOptions::new()
+            .len(len)
+            .map_raw(&self.fd)
+            .map_err(|e| Error::io("mmap", e))
+    }
+
+    /// Maps the whole memfd as a mutable byte slice, growing it first to at
+    /// least `min_len` bytes.
+    ///
+    /// # Safety
+    ///
+    /// The slice aliases memory other processes can reach. The caller must
+    /// make sure that, while the map lives:
+    /// - no other process writes to the memfd (other than through a protocol
+    ///   the caller follows, such as shm-snapshot's), and
+    /// - the memfd is not truncated below the mapped length (the default
+    ///   `F_SEAL_SHRINK` guarantees this; with `--no-seal` it is on you).
+    pub unsafe fn map_mut(&self, min_len: u64) -> Result<MmapMut> {
+        let len = self.map_len(min_len)?;
+        // SAFETY: the caller upholds this function's contract: no concurrent
+        // writer outside its protocol, and no shrinking under the mapping.
+        unsafe { MmapOptions::new().len(len).map_mut(&self.fd) }.map_err(|e| Error::io("mmap", e))
+    }
+
+    fn map_len(&self, min_len: u64) -> Result<usize> {
+        let len = self.grow_to(min_len)?;
+        if len == 0 {
+            return Err(Error::io(
+                "mmap",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, "the memfd is empty"),
+            ));
+        }
+        usize::try_from(len).map_err(|_| {
+            Error::io(
+                "mmap",
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "memfd larger than the address space",
+                ),
+            )
+        })
+    }
+
+    /// Gives up the wrapper, returning the fd.
+    pub fn into_owned_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    /// Gives up the wrapper, returning the memfd as a [`File`] (for reading,
+    /// writing, seeking).
+    pub fn into_file(self) -> File {
+        File::from(self.fd)
+    }
+
+    /// Duplicates the fd (close-on-exec).
+    pub fn try_clone(&self) -> Result<SharedFd> {
+        Ok(SharedFd {
+            fd: self.fd.try_clone().map_err(|e| Error::io("dup", e))?,
+            name: self.name.clone(),
+        })
+    }
+}
+
+impl AsFd for SharedFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for SharedFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<SharedFd> for OwnedFd {
+    fn from(s: SharedFd) -> OwnedFd {
+        s.fd
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_seal_grow_map() {
+        let fd = SharedFd::create(
+            "test-memfd",
+            CreateOptions {
+                size: 100,
+                seal_shrink: true,
+            },
+        )
+        .unwrap();
+        assert_eq!(fd.len().unwrap(), 100);
+        assert!(fd.seals().unwrap().contains(Seals::SHRINK));
+        assert!(!fd.seals().unwrap().contains(Seals::GROW));
+        assert_eq!(fd.grow_to(50).unwrap(), 100, "never shrinks");
+        let map = fd.map_raw(4096).unwrap();
+        assert_eq!(map.len(), 4096);
+        // A sealed memfd refuses to shrink even when asked directly.
+        assert_eq!(
+            nix::unistd::ftruncate(&fd, 10),
+            Err(nix::errno::Errno::EPERM)
+        );
+    }
+
+    #[test]
+    fn unsealed_when_asked() {
+        let fd = SharedFd::create(
+            "x",
+            CreateOptions {
+                size: 0,
+                seal_shrink: false,
+            },
+        )
+        .unwrap();
+        assert!(!fd.seals().unwrap().contains(Seals::SHRINK));
+        assert!(fd.is_empty().unwrap());
+        assert!(fd.map_raw(0).is_err(), "an empty memfd cannot be mapped");
+    }
+
+    #[test]
+    fn grow_sealed_is_a_clear_error() {
+        let fd = SharedFd::create("g", CreateOptions::default()).unwrap();
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_GROW)).unwrap();
+        let e = fd.grow_to(10).unwrap_err();
+        assert!(matches!(e, Error::CannotGrow { len: 0, wanted: 10 }), "{e}");
+    }
+
+    #[test]
+    fn adopt_rejects_regular_files_and_pipes() {
+        let file = tempfile::tempfile().unwrap();
+        let e = SharedFd::adopt(file.into(), "n").unwrap_err().to_string();
+        assert!(e.contains("is not a memfd"), "{e}");
+        let (r, _w) = nix::unistd::pipe().unwrap();
+        let e = SharedFd::adopt(r, "n").unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let fd = SharedFd::create("ok", CreateOptions::default()).unwrap();
+        SharedFd::adopt(fd.into_owned_fd(), "ok").unwrap();
+    }
+
+    #[test]
+    fn bad_names_are_rejected() {
+        for name in ["", "a:b", "with space"] {
+            assert!(matches!(
+                SharedFd::create(name, CreateOptions::default()),
+                Err(Error::InvalidName { .. })
+            ));
+        }
+    }
+}

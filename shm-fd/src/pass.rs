@@ -1,0 +1,158 @@
+//! The producer side: gathering the fds a program should get and putting
+//! them where the `LISTEN_FDS` protocol says, for `exec` or for a child.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::process::Command;
+
+use crate::env::{LISTEN_FDS_START, ListenEnv};
+use crate::error::{Error, Result};
+use crate::memfd::{CreateOptions, SharedFd};
+use crate::sys;
+
+/// The fds a watcher hands on: every inherited fd (kept in its place, with
+/// its name) plus the shared memfd, reused when inherited, created otherwise.
+#[derive(Debug)]
+pub struct Handover {
+    entries: Vec<(String, OwnedFd)>,
+    shared: usize,
+    created: bool,
+}
+
+impl Handover {
+    /// Takes the inherited fds described by `env` (when they are meant for
+    /// this process) and finds the memfd called `name` among them, checking
+    /// that it is a memfd; when there is none, creates one with `options`
+    /// and appends it after the inherited fds.
+    ///
+    /// fds passed to another process (`LISTEN_PID` names someone else) are
+    /// not taken: the hand-over starts empty.
+    pub fn adopt_or_create(
+        env: Option<&ListenEnv>,
+        name: &str,
+        options: CreateOptions,
+    ) -> Result<Self> {
+        let own_pid = std::process::id();
+        let mut entries = match env {
+            Some(env) if env.is_for(own_pid) => env.take_all()?,
+            _ => Vec::new(),
+        };
+        if let Some(index) = entries.iter().position(|(n, _)| n == name) {
+            let (n, fd) = entries.remove(index);
+            let shared = SharedFd::adopt(fd, &n)?;
+            entries.insert(index, (n, shared.into_owned_fd()));
+            return Ok(Handover {
+                entries,
+                shared: index,
+                created: false,
+            });
+        }
+        let shared = SharedFd::create(name, options)?;
+        entries.push((name.to_owned(), shared.into_owned_fd()));
+        Ok(Handover {
+            shared: entries.len() - 1,
+            entries,
+            created: true,
+        })
+    }
+
+    /// True when the memfd was created here, false when it was inherited.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// The shared memfd.
+    pub fn shared(&self) -> BorrowedFd<'_> {
+        self.entries[self.shared].1.as_fd()
+    }
+
+    /// A duplicate of the shared memfd, for this process's own use (loading
+    /// or saving it); close-on-exec, so it does not leak into the child.
+    pub fn shared_fd(&self) -> Result<SharedFd> {
+        let (name, fd) = &self.entries[self.shared];
+        let dup = fd.try_clone().map_err(|e| Error::io("dup", e))?;
+        SharedFd::adopt(dup, name)
+    }
+
+    /// The names in fd order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.iter().map(|(n, _)| n.as_str())
+    }
+
+    /// Puts the fds on `3, 4, ...` with close-on-exec cleared, ready for
+    /// `exec` or for starting children (see [`PassedFds::configure`]).
+    ///
+    /// # Safety
+    ///
+    /// Descriptors open on the target numbers that are not part of this
+    /// hand-over are closed and replaced: no other object in this process
+    /// may own one. Call it early in `main`, before opening anything else,
+    /// or make sure those numbers are free.
+    pub unsafe fn install(self) -> Result<PassedFds> {
+        let (names, fds): (Vec<String>, Vec<OwnedFd>) = self.entries.into_iter().unzip();
+        // SAFETY: forwarded from this function's own contract.
+        let fds = unsafe { sys::place_fds(fds, LISTEN_FDS_START) }
+            .map_err(|e| Error::io("placing the fds on 3, 4, ...", e))?;
+        Ok(PassedFds {
+            names,
+            fds,
+            shared: self.shared,
+        })
+    }
+}
+
+/// fds sitting on `3, 4, ...` without close-on-exec, with their names: what
+/// a program started from this process receives.
+#[derive(Debug)]
+pub struct PassedFds {
+    names: Vec<String>,
+    fds: Vec<OwnedFd>,
+    shared: usize,
+}
+
+impl PassedFds {
+    /// The value for `LISTEN_FDS`.
+    pub fn listen_fds(&self) -> String {
+        self.fds.len().to_string()
+    }
+
+    /// The value for `LISTEN_FDNAMES`.
+    pub fn listen_fdnames(&self) -> String {
+        self.names.join(":")
+    }
+
+    /// The shared memfd, on its protocol number.
+    pub fn shared(&self) -> BorrowedFd<'_> {
+        self.fds[self.shared].as_fd()
+    }
+
+    /// The number of passed fds.
+    pub fn len(&self) -> usize {
+        self.fds.len()
+    }
+
+    /// True when nothing is passed.
+    pub fn is_empty(&self) -> bool {
+        self.fds.is_empty()
+    }
+
+    /// The fd numbers, in order (`3, 4, ...`).
+    pub fn raw_fds(&self) -> impl Iterator<Item = i32> + '_ {
+        self.fds.iter().map(|f| f.as_raw_fd())
+    }
+
+    /// Sets `LISTEN_FDS` and `LISTEN_FDNAMES` on `cmd` and sets or removes
+    /// `LISTEN_PID`: `Some(pid)` sets it (right for `exec`, where the pid
+    /// stays), `None` removes it (right for a child, whose pid is not known
+    /// before it starts; a stale value would hide the fds from it).
+    ///
+    /// The fds need no further work: they are already inheritable, so `cmd`
+    /// can be spawned without a `pre_exec` hook.
+    pub fn configure(&self, cmd: &mut Command, listen_pid: Option<u32>) {
+        cmd.env("LISTEN_FDS", self.listen_fds())
+            .env("LISTEN_FDNAMES", self.listen_fdnames());
+        match listen_pid {
+            Some(pid) => cmd.env("LISTEN_PID", pid.to_string()),
+            None => cmd.env_remove("LISTEN_PID"),
+        };
+    }
+}
