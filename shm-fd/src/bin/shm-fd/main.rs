@@ -1,0 +1,147 @@
+//! `shm-fd`: create (or reuse) the shared memfd and run a command with it.
+
+use std::ffi::OsString;
+use std::io::ErrorKind;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, ValueEnum};
+use shm_fd::{CreateOptions, Handover, ListenEnv, PassedFds};
+
+mod supervise;
+
+const EXIT_SETUP: u8 = 1;
+const EXIT_USAGE: u8 = 2;
+const EXIT_CANNOT_EXECUTE: u8 = 126;
+const EXIT_NOT_FOUND: u8 = 127;
+
+const AFTER_HELP: &str = "\
+The command gets the memfd on an inherited fd, described the systemd way:
+LISTEN_FDS=<count> LISTEN_FDNAMES=<names> (fds 3, 4, ...). A memfd with the
+name that is already inherited is reused; otherwise a new one is created (and
+uploaded to systemd's fd store when NOTIFY_SOCKET is set).
+
+Exit status:
+  (exec mode)  the command's own status: shm-fd becomes the command
+  --restart    the last child's status, or 128+N if signal N killed it
+  1            setup failed (bad LISTEN_* variables, memfd creation, ...)
+  2            usage error
+  126          the command cannot be executed
+  127          the command was not found";
+
+/// Keep a program's state in a shared memfd across its runs.
+#[derive(Debug, Parser)]
+#[command(name = "shm-fd", version, after_help = AFTER_HELP)]
+struct Args {
+    /// Name of the fd in LISTEN_FDNAMES.
+    #[arg(long, value_name = "NAME", default_value = shm_fd::DEFAULT_NAME)]
+    name: String,
+
+    /// Initial size of a newly created memfd: bytes, or with a suffix
+    /// K/M/G (KiB/MiB/GiB, powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = shm_fd::units::parse_size)]
+    size: u64,
+
+    /// Do not seal a new memfd against shrinking (F_SEAL_SHRINK).
+    #[arg(long)]
+    no_seal: bool,
+
+    /// Set LISTEN_PID to the pid the command runs as (by default it is
+    /// left unset, so the fd flows through wrappers such as `watch`).
+    #[arg(long)]
+    pid: bool,
+
+    /// Stay as a watcher and run the command again when it exits
+    /// (`always`) or when it fails or crashes (`on-failure`). SIGTERM,
+    /// SIGINT and SIGQUIT are forwarded; SIGHUP restarts the command
+    /// (SIGTERM, wait up to 10 s, then SIGKILL; start again).
+    #[arg(long, value_name = "WHEN")]
+    restart: Option<Restart>,
+
+    /// The command to run, and its arguments.
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        trailing_var_arg = true,
+        num_args = 1..
+    )]
+    command: Vec<OsString>,
+}
+
+/// When the watcher starts the command again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Restart {
+    /// After every exit.
+    Always,
+    /// After a non-zero exit or a death by signal; a clean exit ends the
+    /// watcher.
+    OnFailure,
+}
+
+fn main() -> ExitCode {
+    // Set up the fds before anything else opens a descriptor: the
+    // placement below may replace stray fds on 3, 4, ... (see `install`).
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(args) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, msg)) => {
+            eprintln!("shm-fd: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// An exit code with the one-line message explaining it.
+struct Failure(u8, String);
+
+fn run(args: Args) -> Result<u8, Failure> {
+    let setup = |e: shm_fd::Error| Failure(EXIT_SETUP, e.to_string());
+    let env = ListenEnv::from_process_env().map_err(setup)?;
+    let options = CreateOptions {
+        size: args.size,
+        seal_shrink: !args.no_seal,
+    };
+    let handover = Handover::adopt_or_create(env.as_ref(), &args.name, options).map_err(setup)?;
+    if handover.created()
+        && let Some(socket) = std::env::var_os("NOTIFY_SOCKET")
+        && let Err(e) = shm_fd::notify_fd_store(&socket, &args.name, handover.shared())
+    {
+        eprintln!("shm-fd: warning: cannot upload the memfd to systemd's fd store: {e}");
+    }
+    // SAFETY: nothing in this process has opened a descriptor yet apart
+    // from the hand-over's own (clap and the environment open none), so
+    // whatever sits on 3, 4, ... is an inherited stray that nothing owns.
+    let passed = unsafe { handover.install() }.map_err(setup)?;
+
+    match args.restart {
+        None => Err(exec(&args, &passed)),
+        Some(when) => supervise::run(&args, &passed, when),
+    }
+}
+
+/// Replaces this process with the command; returns only on failure.
+fn exec(args: &Args, passed: &PassedFds) -> Failure {
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    passed.configure(&mut cmd, args.pid.then(std::process::id));
+    spawn_failure(&args.command[0], cmd.exec())
+}
+
+/// The exit code and message for a command that could not be started.
+pub(crate) fn spawn_failure(program: &OsString, e: std::io::Error) -> Failure {
+    let program = program.to_string_lossy();
+    match e.kind() {
+        ErrorKind::NotFound => Failure(EXIT_NOT_FOUND, format!("{program}: command not found")),
+        _ => Failure(
+            EXIT_CANNOT_EXECUTE,
+            format!("{program}: cannot execute: {e}"),
+        ),
+    }
+}

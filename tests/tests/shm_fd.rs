@@ -1,0 +1,522 @@
+//! Black-box tests of the `shm-fd` command and the `primes` / `counter`
+//! examples.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+use nix::unistd::Pid;
+use shm_fd_tests::{bin, cmd, first_primes, run, text};
+
+fn b(name: &str) -> String {
+    bin(name).to_str().unwrap().to_owned()
+}
+
+/// Runs `shm-fd [args] sh -c script` and returns (code, stdout, stderr).
+fn shm_sh(args: &[&str], script: &str) -> (i32, String, String) {
+    let out = run(cmd("shm-fd").args(args).args(["sh", "-c", script]));
+    let (o, e) = text(&out);
+    assert!(!e.contains("panicked"), "{e}");
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+#[test]
+fn primes_across_130_runs_yields_the_first_125000_primes() {
+    let script = format!(
+        "for i in $(seq 130); do {p} > \"$OUT\" || exit 1; done",
+        p = b("primes")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("table");
+    let out = run(cmd("shm-fd")
+        .args(["sh", "-c", &script])
+        .env("OUT", &out_file));
+    let (_, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 130);
+    assert_eq!(lines[0], "generated 1000 more primes, total 1002");
+    assert!(lines[1].ends_with("total 2002"), "{}", lines[1]);
+    assert_eq!(lines[129], "generated 0 more primes, total 125000");
+    let table: Vec<u64> = std::fs::read_to_string(&out_file)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    assert_eq!(table, first_primes(125_000));
+}
+
+#[test]
+fn examples_without_an_fd_fail_clearly() {
+    for name in ["primes", "counter"] {
+        let out = run(&mut cmd(name));
+        let (o, e) = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{name}: {e}");
+        assert!(o.is_empty());
+        assert!(
+            e.starts_with(&format!("{name}: no shared memory fd")),
+            "{e}"
+        );
+        assert!(e.contains("run this program under shm-fd"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+}
+
+#[test]
+fn state_survives_runs_through_sh_c_like_watch() {
+    let c = b("counter");
+    let (code, out, err) = shm_sh(&[], &format!("{c}; sh -c {c}; sh -c 'sh -c {c}'"));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1\n2\n3\n");
+}
+
+#[test]
+fn nested_shm_fd_reuses_the_inherited_memfd() {
+    let (c, s) = (b("counter"), b("shm-fd"));
+    let (code, out, err) = shm_sh(
+        &[],
+        &format!("{c}; {s} {c}; {s} --pid {c}; {s} sh -c 'echo $LISTEN_FDS $LISTEN_FDNAMES'"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1\n2\n3\n1 SHM_SHARED_FD\n");
+}
+
+#[test]
+fn other_inherited_fds_keep_their_numbers_and_names() {
+    let s = b("shm-fd");
+    let (code, out, err) = shm_sh(
+        &["--name", "A"],
+        &format!(
+            "{s} --name B sh -c 'echo $LISTEN_FDS $LISTEN_FDNAMES; \
+             readlink /proc/$$/fd/3 /proc/$$/fd/4'"
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "2 A:B\n/memfd:A (deleted)\n/memfd:B (deleted)\n");
+}
+
+#[test]
+fn the_command_gets_no_other_fds() {
+    // The outer shell lists what it inherited (strays of the test process
+    // included), then becomes shm-fd; the command must see the same plus 3.
+    let list = "ls /proc/$$/fd; echo --";
+    for args in ["", "--restart on-failure"] {
+        let script = format!("{list}; exec \"$0\" {args} sh -c '{list}'");
+        let out = run(Command::new("sh").args(["-c", &script, &b("shm-fd")]));
+        let (o, e) = text(&out);
+        assert!(out.status.success(), "{e}");
+        let lines: Vec<String> = o.split("--\n").map(|l| l.replace('\n', " ")).collect();
+        assert_eq!(lines.len(), 3, "{o}");
+        let mut expected: Vec<&str> = lines[0].split_whitespace().collect();
+        if !expected.contains(&"3") {
+            expected.push("3");
+        }
+        expected.sort_by_key(|s| s.parse::<u32>().unwrap());
+        let mut got: Vec<&str> = lines[1].split_whitespace().collect();
+        got.sort_by_key(|s| s.parse::<u32>().unwrap());
+        assert_eq!(got, expected, "{args}");
+    }
+}
+
+#[test]
+fn listen_pid_is_unset_by_default_and_right_with_pid() {
+    let script = "echo ${LISTEN_PID:-unset} $$";
+    let (_, out, _) = shm_sh(&[], script);
+    assert!(out.starts_with("unset "), "{out}");
+    for args in [&["--pid"][..], &["--pid", "--restart", "on-failure"]] {
+        let (code, out, err) = shm_sh(args, script);
+        assert_eq!(code, 0, "{err}");
+        let v: Vec<&str> = out.split_whitespace().collect();
+        assert_eq!(v.len(), 2, "{out}");
+        assert_eq!(v[0], v[1], "{args:?}: LISTEN_PID is not the command's pid");
+    }
+    // A stale LISTEN_PID from outside is dropped, not passed on.
+    let out = run(cmd("shm-fd").env("LISTEN_PID", "1").args([
+        "sh",
+        "-c",
+        "echo ${LISTEN_PID:-unset} $LISTEN_FDS",
+    ]));
+    assert_eq!(text(&out).0, "unset 1\n");
+}
+
+#[test]
+fn a_child_cannot_shrink_the_sealed_memfd() {
+    let script = "truncate -s 100 /proc/$$/fd/3; echo $?; stat -L -c %s /proc/$$/fd/3";
+    let (code, out, err) = shm_sh(&["--size", "64K"], script);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1\n65536\n", "{err}");
+    assert!(err.contains("Operation not permitted"), "{err}");
+    // Without the seal the same script does shrink it.
+    let (_, out, _) = shm_sh(&["--size", "64K", "--no-seal"], script);
+    assert_eq!(out, "0\n100\n");
+}
+
+#[test]
+fn size_accepts_units() {
+    for (size, bytes) in [
+        ("4096", 4096),
+        ("2K", 2048),
+        ("1MiB", 1 << 20),
+        ("1G", 1 << 30),
+    ] {
+        let (code, out, err) = shm_sh(&["--size", size], "stat -L -c %s /proc/$$/fd/3");
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(out.trim(), bytes.to_string(), "--size {size}");
+    }
+}
+
+/// Receives one datagram with an attached fd from `sock`.
+fn recv_with_fd(sock: &UnixDatagram) -> (String, OwnedFd) {
+    let mut buf = [0u8; 256];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .expect("recvmsg");
+    let mut fd = None;
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            assert_eq!(fds.len(), 1);
+            // SAFETY: the kernel just installed this fd in our table for us.
+            fd = Some(unsafe { OwnedFd::from_raw_fd(fds[0]) });
+        }
+    }
+    let n = msg.bytes;
+    (
+        String::from_utf8_lossy(&buf[..n]).into_owned(),
+        fd.expect("an SCM_RIGHTS fd"),
+    )
+}
+
+fn check_fd_store(sock: UnixDatagram, notify_socket: &str) {
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let s = b("shm-fd");
+    let out = run(cmd("shm-fd")
+        .env("NOTIFY_SOCKET", notify_socket)
+        .args(["--name", "store-test", "--size", "4K", s.as_str()])
+        .args(["--name", "store-test", "true"]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (message, fd) = recv_with_fd(&sock);
+    assert_eq!(message, "FDSTORE=1\nFDNAME=store-test\n");
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    assert!(
+        target.to_str().unwrap().starts_with("/memfd:store-test"),
+        "{target:?}"
+    );
+    assert_eq!(nix::sys::stat::fstat(&fd).unwrap().st_size, 4096);
+    // The nested shm-fd reused the memfd: no second upload.
+    sock.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 64];
+    assert!(
+        sock.recv(&mut buf).is_err(),
+        "a second FDSTORE message arrived"
+    );
+}
+
+#[test]
+fn fd_store_upload_to_a_path_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    check_fd_store(sock, path.to_str().unwrap());
+}
+
+#[test]
+fn fd_store_upload_to_an_abstract_socket() {
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("shm-fd-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+    let sock = UnixDatagram::bind_addr(&addr).unwrap();
+    check_fd_store(sock, &format!("@{name}"));
+}
+
+#[test]
+fn fd_store_failure_is_only_a_warning() {
+    let out = run(cmd("shm-fd")
+        .env("NOTIFY_SOCKET", "/nonexistent/notify")
+        .args(["sh", "-c", "exit 3"]));
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        err.starts_with("shm-fd: warning: cannot upload the memfd"),
+        "{err}"
+    );
+}
+
+/// Arguments, environment, expected exit code, expected message part.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], i32, &'a str);
+
+#[test]
+fn bad_inputs_get_their_exit_codes_and_messages() {
+    let s = b("shm-fd");
+    let dir = tempfile::tempdir().unwrap();
+    let not_executable = dir.path().join("data.txt");
+    std::fs::write(&not_executable, "not a program").unwrap();
+    let cases: &[Case] = &[
+        (&[], &[], 2, "required arguments were not provided"),
+        (
+            &["--bogus", "true"],
+            &[],
+            2,
+            "unexpected argument '--bogus'",
+        ),
+        (&["--size", "12X", "true"], &[], 2, "unknown unit"),
+        (&["--size", "", "true"], &[], 2, "not a size"),
+        (
+            &["--restart", "sometimes", "true"],
+            &[],
+            2,
+            "invalid value 'sometimes'",
+        ),
+        (
+            &["--name", "a:b", "true"],
+            &[],
+            1,
+            "shm-fd: invalid fd name \"a:b\": contains ':'",
+        ),
+        (
+            &["--name", "", "true"],
+            &[],
+            1,
+            "shm-fd: invalid fd name \"\": is empty",
+        ),
+        (
+            &["true"],
+            &[("LISTEN_FDS", "abc")],
+            1,
+            "shm-fd: invalid LISTEN_FDS=\"abc\": is not a decimal number",
+        ),
+        (
+            &["true"],
+            &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "a:b")],
+            1,
+            "has 2 names but LISTEN_FDS=1",
+        ),
+        (
+            &["true"],
+            &[("LISTEN_FDNAMES", "x")],
+            1,
+            "LISTEN_FDNAMES=\"x\": is set but LISTEN_FDS is not",
+        ),
+        (
+            &["true"],
+            &[("LISTEN_FDS", "1"), ("LISTEN_PID", "-5")],
+            1,
+            "invalid LISTEN_PID",
+        ),
+        (
+            &["true"],
+            &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "SHM_SHARED_FD")],
+            1,
+            "shm-fd: fd 3 (`SHM_SHARED_FD`) is not open",
+        ),
+        (
+            &["no-such-command-xyz"],
+            &[],
+            127,
+            "shm-fd: no-such-command-xyz: command not found",
+        ),
+        (
+            &[not_executable.to_str().unwrap()],
+            &[],
+            126,
+            "cannot execute: Permission denied",
+        ),
+        (
+            &["--restart", "always", "no-such-command-xyz"],
+            &[],
+            127,
+            "command not found",
+        ),
+        (&["sh", "-c", "exit 7"], &[], 7, ""),
+    ];
+    for (args, env, code, msg) in cases {
+        let out = run(cmd(&s).args(*args).envs(env.iter().copied()));
+        let (_, err) = text(&out);
+        assert_eq!(out.status.code(), Some(*code), "{args:?} {env:?}: {err}");
+        assert!(err.contains(msg), "{args:?} {env:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        if *code == 1 || *code >= 126 {
+            assert_eq!(err.lines().count(), 1, "one line: {err}");
+        }
+    }
+}
+
+#[test]
+fn an_inherited_fd_that_is_not_a_memfd_is_refused() {
+    let out = run(Command::new("sh")
+        .args(["-c", "exec 3</etc/hostname; exec \"$0\" true", &b("shm-fd")])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "SHM_SHARED_FD")
+        .env_remove("LISTEN_PID"));
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.starts_with("shm-fd: fd 3 (`SHM_SHARED_FD`) is not a memfd (it is /etc/hostname)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_foreign_listen_pid_means_a_fresh_memfd() {
+    // fd 3 is a regular file passed to some other pid: shm-fd must not
+    // adopt it, and the command sees only the new memfd.
+    let out = run(Command::new("sh")
+        .args([
+            "-c",
+            "exec 3</etc/hostname; exec \"$0\" sh -c 'echo $LISTEN_FDS $LISTEN_FDNAMES; readlink /proc/$$/fd/3'",
+            &b("shm-fd"),
+        ])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "SHM_SHARED_FD")
+        .env("LISTEN_PID", "1"));
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{e}");
+    assert_eq!(o, "1 SHM_SHARED_FD\n/memfd:SHM_SHARED_FD (deleted)\n");
+}
+
+fn spawn_watcher(args: &[&str], script: &str, out: &std::path::Path) -> Child {
+    cmd("shm-fd")
+        .args(args)
+        .args(["sh", "-c", script])
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let lines: Vec<String> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        if lines.len() >= n || Instant::now() > deadline {
+            return lines;
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: Signal) {
+    kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+fn restart_on_failure_keeps_state_until_success() {
+    let c = b("counter");
+    let (code, out, err) = shm_sh(
+        &["--restart", "on-failure"],
+        &format!("n=$({c}); echo $n; [ $n -ge 3 ]"),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1\n2\n3\n");
+    assert_eq!(err.matches("exited with status 1").count(), 2, "{err}");
+}
+
+#[test]
+fn restart_always_then_sigterm_is_forwarded_and_its_status_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let c = b("counter");
+    // Each run records its count; the third one waits to be stopped and
+    // exits 42 on SIGTERM.
+    let script = format!(
+        "n=$({c}); echo $n; if [ $n -ge 3 ]; then trap 'exit 42' TERM; \
+         while :; do sleep 0.05; done; fi"
+    );
+    let mut child = spawn_watcher(&["--restart", "always"], &script, &out);
+    assert_eq!(wait_for_lines(&out, 3), ["1", "2", "3"]);
+    sleep(Duration::from_millis(100));
+    signal(&child, Signal::SIGTERM);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(42));
+}
+
+#[test]
+fn a_child_killed_by_a_forwarded_signal_gives_128_plus_n() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    for (sig, code) in [
+        (Signal::SIGINT, 130),
+        (Signal::SIGQUIT, 131),
+        (Signal::SIGTERM, 143),
+    ] {
+        let mut child = spawn_watcher(&["--restart", "always"], "echo up; exec sleep 100", &out);
+        assert_eq!(wait_for_lines(&out, 1), ["up"]);
+        signal(&child, sig);
+        assert_eq!(child.wait().unwrap().code(), Some(code), "{sig}");
+    }
+}
+
+#[test]
+fn sighup_restarts_the_command_with_its_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let c = b("counter");
+    let mut child = spawn_watcher(
+        &["--restart", "on-failure"],
+        &format!("{c}; exec sleep 100"),
+        &out,
+    );
+    assert_eq!(wait_for_lines(&out, 1), ["1"]);
+    signal(&child, Signal::SIGHUP);
+    assert_eq!(wait_for_lines(&out, 2), ["1", "2"]);
+    signal(&child, Signal::SIGHUP);
+    assert_eq!(wait_for_lines(&out, 3), ["1", "2", "3"]);
+    signal(&child, Signal::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+}
+
+#[test]
+fn a_fast_crash_loop_backs_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut child = spawn_watcher(&["--restart", "always"], "echo run; exit 1", &out);
+    sleep(Duration::from_millis(1600));
+    signal(&child, Signal::SIGTERM);
+    let status = child.wait().unwrap();
+    // The watcher was sleeping out a delay: it ends with the last status.
+    assert_eq!(status.code(), Some(1));
+    let runs = std::fs::read_to_string(&out).unwrap().lines().count();
+    // Delays of 0.1, 0.2, 0.4, 0.8 s: about 4-5 runs in 1.6 s (without
+    // back-off it would be hundreds).
+    assert!((3..=6).contains(&runs), "{runs} runs in 1.6 s");
+}
+
+#[test]
+fn help_and_version() {
+    let out = run(cmd("shm-fd").arg("--help"));
+    let (o, _) = text(&out);
+    assert!(out.status.success());
+    for needle in [
+        "--restart",
+        "--no-seal",
+        "--pid",
+        "--size",
+        "--name",
+        "127",
+        "126",
+        "128+N",
+    ] {
+        assert!(o.contains(needle), "--help lacks {needle}");
+    }
+    let out = run(cmd("shm-fd").arg("--version"));
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out).0.trim(),
+        format!("shm-fd {}", env!("CARGO_PKG_VERSION"))
+    );
+}
