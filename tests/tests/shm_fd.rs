@@ -262,7 +262,7 @@ fn bad_inputs_get_their_exit_codes_and_messages() {
     let dir = tempfile::tempdir().unwrap();
     let not_executable = dir.path().join("data.txt");
     std::fs::write(&not_executable, "not a program").unwrap();
-    let cases: &[Case] = &[
+    let cases: &[Case<'_>] = &[
         (&[], &[], 2, "required arguments were not provided"),
         (
             &["--bogus", "true"],
