@@ -53,3 +53,8 @@ pub use pass::{Handover, PassedFds};
 /// The name of the shared memory fd in `LISTEN_FDNAMES` unless configured
 /// otherwise.
 pub const DEFAULT_NAME: &str = "SHM_SHARED_FD";
+
+/// The README's code, compiled and checked as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -36,15 +36,8 @@ impl Handover {
             Some(env) if env.is_for(own_pid) => env.take_all()?,
             _ => Vec::new(),
         };
-        if let Some(index) = entries.iter().position(|(n, _)| n == name) {
-            let (n, fd) = entries.remove(index);
-            let shared = SharedFd::adopt(fd, &n)?;
-            entries.insert(index, (n, shared.into_owned_fd()));
-            return Ok(Handover {
-                entries,
-                shared: index,
-                created: false,
-            });
+        if entries.iter().any(|(n, _)| n == name) {
+            return Self::from_entries(entries, name);
         }
         let shared = SharedFd::create(name, options)?;
         entries.push((name.to_owned(), shared.into_owned_fd()));
@@ -52,6 +45,35 @@ impl Handover {
             shared: entries.len() - 1,
             entries,
             created: true,
+        })
+    }
+
+    /// A hand-over of fds this process already holds: `entries` in fd order,
+    /// the one called `name` being the shared memfd (validated here).
+    /// [`Handover::created`] is false: the memfd is not new.
+    pub fn from_entries(entries: Vec<(String, OwnedFd)>, name: &str) -> Result<Self> {
+        let mut entries = entries;
+        let index =
+            entries
+                .iter()
+                .position(|(n, _)| n == name)
+                .ok_or_else(|| Error::NameNotFound {
+                    name: name.to_owned(),
+                    passed: entries.iter().map(|(n, _)| n.clone()).collect(),
+                })?;
+        for (n, _) in &entries {
+            crate::env::check_name(n).map_err(|reason| Error::InvalidName {
+                name: n.clone(),
+                reason,
+            })?;
+        }
+        let (n, fd) = entries.remove(index);
+        let shared = SharedFd::adopt(fd, &n)?;
+        entries.insert(index, (n, shared.into_owned_fd()));
+        Ok(Handover {
+            entries,
+            shared: index,
+            created: false,
         })
     }
 
