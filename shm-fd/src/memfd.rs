@@ -116,6 +116,12 @@ impl SharedFd {
         {
             return Err(bad(format!("is not a memfd (it is {})", target.display())));
         }
+        // A memfd sealed against writing cannot hold changing state.
+        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)
+            .map_err(|e| bad(format!("cannot report its seals: {e}")))?;
+        if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+            return Err(bad("is sealed against writing".into()));
+        }
         nix::fcntl::fcntl(&fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
             .map_err(|e| Error::io("fcntl(F_SETFD)", e))?;
         Ok(SharedFd {
@@ -345,6 +351,10 @@ mod tests {
         assert!(e.contains("not a regular file"), "{e}");
         let fd = SharedFd::create("ok", CreateOptions::default()).unwrap();
         SharedFd::adopt(fd.into_owned_fd(), "ok").unwrap();
+        let fd = SharedFd::create("ro", CreateOptions::default()).unwrap();
+        fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).unwrap();
+        let e = SharedFd::adopt(fd.into_owned_fd(), "ro").unwrap_err().to_string();
+        assert!(e.contains("sealed against writing"), "{e}");
     }
 
     #[test]
