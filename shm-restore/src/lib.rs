@@ -1,1 +1,81 @@
-//! Work in progress (issue 3).
+//! Durable snapshots of a shared memfd: the library behind `shm-restore`.
+//!
+//! `shm-restore` keeps a program's memfd across reboots: before the program
+//! starts it loads the snapshot file into an empty memfd, and it saves the
+//! memfd back when the program exits, on `SIGUSR1` and periodically. This
+//! crate holds the pieces, each usable alone:
+//!
+//! - [`format`]: the snapshot file layout (version 1), byte by byte as in
+//!   `docs/snapshot-format.md`: little-endian, a CRC32-protected header and
+//!   chunk table, and a CRC32 per data chunk so damage is located.
+//! - [`Image`]: a sparse private copy of a memfd (holes are neither copied
+//!   nor written).
+//! - [`Capture`]: how a consistent copy is taken while the program runs
+//!   ([`StopGroup`] pauses its process group for the copy only).
+//! - [`Saver`]: the crash-safe save protocol (temp file, fsync, `.prev`,
+//!   rename, directory fsync) over the [`Storage`] I/O seam.
+//! - [`restore`]: loading with fallback on `.prev`; damaged files are moved
+//!   aside, never deleted or loaded.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use shm_restore::{Capture, DirStorage, SaveOptions, Saver, StopGroup, Unpaused};
+//! let shared = shm_fd::SharedFd::create("demo", Default::default())?;
+//! let memfd = shm_restore::reopen_memfd(&shared)?;
+//! let path = std::path::Path::new("state.snap");
+//! shm_restore::restore(path, &memfd, shm_restore::DEFAULT_MAX_DATA_LEN, 0)?;
+//! // ... run the program ...
+//! let (storage, name) = DirStorage::for_snapshot(path)?;
+//! let mut saver = Saver::new(storage, &name, SaveOptions::default());
+//! let captured = Unpaused.capture(&memfd)?;
+//! saver.save(&captured.image, shm_restore::now_ns())?;
+//! # Ok(()) }
+//! ```
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod capture;
+mod error;
+pub mod format;
+mod image;
+mod load;
+mod save;
+mod snapshot;
+mod storage;
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+
+pub use capture::{Capture, Captured, StopGroup, Unpaused, wait_until_stopped};
+pub use error::{Damage, Error, Result};
+pub use image::{Extent, Image, data_extents, probe_table};
+pub use load::{Fallback, LoadOutcome, restore};
+pub use save::{
+    SaveOptions, SaveOutcome, SaveReport, Saver, move_aside, prev_path, remove_stale_temps,
+};
+pub use snapshot::{
+    DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, file_time, format_time, inspect,
+    read_header, read_snapshot,
+};
+pub use storage::{DirStorage, Storage};
+
+/// Opens a new, private open file description of the memfd `fd` (through
+/// `/proc/self/fd`), close-on-exec.
+///
+/// Use it for loading and saving: finding holes with `SEEK_DATA` moves the
+/// file offset, and a `dup` of the fd the program got would share that
+/// offset with the program's own `read`/`write` calls.
+pub fn reopen_memfd(fd: &impl AsFd) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+}
+
+/// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos().min(u128::from(u64::MAX)) as u64)
+}

@@ -1,0 +1,201 @@
+//! Capture: getting a private copy of the memfd that is a state the program
+//! actually had at one instant.
+//!
+//! This is the pluggable step of a save. [`StopGroup`] stops the program's
+//! process group for the copy; [`Unpaused`] copies directly (right when no
+//! one else writes, e.g. after the program exited). A capture based on
+//! shm-snapshot's in-memory protocol implements the same [`Capture`] trait.
+
+use std::fs::{self, File};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+
+use crate::error::{Error, Result};
+use crate::image::Image;
+
+/// A consistent private copy of the memfd.
+#[derive(Debug)]
+pub struct Captured {
+    /// The copy.
+    pub image: Image,
+    /// How long the program was paused for it, if it was.
+    pub pause: Option<Duration>,
+}
+
+/// A way of copying the memfd that yields a state the program had.
+pub trait Capture {
+    /// Copies `memfd` (a private open file description of it).
+    fn capture(&mut self, memfd: &File) -> Result<Captured>;
+}
+
+/// Copies the memfd as it is, without pausing anyone: consistent only when
+/// nothing writes it meanwhile (the program has exited).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Unpaused;
+
+impl Capture for Unpaused {
+    fn capture(&mut self, memfd: &File) -> Result<Captured> {
+        let image = Image::read_from(memfd).map_err(|e| Error::io("copying", "the memfd", e))?;
+        Ok(Captured { image, pause: None })
+    }
+}
+
+/// Stops a process group (`SIGSTOP`), waits until every thread of every
+/// member has stopped, copies the memfd, and continues the group
+/// (`SIGCONT`) before returning, also on errors. Writing to disk happens
+/// after, outside the pause.
+///
+/// When the group no longer exists the copy is made unpaused.
+#[derive(Debug, Clone, Copy)]
+pub struct StopGroup {
+    pgid: i32,
+    timeout: Duration,
+}
+
+impl StopGroup {
+    /// Captures for the process group `pgid`, waiting at most `timeout`
+    /// for it to stop.
+    pub fn new(pgid: i32, timeout: Duration) -> StopGroup {
+        StopGroup { pgid, timeout }
+    }
+}
+
+/// Sends `SIGCONT` to the group when dropped.
+struct ContinueOnDrop(Pid);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        let _ = killpg(self.0, Signal::SIGCONT);
+    }
+}
+
+impl Capture for StopGroup {
+    fn capture(&mut self, memfd: &File) -> Result<Captured> {
+        let pgid = Pid::from_raw(self.pgid);
+        let start = Instant::now();
+        match killpg(pgid, Signal::SIGSTOP) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Unpaused.capture(memfd),
+            Err(e) => {
+                return Err(Error::io(
+                    "stopping process group",
+                    format!("{}", self.pgid),
+                    e.into(),
+                ));
+            }
+        }
+        let cont = ContinueOnDrop(pgid);
+        wait_until_stopped(self.pgid, self.timeout)?;
+        let image = Image::read_from(memfd).map_err(|e| Error::io("copying", "the memfd", e))?;
+        drop(cont);
+        Ok(Captured {
+            image,
+            pause: Some(start.elapsed()),
+        })
+    }
+}
+
+/// Waits until every thread of every process in group `pgid` is stopped
+/// (or dead). A process whose threads are still running (or in the middle
+/// of a system call) has not yet reached the stop.
+pub fn wait_until_stopped(pgid: i32, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    let members = group_members(pgid);
+    let mut backoff = Duration::from_micros(20);
+    loop {
+        if members.iter().all(|&pid| is_stopped(pid)) {
+            return Ok(());
+        }
+        if start.elapsed() >= timeout {
+            return Err(Error::NotStopped {
+                pgid,
+                waited_ms: timeout.as_millis() as u64,
+            });
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_millis(1));
+    }
+}
+
+/// The pids of group `pgid`'s members, from `/proc/*/stat`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| stat_fields(&s).map(|(_, pgrp)| pgrp == pgid))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// `(state, pgrp)` from a `/proc/.../stat` line; the command name may hold
+/// spaces and parentheses, so fields are counted after the last `)`.
+fn stat_fields(stat: &str) -> Option<(char, i32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgrp = fields.next()?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// True when every thread of `pid` is stopped, traced, dead or gone.
+fn is_stopped(pid: i32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true; // gone
+    };
+    tasks.flatten().all(|t| {
+        match fs::read_to_string(t.path().join("stat")) {
+            Ok(s) => matches!(stat_fields(&s), Some((c, _)) if "TtZXx".contains(c)),
+            Err(_) => true, // the thread exited
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_odd_names() {
+        assert_eq!(
+            stat_fields("123 (a) b) (c) T 1 456 456 0 -1"),
+            Some(('T', 456))
+        );
+        assert_eq!(stat_fields("garbage"), None);
+    }
+
+    #[test]
+    fn stops_and_continues_a_group() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        let memfd = shm_fd::SharedFd::create("cap", Default::default())
+            .unwrap()
+            .into_file();
+        let got = StopGroup::new(pgid, Duration::from_secs(5))
+            .capture(&memfd)
+            .unwrap();
+        assert!(got.pause.is_some());
+        // Continued afterwards: the shell is running (R), not stopped.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while is_stopped(pgid) {
+            assert!(Instant::now() < deadline, "the group was not continued");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

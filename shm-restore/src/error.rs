@@ -1,0 +1,240 @@
+//! The library's error types.
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+/// What is wrong with a snapshot file's contents: each case names the part
+/// of the file and the problem, so that damage is located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Damage {
+    /// The file does not start with the snapshot magic bytes.
+    BadMagic,
+    /// The file is a snapshot of a format version this code cannot read.
+    UnsupportedVersion {
+        /// The version the file declares.
+        version: u32,
+    },
+    /// The header's CRC32 does not match its bytes.
+    HeaderChecksum {
+        /// The CRC stored in the header.
+        stored: u32,
+        /// The CRC of the header bytes as read.
+        computed: u32,
+    },
+    /// A header field has an impossible value.
+    BadHeader {
+        /// The field's name as in `docs/snapshot-format.md`.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The snapshot holds more data than the configured maximum.
+    TooLarge {
+        /// The data size the header declares.
+        data_len: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
+    /// The file is shorter than its header says.
+    Truncated {
+        /// The file's length.
+        len: u64,
+        /// The length the header implies.
+        expected: u64,
+    },
+    /// The file is longer than its header says.
+    TrailingBytes {
+        /// The file's length.
+        len: u64,
+        /// The length the header implies.
+        expected: u64,
+    },
+    /// The chunk table's CRC32 does not match.
+    TableChecksum {
+        /// The CRC stored in the header.
+        stored: u32,
+        /// The CRC of the table as read.
+        computed: u32,
+    },
+    /// A chunk table entry is impossible.
+    BadTable {
+        /// The entry's index.
+        index: u64,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Chunks whose data does not match their CRC32.
+    ChunkChecksum {
+        /// How many chunks are bad.
+        bad: u64,
+        /// How many chunks the file has.
+        total: u64,
+        /// The first bad chunk's index.
+        index: u64,
+        /// Where the first bad chunk's bytes belong in the memfd.
+        memfd_offset: u64,
+        /// Where they are in the file.
+        file_offset: u64,
+        /// How many bytes the chunk holds.
+        len: u32,
+    },
+}
+
+impl fmt::Display for Damage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Damage::BadMagic => write!(f, "is not a shm-restore snapshot (bad magic bytes)"),
+            Damage::UnsupportedVersion { version } => write!(
+                f,
+                "has format version {version}, this shm-restore reads version {}",
+                crate::format::VERSION
+            ),
+            Damage::HeaderChecksum { stored, computed } => write!(
+                f,
+                "has a corrupt header (CRC32 {computed:#010x}, stored {stored:#010x})"
+            ),
+            Damage::BadHeader { field, problem } => {
+                write!(f, "has a bad header: {field} {problem}")
+            }
+            Damage::TooLarge { data_len, max } => write!(
+                f,
+                "holds {data_len} bytes, more than the maximum {max} (see --max-size)"
+            ),
+            Damage::Truncated { len, expected } => {
+                write!(f, "is truncated: {len} bytes, the header needs {expected}")
+            }
+            Damage::TrailingBytes { len, expected } => write!(
+                f,
+                "has {} unexpected trailing bytes ({len} bytes, the header says {expected})",
+                len - expected
+            ),
+            Damage::TableChecksum { stored, computed } => write!(
+                f,
+                "has a corrupt chunk table (CRC32 {computed:#010x}, stored {stored:#010x})"
+            ),
+            Damage::BadTable { index, problem } => {
+                write!(f, "has a bad chunk table: entry {index} {problem}")
+            }
+            Damage::ChunkChecksum {
+                bad,
+                total,
+                index,
+                memfd_offset,
+                file_offset,
+                len,
+            } => write!(
+                f,
+                "has {bad} of {total} chunks failing their CRC32, the first is chunk {index} \
+                 (file offset {file_offset}, memfd bytes {memfd_offset}..{})",
+                memfd_offset + u64::from(*len)
+            ),
+        }
+    }
+}
+
+/// Everything that can go wrong while reading, loading, capturing or saving
+/// a snapshot. Each message is one line naming the file or resource and the
+/// problem.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// A snapshot file's contents are damaged or unsupported.
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        damage: Damage,
+    },
+    /// Neither the snapshot nor its `.prev` copy can be loaded; nothing was
+    /// changed.
+    NothingValid {
+        /// The snapshot and what is wrong with it.
+        main: Box<Error>,
+        /// The `.prev` file and what is wrong with it; `None` if it does not
+        /// exist.
+        prev: Option<Box<Error>>,
+    },
+    /// The memfd cannot take the snapshot (sealed against growing, or a
+    /// system error on it).
+    Memfd(shm_fd::Error),
+    /// The process group could not be stopped for a consistent copy.
+    NotStopped {
+        /// The process group.
+        pgid: i32,
+        /// How long it was waited for.
+        waited_ms: u64,
+    },
+    /// A system call on a file failed.
+    Io {
+        /// What was being done, e.g. `"fsync"`.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// True when the error is about a file's contents (as opposed to the
+    /// system failing to read or write it).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Error::Corrupt { .. } | Error::NothingValid { .. })
+    }
+
+    /// True when the error says a file does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Corrupt { path, damage } => write!(f, "{} {damage}", path.display()),
+            Error::NothingValid { main, prev } => {
+                write!(f, "no valid snapshot to load: {main}")?;
+                match prev {
+                    Some(prev) => write!(f, "; {prev}"),
+                    None => write!(f, "; no .prev file to fall back on"),
+                }
+            }
+            Error::Memfd(e) => write!(f, "shared memfd: {e}"),
+            Error::NotStopped { pgid, waited_ms } => write!(
+                f,
+                "process group {pgid} did not stop within {waited_ms} ms for a consistent copy"
+            ),
+            Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            Error::Memfd(e) => Some(e),
+            Error::NothingValid { main, .. } => Some(main.as_ref()),
+            _ => None,
+        }
+    }
+}
+
+impl From<shm_fd::Error> for Error {
+    fn from(e: shm_fd::Error) -> Self {
+        Error::Memfd(e)
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,325 @@
+//! A private, sparse copy of a memfd's contents: what a capture produces, a
+//! save writes and a load puts back.
+//!
+//! Only the memfd's data extents (found with `SEEK_DATA` / `SEEK_HOLE`) are
+//! copied, so a 1 GiB memfd holding 1 MiB of data costs 1 MiB of memory and
+//! work, and writing the image back leaves the holes as holes.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use nix::errno::Errno;
+use nix::unistd::{Whence, lseek};
+
+use crate::format::Chunk;
+
+/// A run of data bytes of the memfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Where the run starts in the memfd.
+    pub offset: u64,
+    /// How many bytes it holds.
+    pub len: u64,
+}
+
+/// A sparse copy of a memfd: its size, its data extents and their bytes
+/// (stored one after the other in extent order).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Image {
+    data_len: u64,
+    extents: Vec<Extent>,
+    bytes: Vec<u8>,
+}
+
+impl Image {
+    /// Builds an image from its parts, checking that the extents are
+    /// non-empty, sorted, non-overlapping, inside `data_len`, and that
+    /// `bytes` holds exactly their data.
+    pub fn from_parts(
+        data_len: u64,
+        extents: Vec<Extent>,
+        bytes: Vec<u8>,
+    ) -> Result<Image, &'static str> {
+        let mut end_of_previous = 0u64;
+        let mut total = 0u64;
+        for e in &extents {
+            if e.len == 0 {
+                return Err("an extent is empty");
+            }
+            if e.offset < end_of_previous {
+                return Err("extents overlap or are out of order");
+            }
+            end_of_previous = e
+                .offset
+                .checked_add(e.len)
+                .filter(|&end| end <= data_len)
+                .ok_or("an extent ends beyond the data size")?;
+            total += e.len;
+        }
+        if total != bytes.len() as u64 {
+            return Err("the bytes do not match the extents' total length");
+        }
+        Ok(Image {
+            data_len,
+            extents,
+            bytes,
+        })
+    }
+
+    /// A dense image of `bytes` (one extent covering everything).
+    pub fn from_bytes(bytes: Vec<u8>) -> Image {
+        let len = bytes.len() as u64;
+        let extents = if len == 0 {
+            Vec::new()
+        } else {
+            vec![Extent { offset: 0, len }]
+        };
+        Image {
+            data_len: len,
+            extents,
+            bytes,
+        }
+    }
+
+    /// Copies the memfd's data extents into memory.
+    ///
+    /// `memfd` must be this process's own open file description of the
+    /// memfd (see [`crate::reopen_memfd`]): `SEEK_DATA` moves the file
+    /// offset, which a `dup` would share with the program.
+    pub fn read_from(memfd: &File) -> io::Result<Image> {
+        let data_len = memfd.metadata()?.len();
+        let extents = data_extents(memfd, data_len)?;
+        let total: u64 = extents.iter().map(|e| e.len).sum();
+        let total = usize::try_from(total)
+            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "memfd data too large"))?;
+        // vec![0; n] comes from calloc: fresh zero pages, no extra pass.
+        let mut bytes = vec![0u8; total];
+        let mut at = 0usize;
+        for e in &extents {
+            let end = at + e.len as usize;
+            memfd.read_exact_at(&mut bytes[at..end], e.offset)?;
+            at = end;
+        }
+        Ok(Image {
+            data_len,
+            extents,
+            bytes,
+        })
+    }
+
+    /// The memfd size the image was taken of, holes included.
+    pub fn data_len(&self) -> u64 {
+        self.data_len
+    }
+
+    /// True when the memfd was empty (size 0).
+    pub fn is_empty(&self) -> bool {
+        self.data_len == 0
+    }
+
+    /// The data extents, in order.
+    pub fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    /// The extents' bytes, one after the other.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Splits the extents into chunks of at most `chunk_size` bytes:
+    /// `(memfd offset, bytes)`, in order.
+    pub fn chunks(&self, chunk_size: u32) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        let size = chunk_size.max(1) as u64;
+        let mut at = 0usize;
+        self.extents.iter().flat_map(move |e| {
+            let start = at;
+            at += e.len as usize;
+            let bytes = &self.bytes[start..at];
+            (0..e.len.div_ceil(size)).map(move |i| {
+                let from = (i * size) as usize;
+                let to = ((i + 1) * size).min(e.len) as usize;
+                (e.offset + i * size, &bytes[from..to])
+            })
+        })
+    }
+
+    /// The chunk table for `chunk_size`: each chunk's place, length and CRC.
+    pub fn table(&self, chunk_size: u32) -> Vec<Chunk> {
+        self.chunks(chunk_size)
+            .map(|(offset, bytes)| Chunk {
+                offset,
+                len: bytes.len() as u32,
+                crc: crc32fast::hash(bytes),
+            })
+            .collect()
+    }
+
+    /// Writes the image into an empty memfd: grows it to the image's size
+    /// and writes the extents, leaving the rest as holes.
+    pub fn write_into(&self, memfd: &File) -> io::Result<()> {
+        if self.data_len > 0 {
+            memfd.set_len(self.data_len)?;
+        }
+        let mut at = 0usize;
+        for e in &self.extents {
+            let end = at + e.len as usize;
+            memfd.write_all_at(&self.bytes[at..end], e.offset)?;
+            at = end;
+        }
+        Ok(())
+    }
+
+    /// The full contents, holes as zeros (for tests and small images).
+    pub fn to_dense(&self) -> Vec<u8> {
+        let mut out = vec![0u8; self.data_len as usize];
+        let mut at = 0usize;
+        for e in &self.extents {
+            let end = at + e.len as usize;
+            out[e.offset as usize..(e.offset + e.len) as usize]
+                .copy_from_slice(&self.bytes[at..end]);
+            at = end;
+        }
+        out
+    }
+}
+
+/// The data extents of `file` (of length `len`), from `SEEK_DATA` /
+/// `SEEK_HOLE`. A file system without hole support reports one extent.
+///
+/// Moves the file offset: pass a private open file description.
+pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<Extent>> {
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let start = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(s) => s as u64,
+            Err(Errno::ENXIO) => break, // only a hole remains
+            Err(e) => return Err(e.into()),
+        };
+        if start >= len {
+            break;
+        }
+        let end = match lseek(file, start as i64, Whence::SeekHole) {
+            Ok(e) => (e as u64).min(len),
+            Err(Errno::ENXIO) => len, // the file shrank under us
+            Err(e) => return Err(e.into()),
+        };
+        if end <= start {
+            break;
+        }
+        extents.push(Extent {
+            offset: start,
+            len: end - start,
+        });
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// The chunk table the memfd's current contents would have, computed by
+/// reading it without a copy of the whole (one `chunk_size` buffer).
+///
+/// Used to tell whether the memfd changed since the last save without
+/// stopping the program: the result need not be consistent, only equal to
+/// the last table if nothing changed. Returns `(size, table)`.
+pub fn probe_table(memfd: &File, chunk_size: u32) -> io::Result<(u64, Vec<Chunk>)> {
+    let data_len = memfd.metadata()?.len();
+    let extents = data_extents(memfd, data_len)?;
+    let size = u64::from(chunk_size.max(1));
+    let mut buf = vec![0u8; size.min(data_len) as usize];
+    let mut table = Vec::new();
+    for e in extents {
+        let mut off = 0;
+        while off < e.len {
+            let n = size.min(e.len - off) as usize;
+            let b = &mut buf[..n];
+            memfd.read_exact_at(b, e.offset + off)?;
+            table.push(Chunk {
+                offset: e.offset + off,
+                len: n as u32,
+                crc: crc32fast::hash(b),
+            });
+            off += n as u64;
+        }
+    }
+    Ok((data_len, table))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shm_fd::{CreateOptions, SharedFd};
+
+    pub(crate) fn memfd() -> File {
+        SharedFd::create("image-test", CreateOptions::default())
+            .unwrap()
+            .into_file()
+    }
+
+    #[test]
+    fn sparse_memfd_round_trip_keeps_holes() {
+        let f = memfd();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(b"head", 0).unwrap();
+        f.write_all_at(&[7u8; 10_000], 20 << 20).unwrap();
+        f.write_all_at(b"tail", (64 << 20) - 4).unwrap();
+        let img = Image::read_from(&f).unwrap();
+        assert_eq!(img.data_len(), 64 << 20);
+        // Page granularity: 3 extents, a few pages in all.
+        assert_eq!(img.extents().len(), 3, "{:?}", img.extents());
+        assert!(img.bytes().len() <= 5 * 4096);
+
+        let g = memfd();
+        img.write_into(&g).unwrap();
+        assert_eq!(g.metadata().unwrap().len(), 64 << 20);
+        assert_eq!(data_extents(&g, 64 << 20).unwrap(), img.extents());
+        assert_eq!(Image::read_from(&g).unwrap(), img);
+        assert_eq!(&img.to_dense()[..4], b"head");
+    }
+
+    #[test]
+    fn chunks_split_extents() {
+        let img = Image::from_parts(
+            20_000,
+            vec![
+                Extent {
+                    offset: 0,
+                    len: 5000,
+                },
+                Extent {
+                    offset: 12_288,
+                    len: 4096,
+                },
+            ],
+            vec![1; 9096],
+        )
+        .unwrap();
+        let c: Vec<(u64, usize)> = img.chunks(4096).map(|(o, b)| (o, b.len())).collect();
+        assert_eq!(c, [(0, 4096), (4096, 904), (12_288, 4096)]);
+        assert_eq!(img.table(4096).len(), 3);
+    }
+
+    #[test]
+    fn from_parts_validates() {
+        let e = |offset, len| Extent { offset, len };
+        assert!(Image::from_parts(10, vec![e(0, 11)], vec![0; 11]).is_err());
+        assert!(Image::from_parts(10, vec![e(5, 2), e(0, 2)], vec![0; 4]).is_err());
+        assert!(Image::from_parts(10, vec![e(0, 2)], vec![0; 3]).is_err());
+        assert!(Image::from_parts(10, vec![e(0, 0)], vec![]).is_err());
+        assert!(Image::from_parts(u64::MAX, vec![e(u64::MAX, 2)], vec![0; 2]).is_err());
+    }
+
+    #[test]
+    fn probe_matches_the_table() {
+        let f = memfd();
+        f.write_all_at(&[3u8; 10_000], 4096).unwrap();
+        let img = Image::read_from(&f).unwrap();
+        let (len, table) = probe_table(&f, 4096).unwrap();
+        assert_eq!(len, img.data_len());
+        assert_eq!(table, img.table(4096));
+        f.write_all_at(b"x", 5000).unwrap();
+        assert_ne!(probe_table(&f, 4096).unwrap().1, table);
+    }
+}

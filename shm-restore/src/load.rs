@@ -1,0 +1,316 @@
+//! Loading a snapshot into the memfd before the program starts, falling
+//! back on `.prev` when the snapshot is damaged.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::format::{Chunk, Header};
+use crate::save::{move_aside, prev_path};
+use crate::snapshot::Snapshot;
+use crate::storage::{DirStorage, Storage};
+
+/// Why the snapshot itself was not loaded and `.prev` was.
+#[derive(Debug)]
+pub struct Fallback {
+    /// What is wrong with the snapshot (damaged, or missing).
+    pub problem: Error,
+    /// Where the damaged snapshot was moved (`<SNAPSHOT>.corrupt-<time>`);
+    /// `None` when it was missing.
+    pub moved_to: Option<PathBuf>,
+    /// Why moving it aside failed, if it did (it then stays in place and
+    /// the next save moves it).
+    pub move_error: Option<Error>,
+}
+
+/// What [`restore`] did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LoadOutcome {
+    /// No snapshot and no `.prev` exist: the program starts empty.
+    NoSnapshot,
+    /// The memfd already held data (a restart under the same watcher): the
+    /// live memory wins and nothing was loaded.
+    LiveKept {
+        /// The memfd's size.
+        len: u64,
+    },
+    /// A snapshot was loaded into the memfd.
+    Loaded {
+        /// The file loaded.
+        path: PathBuf,
+        /// Its header.
+        header: Header,
+        /// Its chunk table.
+        chunks: Vec<Chunk>,
+        /// Set when `.prev` was loaded instead of the snapshot.
+        fallback: Option<Box<Fallback>>,
+    },
+}
+
+/// Loads the snapshot at `snapshot` (or its `.prev`) into `memfd` if the
+/// memfd is empty.
+///
+/// - memfd not empty: [`LoadOutcome::LiveKept`], nothing read.
+/// - snapshot valid: loaded.
+/// - snapshot damaged and `.prev` valid: `.prev` loaded, the snapshot moved
+///   to `<SNAPSHOT>.corrupt-<time>` (after the load succeeded).
+/// - snapshot missing and `.prev` valid: `.prev` loaded.
+/// - both missing: [`LoadOutcome::NoSnapshot`].
+/// - otherwise [`Error::NothingValid`] (or the I/O error): the memfd and
+///   every file are left as they were.
+///
+/// `memfd` should be a private open file description (see
+/// [`crate::reopen_memfd`]). `now_ns` names the corrupt file.
+pub fn restore(
+    snapshot: &Path,
+    memfd: &File,
+    max_data_len: u64,
+    now_ns: u64,
+) -> Result<LoadOutcome> {
+    let len = memfd
+        .metadata()
+        .map_err(|e| Error::io("fstat", "the memfd", e))?
+        .len();
+    if len > 0 {
+        return Ok(LoadOutcome::LiveKept { len });
+    }
+    let prev = prev_path(snapshot);
+    let main_problem = match Snapshot::open(snapshot, max_data_len) {
+        Ok(s) => return load(snapshot.to_owned(), s, memfd),
+        Err(e) if e.is_corrupt() || e.is_not_found() => e,
+        Err(e) => return Err(e),
+    };
+    let missing = main_problem.is_not_found();
+    match Snapshot::open(&prev, max_data_len) {
+        Ok(s) => {
+            let mut fallback = Fallback {
+                problem: main_problem,
+                moved_to: None,
+                move_error: None,
+            };
+            // Load first: if the memfd refuses, nothing has been renamed.
+            let mut outcome = load(prev, s, memfd)?;
+            if !missing {
+                match DirStorage::for_snapshot(snapshot)
+                    .map_err(|e| Error::io("moving aside", snapshot, e))
+                    .and_then(|(mut storage, name)| {
+                        let to = move_aside(&mut storage, &name, now_ns)?;
+                        Ok(storage.path_of(&to))
+                    }) {
+                    Ok(to) => fallback.moved_to = Some(to),
+                    Err(e) => fallback.move_error = Some(e),
+                }
+            }
+            if let LoadOutcome::Loaded { fallback: f, .. } = &mut outcome {
+                *f = Some(Box::new(fallback));
+            }
+            Ok(outcome)
+        }
+        Err(e) if e.is_not_found() && missing => Ok(LoadOutcome::NoSnapshot),
+        Err(e) if e.is_not_found() => Err(Error::NothingValid {
+            main: Box::new(main_problem),
+            prev: None,
+        }),
+        Err(e) => Err(Error::NothingValid {
+            main: Box::new(main_problem),
+            prev: Some(Box::new(e)),
+        }),
+    }
+}
+
+fn load(path: PathBuf, snapshot: Snapshot, memfd: &File) -> Result<LoadOutcome> {
+    let header = *snapshot.header();
+    let chunks = snapshot.chunks().to_vec();
+    snapshot.into_image().write_into(memfd).map_err(|e| {
+        let e = if e.raw_os_error() == Some(libc::EPERM) {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "it is sealed against growing to the snapshot's {} bytes",
+                    header.data_len
+                ),
+            )
+        } else {
+            e
+        };
+        Error::io("loading the snapshot into", "the memfd", e)
+    })?;
+    Ok(LoadOutcome::Loaded {
+        path,
+        header,
+        chunks,
+        fallback: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::Image;
+    use crate::save::{SaveOptions, Saver};
+    use crate::storage::DirStorage;
+    use shm_fd::{CreateOptions, SharedFd};
+    use std::ffi::OsStr;
+
+    fn memfd() -> File {
+        SharedFd::create("load-test", CreateOptions::default())
+            .unwrap()
+            .into_file()
+    }
+
+    fn save(dir: &Path, bytes: &[u8]) {
+        let mut saver = Saver::new(
+            DirStorage::new(dir),
+            OsStr::new("s.snap"),
+            SaveOptions::default(),
+        );
+        saver.save(&Image::from_bytes(bytes.to_vec()), 1).unwrap();
+    }
+
+    fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.file_name().into_string().unwrap(),
+                    std::fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn loaded(m: &File) -> Vec<u8> {
+        Image::read_from(m).unwrap().to_dense()
+    }
+
+    #[test]
+    fn loads_the_snapshot_and_keeps_live_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        let m = memfd();
+        assert!(matches!(
+            restore(&path, &m, u64::MAX, 0).unwrap(),
+            LoadOutcome::NoSnapshot
+        ));
+        save(d.path(), b"hello");
+        assert!(matches!(
+            restore(&path, &m, u64::MAX, 0).unwrap(),
+            LoadOutcome::Loaded { fallback: None, .. }
+        ));
+        assert_eq!(loaded(&m), b"hello");
+        // Non-empty memfd: live wins.
+        save(d.path(), b"other");
+        assert!(matches!(
+            restore(&path, &m, u64::MAX, 0).unwrap(),
+            LoadOutcome::LiveKept { len: 5 }
+        ));
+        assert_eq!(loaded(&m), b"hello");
+    }
+
+    #[test]
+    fn damaged_snapshot_falls_back_on_prev_and_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), b"old");
+        save(d.path(), b"new");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        let m = memfd();
+        let out = restore(&path, &m, u64::MAX, 1_700_000_000_000_000_000).unwrap();
+        let LoadOutcome::Loaded {
+            fallback: Some(f), ..
+        } = out
+        else {
+            panic!("{out:?}")
+        };
+        assert!(f.problem.to_string().contains("CRC32"), "{}", f.problem);
+        let moved = f.moved_to.unwrap();
+        assert!(
+            moved.ends_with("s.snap.corrupt-20231114T221320Z"),
+            "{moved:?}"
+        );
+        assert_eq!(std::fs::read(&moved).unwrap(), bytes, "kept byte for byte");
+        assert!(!path.exists());
+        assert_eq!(loaded(&m), b"old");
+    }
+
+    #[test]
+    fn missing_snapshot_with_prev_loads_prev() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), b"old");
+        save(d.path(), b"new");
+        std::fs::remove_file(&path).unwrap();
+        let m = memfd();
+        let out = restore(&path, &m, u64::MAX, 0).unwrap();
+        assert!(matches!(
+            out,
+            LoadOutcome::Loaded {
+                fallback: Some(_),
+                ..
+            }
+        ));
+        assert_eq!(loaded(&m), b"old");
+    }
+
+    #[test]
+    fn nothing_valid_changes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), b"old");
+        save(d.path(), b"new");
+        let main = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &main[..200]).unwrap();
+        let prev = prev_path(&path);
+        let mut p = std::fs::read(&prev).unwrap();
+        p.truncate(p.len() - 1);
+        std::fs::write(&prev, &p).unwrap();
+        let before = files(d.path());
+        let m = memfd();
+        let e = restore(&path, &m, u64::MAX, 0).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("s.snap is truncated") && msg.contains("s.snap.prev is truncated"),
+            "{msg}"
+        );
+        assert!(e.is_corrupt());
+        assert_eq!(files(d.path()), before);
+        assert_eq!(m.metadata().unwrap().len(), 0);
+
+        // Damaged snapshot and no .prev at all: refused too.
+        std::fs::remove_file(&prev).unwrap();
+        let e = restore(&path, &m, u64::MAX, 0).unwrap_err();
+        assert!(e.to_string().contains("no .prev file"), "{e}");
+    }
+
+    #[test]
+    fn oversized_snapshot_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), &[1u8; 10_000]);
+        let e = restore(&path, &memfd(), 9_999, 0).unwrap_err();
+        assert!(e.to_string().contains("more than the maximum 9999"), "{e}");
+    }
+
+    #[test]
+    fn sealed_memfd_is_a_clear_error() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), b"data");
+        let fd = SharedFd::create("sealed", CreateOptions::default()).unwrap();
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
+        )
+        .unwrap();
+        let e = restore(&path, &fd.into_file(), u64::MAX, 0).unwrap_err();
+        assert!(e.to_string().contains("sealed against growing"), "{e}");
+    }
+}

@@ -1,0 +1,390 @@
+//! The save protocol: write a temp file, fsync it, keep the previous
+//! snapshot as `.prev`, rename the temp file over the snapshot, fsync the
+//! directory. `docs/snapshot-format.md` lists what a crash after each step
+//! leaves behind.
+
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Damage, Error, Result};
+use crate::format::{self, Chunk, DEFAULT_CHUNK_SIZE, HEADER_LEN, Header};
+use crate::image::Image;
+use crate::snapshot::{DEFAULT_MAX_DATA_LEN, ReadError, file_time, read_header, read_snapshot};
+use crate::storage::Storage;
+
+/// How [`Saver`] writes snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaveOptions {
+    /// Bytes per checksummed chunk (a power of two in
+    /// [`format::MIN_CHUNK_SIZE`]`..=`[`format::MAX_CHUNK_SIZE`]).
+    pub chunk_size: u32,
+    /// The most bytes handed to one write call.
+    pub write_size: usize,
+    /// Files claiming more data than this are treated as damaged.
+    pub max_data_len: u64,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            write_size: 8 << 20,
+            max_data_len: DEFAULT_MAX_DATA_LEN,
+        }
+    }
+}
+
+/// What a save did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SaveReport {
+    /// The new snapshot's generation.
+    pub generation: u64,
+    /// The memfd size saved (holes included).
+    pub data_len: u64,
+    /// The data bytes written (holes excluded).
+    pub stored_len: u64,
+    /// The snapshot file's length.
+    pub file_len: u64,
+    /// True when the previous snapshot was kept as `.prev`.
+    pub kept_previous: bool,
+    /// A damaged file found in the snapshot's place, moved aside (its new
+    /// path and what is wrong with it) instead of being overwritten.
+    pub moved_corrupt: Option<(PathBuf, Damage)>,
+}
+
+/// The result of [`Saver::save`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SaveOutcome {
+    /// A new snapshot is in place.
+    Saved(SaveReport),
+    /// The memfd was empty (size 0): nothing was written, the snapshot is
+    /// untouched.
+    SkippedEmpty,
+}
+
+/// The `.prev` path of a snapshot: `<SNAPSHOT>.prev`.
+pub fn prev_path(snapshot: &Path) -> PathBuf {
+    let mut p = snapshot.as_os_str().to_owned();
+    p.push(".prev");
+    PathBuf::from(p)
+}
+
+fn with_suffix(name: &OsStr, prefix: &str, suffix: &str) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(name);
+    s.push(suffix);
+    s
+}
+
+/// Moves the file `name` aside as `<name>.corrupt-<time>` (adding `-2`,
+/// `-3`, ... if taken), never replacing anything. Returns the new name.
+pub fn move_aside<S: Storage>(storage: &mut S, name: &OsStr, now_ns: u64) -> Result<OsString> {
+    let base = with_suffix(name, "", &format!(".corrupt-{}", file_time(now_ns)));
+    for n in 1u32.. {
+        let to = if n == 1 {
+            base.clone()
+        } else {
+            with_suffix(&base, "", &format!("-{n}"))
+        };
+        match storage.rename_noreplace(name, &to) {
+            Ok(()) => return Ok(to),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
+            Err(e) => {
+                return Err(Error::io(
+                    "moving aside the damaged",
+                    storage.path_of(name),
+                    e,
+                ));
+            }
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// Saves images to one snapshot file through a [`Storage`], keeping track
+/// of the generation and of what was last saved.
+#[derive(Debug)]
+pub struct Saver<S: Storage> {
+    storage: S,
+    name: OsString,
+    prev_name: OsString,
+    options: SaveOptions,
+    generation: u64,
+    /// The generation of the file we last wrote or fully verified in the
+    /// snapshot's place: such a file is kept as `.prev` without re-reading.
+    trusted: Option<u64>,
+    /// The size and chunk table of the last saved or loaded state.
+    last: Option<(u64, Vec<Chunk>)>,
+    seq: u64,
+}
+
+impl<S: Storage> Saver<S> {
+    /// A saver of the snapshot `name` in `storage`. The generation continues
+    /// from the highest found in the snapshot's and `.prev`'s headers.
+    pub fn new(mut storage: S, name: &OsStr, options: SaveOptions) -> Saver<S> {
+        let prev_name = with_suffix(name, "", ".prev");
+        let mut generation = 0;
+        for n in [name, prev_name.as_os_str()] {
+            let header = storage
+                .open(n)
+                .ok()
+                .flatten()
+                .and_then(|r| read_header(&r, options.max_data_len).ok());
+            if let Some(h) = header {
+                generation = generation.max(h.generation);
+            }
+        }
+        Saver {
+            storage,
+            name: name.to_owned(),
+            prev_name,
+            options,
+            generation,
+            trusted: None,
+            last: None,
+            seq: 0,
+        }
+    }
+
+    /// Tells the saver which state was loaded into the memfd: a later
+    /// [`Saver::is_unchanged`] compares with it. `in_place` says the file
+    /// now in the snapshot's place is the one loaded (and verified).
+    pub fn note_loaded(&mut self, header: &Header, chunks: &[Chunk], in_place: bool) {
+        self.generation = self.generation.max(header.generation);
+        if in_place {
+            self.trusted = Some(header.generation);
+        }
+        if header.chunk_size == self.options.chunk_size {
+            self.last = Some((header.data_len, chunks.to_vec()));
+        }
+    }
+
+    /// The generation of the last snapshot written or found.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The options.
+    pub fn options(&self) -> &SaveOptions {
+        &self.options
+    }
+
+    /// The storage.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+
+    /// True when a memfd of `data_len` bytes with this chunk `table` (see
+    /// [`crate::probe_table`]) holds what was last saved or loaded.
+    pub fn is_unchanged(&self, data_len: u64, table: &[Chunk]) -> bool {
+        matches!(&self.last, Some((len, t)) if *len == data_len && t == table)
+    }
+
+    /// Saves `image` as the new snapshot, stamped `saved_at_ns` (ns since
+    /// the Unix epoch). An empty image (size 0) is never written.
+    ///
+    /// On error the snapshot and `.prev` are as they were and the temp file
+    /// is removed, except when only the final directory fsync failed: then
+    /// the new snapshot is in place but may not survive a machine crash.
+    pub fn save(&mut self, image: &Image, saved_at_ns: u64) -> Result<SaveOutcome> {
+        if image.is_empty() {
+            return Ok(SaveOutcome::SkippedEmpty);
+        }
+        let generation = self.generation + 1;
+        let chunk_size = self.options.chunk_size;
+        let table = image.table(chunk_size);
+        let table_bytes = format::encode_table(&table);
+        let data_offset = format::data_offset_for(table.len() as u64)
+            .filter(|&o| usize::try_from(o).is_ok())
+            .ok_or_else(|| {
+                Error::io(
+                    "encoding",
+                    self.storage.path_of(&self.name),
+                    std::io::Error::other("chunk table too large"),
+                )
+            })?;
+        let stored_len = image.bytes().len() as u64;
+        let header = Header {
+            chunk_size,
+            data_len: image.data_len(),
+            generation,
+            saved_at_ns,
+            chunk_count: table.len() as u64,
+            stored_len,
+            data_offset,
+            table_crc: crc32fast::hash(&table_bytes),
+        };
+        let mut front = vec![0u8; data_offset as usize];
+        front[..HEADER_LEN].copy_from_slice(&header.encode());
+        front[HEADER_LEN..HEADER_LEN + table_bytes.len()].copy_from_slice(&table_bytes);
+
+        self.seq += 1;
+        let pid = std::process::id();
+        let tmp = with_suffix(&self.name, ".", &format!(".tmp-{pid}-{}", self.seq));
+        let mut file = self
+            .storage
+            .create_new(&tmp)
+            .map_err(|e| Error::io("creating", self.storage.path_of(&tmp), e))?;
+        let written = self.write_temp(&mut file, &tmp, &front, image.bytes(), data_offset);
+        drop(file);
+        if let Err(e) = written {
+            return Err(self.discard(&tmp, e));
+        }
+        let moved_corrupt = match self.keep_previous(saved_at_ns) {
+            Ok(m) => m,
+            Err(e) => return Err(self.discard(&tmp, e)),
+        };
+        if let Err(e) = self.storage.rename(&tmp, &self.name) {
+            let e = Error::io(
+                "renaming the new snapshot to",
+                self.storage.path_of(&self.name),
+                e,
+            );
+            return Err(self.discard(&tmp, e));
+        }
+        // The new snapshot is in place from here on.
+        let kept_previous = moved_corrupt.is_none() && self.trusted.is_some();
+        self.generation = generation;
+        self.trusted = Some(generation);
+        self.last = Some((image.data_len(), table));
+        self.storage.sync_dir().map_err(|e| {
+            Error::io(
+                "fsync of the directory (the new snapshot may not survive a crash)",
+                self.storage.path_of(OsStr::new(".")),
+                e,
+            )
+        })?;
+        Ok(SaveOutcome::Saved(SaveReport {
+            generation,
+            data_len: image.data_len(),
+            stored_len,
+            file_len: data_offset + stored_len,
+            kept_previous,
+            moved_corrupt: moved_corrupt.map(|(n, d)| (self.storage.path_of(&n), d)),
+        }))
+    }
+
+    fn write_temp(
+        &mut self,
+        file: &mut S::File,
+        tmp: &OsStr,
+        front: &[u8],
+        data: &[u8],
+        data_offset: u64,
+    ) -> Result<()> {
+        let step = self.options.write_size.max(1);
+        for (i, piece) in data.chunks(step).enumerate() {
+            let at = data_offset + (i * step) as u64;
+            self.storage
+                .write_at(file, at, piece)
+                .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
+        }
+        // The header last: a temp file cut short has no valid header.
+        self.storage
+            .write_at(file, 0, front)
+            .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
+        self.storage
+            .sync_file(file)
+            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))
+    }
+
+    /// Keeps the file now in the snapshot's place as `.prev` when it is
+    /// valid; moves it aside when it is damaged. Sets `trusted` to whether
+    /// a previous snapshot was kept.
+    fn keep_previous(&mut self, now_ns: u64) -> Result<Option<(OsString, Damage)>> {
+        let path = self.storage.path_of(&self.name);
+        let reader = match self.storage.open(&self.name) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.trusted = None;
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io("opening", path, e)),
+        };
+        let max = self.options.max_data_len;
+        let known = matches!((read_header(&reader, max), self.trusted),
+            (Ok(h), Some(g)) if h.generation == g);
+        if !known {
+            match read_snapshot(&reader, max) {
+                Ok(s) => self.trusted = Some(s.header().generation),
+                Err(ReadError::Io(e)) => return Err(Error::io("reading", path, e)),
+                Err(ReadError::Damaged(damage)) => {
+                    drop(reader);
+                    let moved = move_aside(&mut self.storage, &self.name, now_ns)?;
+                    self.trusted = None;
+                    return Ok(Some((moved, damage)));
+                }
+            }
+        }
+        drop(reader);
+        self.seq += 1;
+        let pid = std::process::id();
+        let link = with_suffix(&self.name, ".", &format!(".prev-tmp-{pid}-{}", self.seq));
+        self.storage.link(&self.name, &link).map_err(|e| {
+            Error::io(
+                "linking the previous snapshot as",
+                self.storage.path_of(&link),
+                e,
+            )
+        })?;
+        if let Err(e) = self.storage.rename(&link, &self.prev_name) {
+            let _ = self.storage.remove(&link);
+            return Err(Error::io(
+                "renaming the previous snapshot to",
+                self.storage.path_of(&self.prev_name),
+                e,
+            ));
+        }
+        Ok(None)
+    }
+
+    fn discard(&mut self, tmp: &OsStr, e: Error) -> Error {
+        // Best effort: after a crash-like failure this fails too, and the
+        // next start removes the file (see `remove_stale_temps`).
+        let _ = self.storage.remove(tmp);
+        e
+    }
+}
+
+/// Removes temp files a killed `shm-restore` left next to the snapshot
+/// `name` in `dir` (`.<name>.tmp-<pid>-<n>`, `.<name>.prev-tmp-<pid>-<n>`
+/// of processes that no longer exist). Returns the removed paths.
+pub fn remove_stale_temps(dir: &Path, name: &OsStr) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    let prefixes = [
+        with_suffix(name, ".", ".tmp-"),
+        with_suffix(name, ".", ".prev-tmp-"),
+    ];
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let bytes = file.as_encoded_bytes();
+        for prefix in &prefixes {
+            let Some(rest) = bytes.strip_prefix(prefix.as_encoded_bytes()) else {
+                continue;
+            };
+            let Some(pid) = std::str::from_utf8(rest)
+                .ok()
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(pid, seq)| {
+                    seq.parse::<u64>().ok()?;
+                    pid.parse::<i32>().ok()
+                })
+            else {
+                continue;
+            };
+            let alive = pid > 0
+                && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+                    != Err(nix::errno::Errno::ESRCH);
+            if !alive && std::fs::remove_file(entry.path()).is_ok() {
+                removed.push(entry.path());
+            }
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,295 @@
+//! The save protocol under crashes and failures, through the simulated
+//! storage: a crash at every write, fsync, link and rename must leave a disk
+//! from which loading yields the old or the new state, never anything else.
+
+use super::*;
+use crate::image::Extent;
+use crate::load::{LoadOutcome, restore};
+use crate::snapshot::Snapshot;
+use crate::storage::DirStorage;
+use crate::storage::sim::{DiskImage, Fault, SimStorage, materialize};
+use shm_fd::{CreateOptions, SharedFd};
+use std::fs::File;
+
+const NAME: &str = "state.snap";
+
+fn options() -> SaveOptions {
+    SaveOptions {
+        chunk_size: 4096,
+        write_size: 4096,
+        ..SaveOptions::default()
+    }
+}
+
+/// A sparse image whose bytes depend on `seed`.
+fn image(seed: u8) -> Image {
+    let mut bytes: Vec<u8> = (0..10_000u32).map(|i| (i as u8) ^ seed).collect();
+    bytes.extend(std::iter::repeat_n(seed, 3000));
+    Image::from_parts(
+        100_000,
+        vec![
+            Extent {
+                offset: 0,
+                len: 10_000,
+            },
+            Extent {
+                offset: 50_000,
+                len: 3000,
+            },
+        ],
+        bytes,
+    )
+    .unwrap()
+}
+
+fn memfd() -> File {
+    SharedFd::create("crash-test", CreateOptions::default())
+        .unwrap()
+        .into_file()
+}
+
+/// A disk holding a snapshot of `image(1)` (generation 2) and its `.prev`
+/// (`image(0)`, generation 1), as two real saves made them.
+fn old_disk() -> SimStorage {
+    let sim = SimStorage::default();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+    saver.save(&image(0), 1).unwrap();
+    saver.save(&image(1), 2).unwrap();
+    sim
+}
+
+/// Loads `disk` as a fresh start would and returns the memfd's contents.
+fn load_state(disk: &DiskImage) -> Result<Vec<u8>, String> {
+    let dir = tempfile::tempdir().unwrap();
+    materialize(disk, dir.path());
+    let m = memfd();
+    match restore(&dir.path().join(NAME), &m, u64::MAX, 0) {
+        Ok(LoadOutcome::Loaded { .. }) => Ok(Image::read_from(&m).unwrap().to_dense()),
+        Ok(other) => Err(format!("{other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn names(disk: &DiskImage) -> Vec<String> {
+    disk.keys()
+        .map(|k| k.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// The number of storage operations one save performs.
+fn ops_of_one_save() -> usize {
+    let sim = old_disk();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+    sim.fail_at(usize::MAX, Fault::Crash);
+    saver.save(&image(2), 3).unwrap();
+    sim.ops()
+}
+
+#[test]
+fn crash_at_every_step_loads_old_or_new() {
+    let old = image(1).to_dense();
+    let new = image(2).to_dense();
+    let steps = ops_of_one_save();
+    // create, 4 data writes, header, fsync, link, rename, rename, dir fsync
+    assert_eq!(steps, 11, "the protocol's steps changed: update the docs");
+    let mut seen_new = false;
+    for step in 1..=steps {
+        let sim = old_disk();
+        let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+        sim.fail_at(step, Fault::Crash);
+        assert!(saver.save(&image(2), 3).is_err(), "step {step}");
+        for disk in sim.crash_images() {
+            let got = load_state(&disk)
+                .unwrap_or_else(|e| panic!("crash at step {step}, disk {:?}: {e}", names(&disk)));
+            assert!(
+                got == old || got == new,
+                "crash at step {step}: loaded neither state, disk {:?}",
+                names(&disk)
+            );
+            seen_new |= got == new;
+        }
+    }
+    assert!(seen_new, "no crash image held the new state");
+
+    // A save that returned Ok is durable: every crash image loads it.
+    let sim = old_disk();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+    saver.save(&image(2), 3).unwrap();
+    for disk in sim.crash_images() {
+        assert_eq!(load_state(&disk).unwrap(), new, "{:?}", names(&disk));
+    }
+}
+
+#[test]
+fn the_crash_model_catches_a_rename_without_fsync() {
+    // The same steps as a save, minus the fsync of the temp file: a crash
+    // after the rename can leave an empty snapshot, which the check sees.
+    let sim = old_disk();
+    let mut good = sim.clone();
+    let mut f = good.create_new(OsStr::new(".tmp")).unwrap();
+    good.write_at(&mut f, 0, b"new contents").unwrap();
+    good.rename(OsStr::new(".tmp"), OsStr::new(NAME)).unwrap();
+    good.sync_dir().unwrap();
+    let broken = sim
+        .crash_images()
+        .iter()
+        .any(|disk| disk.get(OsStr::new(NAME)).is_some_and(|d| d.is_empty()));
+    assert!(
+        broken,
+        "the model must expose unsynced data behind a rename"
+    );
+}
+
+#[test]
+fn no_space_at_every_step_keeps_the_old_snapshot_and_cleans_up() {
+    let old = image(1).to_dense();
+    let new = image(2).to_dense();
+    let steps = ops_of_one_save();
+    for step in 1..=steps {
+        let sim = old_disk();
+        let before = sim.current();
+        let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+        sim.fail_at(step, Fault::NoSpace);
+        let e = saver.save(&image(2), 3).unwrap_err();
+        assert!(e.to_string().contains("No space left"), "step {step}: {e}");
+        let after = sim.current();
+        let leftovers: Vec<_> = names(&after)
+            .into_iter()
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "step {step}: left {leftovers:?}");
+        let state = load_state(&after).unwrap();
+        if step == steps {
+            // Only the directory fsync failed: the new file is in place.
+            assert_eq!(state, new, "step {step}");
+        } else {
+            assert_eq!(state, old, "step {step}");
+            assert_eq!(
+                after.get(OsStr::new(NAME)),
+                before.get(OsStr::new(NAME)),
+                "step {step}: the snapshot changed"
+            );
+        }
+    }
+}
+
+#[test]
+fn save_keeps_prev_and_counts_generations() {
+    let d = tempfile::tempdir().unwrap();
+    let mut saver = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options());
+    assert_eq!(
+        saver.save(&Image::default(), 1).unwrap(),
+        SaveOutcome::SkippedEmpty
+    );
+    assert!(
+        !d.path().join(NAME).exists(),
+        "an empty memfd writes nothing"
+    );
+    let SaveOutcome::Saved(r1) = saver.save(&image(0), 1).unwrap() else {
+        panic!()
+    };
+    assert_eq!((r1.generation, r1.kept_previous), (1, false));
+    assert_eq!(r1.stored_len, 13_000, "holes are not written");
+    let SaveOutcome::Saved(r2) = saver.save(&image(1), 2).unwrap() else {
+        panic!()
+    };
+    assert_eq!((r2.generation, r2.kept_previous), (2, true));
+    let main = Snapshot::open(&d.path().join(NAME), u64::MAX).unwrap();
+    let prev = Snapshot::open(&prev_path(&d.path().join(NAME)), u64::MAX).unwrap();
+    assert_eq!(main.header().generation, 2);
+    assert_eq!(prev.header().generation, 1);
+    assert_eq!(main.header().saved_at_ns, 2);
+    assert_eq!(main.into_image(), image(1));
+    assert_eq!(prev.into_image(), image(0));
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(d.path().join(NAME))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // A new saver continues the generation.
+    let mut again = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options());
+    let SaveOutcome::Saved(r3) = again.save(&image(2), 3).unwrap() else {
+        panic!()
+    };
+    assert_eq!((r3.generation, r3.kept_previous), (3, true));
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        2,
+        "no leftovers"
+    );
+}
+
+#[test]
+fn a_damaged_file_in_the_snapshots_place_is_moved_aside_not_kept_as_prev() {
+    let sim = old_disk();
+    let prev_before = sim.current()[OsStr::new("state.snap.prev")].clone();
+    let mut bad = sim.current()[OsStr::new(NAME)].clone();
+    bad[5000] ^= 1;
+    sim.put(NAME, bad.clone());
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+    let SaveOutcome::Saved(r) = saver.save(&image(2), 1_700_000_000_000_000_000).unwrap() else {
+        panic!()
+    };
+    let (moved, damage) = r.moved_corrupt.unwrap();
+    assert!(
+        matches!(damage, Damage::ChunkChecksum { index: 0, .. }),
+        "{damage}"
+    );
+    let after = sim.current();
+    assert_eq!(after[moved.file_name().unwrap()], bad);
+    assert_eq!(after[OsStr::new("state.snap.prev")], prev_before);
+    assert!(!r.kept_previous);
+}
+
+#[test]
+fn a_symlink_in_the_temp_files_place_is_not_followed() {
+    let d = tempfile::tempdir().unwrap();
+    let target = d.path().join("target");
+    std::fs::write(&target, b"precious").unwrap();
+    let pid = std::process::id();
+    std::os::unix::fs::symlink(&target, d.path().join(format!(".{NAME}.tmp-{pid}-1"))).unwrap();
+    let mut saver = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options());
+    assert!(saver.save(&image(0), 1).is_err());
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    // The next attempt uses a fresh name and succeeds.
+    saver.save(&image(0), 1).unwrap();
+}
+
+#[test]
+fn stale_temps_of_dead_processes_are_removed() {
+    let d = tempfile::tempdir().unwrap();
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    let dead_pid = dead.id();
+    dead.wait().unwrap();
+    let me = std::process::id();
+    for n in [
+        format!(".{NAME}.tmp-{dead_pid}-3"),
+        format!(".{NAME}.prev-tmp-{dead_pid}-4"),
+        format!(".{NAME}.tmp-{me}-1"),
+        format!(".other.tmp-{dead_pid}-1"),
+        NAME.to_string(),
+    ] {
+        std::fs::write(d.path().join(n), b"x").unwrap();
+    }
+    let removed = remove_stale_temps(d.path(), OsStr::new(NAME));
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 3);
+}
+
+#[test]
+fn unchanged_detection() {
+    let d = tempfile::tempdir().unwrap();
+    let m = memfd();
+    m.set_len(100_000).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&m, b"abc", 70_000).unwrap();
+    let mut saver = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options());
+    let (len, table) = crate::image::probe_table(&m, 4096).unwrap();
+    assert!(!saver.is_unchanged(len, &table));
+    saver.save(&Image::read_from(&m).unwrap(), 1).unwrap();
+    let (len, table) = crate::image::probe_table(&m, 4096).unwrap();
+    assert!(saver.is_unchanged(len, &table));
+    std::os::unix::fs::FileExt::write_all_at(&m, b"x", 70_001).unwrap();
+    let (len, table) = crate::image::probe_table(&m, 4096).unwrap();
+    assert!(!saver.is_unchanged(len, &table));
+}

@@ -1,0 +1,371 @@
+//! The I/O seam of the save protocol: every write, fsync, link and rename
+//! goes through [`Storage`], so tests can stop a save at each step and see
+//! what a crash there leaves on disk.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::snapshot::ReadAt;
+
+/// The operations the save protocol performs, on files of one directory
+/// (named by their file names).
+pub trait Storage {
+    /// A file being written.
+    type File;
+    /// A file opened for reading.
+    type Reader: ReadAt;
+
+    /// Creates `name`, failing if it exists; mode 0600, never through a
+    /// symlink.
+    fn create_new(&mut self, name: &OsStr) -> io::Result<Self::File>;
+    /// Writes all of `data` at `offset`.
+    fn write_at(&mut self, file: &mut Self::File, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Makes the file's contents and size durable (`fsync`).
+    fn sync_file(&mut self, file: &mut Self::File) -> io::Result<()>;
+    /// Makes `to` a second name of `from` (`link`); `to` must not exist.
+    fn link(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()>;
+    /// Atomically renames `from` to `to`, replacing `to`.
+    fn rename(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()>;
+    /// Renames `from` to `to`, failing if `to` exists.
+    fn rename_noreplace(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()>;
+    /// Removes `name`.
+    fn remove(&mut self, name: &OsStr) -> io::Result<()>;
+    /// Makes the directory's entries durable (`fsync` of the directory).
+    fn sync_dir(&mut self) -> io::Result<()>;
+    /// Opens `name` for reading; `None` if it does not exist.
+    fn open(&mut self, name: &OsStr) -> io::Result<Option<Self::Reader>>;
+    /// The path of `name`, for messages.
+    fn path_of(&self, name: &OsStr) -> PathBuf;
+}
+
+/// The real file system: a directory on disk.
+#[derive(Debug)]
+pub struct DirStorage {
+    dir: PathBuf,
+}
+
+impl DirStorage {
+    /// Storage in the directory `dir` (which must exist).
+    pub fn new(dir: impl Into<PathBuf>) -> DirStorage {
+        DirStorage { dir: dir.into() }
+    }
+
+    /// Splits a snapshot path into its directory's storage and file name.
+    pub fn for_snapshot(path: &Path) -> io::Result<(DirStorage, OsString)> {
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "the snapshot path has no file name",
+            )
+        })?;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        Ok((DirStorage::new(dir), name.to_owned()))
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Storage for DirStorage {
+    type File = File;
+    type Reader = File;
+
+    fn create_new(&mut self, name: &OsStr) -> io::Result<File> {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.dir.join(name))
+    }
+
+    fn write_at(&mut self, file: &mut File, offset: u64, data: &[u8]) -> io::Result<()> {
+        file.write_all_at(data, offset)
+    }
+
+    fn sync_file(&mut self, file: &mut File) -> io::Result<()> {
+        file.sync_all()
+    }
+
+    fn link(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        std::fs::hard_link(self.dir.join(from), self.dir.join(to))
+    }
+
+    fn rename(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        std::fs::rename(self.dir.join(from), self.dir.join(to))
+    }
+
+    fn rename_noreplace(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+        let cwd = nix::fcntl::AT_FDCWD;
+        nix::fcntl::renameat2(
+            cwd,
+            &self.dir.join(from),
+            cwd,
+            &self.dir.join(to),
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn remove(&mut self, name: &OsStr) -> io::Result<()> {
+        std::fs::remove_file(self.dir.join(name))
+    }
+
+    fn sync_dir(&mut self) -> io::Result<()> {
+        File::open(&self.dir)?.sync_all()
+    }
+
+    fn open(&mut self, name: &OsStr) -> io::Result<Option<File>> {
+        match File::open(self.dir.join(name)) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn path_of(&self, name: &OsStr) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// An in-memory file system that models what a machine crash keeps: file
+/// contents become durable at `sync_file`, directory entries at `sync_dir`.
+/// It can crash (or fail once, like a full disk) at the Nth operation.
+#[cfg(test)]
+pub(crate) mod sim {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+    use std::rc::Rc;
+
+    #[derive(Debug, Clone, Default)]
+    struct Inode {
+        data: Vec<u8>,
+        durable: Vec<u8>,
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Fault {
+        /// The machine stops: this and every later operation fail.
+        Crash,
+        /// This one operation fails with ENOSPC; later ones work.
+        NoSpace,
+    }
+
+    #[derive(Debug, Default)]
+    struct State {
+        inodes: Vec<Inode>,
+        dir: BTreeMap<OsString, usize>,
+        durable_dir: BTreeMap<OsString, usize>,
+        ops: usize,
+        fault: Option<(usize, Fault)>,
+        crashed: bool,
+    }
+
+    /// A handle on the simulated disk; clones share it.
+    #[derive(Debug, Clone, Default)]
+    pub(crate) struct SimStorage(Rc<RefCell<State>>);
+
+    /// A file as it would be found after a crash.
+    pub(crate) type DiskImage = BTreeMap<OsString, Vec<u8>>;
+
+    impl SimStorage {
+        /// Puts a durable file on the disk.
+        pub(crate) fn put(&self, name: &str, data: Vec<u8>) {
+            let mut s = self.0.borrow_mut();
+            let id = s.inodes.len();
+            s.inodes.push(Inode {
+                data: data.clone(),
+                durable: data,
+            });
+            s.dir.insert(name.into(), id);
+            s.durable_dir.insert(name.into(), id);
+        }
+
+        /// Makes operation number `n` (from 1) fail with `fault`.
+        pub(crate) fn fail_at(&self, n: usize, fault: Fault) {
+            let mut s = self.0.borrow_mut();
+            s.fault = Some((n, fault));
+            s.ops = 0;
+        }
+
+        /// How many operations were attempted.
+        pub(crate) fn ops(&self) -> usize {
+            self.0.borrow().ops
+        }
+
+        /// The files as a reader would see them now (no crash).
+        pub(crate) fn current(&self) -> DiskImage {
+            let s = self.0.borrow();
+            s.dir
+                .iter()
+                .map(|(n, &i)| (n.clone(), s.inodes[i].data.clone()))
+                .collect()
+        }
+
+        /// Every disk a crash now could leave: directory entries durable or
+        /// not, and each file's contents durable or not (the two extremes of
+        /// what the page cache may have written back).
+        pub(crate) fn crash_images(&self) -> Vec<DiskImage> {
+            let s = self.0.borrow();
+            let mut out = Vec::new();
+            for dir in [&s.durable_dir, &s.dir] {
+                let ids: Vec<usize> = {
+                    let mut v: Vec<usize> = dir.values().copied().collect();
+                    v.sort_unstable();
+                    v.dedup();
+                    v
+                };
+                for mask in 0u32..(1 << ids.len()) {
+                    let image = dir
+                        .iter()
+                        .map(|(n, i)| {
+                            let bit = ids.iter().position(|x| x == i).unwrap();
+                            let inode = &s.inodes[*i];
+                            let data = if mask & (1 << bit) != 0 {
+                                &inode.data
+                            } else {
+                                &inode.durable
+                            };
+                            (n.clone(), data.clone())
+                        })
+                        .collect();
+                    out.push(image);
+                }
+            }
+            out
+        }
+
+        fn step(&self) -> io::Result<()> {
+            let mut s = self.0.borrow_mut();
+            if s.crashed {
+                return Err(io::Error::other("simulated crash"));
+            }
+            s.ops += 1;
+            match s.fault {
+                Some((n, Fault::Crash)) if n == s.ops => {
+                    s.crashed = true;
+                    Err(io::Error::other("simulated crash"))
+                }
+                Some((n, Fault::NoSpace)) if n == s.ops => {
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }
+                _ => Ok(()),
+            }
+        }
+    }
+
+    /// Writes a disk image into a real directory.
+    pub(crate) fn materialize(image: &DiskImage, dir: &Path) {
+        for (name, data) in image {
+            std::fs::write(dir.join(name), data).unwrap();
+        }
+    }
+
+    fn not_found() -> io::Error {
+        io::Error::from(io::ErrorKind::NotFound)
+    }
+
+    impl Storage for SimStorage {
+        type File = usize;
+        type Reader = Vec<u8>;
+
+        fn create_new(&mut self, name: &OsStr) -> io::Result<usize> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            if s.dir.contains_key(name) {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            let id = s.inodes.len();
+            s.inodes.push(Inode::default());
+            s.dir.insert(name.to_owned(), id);
+            Ok(id)
+        }
+
+        fn write_at(&mut self, file: &mut usize, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            let d = &mut s.inodes[*file].data;
+            let end = offset as usize + data.len();
+            if d.len() < end {
+                d.resize(end, 0);
+            }
+            d[offset as usize..end].copy_from_slice(data);
+            Ok(())
+        }
+
+        fn sync_file(&mut self, file: &mut usize) -> io::Result<()> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            let inode = &mut s.inodes[*file];
+            inode.durable = inode.data.clone();
+            Ok(())
+        }
+
+        fn link(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            let id = *s.dir.get(from).ok_or_else(not_found)?;
+            if s.dir.contains_key(to) {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            s.dir.insert(to.to_owned(), id);
+            Ok(())
+        }
+
+        fn rename(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            let id = s.dir.remove(from).ok_or_else(not_found)?;
+            s.dir.insert(to.to_owned(), id);
+            Ok(())
+        }
+
+        fn rename_noreplace(&mut self, from: &OsStr, to: &OsStr) -> io::Result<()> {
+            if self.0.borrow().dir.contains_key(to) {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            self.rename(from, to)
+        }
+
+        fn remove(&mut self, name: &OsStr) -> io::Result<()> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            s.dir.remove(name).ok_or_else(not_found)?;
+            Ok(())
+        }
+
+        fn sync_dir(&mut self) -> io::Result<()> {
+            self.step()?;
+            let mut s = self.0.borrow_mut();
+            s.durable_dir = s.dir.clone();
+            Ok(())
+        }
+
+        fn open(&mut self, name: &OsStr) -> io::Result<Option<Vec<u8>>> {
+            let s = self.0.borrow();
+            Ok(s.dir.get(name).map(|&i| s.inodes[i].data.clone()))
+        }
+
+        fn path_of(&self, name: &OsStr) -> PathBuf {
+            PathBuf::from("sim").join(name)
+        }
+    }
+
+    impl ReadAt for Vec<u8> {
+        fn size(&self) -> io::Result<u64> {
+            Ok(<[u8]>::len(self) as u64)
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            <[u8] as ReadAt>::read_exact_at(self, buf, offset)
+        }
+    }
+}
