@@ -1,0 +1,229 @@
+//! `shm-restore`: load a snapshot into the shared memfd, run a command with
+//! it, and save the memfd back on exit, on SIGUSR1 and periodically.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use shm_restore::{Error, LoadOutcome, format_time};
+
+mod supervise;
+
+/// Setup failed: bad `LISTEN_*` variables, an inherited fd that is not a
+/// memfd, memfd creation, signal handlers.
+pub(crate) const EXIT_SETUP: u8 = 1;
+/// `--check`: the snapshot is not valid.
+pub(crate) const EXIT_INVALID: u8 = 1;
+/// Bad command line.
+pub(crate) const EXIT_USAGE: u8 = 2;
+/// No valid snapshot to load (damaged, truncated, wrong version, too
+/// large, and no valid `.prev`): nothing started, every file as it was.
+pub(crate) const EXIT_DATA: u8 = 65;
+/// The snapshot cannot be read (permissions, I/O error) or the memfd
+/// cannot take it: nothing started.
+pub(crate) const EXIT_NO_INPUT: u8 = 66;
+/// The command exited 0 but the final save failed.
+pub(crate) const EXIT_SAVE_FAILED: u8 = 74;
+/// The command cannot be executed.
+pub(crate) const EXIT_CANNOT_EXECUTE: u8 = 126;
+/// The command was not found.
+pub(crate) const EXIT_NOT_FOUND: u8 = 127;
+
+const AFTER_HELP: &str = "\
+Before the start: if the memfd is empty (a fresh watcher, or none passed)
+and SNAPSHOT exists, it is verified and loaded; a damaged SNAPSHOT with a
+valid SNAPSHOT.prev loads the .prev and keeps the damaged file as
+SNAPSHOT.corrupt-<time>. A memfd that already holds data (a restart under
+the same watcher) is kept as it is. The memfd is saved when the command
+exits (for any reason), on SIGUSR1, and every --interval if it changed;
+the command's process group is paused (SIGSTOP) only for the copy into
+memory. SIGTERM, SIGINT, SIGHUP and SIGQUIT are forwarded to the command's
+process group. An empty memfd never overwrites a snapshot.
+
+Exit status:
+  the command's    its exit code, or 128+N if signal N killed it
+  1                setup failed (bad LISTEN_* variables, memfd, ...);
+                   with --check: the snapshot is not valid
+  2                usage error
+  65               no valid snapshot to load: nothing was started and every
+                   file is left as it was
+  66               the snapshot cannot be read, or the memfd cannot take it
+  74               the command exited 0 but the final save failed
+  126              the command cannot be executed
+  127              the command was not found";
+
+/// Keep a program's shared memfd across reboots in a snapshot file.
+#[derive(Debug, Parser)]
+#[command(name = "shm-restore", version, after_help = AFTER_HELP)]
+pub(crate) struct Args {
+    /// Name of the memfd in LISTEN_FDNAMES.
+    #[arg(long, value_name = "NAME", default_value = shm_fd::DEFAULT_NAME)]
+    pub name: String,
+
+    /// Also save every DURATION while the command runs, when the memfd
+    /// changed (e.g. 100ms, 5s, 1m).
+    #[arg(long, value_name = "DURATION", value_parser = shm_fd::units::parse_duration)]
+    pub interval: Option<Duration>,
+
+    /// Refuse to load snapshots holding more than SIZE bytes (K/M/G/T
+    /// suffixes, powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = shm_fd::units::parse_size)]
+    pub max_size: u64,
+
+    /// How long to wait for the command's process group to stop before a
+    /// save made while it runs gives up.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = shm_fd::units::parse_duration)]
+    pub stop_timeout: Duration,
+
+    /// Do not seal a memfd created here against shrinking.
+    #[arg(long)]
+    pub no_seal: bool,
+
+    /// Print only warnings and errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+
+    /// Verify SNAPSHOT and print what it holds; exit 0 if it is valid, 1
+    /// if not.
+    #[arg(long, conflicts_with = "command")]
+    pub check: bool,
+
+    /// The snapshot file.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: PathBuf,
+
+    /// The command to run, and its arguments.
+    #[arg(
+        value_name = "COMMAND",
+        required_unless_present = "check",
+        trailing_var_arg = true,
+        num_args = 1..
+    )]
+    pub command: Vec<OsString>,
+}
+
+/// A failure that ends `shm-restore` before or instead of the command.
+#[derive(Debug)]
+pub(crate) struct Failure(pub u8, pub String);
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+        }
+    };
+    if args.check {
+        return ExitCode::from(check(&args.snapshot, args.max_size));
+    }
+    match supervise::run(&args) {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure(code, message)) => {
+            eprintln!("shm-restore: {message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// `--check`: prints the snapshot's header and whether it is valid.
+fn check(path: &Path, max_size: u64) -> u8 {
+    let inspection = shm_restore::inspect(path, max_size);
+    match &inspection.header {
+        Some(h) => {
+            println!("{}: shm-restore snapshot", path.display());
+            println!("  format version: {}", shm_restore::format::VERSION);
+            println!(
+                "  data size:      {} bytes ({} stored in {} chunks of up to {} bytes)",
+                h.data_len, h.stored_len, h.chunk_count, h.chunk_size
+            );
+            println!("  generation:     {}", h.generation);
+            println!("  saved at:       {}", format_time(h.saved_at_ns));
+        }
+        None => println!("{}: not readable as a snapshot", path.display()),
+    }
+    match inspection.verdict {
+        Ok(()) => {
+            println!("  checksums:      ok");
+            0
+        }
+        Err(e) => {
+            println!("  checksums:      BAD");
+            eprintln!("shm-restore: {e}");
+            EXIT_INVALID
+        }
+    }
+}
+
+/// The exit code for a load that failed.
+pub(crate) fn load_failure(e: Error) -> Failure {
+    let code = if e.is_corrupt() {
+        EXIT_DATA
+    } else {
+        EXIT_NO_INPUT
+    };
+    Failure(code, e.to_string())
+}
+
+/// The one line describing what was loaded (or why not).
+pub(crate) fn describe_load(snapshot: &Path, outcome: &LoadOutcome) -> (bool, String) {
+    let s = snapshot.display();
+    match outcome {
+        LoadOutcome::NoSnapshot => (
+            false,
+            format!("no snapshot {s} yet: starting with an empty memfd"),
+        ),
+        LoadOutcome::LiveKept { len } => (
+            false,
+            format!(
+                "the memfd already holds {len} bytes (a restart under the same watcher): \
+                 keeping the live memory, {s} not loaded"
+            ),
+        ),
+        LoadOutcome::Loaded {
+            path,
+            header,
+            fallback: None,
+            ..
+        } => (
+            false,
+            format!(
+                "loaded {} (generation {}, {} bytes, saved {})",
+                path.display(),
+                header.generation,
+                header.data_len,
+                format_time(header.saved_at_ns)
+            ),
+        ),
+        LoadOutcome::Loaded {
+            path,
+            header,
+            fallback: Some(f),
+            ..
+        } => {
+            let kept = match (&f.moved_to, &f.move_error) {
+                (Some(to), _) => format!("; the damaged file is kept as {}", to.display()),
+                (None, Some(e)) => format!("; could not move the damaged file aside: {e}"),
+                (None, None) => String::new(),
+            };
+            let problem = if f.problem.is_not_found() {
+                format!("{s} is missing")
+            } else {
+                f.problem.to_string()
+            };
+            (
+                true,
+                format!(
+                    "WARNING: {problem}; loaded the previous snapshot {} instead \
+                     (generation {}, saved {}){kept}",
+                    path.display(),
+                    header.generation,
+                    format_time(header.saved_at_ns)
+                ),
+            )
+        }
+        _ => (false, format!("{outcome:?}")),
+    }
+}
