@@ -1,0 +1,540 @@
+//! Black-box tests of the `shm-restore` command (with `shm-fd`, `primes`
+//! and `counter`): progress across watchers, signals, saves while running,
+//! kill -9 during saves, and every bad input.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use shm_fd_tests::{bin, cmd, first_primes, run, text};
+
+fn b(name: &str) -> String {
+    bin(name).to_str().unwrap().to_owned()
+}
+
+/// The files of `dir` with their bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().into_string().unwrap(),
+                std::fs::read(e.path()).unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// `shm-restore [args]` with the command `cmd`, run to the end:
+/// (exit code, stdout, stderr).
+fn restore(args: &[&str], command: &[&str]) -> (i32, String, String) {
+    let out = run(cmd("shm-restore").args(args).arg("--").args(command));
+    result(&out)
+}
+
+fn result(out: &Output) -> (i32, String, String) {
+    let (o, e) = text(out);
+    assert!(!e.contains("panicked"), "{e}");
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+/// Runs `counter` under `shm-restore snap` and returns the value it printed.
+fn count(snap: &Path) -> u64 {
+    let (code, out, err) = restore(&[snap.to_str().unwrap()], &[&b("counter")]);
+    assert_eq!(code, 0, "{err}");
+    out.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?} {err}"))
+}
+
+/// Saves `n` runs of the counter into `snap`, each save keeping the previous
+/// as `.prev`.
+fn counted(snap: &Path, n: u64) {
+    for i in 1..=n {
+        assert_eq!(count(snap), i);
+    }
+}
+
+fn with_suffix(p: &Path, s: &str) -> PathBuf {
+    let mut o = p.as_os_str().to_owned();
+    o.push(s);
+    o.into()
+}
+
+#[test]
+fn primes_across_130_separate_watchers_end_with_the_full_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("primes.snap");
+    let mut last = None;
+    for i in 1..=130 {
+        let out = run(cmd("shm-fd").args([
+            &b("shm-restore"),
+            "-q",
+            snap.to_str().unwrap(),
+            &b("primes"),
+        ]));
+        let (code, o, e) = result(&out);
+        assert_eq!(code, 0, "run {i}: {e}");
+        let total = 1000 * i + 2;
+        if total < 125_000 {
+            assert_eq!(
+                e.trim(),
+                format!("generated 1000 more primes, total {total}"),
+                "run {i}"
+            );
+            assert!(o.is_empty());
+        }
+        last = Some(o);
+    }
+    let table: Vec<u64> = last.unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(table, first_primes(125_000));
+}
+
+/// Starts `shm-restore [args] snap sh -c script` with stdout piped.
+fn spawn(args: &[&str], snap: &Path, script: &str) -> Child {
+    cmd("shm-restore")
+        .args(args)
+        .arg(snap)
+        .args(["sh", "-c", script])
+        .env("COUNTER", b("counter"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads stdout lines of `child` until one equals `want`; returns them.
+fn read_until(child: &mut Child, want: &str) -> Vec<String> {
+    let out = child.stdout.take().unwrap();
+    let mut lines = Vec::new();
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap();
+        let done = line == want;
+        lines.push(line);
+        if done {
+            return lines;
+        }
+    }
+    panic!("no {want:?} in {lines:?}");
+}
+
+fn finish(child: Child) -> (i32, String) {
+    let out = child.wait_with_output().unwrap();
+    let (_, e) = text(&out);
+    assert!(!e.contains("panicked"), "{e}");
+    (out.status.code().unwrap_or(-1), e)
+}
+
+#[test]
+fn sigterm_and_sigint_are_forwarded_and_the_state_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    for (n, sig) in [(1, Signal::SIGTERM), (2, Signal::SIGINT)] {
+        let mut child = spawn(&[], &snap, "$COUNTER; echo ready; exec sleep 1000");
+        let lines = read_until(&mut child, "ready");
+        assert_eq!(lines[0], n.to_string());
+        kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+        let t = Instant::now();
+        let (code, err) = finish(child);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert_eq!(code, 128 + sig as i32, "{sig}: {err}");
+        assert!(err.contains("saved"), "{err}");
+    }
+    assert_eq!(count(&snap), 3, "the next start continues from the saves");
+}
+
+/// Kills the wrapper and the command's group (pgid printed by the script).
+fn kill_all(child: &mut Child, pgid: i32) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    child.wait().unwrap();
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(5));
+    }
+}
+
+fn generation(snap: &Path) -> Option<u64> {
+    let out = run(cmd("shm-restore").arg("--check").arg(snap));
+    let (o, _) = text(&out);
+    o.lines()
+        .find_map(|l| l.trim().strip_prefix("generation:"))
+        .and_then(|g| g.trim().parse().ok())
+}
+
+#[test]
+fn sigusr1_and_interval_save_while_the_command_runs() {
+    let script = "echo $$; $COUNTER; $COUNTER; echo ready; exec sleep 1000";
+    for args in [&[][..], &["--interval", "50ms"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("s.snap");
+        let mut child = spawn(args, &snap, script);
+        let lines = read_until(&mut child, "ready");
+        let pgid: i32 = lines[0].parse().unwrap();
+        if args.is_empty() {
+            sleep(Duration::from_millis(100));
+            assert!(!snap.exists(), "no save without SIGUSR1 or --interval");
+            kill(Pid::from_raw(child.id() as i32), Signal::SIGUSR1).unwrap();
+        }
+        wait_for("a save while running", || generation(&snap).is_some());
+        let gen_now = generation(&snap).unwrap();
+        if !args.is_empty() {
+            // Unchanged memory: the interval writes nothing new.
+            sleep(Duration::from_millis(300));
+            assert_eq!(generation(&snap), Some(gen_now), "unchanged memfd re-saved");
+        }
+        // No exit save: the state must come from the save while running.
+        kill_all(&mut child, pgid);
+        assert_eq!(count(&snap), 3, "{args:?}");
+    }
+}
+
+/// A small deterministic generator for kill delays (seeded per run).
+fn lcg(state: &mut u64) -> u64 {
+    *state = state
+        .wrapping_mul(6_364_136_223_846_793_005)
+        .wrapping_add(1_442_695_040_888_963_407);
+    *state >> 33
+}
+
+#[test]
+fn kill_9_during_large_saves_always_leaves_a_valid_snapshot() {
+    // SHM_RESTORE_KILL_ROUNDS=200 for a long run; the default keeps CI fast.
+    let rounds: u64 = std::env::var("SHM_RESTORE_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("big.snap");
+    let snap_s = snap.to_str().unwrap();
+    let mut seed = std::process::id() as u64 ^ 0x9e37_79b9_7f4a_7c15;
+    let write = |round: u64| {
+        cmd("shm-restore")
+            .args(["-q", snap_s, "sh", "-c"])
+            .arg(format!("yes r{round:03} | head -c 24M >&3"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let read = || {
+        let (code, out, err) = restore(&["-q", snap_s], &["sh", "-c", "head -c 4 /dev/fd/3"]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    assert_eq!(finish(write(0)).0, 0);
+    let mut state = "r000".to_string();
+    let mut killed_mid_save = 0;
+    for round in 1..=rounds {
+        let mut child = write(round);
+        // Wait until the save has started (its temp file exists), then
+        // kill at a random point of it.
+        let tmp_prefix = ".big.snap.tmp-";
+        let started = Instant::now();
+        loop {
+            let saving = std::fs::read_dir(dir.path())
+                .unwrap()
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(tmp_prefix));
+            if saving || child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(20));
+            sleep(Duration::from_micros(200));
+        }
+        sleep(Duration::from_micros(lcg(&mut seed) % 40_000));
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+        let status = child.wait().unwrap();
+        if status.code().is_none() {
+            killed_mid_save += 1;
+        }
+        let check = run(cmd("shm-restore").arg("--check").arg(&snap));
+        let (o, e) = text(&check);
+        assert_eq!(check.status.code(), Some(0), "round {round}: {o}{e}");
+        let now = read();
+        let new = format!("r{round:03}");
+        assert!(
+            now == state || now == new,
+            "round {round}: loaded {now:?}, expected {state:?} or {new:?} (seed {seed})"
+        );
+        state = now;
+        // The reading run removed the killed save's temp file.
+        let left: Vec<String> = files(dir.path())
+            .into_keys()
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "round {round}: {left:?}");
+    }
+    assert!(killed_mid_save > 0, "no round killed the wrapper");
+}
+
+#[test]
+fn a_damaged_snapshot_falls_back_on_prev_and_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 3); // s.snap holds 3, s.snap.prev holds 2
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01; // a data byte: only the chunk CRC sees it
+    std::fs::write(&snap, &bytes).unwrap();
+    let (code, out, err) = restore(&[snap.to_str().unwrap()], &[&b("counter")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "3", "continued from .prev (2)");
+    assert!(
+        err.contains("WARNING") && err.contains("CRC32") && err.contains("s.snap.corrupt-"),
+        "{err}"
+    );
+    let kept: Vec<(String, Vec<u8>)> = files(dir.path())
+        .into_iter()
+        .filter(|(n, _)| n.starts_with("s.snap.corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].1, bytes, "the damaged file is kept byte for byte");
+    assert_eq!(count(&snap), 4);
+}
+
+/// Every bad snapshot without a valid `.prev`: exit 65, a one-line message
+/// naming the file and the damage, every file byte for byte as before, and
+/// the command never started.
+#[test]
+fn bad_snapshots_are_refused_with_65_and_left_as_they_were() {
+    type Damage = fn(&mut Vec<u8>);
+    let cases: [(&str, Damage, &str, &[&str]); 6] = [
+        (
+            "truncated",
+            |b| b.truncate(b.len() - 3),
+            "is truncated",
+            &[],
+        ),
+        (
+            "flipped data",
+            |b| {
+                let l = b.len() - 1;
+                b[l] ^= 4
+            },
+            "chunk 0",
+            &[],
+        ),
+        ("wrong version", |b| b[8] = 9, "format version 9", &[]),
+        (
+            "not a snapshot",
+            |b| b[..8].copy_from_slice(b"garbage!"),
+            "not a shm-restore snapshot",
+            &[],
+        ),
+        ("empty file", |b| b.clear(), "is truncated", &[]),
+        (
+            "oversized",
+            |_| {},
+            "more than the maximum 4",
+            &["--max-size", "4"],
+        ),
+    ];
+    for (what, damage, message, extra) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("s.snap");
+        counted(&snap, 1);
+        let mut bytes = std::fs::read(&snap).unwrap();
+        damage(&mut bytes);
+        std::fs::write(&snap, &bytes).unwrap();
+        let before = files(dir.path());
+        let mut args = extra.to_vec();
+        args.push(snap.to_str().unwrap());
+        let (code, out, err) = restore(&args, &["sh", "-c", "echo started"]);
+        assert_eq!(code, 65, "{what}: {err}");
+        assert!(out.is_empty(), "{what}: the command ran");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        assert!(
+            err.contains("s.snap") && err.contains(message),
+            "{what}: {err}"
+        );
+        assert_eq!(files(dir.path()), before, "{what}: files changed");
+        let check = run(cmd("shm-restore").args(extra).arg("--check").arg(&snap));
+        assert_eq!(check.status.code(), Some(1), "{what}: --check");
+        assert!(text(&check).0.contains("BAD"), "{what}");
+    }
+}
+
+#[test]
+fn damaged_snapshot_and_damaged_prev_are_both_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 2);
+    let prev = with_suffix(&snap, ".prev");
+    for p in [&snap, &prev] {
+        let b = std::fs::read(p).unwrap();
+        std::fs::write(p, &b[..b.len() - 1]).unwrap();
+    }
+    let before = files(dir.path());
+    let (code, _, err) = restore(&[snap.to_str().unwrap()], &[&b("counter")]);
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains("s.snap is truncated") && err.contains("s.snap.prev is truncated"),
+        "{err}"
+    );
+    assert_eq!(files(dir.path()), before);
+}
+
+#[test]
+fn check_reports_what_the_file_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 2);
+    let out = run(cmd("shm-restore").arg("--check").arg(&snap));
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{e}");
+    for want in [
+        "format version: 1",
+        "data size:      8 bytes",
+        "generation:     2",
+        "saved at:       20",
+        "checksums:      ok",
+    ] {
+        assert!(o.contains(want), "{want:?} in {o}");
+    }
+    let missing = run(cmd("shm-restore")
+        .arg("--check")
+        .arg(dir.path().join("nope")));
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing).1.contains("nope"));
+}
+
+#[test]
+fn live_memory_wins_over_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 5);
+    // Under one watcher: the first counter fills the memfd, then
+    // shm-restore finds it non-empty and must not load the 5.
+    let script = format!(
+        "{c} && {r} {s} {c}",
+        c = b("counter"),
+        r = b("shm-restore"),
+        s = snap.display()
+    );
+    let out = run(cmd("shm-fd").args(["sh", "-c", &script]));
+    let (code, o, e) = result(&out);
+    assert_eq!(code, 0, "{e}");
+    assert_eq!(o, "1\n2\n");
+    assert!(e.contains("already holds 8 bytes"), "{e}");
+    assert_eq!(count(&snap), 3, "the live state was saved");
+}
+
+#[test]
+fn an_empty_memfd_never_overwrites_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.snap");
+    counted(&good, 1);
+    let snap = dir.path().join("s.snap");
+    // The snapshot appears while the (empty) memfd's command runs.
+    let (code, _, err) = restore(
+        &[snap.to_str().unwrap()],
+        &["cp", good.to_str().unwrap(), snap.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("the memfd is empty"), "{err}");
+    assert_eq!(std::fs::read(&snap).unwrap(), std::fs::read(&good).unwrap());
+}
+
+#[test]
+fn exit_status_is_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let s = snap.to_str().unwrap();
+    assert_eq!(restore(&[s], &["sh", "-c", "exit 7"]).0, 7);
+    assert_eq!(restore(&[s], &["sh", "-c", "kill -9 $$"]).0, 128 + 9);
+    let (code, _, err) = restore(&[s], &["/nonexistent/prog"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("/nonexistent/prog"), "{err}");
+    let (code, _, err) = restore(&[s], &[dir.path().to_str().unwrap()]);
+    assert_eq!(code, 126, "{err}");
+}
+
+#[test]
+fn a_crashing_command_is_saved_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let s = snap.to_str().unwrap();
+    let (code, _, err) = restore(&[s], &["sh", "-c", "$0 && kill -SEGV $$", &b("counter")]);
+    assert_eq!(code, 128 + 11, "{err}");
+    assert_eq!(count(&snap), 2);
+}
+
+#[test]
+fn bad_environment_and_fds_are_setup_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 1);
+    let before = files(dir.path());
+    let out = run(cmd("shm-restore")
+        .env("LISTEN_FDS", "x")
+        .arg(&snap)
+        .arg(b("counter")));
+    let (code, o, e) = result(&out);
+    assert_eq!(code, 1, "{e}");
+    assert!(o.is_empty() && e.contains("LISTEN_FDS"), "{e}");
+    // fd 3 is a regular file, not a memfd.
+    let script = format!(
+        "exec 3<{s}; LISTEN_FDS=1 LISTEN_FDNAMES=SHM_SHARED_FD exec {r} {s} {c}",
+        s = snap.display(),
+        r = b("shm-restore"),
+        c = b("counter")
+    );
+    let out = run(Command::new("sh")
+        .args(["-c", &script])
+        .env_remove("LISTEN_PID"));
+    let (code, o, e) = result(&out);
+    assert_eq!(code, 1, "{e}");
+    assert!(o.is_empty() && e.contains("not a memfd"), "{e}");
+    assert_eq!(files(dir.path()), before);
+    // Usage errors.
+    assert_eq!(restore(&["--interval", "soon", "x"], &["true"]).0, 2);
+    assert_eq!(run(&mut cmd("shm-restore")).status.code(), Some(2));
+}
+
+#[test]
+fn an_unwritable_directory_fails_the_final_save_with_74() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("ro");
+    std::fs::create_dir(&sub).unwrap();
+    let snap = sub.join("s.snap");
+    counted(&snap, 1);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    mode(dir.path(), 0o755).unwrap();
+    mode(&snap, 0o644).unwrap();
+    mode(&sub, 0o555).unwrap();
+    let before = files(&sub);
+    let mut c = cmd("shm-restore");
+    c.arg(&snap).arg(b("counter"));
+    if nix::unistd::geteuid().is_root() {
+        c.uid(65534).gid(65534); // root ignores permissions
+    }
+    let (code, o, e) = result(&run(&mut c));
+    mode(&sub, 0o755).unwrap();
+    if o.is_empty() && e.contains("Permission denied") && e.contains("counter") {
+        return; // the binaries are not reachable as nobody here
+    }
+    assert_eq!(o, "2\n", "{e}");
+    assert_eq!(code, 74, "{e}");
+    assert!(
+        e.contains("save on exit failed") && e.contains("s.snap"),
+        "{e}"
+    );
+    assert_eq!(
+        files(&sub),
+        before,
+        "the previous snapshot is intact, no temp file"
+    );
+}
