@@ -1,1 +1,90 @@
-//! Work in progress (issue 5).
+//! Typed, crash-atomic data structures inside a shared memory mapping.
+//!
+//! A program keeps its state in a region of memory — the memfd that
+//! `shm-fd` hands it, a file, or a heap buffer in tests — and finds it again
+//! on the next run, read in place with no deserialisation:
+//!
+//! ```
+//! use shm_state::{Layout, Source, State, StateMap, StateVec, Bytes};
+//!
+//! #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+//! #[repr(C)]
+//! struct Root {
+//!     runs: u64,
+//!     balances: StateVec<u64>,
+//!     names: StateMap<u64, Bytes>,
+//! }
+//!
+//! # fn main() -> shm_state::Result<()> {
+//! // In a real program: `unsafe { Source::shared(SharedFd::from_env(..)?) }`.
+//! let mut state = State::<Root>::open(Source::heap(Vec::new()), Layout::new(1))?;
+//! println!("{}", state.report()); // "created, generation 1"
+//! state.transaction(|tx| {
+//!     if tx.root()?.balances.is_null() {
+//!         let balances = tx.new_vec()?;
+//!         let names = tx.new_map()?;
+//!         let root = tx.root_mut()?;
+//!         root.balances = balances;
+//!         root.names = names;
+//!     }
+//!     let root = *tx.root()?;
+//!     tx.root_mut()?.runs += 1;
+//!     tx.vec(root.balances)?.push(100)?;
+//!     tx.map(root.names)?.insert(&0, b"alice")?;
+//!     Ok::<_, shm_state::Error>(())
+//! })?;
+//! let root = *state.root()?;
+//! assert_eq!(state.vec(root.balances)?, &[100]);
+//! assert_eq!(state.map(root.names)?.get(&0)?, Some(&b"alice"[..]));
+//! # Ok(()) }
+//! ```
+//!
+//! # Guarantees
+//!
+//! - **All or nothing.** Every change is made in a [`State::transaction`].
+//!   Before a transaction overwrites any byte that was part of the committed
+//!   state, the before-image of its 64-byte line is written to a journal in
+//!   the region; the commit is one atomic store of a header word. If the
+//!   process dies at any instruction, the next [`State::open`] rolls the
+//!   unfinished transaction back ([`Opened::Recovered`]).
+//! - **Validated.** Every offset, length and tag read from the region is
+//!   checked (checked arithmetic, bounds, alignment, kinds, checksums on the
+//!   header and the journal) before use: a damaged region gives an
+//!   [`Error`], never undefined behaviour or a panic.
+//! - **Versioned.** The region records the program's [`Layout::version`]
+//!   and the root type's size and alignment; a different layout runs the
+//!   program's migration or is refused, never silently reset.
+//! - **Snapshot-consistent.** A [`CommitHook`] is told when each transaction
+//!   starts and commits (the seam for shm-snapshot's protocol).
+//!
+//! The byte layout is documented in `docs/state-format.md`.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod cell;
+mod error;
+mod format;
+mod handle;
+mod journal;
+mod log;
+mod map;
+mod mem;
+mod owner;
+mod snapshot;
+mod state;
+mod tx;
+mod vec;
+mod verify;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::{Corruption, Error, Result, StoredLayout};
+pub use format::{FORMAT_VERSION, HEADER_LEN, MAGIC};
+pub use handle::{StateCell, StateLog, StateMap, StateVec};
+pub use log::{LogIter, LogMut, LogRef};
+pub use map::{Bytes, Item, MapMut, MapRef};
+pub use snapshot::CommitHook;
+pub use state::{Layout, Migrate, OldRoot, OpenReport, Opened, Source, State, Tx};
+pub use vec::VecMut;
+pub use verify::HeapReport;

@@ -1,0 +1,270 @@
+//! The region format: offsets, sizes and tags, byte for byte as
+//! `docs/state-format.md` describes them. All integers are little-endian.
+
+use crate::error::{Error, Result};
+use crate::mem::Mem;
+
+#[cfg(target_endian = "big")]
+compile_error!("shm-state stores native-endian POD values and supports little-endian targets only");
+
+/// The magic at offset 0 of every region.
+pub const MAGIC: &[u8; 8] = b"SHMSTATE";
+/// The format version this library writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// The header's size: one page at the start of the region.
+pub const HEADER_LEN: u64 = 4096;
+
+// Superblock (checksummed when created or migrated).
+pub(crate) const SB_MAGIC: u64 = 0x00;
+pub(crate) const SB_FORMAT: u64 = 0x08;
+pub(crate) const SB_HEADER_LEN: u64 = 0x0C;
+pub(crate) const SB_JOURNAL_OFF: u64 = 0x10;
+pub(crate) const SB_JOURNAL_LEN: u64 = 0x18;
+pub(crate) const SB_HEAP_OFF: u64 = 0x20;
+pub(crate) const SB_USER_VERSION: u64 = 0x28;
+pub(crate) const SB_ROOT_SIZE: u64 = 0x2C;
+pub(crate) const SB_ROOT_ALIGN: u64 = 0x30;
+pub(crate) const SB_FLAGS: u64 = 0x34;
+pub(crate) const SB_CRC: u64 = 0x7C;
+
+// Dynamic header (checksummed at every commit).
+pub(crate) const DY_START: u64 = 0x80;
+pub(crate) const DY_GENERATION: u64 = 0x80;
+pub(crate) const DY_HEAP_TOP: u64 = 0x88;
+pub(crate) const DY_ROOT: u64 = 0x90;
+pub(crate) const DY_COMMITS: u64 = 0x98;
+pub(crate) const DY_USED: u64 = 0xA0;
+pub(crate) const DY_LAST_PID: u64 = 0xA8;
+pub(crate) const DY_LAST_OPEN: u64 = 0xAC;
+pub(crate) const DY_CRC: u64 = 0xBC;
+
+// Words written atomically, outside the checksums.
+pub(crate) const TX_WORD: u64 = 0xC0;
+pub(crate) const LOCK_PID: u64 = 0xC8;
+pub(crate) const LOCK_START: u64 = 0xD0;
+pub(crate) const LOCK_NONCE: u64 = 0xD8;
+
+// Allocator free lists: one head per size class.
+pub(crate) const FREE_HEADS: u64 = 0x100;
+/// Number of free-list heads (classes `MIN_CLASS..=MAX_CLASS` are used).
+pub(crate) const FREE_SLOTS: u64 = 64;
+
+/// Reserved peer table for several processes sharing one state (format 1
+/// keeps it zero).
+pub(crate) const PEERS: u64 = 0x400;
+/// Peer table entry size and count (reserved).
+pub(crate) const PEER_ENTRY: u64 = 64;
+pub(crate) const PEER_COUNT: u64 = 48;
+
+/// The journal starts right after the header.
+pub(crate) const JOURNAL_OFF: u64 = HEADER_LEN;
+/// A journal record's fixed part: seq u64, offset u64, len u32, crc u32.
+pub(crate) const RECORD_HEADER: u64 = 24;
+/// Before-images are taken in whole lines of this many bytes.
+pub(crate) const LINE: u64 = 64;
+
+/// Block header: kind u32, class u32, aux u64.
+pub(crate) const BLOCK_HEADER: u64 = 16;
+/// Smallest and largest size class: payloads of 2^class bytes.
+pub(crate) const MIN_CLASS: u32 = 4;
+pub(crate) const MAX_CLASS: u32 = 40;
+/// Block kinds: a fixed high half so that stray data rarely looks valid.
+pub(crate) const KIND_BASE: u32 = 0x5354_0000;
+
+/// What a block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub(crate) enum Kind {
+    Free = KIND_BASE | 1,
+    Root = KIND_BASE | 2,
+    Cell = KIND_BASE | 3,
+    Vec = KIND_BASE | 4,
+    VecData = KIND_BASE | 5,
+    Map = KIND_BASE | 6,
+    MapTable = KIND_BASE | 7,
+    Bytes = KIND_BASE | 8,
+    Log = KIND_BASE | 9,
+    LogChunk = KIND_BASE | 10,
+}
+
+impl Kind {
+    pub(crate) fn from_u32(v: u32) -> Option<Kind> {
+        Some(match v.checked_sub(KIND_BASE)? {
+            1 => Kind::Free,
+            2 => Kind::Root,
+            3 => Kind::Cell,
+            4 => Kind::Vec,
+            5 => Kind::VecData,
+            6 => Kind::Map,
+            7 => Kind::MapTable,
+            8 => Kind::Bytes,
+            9 => Kind::Log,
+            10 => Kind::LogChunk,
+            _ => return None,
+        })
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Kind::Free => "free block",
+            Kind::Root => "root",
+            Kind::Cell => "cell",
+            Kind::Vec => "vec header",
+            Kind::VecData => "vec data",
+            Kind::Map => "map header",
+            Kind::MapTable => "map table",
+            Kind::Bytes => "byte string",
+            Kind::Log => "log header",
+            Kind::LogChunk => "log chunk",
+        }
+    }
+}
+
+/// Payload sizes of the structure headers.
+pub(crate) const VEC_HEADER: u64 = 32; // len, cap, data, elem_size u32, elem_align u32
+pub(crate) const MAP_HEADER: u64 = 48; // len, tombs, cap, table, key kind/size, val kind/size
+pub(crate) const LOG_HEADER: u64 = 32; // count, bytes, first chunk, last chunk
+pub(crate) const CHUNK_HEADER: u64 = 16; // next chunk, used bytes
+pub(crate) const LOG_RECORD_HEADER: u64 = 8; // len u32, reserved u32
+
+/// Little-endian field access on a region.
+pub(crate) fn u64_at(mem: &Mem, what: &'static str, off: u64) -> Result<u64> {
+    let b = mem.bytes(what, off, 8)?;
+    Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
+}
+
+pub(crate) fn u32_at(mem: &Mem, what: &'static str, off: u64) -> Result<u32> {
+    let b = mem.bytes(what, off, 4)?;
+    Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
+}
+
+/// The CRC-32 of the superblock (bytes `0..SB_CRC`).
+pub(crate) fn superblock_crc(mem: &Mem) -> Result<u32> {
+    Ok(crc32fast::hash(mem.bytes("superblock", 0, SB_CRC)?))
+}
+
+/// The CRC-32 of the dynamic header (bytes `DY_START..DY_CRC`).
+pub(crate) fn dynamic_crc(mem: &Mem) -> Result<u32> {
+    Ok(crc32fast::hash(mem.bytes(
+        "dynamic header",
+        DY_START,
+        DY_CRC - DY_START,
+    )?))
+}
+
+/// The payload size of a size class.
+pub(crate) fn class_size(class: u32) -> u64 {
+    1u64 << class
+}
+
+/// The smallest class whose payload holds `len` bytes.
+pub(crate) fn class_for(len: u64) -> Result<u32> {
+    let class = len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS);
+    if len > class_size(MAX_CLASS) {
+        return Err(Error::TooLarge {
+            what: "allocation",
+            len,
+        });
+    }
+    Ok(class)
+}
+
+/// A validated block: its offset, kind, class and aux word.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Block {
+    pub off: u64,
+    pub kind: Kind,
+    pub class: u32,
+    pub aux: u64,
+}
+
+impl Block {
+    /// The payload's offset.
+    pub(crate) fn payload(&self) -> u64 {
+        self.off + BLOCK_HEADER
+    }
+
+    /// The payload's capacity in bytes.
+    pub(crate) fn capacity(&self) -> u64 {
+        class_size(self.class)
+    }
+
+    /// Reads and validates the block at `off`: inside the heap, aligned, a
+    /// known kind and class, ending at or before the heap top.
+    pub(crate) fn read(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Block> {
+        let (heap_off, heap_top) = heap;
+        if off < heap_off || off >= heap_top || off % 16 != 0 {
+            return Err(Error::corrupt(
+                "block offset",
+                off,
+                format!("not a 16-aligned offset inside the heap {heap_off:#x}..{heap_top:#x}"),
+            ));
+        }
+        let h = mem.bytes("block header", off, BLOCK_HEADER)?;
+        let kind_raw = u32::from_le_bytes(h[0..4].try_into().expect("4"));
+        let class = u32::from_le_bytes(h[4..8].try_into().expect("4"));
+        let aux = u64::from_le_bytes(h[8..16].try_into().expect("8"));
+        let kind = Kind::from_u32(kind_raw).ok_or_else(|| {
+            Error::corrupt("block header", off, format!("unknown kind {kind_raw:#x}"))
+        })?;
+        if !(MIN_CLASS..=MAX_CLASS).contains(&class) {
+            return Err(Error::corrupt(
+                "block header",
+                off,
+                format!("size class {class} out of range"),
+            ));
+        }
+        let end = (off + BLOCK_HEADER).checked_add(class_size(class));
+        if end.is_none_or(|e| e > heap_top) {
+            return Err(Error::corrupt(
+                "block header",
+                off,
+                format!("class {class} block runs past the heap top {heap_top:#x}"),
+            ));
+        }
+        Ok(Block {
+            off,
+            kind,
+            class,
+            aux,
+        })
+    }
+
+    /// Like [`Block::read`], and checks the kind.
+    pub(crate) fn expect(mem: &Mem, heap: (u64, u64), off: u64, kind: Kind) -> Result<Block> {
+        let b = Block::read(mem, heap, off)?;
+        if b.kind != kind {
+            return Err(Error::corrupt(
+                kind.name(),
+                off,
+                format!("block holds a {}, not a {}", b.kind.name(), kind.name()),
+            ));
+        }
+        Ok(b)
+    }
+
+    /// Checks that the payload holds at least `len` bytes.
+    pub(crate) fn need(self, len: u64) -> Result<Block> {
+        if len > self.capacity() {
+            return Err(Error::corrupt(
+                self.kind.name(),
+                self.off,
+                format!("needs {len} bytes but the block holds {}", self.capacity()),
+            ));
+        }
+        Ok(self)
+    }
+}
+
+/// Encodes a block header.
+pub(crate) fn block_header(kind: Kind, class: u32, aux: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&(kind as u32).to_le_bytes());
+    h[4..8].copy_from_slice(&class.to_le_bytes());
+    h[8..16].copy_from_slice(&aux.to_le_bytes());
+    h
+}

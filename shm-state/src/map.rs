@@ -1,0 +1,590 @@
+//! A hash map: open addressing with linear probing over one table block.
+//!
+//! Header block (48 bytes): `len u64, tombstones u64, cap u64, table u64,
+//! key_kind u32, key_size u32, val_kind u32, val_size u32`. A slot is
+//! `tag u64` (0 empty, 1 deleted, otherwise the key's hash with the top bit
+//! set) followed by the key field and the value field: a POD value inline
+//! (padded to 8 bytes) or, for [`Bytes`], the offset of a byte-string block
+//! whose aux word is its length.
+
+use std::marker::PhantomData;
+
+use bytemuck::Pod;
+
+use crate::error::{Error, Result};
+use crate::format::{BLOCK_HEADER, Block, Kind, MAP_HEADER, u32_at, u64_at};
+use crate::handle::StateMap;
+use crate::mem::Mem;
+use crate::state::{State, Tx};
+use crate::tx::TxCore;
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+/// A key or value type a [`StateMap`] can hold: any [`Pod`] type (stored
+/// inline, alignment at most 8) or [`Bytes`] (a byte string of any length).
+pub trait Item: sealed::Sealed + 'static {
+    /// What lookups take and return a reference to: `T` or `[u8]`.
+    type Borrowed: ?Sized;
+    #[doc(hidden)]
+    const KIND: u32;
+    #[doc(hidden)]
+    const SIZE: u32;
+    #[doc(hidden)]
+    fn as_bytes(v: &Self::Borrowed) -> &[u8];
+    #[doc(hidden)]
+    fn from_bytes(b: &[u8]) -> Option<&Self::Borrowed>;
+}
+
+/// Marks a byte-string key or value in a [`StateMap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes;
+
+const POD: u32 = 1;
+const BYTES: u32 = 2;
+
+impl<T: Pod> sealed::Sealed for T {}
+impl<T: Pod> Item for T {
+    type Borrowed = T;
+    const KIND: u32 = POD;
+    const SIZE: u32 = size_of::<T>() as u32;
+    fn as_bytes(v: &T) -> &[u8] {
+        bytemuck::bytes_of(v)
+    }
+    fn from_bytes(b: &[u8]) -> Option<&T> {
+        bytemuck::try_from_bytes(b).ok()
+    }
+}
+
+impl sealed::Sealed for Bytes {}
+impl Item for Bytes {
+    type Borrowed = [u8];
+    const KIND: u32 = BYTES;
+    const SIZE: u32 = 0;
+    fn as_bytes(v: &[u8]) -> &[u8] {
+        v
+    }
+    fn from_bytes(b: &[u8]) -> Option<&[u8]> {
+        Some(b)
+    }
+}
+
+/// The width of an item's field in a slot.
+fn field<I: Item>() -> u64 {
+    if I::KIND == BYTES {
+        8
+    } else {
+        u64::from(I::SIZE).next_multiple_of(8)
+    }
+}
+
+fn slot_size<K: Item, V: Item>() -> u64 {
+    8 + field::<K>() + field::<V>()
+}
+
+const EMPTY: u64 = 0;
+const DELETED: u64 = 1;
+const TAG_BIT: u64 = 1 << 63;
+
+/// A fast, stable (same in every process and run) 64-bit hash.
+pub(crate) fn hash(bytes: &[u8]) -> u64 {
+    const P: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = (bytes.len() as u64).wrapping_mul(P);
+    let mut chunks = bytes.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8"));
+        h = (h ^ w).wrapping_mul(P).rotate_left(31);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        h = (h ^ u64::from_le_bytes(w)).wrapping_mul(P).rotate_left(31);
+    }
+    // murmur3's finalizer spreads the bits into the low ones we index by.
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    at: u64,
+    len: u64,
+    tombs: u64,
+    cap: u64,
+    table: u64,
+}
+
+impl Header {
+    fn slots(&self) -> u64 {
+        self.table + BLOCK_HEADER
+    }
+}
+
+fn check_item<I: Item>(what: &str) -> Result<()> {
+    if I::KIND == POD {
+        // Sizes and alignments are those of a Pod type T; see Item for T.
+        if I::SIZE == 0 {
+            return Err(Error::unsupported(format!(
+                "map {what}: zero-sized types are not stored"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
+    let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
+    let at = b.payload();
+    let len = u64_at(mem, "map length", at)?;
+    let tombs = u64_at(mem, "map tombstones", at + 8)?;
+    let cap = u64_at(mem, "map capacity", at + 16)?;
+    let table = u64_at(mem, "map table", at + 24)?;
+    let kinds = [
+        u32_at(mem, "map key kind", at + 32)?,
+        u32_at(mem, "map key size", at + 36)?,
+        u32_at(mem, "map value kind", at + 40)?,
+        u32_at(mem, "map value size", at + 44)?,
+    ];
+    if kinds != [K::KIND, K::SIZE, V::KIND, V::SIZE] {
+        return Err(Error::unsupported(format!(
+            "the map holds (kind {}, size {}) -> (kind {}, size {}), the types asked for are \
+             (kind {}, size {}) -> (kind {}, size {})",
+            kinds[0],
+            kinds[1],
+            kinds[2],
+            kinds[3],
+            K::KIND,
+            K::SIZE,
+            V::KIND,
+            V::SIZE
+        )));
+    }
+    let bad = |p: String| Error::corrupt("map header", at, p);
+    if cap == 0 {
+        if table != 0 || len != 0 || tombs != 0 {
+            return Err(bad("no table but entries or a table offset".into()));
+        }
+    } else {
+        if !cap.is_power_of_two() {
+            return Err(bad(format!("capacity {cap} is not a power of two")));
+        }
+        if len.checked_add(tombs).is_none_or(|n| n >= cap) {
+            return Err(bad(format!(
+                "{len} entries and {tombs} tombstones in {cap} slots"
+            )));
+        }
+        let bytes = cap
+            .checked_mul(slot_size::<K, V>())
+            .ok_or_else(|| bad(format!("capacity {cap} overflows")))?;
+        Block::expect(mem, heap, table, Kind::MapTable)?.need(bytes)?;
+    }
+    Ok(Header {
+        at,
+        len,
+        tombs,
+        cap,
+        table,
+    })
+}
+
+/// Reads one item field of a slot.
+fn read_item<I: Item>(mem: &Mem, heap: (u64, u64), at: u64) -> Result<&I::Borrowed> {
+    let bytes = if I::KIND == BYTES {
+        let off = u64_at(mem, "map slot", at)?;
+        let b = Block::expect(mem, heap, off, Kind::Bytes)?;
+        b.need(b.aux)?;
+        mem.bytes("byte string", b.payload(), b.aux)?
+    } else {
+        mem.bytes("map slot", at, u64::from(I::SIZE))?
+    };
+    I::from_bytes(bytes).ok_or_else(|| Error::corrupt("map slot", at, "misaligned item"))
+}
+
+/// Finds `key`: `Ok(Ok(slot))` when present, `Ok(Err(slot))` with the slot
+/// to insert into when absent.
+fn find<K: Item, V: Item>(
+    mem: &Mem,
+    heap: (u64, u64),
+    h: &Header,
+    key: &[u8],
+    tag: u64,
+) -> Result<std::result::Result<u64, Option<u64>>> {
+    if h.cap == 0 {
+        return Ok(Err(None));
+    }
+    let size = slot_size::<K, V>();
+    let table = mem.bytes("map table", h.slots(), h.cap * size)?;
+    let mask = h.cap - 1;
+    let mut i = tag & mask;
+    let mut insert_at = None;
+    for _ in 0..h.cap {
+        let s = (i * size) as usize;
+        let t = u64::from_le_bytes(table[s..s + 8].try_into().expect("8"));
+        if t == EMPTY {
+            return Ok(Err(insert_at.or(Some(i))));
+        }
+        if t == DELETED {
+            insert_at.get_or_insert(i);
+        } else if t == tag {
+            let at = h.slots() + i * size + 8;
+            let k = read_item::<K>(mem, heap, at)?;
+            if K::as_bytes(k) == key {
+                return Ok(Ok(i));
+            }
+        }
+        i = (i + 1) & mask;
+    }
+    Ok(Err(insert_at))
+}
+
+/// A map for reading, borrowed from a [`State`].
+#[derive(Debug)]
+pub struct MapRef<'a, K, V> {
+    mem: &'a Mem,
+    heap: (u64, u64),
+    h: Header,
+    _t: PhantomData<(K, V)>,
+}
+
+impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
+    /// The number of entries.
+    pub fn len(&self) -> u64 {
+        self.h.len
+    }
+
+    /// True when the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.h.len == 0
+    }
+
+    /// The value for `key`, read in place.
+    pub fn get(&self, key: &K::Borrowed) -> Result<Option<&'a V::Borrowed>> {
+        let kb = K::as_bytes(key);
+        let tag = hash(kb) | TAG_BIT;
+        match find::<K, V>(self.mem, self.heap, &self.h, kb, tag)? {
+            Ok(i) => {
+                let at = self.h.slots() + i * slot_size::<K, V>() + 8 + field::<K>();
+                Ok(Some(read_item::<V>(self.mem, self.heap, at)?))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// True when `key` is present.
+    pub fn contains_key(&self, key: &K::Borrowed) -> Result<bool> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// Every entry, in table order. Each item is checked as it is read.
+    pub fn iter(&self) -> impl Iterator<Item = Result<(&'a K::Borrowed, &'a V::Borrowed)>> + 'a {
+        let (mem, heap, h) = (self.mem, self.heap, self.h);
+        let size = slot_size::<K, V>();
+        (0..h.cap).filter_map(move |i| {
+            let at = h.slots() + i * size;
+            let tag = match u64_at(mem, "map slot", at) {
+                Ok(t) => t,
+                Err(e) => return Some(Err(e)),
+            };
+            if tag == EMPTY || tag == DELETED {
+                return None;
+            }
+            let entry = (|| {
+                let k = read_item::<K>(mem, heap, at + 8)?;
+                let v = read_item::<V>(mem, heap, at + 8 + field::<K>())?;
+                Ok((k, v))
+            })();
+            Some(entry)
+        })
+    }
+
+    /// Checks the whole table: every tag matches its key's hash, every byte
+    /// string is valid, and the counts agree with the header.
+    pub fn verify(&self) -> Result<()> {
+        let size = slot_size::<K, V>();
+        let (mut live, mut dead) = (0u64, 0u64);
+        for i in 0..self.h.cap {
+            let at = self.h.slots() + i * size;
+            match u64_at(self.mem, "map slot", at)? {
+                EMPTY => {}
+                DELETED => dead += 1,
+                tag => {
+                    let k = read_item::<K>(self.mem, self.heap, at + 8)?;
+                    read_item::<V>(self.mem, self.heap, at + 8 + field::<K>())?;
+                    if hash(K::as_bytes(k)) | TAG_BIT != tag {
+                        return Err(Error::corrupt("map slot", at, "tag does not match the key"));
+                    }
+                    live += 1;
+                }
+            }
+        }
+        if live != self.h.len || dead != self.h.tombs {
+            return Err(Error::corrupt(
+                "map header",
+                self.h.at,
+                format!(
+                    "header counts {} entries and {} tombstones, the table holds {live} and {dead}",
+                    self.h.len, self.h.tombs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<R: Pod> State<R> {
+    /// A map, for reading in place.
+    pub fn map<K: Item, V: Item>(&self, h: StateMap<K, V>) -> Result<MapRef<'_, K, V>> {
+        let heap = self.core.heap()?;
+        let hd = header::<K, V>(&self.core.mem, heap, h.off()?)?;
+        Ok(MapRef {
+            mem: &self.core.mem,
+            heap,
+            h: hd,
+            _t: PhantomData,
+        })
+    }
+}
+
+impl<'s, R: Pod> Tx<'s, R> {
+    /// Creates an empty map.
+    pub fn new_map<K: Item, V: Item>(&mut self) -> Result<StateMap<K, V>> {
+        check_item::<K>("key")?;
+        check_item::<V>("value")?;
+        let b = self.core.alloc(Kind::Map, MAP_HEADER, true)?;
+        let mut w = [0u8; 16];
+        for (i, v) in [K::KIND, K::SIZE, V::KIND, V::SIZE].into_iter().enumerate() {
+            w[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        self.core.write("map header", b.payload() + 32, &w)?;
+        Ok(StateMap::from_off(b.off))
+    }
+
+    /// A map, for reading and changing in this transaction.
+    pub fn map<K: Item, V: Item>(&mut self, h: StateMap<K, V>) -> Result<MapMut<'_, 's, K, V>> {
+        let off = h.off()?;
+        header::<K, V>(self.core.mem(), self.core.heap()?, off)?;
+        Ok(MapMut {
+            tx: &mut self.core,
+            off,
+            _t: PhantomData,
+        })
+    }
+}
+
+/// A map inside a transaction.
+#[derive(Debug)]
+pub struct MapMut<'t, 's, K, V> {
+    tx: &'t mut TxCore<'s>,
+    off: u64,
+    _t: PhantomData<(K, V)>,
+}
+
+impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
+    fn header(&self) -> Result<Header> {
+        header::<K, V>(self.tx.mem(), self.tx.heap()?, self.off)
+    }
+
+    fn view(&self) -> Result<MapRef<'_, K, V>> {
+        let heap = self.tx.heap()?;
+        Ok(MapRef {
+            mem: self.tx.mem(),
+            heap,
+            h: header::<K, V>(self.tx.mem(), heap, self.off)?,
+            _t: PhantomData,
+        })
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> Result<u64> {
+        Ok(self.header()?.len)
+    }
+
+    /// True when the map is empty.
+    pub fn is_empty(&self) -> Result<bool> {
+        Ok(self.len()? == 0)
+    }
+
+    /// The value for `key`.
+    pub fn get(&self, key: &K::Borrowed) -> Result<Option<&V::Borrowed>> {
+        let kb = K::as_bytes(key);
+        let tag = hash(kb) | TAG_BIT;
+        let heap = self.tx.heap()?;
+        let h = self.header()?;
+        match find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? {
+            Ok(i) => {
+                let at = h.slots() + i * slot_size::<K, V>() + 8 + field::<K>();
+                Ok(Some(read_item::<V>(self.tx.mem(), heap, at)?))
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A read view of the whole map as it is in this transaction.
+    pub fn as_ref(&self) -> Result<MapRef<'_, K, V>> {
+        self.view()
+    }
+
+    /// Encodes an item's slot field, allocating a byte string if needed.
+    fn encode<I: Item>(&mut self, v: &I::Borrowed) -> Result<Vec<u8>> {
+        let bytes = I::as_bytes(v);
+        if I::KIND == BYTES {
+            let b = self.tx.alloc(Kind::Bytes, bytes.len() as u64, false)?;
+            self.tx.write("byte string", b.payload(), bytes)?;
+            Ok(b.off.to_le_bytes().to_vec())
+        } else {
+            let mut f = bytes.to_vec();
+            f.resize(field::<I>() as usize, 0);
+            Ok(f)
+        }
+    }
+
+    /// Frees an item's byte string, if it has one.
+    fn release<I: Item>(&mut self, at: u64) -> Result<()> {
+        if I::KIND == BYTES {
+            let off = u64_at(self.tx.mem(), "map slot", at)?;
+            self.tx.free(off)?;
+        }
+        Ok(())
+    }
+
+    /// Grows (or cleans) the table so that one more entry fits.
+    fn make_room(&mut self, h: Header) -> Result<Header> {
+        if h.cap != 0 && (h.len + h.tombs + 1) * 4 <= h.cap * 3 {
+            return Ok(h);
+        }
+        let new_cap = if (h.len + 1) * 2 > h.cap {
+            (h.cap * 2).max(8)
+        } else {
+            h.cap
+        };
+        let size = slot_size::<K, V>();
+        let bytes = new_cap.checked_mul(size).ok_or(Error::TooLarge {
+            what: "map table",
+            len: u64::MAX,
+        })?;
+        let mut table = vec![0u8; bytes as usize];
+        if h.cap > 0 {
+            let old = self.tx.mem().bytes("map table", h.slots(), h.cap * size)?;
+            let mask = new_cap - 1;
+            for slot in old.chunks_exact(size as usize) {
+                let tag = u64::from_le_bytes(slot[..8].try_into().expect("8"));
+                if tag == EMPTY || tag == DELETED {
+                    continue;
+                }
+                let mut i = tag & mask;
+                while table[(i * size) as usize..][..8] != [0; 8] {
+                    i = (i + 1) & mask;
+                }
+                table[(i * size) as usize..][..size as usize].copy_from_slice(slot);
+            }
+        }
+        let block = self.tx.alloc(Kind::MapTable, bytes, false)?;
+        self.tx.write("map table", block.payload(), &table)?;
+        if h.table != 0 {
+            self.tx.free(h.table)?;
+        }
+        let mut w = [0u8; 24];
+        w[8..16].copy_from_slice(&new_cap.to_le_bytes());
+        w[16..24].copy_from_slice(&block.off.to_le_bytes());
+        w[..8].copy_from_slice(&0u64.to_le_bytes());
+        self.tx.write("map header", h.at + 8, &w)?;
+        self.header()
+    }
+
+    /// Inserts or replaces the value for `key`; returns true if it replaced
+    /// one.
+    pub fn insert(&mut self, key: &K::Borrowed, value: &V::Borrowed) -> Result<bool> {
+        let kb = K::as_bytes(key).to_vec();
+        let tag = hash(&kb) | TAG_BIT;
+        let size = slot_size::<K, V>();
+        let h = self.header()?;
+        let heap = self.tx.heap()?;
+        if let Ok(i) = find::<K, V>(self.tx.mem(), heap, &h, &kb, tag)? {
+            let at = h.slots() + i * size + 8 + field::<K>();
+            self.release::<V>(at)?;
+            let v = self.encode::<V>(value)?;
+            self.tx.write("map slot", at, &v)?;
+            return Ok(true);
+        }
+        let h = self.make_room(h)?;
+        let heap = self.tx.heap()?;
+        let Err(Some(i)) = find::<K, V>(self.tx.mem(), heap, &h, &kb, tag)? else {
+            return Err(Error::corrupt(
+                "map table",
+                h.at,
+                "no free slot after growing",
+            ));
+        };
+        let at = h.slots() + i * size;
+        let reused = u64_at(self.tx.mem(), "map slot", at)? == DELETED;
+        let mut slot = tag.to_le_bytes().to_vec();
+        slot.extend(self.encode::<K>(key)?);
+        slot.extend(self.encode::<V>(value)?);
+        self.tx.write("map slot", at, &slot)?;
+        let mut w = [0u8; 16];
+        w[..8].copy_from_slice(&(h.len + 1).to_le_bytes());
+        w[8..].copy_from_slice(&(h.tombs - u64::from(reused)).to_le_bytes());
+        self.tx.write("map header", h.at, &w)?;
+        Ok(false)
+    }
+
+    /// Removes `key`; returns true if it was present.
+    pub fn remove(&mut self, key: &K::Borrowed) -> Result<bool> {
+        let kb = K::as_bytes(key);
+        let tag = hash(kb) | TAG_BIT;
+        let size = slot_size::<K, V>();
+        let h = self.header()?;
+        let heap = self.tx.heap()?;
+        let Ok(i) = find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? else {
+            return Ok(false);
+        };
+        let at = h.slots() + i * size;
+        self.release::<K>(at + 8)?;
+        self.release::<V>(at + 8 + field::<K>())?;
+        // A slot followed by an empty one ends every probe chain through it,
+        // so it can become empty instead of a tombstone.
+        let next = h.slots() + ((i + 1) & (h.cap - 1)) * size;
+        let ends_chain = u64_at(self.tx.mem(), "map slot", next)? == EMPTY;
+        let (mark, tombs) = if ends_chain {
+            (EMPTY, h.tombs)
+        } else {
+            (DELETED, h.tombs + 1)
+        };
+        self.tx.write_u64("map slot", at, mark)?;
+        let mut w = [0u8; 16];
+        w[..8].copy_from_slice(&(h.len - 1).to_le_bytes());
+        w[8..].copy_from_slice(&tombs.to_le_bytes());
+        self.tx.write("map header", h.at, &w)?;
+        Ok(true)
+    }
+
+    /// Removes every entry (keeping the table).
+    pub fn clear(&mut self) -> Result<()> {
+        let h = self.header()?;
+        let size = slot_size::<K, V>();
+        for i in 0..h.cap {
+            let at = h.slots() + i * size;
+            let tag = u64_at(self.tx.mem(), "map slot", at)?;
+            if tag != EMPTY && tag != DELETED {
+                self.release::<K>(at + 8)?;
+                self.release::<V>(at + 8 + field::<K>())?;
+            }
+        }
+        if h.table != 0 {
+            self.tx.free(h.table)?;
+        }
+        // Empty again: no table at all.
+        self.tx.write("map header", h.at, &[0u8; 32])
+    }
+
+    /// Frees the map. Its handle (and copies) must not be used again.
+    pub fn free(mut self) -> Result<()> {
+        self.clear()?;
+        self.tx.free(self.off)
+    }
+}

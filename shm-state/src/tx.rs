@@ -1,0 +1,367 @@
+//! The untyped transaction engine: journaled writes, the allocator, commit
+//! and rollback.
+
+use std::collections::{BTreeMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{Ordering, compiler_fence};
+
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::journal;
+use crate::mem::Mem;
+use crate::snapshot::Publisher;
+
+/// Line numbers are already well spread; a multiply is all the hashing they need.
+#[derive(Default)]
+pub(crate) struct LineHasher(u64);
+
+impl Hasher for LineHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type LineSet = HashSet<u64, BuildHasherDefault<LineHasher>>;
+
+/// An open region: the memory and what was validated about it on open.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub mem: Mem,
+    pub journal_len: u64,
+    pub heap_off: u64,
+    pub publisher: Publisher,
+    pub poisoned: bool,
+    // Per-transaction bookkeeping, kept here to reuse the allocations.
+    logged: LineSet,
+    fresh: BTreeMap<u64, u64>,
+    pending_free: Vec<u64>,
+    scratch: Vec<u8>,
+}
+
+impl Core {
+    pub(crate) fn new(mem: Mem, journal_len: u64, heap_off: u64, publisher: Publisher) -> Core {
+        Core {
+            mem,
+            journal_len,
+            heap_off,
+            publisher,
+            poisoned: false,
+            logged: LineSet::default(),
+            fresh: BTreeMap::new(),
+            pending_free: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// The heap's bounds `(heap_off, heap_top)`, the top read and checked.
+    pub(crate) fn heap(&self) -> Result<(u64, u64)> {
+        heap_bounds(&self.mem, self.heap_off)
+    }
+}
+
+/// `(heap_off, heap_top)` with the top read from the header and checked.
+pub(crate) fn heap_bounds(mem: &Mem, heap_off: u64) -> Result<(u64, u64)> {
+    let top = u64_at(mem, "heap top", DY_HEAP_TOP)?;
+    if top < heap_off || top > mem.len() || top % 16 != 0 {
+        return Err(Error::corrupt(
+            "heap top",
+            DY_HEAP_TOP,
+            format!(
+                "{top:#x} is not a 16-aligned offset in {heap_off:#x}..={:#x}",
+                mem.len()
+            ),
+        ));
+    }
+    Ok((heap_off, top))
+}
+
+/// A transaction in progress over a [`Core`].
+///
+/// Every write to memory that existed before the transaction goes through
+/// [`TxCore::write`] (or is prepared with [`TxCore::prepare`]), which first
+/// journals the before-image of the lines it touches. Memory allocated in
+/// this transaction is not journaled: rolling back frees it again.
+#[derive(Debug)]
+pub(crate) struct TxCore<'a> {
+    pub core: &'a mut Core,
+    seq: u64,
+    pos: u64,
+    start_top: u64,
+    finished: bool,
+}
+
+impl<'a> TxCore<'a> {
+    pub(crate) fn begin(core: &'a mut Core) -> Result<TxCore<'a>> {
+        if core.poisoned {
+            return Err(Error::Poisoned);
+        }
+        let word = core.mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire);
+        if word & 1 != 0 {
+            // Only a foreign writer can leave this set while we hold the lock.
+            core.poisoned = true;
+            return Err(Error::corrupt(
+                "commit word",
+                TX_WORD,
+                "a transaction is marked open although this process holds the state",
+            ));
+        }
+        let seq = (word >> 1) + 1;
+        let (_, start_top) = core.heap()?;
+        core.logged.clear();
+        core.fresh.clear();
+        core.pending_free.clear();
+        core.publisher.begin_update();
+        core.mem.store_word(TX_WORD, (seq << 1) | 1)?;
+        compiler_fence(Ordering::SeqCst);
+        Ok(TxCore {
+            core,
+            seq,
+            pos: 0,
+            start_top,
+            finished: false,
+        })
+    }
+
+    pub(crate) fn mem(&self) -> &Mem {
+        &self.core.mem
+    }
+
+    pub(crate) fn heap(&self) -> Result<(u64, u64)> {
+        self.core.heap()
+    }
+
+    /// Journals the before-image of `off..off+len` unless the range is
+    /// fresh in this transaction, so that the caller may then write it.
+    pub(crate) fn prepare(&mut self, off: u64, len: u64) -> Result<()> {
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= self.core.mem.len())
+            .ok_or_else(|| {
+                Error::corrupt(
+                    "write target",
+                    off,
+                    format!("{len} bytes run past the region"),
+                )
+            })?;
+        if len == 0 || off >= self.start_top {
+            return Ok(());
+        }
+        if off < FREE_HEADS && end > TX_WORD && off < HEADER_LEN {
+            return Err(Error::corrupt(
+                "write target",
+                off,
+                "a journaled write may not touch the commit and lock words",
+            ));
+        }
+        if let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()
+            && end <= fresh_end
+        {
+            return Ok(());
+        }
+        let first = off / LINE;
+        let last = (end - 1) / LINE;
+        let mut line = first;
+        while line <= last {
+            if self.core.logged.contains(&line) {
+                line += 1;
+                continue;
+            }
+            let run_start = line;
+            while line <= last && !self.core.logged.contains(&line) {
+                self.core.logged.insert(line);
+                line += 1;
+            }
+            let start = run_start * LINE;
+            let stop = (line * LINE).min(self.core.mem.len());
+            self.pos = journal::append(
+                &mut self.core.mem,
+                self.core.journal_len,
+                self.pos,
+                self.seq,
+                start,
+                stop - start,
+                &mut self.core.scratch,
+            )?;
+        }
+        compiler_fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Writes `data` at `off`, journaling first.
+    pub(crate) fn write(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
+        self.prepare(off, data.len() as u64)?;
+        self.core.mem.write(what, off, data)
+    }
+
+    /// Writes bytes that are not part of the committed state without
+    /// journaling them: bytes past a length field (a log chunk's `used`)
+    /// that only grows within a transaction and is itself journaled, so a
+    /// rollback puts them back beyond the end again.
+    pub(crate) fn write_tail(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
+        self.core.mem.write(what, off, data)
+    }
+
+    pub(crate) fn write_u64(&mut self, what: &'static str, off: u64, v: u64) -> Result<()> {
+        self.write(what, off, &v.to_le_bytes())
+    }
+
+    /// Mutable bytes at `off`, journaled first.
+    pub(crate) fn bytes_mut(
+        &mut self,
+        what: &'static str,
+        off: u64,
+        len: u64,
+    ) -> Result<&mut [u8]> {
+        self.prepare(off, len)?;
+        self.core.mem.bytes_mut(what, off, len)
+    }
+
+    /// Allocates a block of `kind` with a payload of at least `len` bytes,
+    /// zeroed when asked. Reuses a free block of the size class, or takes
+    /// new space at the heap top, growing the region when it is full.
+    pub(crate) fn alloc(&mut self, kind: Kind, len: u64, zeroed: bool) -> Result<Block> {
+        let class = class_for(len)?;
+        let cap = class_size(class);
+        let head_off = FREE_HEADS + u64::from(class) * 8;
+        let head = u64_at(self.mem(), "free list head", head_off)?;
+        let block = if head != 0 {
+            let heap = self.heap()?;
+            let b = Block::expect(self.mem(), heap, head, Kind::Free)?;
+            if b.class != class {
+                return Err(Error::corrupt(
+                    "free list",
+                    head,
+                    format!("a class {} block on the class {class} list", b.class),
+                ));
+            }
+            self.write_u64("free list head", head_off, b.aux)?;
+            self.write("block header", b.off, &block_header(kind, class, len))?;
+            let payload = b.payload();
+            self.core.fresh.insert(payload, payload + cap);
+            Block {
+                off: b.off,
+                kind,
+                class,
+                aux: len,
+            }
+        } else {
+            let (_, top) = self.heap()?;
+            let new_top = top.checked_add(BLOCK_HEADER + cap).ok_or(Error::TooLarge {
+                what: "region",
+                len: u64::MAX,
+            })?;
+            if new_top > self.mem().len() {
+                let doubled = self.mem().len().saturating_mul(2);
+                let want = new_top.max(doubled).next_multiple_of(1 << 16);
+                self.core.mem.grow(want)?;
+            }
+            self.write("block header", top, &block_header(kind, class, len))?;
+            self.write_u64("heap top", DY_HEAP_TOP, new_top)?;
+            Block {
+                off: top,
+                kind,
+                class,
+                aux: len,
+            }
+        };
+        let used = u64_at(self.mem(), "used bytes", DY_USED)?;
+        self.write_u64("used bytes", DY_USED, used.wrapping_add(BLOCK_HEADER + cap))?;
+        if zeroed {
+            self.core.mem.zero("new block", block.payload(), cap)?;
+        }
+        Ok(block)
+    }
+
+    /// Frees the block at `off` when the transaction commits (so that no
+    /// block freed here is reused by this same transaction, whose rollback
+    /// must find its contents intact).
+    pub(crate) fn free(&mut self, off: u64) -> Result<()> {
+        let heap = self.heap()?;
+        let b = Block::read(self.mem(), heap, off)?;
+        if b.kind == Kind::Free || self.core.pending_free.contains(&off) {
+            return Err(Error::corrupt("block", off, "freed twice"));
+        }
+        self.core.pending_free.push(off);
+        Ok(())
+    }
+
+    /// Makes every change visible at once: applies deferred frees, seals
+    /// the dynamic header's checksum and stores the commit word.
+    pub(crate) fn commit(mut self) -> Result<()> {
+        let result = self.commit_inner();
+        if result.is_err() {
+            self.abort_inner();
+        }
+        result
+    }
+
+    fn commit_inner(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.core.pending_free);
+        for &off in &pending {
+            let heap = self.heap()?;
+            let b = Block::read(self.mem(), heap, off)?;
+            if b.kind == Kind::Free {
+                return Err(Error::corrupt("block", off, "freed twice"));
+            }
+            let head_off = FREE_HEADS + u64::from(b.class) * 8;
+            let head = u64_at(self.mem(), "free list head", head_off)?;
+            self.write(
+                "block header",
+                off,
+                &block_header(Kind::Free, b.class, head),
+            )?;
+            self.write_u64("free list head", head_off, off)?;
+            let used = u64_at(self.mem(), "used bytes", DY_USED)?;
+            self.write_u64(
+                "used bytes",
+                DY_USED,
+                used.wrapping_sub(BLOCK_HEADER + b.capacity()),
+            )?;
+        }
+        self.core.pending_free = pending;
+        let commits = u64_at(self.mem(), "commit count", DY_COMMITS)?;
+        self.write_u64("commit count", DY_COMMITS, commits.wrapping_add(1))?;
+        self.prepare(DY_CRC, 4)?;
+        let crc = dynamic_crc(self.mem())?;
+        self.core
+            .mem
+            .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
+        compiler_fence(Ordering::SeqCst);
+        self.core.mem.store_word(TX_WORD, self.seq << 1)?;
+        self.finished = true;
+        self.core.publisher.commit();
+        Ok(())
+    }
+
+    /// Undoes every change of this transaction.
+    pub(crate) fn abort(mut self) {
+        self.abort_inner();
+    }
+
+    fn abort_inner(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        match journal::rollback(&mut self.core.mem, self.core.journal_len, self.seq) {
+            Ok(_) => self.core.publisher.commit(),
+            // The journal in memory is intact, so reopening recovers; this
+            // handle refuses further work.
+            Err(_) => self.core.poisoned = true,
+        }
+    }
+}
+
+impl Drop for TxCore<'_> {
+    fn drop(&mut self) {
+        self.abort_inner();
+    }
+}
