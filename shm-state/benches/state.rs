@@ -1,2 +1,495 @@
-//! Placeholder created by the lead so the workspace manifest parses; replace it.
-fn main() {}
+//! shm-state benchmarks: map operations against `std::collections::HashMap`
+//! in the same run, the same workload against SQLite (with
+//! `--features sqlite-bench`) and against serialising to a file at exit, and
+//! open / recovery time of a 1 GiB state.
+//!
+//! Run: `cargo bench -p shm-state` (add `--features sqlite-bench` for the
+//! SQLite rows). `SHM_STATE_BENCH_N` sets the number of keys (default
+//! 200000), `SHM_STATE_BENCH_GIB` the size of the large state (default 1).
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use bytemuck::{Pod, Zeroable};
+use shm_fd::{CreateOptions, SharedFd};
+use shm_state::{Layout, Opened, Source, State, StateMap, StateVec};
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Root {
+    map: StateMap<u64, u64>,
+    big: StateVec<u64>,
+}
+
+fn env(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Keys in a scrambled order (a bijection of 0..n).
+fn keys(n: u64) -> Vec<u64> {
+    (0..n)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 8)
+        .collect()
+}
+
+fn memfd() -> SharedFd {
+    SharedFd::create("shm-state-bench", CreateOptions::default()).expect("memfd")
+}
+
+fn open(fd: SharedFd) -> State<Root> {
+    // SAFETY: a private memfd of this benchmark, sealed against shrinking.
+    let mut s = State::<Root>::open(unsafe { Source::shared(fd) }, Layout::new(1)).expect("open");
+    if s.root().unwrap().map.is_null() {
+        s.transaction(|tx| {
+            let map = tx.new_map()?;
+            let big = tx.new_vec()?;
+            tx.set_root(Root { map, big })
+        })
+        .unwrap();
+    }
+    s
+}
+
+struct Row {
+    name: String,
+    per_op: Duration,
+    baseline: Option<Duration>,
+}
+
+fn per_op(total: Duration, n: u64) -> Duration {
+    total / n.max(1) as u32
+}
+
+fn time(n: u64, f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    per_op(t.elapsed(), n)
+}
+
+fn print(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!("{:<58} {:>12} {:>10}", "operation", "per op", "ratio");
+    for r in rows {
+        let ratio = r
+            .baseline
+            .map(|b| format!("{:.2}x", r.per_op.as_secs_f64() / b.as_secs_f64()))
+            .unwrap_or_else(|| "baseline".into());
+        println!("{:<58} {:>12?} {:>10}", r.name, r.per_op, ratio);
+    }
+}
+
+fn map_vs_std(n: u64) {
+    let ks = keys(n);
+    let mut rows = Vec::new();
+
+    // std::collections::HashMap, the baseline.
+    let mut std_map = HashMap::new();
+    let std_insert = time(n, || {
+        for &k in &ks {
+            std_map.insert(k, k ^ 1);
+        }
+    });
+    let std_get = time(n, || {
+        for &k in ks.iter().rev() {
+            black_box(std_map.get(&k));
+        }
+    });
+    let std_remove = time(n, || {
+        for &k in &ks {
+            black_box(std_map.remove(&k));
+        }
+    });
+
+    let mut s = open(memfd());
+    let h = s.root().unwrap().map;
+    let one_tx_insert = time(n, || {
+        for &k in &ks {
+            s.transaction(|tx| tx.map(h)?.insert(&k, &(k ^ 1))).unwrap();
+        }
+    });
+    let get = time(n, || {
+        let m = s.map(h).unwrap();
+        for &k in ks.iter().rev() {
+            black_box(m.get(&k).unwrap());
+        }
+    });
+    let get_with_view = time(n, || {
+        for &k in ks.iter().rev() {
+            black_box(s.map(h).unwrap().get(&k).unwrap());
+        }
+    });
+    let one_tx_remove = time(n, || {
+        for &k in &ks {
+            s.transaction(|tx| tx.map(h)?.remove(&k)).unwrap();
+        }
+    });
+    let batch_insert = time(n, || {
+        s.transaction(|tx| {
+            let mut m = tx.map(h)?;
+            for &k in &ks {
+                m.insert(&k, &k)?;
+            }
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+    });
+    let batch_update = time(n, || {
+        for chunk in ks.chunks(1000) {
+            s.transaction(|tx| {
+                let mut m = tx.map(h)?;
+                for &k in chunk {
+                    m.insert(&k, &(k + 1))?;
+                }
+                Ok::<_, shm_state::Error>(())
+            })
+            .unwrap();
+        }
+    });
+
+    rows.push(Row {
+        name: "std HashMap insert".into(),
+        per_op: std_insert,
+        baseline: None,
+    });
+    rows.push(Row {
+        name: "shm-state insert, one transaction each".into(),
+        per_op: one_tx_insert,
+        baseline: Some(std_insert),
+    });
+    rows.push(Row {
+        name: "shm-state insert, all in one transaction (fresh table)".into(),
+        per_op: batch_insert,
+        baseline: Some(std_insert),
+    });
+    rows.push(Row {
+        name: "shm-state update, 1000 per transaction".into(),
+        per_op: batch_update,
+        baseline: Some(std_insert),
+    });
+    rows.push(Row {
+        name: "std HashMap get".into(),
+        per_op: std_get,
+        baseline: None,
+    });
+    rows.push(Row {
+        name: "shm-state get (one MapRef)".into(),
+        per_op: get,
+        baseline: Some(std_get),
+    });
+    rows.push(Row {
+        name: "shm-state get (state.map(h) per get)".into(),
+        per_op: get_with_view,
+        baseline: Some(std_get),
+    });
+    rows.push(Row {
+        name: "std HashMap remove".into(),
+        per_op: std_remove,
+        baseline: None,
+    });
+    rows.push(Row {
+        name: "shm-state remove, one transaction each".into(),
+        per_op: one_tx_remove,
+        baseline: Some(std_remove),
+    });
+    print(
+        &format!("map of {n} u64 -> u64 (memfd-backed state)"),
+        &rows,
+    );
+}
+
+/// Keeping state across restarts the other usual way: serialise a HashMap
+/// to a file at exit, read it back at start.
+fn vs_serialise(n: u64) {
+    let ks = keys(n);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.bin");
+    let map: HashMap<u64, u64> = ks.iter().map(|&k| (k, k ^ 1)).collect();
+    let save = time(1, || {
+        let mut buf = Vec::with_capacity(map.len() * 16 + 8);
+        buf.extend_from_slice(&(map.len() as u64).to_le_bytes());
+        for (k, v) in &map {
+            buf.extend_from_slice(&k.to_le_bytes());
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(&buf).unwrap();
+        f.sync_all().unwrap();
+    });
+    let load = time(1, || {
+        let mut buf = Vec::new();
+        std::fs::File::open(&path)
+            .unwrap()
+            .read_to_end(&mut buf)
+            .unwrap();
+        let count = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
+        let mut m = HashMap::with_capacity(count);
+        for e in buf[8..].chunks_exact(16) {
+            m.insert(
+                u64::from_le_bytes(e[..8].try_into().unwrap()),
+                u64::from_le_bytes(e[8..].try_into().unwrap()),
+            );
+        }
+        black_box(m);
+    });
+    let fd = memfd();
+    let keep = fd.try_clone().unwrap();
+    let mut s = open(fd);
+    let h = s.root().unwrap().map;
+    s.transaction(|tx| {
+        let mut m = tx.map(h)?;
+        for &k in &ks {
+            m.insert(&k, &(k ^ 1))?;
+        }
+        Ok::<_, shm_state::Error>(())
+    })
+    .unwrap();
+    let close = time(1, || {
+        black_box(s.close().unwrap());
+    });
+    let reopen = time(1, || {
+        let s = open(keep.try_clone().unwrap());
+        assert_eq!(s.report().opened, Opened::Reopened);
+        assert_eq!(s.map(h).unwrap().len(), n);
+    });
+    let rows = [
+        Row {
+            name: format!("serialise {n} entries to a file at exit (write+fsync)"),
+            per_op: save,
+            baseline: None,
+        },
+        Row {
+            name: "shm-state close (nothing to write)".into(),
+            per_op: close,
+            baseline: Some(save),
+        },
+        Row {
+            name: "read the file back into a HashMap at start".into(),
+            per_op: load,
+            baseline: None,
+        },
+        Row {
+            name: "shm-state reopen (validate header, no recovery)".into(),
+            per_op: reopen,
+            baseline: Some(load),
+        },
+    ];
+    print(
+        "keeping the map across a restart: serialise at exit vs shm-state",
+        &rows,
+    );
+}
+
+#[cfg(feature = "sqlite-bench")]
+fn vs_sqlite(n: u64) {
+    let ks = keys(n);
+    let dir = tempfile::tempdir().unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("bench.db")).unwrap();
+    db.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=OFF;
+         CREATE TABLE kv (k INTEGER PRIMARY KEY, v INTEGER NOT NULL);",
+    )
+    .unwrap();
+    let insert = time(n, || {
+        let mut stmt = db
+            .prepare("INSERT OR REPLACE INTO kv (k, v) VALUES (?1, ?2)")
+            .unwrap();
+        for &k in &ks {
+            // One statement = one transaction (autocommit).
+            stmt.execute([k as i64, (k ^ 1) as i64]).unwrap();
+        }
+    });
+    let get = time(n, || {
+        let mut stmt = db.prepare("SELECT v FROM kv WHERE k = ?1").unwrap();
+        for &k in ks.iter().rev() {
+            let v: i64 = stmt.query_row([k as i64], |r| r.get(0)).unwrap();
+            black_box(v);
+        }
+    });
+    let remove = time(n, || {
+        let mut stmt = db.prepare("DELETE FROM kv WHERE k = ?1").unwrap();
+        for &k in &ks {
+            stmt.execute([k as i64]).unwrap();
+        }
+    });
+    let mut s = open(memfd());
+    let h = s.root().unwrap().map;
+    let s_insert = time(n, || {
+        for &k in &ks {
+            s.transaction(|tx| tx.map(h)?.insert(&k, &(k ^ 1))).unwrap();
+        }
+    });
+    let s_get = time(n, || {
+        let m = s.map(h).unwrap();
+        for &k in ks.iter().rev() {
+            black_box(m.get(&k).unwrap());
+        }
+    });
+    let s_remove = time(n, || {
+        for &k in &ks {
+            s.transaction(|tx| tx.map(h)?.remove(&k)).unwrap();
+        }
+    });
+    let rows = [
+        Row {
+            name: "SQLite insert, autocommit (WAL, synchronous=OFF)".into(),
+            per_op: insert,
+            baseline: None,
+        },
+        Row {
+            name: "shm-state insert, one transaction each".into(),
+            per_op: s_insert,
+            baseline: Some(insert),
+        },
+        Row {
+            name: "SQLite select by primary key (prepared)".into(),
+            per_op: get,
+            baseline: None,
+        },
+        Row {
+            name: "shm-state get".into(),
+            per_op: s_get,
+            baseline: Some(get),
+        },
+        Row {
+            name: "SQLite delete, autocommit".into(),
+            per_op: remove,
+            baseline: None,
+        },
+        Row {
+            name: "shm-state remove, one transaction each".into(),
+            per_op: s_remove,
+            baseline: Some(remove),
+        },
+    ];
+    print(
+        &format!("vs SQLite {} (bundled), {n} keys", rusqlite::version()),
+        &rows,
+    );
+}
+
+#[cfg(not(feature = "sqlite-bench"))]
+fn vs_sqlite(_n: u64) {
+    println!("\nvs SQLite: skipped (run with `--features sqlite-bench`)");
+}
+
+/// Open time of a clean state and recovery time of an interrupted one, at
+/// 1 MiB and at `gib` GiB.
+fn open_and_recover(gib: u64) {
+    let mut rows = Vec::new();
+    let mut small_open = None;
+    let mut small_recover = None;
+    for (label, bytes) in [
+        ("1 MiB".to_string(), 1u64 << 20),
+        (format!("{gib} GiB"), gib << 30),
+    ] {
+        let fd = memfd();
+        let keep = fd.try_clone().unwrap();
+        let mut s = open(fd);
+        let big = s.root().unwrap().big;
+        let words = bytes / 8;
+        s.transaction(|tx| {
+            let mut v = tx.vec(big)?;
+            v.reserve(words)?;
+            let chunk: Vec<u64> = (0..1u64 << 16).collect();
+            let mut left = words;
+            while left > 0 {
+                let k = left.min(chunk.len() as u64);
+                v.extend_from_slice(&chunk[..k as usize])?;
+                left -= k;
+            }
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+        drop(s);
+        // Clean reopen: best of 5.
+        let clean = (0..5)
+            .map(|_| {
+                time(1, || {
+                    let s = open(keep.try_clone().unwrap());
+                    assert_eq!(s.report().opened, Opened::Reopened);
+                })
+            })
+            .min()
+            .unwrap();
+        // Interrupted: a child changes 1000 scattered elements inside a
+        // transaction and is killed by SIGKILL before it commits.
+        let recover = {
+            let child = keep.try_clone().unwrap();
+            // SAFETY: the benchmark is single-threaded here; the child only
+            // opens the state, writes and kills itself.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                let mut s = open(child);
+                let _ = s.transaction(|tx| {
+                    let mut v = tx.vec(big)?;
+                    for i in 0..1000 {
+                        v.set(i * (words / 1000), 7)?;
+                    }
+                    // SAFETY: kill(2) on our own pid.
+                    unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+                    Ok::<_, shm_state::Error>(())
+                });
+                unreachable!("killed");
+            }
+            let mut status = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(pid, &mut status, 0) };
+            time(1, || {
+                let s = open(keep.try_clone().unwrap());
+                assert!(matches!(
+                    s.report().opened,
+                    Opened::Recovered { records: 1000.. }
+                ));
+                assert_eq!(s.vec(big).unwrap()[0], 0);
+            })
+        };
+        rows.push(Row {
+            name: format!("open, clean, {label} state"),
+            per_op: clean,
+            baseline: small_open,
+        });
+        rows.push(Row {
+            name: format!("open + recover 1000 records, {label} state"),
+            per_op: recover,
+            baseline: small_recover,
+        });
+        small_open.get_or_insert(clean);
+        small_recover.get_or_insert(recover);
+    }
+    print(
+        "open and recovery time (ratio: against the 1 MiB state)",
+        &rows,
+    );
+}
+
+fn main() {
+    // `cargo test --benches` runs benches with --bench absent: keep it quick.
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let n = if quick {
+        2000
+    } else {
+        env("SHM_STATE_BENCH_N", 200_000)
+    };
+    let gib = if quick {
+        0
+    } else {
+        env("SHM_STATE_BENCH_GIB", 1)
+    };
+    println!(
+        "shm-state benchmarks ({} keys{})",
+        n,
+        if quick { ", quick mode" } else { "" }
+    );
+    map_vs_std(n);
+    vs_serialise(n);
+    vs_sqlite(n);
+    if gib > 0 {
+        open_and_recover(gib);
+    }
+}

@@ -249,6 +249,8 @@ impl fmt::Display for OpenReport {
 pub struct State<R> {
     pub(crate) core: Core,
     nonce: u64,
+    /// Set while opening: how to put the lock words back if the open fails.
+    restore_lock: Option<PreviousLock>,
     report: OpenReport,
     _root: PhantomData<fn() -> R>,
 }
@@ -448,10 +450,20 @@ fn check_dynamic(mem: &Mem, heap_off: u64, layout: StoredLayout) -> Result<()> {
     Ok(())
 }
 
-/// Releases the lock word (when open fails after taking it).
-fn unlock(mem: &Mem) {
-    if let Ok(w) = mem.atomic_u64(LOCK_PID) {
-        w.store(0, Ordering::Release);
+/// The lock words as found before this open took them.
+#[derive(Clone, Copy)]
+struct PreviousLock([u64; 3]);
+
+/// Puts the lock words back as they were (when open fails after taking
+/// them), so that a refused region is left byte for byte as it was.
+fn unlock(mem: &Mem, previous: PreviousLock) {
+    for (off, v) in [LOCK_PID, LOCK_START, LOCK_NONCE]
+        .into_iter()
+        .zip(previous.0)
+    {
+        if let Ok(w) = mem.atomic_u64(off) {
+            w.store(v, Ordering::Release);
+        }
     }
 }
 
@@ -473,12 +485,13 @@ fn recover_and_check(
     Ok(records)
 }
 
-fn lock(mem: &Mem, nonce: u64) -> Result<Option<u32>> {
+fn lock(mem: &Mem, nonce: u64) -> Result<(Option<u32>, PreviousLock)> {
     let word = mem.atomic_u64(LOCK_PID)?;
     let current = word.load(Ordering::Acquire);
     let pid = current as u32;
     let start = mem.atomic_u64(LOCK_START)?.load(Ordering::Acquire);
     let their_nonce = mem.atomic_u64(LOCK_NONCE)?.load(Ordering::Acquire);
+    let previous = PreviousLock([current, start, their_nonce]);
     if owner::holder_alive(pid, start, their_nonce) {
         return Err(Error::Locked { pid });
     }
@@ -494,7 +507,7 @@ fn lock(mem: &Mem, nonce: u64) -> Result<Option<u32>> {
     mem.atomic_u64(LOCK_START)?
         .store(owner::own_start_time(), Ordering::Release);
     mem.atomic_u64(LOCK_NONCE)?.store(nonce, Ordering::Release);
-    Ok((pid != 0).then_some(pid))
+    Ok(((pid != 0).then_some(pid), previous))
 }
 
 fn root_layout<R: Pod>(version: u32) -> Result<StoredLayout> {
@@ -564,7 +577,7 @@ impl<R: Pod> State<R> {
         created: bool,
         layout: &mut Layout<R>,
     ) -> Result<State<R>> {
-        let took_over_from = lock(&mem, nonce)?;
+        let (took_over_from, previous_lock) = lock(&mem, nonce)?;
         let mut opened = if created {
             Opened::Created
         } else {
@@ -575,7 +588,7 @@ impl<R: Pod> State<R> {
             Ok(Some(records)) => opened = Opened::Recovered { records },
             Ok(None) => {}
             Err(e) => {
-                unlock(&mem);
+                unlock(&mem, previous_lock);
                 return Err(e);
             }
         }
@@ -584,6 +597,7 @@ impl<R: Pod> State<R> {
         let mut state = State {
             core: Core::new(mem, journal_len, heap_off, publisher),
             nonce,
+            restore_lock: Some(previous_lock),
             report: OpenReport {
                 opened,
                 generation: 0,
@@ -628,6 +642,7 @@ impl<R: Pod> State<R> {
             }
             Ok::<_, Error>(generation)
         })?;
+        state.restore_lock = None;
         state.report.generation = generation;
         if stored != expected {
             state.report.migrated_from = Some(stored);
@@ -716,7 +731,9 @@ impl<R> State<R> {
         if self.nonce == 0 {
             return;
         }
-        if let Ok(w) = self.core.mem.atomic_u64(LOCK_PID)
+        if let Some(previous) = self.restore_lock.take() {
+            unlock(&self.core.mem, previous);
+        } else if let Ok(w) = self.core.mem.atomic_u64(LOCK_PID)
             && w.load(Ordering::Acquire) == u64::from(std::process::id())
         {
             w.store(0, Ordering::Release);

@@ -768,3 +768,63 @@ fn map_handles_many_keys_and_deletes() {
     }
     assert_eq!(m.get(&5000).unwrap(), None);
 }
+
+#[test]
+fn refused_opens_leave_the_file_byte_for_byte() {
+    use std::io::{Read, Seek, Write};
+    let read_all = |f: &mut std::fs::File| {
+        let mut v = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut v).unwrap();
+        v
+    };
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&populated()).unwrap();
+    let before = read_all(&mut file);
+    #[derive(Clone, Copy, Pod, Zeroable)]
+    #[repr(C)]
+    struct Other(u64);
+    let file_source = |f| {
+        // SAFETY: a private temp file, never truncated.
+        unsafe { Source::file(f) }
+    };
+    let attempts: Vec<Box<dyn Fn(std::fs::File) -> Error>> = vec![
+        Box::new(|f| State::<Other>::open(file_source(f), Layout::new(1)).unwrap_err()),
+        Box::new(|f| State::<Root>::open(file_source(f), Layout::new(2)).unwrap_err()),
+        Box::new(|f| {
+            let l = Layout::<Other>::new(1).migrate(|_, _| Err(Error::Migration("no".into())));
+            State::open(file_source(f), l).unwrap_err()
+        }),
+    ];
+    for (i, attempt) in attempts.iter().enumerate() {
+        attempt(file.try_clone().unwrap());
+        let after = read_all(&mut file);
+        // A failed migration is an aborted transaction: it leaves its journal
+        // records and consumes a sequence number, nothing else.
+        let bookkeeping = |j: usize| {
+            i == 2 && ((0xC0..0xC8).contains(&j) || (0x1000..0x1000 + (16 << 10)).contains(&j))
+        };
+        let diff: Vec<usize> = (0..before.len().min(after.len()))
+            .filter(|&j| before[j] != after[j] && !bookkeeping(j))
+            .collect();
+        assert!(
+            after.len() == before.len() && diff.is_empty(),
+            "refused open {i} changed the file: lengths {} -> {}, bytes {diff:x?}",
+            before.len(),
+            after.len()
+        );
+    }
+    // A damaged dynamic header is found after the lock is taken: restored too.
+    let mut bad = before.clone();
+    bad[crate::format::DY_COMMITS as usize] ^= 4;
+    file.rewind().unwrap();
+    file.write_all(&bad).unwrap();
+    // SAFETY: a private temp file.
+    let e = State::<Root>::open(unsafe { Source::file(file.try_clone().unwrap()) }, layout())
+        .unwrap_err();
+    assert!(e.to_string().contains("header checksum"), "{e}");
+    assert!(
+        read_all(&mut file) == bad,
+        "a refused open changed the file"
+    );
+}

@@ -1,0 +1,365 @@
+//! Black-box tests of the shm-state examples `bank` and `kv`: crash
+//! atomicity under real SIGKILLs (under the real `shm-fd`), snapshots taken
+//! while `bank run` works and restored with `shm-restore`, and bad input.
+//!
+//! Counts are sized for CI; for a longer run set
+//! `SHM_STATE_KILLS=5000 SHM_STATE_RESTORES=300` (see docs/state-format.md).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use shm_fd_tests::{bin, cmd, run, text};
+
+fn b(name: &str) -> String {
+    bin(name).to_str().unwrap().to_owned()
+}
+
+fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small xorshift generator seeded from the clock (printed for replay).
+struct Rng(u64);
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("SHM_STATE_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("SHM_STATE_SEED={seed}");
+        Rng(seed)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn bank_run_killed_hundreds_of_times_keeps_its_total() {
+    let kills = env_count("SHM_STATE_KILLS", 300);
+    let mut rng = Rng::new();
+    // Kill after 0..30 ms: some during start-up, most inside the transfer loop.
+    let delays: Vec<String> = (0..kills)
+        .map(|_| format!("0.{:03}", rng.below(30)))
+        .collect();
+    let script = r#"
+        bank="$1"; shift
+        "$bank" init --accounts 64 --balance 1000 >/dev/null || exit 90
+        i=0
+        for d in "$@"; do
+            "$bank" run & p=$!
+            sleep "$d"
+            kill -9 "$p"
+            wait "$p"
+            "$bank" check >/dev/null || { echo "check failed after kill $i" >&2; exit 91; }
+            i=$((i + 1))
+        done
+        "$bank" check
+    "#;
+    let out = run(cmd("shm-fd")
+        .args(["sh", "-c", script, "sh", &b("bank")])
+        .args(&delays));
+    let (o, e) = text(&out);
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(out.status.success(), "exit {:?}\n{o}\n{e}", out.status);
+    // Each kill's next opener is `bank check`; it reports a rollback when the
+    // kill landed inside a transaction.
+    let recovered = count(&e, "bank: recovered");
+    let checks = count(&e, "bank: reopened") + recovered;
+    eprintln!("{kills} kills, {recovered} landed inside a transaction; final: {o}");
+    assert!(checks > kills, "every check opened the state:\n{e}");
+    assert!(
+        recovered >= 3,
+        "only {recovered} of {kills} kills interrupted a transaction"
+    );
+    assert!(o.starts_with("total 64000 (64 accounts x 1000), "), "{o}");
+    let transfers: u64 = o
+        .split(", ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(transfers > 0, "{o}");
+}
+
+/// The children of `pid` (Linux /proc).
+fn children(pid: u32) -> Vec<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn bank_snapshots_taken_while_it_runs_restore_to_a_committed_state() {
+    let rounds = env_count("SHM_STATE_RESTORES", 15);
+    let mut rng = Rng::new();
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("bank.snap");
+    let out = run(cmd("shm-restore").arg(&snap).args([
+        &b("bank"),
+        "init",
+        "--accounts",
+        "32",
+        "--balance",
+        "500",
+    ]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    let mut recovered = 0;
+    for round in 0..rounds {
+        // shm-restore saves every 5 ms while `bank run` works (stopping its
+        // process group for each copy); then the machine "loses power":
+        // both die by SIGKILL, and only the last snapshot remains.
+        let mut child = cmd("shm-restore")
+            .args(["--quiet", "--interval", "5ms"])
+            .arg(&snap)
+            .args([&b("bank"), "run", "--seconds", "5"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        sleep(Duration::from_millis(40 + rng.below(120)));
+        let kids = children(child.id());
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+        for k in &kids {
+            let _ = kill(Pid::from_raw(*k), Signal::SIGCONT);
+            let _ = kill(Pid::from_raw(*k), Signal::SIGKILL);
+        }
+        let _ = child.wait();
+        assert!(
+            !kids.is_empty(),
+            "round {round}: shm-restore had no child to kill"
+        );
+        // The children were reparented; wait until they are gone.
+        for k in &kids {
+            while Path::new(&format!("/proc/{k}")).exists()
+                && !std::fs::read_to_string(format!("/proc/{k}/stat"))
+                    .unwrap_or_default()
+                    .contains(") Z")
+            {
+                sleep(Duration::from_millis(2));
+            }
+        }
+        let out = run(cmd("shm-restore").arg(&snap).args([&b("bank"), "check"]));
+        let (o, e) = text(&out);
+        assert!(
+            out.status.success(),
+            "round {round}: bank check after restore failed: {o}\n{e}"
+        );
+        assert!(o.starts_with("total 16000 "), "{o}");
+        recovered += count(&e, "bank: recovered");
+    }
+    eprintln!("{rounds} restores, {recovered} of them rolled back a transaction");
+    // Snapshots are taken by stopping bank mid-flight; most land inside a
+    // transaction, so the recovery path must have been exercised.
+    assert!(recovered >= 1, "no snapshot caught a transaction in progress");
+}
+
+fn kv(snap: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = run(cmd("shm-fd")
+        .args([&b("shm-restore"), "--quiet"])
+        .arg(snap)
+        .arg(b("kv"))
+        .args(args));
+    let (o, e) = text(&out);
+    (out.status.code().unwrap_or(-1), o, e)
+}
+
+#[test]
+fn kv_keeps_keys_across_runs_under_shm_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("kv.snap");
+    assert_eq!(kv(&snap, &["set", "greeting", "hello"]).0, 0);
+    assert_eq!(kv(&snap, &["set", "empty", ""]).0, 0);
+    assert_eq!(kv(&snap, &["set", "greeting", "hello, world"]).0, 0);
+    let (code, o, _) = kv(&snap, &["get", "greeting"]);
+    assert_eq!((code, o.as_str()), (0, "hello, world\n"));
+    let (code, o, _) = kv(&snap, &["list"]);
+    assert_eq!((code, o.as_str()), (0, "empty\t\ngreeting\thello, world\n"));
+    assert_eq!(kv(&snap, &["del", "empty"]).0, 0);
+    let (code, _, e) = kv(&snap, &["del", "empty"]);
+    assert_eq!(code, 1, "{e}");
+    assert!(e.contains("no such key: empty"), "{e}");
+    let (code, _, e) = kv(&snap, &["get", "missing"]);
+    assert_eq!(code, 1, "{e}");
+    let (code, o, _) = kv(&snap, &["list"]);
+    assert_eq!((code, o.as_str()), (0, "greeting\thello, world\n"));
+}
+
+#[test]
+fn kv_in_one_watcher_and_in_a_file() {
+    let script = r#"
+        kv="$1"
+        "$kv" set a 1 && "$kv" set b 2 && "$kv" del a && "$kv" list
+    "#;
+    let out = run(cmd("shm-fd").args(["sh", "-c", script, "sh", &b("kv")]));
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{e}");
+    assert_eq!(o, "b\t2\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kv.state");
+    let f = file.to_str().unwrap();
+    assert!(
+        run(cmd("kv").args(["--file", f, "set", "k", "v"]))
+            .status
+            .success()
+    );
+    let out = run(cmd("kv").args(["--file", f, "get", "k"]));
+    assert_eq!(text(&out).0, "v\n");
+}
+
+#[test]
+fn examples_fail_clearly_on_bad_input() {
+    // No memfd passed.
+    for name in ["bank", "kv"] {
+        let args: &[&str] = if name == "bank" {
+            &["check"]
+        } else {
+            &["list"]
+        };
+        let out = run(cmd(name).args(args));
+        let (o, e) = text(&out);
+        assert_eq!(out.status.code(), Some(3), "{name}: {e}");
+        assert!(o.is_empty());
+        assert!(e.contains("run this program under shm-fd"), "{e}");
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+    // Bad command line.
+    assert_eq!(run(cmd("bank").arg("transfer")).status.code(), Some(2));
+    assert_eq!(
+        run(cmd("kv").args(["set", "only-key"])).status.code(),
+        Some(2)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bank.state");
+    let f = file.to_str().unwrap();
+    // Not initialized; initialized twice.
+    let out = run(cmd("bank").args(["--file", f, "run", "--transfers", "1"]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out).1.contains("not initialized"), "{:?}", text(&out));
+    assert!(
+        run(cmd("bank").args(["--file", f, "init", "--accounts", "4", "--balance", "9"]))
+            .status
+            .success()
+    );
+    let out = run(cmd("bank").args(["--file", f, "init", "--accounts", "4", "--balance", "9"]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(text(&out).1.contains("already initialized"));
+    // A file that is not a state: refused, left untouched.
+    let other = dir.path().join("notes.txt");
+    std::fs::write(&other, b"some notes, not a bank\n").unwrap();
+    let out = run(cmd("bank").args(["--file", other.to_str().unwrap(), "check"]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out).1.contains("not a shm-state region"),
+        "{:?}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), b"some notes, not a bank\n");
+}
+
+#[test]
+fn bank_check_catches_a_changed_balance_and_a_damaged_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bank.state");
+    let f = file.to_str().unwrap();
+    // A balance with a recognisable byte pattern.
+    let balance = 0x0123_4567_89ab_cdefu64;
+    let init = run(cmd("bank").args([
+        "--file",
+        f,
+        "init",
+        "--accounts",
+        "3",
+        "--balance",
+        &balance.to_string(),
+    ]));
+    assert!(init.status.success(), "{:?}", text(&init));
+    let ok = run(cmd("bank").args(["--file", f, "check"]));
+    assert_eq!(ok.status.code(), Some(0), "{:?}", text(&ok));
+    let mut bytes = std::fs::read(&file).unwrap();
+    let pat = balance.to_le_bytes();
+    let at = bytes
+        .windows(8)
+        .position(|w| w == pat)
+        .expect("balance in the file");
+    bytes[at] ^= 1;
+    std::fs::write(&file, &bytes).unwrap();
+    let out = run(cmd("bank").args(["--file", f, "check"]));
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{o}{e}");
+    assert!(e.contains("bank check: total is"), "{e}");
+    // A flipped bit in the header: a one-line error, exit 3, file untouched.
+    bytes[at] ^= 1;
+    bytes[0x90] ^= 0x10;
+    std::fs::write(&file, &bytes).unwrap();
+    let out = run(cmd("bank").args(["--file", f, "check"]));
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{e}");
+    assert!(e.contains("corrupt state: header checksum"), "{e}");
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        std::fs::read(&file).unwrap() == bytes,
+        "the file was changed"
+    );
+}
+
+#[test]
+fn a_second_bank_on_a_live_state_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bank.state");
+    let f = file.to_str().unwrap();
+    assert!(
+        run(cmd("bank").args(["--file", f, "init", "--accounts", "2", "--balance", "1"]))
+            .status
+            .success()
+    );
+    let mut running = cmd("bank")
+        .args(["--file", f, "run", "--seconds", "20"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it has opened the state (its report line).
+    let mut stderr = running.stderr.take().unwrap();
+    let mut buf = [0u8; 64];
+    let n = std::io::Read::read(&mut stderr, &mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("bank: "));
+    let out = run(cmd("bank").args(["--file", f, "check"]));
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{e}");
+    assert!(
+        e.contains(&format!("in use by process {}", running.id())),
+        "{e}"
+    );
+    kill(Pid::from_raw(running.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(running.wait().unwrap().success());
+    let out = run(cmd("bank").args(["--file", f, "check"]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    let _ = std::io::stderr().flush();
+    let _ = Command::new("true").status();
+}
