@@ -1,1 +1,69 @@
-//! Work in progress (issue 4).
+//! Consistent snapshots of a running program's shared memory, without
+//! stopping it.
+//!
+//! A program keeps its state in a memfd (see `shm-fd`); `shm-restore` saves
+//! that memfd to a file while the program runs. Copying memory that is
+//! being written can give a torn copy, half old and half new. With this
+//! crate the program marks, in a small header at the start of the memfd,
+//! when it is inside an update and when its state is consistent (a
+//! *commit*); the snapshotter copies optimistically and keeps a copy only
+//! when the header proves that no update ran during the copy (a seqlock).
+//! The byte layout and the memory orderings are in
+//! `docs/snapshot-protocol.md`.
+//!
+//! # Layout
+//!
+//! The first page ([`HEADER_LEN`] bytes) of the memfd is the header; the
+//! program's own data region starts at [`DATA_OFFSET`] and runs to the end
+//! of the memfd: [`Publisher::data`].
+//!
+//! # The program's side
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use shm_snapshot::{Publisher, Region, DATA_OFFSET};
+//! let shared = shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)?;
+//! let map = shared.map_raw((DATA_OFFSET + 4096) as u64)?;
+//! let (mut publisher, opened) = Publisher::open(Region::from_mmap(&map))?;
+//! if opened.interrupted {
+//!     // The last run stopped inside an update: repair, then commit.
+//!     publisher.commit();
+//! }
+//! let update = publisher.begin();
+//! let runs = update.data().load_u64(0) + 1;
+//! update.data().store_u64(0, runs);
+//! update.commit();
+//! # Ok(()) }
+//! ```
+//!
+//! # The snapshotter's side
+//!
+//! [`Snapshotter::capture`] does the whole job (skip when nothing was
+//! committed, bounded optimistic tries, fallback stop); the pieces are
+//! [`probe`], [`has_protocol`], [`committed_generation`] and
+//! [`try_copy_consistent`].
+//!
+//! # Model checking
+//!
+//! All accesses go through [`Region`] (atomic words), which is built from
+//! loom's atomics under `--cfg loom`, over a [`HeapBuffer`]:
+//! `RUSTFLAGS="--cfg loom" cargo test -p shm-snapshot --release --test loom`.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod error;
+mod futex;
+mod header;
+mod publisher;
+mod region;
+mod snapshot;
+mod sync;
+
+pub use error::Error;
+pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, VERSION};
+pub use publisher::{Opened, Publisher, Update};
+pub use region::{HeapBuffer, Region};
+pub use snapshot::{
+    Capture, Outcome, Protocol, Snapshotter, committed_generation, has_protocol, probe,
+    try_copy_consistent,
+};

@@ -1,0 +1,158 @@
+//! The protocol header: the first page of the memfd. Byte layout in
+//! `docs/snapshot-protocol.md`; the constants here are its source of truth.
+
+use crate::error::Error;
+use crate::region::Region;
+use crate::sync::{AtomicU64, Ordering};
+
+/// The first 8 bytes of a header.
+pub const MAGIC: [u8; 8] = *b"shm-snap";
+/// The header format this crate writes and reads.
+pub const VERSION: u32 = 1;
+/// Length of the header in bytes: one page, so the user's data region
+/// starts page-aligned.
+#[cfg(not(loom))]
+pub const HEADER_LEN: usize = 4096;
+/// Under the loom model the header is shrunk to 128 bytes (the fields are
+/// where they always are) so that copies stay small enough to explore.
+#[cfg(loom)]
+pub const HEADER_LEN: usize = 128;
+/// Where the user's data region starts in the memfd; it runs to the end of
+/// the memfd (or of the mapping).
+pub const DATA_OFFSET: usize = HEADER_LEN;
+
+pub(crate) const OFF_MAGIC: usize = 0;
+pub(crate) const OFF_VERSION: usize = 8;
+pub(crate) const OFF_DATA_OFFSET: usize = 12;
+pub(crate) const OFF_FLAGS: usize = 16;
+pub(crate) const OFF_CRC: usize = 20;
+/// Bytes covered by the checksum: magic, version, data offset, flags.
+pub(crate) const CRC_COVERS: usize = 20;
+/// The sequence word: `2 * generation`, plus 1 while an update runs.
+pub const OFF_SEQ: usize = 64;
+/// The waiter word: non-zero while a snapshotter sleeps on the sequence
+/// word and wants a futex wake at the next commit.
+pub const OFF_WAITERS: usize = 72;
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "shm-snapshot's header is little-endian and is accessed in place: big-endian targets are not supported"
+);
+
+/// The fixed part of a valid v1 header, as bytes `0..24`.
+pub(crate) fn static_bytes() -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
+    b[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
+    b[OFF_DATA_OFFSET..OFF_DATA_OFFSET + 4].copy_from_slice(&(DATA_OFFSET as u32).to_le_bytes());
+    b[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&0u32.to_le_bytes());
+    let crc = crc32fast::hash(&b[..CRC_COVERS]);
+    b[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+/// What the first page of a region holds.
+pub(crate) enum Found<'a> {
+    /// All zero: a fresh memfd, no program has set up the protocol.
+    Blank,
+    /// Something that is not a shm-snapshot header.
+    Foreign,
+    /// A valid header.
+    Valid(Header<'a>),
+}
+
+/// A validated header in a region: the two protocol words.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Header<'a> {
+    page: Region<'a>,
+}
+
+impl<'a> Header<'a> {
+    pub(crate) fn seq(&self) -> &'a AtomicU64 {
+        self.page.word(OFF_SEQ)
+    }
+
+    pub(crate) fn waiters(&self) -> &'a AtomicU64 {
+        self.page.word(OFF_WAITERS)
+    }
+
+    /// Writes a fresh header into a blank page: the fixed fields first,
+    /// then the magic with `Release`, so a reader that sees the magic
+    /// (loaded with `Acquire`) sees the rest.
+    pub(crate) fn init(page: Region<'a>) -> Header<'a> {
+        let b = static_bytes();
+        page.write(8, &b[8..24]);
+        page.store_u64(OFF_SEQ, 0);
+        page.store_u64(OFF_WAITERS, 0);
+        page.word(OFF_MAGIC)
+            .store(u64::from_ne_bytes(MAGIC), Ordering::Release);
+        Header { page }
+    }
+}
+
+/// Looks at the first page of `region`.
+///
+/// A region shorter than a header is [`Error::TooSmall`]; a header whose
+/// magic matches but whose other fixed fields do not check out is
+/// [`Error::Corrupt`] or [`Error::UnsupportedVersion`].
+pub(crate) fn find(region: Region<'_>) -> Result<Found<'_>, Error> {
+    let page = region.subregion(0, HEADER_LEN).ok_or(Error::TooSmall {
+        len: region.len(),
+        needed: HEADER_LEN,
+    })?;
+    let magic = page.word(OFF_MAGIC).load(Ordering::Acquire);
+    if magic != u64::from_ne_bytes(MAGIC) {
+        return Ok(if page.is_zero() {
+            Found::Blank
+        } else {
+            Found::Foreign
+        });
+    }
+    let mut b = [0u8; 24];
+    page.read(0, &mut b);
+    let field = |off: usize| u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+    let stored = field(OFF_CRC);
+    let computed = crc32fast::hash(&b[..CRC_COVERS]);
+    if stored != computed {
+        return Err(Error::Corrupt {
+            problem: format!(
+                "header checksum mismatch (stored {stored:#010x}, computed {computed:#010x})"
+            ),
+        });
+    }
+    let version = field(OFF_VERSION);
+    if version != VERSION {
+        return Err(Error::UnsupportedVersion { version });
+    }
+    let data_offset = field(OFF_DATA_OFFSET);
+    if data_offset as usize != DATA_OFFSET {
+        return Err(Error::Corrupt {
+            problem: format!("header data offset is {data_offset}, version 1 uses {DATA_OFFSET}"),
+        });
+    }
+    let flags = field(OFF_FLAGS);
+    if flags != 0 {
+        return Err(Error::Corrupt {
+            problem: format!("header flags are {flags:#x}, version 1 defines none"),
+        });
+    }
+    Ok(Found::Valid(Header { page }))
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_bytes_match_the_documented_layout() {
+        let b = static_bytes();
+        assert_eq!(&b[0..8], b"shm-snap");
+        assert_eq!(&b[8..12], &[1, 0, 0, 0]);
+        assert_eq!(&b[12..16], &[0x00, 0x10, 0, 0]);
+        assert_eq!(&b[16..20], &[0, 0, 0, 0]);
+        assert_eq!(
+            u32::from_le_bytes(b[20..24].try_into().unwrap()),
+            crc32fast::hash(&b[..20])
+        );
+    }
+}

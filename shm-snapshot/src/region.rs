@@ -1,0 +1,278 @@
+//! [`Region`]: memory another process may change under us, seen only
+//! through atomic loads and stores, and [`HeapBuffer`], the same on the heap
+//! for tests and model checking.
+//!
+//! Shared memory is never turned into `&[u8]` here: a reference promises
+//! the bytes do not change, and another process writing them would make
+//! that undefined behaviour. Every access goes through `AtomicU64` (whole
+//! words) or `AtomicU8` (the bytes after the last whole word), always with
+//! the same access size at the same address.
+
+use std::fmt;
+
+use crate::sync::{AtomicU8, AtomicU64, Ordering};
+
+/// A view of shared memory as atomic cells: whole 64-bit words, then up to
+/// seven trailing bytes.
+///
+/// Loads and stores are `Relaxed`; ordering between them is the protocol's
+/// job (see [`crate::Publisher`] and [`crate::try_copy_consistent`]).
+/// Offsets are in bytes from the start of the region. Methods that take an
+/// offset panic when it is out of range or misaligned, like slice indexing:
+/// offsets come from the caller's own layout, never from shared memory.
+#[derive(Clone, Copy)]
+pub struct Region<'a> {
+    words: &'a [AtomicU64],
+    tail: &'a [AtomicU8],
+}
+
+impl fmt::Debug for Region<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Region").field("len", &self.len()).finish()
+    }
+}
+
+impl<'a> Region<'a> {
+    /// A region over `len` bytes at `ptr`.
+    ///
+    /// # Safety
+    ///
+    /// - `ptr` is aligned to 8 bytes and valid for reads and writes of
+    ///   `len` bytes for the whole lifetime `'a` (e.g. a live mapping that
+    ///   is not truncated below `len`);
+    /// - during `'a`, this process accesses those bytes only atomically
+    ///   (through this or another `Region`), never through `&[u8]`,
+    ///   `&mut [u8]` or plain pointer reads and writes. Other processes are
+    ///   outside Rust's model and may do as they like.
+    #[cfg(not(loom))]
+    pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> Region<'a> {
+        debug_assert!(ptr as usize % 8 == 0, "region pointer not 8-aligned");
+        let words = len / 8;
+        // SAFETY: the caller guarantees `ptr` is 8-aligned and valid for
+        // `len` bytes during 'a, and only accessed atomically in this
+        // process; AtomicU64 has the size and alignment of u64, so the first
+        // `len / 8` words are valid `AtomicU64` cells.
+        let word_cells = unsafe { std::slice::from_raw_parts(ptr.cast::<AtomicU64>(), words) };
+        // SAFETY: the remaining `len % 8` bytes are inside the caller's
+        // `len`; AtomicU8 has the layout of u8 (alignment 1).
+        let tail =
+            unsafe { std::slice::from_raw_parts(ptr.add(words * 8).cast::<AtomicU8>(), len % 8) };
+        Region {
+            words: word_cells,
+            tail,
+        }
+    }
+
+    /// A region over a whole [`memmap2::MmapRaw`] mapping (such as
+    /// [`shm_fd::SharedFd::map_raw`] returns).
+    ///
+    /// `MmapRaw` only hands out raw pointers, so as long as nothing in this
+    /// process turns the mapping into slices behind our back (which would
+    /// need `unsafe` code of its own), atomic access is sound; the memfd
+    /// must stay at least as long as the mapping (shm-fd seals it against
+    /// shrinking by default).
+    #[cfg(not(loom))]
+    pub fn from_mmap(map: &'a memmap2::MmapRaw) -> Region<'a> {
+        // SAFETY: a mapping from mmap is page-aligned and valid for its
+        // length while `map` lives ('a); MmapRaw gives out only raw
+        // pointers, so any non-atomic access in this process would be the
+        // caller's own unsafe code, which must respect the mapping being
+        // shared (documented above).
+        unsafe { Region::from_raw_parts(map.as_mut_ptr(), map.len()) }
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.words.len() * 8 + self.tail.len()
+    }
+
+    /// True when the region holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The part of this region from `offset` on, `len` bytes long, or `None`
+    /// when it does not fit, `offset` is not a multiple of 8, or `len` is
+    /// not a multiple of 8 without reaching the end of the region.
+    pub fn subregion(&self, offset: usize, len: usize) -> Option<Region<'a>> {
+        let end = offset.checked_add(len)?;
+        if offset % 8 != 0 || end > self.len() {
+            return None;
+        }
+        let first = offset / 8;
+        if end == self.len() {
+            return Some(Region {
+                words: &self.words[first..],
+                tail: self.tail,
+            });
+        }
+        if len % 8 != 0 {
+            return None;
+        }
+        Some(Region {
+            words: &self.words[first..first + len / 8],
+            tail: &[],
+        })
+    }
+
+    /// The cell of the 8-aligned word at byte `offset`.
+    pub(crate) fn word(&self, offset: usize) -> &'a AtomicU64 {
+        assert!(offset % 8 == 0, "offset {offset} is not 8-aligned");
+        match self.words.get(offset / 8) {
+            Some(w) => w,
+            None => panic!(
+                "offset {offset} is outside the region's {} whole words",
+                self.words.len()
+            ),
+        }
+    }
+
+    /// Loads the little-endian `u64` at `offset` (a multiple of 8).
+    pub fn load_u64(&self, offset: usize) -> u64 {
+        u64::from_le(self.word(offset).load(Ordering::Relaxed))
+    }
+
+    /// Stores `value` as a little-endian `u64` at `offset` (a multiple of 8).
+    pub fn store_u64(&self, offset: usize, value: u64) {
+        self.word(offset).store(value.to_le(), Ordering::Relaxed);
+    }
+
+    /// Copies the bytes at `offset..offset + buf.len()` into `buf`.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) {
+        self.check_range(offset, buf.len());
+        let mut i = 0;
+        while i < buf.len() {
+            let at = offset + i;
+            match self.words.get(at / 8) {
+                Some(w) => {
+                    // One load per word, however many of its bytes we need.
+                    let word = w.load(Ordering::Relaxed).to_ne_bytes();
+                    let from = at % 8;
+                    let n = (8 - from).min(buf.len() - i);
+                    buf[i..i + n].copy_from_slice(&word[from..from + n]);
+                    i += n;
+                }
+                None => {
+                    buf[i] = self.tail[at - self.words.len() * 8].load(Ordering::Relaxed);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Writes `bytes` at `offset`.
+    ///
+    /// Bytes sharing a word with bytes outside the range are written by a
+    /// load and a store of that word: only one process may write a region
+    /// (the protocol's single writer), so nothing else can change them in
+    /// between.
+    pub fn write(&self, offset: usize, bytes: &[u8]) {
+        self.check_range(offset, bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let at = offset + i;
+            if at % 8 == 0 && bytes.len() - i >= 8 && at / 8 < self.words.len() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&bytes[i..i + 8]);
+                self.words[at / 8].store(u64::from_ne_bytes(w), Ordering::Relaxed);
+                i += 8;
+            } else {
+                self.store_byte(at, bytes[i]);
+                i += 1;
+            }
+        }
+    }
+
+    /// Copies the whole region into `dst` (which must be exactly as long),
+    /// word by word with relaxed loads.
+    pub fn copy_to(&self, dst: &mut [u8]) {
+        assert_eq!(
+            dst.len(),
+            self.len(),
+            "copy_to needs a buffer as long as the region"
+        );
+        let (body, rest) = dst.split_at_mut(self.words.len() * 8);
+        for (d, w) in body.chunks_exact_mut(8).zip(self.words) {
+            d.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        for (d, t) in rest.iter_mut().zip(self.tail) {
+            *d = t.load(Ordering::Relaxed);
+        }
+    }
+
+    /// Writes all of `src` (exactly as long as the region) into it.
+    pub fn copy_from(&self, src: &[u8]) {
+        assert_eq!(
+            src.len(),
+            self.len(),
+            "copy_from needs a buffer as long as the region"
+        );
+        let (body, rest) = src.split_at(self.words.len() * 8);
+        for (s, w) in body.chunks_exact(8).zip(self.words) {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(s);
+            w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+        }
+        for (s, t) in rest.iter().zip(self.tail) {
+            t.store(*s, Ordering::Relaxed);
+        }
+    }
+
+    /// True when every byte of the region is zero.
+    pub fn is_zero(&self) -> bool {
+        self.words.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+            && self.tail.iter().all(|t| t.load(Ordering::Relaxed) == 0)
+    }
+
+    fn check_range(&self, offset: usize, len: usize) {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len() => {}
+            _ => panic!(
+                "bytes {offset}..+{len} are outside the region of {} bytes",
+                self.len()
+            ),
+        }
+    }
+
+    fn store_byte(&self, at: usize, byte: u8) {
+        match self.words.get(at / 8) {
+            Some(w) => {
+                let mut b = w.load(Ordering::Relaxed).to_ne_bytes();
+                b[at % 8] = byte;
+                w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+            }
+            None => self.tail[at - self.words.len() * 8].store(byte, Ordering::Relaxed),
+        }
+    }
+}
+
+/// Zeroed memory on the heap, as atomic words: the protocol's stand-in for
+/// a mapping in unit tests, benchmarks and the loom model.
+pub struct HeapBuffer {
+    words: Box<[AtomicU64]>,
+}
+
+impl fmt::Debug for HeapBuffer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HeapBuffer")
+            .field("len", &(self.words.len() * 8))
+            .finish()
+    }
+}
+
+impl HeapBuffer {
+    /// A zeroed buffer of `len` bytes, rounded up to a multiple of 8.
+    pub fn new(len: usize) -> HeapBuffer {
+        HeapBuffer {
+            words: (0..len.div_ceil(8)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// The whole buffer as a [`Region`].
+    pub fn region(&self) -> Region<'_> {
+        Region {
+            words: &self.words,
+            tail: &[],
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! The snapshotter's side: copying a region while its program runs and
+//! keeping the copy only when the protocol proves it equals a commit.
+
+use std::io;
+use std::time::Duration;
+
+use crate::error::Error;
+use crate::header::{self, Found, Header, OFF_SEQ, OFF_WAITERS};
+use crate::region::Region;
+use crate::sync::{Ordering, fence};
+
+/// Whether a region carries the protocol, and where its program is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// No header: the program does not use shm-snapshot (or has not set it
+    /// up yet).
+    Absent,
+    /// A valid header.
+    Present {
+        /// The last committed generation.
+        generation: u64,
+        /// The program is inside an update right now.
+        updating: bool,
+    },
+}
+
+/// Looks for the header in `src` (a whole memfd mapping).
+///
+/// A header with the right magic but damaged fields is an error, not
+/// [`Protocol::Absent`], so that the caller can say what is wrong.
+pub fn probe(src: Region<'_>) -> Result<Protocol, Error> {
+    match header::find(src) {
+        Ok(Found::Valid(h)) => {
+            let seq = u64::from_le(h.seq().load(Ordering::Acquire));
+            Ok(Protocol::Present {
+                generation: seq / 2,
+                updating: seq % 2 == 1,
+            })
+        }
+        Ok(Found::Blank | Found::Foreign) | Err(Error::TooSmall { .. }) => Ok(Protocol::Absent),
+        Err(e) => Err(e),
+    }
+}
+
+/// True when `src` starts with a valid header.
+pub fn has_protocol(src: Region<'_>) -> bool {
+    matches!(probe(src), Ok(Protocol::Present { .. }))
+}
+
+/// The last committed generation, when `src` carries the protocol.
+pub fn committed_generation(src: Region<'_>) -> Option<u64> {
+    match probe(src) {
+        Ok(Protocol::Present { generation, .. }) => Some(generation),
+        _ => None,
+    }
+}
+
+/// The result of one optimistic copy ([`try_copy_consistent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The destination holds exactly the data of this committed generation.
+    Consistent {
+        /// The generation copied.
+        generation: u64,
+    },
+    /// The program was inside an update; nothing was copied.
+    Updating {
+        /// The last committed generation.
+        generation: u64,
+    },
+    /// The program committed or started an update while the copy ran: the
+    /// destination may be torn and must not be kept.
+    Changed {
+        /// The sequence value before the copy.
+        before: u64,
+        /// The sequence value after it.
+        after: u64,
+    },
+    /// `src` carries no header; nothing was copied.
+    NoProtocol,
+}
+
+/// Copies `src` into `dst` without stopping the program, and says whether
+/// the copy equals a committed state.
+///
+/// The seqlock read: load the sequence word (`Acquire`); if it is odd the
+/// program is inside an update, stop. Copy every word with relaxed loads,
+/// then an `Acquire` fence and a second load of the sequence word. If both
+/// loads saw the same even value, no store of any update was seen by the
+/// copy (an update's first data store is ordered after its odd sequence
+/// store by the writer's release fence), so the copy equals the commit.
+///
+/// In the kept copy, the header's sequence word is the committed value and
+/// its waiter word is zero, as a restored program should find them.
+/// `dst` must be exactly as long as `src`.
+pub fn try_copy_consistent(src: Region<'_>, dst: &mut [u8]) -> Result<Outcome, Error> {
+    if dst.len() != src.len() {
+        return Err(Error::LengthMismatch {
+            source_len: src.len(),
+            destination_len: dst.len(),
+        });
+    }
+    let header = match header::find(src) {
+        Ok(Found::Valid(h)) => h,
+        Ok(Found::Blank | Found::Foreign) | Err(Error::TooSmall { .. }) => {
+            return Ok(Outcome::NoProtocol);
+        }
+        Err(e) => return Err(e),
+    };
+    let before = u64::from_le(header.seq().load(Ordering::Acquire));
+    if before % 2 == 1 {
+        return Ok(Outcome::Updating {
+            generation: before / 2,
+        });
+    }
+    src.copy_to(dst);
+    fence(Ordering::Acquire);
+    let after = u64::from_le(header.seq().load(Ordering::Relaxed));
+    if after != before {
+        return Ok(Outcome::Changed { before, after });
+    }
+    fix_header(dst, before);
+    Ok(Outcome::Consistent {
+        generation: before / 2,
+    })
+}
+
+/// Puts the committed sequence value and a zero waiter word into a copied
+/// header (the copy's own reads of those words may be from any moment).
+fn fix_header(dst: &mut [u8], seq: u64) {
+    dst[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+    dst[OFF_WAITERS..OFF_WAITERS + 8].copy_from_slice(&0u64.to_le_bytes());
+}
+
+/// Sleeps until the program leaves the update it is in (commits), at most
+/// `timeout`; returns at once when it is not updating.
+///
+/// It raises the waiter word so that the program's next commit wakes it
+/// with a futex, so the wait is neither a spin nor a fixed sleep. A commit
+/// whose check of the waiter word raced with the raise may not wake it:
+/// then the wait ends at `timeout`, never later.
+fn wait_for_commit(header: Header<'_>, timeout: Duration) {
+    let seq = header.seq();
+    let now = u64::from_le(seq.load(Ordering::Acquire));
+    if now % 2 == 0 {
+        return;
+    }
+    header.waiters().store(1, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    // Sleep only if the value did not change since: FUTEX_WAIT re-checks
+    // the low half atomically against wakes.
+    if u64::from_le(seq.load(Ordering::Relaxed)) == now {
+        crate::futex::wait(seq, now as u32, timeout);
+    }
+    header.waiters().store(0, Ordering::Relaxed);
+}
+
+/// What [`Snapshotter::capture`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Capture {
+    /// Nothing was committed since the last kept snapshot (same generation,
+    /// same length): nothing was copied and the destination is untouched.
+    Unchanged {
+        /// The generation the last kept snapshot holds.
+        generation: u64,
+    },
+    /// The destination holds a committed generation, copied while the
+    /// program ran.
+    Consistent {
+        /// The generation copied.
+        generation: u64,
+        /// Copies attempted (1 = the first try succeeded).
+        tries: u32,
+    },
+    /// Every optimistic try failed; the destination was copied by the
+    /// fallback, with the program stopped.
+    Stopped {
+        /// The last committed generation at the stop.
+        generation: u64,
+        /// The program was stopped inside an update: the copy is the state
+        /// a crash at that moment would leave (the program learns it from
+        /// [`crate::Opened::interrupted`] when it is restored).
+        in_update: bool,
+        /// Optimistic copies attempted before the stop.
+        tries: u32,
+    },
+    /// The memory carries no usable header; the destination was copied by
+    /// the fallback, as in a plain stop-and-copy snapshot.
+    Plain {
+        /// Why the protocol is not used (e.g. "no shm-snapshot header").
+        reason: String,
+        /// True the first time this happens in a row (so that a wrapper
+        /// says so once).
+        first: bool,
+    },
+}
+
+/// Takes snapshots of one running program's memory: skips the copy when
+/// nothing was committed since the last kept one, copies optimistically a
+/// bounded number of times, and falls back to a stop-and-copy.
+///
+/// One `Snapshotter` per memfd. The memory's length may change between
+/// captures (the memfd may grow); each capture needs a destination of the
+/// current length.
+#[derive(Debug, Clone)]
+pub struct Snapshotter {
+    max_tries: u32,
+    wait: Duration,
+    last: Option<(u64, usize)>,
+    plain: bool,
+}
+
+impl Default for Snapshotter {
+    fn default() -> Self {
+        Snapshotter::new()
+    }
+}
+
+impl Snapshotter {
+    /// Default number of optimistic copies before the fallback stop.
+    pub const DEFAULT_TRIES: u32 = 4;
+    /// Longest single sleep of [`Snapshotter::wait_for_generation`].
+    pub const IDLE_SLICE: Duration = Duration::from_millis(250);
+    /// Default longest sleep waiting for the program to commit, per try.
+    pub const DEFAULT_WAIT: Duration = Duration::from_millis(20);
+
+    /// A snapshotter with [`Self::DEFAULT_TRIES`] and
+    /// [`Self::DEFAULT_WAIT`].
+    pub fn new() -> Snapshotter {
+        Snapshotter {
+            max_tries: Self::DEFAULT_TRIES,
+            wait: Self::DEFAULT_WAIT,
+            last: None,
+            plain: false,
+        }
+    }
+
+    /// Sets the number of optimistic copies before the fallback stop
+    /// (0: always stop).
+    pub fn max_tries(mut self, tries: u32) -> Snapshotter {
+        self.max_tries = tries;
+        self
+    }
+
+    /// Sets the longest sleep, per try, waiting for a program that is
+    /// inside an update to commit.
+    pub fn wait(mut self, wait: Duration) -> Snapshotter {
+        self.wait = wait;
+        self
+    }
+
+    /// Forgets the last kept snapshot, so the next capture copies even if
+    /// nothing was committed (call it when saving the last copy failed).
+    pub fn forget(&mut self) {
+        self.last = None;
+    }
+
+    /// The generation of the last kept snapshot, if any.
+    pub fn last_generation(&self) -> Option<u64> {
+        self.last.map(|(g, _)| g)
+    }
+
+    /// Takes a snapshot of `src` into `dst` (exactly as long as `src`).
+    ///
+    /// - No header: copies with `stop_copy` ([`Capture::Plain`]).
+    /// - Same committed generation and length as the last kept snapshot,
+    ///   not inside an update: copies nothing ([`Capture::Unchanged`]).
+    /// - Otherwise up to `max_tries` optimistic copies, sleeping (futex,
+    ///   bounded by `wait`) while the program is inside an update
+    ///   ([`Capture::Consistent`]); then `stop_copy` ([`Capture::Stopped`]).
+    ///
+    /// `stop_copy` is the fallback: it stops the program (e.g. `SIGSTOP` to
+    /// its process group, then waiting until it is stopped), copies `src`
+    /// into `dst` with [`Region::copy_to`], and lets it continue. The
+    /// program is never made to wait, except inside `stop_copy`.
+    pub fn capture(
+        &mut self,
+        src: Region<'_>,
+        dst: &mut [u8],
+        stop_copy: impl FnOnce(Region<'_>, &mut [u8]) -> io::Result<()>,
+    ) -> Result<Capture, Error> {
+        if dst.len() != src.len() {
+            return Err(Error::LengthMismatch {
+                source_len: src.len(),
+                destination_len: dst.len(),
+            });
+        }
+        let header = match header::find(src) {
+            Ok(Found::Valid(h)) => h,
+            Ok(Found::Blank) => return self.plain(src, dst, "no shm-snapshot header", stop_copy),
+            Ok(Found::Foreign) => {
+                return self.plain(
+                    src,
+                    dst,
+                    "the first page is not a shm-snapshot header",
+                    stop_copy,
+                );
+            }
+            Err(e) => return self.plain(src, dst, &e.to_string(), stop_copy),
+        };
+        self.plain = false;
+        let seq = u64::from_le(header.seq().load(Ordering::Acquire));
+        if seq % 2 == 0 && self.last == Some((seq / 2, src.len())) {
+            return Ok(Capture::Unchanged {
+                generation: seq / 2,
+            });
+        }
+        let mut tries = 0;
+        while tries < self.max_tries {
+            wait_for_commit(header, self.wait);
+            tries += 1;
+            match try_copy_consistent(src, dst)? {
+                Outcome::Consistent { generation } => {
+                    self.last = Some((generation, src.len()));
+                    return Ok(Capture::Consistent { generation, tries });
+                }
+                Outcome::Updating { .. } | Outcome::Changed { .. } => {}
+                Outcome::NoProtocol => {
+                    return self.plain(src, dst, "the shm-snapshot header vanished", stop_copy);
+                }
+            }
+        }
+        stop_copy(src, dst).map_err(Error::Fallback)?;
+        let seq = u64::from_le_bytes(dst[OFF_SEQ..OFF_SEQ + 8].try_into().expect("8 bytes"));
+        dst[OFF_WAITERS..OFF_WAITERS + 8].copy_from_slice(&0u64.to_le_bytes());
+        let generation = seq / 2;
+        let in_update = seq % 2 == 1;
+        self.last = (!in_update).then_some((generation, src.len()));
+        Ok(Capture::Stopped {
+            generation,
+            in_update,
+            tries,
+        })
+    }
+
+    fn plain(
+        &mut self,
+        src: Region<'_>,
+        dst: &mut [u8],
+        reason: &str,
+        stop_copy: impl FnOnce(Region<'_>, &mut [u8]) -> io::Result<()>,
+    ) -> Result<Capture, Error> {
+        stop_copy(src, dst).map_err(Error::Fallback)?;
+        let first = !self.plain;
+        self.plain = true;
+        self.last = None;
+        Ok(Capture::Plain {
+            reason: reason.to_owned(),
+            first,
+        })
+    }
+
+    /// Sleeps until the program commits a generation newer than `after`,
+    /// or `timeout` passes; returns the committed generation then (`None`
+    /// without a header). A wrapper can use this instead of a plain sleep
+    /// between interval snapshots, to wake only when there is something
+    /// to save.
+    pub fn wait_for_generation(
+        &self,
+        src: Region<'_>,
+        after: u64,
+        timeout: Duration,
+    ) -> Option<u64> {
+        let Ok(Found::Valid(header)) = header::find(src) else {
+            return None;
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let seq = header.seq();
+            let now = u64::from_le(seq.load(Ordering::Acquire));
+            if now / 2 > after {
+                return Some(now / 2);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Some(now / 2);
+            }
+            header.waiters().store(1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if u64::from_le(seq.load(Ordering::Relaxed)) == now {
+                // Bounded slices: a wake missed in the race described at
+                // `wait_for_commit` delays the return by one slice at most.
+                crate::futex::wait(seq, now as u32, left.min(Self::IDLE_SLICE));
+            }
+            header.waiters().store(0, Ordering::Relaxed);
+        }
+    }
+}

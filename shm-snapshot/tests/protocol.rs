@@ -1,0 +1,475 @@
+//! The protocol over heap memory: header set-up and validation, commits,
+//! the optimistic copy, the snapshotter's decisions, and a writer thread
+//! that never stops while snapshots are taken.
+#![cfg(not(loom))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use shm_snapshot::{
+    Capture, DATA_OFFSET, Error, HEADER_LEN, HeapBuffer, OFF_SEQ, OFF_WAITERS, Outcome, Protocol,
+    Publisher, Region, Snapshotter, committed_generation, has_protocol, probe, try_copy_consistent,
+};
+
+fn bytes(r: Region<'_>) -> Vec<u8> {
+    let mut v = vec![0; r.len()];
+    r.copy_to(&mut v);
+    v
+}
+
+fn no_stop(_: Region<'_>, _: &mut [u8]) -> std::io::Result<()> {
+    panic!("the fallback must not be used here")
+}
+
+fn plain_copy(src: Region<'_>, dst: &mut [u8]) -> std::io::Result<()> {
+    src.copy_to(dst);
+    Ok(())
+}
+
+#[test]
+fn open_writes_the_documented_header_once() {
+    let buf = HeapBuffer::new(HEADER_LEN + 64);
+    assert_eq!(probe(buf.region()).unwrap(), Protocol::Absent);
+    let (mut p, opened) = Publisher::open(buf.region()).unwrap();
+    assert!(opened.created && !opened.interrupted && opened.generation == 0);
+    let b = bytes(buf.region());
+    assert_eq!(&b[0..8], b"shm-snap");
+    assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()), 1);
+    assert_eq!(u32::from_le_bytes(b[12..16].try_into().unwrap()), 4096);
+    assert_eq!(u32::from_le_bytes(b[16..20].try_into().unwrap()), 0);
+    assert_eq!(
+        u32::from_le_bytes(b[20..24].try_into().unwrap()),
+        crc32fast_hash(&b[..20])
+    );
+    assert!(b[24..HEADER_LEN].iter().all(|&x| x == 0));
+    assert_eq!(p.data().len(), 64);
+
+    let u = p.begin();
+    u.data().store_u64(0, 42);
+    assert_eq!(u.commit(), 1);
+    assert_eq!(
+        u64::from_le_bytes(
+            bytes(buf.region())[OFF_SEQ..OFF_SEQ + 8]
+                .try_into()
+                .unwrap()
+        ),
+        2
+    );
+    let (p, opened) = Publisher::open(buf.region()).unwrap();
+    assert!(!opened.created && !opened.interrupted);
+    assert_eq!(opened.generation, 1);
+    assert_eq!(p.data().load_u64(0), 42);
+    assert_eq!(committed_generation(buf.region()), Some(1));
+    assert!(has_protocol(buf.region()));
+}
+
+// Independent CRC-32 (IEEE, reflected), so the test does not trust the
+// crate's choice of checksum function.
+fn crc32fast_hash(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn foreign_data_is_refused_and_left_alone() {
+    let buf = HeapBuffer::new(HEADER_LEN + 8);
+    buf.region().store_u64(16, 7);
+    let before = bytes(buf.region());
+    assert!(matches!(
+        Publisher::open(buf.region()),
+        Err(Error::ForeignData)
+    ));
+    assert_eq!(bytes(buf.region()), before);
+    assert_eq!(probe(buf.region()).unwrap(), Protocol::Absent);
+    let mut dst = vec![0; buf.region().len()];
+    assert_eq!(
+        try_copy_consistent(buf.region(), &mut dst).unwrap(),
+        Outcome::NoProtocol
+    );
+}
+
+#[test]
+fn damaged_headers_are_errors_not_protocol() {
+    let buf = HeapBuffer::new(HEADER_LEN);
+    Publisher::open(buf.region()).unwrap();
+    // Flip a bit in the data-offset field: the checksum catches it.
+    let w = buf.region().load_u64(8);
+    buf.region().store_u64(8, w ^ (1 << 40));
+    let e = Publisher::open(buf.region()).unwrap_err();
+    assert!(matches!(e, Error::Corrupt { .. }), "{e}");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    assert!(probe(buf.region()).is_err());
+    assert!(!has_protocol(buf.region()));
+
+    // A version 2 header with a valid checksum: unsupported, named.
+    let buf = HeapBuffer::new(HEADER_LEN);
+    Publisher::open(buf.region()).unwrap();
+    let mut head = [0u8; 24];
+    buf.region().read(0, &mut head);
+    head[8] = 2;
+    let crc = crc32fast_hash(&head[..20]);
+    head[20..24].copy_from_slice(&crc.to_le_bytes());
+    buf.region().write(0, &head);
+    let e = Publisher::open(buf.region()).unwrap_err();
+    assert!(matches!(e, Error::UnsupportedVersion { version: 2 }), "{e}");
+    assert!(e.to_string().contains("version 2"), "{e}");
+
+    let small = HeapBuffer::new(HEADER_LEN - 8);
+    let e = Publisher::open(small.region()).unwrap_err();
+    assert!(matches!(e, Error::TooSmall { .. }), "{e}");
+    assert_eq!(probe(small.region()).unwrap(), Protocol::Absent);
+}
+
+#[test]
+fn copy_is_kept_only_outside_updates() {
+    let buf = HeapBuffer::new(HEADER_LEN + 32);
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    let mut dst = vec![0; buf.region().len()];
+    // Generation 0 (nothing committed yet) is a consistent state.
+    assert_eq!(
+        try_copy_consistent(buf.region(), &mut dst).unwrap(),
+        Outcome::Consistent { generation: 0 }
+    );
+    let u = p.begin();
+    u.data().store_u64(8, 5);
+    assert_eq!(
+        try_copy_consistent(buf.region(), &mut dst).unwrap(),
+        Outcome::Updating { generation: 0 }
+    );
+    u.commit();
+    assert_eq!(
+        try_copy_consistent(buf.region(), &mut dst).unwrap(),
+        Outcome::Consistent { generation: 1 }
+    );
+    assert_eq!(dst, bytes(buf.region()));
+    let mut short = vec![0; 10];
+    assert!(matches!(
+        try_copy_consistent(buf.region(), &mut short),
+        Err(Error::LengthMismatch { .. })
+    ));
+}
+
+#[test]
+fn interrupted_update_is_reported_and_finished_by_commit() {
+    let buf = HeapBuffer::new(HEADER_LEN + 8);
+    {
+        let (mut p, _) = Publisher::open(buf.region()).unwrap();
+        p.begin().commit();
+        let u = p.begin();
+        u.data().store_u64(0, 9);
+        // The "crash": the update and its publisher end without a commit.
+    }
+    let (mut p, opened) = Publisher::open(buf.region()).unwrap();
+    assert!(opened.interrupted);
+    assert_eq!(opened.generation, 1);
+    assert!(p.is_updating());
+    assert_eq!(
+        probe(buf.region()).unwrap(),
+        Protocol::Present {
+            generation: 1,
+            updating: true
+        }
+    );
+    // begin() inside the interrupted update does not move the sequence.
+    p.begin();
+    assert_eq!(p.commit(), 2);
+    assert_eq!(p.commit(), 2, "commit outside an update is a no-op");
+}
+
+#[test]
+fn snapshotter_skips_when_nothing_was_committed() {
+    let buf = HeapBuffer::new(HEADER_LEN + 16);
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    let mut s = Snapshotter::new();
+    let mut dst = vec![0; buf.region().len()];
+    assert_eq!(
+        s.capture(buf.region(), &mut dst, no_stop).unwrap(),
+        Capture::Consistent {
+            generation: 0,
+            tries: 1
+        }
+    );
+    dst.fill(0xAA);
+    assert_eq!(
+        s.capture(buf.region(), &mut dst, no_stop).unwrap(),
+        Capture::Unchanged { generation: 0 }
+    );
+    assert!(
+        dst.iter().all(|&b| b == 0xAA),
+        "unchanged: destination untouched"
+    );
+    let u = p.begin();
+    u.data().store_u64(0, 1);
+    u.commit();
+    assert!(matches!(
+        s.capture(buf.region(), &mut dst, no_stop).unwrap(),
+        Capture::Consistent { generation: 1, .. }
+    ));
+    assert_eq!(s.last_generation(), Some(1));
+    s.forget();
+    assert!(matches!(
+        s.capture(buf.region(), &mut dst, no_stop).unwrap(),
+        Capture::Consistent { generation: 1, .. }
+    ));
+}
+
+#[test]
+fn snapshotter_falls_back_to_the_stop_copy() {
+    let buf = HeapBuffer::new(HEADER_LEN + 16);
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    let mut dst = vec![0; buf.region().len()];
+    // Stuck inside an update: every try fails, the fallback runs once.
+    p.enter_update();
+    p.data().store_u64(0, 3);
+    let mut s = Snapshotter::new()
+        .max_tries(2)
+        .wait(Duration::from_millis(1));
+    let mut stops = 0;
+    let c = s
+        .capture(buf.region(), &mut dst, |src, dst| {
+            stops += 1;
+            plain_copy(src, dst)
+        })
+        .unwrap();
+    assert_eq!(
+        c,
+        Capture::Stopped {
+            generation: 0,
+            in_update: true,
+            tries: 2
+        }
+    );
+    assert_eq!(stops, 1);
+    assert_eq!(
+        u64::from_le_bytes(dst[DATA_OFFSET..DATA_OFFSET + 8].try_into().unwrap()),
+        3
+    );
+    p.commit();
+    // max_tries 0: always the stop copy, and it reports the commit.
+    let mut s = Snapshotter::new().max_tries(0);
+    assert_eq!(
+        s.capture(buf.region(), &mut dst, plain_copy).unwrap(),
+        Capture::Stopped {
+            generation: 1,
+            in_update: false,
+            tries: 0
+        }
+    );
+    // A failing fallback is an error naming it.
+    let e = Snapshotter::new()
+        .max_tries(0)
+        .capture(buf.region(), &mut dst, |_, _| {
+            Err(std::io::Error::other("no such process"))
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("stopping the program"), "{e}");
+    assert!(std::error::Error::source(&e).is_some());
+}
+
+#[test]
+fn without_header_it_is_plain_mode_said_once() {
+    let buf = HeapBuffer::new(HEADER_LEN + 16);
+    let mut s = Snapshotter::new();
+    let mut dst = vec![0; buf.region().len()];
+    let first = s.capture(buf.region(), &mut dst, plain_copy).unwrap();
+    assert!(
+        matches!(first, Capture::Plain { first: true, .. }),
+        "{first:?}"
+    );
+    let again = s.capture(buf.region(), &mut dst, plain_copy).unwrap();
+    assert!(
+        matches!(again, Capture::Plain { first: false, .. }),
+        "{again:?}"
+    );
+    // The program sets the protocol up later: from then on it is used.
+    Publisher::open(buf.region()).unwrap();
+    assert!(matches!(
+        s.capture(buf.region(), &mut dst, no_stop).unwrap(),
+        Capture::Consistent { .. }
+    ));
+}
+
+#[test]
+fn kept_copy_has_committed_sequence_and_no_waiter() {
+    let buf = HeapBuffer::new(HEADER_LEN + 8);
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    p.begin().commit();
+    buf.region().store_u64(OFF_WAITERS, 1); // a snapshotter "asleep"
+    let mut dst = vec![0; buf.region().len()];
+    try_copy_consistent(buf.region(), &mut dst).unwrap();
+    assert_eq!(&dst[OFF_WAITERS..OFF_WAITERS + 8], &[0; 8]);
+    assert_eq!(&dst[OFF_SEQ..OFF_SEQ + 8], &2u64.to_le_bytes());
+}
+
+#[test]
+fn region_bounds_and_bytes() {
+    let buf = HeapBuffer::new(32);
+    let r = buf.region();
+    r.write(3, b"hello world");
+    let mut out = [0u8; 11];
+    r.read(3, &mut out);
+    assert_eq!(&out, b"hello world");
+    assert!(r.subregion(4, 8).is_none(), "misaligned");
+    assert!(r.subregion(8, 30).is_none(), "too long");
+    assert!(r.subregion(usize::MAX - 7, 16).is_none(), "overflow");
+    assert_eq!(r.subregion(8, 24).unwrap().len(), 24);
+    let caught = std::panic::catch_unwind(|| buf.region().load_u64(32));
+    assert!(
+        caught.is_err(),
+        "out of range offsets panic like slice indexing"
+    );
+}
+
+/// Accounts whose total never changes, updated in place by transfers; the
+/// last word counts transfers. A torn copy breaks the total.
+const ACCOUNTS: usize = 4096;
+const TOTAL: u64 = ACCOUNTS as u64 * 1000;
+
+fn verify(snapshot: &[u8]) -> Result<u64, String> {
+    let word = |i: usize| {
+        let at = DATA_OFFSET + i * 8;
+        u64::from_le_bytes(snapshot[at..at + 8].try_into().unwrap())
+    };
+    let sum: u64 = (0..ACCOUNTS).map(word).sum();
+    if sum != TOTAL {
+        return Err(format!("total is {sum}, not {TOTAL}"));
+    }
+    Ok(word(ACCOUNTS))
+}
+
+fn writer(buf: Arc<HeapBuffer>, stop: Arc<AtomicBool>, pause: Arc<AtomicU64>) -> u64 {
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    {
+        let u = p.begin();
+        for i in 0..ACCOUNTS {
+            u.data().store_u64(i * 8, 1000);
+        }
+        u.commit();
+    }
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        // The heap stand-in for SIGSTOP: park between updates on request.
+        if pause.load(Ordering::Acquire) == 1 {
+            pause.store(2, Ordering::Release);
+            while pause.load(Ordering::Acquire) != 0 {
+                std::thread::yield_now();
+            }
+        }
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (a, b) = ((x as usize) % ACCOUNTS, ((x >> 32) as usize) % ACCOUNTS);
+        let u = p.begin();
+        let d = u.data();
+        let amount = d.load_u64(a * 8).min(x % 50);
+        d.store_u64(a * 8, d.load_u64(a * 8) - amount);
+        d.store_u64(b * 8, d.load_u64(b * 8) + amount);
+        n += 1;
+        d.store_u64(ACCOUNTS * 8, n);
+        u.commit();
+        // Bursts of commits with short breaks, so that optimistic copies
+        // both fail (inside bursts) and succeed (in the breaks).
+        if n % 512 == 0 {
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    }
+    n
+}
+
+#[test]
+fn every_kept_snapshot_of_a_busy_writer_verifies() {
+    let buf = Arc::new(HeapBuffer::new(DATA_OFFSET + (ACCOUNTS + 1) * 8));
+    let stop = Arc::new(AtomicBool::new(false));
+    let pause = Arc::new(AtomicU64::new(0));
+    let w = {
+        let (buf, stop, pause) = (buf.clone(), stop.clone(), pause.clone());
+        std::thread::spawn(move || writer(buf, stop, pause))
+    };
+    while !has_protocol(buf.region()) || committed_generation(buf.region()) == Some(0) {
+        std::thread::yield_now();
+    }
+    let mut dst = vec![0; buf.region().len()];
+    let mut s = Snapshotter::new().max_tries(3);
+    let (mut consistent, mut stopped, mut torn, mut broken, mut last_count) = (0, 0, 0, 0, 0);
+    let rounds = 300;
+    for _ in 0..rounds {
+        // Raw optimistic copies: count the ones the protocol rejects.
+        if let Outcome::Changed { .. } = try_copy_consistent(buf.region(), &mut dst).unwrap() {
+            torn += 1;
+            if verify(&dst).is_err() {
+                broken += 1;
+            }
+        }
+        let c = s
+            .capture(buf.region(), &mut dst, |src, dst| {
+                pause.store(1, Ordering::Release);
+                while pause.load(Ordering::Acquire) != 2 {
+                    std::thread::yield_now();
+                }
+                src.copy_to(dst);
+                pause.store(0, Ordering::Release);
+                Ok(())
+            })
+            .unwrap();
+        match c {
+            Capture::Consistent { .. } => consistent += 1,
+            Capture::Stopped { in_update, .. } => {
+                assert!(!in_update, "the heap stand-in stops between updates");
+                stopped += 1;
+            }
+            Capture::Unchanged { .. } => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+        let count = verify(&dst).unwrap_or_else(|e| panic!("kept snapshot is torn: {e}"));
+        assert!(count >= last_count, "snapshots go forward");
+        last_count = count;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let n = w.join().unwrap();
+    eprintln!(
+        "{rounds} rounds: {consistent} consistent, {stopped} stopped, {torn} raw copies rejected \
+         ({broken} of them visibly torn), {n} transfers"
+    );
+    assert!(consistent + stopped > 0);
+    assert!(last_count > 0, "the writer made progress");
+}
+
+#[test]
+fn waiting_snapshotter_is_woken_by_the_commit() {
+    let buf = Arc::new(HeapBuffer::new(HEADER_LEN + 8));
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    p.enter_update();
+    let b2 = buf.clone();
+    let t = std::thread::spawn(move || {
+        let s = Snapshotter::new();
+        let start = Instant::now();
+        let g = s.wait_for_generation(b2.region(), 0, Duration::from_secs(20));
+        (g, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    p.commit();
+    let (g, waited) = t.join().unwrap();
+    assert_eq!(g, Some(1));
+    assert!(
+        waited < Duration::from_secs(5),
+        "woken by the commit, not the timeout ({waited:?})"
+    );
+    // Nothing committed: it sleeps until the timeout, then reports the
+    // unchanged generation.
+    let start = Instant::now();
+    let g = Snapshotter::new().wait_for_generation(buf.region(), 1, Duration::from_millis(30));
+    assert_eq!(g, Some(1));
+    assert!(start.elapsed() >= Duration::from_millis(30));
+}
