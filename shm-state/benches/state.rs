@@ -128,9 +128,10 @@ fn map_vs_std(n: u64) {
             s.transaction(|tx| tx.map(h)?.remove(&k)).unwrap();
         }
     });
+    let fresh: StateMap<u64, u64> = s.transaction(|tx| tx.new_map()).unwrap();
     let batch_insert = time(n, || {
         s.transaction(|tx| {
-            let mut m = tx.map(h)?;
+            let mut m = tx.map(fresh)?;
             for &k in &ks {
                 m.insert(&k, &k)?;
             }

@@ -429,18 +429,20 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         self.view()
     }
 
-    /// Encodes an item's slot field, allocating a byte string if needed.
-    fn encode<I: Item>(&mut self, v: &I::Borrowed) -> Result<Vec<u8>> {
+    /// Appends an item's slot field to `out`, allocating a byte string if
+    /// needed.
+    fn encode<I: Item>(&mut self, v: &I::Borrowed, out: &mut Vec<u8>) -> Result<()> {
         let bytes = I::as_bytes(v);
         if I::KIND == BYTES {
             let b = self.tx.alloc(Kind::Bytes, bytes.len() as u64, false)?;
             self.tx.write("byte string", b.payload(), bytes)?;
-            Ok(b.off.to_le_bytes().to_vec())
+            out.extend_from_slice(&b.off.to_le_bytes());
         } else {
-            let mut f = bytes.to_vec();
-            f.resize(field::<I>() as usize, 0);
-            Ok(f)
+            let start = out.len();
+            out.extend_from_slice(bytes);
+            out.resize(start + field::<I>() as usize, 0);
         }
+        Ok(())
     }
 
     /// Frees an item's byte string, if it has one.
@@ -454,7 +456,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
 
     /// Grows (or cleans) the table so that one more entry fits.
     fn make_room(&mut self, h: Header) -> Result<Header> {
-        if h.cap != 0 && (h.len + h.tombs + 1) * 4 <= h.cap * 3 {
+        if h.cap != 0 && (h.len + h.tombs + 1) * 8 <= h.cap * 7 {
             return Ok(h);
         }
         let new_cap = if (h.len + 1) * 2 > h.cap {
@@ -499,21 +501,22 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
     /// Inserts or replaces the value for `key`; returns true if it replaced
     /// one.
     pub fn insert(&mut self, key: &K::Borrowed, value: &V::Borrowed) -> Result<bool> {
-        let kb = K::as_bytes(key).to_vec();
-        let tag = hash(&kb) | TAG_BIT;
+        let kb = K::as_bytes(key);
+        let tag = hash(kb) | TAG_BIT;
         let size = slot_size::<K, V>();
         let h = self.header()?;
         let heap = self.tx.heap()?;
-        if let Ok(i) = find::<K, V>(self.tx.mem(), heap, &h, &kb, tag)? {
+        let mut slot = Vec::with_capacity(size as usize);
+        if let Ok(i) = find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? {
             let at = h.slots() + i * size + 8 + field::<K>();
             self.release::<V>(at)?;
-            let v = self.encode::<V>(value)?;
-            self.tx.write("map slot", at, &v)?;
+            self.encode::<V>(value, &mut slot)?;
+            self.tx.write("map slot", at, &slot)?;
             return Ok(true);
         }
         let h = self.make_room(h)?;
         let heap = self.tx.heap()?;
-        let Err(Some(i)) = find::<K, V>(self.tx.mem(), heap, &h, &kb, tag)? else {
+        let Err(Some(i)) = find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? else {
             return Err(Error::corrupt(
                 "map table",
                 h.at,
@@ -522,9 +525,9 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         };
         let at = h.slots() + i * size;
         let reused = u64_at(self.tx.mem(), "map slot", at)? == DELETED;
-        let mut slot = tag.to_le_bytes().to_vec();
-        slot.extend(self.encode::<K>(key)?);
-        slot.extend(self.encode::<V>(value)?);
+        slot.extend_from_slice(&tag.to_le_bytes());
+        self.encode::<K>(key, &mut slot)?;
+        self.encode::<V>(value, &mut slot)?;
         self.tx.write("map slot", at, &slot)?;
         let mut w = [0u8; 16];
         w[..8].copy_from_slice(&(h.len + 1).to_le_bytes());

@@ -177,7 +177,10 @@ fn bank_snapshots_taken_while_it_runs_restore_to_a_committed_state() {
     eprintln!("{rounds} restores, {recovered} of them rolled back a transaction");
     // Snapshots are taken by stopping bank mid-flight; most land inside a
     // transaction, so the recovery path must have been exercised.
-    assert!(recovered >= 1, "no snapshot caught a transaction in progress");
+    assert!(
+        recovered >= 1,
+        "no snapshot caught a transaction in progress"
+    );
 }
 
 fn kv(snap: &Path, args: &[&str]) -> (i32, String, String) {
