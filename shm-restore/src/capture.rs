@@ -16,13 +16,30 @@ use nix::unistd::Pid;
 use crate::error::{Error, Result};
 use crate::image::Image;
 
-/// A consistent private copy of the memfd.
+/// The result of a capture: a consistent private copy, or the news that
+/// nothing writes the memfd any more (so a save may read it directly).
 #[derive(Debug)]
-pub struct Captured {
-    /// The copy.
-    pub image: Image,
-    /// How long the program was paused for it, if it was.
-    pub pause: Option<Duration>,
+pub enum Captured {
+    /// A copy of a state the program had.
+    Copied {
+        /// The copy.
+        image: Image,
+        /// How long the program was paused for it, if it was.
+        pause: Option<Duration>,
+    },
+    /// No process is left that could write the memfd: read it directly
+    /// ([`crate::Saver::save_memfd`]), without a private copy.
+    Quiescent,
+}
+
+impl Captured {
+    /// How long the program was paused, if it was.
+    pub fn pause(&self) -> Option<Duration> {
+        match self {
+            Captured::Copied { pause, .. } => *pause,
+            Captured::Quiescent => None,
+        }
+    }
 }
 
 /// A way of copying the memfd that yields a state the program had.
@@ -31,15 +48,14 @@ pub trait Capture {
     fn capture(&mut self, memfd: &File) -> Result<Captured>;
 }
 
-/// Copies the memfd as it is, without pausing anyone: consistent only when
-/// nothing writes it meanwhile (the program has exited).
+/// For a memfd nothing writes any more (the program has exited): returns
+/// [`Captured::Quiescent`] without copying.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Unpaused;
 
 impl Capture for Unpaused {
-    fn capture(&mut self, memfd: &File) -> Result<Captured> {
-        let image = Image::read_from(memfd).map_err(|e| Error::io("copying", "the memfd", e))?;
-        Ok(Captured { image, pause: None })
+    fn capture(&mut self, _memfd: &File) -> Result<Captured> {
+        Ok(Captured::Quiescent)
     }
 }
 
@@ -48,7 +64,7 @@ impl Capture for Unpaused {
 /// (`SIGCONT`) before returning, also on errors. Writing to disk happens
 /// after, outside the pause.
 ///
-/// When the group no longer exists the copy is made unpaused.
+/// When the group no longer exists the result is [`Captured::Quiescent`].
 #[derive(Debug, Clone, Copy)]
 pub struct StopGroup {
     pgid: i32,
@@ -91,7 +107,7 @@ impl Capture for StopGroup {
         wait_until_stopped(self.pgid, self.timeout)?;
         let image = Image::read_from(memfd).map_err(|e| Error::io("copying", "the memfd", e))?;
         drop(cont);
-        Ok(Captured {
+        Ok(Captured::Copied {
             image,
             pause: Some(start.elapsed()),
         })
@@ -188,7 +204,7 @@ mod tests {
         let got = StopGroup::new(pgid, Duration::from_secs(5))
             .capture(&memfd)
             .unwrap();
-        assert!(got.pause.is_some());
+        assert!(got.pause().is_some());
         // Continued afterwards: the shell is running (R), not stopped.
         let deadline = Instant::now() + Duration::from_secs(5);
         while is_stopped(pgid) {

@@ -27,8 +27,9 @@
 //! // ... run the program ...
 //! let (storage, name) = DirStorage::for_snapshot(path)?;
 //! let mut saver = Saver::new(storage, &name, SaveOptions::default());
+//! // The program exited: nothing writes the memfd, save it directly.
 //! let captured = Unpaused.capture(&memfd)?;
-//! saver.save(&captured.image, shm_restore::now_ns())?;
+//! saver.save_captured(&captured, &memfd, shm_restore::now_ns())?;
 //! # Ok(()) }
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::format::{Chunk, Header};
 use crate::save::{move_aside, prev_path};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{ReadError, copy_into, verify};
 use crate::storage::{DirStorage, Storage};
 
 /// Why the snapshot itself was not loaded and `.prev` was.
@@ -77,13 +77,13 @@ pub fn restore(
         return Ok(LoadOutcome::LiveKept { len });
     }
     let prev = prev_path(snapshot);
-    let main_problem = match Snapshot::open(snapshot, max_data_len) {
+    let main_problem = match Verified::open(snapshot, max_data_len) {
         Ok(s) => return load(snapshot.to_owned(), s, memfd),
         Err(e) if e.is_corrupt() || e.is_not_found() => e,
         Err(e) => return Err(e),
     };
     let missing = main_problem.is_not_found();
-    match Snapshot::open(&prev, max_data_len) {
+    match Verified::open(&prev, max_data_len) {
         Ok(s) => {
             let mut fallback = Fallback {
                 problem: main_problem,
@@ -120,22 +120,48 @@ pub fn restore(
     }
 }
 
-fn load(path: PathBuf, snapshot: Snapshot, memfd: &File) -> Result<LoadOutcome> {
-    let header = *snapshot.header();
-    let chunks = snapshot.chunks().to_vec();
-    snapshot.into_image().write_into(memfd).map_err(|e| {
-        let e = if e.raw_os_error() == Some(libc::EPERM) {
+/// A snapshot file whose every checksum was verified.
+struct Verified {
+    file: File,
+    header: Header,
+    chunks: Vec<Chunk>,
+}
+
+impl Verified {
+    fn open(path: &Path, max_data_len: u64) -> Result<Verified> {
+        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let (header, chunks) = verify(&file, max_data_len).map_err(|e| e.into_error(path))?;
+        Ok(Verified {
+            file,
+            header,
+            chunks,
+        })
+    }
+}
+
+fn load(path: PathBuf, snapshot: Verified, memfd: &File) -> Result<LoadOutcome> {
+    let Verified {
+        file,
+        header,
+        chunks,
+    } = snapshot;
+    copy_into(&file, &header, &chunks, memfd).map_err(|e| match e {
+        ReadError::Io(e) if e.raw_os_error() == Some(libc::EPERM) => Error::io(
+            "loading the snapshot into",
+            "the memfd",
             io::Error::new(
                 e.kind(),
                 format!(
                     "it is sealed against growing to the snapshot's {} bytes",
                     header.data_len
                 ),
-            )
-        } else {
-            e
-        };
-        Error::io("loading the snapshot into", "the memfd", e)
+            ),
+        ),
+        ReadError::Io(e) => Error::io("loading the snapshot into the memfd from", &path, e),
+        ReadError::Damaged(damage) => Error::Corrupt {
+            path: path.clone(),
+            damage,
+        },
     })?;
     Ok(LoadOutcome::Loaded {
         path,

@@ -4,12 +4,15 @@
 //! leaves behind.
 
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::capture::Captured;
 use crate::error::{Damage, Error, Result};
 use crate::format::{self, Chunk, DEFAULT_CHUNK_SIZE, HEADER_LEN, Header};
-use crate::image::Image;
-use crate::snapshot::{DEFAULT_MAX_DATA_LEN, ReadError, file_time, read_header, read_snapshot};
+use crate::image::{Extent, Image, data_extents};
+use crate::snapshot::{DEFAULT_MAX_DATA_LEN, ReadError, file_time, read_header, verify};
 use crate::storage::Storage;
 
 /// How [`Saver`] writes snapshots.
@@ -28,7 +31,7 @@ impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
-            write_size: 8 << 20,
+            write_size: 1 << 20,
             max_data_len: DEFAULT_MAX_DATA_LEN,
         }
     }
@@ -99,6 +102,50 @@ pub fn move_aside<S: Storage>(storage: &mut S, name: &OsStr, now_ns: u64) -> Res
         }
     }
     unreachable!("the loop returns")
+}
+
+/// Where a save reads the data from.
+enum Source<'a> {
+    /// A private copy.
+    Image(&'a Image),
+    /// The memfd itself, which nothing writes meanwhile.
+    Memfd {
+        file: &'a File,
+        data_len: u64,
+        extents: Vec<Extent>,
+    },
+}
+
+impl Source<'_> {
+    fn data_len(&self) -> u64 {
+        match self {
+            Source::Image(i) => i.data_len(),
+            Source::Memfd { data_len, .. } => *data_len,
+        }
+    }
+
+    fn extents(&self) -> &[Extent] {
+        match self {
+            Source::Image(i) => i.extents(),
+            Source::Memfd { extents, .. } => extents,
+        }
+    }
+}
+
+/// The chunks `(memfd offset, length)` of `extents`: each extent split
+/// into pieces of at most `chunk_size` bytes from its start.
+fn chunk_layout(extents: &[Extent], chunk_size: u32) -> Vec<(u64, u32)> {
+    let size = u64::from(chunk_size.max(1));
+    let mut out = Vec::new();
+    for e in extents {
+        let mut off = 0;
+        while off < e.len {
+            let n = size.min(e.len - off);
+            out.push((e.offset + off, n as u32));
+            off += n;
+        }
+    }
+    out
 }
 
 /// Saves images to one snapshot file through a [`Storage`], keeping track
@@ -187,14 +234,51 @@ impl<S: Storage> Saver<S> {
     /// is removed, except when only the final directory fsync failed: then
     /// the new snapshot is in place but may not survive a machine crash.
     pub fn save(&mut self, image: &Image, saved_at_ns: u64) -> Result<SaveOutcome> {
-        if image.is_empty() {
+        self.save_from(Source::Image(image), saved_at_ns)
+    }
+
+    /// Saves the memfd's current contents by streaming them to the file
+    /// (no private copy of the whole): for a memfd nothing writes while the
+    /// save runs, e.g. after the program exited ([`Captured::Quiescent`]).
+    /// Otherwise as [`Saver::save`].
+    ///
+    /// [`Captured::Quiescent`]: crate::Captured::Quiescent
+    pub fn save_memfd(&mut self, memfd: &File, saved_at_ns: u64) -> Result<SaveOutcome> {
+        let fail = |e| Error::io("reading", "the memfd", e);
+        let data_len = memfd.metadata().map_err(fail)?.len();
+        let extents = data_extents(memfd, data_len).map_err(fail)?;
+        self.save_from(
+            Source::Memfd {
+                file: memfd,
+                data_len,
+                extents,
+            },
+            saved_at_ns,
+        )
+    }
+
+    /// Saves what a [`Capture`](crate::Capture) returned: the copy, or the
+    /// quiescent memfd itself.
+    pub fn save_captured(
+        &mut self,
+        captured: &Captured,
+        memfd: &File,
+        saved_at_ns: u64,
+    ) -> Result<SaveOutcome> {
+        match captured {
+            Captured::Copied { image, .. } => self.save(image, saved_at_ns),
+            Captured::Quiescent => self.save_memfd(memfd, saved_at_ns),
+        }
+    }
+
+    fn save_from(&mut self, source: Source<'_>, saved_at_ns: u64) -> Result<SaveOutcome> {
+        if source.data_len() == 0 {
             return Ok(SaveOutcome::SkippedEmpty);
         }
         let generation = self.generation + 1;
         let chunk_size = self.options.chunk_size;
-        let table = image.table(chunk_size);
-        let table_bytes = format::encode_table(&table);
-        let data_offset = format::data_offset_for(table.len() as u64)
+        let layout = chunk_layout(source.extents(), chunk_size);
+        let data_offset = format::data_offset_for(layout.len() as u64)
             .filter(|&o| usize::try_from(o).is_ok())
             .ok_or_else(|| {
                 Error::io(
@@ -203,20 +287,6 @@ impl<S: Storage> Saver<S> {
                     std::io::Error::other("chunk table too large"),
                 )
             })?;
-        let stored_len = image.bytes().len() as u64;
-        let header = Header {
-            chunk_size,
-            data_len: image.data_len(),
-            generation,
-            saved_at_ns,
-            chunk_count: table.len() as u64,
-            stored_len,
-            data_offset,
-            table_crc: crc32fast::hash(&table_bytes),
-        };
-        let mut front = vec![0u8; data_offset as usize];
-        front[..HEADER_LEN].copy_from_slice(&header.encode());
-        front[HEADER_LEN..HEADER_LEN + table_bytes.len()].copy_from_slice(&table_bytes);
 
         self.seq += 1;
         let pid = std::process::id();
@@ -225,11 +295,28 @@ impl<S: Storage> Saver<S> {
             .storage
             .create_new(&tmp)
             .map_err(|e| Error::io("creating", self.storage.path_of(&tmp), e))?;
-        let written = self.write_temp(&mut file, &tmp, &front, image.bytes(), data_offset);
+        let written = self.write_temp(&mut file, &tmp, &source, &layout, data_offset, |table| {
+            let table_bytes = format::encode_table(table);
+            let header = Header {
+                chunk_size,
+                data_len: source.data_len(),
+                generation,
+                saved_at_ns,
+                chunk_count: table.len() as u64,
+                stored_len: table.iter().map(|c| u64::from(c.len)).sum(),
+                data_offset,
+                table_crc: crc32fast::hash(&table_bytes),
+            };
+            let mut front = vec![0u8; data_offset as usize];
+            front[..HEADER_LEN].copy_from_slice(&header.encode());
+            front[HEADER_LEN..HEADER_LEN + table_bytes.len()].copy_from_slice(&table_bytes);
+            front
+        });
         drop(file);
-        if let Err(e) = written {
-            return Err(self.discard(&tmp, e));
-        }
+        let table = match written {
+            Ok(t) => t,
+            Err(e) => return Err(self.discard(&tmp, e)),
+        };
         let moved_corrupt = match self.keep_previous(saved_at_ns) {
             Ok(m) => m,
             Err(e) => return Err(self.discard(&tmp, e)),
@@ -244,9 +331,10 @@ impl<S: Storage> Saver<S> {
         }
         // The new snapshot is in place from here on.
         let kept_previous = moved_corrupt.is_none() && self.trusted.is_some();
+        let stored_len: u64 = table.iter().map(|c| u64::from(c.len)).sum();
         self.generation = generation;
         self.trusted = Some(generation);
-        self.last = Some((image.data_len(), table));
+        self.last = Some((source.data_len(), table));
         self.storage.sync_dir().map_err(|e| {
             Error::io(
                 "fsync of the directory (the new snapshot may not survive a crash)",
@@ -256,7 +344,7 @@ impl<S: Storage> Saver<S> {
         })?;
         Ok(SaveOutcome::Saved(SaveReport {
             generation,
-            data_len: image.data_len(),
+            data_len: source.data_len(),
             stored_len,
             file_len: data_offset + stored_len,
             kept_previous,
@@ -264,28 +352,72 @@ impl<S: Storage> Saver<S> {
         }))
     }
 
+    /// Writes the data in pieces of whole chunks, computing each chunk's
+    /// CRC on the way, then the header and table (made by `front` from the
+    /// finished table) at offset 0, then fsyncs. Returns the table.
     fn write_temp(
         &mut self,
         file: &mut S::File,
         tmp: &OsStr,
-        front: &[u8],
-        data: &[u8],
+        source: &Source<'_>,
+        layout: &[(u64, u32)],
         data_offset: u64,
-    ) -> Result<()> {
-        let step = self.options.write_size.max(1);
-        for (i, piece) in data.chunks(step).enumerate() {
-            let at = data_offset + (i * step) as u64;
+        front: impl FnOnce(&[Chunk]) -> Vec<u8>,
+    ) -> Result<Vec<Chunk>> {
+        let piece_max = self
+            .options
+            .write_size
+            .max(self.options.chunk_size as usize);
+        let mut table = Vec::with_capacity(layout.len());
+        let mut buf = Vec::new();
+        let mut pos = 0usize; // in the data region
+        let mut i = 0;
+        while i < layout.len() {
+            let mut j = i;
+            let mut len = 0usize;
+            while j < layout.len() && (j == i || len + layout[j].1 as usize <= piece_max) {
+                len += layout[j].1 as usize;
+                j += 1;
+            }
+            let piece: &[u8] = match source {
+                Source::Image(image) => &image.bytes()[pos..pos + len],
+                Source::Memfd { file: memfd, .. } => {
+                    buf.resize(len, 0);
+                    let mut at = 0;
+                    for &(offset, n) in &layout[i..j] {
+                        memfd
+                            .read_exact_at(&mut buf[at..at + n as usize], offset)
+                            .map_err(|e| Error::io("reading", "the memfd", e))?;
+                        at += n as usize;
+                    }
+                    &buf
+                }
+            };
+            let mut at = 0;
+            for &(offset, n) in &layout[i..j] {
+                let bytes = &piece[at..at + n as usize];
+                table.push(Chunk {
+                    offset,
+                    len: n,
+                    crc: crc32fast::hash(bytes),
+                });
+                at += n as usize;
+            }
             self.storage
-                .write_at(file, at, piece)
+                .write_at(file, data_offset + pos as u64, piece)
                 .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
+            pos += len;
+            i = j;
         }
         // The header last: a temp file cut short has no valid header.
+        let front = front(&table);
         self.storage
-            .write_at(file, 0, front)
+            .write_at(file, 0, &front)
             .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
         self.storage
             .sync_file(file)
-            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))
+            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))?;
+        Ok(table)
     }
 
     /// Keeps the file now in the snapshot's place as `.prev` when it is
@@ -305,8 +437,8 @@ impl<S: Storage> Saver<S> {
         let known = matches!((read_header(&reader, max), self.trusted),
             (Ok(h), Some(g)) if h.generation == g);
         if !known {
-            match read_snapshot(&reader, max) {
-                Ok(s) => self.trusted = Some(s.header().generation),
+            match verify(&reader, max) {
+                Ok((h, _)) => self.trusted = Some(h.generation),
                 Err(ReadError::Io(e)) => return Err(Error::io("reading", path, e)),
                 Err(ReadError::Damaged(damage)) => {
                     drop(reader);

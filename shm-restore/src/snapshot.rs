@@ -55,7 +55,7 @@ pub enum ReadError {
 }
 
 impl ReadError {
-    fn into_error(self, path: &Path) -> Error {
+    pub(crate) fn into_error(self, path: &Path) -> Error {
         match self {
             ReadError::Damaged(damage) => Error::Corrupt {
                 path: path.to_owned(),
@@ -156,6 +156,78 @@ pub fn read_snapshot<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Sna
     })
 }
 
+/// Reads and verifies a whole snapshot from `r` without holding its data:
+/// each chunk is read into one reused buffer and checked. Returns the
+/// header and the chunk table.
+pub fn verify<R: ReadAt + ?Sized>(
+    r: &R,
+    max_data_len: u64,
+) -> Result<(Header, Vec<Chunk>), ReadError> {
+    let header = read_header(r, max_data_len)?;
+    let table_len = (header.data_offset - HEADER_LEN as u64) as usize;
+    let mut table = vec![0u8; table_len];
+    r.read_exact_at(&mut table, HEADER_LEN as u64)?;
+    let entries = header.chunk_count as usize * format::ENTRY_LEN;
+    let chunks = format::decode_table(&table[..entries], &header)?;
+    let mut buf = vec![0u8; header.chunk_size.min(header.stored_len.max(1) as u32) as usize];
+    let mut at = 0u64;
+    let mut bad = 0u64;
+    let mut first = None;
+    for (index, c) in chunks.iter().enumerate() {
+        let b = &mut buf[..c.len as usize];
+        r.read_exact_at(b, header.data_offset + at)?;
+        if crc32fast::hash(b) != c.crc {
+            bad += 1;
+            first.get_or_insert((index, at, *c));
+        }
+        at += u64::from(c.len);
+    }
+    if let Some((index, at, c)) = first {
+        return Err(ReadError::Damaged(Damage::ChunkChecksum {
+            bad,
+            total: chunks.len() as u64,
+            index: index as u64,
+            memfd_offset: c.offset,
+            file_offset: header.data_offset + at,
+            len: c.len,
+        }));
+    }
+    Ok((header, chunks))
+}
+
+/// Copies a snapshot that [`verify`] accepted into an empty memfd, chunk by
+/// chunk, checking each chunk's CRC again (the file could have changed
+/// since). Holes stay holes.
+pub fn copy_into<R: ReadAt + ?Sized>(
+    r: &R,
+    header: &Header,
+    chunks: &[Chunk],
+    memfd: &File,
+) -> Result<(), ReadError> {
+    if header.data_len > 0 {
+        memfd.set_len(header.data_len)?;
+    }
+    let mut buf = vec![0u8; header.chunk_size.min(header.stored_len.max(1) as u32) as usize];
+    let mut at = 0u64;
+    for (index, c) in chunks.iter().enumerate() {
+        let b = &mut buf[..c.len as usize];
+        r.read_exact_at(b, header.data_offset + at)?;
+        if crc32fast::hash(b) != c.crc {
+            return Err(ReadError::Damaged(Damage::ChunkChecksum {
+                bad: 1,
+                total: chunks.len() as u64,
+                index: index as u64,
+                memfd_offset: c.offset,
+                file_offset: header.data_offset + at,
+                len: c.len,
+            }));
+        }
+        memfd.write_all_at(b, c.offset)?;
+        at += u64::from(c.len);
+    }
+    Ok(())
+}
+
 /// Checks every chunk's CRC; returns the damage (all bad chunks counted,
 /// the first located) or `None`.
 fn check_chunks(header: &Header, chunks: &[Chunk], data: &[u8]) -> Option<Damage> {
@@ -202,7 +274,7 @@ pub fn inspect(path: &Path, max_data_len: u64) -> Inspection {
         }
     };
     let header = read_header(&file, max_data_len).ok();
-    let verdict = read_snapshot(&file, max_data_len)
+    let verdict = verify(&file, max_data_len)
         .map(drop)
         .map_err(|e| e.into_error(path));
     Inspection { header, verdict }

@@ -221,7 +221,7 @@ fn save(
             return false;
         }
     };
-    match saver.save(&captured.image, now_ns()) {
+    match saver.save_captured(&captured, memfd, now_ns()) {
         Ok(SaveOutcome::Saved(r)) => {
             if let Some((moved, damage)) = &r.moved_corrupt {
                 eprintln!(
@@ -231,7 +231,7 @@ fn save(
             }
             if why != "periodic" {
                 let pause = captured
-                    .pause
+                    .pause()
                     .map(|p| format!(", paused {:.1} ms", p.as_secs_f64() * 1e3))
                     .unwrap_or_default();
                 say(
