@@ -46,7 +46,7 @@ impl<'a> Region<'a> {
     ///   outside Rust's model and may do as they like.
     #[cfg(not(loom))]
     pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> Region<'a> {
-        debug_assert!(ptr as usize % 8 == 0, "region pointer not 8-aligned");
+        debug_assert!((ptr as usize) & 7 == 0, "region pointer not 8-aligned");
         let words = len / 8;
         // SAFETY: the caller guarantees `ptr` is 8-aligned and valid for
         // `len` bytes during 'a, and only accessed atomically in this
@@ -96,7 +96,7 @@ impl<'a> Region<'a> {
     /// not a multiple of 8 without reaching the end of the region.
     pub fn subregion(&self, offset: usize, len: usize) -> Option<Region<'a>> {
         let end = offset.checked_add(len)?;
-        if offset % 8 != 0 || end > self.len() {
+        if offset & 7 != 0 || end > self.len() {
             return None;
         }
         let first = offset / 8;
@@ -106,7 +106,7 @@ impl<'a> Region<'a> {
                 tail: self.tail,
             });
         }
-        if len % 8 != 0 {
+        if len & 7 != 0 {
             return None;
         }
         Some(Region {
@@ -117,7 +117,7 @@ impl<'a> Region<'a> {
 
     /// The cell of the 8-aligned word at byte `offset`.
     pub(crate) fn word(&self, offset: usize) -> &'a AtomicU64 {
-        assert!(offset % 8 == 0, "offset {offset} is not 8-aligned");
+        assert!(offset & 7 == 0, "offset {offset} is not 8-aligned");
         match self.words.get(offset / 8) {
             Some(w) => w,
             None => panic!(
@@ -171,7 +171,7 @@ impl<'a> Region<'a> {
         let mut i = 0;
         while i < bytes.len() {
             let at = offset + i;
-            if at % 8 == 0 && bytes.len() - i >= 8 && at / 8 < self.words.len() {
+            if at & 7 == 0 && bytes.len() - i >= 8 && at / 8 < self.words.len() {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&bytes[i..i + 8]);
                 self.words[at / 8].store(u64::from_ne_bytes(w), Ordering::Relaxed);

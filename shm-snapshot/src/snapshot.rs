@@ -144,7 +144,7 @@ fn fix_header(dst: &mut [u8], seq: u64) {
 fn wait_for_commit(header: Header<'_>, timeout: Duration) {
     let seq = header.seq();
     let now = u64::from_le(seq.load(Ordering::Acquire));
-    if now % 2 == 0 {
+    if now & 1 == 0 {
         return;
     }
     header.waiters().store(1, Ordering::Relaxed);
@@ -303,7 +303,7 @@ impl Snapshotter {
         };
         self.plain = false;
         let seq = u64::from_le(header.seq().load(Ordering::Acquire));
-        if seq % 2 == 0 && self.last == Some((seq / 2, src.len())) {
+        if seq & 1 == 0 && self.last == Some((seq / 2, src.len())) {
             return Ok(Capture::Unchanged {
                 generation: seq / 2,
             });

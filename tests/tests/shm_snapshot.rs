@@ -97,10 +97,11 @@ fn outside_a_watcher_and_on_foreign_state_it_fails_cleanly() {
 fn child_of(parent: u32, deadline: Instant) -> Option<i32> {
     while Instant::now() < deadline {
         let path = format!("/proc/{parent}/task/{parent}/children");
-        if let Ok(s) = std::fs::read_to_string(path) {
-            if let Some(pid) = s.split_whitespace().next().and_then(|p| p.parse().ok()) {
-                return Some(pid);
-            }
+        let first = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()));
+        if first.is_some() {
+            return first;
         }
         sleep(Duration::from_millis(2));
     }

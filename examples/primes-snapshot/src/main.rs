@@ -74,7 +74,7 @@ struct Args {
 
 fn parse_span(s: &str) -> Result<u64, String> {
     let n: u64 = s.parse().map_err(|e| format!("{e}"))?;
-    if n < 2 || n % 2 != 0 || n > 1 << 30 {
+    if n < 2 || n & 1 != 0 || n > 1 << 30 {
         return Err("the span must be even, between 2 and 2^30".into());
     }
     Ok(n)
@@ -226,7 +226,7 @@ impl State {
         if data.load_u64(OFF_TABLE) != 2 {
             return Err(bad("the table does not start with 2".into()));
         }
-        if next % 2 == 0 || next <= last {
+        if next & 1 == 0 || next <= last {
             return Err(bad(format!(
                 "next {next} does not follow the last prime {last}"
             )));
@@ -255,7 +255,7 @@ impl State {
                 break;
             }
             let mut m = (lo.div_ceil(p) * p).max(p * p);
-            if m % 2 == 0 {
+            if m & 1 == 0 {
                 m += p;
             }
             while m < hi {
