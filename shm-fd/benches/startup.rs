@@ -17,8 +17,8 @@ use shm_fd::{CreateOptions, Handover, SharedFd};
 const CHILD_ENV: &str = "SHM_FD_BENCH_CHILD";
 
 fn main() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        return map_and_touch();
+    if let Ok(name) = std::env::var(CHILD_ENV) {
+        return map_and_touch(&name);
     }
     // `cargo bench` passes `--bench`; nothing else to parse.
     let runs: usize = std::env::var("SHM_FD_BENCH_RUNS")
@@ -28,44 +28,61 @@ fn main() {
     let shm_fd = env!("CARGO_BIN_EXE_shm-fd");
 
     println!("shm-fd startup, {runs} runs each (median / mean)");
-    let base = time_runs(runs, || Command::new("env").arg("true").status());
-    let ours = time_runs(runs, || Command::new(shm_fd).arg("true").status());
+    let [base, ours] = time_interleaved(
+        runs,
+        [
+            &mut || Command::new("env").arg("true").status(),
+            &mut || Command::new(shm_fd).arg("true").status(),
+        ],
+    );
     report("env true (baseline)", base, base);
     report("shm-fd true", ours, base);
 
+    // Both memfds are passed at once (as SHM_SHARED_FD and BIG), and the
+    // runs alternate, so load on the machine hits both alike.
     let me = std::env::current_exe().expect("current_exe");
-    let mut small = None;
-    for (label, size) in [("1 MiB", 1u64 << 20), ("1 GiB", 1u64 << 30)] {
-        let memfd = filled_memfd(size);
-        let timing = with_passed(memfd, |fd_env| {
-            time_runs(runs, || {
-                Command::new(shm_fd)
-                    .arg(&me)
-                    .envs(fd_env.iter().cloned())
-                    .env(CHILD_ENV, "1")
-                    .status()
-            })
-        });
-        let base = *small.get_or_insert(timing);
-        report(&format!("shm-fd + map, {label} filled"), timing, base);
-    }
+    let small = filled_memfd(1 << 20);
+    let big = filled_memfd(1 << 30);
+    let [t_small, t_big] = with_passed(small, big, |fd_env| {
+        let run = |name: &str| {
+            Command::new(shm_fd)
+                .args(["--name", name])
+                .arg(&me)
+                .envs(fd_env.iter().cloned())
+                .env(CHILD_ENV, name)
+                .status()
+        };
+        time_interleaved(
+            runs,
+            [&mut || run(shm_fd::DEFAULT_NAME), &mut || run("BIG")],
+        )
+    });
+    report("shm-fd + map, 1 MiB filled", t_small, t_small);
+    report("shm-fd + map, 1 GiB filled", t_big, t_small);
 }
 
-/// Median and mean wall time of `runs` runs of `f`.
-fn time_runs(
+type Run<'a> = &'a mut dyn FnMut() -> std::io::Result<std::process::ExitStatus>;
+
+/// Median and mean wall time of `runs` runs of each of `fs`, alternating
+/// between them run by run.
+fn time_interleaved<const N: usize>(
     runs: usize,
-    mut f: impl FnMut() -> std::io::Result<std::process::ExitStatus>,
-) -> (Duration, Duration) {
-    let mut times = Vec::with_capacity(runs);
+    mut fs: [Run<'_>; N],
+) -> [(Duration, Duration); N] {
+    let mut times: [Vec<Duration>; N] = std::array::from_fn(|_| Vec::with_capacity(runs));
     for _ in 0..runs {
-        let t = Instant::now();
-        let status = f().expect("spawn");
-        times.push(t.elapsed());
-        assert!(status.success(), "a benchmarked command failed");
+        for (f, t) in fs.iter_mut().zip(times.iter_mut()) {
+            let start = Instant::now();
+            let status = f().expect("spawn");
+            t.push(start.elapsed());
+            assert!(status.success(), "a benchmarked command failed");
+        }
     }
-    times.sort();
-    let mean = times.iter().sum::<Duration>() / runs as u32;
-    (times[runs / 2], mean)
+    times.map(|mut t| {
+        t.sort();
+        let mean = t.iter().sum::<Duration>() / runs as u32;
+        (t[runs / 2], mean)
+    })
 }
 
 fn report(
@@ -97,13 +114,16 @@ fn filled_memfd(size: u64) -> SharedFd {
     memfd
 }
 
-/// Runs `f` with `memfd` placed on fd 3 and the LISTEN_* variables that
-/// describe it, so the `shm-fd` under test reuses it.
-fn with_passed<T>(memfd: SharedFd, f: impl FnOnce(&[(&str, String)]) -> T) -> T {
-    let entries = vec![(shm_fd::DEFAULT_NAME.to_owned(), memfd.into_owned_fd())];
+/// Runs `f` with `small` and `big` placed on fds 3 and 4 (named
+/// SHM_SHARED_FD and BIG) and the LISTEN_* variables that describe them.
+fn with_passed<T>(small: SharedFd, big: SharedFd, f: impl FnOnce(&[(&str, String)]) -> T) -> T {
+    let entries = vec![
+        (shm_fd::DEFAULT_NAME.to_owned(), small.into_owned_fd()),
+        ("BIG".to_owned(), big.into_owned_fd()),
+    ];
     let handover = Handover::from_entries(entries, shm_fd::DEFAULT_NAME).unwrap();
-    // SAFETY: the bench holds no descriptor of its own on 3 (it opened
-    // nothing but the memfd, which is part of the hand-over).
+    // SAFETY: the bench holds no descriptor of its own on 3 or 4 (it
+    // opened nothing but the memfds, which are part of the hand-over).
     let passed = unsafe { handover.install() }.unwrap();
     f(&[
         ("LISTEN_FDS", passed.listen_fds()),
@@ -111,8 +131,8 @@ fn with_passed<T>(memfd: SharedFd, f: impl FnOnce(&[(&str, String)]) -> T) -> T 
     ])
 }
 
-fn map_and_touch() {
-    let shared = SharedFd::from_env(shm_fd::DEFAULT_NAME).expect("memfd");
+fn map_and_touch(name: &str) {
+    let shared = SharedFd::from_env(name).expect("memfd");
     let map = shared.map_raw(1).expect("map");
     // SAFETY: both offsets are inside the mapping.
     let (a, b) = unsafe { (*map.as_ptr(), *map.as_ptr().add(map.len() - 1)) };

@@ -44,14 +44,9 @@ impl ListenEnv {
             .map(|v| parse_number("LISTEN_PID", v, 1, i32::MAX as u64))
             .transpose()?
             .map(|p| p as u32);
+        // Without LISTEN_FDS nothing was passed; a stale LISTEN_FDNAMES is
+        // ignored, as sd_listen_fds_with_names() does.
         let Some(fds) = listen_fds else {
-            if let Some(names) = listen_fdnames {
-                return Err(invalid(
-                    "LISTEN_FDNAMES",
-                    names,
-                    "is set but LISTEN_FDS is not",
-                ));
-            }
             return Ok(None);
         };
         let count = parse_number("LISTEN_FDS", fds, 0, MAX_LISTEN_FDS as u64)? as usize;
@@ -74,7 +69,7 @@ impl ListenEnv {
                     ));
                 }
                 for name in &names {
-                    if let Err(reason) = check_name(name) {
+                    if let Err(reason) = check_inherited_name(name) {
                         return Err(invalid(
                             "LISTEN_FDNAMES",
                             raw,
@@ -174,8 +169,23 @@ impl ListenEnv {
     }
 }
 
-/// Checks that `name` can travel in `LISTEN_FDNAMES` (as systemd requires:
-/// 1..=255 printable ASCII characters, no `:`).
+/// Checks a name found in an inherited `LISTEN_FDNAMES` by systemd's own
+/// rule (`fdname_is_valid`): at most 255 ASCII characters that are not
+/// control characters (spaces allowed; `:` is the separator).
+fn check_inherited_name(name: &str) -> std::result::Result<(), &'static str> {
+    if name.len() > MAX_NAME_LEN {
+        return Err("is longer than 255 bytes");
+    }
+    if !name.bytes().all(|b| b.is_ascii() && !b.is_ascii_control()) {
+        return Err("has control or non-ASCII characters");
+    }
+    Ok(())
+}
+
+/// Checks that `name` can be given to a new fd: 1..=255 printable ASCII
+/// characters without spaces or `:`. Stricter than what is accepted from
+/// an inherited `LISTEN_FDNAMES`, so that every name this crate hands out
+/// is also a valid memfd name and shell word.
 pub fn check_name(name: &str) -> std::result::Result<(), &'static str> {
     if name.is_empty() {
         return Err("is empty");
@@ -238,12 +248,15 @@ mod tests {
     }
 
     #[test]
-    fn names_without_count_is_an_error() {
-        let e = p(None, Some("a"), None).unwrap_err().to_string();
-        assert!(
-            e.contains("LISTEN_FDNAMES") && e.contains("LISTEN_FDS is not"),
-            "{e}"
-        );
+    fn names_without_count_are_ignored() {
+        assert_eq!(p(None, Some("a"), None).unwrap(), None);
+    }
+
+    #[test]
+    fn inherited_names_follow_systemds_rule() {
+        let env = p(Some("2"), Some("my sock:"), None).unwrap().unwrap();
+        assert_eq!(env.names(), ["my sock", ""]);
+        assert!(p(Some("1"), Some("a\tb"), None).is_err());
     }
 
     #[test]
@@ -295,8 +308,8 @@ mod tests {
                 "1 names but LISTEN_FDS=2",
             ),
             ("1", Some("a:b"), None, "LISTEN_FDNAMES", "2 names"),
-            ("2", Some("a:"), None, "LISTEN_FDNAMES", "is empty"),
-            ("1", Some("a b"), None, "LISTEN_FDNAMES", "printable"),
+            ("1", Some("a\u{1}"), None, "LISTEN_FDNAMES", "control"),
+            ("1", Some("é"), None, "LISTEN_FDNAMES", "non-ASCII"),
             ("1", Some("a"), Some("0"), "LISTEN_PID", "out of range"),
             ("1", Some("a"), Some("abc"), "LISTEN_PID", "decimal"),
         ] {

@@ -46,7 +46,7 @@ pub use env::{
     LISTEN_FDS_START, ListenEnv, MAX_LISTEN_FDS, MAX_NAME_LEN, UNKNOWN_NAME, check_name,
 };
 pub use error::{Error, Result};
-pub use memfd::{CreateOptions, Seals, SharedFd};
+pub use memfd::{CreateOptions, MAX_MEMFD_NAME_LEN, Seals, SharedFd};
 pub use notify::notify_fd_store;
 pub use pass::{Handover, PassedFds};
 

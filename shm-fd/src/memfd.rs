@@ -75,8 +75,23 @@ impl SharedFd {
             name: name.to_owned(),
             reason,
         })?;
-        let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
-            .map_err(|e| Error::io("memfd_create", e))?;
+        if name.len() > MAX_MEMFD_NAME_LEN {
+            return Err(Error::InvalidName {
+                name: name.to_owned(),
+                reason: "is longer than 249 bytes (memfd_create's limit)",
+            });
+        }
+        let flags = MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING;
+        // Ask for a non-executable memfd (Linux 6.3+; required under
+        // vm.memfd_noexec=2); older kernels reject the flag with EINVAL.
+        let fd = match memfd_create(
+            name,
+            flags | MFdFlags::from_bits_retain(libc::MFD_NOEXEC_SEAL),
+        ) {
+            Err(nix::errno::Errno::EINVAL) => memfd_create(name, flags),
+            other => other,
+        }
+        .map_err(|e| Error::io("memfd_create", e))?;
         let shared = SharedFd {
             fd,
             name: name.to_owned(),
@@ -85,8 +100,7 @@ impl SharedFd {
             shared.grow_to(options.size)?;
         }
         if options.seal_shrink {
-            fcntl(&shared.fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))
-                .map_err(|e| Error::io("fcntl(F_ADD_SEALS)", e))?;
+            shared.seal_shrink()?;
         }
         Ok(shared)
     }
@@ -94,40 +108,27 @@ impl SharedFd {
     /// Validates that `fd` is a memfd and takes it as the shared fd `name`.
     ///
     /// The fd is set close-on-exec. A file of another kind (a regular file,
-    /// a pipe, ...) is [`Error::BadFd`].
+    /// a pipe, ...), one opened read-only, or one sealed against writing is
+    /// [`Error::BadFd`].
     pub fn adopt(fd: OwnedFd, name: &str) -> Result<Self> {
-        let raw = fd.as_raw_fd();
-        let bad = |problem: String| Error::BadFd {
-            fd: raw,
-            name: name.to_owned(),
-            problem,
-        };
-        let stat =
-            nix::sys::stat::fstat(&fd).map_err(|e| bad(format!("cannot be examined: {e}")))?;
-        if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
-            return Err(bad("is not a memfd (not a regular file)".into()));
-        }
-        let target = std::fs::read_link(format!("/proc/self/fd/{raw}"))
-            .map_err(|e| bad(format!("cannot be examined in /proc/self/fd: {e}")))?;
-        if !target
-            .as_os_str()
-            .as_encoded_bytes()
-            .starts_with(b"/memfd:")
-        {
-            return Err(bad(format!("is not a memfd (it is {})", target.display())));
-        }
-        // A memfd sealed against writing cannot hold changing state.
-        let seals = fcntl(&fd, FcntlArg::F_GET_SEALS)
-            .map_err(|e| bad(format!("cannot report its seals: {e}")))?;
-        if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
-            return Err(bad("is sealed against writing".into()));
-        }
+        validate(fd.as_fd(), name)?;
         nix::fcntl::fcntl(&fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
             .map_err(|e| Error::io("fcntl(F_SETFD)", e))?;
         Ok(SharedFd {
             fd,
             name: name.to_owned(),
         })
+    }
+
+    /// Adds `F_SEAL_SHRINK` unless it is already set. A memfd whose seals
+    /// are frozen (`F_SEAL_SEAL`) without it is an error.
+    pub fn seal_shrink(&self) -> Result<()> {
+        if self.seals()?.contains(Seals::SHRINK) {
+            return Ok(());
+        }
+        fcntl(&self.fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_SHRINK))
+            .map_err(|e| Error::io("fcntl(F_ADD_SEALS, F_SEAL_SHRINK)", e))?;
+        Ok(())
     }
 
     /// Finds the fd called `name` in a parsed hand-over, checks that it is
@@ -147,6 +148,15 @@ impl SharedFd {
             name: name.to_owned(),
             passed: env.names().to_vec(),
         })?;
+        let fd = env.fd_of(name).expect("position() found the name");
+        // Validate through a borrow first: if LISTEN_FDS is stale and the
+        // number belongs to one of our own files, it must not be taken (and
+        // closed on the error path).
+        if crate::sys::fd_is_open(fd) {
+            // SAFETY: the fd is open (checked just above) and the borrow does
+            // not outlive this statement; nothing closes it meanwhile.
+            validate(unsafe { BorrowedFd::borrow_raw(fd) }, name)?;
+        }
         Self::adopt(env.take(index)?, name)
     }
 
@@ -185,6 +195,10 @@ impl SharedFd {
 
     /// Grows the memfd to at least `min_len` bytes; never shrinks it.
     /// Returns the size afterwards.
+    ///
+    /// Two processes growing an *unsealed* memfd at once can race (the
+    /// smaller `ftruncate` may land last and shrink it); the default
+    /// `F_SEAL_SHRINK` makes concurrent growth safe.
     pub fn grow_to(&self, min_len: u64) -> Result<u64> {
         let len = self.len()?;
         if len >= min_len {
@@ -196,10 +210,15 @@ impl SharedFd {
         })?;
         match nix::unistd::ftruncate(&self.fd, wanted) {
             Ok(()) => Ok(min_len),
-            Err(nix::errno::Errno::EPERM) => Err(Error::CannotGrow {
-                len,
-                wanted: min_len,
-            }),
+            // Sealed: either against growing, or against shrinking because
+            // another process grew it past `min_len` since our fstat.
+            Err(nix::errno::Errno::EPERM) => match self.len()? {
+                now if now >= min_len => Ok(now),
+                now => Err(Error::CannotGrow {
+                    len: now,
+                    wanted: min_len,
+                }),
+            },
             Err(e) => Err(Error::io("ftruncate", e)),
         }
     }
@@ -291,6 +310,52 @@ impl From<SharedFd> for OwnedFd {
     }
 }
 
+/// The longest name `memfd_create` accepts (its 255-byte limit less the
+/// `memfd:` prefix).
+pub const MAX_MEMFD_NAME_LEN: usize = 249;
+
+/// Checks that `fd` is a memfd this process can map for writing.
+fn validate(fd: BorrowedFd<'_>, name: &str) -> Result<()> {
+    let raw = fd.as_raw_fd();
+    let bad = |problem: String| Error::BadFd {
+        fd: raw,
+        name: name.to_owned(),
+        problem,
+    };
+    let stat = nix::sys::stat::fstat(fd).map_err(|e| bad(format!("cannot be examined: {e}")))?;
+    if stat.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(bad("is not a memfd (not a regular file)".into()));
+    }
+    // Only shared-memory files (memfd, tmpfs, hugetlbfs) know seals.
+    let seals = fcntl(fd, FcntlArg::F_GET_SEALS)
+        .map_err(|_| bad(format!("is not a memfd (it is {})", describe_fd(raw))))?;
+    // Among those, insist on a memfd where /proc tells (without /proc, the
+    // seals check above is the best available).
+    if let Ok(target) = std::fs::read_link(format!("/proc/self/fd/{raw}"))
+        && !target
+            .as_os_str()
+            .as_encoded_bytes()
+            .starts_with(b"/memfd:")
+    {
+        return Err(bad(format!("is not a memfd (it is {})", target.display())));
+    }
+    if seals & (libc::F_SEAL_WRITE | libc::F_SEAL_FUTURE_WRITE) != 0 {
+        return Err(bad("is sealed against writing".into()));
+    }
+    let access =
+        fcntl(fd, FcntlArg::F_GETFL).map_err(|e| bad(format!("cannot be examined: {e}")))?;
+    if access & libc::O_ACCMODE != libc::O_RDWR {
+        return Err(bad("is not open for reading and writing".into()));
+    }
+    Ok(())
+}
+
+fn describe_fd(raw: RawFd) -> String {
+    std::fs::read_link(format!("/proc/self/fd/{raw}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "another kind of file".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -353,12 +418,53 @@ mod tests {
         SharedFd::adopt(fd.into_owned_fd(), "ok").unwrap();
         let fd = SharedFd::create("ro", CreateOptions::default()).unwrap();
         fcntl(&fd, FcntlArg::F_ADD_SEALS(SealFlag::F_SEAL_WRITE)).unwrap();
-        let e = SharedFd::adopt(fd.into_owned_fd(), "ro").unwrap_err().to_string();
+        let e = SharedFd::adopt(fd.into_owned_fd(), "ro")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("sealed against writing"), "{e}");
+        // A read-only open of a memfd cannot be mapped for writing.
+        let fd = SharedFd::create("rdonly", CreateOptions::default()).unwrap();
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let ro = std::fs::File::open(path).unwrap();
+        let e = SharedFd::adopt(ro.into(), "rdonly")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not open for reading and writing"), "{e}");
+    }
+
+    #[test]
+    fn grow_race_on_a_sealed_memfd_is_not_an_error() {
+        let fd = SharedFd::create("race", CreateOptions::default()).unwrap();
+        let other = fd.try_clone().unwrap();
+        other.grow_to(8192).unwrap();
+        // As if our fstat had seen 0 before the other grew it: ftruncate(10)
+        // would shrink, the seal refuses, and the answer is still "big enough".
+        assert_eq!(
+            nix::unistd::ftruncate(&fd, 10),
+            Err(nix::errno::Errno::EPERM)
+        );
+        assert_eq!(fd.grow_to(10).unwrap(), 8192);
+    }
+
+    #[test]
+    fn seal_shrink_is_idempotent() {
+        let fd = SharedFd::create(
+            "s",
+            CreateOptions {
+                size: 0,
+                seal_shrink: false,
+            },
+        )
+        .unwrap();
+        fd.seal_shrink().unwrap();
+        fd.seal_shrink().unwrap();
+        assert!(fd.seals().unwrap().contains(Seals::SHRINK));
     }
 
     #[test]
     fn bad_names_are_rejected() {
+        assert!(SharedFd::create(&"n".repeat(250), CreateOptions::default()).is_err());
+        SharedFd::create(&"n".repeat(249), CreateOptions::default()).unwrap();
         for name in ["", "a:b", "with space"] {
             assert!(matches!(
                 SharedFd::create(name, CreateOptions::default()),

@@ -37,7 +37,14 @@ impl Handover {
             _ => Vec::new(),
         };
         if entries.iter().any(|(n, _)| n == name) {
-            return Self::from_entries(entries, name);
+            let handover = Self::from_entries(entries, name)?;
+            if options.seal_shrink {
+                // An inherited memfd (from systemd's store, another tool, or
+                // a `--no-seal` parent) gets the seal too; one whose seals
+                // are frozen without it is reported by `shrink_sealed`.
+                let _ = handover.shared_fd()?.seal_shrink();
+            }
+            return Ok(handover);
         }
         let shared = SharedFd::create(name, options)?;
         entries.push((name.to_owned(), shared.into_owned_fd()));
@@ -80,6 +87,11 @@ impl Handover {
     /// True when the memfd was created here, false when it was inherited.
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// Whether the shared memfd is sealed against shrinking.
+    pub fn shrink_sealed(&self) -> Result<bool> {
+        Ok(self.shared_fd()?.seals()?.contains(crate::Seals::SHRINK))
     }
 
     /// The shared memfd.

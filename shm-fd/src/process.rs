@@ -35,8 +35,11 @@ pub struct SignalSet {
 }
 
 impl SignalSet {
-    /// Installs handlers for `signals` (replacing their default actions for
-    /// as long as the set lives).
+    /// Installs handlers for `signals`, replacing their default actions.
+    ///
+    /// Dropping the set unregisters its actions, but signal-hook cannot
+    /// put the default actions back: afterwards these signals are ignored.
+    /// Create the set once, for the life of the supervisor.
     pub fn new(signals: &[i32]) -> io::Result<Self> {
         let (wake, notify) = UnixStream::pair()?;
         wake.set_nonblocking(true)?;

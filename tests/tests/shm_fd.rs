@@ -262,6 +262,7 @@ fn bad_inputs_get_their_exit_codes_and_messages() {
     let dir = tempfile::tempdir().unwrap();
     let not_executable = dir.path().join("data.txt");
     std::fs::write(&not_executable, "not a program").unwrap();
+    let long_name = "n".repeat(250);
     let cases: &[Case<'_>] = &[
         (&[], &[], 2, "required arguments were not provided"),
         (
@@ -281,14 +282,15 @@ fn bad_inputs_get_their_exit_codes_and_messages() {
         (
             &["--name", "a:b", "true"],
             &[],
-            1,
-            "shm-fd: invalid fd name \"a:b\": contains ':'",
+            2,
+            "invalid value 'a:b' for '--name <NAME>': \"a:b\" contains ':'",
         ),
+        (&["--name", "", "true"], &[], 2, "\"\" is empty"),
         (
-            &["--name", "", "true"],
+            &["--name", &long_name, "true"],
             &[],
-            1,
-            "shm-fd: invalid fd name \"\": is empty",
+            2,
+            "longer than 249 bytes",
         ),
         (
             &["true"],
@@ -304,21 +306,9 @@ fn bad_inputs_get_their_exit_codes_and_messages() {
         ),
         (
             &["true"],
-            &[("LISTEN_FDNAMES", "x")],
-            1,
-            "LISTEN_FDNAMES=\"x\": is set but LISTEN_FDS is not",
-        ),
-        (
-            &["true"],
             &[("LISTEN_FDS", "1"), ("LISTEN_PID", "-5")],
             1,
             "invalid LISTEN_PID",
-        ),
-        (
-            &["true"],
-            &[("LISTEN_FDS", "1"), ("LISTEN_FDNAMES", "SHM_SHARED_FD")],
-            1,
-            "shm-fd: fd 3 (`SHM_SHARED_FD`) is not open",
         ),
         (
             &["no-such-command-xyz"],
@@ -334,6 +324,12 @@ fn bad_inputs_get_their_exit_codes_and_messages() {
         ),
         (
             &["--restart", "always", "no-such-command-xyz"],
+            &[],
+            127,
+            "command not found",
+        ),
+        (
+            &["--pid", "--restart", "always", "no-such-command-xyz"],
             &[],
             127,
             "command not found",
@@ -518,5 +514,222 @@ fn help_and_version() {
     assert_eq!(
         text(&out).0.trim(),
         format!("shm-fd {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn a_promised_fd_that_is_not_open_is_an_error() {
+    // fd 3 is closed explicitly: the test process may have a stray there.
+    let out = run(Command::new("sh")
+        .args(["-c", "exec 3>&-; exec \"$0\" true", &b("shm-fd")])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "SHM_SHARED_FD")
+        .env_remove("LISTEN_PID"));
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(
+        err,
+        "shm-fd: fd 3 (`SHM_SHARED_FD`) is not open (LISTEN_FDS promised it)\n"
+    );
+}
+
+#[test]
+fn a_read_only_memfd_is_refused() {
+    let s = b("shm-fd");
+    let (code, _, err) = shm_sh(&[], &format!("exec 3</proc/$$/fd/3; exec {s} true"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is not open for reading and writing"), "{err}");
+}
+
+#[test]
+fn systemd_reuse_with_listen_pid_of_shm_fd_itself() {
+    // As systemd hands back its stored fd: LISTEN_PID is shm-fd's pid
+    // (each inner shell execs it, keeping its pid).
+    let (c, s) = (b("counter"), b("shm-fd"));
+    let (code, out, err) = shm_sh(
+        &[],
+        &format!(
+            "{c}; sh -c 'LISTEN_PID=$$ exec {s} {c}'; \
+             sh -c 'LISTEN_PID=$$ exec {s} sh -c \"echo \\$LISTEN_FDS \\$LISTEN_FDNAMES\"'"
+        ),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "1\n2\n1 SHM_SHARED_FD\n", "{err}");
+}
+
+#[test]
+fn a_consumer_refuses_fds_meant_for_another_pid() {
+    let c = b("counter");
+    let (code, out, err) = shm_sh(&[], &format!("LISTEN_PID=1 {c}"));
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert!(
+        err.starts_with("counter: LISTEN_PID=1 names another process"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_foreign_listen_pid_is_warned_about() {
+    let out = run(cmd("shm-fd")
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_PID", "1")
+        .arg("true"));
+    let (_, err) = text(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        err,
+        "shm-fd: warning: ignoring LISTEN_FDS=1: LISTEN_PID=1 names another process\n"
+    );
+}
+
+#[test]
+fn a_stale_listen_fdnames_alone_is_ignored() {
+    let out = run(cmd("shm-fd").env("LISTEN_FDNAMES", "x").args([
+        "sh",
+        "-c",
+        "echo $LISTEN_FDS $LISTEN_FDNAMES",
+    ]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(text(&out).0, "1 SHM_SHARED_FD\n");
+}
+
+#[test]
+fn an_inherited_unsealed_memfd_gets_sealed() {
+    let s = b("shm-fd");
+    let script = "truncate -s 1 /proc/$$/fd/3 && echo shrunk";
+    let (_, out, _) = shm_sh(
+        &["--no-seal", "--size", "4K"],
+        &format!("{s} sh -c '{script}'"),
+    );
+    assert_eq!(out, "", "the nested shm-fd should have sealed the memfd");
+    let (_, out, _) = shm_sh(
+        &["--no-seal", "--size", "4K"],
+        &format!("{s} --no-seal sh -c '{script}'"),
+    );
+    assert_eq!(out, "shrunk\n");
+}
+
+#[test]
+fn a_broken_stderr_never_panics() {
+    // Messages to a full stderr are lost, not fatal: the exit codes stay.
+    let devfull = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for (args, code) in [
+        (&["no-such-command-xyz"][..], 127),
+        (
+            &[
+                "--restart",
+                "on-failure",
+                "sh",
+                "-c",
+                "n=$(\"$0\"); [ $n -ge 2 ]",
+            ][..],
+            0,
+        ),
+    ] {
+        let mut c = cmd("shm-fd");
+        c.args(args);
+        if args.len() > 1 {
+            c.arg(b("counter"));
+        }
+        let status = c.stderr(devfull()).status().unwrap();
+        assert_eq!(status.code(), Some(code), "{args:?}");
+    }
+}
+
+#[test]
+fn a_command_missing_on_a_restart_is_retried_not_fatal() {
+    // As while a rebuild replaces the binary: the first run works, the
+    // program then vanishes for a while and comes back.
+    let dir = tempfile::tempdir().unwrap();
+    let prog = dir.path().join("prog");
+    let out = dir.path().join("out");
+    let script = format!("#!/bin/sh\n{} >> {}\nexit 1\n", b("counter"), out.display());
+    std::fs::write(dir.path().join("prog.src"), &script).unwrap();
+    std::fs::copy(dir.path().join("prog.src"), &prog).unwrap();
+    std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let child = cmd("shm-fd")
+        .args(["--restart", "always"])
+        .arg(&prog)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(wait_for_lines(&out, 1), ["1"]);
+    std::fs::remove_file(&prog).unwrap();
+    sleep(Duration::from_millis(400));
+    std::fs::copy(dir.path().join("prog.src"), &prog).unwrap();
+    std::fs::set_permissions(&prog, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    // The counter goes on from where it was: the memfd survived.
+    let lines = wait_for_lines(&out, 3);
+    assert!(lines.len() >= 3 && lines[2] == "3", "{lines:?}");
+    signal(&child, Signal::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("command not found"), "{err}");
+}
+
+/// The pids of processes that hold the memfd called `name` open.
+fn holders(name: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        if fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|t| t.to_string_lossy().starts_with(&format!("/memfd:{name} ")))
+        }) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn a_reload_stops_everything_the_run_started() {
+    // `sh -c 'sleep ...; :'` keeps a grandchild (sleep) holding the memfd.
+    // After SIGHUP only the new run may hold it: the watcher, the new sh and
+    // its sleep; the old sleep must be gone.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let name = format!("reload-{}", std::process::id());
+    let mut child = spawn_watcher(
+        &["--name", &name, "--restart", "always"],
+        "echo up; sleep 30; :",
+        &out,
+    );
+    assert_eq!(wait_for_lines(&out, 1), ["up"]);
+    sleep(Duration::from_millis(100));
+    let before = holders(&name);
+    assert_eq!(before.len(), 3, "watcher, sh, sleep: {before:?}");
+    signal(&child, Signal::SIGHUP);
+    assert_eq!(wait_for_lines(&out, 2), ["up", "up"]);
+    sleep(Duration::from_millis(100));
+    let after = holders(&name);
+    assert_eq!(after.len(), 3, "{before:?} -> {after:?}");
+    let watcher = child.id();
+    let survivors: Vec<u32> = before
+        .iter()
+        .filter(|p| **p != watcher && after.contains(p))
+        .copied()
+        .collect();
+    assert!(
+        survivors.is_empty(),
+        "old run's processes survived: {survivors:?}"
+    );
+    signal(&child, Signal::SIGTERM);
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    sleep(Duration::from_millis(100));
+    assert!(
+        holders(&name).is_empty(),
+        "processes left after the watcher stopped"
     );
 }

@@ -1,7 +1,7 @@
 //! `shm-fd`: create (or reuse) the shared memfd and run a command with it.
 
 use std::ffi::OsString;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
@@ -10,16 +10,21 @@ use shm_fd::{CreateOptions, Handover, ListenEnv, PassedFds};
 
 mod supervise;
 
-const EXIT_SETUP: u8 = 1;
+pub(crate) const EXIT_SETUP: u8 = 1;
 const EXIT_USAGE: u8 = 2;
-const EXIT_CANNOT_EXECUTE: u8 = 126;
-const EXIT_NOT_FOUND: u8 = 127;
+pub(crate) const EXIT_CANNOT_EXECUTE: u8 = 126;
+pub(crate) const EXIT_NOT_FOUND: u8 = 127;
 
 const AFTER_HELP: &str = "\
 The command gets the memfd on an inherited fd, described the systemd way:
 LISTEN_FDS=<count> LISTEN_FDNAMES=<names> (fds 3, 4, ...). A memfd with the
 name that is already inherited is reused; otherwise a new one is created (and
 uploaded to systemd's fd store when NOTIFY_SOCKET is set).
+
+In --restart mode on a terminal, each run gets the terminal's foreground;
+a run that dies from Ctrl-C or Ctrl-\\ (or exits 130/131) ends the watcher,
+as in a shell loop; a command that catches Ctrl-C and exits 0 is restarted
+under `always` (use Ctrl-\\). A terminal hang-up ends the watcher too.
 
 Exit status:
   (exec mode)  the command's own status: shm-fd becomes the command
@@ -34,7 +39,7 @@ Exit status:
 #[command(name = "shm-fd", version, after_help = AFTER_HELP)]
 struct Args {
     /// Name of the fd in LISTEN_FDNAMES.
-    #[arg(long, value_name = "NAME", default_value = shm_fd::DEFAULT_NAME)]
+    #[arg(long, value_name = "NAME", default_value = shm_fd::DEFAULT_NAME, value_parser = parse_name)]
     name: String,
 
     /// Initial size of a newly created memfd: bytes, or with a suffix
@@ -52,9 +57,12 @@ struct Args {
     pid: bool,
 
     /// Stay as a watcher and run the command again when it exits
-    /// (`always`) or when it fails or crashes (`on-failure`). SIGTERM,
-    /// SIGINT and SIGQUIT are forwarded; SIGHUP restarts the command
-    /// (SIGTERM, wait up to 10 s, then SIGKILL; start again).
+    /// (`always`) or when it fails or crashes (`on-failure`), after a
+    /// growing delay (0.1 s .. 10 s) when it ran less than 1 s. Each run
+    /// gets its own process group: SIGTERM, SIGINT and SIGQUIT are
+    /// forwarded to it; SIGHUP restarts it (SIGTERM, up to 10 s, SIGKILL;
+    /// start again, state kept). A run's leftover processes are stopped
+    /// before the next starts.
     #[arg(long, value_name = "WHEN")]
     restart: Option<Restart>,
 
@@ -66,6 +74,14 @@ struct Args {
         num_args = 1..
     )]
     command: Vec<OsString>,
+}
+
+fn parse_name(name: &str) -> Result<String, String> {
+    shm_fd::check_name(name).map_err(|reason| format!("{name:?} {reason}"))?;
+    if name.len() > shm_fd::MAX_MEMFD_NAME_LEN {
+        return Err(format!("{name:?} is longer than 249 bytes"));
+    }
+    Ok(name.to_owned())
 }
 
 /// When the watcher starts the command again.
@@ -92,10 +108,22 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, msg)) => {
-            eprintln!("shm-fd: {msg}");
+            say(format_args!("{msg}"));
             ExitCode::from(code)
         }
     }
+}
+
+/// Prints `shm-fd: <msg>` on stderr. A failed write (closed pipe, full
+/// disk) is ignored: losing a message must never cost the watcher, and
+/// with it the memfd.
+fn say(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "shm-fd: {msg}");
+}
+
+/// Prints `shm-fd: warning: <msg>` on stderr (see [`say`]).
+pub(crate) fn warn(msg: std::fmt::Arguments<'_>) {
+    say(format_args!("warning: {msg}"));
 }
 
 /// An exit code with the one-line message explaining it.
@@ -104,6 +132,16 @@ struct Failure(u8, String);
 fn run(args: Args) -> Result<u8, Failure> {
     let setup = |e: shm_fd::Error| Failure(EXIT_SETUP, e.to_string());
     let env = ListenEnv::from_process_env().map_err(setup)?;
+    if let Some(env) = &env
+        && let Some(pid) = env.pid().filter(|_| !env.is_for(std::process::id()))
+    {
+        warn(format_args!(
+            "ignoring LISTEN_FDS={}: LISTEN_PID={pid} names another process",
+            env.len()
+        ));
+    }
+    // Resolved now: /proc/self/exe would name the command after an exec.
+    let self_exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
     let options = CreateOptions {
         size: args.size,
         seal_shrink: !args.no_seal,
@@ -113,7 +151,15 @@ fn run(args: Args) -> Result<u8, Failure> {
         && let Some(socket) = std::env::var_os("NOTIFY_SOCKET")
         && let Err(e) = shm_fd::notify_fd_store(&socket, &args.name, handover.shared())
     {
-        eprintln!("shm-fd: warning: cannot upload the memfd to systemd's fd store: {e}");
+        warn(format_args!(
+            "cannot upload the memfd to systemd's fd store: {e}"
+        ));
+    }
+    if options.seal_shrink && !handover.shrink_sealed().unwrap_or(false) {
+        warn(format_args!(
+            "the inherited memfd `{}` cannot be sealed against shrinking",
+            args.name
+        ));
     }
     // SAFETY: nothing in this process has opened a descriptor yet apart
     // from the hand-over's own (clap and the environment open none), so
@@ -122,7 +168,7 @@ fn run(args: Args) -> Result<u8, Failure> {
 
     match args.restart {
         None => Err(exec(&args, &passed)),
-        Some(when) => supervise::run(&args, &passed, when),
+        Some(when) => supervise::run(&args, &passed, when, &self_exe),
     }
 }
 

@@ -1,15 +1,28 @@
 //! `--restart`: stay as the parent ("the watcher") and keep the command
 //! running, so the memfd outlives every run of it.
+//!
+//! Each run is started in a process group of its own, and the watcher is a
+//! child subreaper, so that stopping or reloading a run reaches everything
+//! it started (`sh -c`, `watch`, ...) and a new run never writes the memfd
+//! next to a leftover of the old one. When the watcher owns the terminal,
+//! it hands the terminal to each run's group (as a shell does with a job).
 
-use std::process::{Child, Command, ExitStatus};
+use std::io::IsTerminal;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use shm_fd::PassedFds;
-use shm_fd::process::{SignalSet, exit_code};
+use shm_fd::process::SignalSet;
 
-use crate::{Args, EXIT_SETUP, Failure, Restart, spawn_failure};
+use crate::{
+    Args, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP, Failure, Restart, spawn_failure, warn,
+};
 
 /// A run shorter than this counts as a fast exit and is restarted after a
 /// delay.
@@ -17,25 +30,73 @@ const MIN_UPTIME: Duration = Duration::from_secs(1);
 /// The first delay after a fast failure; it doubles up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// How long SIGHUP waits for the child to stop before it is killed.
-const RELOAD_GRACE: Duration = Duration::from_secs(10);
+/// How long a run's processes get to stop after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often to look whether a finished run's group has emptied (its
+/// remaining members need not be our children, so no SIGCHLD tells).
+const GROUP_POLL: Duration = Duration::from_millis(20);
 
 const FORWARDED: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
 
-/// What the watcher is doing with the current child.
+/// How a run's main process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Exited(i32),
+    Killed(Signal),
+}
+
+impl Ended {
+    fn exit_code(self) -> u8 {
+        match self {
+            Ended::Exited(code) => code as u8,
+            Ended::Killed(sig) => 128u8.wrapping_add(sig as i32 as u8),
+        }
+    }
+
+    fn success(self) -> bool {
+        self == Ended::Exited(0)
+    }
+
+    /// What a user interrupting from the terminal looks like.
+    fn interrupted(self) -> bool {
+        matches!(
+            self,
+            Ended::Killed(Signal::SIGINT | Signal::SIGQUIT) | Ended::Exited(130 | 131)
+        )
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Exited(code) => write!(f, "exited with status {code}"),
+            Ended::Killed(sig) => write!(f, "killed by {sig}"),
+        }
+    }
+}
+
+/// What the watcher is doing with the current run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Running,
-    /// A forwarded stop signal: when the child ends, so does the watcher.
+    /// A forwarded stop signal: when the run ends, so does the watcher.
     Stopping,
-    /// SIGHUP: stop the child (killing it at the deadline) and start again.
-    Reloading {
-        deadline: Instant,
-    },
+    /// SIGHUP: the run was sent SIGTERM; start again when it has ended.
+    Reloading,
 }
 
-pub(crate) fn run(args: &Args, passed: &PassedFds, when: Restart) -> Result<u8, Failure> {
+pub(crate) fn run(
+    args: &Args,
+    passed: &PassedFds,
+    when: Restart,
+    self_exe: &Path,
+) -> Result<u8, Failure> {
     let setup = |e: std::io::Error| Failure(EXIT_SETUP, format!("signal handling: {e}"));
+    // Orphans of a run are re-parented to us, so we can reap them and know
+    // when a run has really ended.
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        warn(format_args!("cannot become a child subreaper: {e}"));
+    }
     // Registered before the first spawn so no child exit goes unnoticed.
     let signals = SignalSet::new(&[
         libc::SIGCHLD,
@@ -45,27 +106,72 @@ pub(crate) fn run(args: &Args, passed: &PassedFds, when: Restart) -> Result<u8, 
         libc::SIGHUP,
     ])
     .map_err(setup)?;
+    let terminal = Terminal::if_foreground();
     let mut backoff = FIRST_BACKOFF;
+    let mut first = true;
+    // The status to exit with if told to stop between runs.
+    let mut last = 0;
     loop {
-        let started = Instant::now();
-        let mut child = spawn(args, passed)?;
-        let (status, mode) = watch_child(&mut child, &signals).map_err(setup)?;
-        let ran = started.elapsed();
-        match mode {
-            Mode::Stopping => return Ok(exit_code(status)),
-            Mode::Reloading { .. } => {
-                backoff = FIRST_BACKOFF;
-                continue;
-            }
-            Mode::Running => {}
+        // A stop signal that arrived as the last run ended is not for the
+        // next one.
+        if signals.take().iter().any(|s| FORWARDED.contains(s)) {
+            return Ok(last);
         }
-        if when == Restart::OnFailure && status.success() {
+        let started = Instant::now();
+        let ended = match spawn(args, passed, self_exe) {
+            Ok(pgid) => {
+                if let Some(t) = &terminal {
+                    t.give_to(pgid);
+                }
+                let result = watch_run(pgid, &signals, terminal.as_ref());
+                if let Some(t) = &terminal {
+                    t.take_back();
+                }
+                let (ended, mode) = result.map_err(setup)?;
+                match mode {
+                    Mode::Stopping => return Ok(ended.exit_code()),
+                    Mode::Reloading => {
+                        last = ended.exit_code();
+                        first = false;
+                        backoff = FIRST_BACKOFF;
+                        continue;
+                    }
+                    Mode::Running => {}
+                }
+                if let Some(t) = &terminal
+                    && (ended.interrupted() || t.hung_up())
+                {
+                    // Ctrl-C / Ctrl-\ went to the run's group, not to us;
+                    // a hung-up terminal has no one left to run for.
+                    return Ok(ended.exit_code());
+                }
+                // `--pid` runs through a nested shm-fd, which reports a
+                // command it cannot start as 127 / 126.
+                let cannot_start = ended == Ended::Exited(EXIT_NOT_FOUND.into())
+                    || ended == Ended::Exited(EXIT_CANNOT_EXECUTE.into());
+                if first && args.pid && cannot_start {
+                    return Ok(ended.exit_code());
+                }
+                ended
+            }
+            // The command is gone on the first try: a usage problem.
+            Err(e) if first => return Err(spawn_failure(&args.command[0], e)),
+            // Later it may be a rebuild replacing the binary: retry.
+            Err(e) => {
+                let Failure(code, msg) = spawn_failure(&args.command[0], e);
+                warn(format_args!("{msg}"));
+                Ended::Exited(code.into())
+            }
+        };
+        first = false;
+        let ran = started.elapsed();
+        if when == Restart::OnFailure && ended.success() {
             return Ok(0);
         }
         let delay = if ran >= MIN_UPTIME {
             backoff = FIRST_BACKOFF;
             Duration::ZERO
-        } else if status.success() {
+        } else if ended.success() {
             FIRST_BACKOFF
         } else {
             let d = backoff;
@@ -73,97 +179,175 @@ pub(crate) fn run(args: &Args, passed: &PassedFds, when: Restart) -> Result<u8, 
             d
         };
         if !delay.is_zero() {
-            eprintln!(
-                "shm-fd: {} ({}) after {:.1?}; restarting in {delay:.1?}",
-                describe(status),
+            warn(format_args!(
+                "{} {ended} after {ran:.1?}; restarting in {delay:.1?}",
                 args.command[0].to_string_lossy(),
-                ran
-            );
+            ));
         }
-        // Sleep out the delay, still answering signals.
+        // Sleep out the delay, still answering signals (and reaping).
+        last = ended.exit_code();
         let deadline = Instant::now() + delay;
+        let mut got = signals.take();
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            let got = signals.wait(Some(left)).map_err(setup)?;
+            reap_all(None).map_err(setup)?;
             if got.iter().any(|s| FORWARDED.contains(s)) {
-                return Ok(exit_code(status));
+                return Ok(last);
             }
-            if got.contains(&libc::SIGHUP) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if got.contains(&libc::SIGHUP) || left.is_zero() {
                 break;
             }
+            got = signals.wait(Some(left)).map_err(setup)?;
         }
     }
 }
 
-fn spawn(args: &Args, passed: &PassedFds) -> Result<Child, Failure> {
+/// Starts a run in a new process group; returns the group id (= its pid).
+fn spawn(args: &Args, passed: &PassedFds, self_exe: &Path) -> std::io::Result<Pid> {
     let mut cmd = if args.pid {
         // The child's pid is unknown before it starts; a nested `shm-fd
         // --pid` (which reuses the inherited memfd) sets LISTEN_PID to its
         // own pid and execs the command, keeping that pid.
-        let mut cmd = Command::new("/proc/self/exe");
+        let mut cmd = Command::new(self_exe);
         cmd.args(["--pid", "--name", &args.name, "--"]);
+        cmd.args(&args.command);
         cmd
     } else {
-        Command::new(&args.command[0])
+        let mut cmd = Command::new(&args.command[0]);
+        cmd.args(&args.command[1..]);
+        cmd
     };
-    let program = if args.pid { 0 } else { 1 };
-    cmd.args(&args.command[program..]);
     passed.configure(&mut cmd, None);
-    cmd.spawn().map_err(|e| spawn_failure(&args.command[0], e))
+    // process_group keeps std on posix_spawn (no pre_exec hook needed).
+    let child = cmd.process_group(0).spawn()?;
+    Ok(Pid::from_raw(child.id() as i32))
 }
 
-/// Waits for the child to end, acting on signals meanwhile. Returns its
-/// status and what the watcher was doing when it ended.
-fn watch_child(child: &mut Child, signals: &SignalSet) -> std::io::Result<(ExitStatus, Mode)> {
-    let pid = Pid::from_raw(child.id() as i32);
+/// Waits for the run whose main process (and group) is `pgid` to end,
+/// acting on signals meanwhile. The run has ended when its main process
+/// has and its process group is empty; leftovers get SIGTERM, then SIGKILL.
+fn watch_run(
+    pgid: Pid,
+    signals: &SignalSet,
+    terminal: Option<&Terminal>,
+) -> std::io::Result<(Ended, Mode)> {
     let mut mode = Mode::Running;
+    let mut ended = None;
+    // When to SIGKILL whatever of the group is still there.
+    let mut kill_at: Option<Instant> = None;
     loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok((status, mode));
+        if let Some(e) = reap_all(Some(pgid))? {
+            ended = Some(e);
         }
-        let timeout = match mode {
-            Mode::Reloading { deadline } => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    eprintln!(
-                        "shm-fd: the command ignored SIGTERM for {RELOAD_GRACE:?}; killing it"
-                    );
-                    let _ = kill(pid, Signal::SIGKILL);
-                    // Still a reload: the kill is ours, not a crash.
-                    let status = child.wait()?;
-                    return Ok((status, Mode::Reloading { deadline }));
-                }
-                Some(left)
+        if let Some(end) = ended {
+            if group_is_empty(pgid) {
+                return Ok((end, mode));
             }
-            _ => None,
-        };
+            if kill_at.is_none() {
+                warn(format_args!(
+                    "the command ended but left processes in its group; stopping them"
+                ));
+                let _ = killpg(pgid, Signal::SIGTERM);
+                kill_at = Some(Instant::now() + STOP_GRACE);
+            }
+        }
+        if let Some(at) = kill_at
+            && Instant::now() >= at
+        {
+            warn(format_args!(
+                "the command's processes ignored SIGTERM for {STOP_GRACE:?}; killing them"
+            ));
+            let _ = killpg(pgid, Signal::SIGKILL);
+            kill_at = Some(Instant::now() + Duration::from_secs(3600));
+        }
+        let mut timeout = kill_at.map(|at| at.saturating_duration_since(Instant::now()));
+        if ended.is_some() {
+            timeout = Some(timeout.map_or(GROUP_POLL, |t| t.min(GROUP_POLL)));
+        }
         for sig in signals.wait(timeout)? {
             if FORWARDED.contains(&sig) {
-                // The child may have ended already; then there is no one to tell.
-                let _ = kill(pid, Signal::try_from(sig).ok());
+                // The group may be gone already; then there is no one to tell.
+                let _ = killpg(pgid, Signal::try_from(sig).ok());
                 mode = Mode::Stopping;
+                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
+            } else if sig == libc::SIGHUP && terminal.is_some_and(Terminal::hung_up) {
+                // The terminal went away: stop, as a shell's jobs do.
+                let _ = killpg(pgid, Signal::SIGHUP);
+                mode = Mode::Stopping;
+                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
             } else if sig == libc::SIGHUP && mode == Mode::Running {
-                eprintln!("shm-fd: SIGHUP: restarting the command");
-                let _ = kill(pid, Signal::SIGTERM);
-                mode = Mode::Reloading {
-                    deadline: Instant::now() + RELOAD_GRACE,
-                };
+                warn(format_args!("SIGHUP: restarting the command"));
+                let _ = killpg(pgid, Signal::SIGTERM);
+                mode = Mode::Reloading;
+                kill_at.get_or_insert(Instant::now() + STOP_GRACE);
             }
         }
     }
 }
 
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(sig)) => match Signal::try_from(sig) {
-            Ok(s) => format!("killed by {s}"),
-            Err(_) => format!("killed by signal {sig}"),
-        },
-        _ => "ended".to_owned(),
+/// Reaps every finished child (runs' processes and orphans re-parented to
+/// us). Returns how `main` ended, if it did now.
+fn reap_all(main: Option<Pid>) -> std::io::Result<Option<Ended>> {
+    let mut ended = None;
+    loop {
+        let (pid, end) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => (pid, Ended::Exited(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Ended::Killed(sig)),
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(ended),
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if Some(pid) == main {
+            ended = Some(end);
+        }
+    }
+}
+
+fn group_is_empty(pgid: Pid) -> bool {
+    killpg(pgid, None) == Err(Errno::ESRCH)
+}
+
+/// The controlling terminal on stdin, when the watcher is in its
+/// foreground: each run gets the foreground while it runs.
+struct Terminal {
+    own_group: Pid,
+}
+
+impl Terminal {
+    fn if_foreground() -> Option<Terminal> {
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return None;
+        }
+        let own_group = nix::unistd::getpgrp();
+        (nix::unistd::tcgetpgrp(&stdin).ok()? == own_group).then_some(Terminal { own_group })
+    }
+
+    fn give_to(&self, pgid: Pid) {
+        set_foreground(pgid);
+        // The run may have touched the terminal before it was its own and
+        // been stopped (SIGTTIN/SIGTTOU): let it go on.
+        let _ = killpg(pgid, Signal::SIGCONT);
+    }
+
+    /// Whether the terminal has hung up (closed, or the session is gone).
+    fn hung_up(&self) -> bool {
+        nix::unistd::tcgetpgrp(std::io::stdin()).is_err()
+    }
+
+    fn take_back(&self) {
+        set_foreground(self.own_group);
+    }
+}
+
+/// tcsetpgrp from what may be a background group: SIGTTOU is blocked
+/// meanwhile, as shells do, so the call is not stopped.
+fn set_foreground(pgid: Pid) {
+    let mut block = SigSet::empty();
+    block.add(Signal::SIGTTOU);
+    let mut old = SigSet::empty();
+    if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&block), Some(&mut old)).is_ok() {
+        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), pgid);
+        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     }
 }
