@@ -83,6 +83,9 @@ pub enum Error {
     /// An earlier failure left this handle unusable (a rollback could not be
     /// completed); reopen the state to recover it.
     Poisoned,
+    /// shm-snapshot's protocol header in the first page cannot be used
+    /// (foreign data, damaged, too new).
+    Snapshot(shm_snapshot::Error),
     /// The shared memfd could not be grown or mapped.
     SharedFd(shm_fd::Error),
     /// A system call failed.
@@ -208,6 +211,7 @@ impl fmt::Display for Error {
                 "the state handle is poisoned by an earlier failed rollback; reopen it"
             ),
             Error::SharedFd(e) => write!(f, "shared memfd: {e}"),
+            Error::Snapshot(e) => write!(f, "snapshot protocol header: {e}"),
             Error::Io { op, source } => write!(f, "{op}: {source}"),
         }
     }
@@ -227,6 +231,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::SharedFd(e) => Some(e),
+            Error::Snapshot(e) => Some(e),
             Error::Io { source, .. } => Some(source),
             _ => None,
         }

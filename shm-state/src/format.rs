@@ -197,7 +197,7 @@ impl Block {
     /// known kind and class, ending at or before the heap top.
     pub(crate) fn read(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Block> {
         let (heap_off, heap_top) = heap;
-        if off < heap_off || off >= heap_top || off % 16 != 0 {
+        if off < heap_off || off >= heap_top || !off.is_multiple_of(16) {
             return Err(Error::corrupt(
                 "block offset",
                 off,

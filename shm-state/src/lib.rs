@@ -54,8 +54,14 @@
 //! - **Versioned.** The region records the program's [`Layout::version`]
 //!   and the root type's size and alignment; a different layout runs the
 //!   program's migration or is refused, never silently reset.
-//! - **Snapshot-consistent.** A [`CommitHook`] is told when each transaction
-//!   starts and commits (the seam for shm-snapshot's protocol).
+//! - **Snapshot-consistent.** With [`Layout::with_snapshot_protocol`], the
+//!   first page of the memfd holds shm-snapshot's header and every
+//!   transaction is published through it ("updating" before the first
+//!   write, "committed" after the commit), so a snapshot copied while the
+//!   program runs is a committed state. A snapshot taken by stopping the
+//!   program (shm-restore's fallback) is like a kill at that instruction:
+//!   the next open rolls the interrupted transaction back. A program can
+//!   also watch commits with its own [`CommitHook`].
 //!
 //! The byte layout is documented in `docs/state-format.md`.
 #![deny(unsafe_op_in_unsafe_fn)]

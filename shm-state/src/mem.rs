@@ -54,8 +54,12 @@ pub(crate) struct CrashPlan {
 
 #[derive(Debug)]
 pub(crate) struct Mem {
+    /// The region: the backing from `base` on.
     ptr: *mut u8,
     len: usize,
+    /// Bytes of the backing before the region (shm-snapshot's header page
+    /// when the snapshot protocol is on, else 0).
+    base: usize,
     backing: Backing,
     #[cfg(test)]
     pub crash: Option<CrashPlan>,
@@ -67,7 +71,8 @@ fn lines_for(len: usize) -> usize {
 }
 
 impl Mem {
-    pub(crate) fn heap(mut bytes: Vec<u8>, min_len: u64) -> Result<Mem> {
+    pub(crate) fn heap(mut bytes: Vec<u8>, min_len: u64, base: usize) -> Result<Mem> {
+        let min_len = min_len.saturating_add(base as u64);
         let want = usize::try_from(min_len)
             .map_err(|_| Error::TooLarge {
                 what: "heap region",
@@ -83,40 +88,76 @@ impl Mem {
         for (line, chunk) in buf.iter_mut().zip(bytes.chunks(64)) {
             line.0[..chunk.len()].copy_from_slice(chunk);
         }
-        Ok(Self::from_backing(Backing::Heap(buf)))
+        Ok(Self::from_backing(Backing::Heap(buf), base))
     }
 
-    pub(crate) fn shared(fd: SharedFd, min_len: u64) -> Result<Mem> {
-        let map = fd.map_raw(min_len.max(1))?;
-        Ok(Self::from_backing(Backing::Shared { fd, map }))
+    /// Maps the memfd; an empty one is grown to `base + min_len` bytes, a
+    /// non-empty one is mapped as it is (a refused open must not grow it).
+    pub(crate) fn shared(fd: SharedFd, min_len: u64, base: usize) -> Result<Mem> {
+        let want = if fd.is_empty()? {
+            min_len.max(1).saturating_add(base as u64)
+        } else {
+            1
+        };
+        let map = fd.map_raw(want)?;
+        Ok(Self::from_backing(Backing::Shared { fd, map }, base))
     }
 
-    pub(crate) fn file(file: File, min_len: u64) -> Result<Mem> {
+    /// Maps the file; an empty one is grown to `base + min_len` bytes, a
+    /// non-empty one is mapped as it is.
+    pub(crate) fn file(file: File, min_len: u64, base: usize) -> Result<Mem> {
+        let min_len = min_len.saturating_add(base as u64);
         let len = file.metadata().map_err(|e| Error::io("fstat", e))?.len();
-        if len < min_len.max(1) {
+        if len == 0 {
             file.set_len(min_len.max(1))
                 .map_err(|e| Error::io("growing the state file", e))?;
         }
         let map = MmapOptions::new()
             .map_raw(&file)
             .map_err(|e| Error::io("mmap", e))?;
-        Ok(Self::from_backing(Backing::File { file, map }))
+        Ok(Self::from_backing(Backing::File { file, map }, base))
     }
 
-    fn from_backing(mut backing: Backing) -> Mem {
+    /// `base` is at most the backing's length: every constructor maps or
+    /// allocates at least `base` bytes (plus one).
+    fn from_backing(mut backing: Backing, base: usize) -> Mem {
         let (ptr, len) = match &mut backing {
             Backing::Heap(v) => (v.as_mut_ptr().cast::<u8>(), v.len() * 64),
             Backing::Shared { map, .. } | Backing::File { map, .. } => {
                 (map.as_mut_ptr(), map.len())
             }
         };
+        let base = base.min(len);
         Mem {
-            ptr,
-            len,
+            // SAFETY: base <= len, so the pointer stays inside (or one past)
+            // the backing's allocation.
+            ptr: unsafe { ptr.add(base) },
+            len: len - base,
+            base,
             backing,
             #[cfg(test)]
             crash: None,
         }
+    }
+
+    /// The bytes before the region (shm-snapshot's header page) as a raw
+    /// pointer and length, for the snapshot protocol; empty when base is 0.
+    pub(crate) fn prefix(&self) -> (*mut u8, usize) {
+        // SAFETY: `ptr` was made as backing start + base (from_backing).
+        (unsafe { self.ptr.sub(self.base) }, self.base)
+    }
+
+    /// The first (up to) 8 bytes of the backing, for error messages about
+    /// a backing too short to hold the prefix.
+    pub(crate) fn backing_head(&self) -> [u8; 8] {
+        let (ptr, base) = self.prefix();
+        let n = (base + self.len).min(8);
+        let mut head = [0u8; 8];
+        // SAFETY: the backing holds base + len bytes from `ptr`; we copy at
+        // most 8 of them, and nothing writes them concurrently in this
+        // process (`&self`).
+        unsafe { std::ptr::copy_nonoverlapping(ptr, head.as_mut_ptr(), n) };
+        head
     }
 
     /// The region's length in bytes.
@@ -189,7 +230,7 @@ impl Mem {
     /// The 8-byte word at `off` as an atomic (for the commit and lock words).
     pub(crate) fn atomic_u64(&self, off: u64) -> Result<&AtomicU64> {
         let (o, _) = self.range("atomic word", off, 8)?;
-        if o % 8 != 0 {
+        if !o.is_multiple_of(8) {
             return Err(Error::corrupt("atomic word", off, "not 8-byte aligned"));
         }
         // SAFETY: the 8 bytes are in the region (checked) and 8-aligned
@@ -210,11 +251,14 @@ impl Mem {
         Ok(())
     }
 
-    /// Grows the region to at least `min_len` bytes (and remaps it).
+    /// Grows the region to at least `min_len` bytes (and remaps it). A
+    /// snapshot-protocol publisher pointing into the old mapping must be
+    /// re-attached before it is used again (`TxCore::alloc` does).
     pub(crate) fn grow(&mut self, min_len: u64) -> Result<()> {
         if min_len <= self.len as u64 {
             return Ok(());
         }
+        let min_len = min_len.saturating_add(self.base as u64);
         let too_large = || Error::TooLarge {
             what: "region",
             len: min_len,
@@ -243,7 +287,7 @@ impl Mem {
         #[cfg(test)]
         let crash = self.crash.take();
         let backing = std::mem::replace(&mut self.backing, Backing::Heap(Vec::new()));
-        *self = Self::from_backing(backing);
+        *self = Self::from_backing(backing, self.base);
         #[cfg(test)]
         {
             self.crash = crash;

@@ -120,9 +120,15 @@ pub struct Layout<R> {
     /// Called when the region's layout differs; without it such a region is
     /// refused with [`Error::LayoutMismatch`].
     pub migrate: Option<Migrate<R>>,
-    /// Told about every transaction's start and commit (shm-snapshot's
-    /// protocol plugs in here).
+    /// Told about every transaction's start and commit (for a program's
+    /// own bookkeeping; ignored when `snapshot_protocol` is on).
     pub commit_hook: Option<Box<dyn CommitHook>>,
+    /// Publish every commit through shm-snapshot's protocol: the first page
+    /// of the memfd (or file, or buffer) holds shm-snapshot's header and the
+    /// shm-state region starts at [`shm_snapshot::DATA_OFFSET`]. A snapshot
+    /// taken by shm-snapshot's `Snapshotter` while the program runs is then
+    /// always a committed state. Must be the same on every open of a state.
+    pub snapshot_protocol: bool,
 }
 
 impl<R> Layout<R> {
@@ -139,7 +145,15 @@ impl<R> Layout<R> {
             initial_len: Self::DEFAULT_INITIAL_LEN,
             migrate: None,
             commit_hook: None,
+            snapshot_protocol: false,
         }
+    }
+
+    /// Publishes commits through shm-snapshot's protocol (see
+    /// [`Layout::snapshot_protocol`]).
+    pub fn with_snapshot_protocol(mut self) -> Self {
+        self.snapshot_protocol = true;
+        self
     }
 
     /// Sets the journal capacity for a new region.
@@ -184,6 +198,7 @@ impl<R> fmt::Debug for Layout<R> {
             .field("initial_len", &self.initial_len)
             .field("migrate", &self.migrate.is_some())
             .field("commit_hook", &self.commit_hook.is_some())
+            .field("snapshot_protocol", &self.snapshot_protocol)
             .finish()
     }
 }
@@ -304,7 +319,7 @@ fn inspect(mem: &Mem) -> Result<Found> {
 
 /// Writes a new header: every byte but the magic first, the magic last.
 fn create(mem: &mut Mem, journal_len: u64, initial_len: u64, root: StoredLayout) -> Result<()> {
-    if journal_len < 4096 || journal_len % LINE != 0 {
+    if journal_len < 4096 || !journal_len.is_multiple_of(LINE) {
         return Err(Error::unsupported(format!(
             "journal length {journal_len} must be a multiple of 64 and at least 4096"
         )));
@@ -376,7 +391,7 @@ fn check_superblock(mem: &Mem) -> Result<(u64, u64, StoredLayout)> {
     if u64::from(header_len) != HEADER_LEN
         || journal_off != JOURNAL_OFF
         || journal_len < 4096
-        || journal_len % LINE != 0
+        || !journal_len.is_multiple_of(LINE)
         || JOURNAL_OFF.checked_add(journal_len) != Some(heap_off)
         || flags != 0
     {
@@ -538,20 +553,41 @@ impl<R: Pod> State<R> {
     /// header) is an error and the region is left as it was.
     pub fn open(source: Source, mut layout: Layout<R>) -> Result<State<R>> {
         let expected = root_layout::<R>(layout.version)?;
-        let mut mem = match source.0 {
-            SourceKind::Heap(v) => Mem::heap(v, 64)?,
-            SourceKind::Shared(fd) => Mem::shared(fd, 1)?,
-            SourceKind::File(f) => Mem::file(f, 1)?,
+        let base = if layout.snapshot_protocol {
+            shm_snapshot::DATA_OFFSET
+        } else {
+            0
         };
+        let mut mem = match source.0 {
+            SourceKind::Heap(v) => Mem::heap(v, 64, base)?,
+            SourceKind::Shared(fd) => Mem::shared(fd, 1, base)?,
+            SourceKind::File(f) => Mem::file(f, 1, base)?,
+        };
+
+        if mem.prefix().1 < base {
+            // Shorter than shm-snapshot's header page, and not empty (an
+            // empty backing was grown): someone else's data.
+            return Err(Error::NotAState {
+                found: mem.backing_head(),
+            });
+        }
         let mut created = false;
         if let Found::Fresh = inspect(&mem)? {
             create(&mut mem, layout.journal_len, layout.initial_len, expected)?;
             created = true;
         }
         let (journal_len, heap_off, stored) = check_superblock(&mem)?;
+        // Attached after any creation (which remaps), so it points at the
+        // mapping in use; later remaps re-attach it (TxCore::alloc).
+        let publisher = if layout.snapshot_protocol {
+            Some(Publisher::attach_protocol(&mem)?)
+        } else {
+            None
+        };
         let nonce = owner::register_nonce();
         let result = Self::open_locked(
             mem,
+            publisher,
             nonce,
             journal_len,
             heap_off,
@@ -569,6 +605,7 @@ impl<R: Pod> State<R> {
     #[allow(clippy::too_many_arguments)]
     fn open_locked(
         mut mem: Mem,
+        publisher: Option<Publisher>,
         nonce: u64,
         journal_len: u64,
         heap_off: u64,
@@ -593,7 +630,7 @@ impl<R: Pod> State<R> {
             }
         }
         let previous_pid = u32_at(&mem, "last opener", DY_LAST_PID).unwrap_or(0);
-        let publisher = Publisher::new(layout.commit_hook.take());
+        let publisher = publisher.unwrap_or_else(|| Publisher::new(layout.commit_hook.take()));
         let mut state = State {
             core: Core::new(mem, journal_len, heap_off, publisher),
             nonce,
@@ -714,10 +751,12 @@ impl<R: Pod> State<R> {
     pub fn close(mut self) -> Result<Source> {
         self.release();
         self.core.mem.flush()?;
-        let core = std::mem::replace(
+        let mut core = std::mem::replace(
             &mut self.core,
-            Core::new(Mem::heap(Vec::new(), 0)?, 0, 0, Publisher::default()),
+            Core::new(Mem::heap(Vec::new(), 0, 0)?, 0, 0, Publisher::default()),
         );
+        // The protocol publisher points into the mapping: gone before it.
+        drop(std::mem::take(&mut core.publisher));
         Ok(Source(match core.mem.into_backing() {
             Backing::Heap(lines) => SourceKind::Heap(lines.iter().flat_map(|l| l.0).collect()),
             Backing::Shared { fd, .. } => SourceKind::Shared(fd),

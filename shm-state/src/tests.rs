@@ -679,7 +679,7 @@ fn a_crash_during_recovery_recovers_again() {
     drop(s);
     // Crash the recovery itself at each of its writes.
     for n in 0..20 {
-        let mut mem = crate::mem::Mem::heap(crashed.clone(), 0).unwrap();
+        let mut mem = crate::mem::Mem::heap(crashed.clone(), 0, 0).unwrap();
         mem.crash = Some(CrashPlan {
             countdown: n,
             torn_prefix: 5,
@@ -827,4 +827,69 @@ fn refused_opens_leave_the_file_byte_for_byte() {
         read_all(&mut file) == bad,
         "a refused open changed the file"
     );
+}
+
+#[test]
+fn commits_are_published_through_the_snapshot_protocol() {
+    use shm_snapshot::{Protocol, Region, probe};
+    let fd = shm_fd::SharedFd::create("shm-state-snap", shm_fd::CreateOptions::default()).unwrap();
+    let watcher = fd.try_clone().unwrap();
+    let probe_fd = |fd: &shm_fd::SharedFd| {
+        let map = fd.map_raw(1).unwrap();
+        match probe(Region::from_mmap(&map)).unwrap() {
+            Protocol::Present {
+                generation,
+                updating,
+                ..
+            } => (generation, updating),
+            other => panic!("no protocol header: {other:?}"),
+        }
+    };
+    let layout = || layout().with_snapshot_protocol();
+    // SAFETY: a private memfd, sealed against shrinking.
+    let mut s = State::<Root>::open(unsafe { Source::shared(fd) }, layout()).unwrap();
+    let (g0, updating) = probe_fd(&watcher);
+    assert!(!updating);
+    let r = s
+        .transaction(|tx| {
+            let v = tx.new_vec::<u32>()?;
+            tx.root_mut()?.vec = v;
+            // Inside the transaction the header says "updating".
+            assert!(probe_fd(&watcher).1);
+            let mut vec = tx.vec(v)?;
+            for i in 0..100_000 {
+                vec.push(i)?; // grows the memfd: the publisher follows the remap
+            }
+            Ok::<_, Error>(*tx.root()?)
+        })
+        .unwrap();
+    let (g1, updating) = probe_fd(&watcher);
+    assert!(!updating && g1 == g0 + 1, "{g0} -> {g1}");
+    // A failed transaction leaves the header committed again.
+    let _ = s.transaction(|tx| {
+        tx.vec(r.vec)?.push(1)?;
+        Err::<(), _>(Error::Migration("no".into()))
+    });
+    assert!(!probe_fd(&watcher).1);
+    // A consistent copy of the whole memfd, reopened, holds the committed data.
+    let map = watcher.map_raw(1).unwrap();
+    let region = Region::from_mmap(&map);
+    let mut copy = vec![0u8; region.len()];
+    region.copy_to(&mut copy);
+    drop(s);
+    let s = State::<Root>::open(Source::heap(copy), layout()).unwrap();
+    assert_eq!(s.vec(r.vec).unwrap().len(), 100_000);
+    drop(s);
+    // Reopen the memfd itself; without the protocol it is refused clearly.
+    // SAFETY: as above.
+    let e = State::<Root>::open(
+        unsafe { Source::shared(watcher.try_clone().unwrap()) },
+        self::layout(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::NotAState { .. }), "{e}");
+    // SAFETY: as above.
+    let s = State::<Root>::open(unsafe { Source::shared(watcher) }, layout()).unwrap();
+    assert_eq!(s.report().opened, Opened::Reopened);
+    assert_eq!(s.vec(r.vec).unwrap()[99_999], 99_999);
 }

@@ -34,10 +34,12 @@ type LineSet = HashSet<u64, BuildHasherDefault<LineHasher>>;
 /// An open region: the memory and what was validated about it on open.
 #[derive(Debug)]
 pub(crate) struct Core {
+    // Declared (so dropped) before `mem`: the protocol publisher points
+    // into the mapping.
+    pub publisher: Publisher,
     pub mem: Mem,
     pub journal_len: u64,
     pub heap_off: u64,
-    pub publisher: Publisher,
     pub poisoned: bool,
     // Per-transaction bookkeeping, kept here to reuse the allocations.
     logged: LineSet,
@@ -70,7 +72,7 @@ impl Core {
 /// `(heap_off, heap_top)` with the top read from the header and checked.
 pub(crate) fn heap_bounds(mem: &Mem, heap_off: u64) -> Result<(u64, u64)> {
     let top = u64_at(mem, "heap top", DY_HEAP_TOP)?;
-    if top < heap_off || top > mem.len() || top % 16 != 0 {
+    if top < heap_off || top > mem.len() || !top.is_multiple_of(16) {
         return Err(Error::corrupt(
             "heap top",
             DY_HEAP_TOP,
@@ -262,6 +264,11 @@ impl<'a> TxCore<'a> {
                 let doubled = self.mem().len().saturating_mul(2);
                 let want = new_top.max(doubled).next_multiple_of(1 << 16);
                 self.core.mem.grow(want)?;
+                if let Err(e) = self.core.publisher.remapped(&self.core.mem) {
+                    // Commits could no longer be published: refuse to go on.
+                    self.core.poisoned = true;
+                    return Err(e);
+                }
             }
             self.write("block header", top, &block_header(kind, class, len))?;
             self.write_u64("heap top", DY_HEAP_TOP, new_top)?;

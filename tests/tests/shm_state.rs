@@ -283,7 +283,24 @@ fn examples_fail_clearly_on_bad_input() {
         "{:?}",
         text(&out)
     );
-    assert_eq!(std::fs::read(&other).unwrap(), b"some notes, not a bank\n");
+    assert!(
+        std::fs::read(&other).unwrap() == b"some notes, not a bank\n",
+        "the file was changed"
+    );
+    // A larger foreign file: refused by the snapshot header check, untouched.
+    let big = vec![b'x'; 10_000];
+    std::fs::write(&other, &big).unwrap();
+    let out = run(cmd("kv").args(["--file", other.to_str().unwrap(), "list"]));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        text(&out).1.contains("not a shm-state region"),
+        "{:?}",
+        text(&out)
+    );
+    assert!(
+        std::fs::read(&other).unwrap() == big,
+        "the file was changed"
+    );
 }
 
 #[test]
@@ -319,7 +336,8 @@ fn bank_check_catches_a_changed_balance_and_a_damaged_header() {
     assert!(e.contains("bank check: total is"), "{e}");
     // A flipped bit in the header: a one-line error, exit 3, file untouched.
     bytes[at] ^= 1;
-    bytes[0x90] ^= 0x10;
+    // shm-state's header starts after shm-snapshot's page (4096 bytes).
+    bytes[4096 + 0x90] ^= 0x10;
     std::fs::write(&file, &bytes).unwrap();
     let out = run(cmd("bank").args(["--file", f, "check"]));
     let (_, e) = text(&out);

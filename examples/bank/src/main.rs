@@ -120,7 +120,10 @@ fn open(cli: &Cli) -> Result<State<Bank>, Fail> {
             unsafe { Source::shared(fd) }
         }
     };
-    Ok(State::open(source, Layout::new(1))?)
+    Ok(State::open(
+        source,
+        Layout::new(1).with_snapshot_protocol(),
+    )?)
 }
 
 fn initialized(state: &State<Bank>) -> Result<Bank, Fail> {

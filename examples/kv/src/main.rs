@@ -94,7 +94,7 @@ fn open(cli: &Cli) -> Result<State<Root>, Fail> {
             unsafe { Source::shared(fd) }
         }
     };
-    let mut state = State::<Root>::open(source, Layout::new(1))?;
+    let mut state = State::<Root>::open(source, Layout::new(1).with_snapshot_protocol())?;
     if state.root()?.entries.is_null() {
         state.transaction(|tx| {
             let entries = tx.new_map()?;
