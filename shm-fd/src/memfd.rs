@@ -283,7 +283,21 @@ impl SharedFd {
         File::from(self.fd)
     }
 
-    /// Duplicates the fd (close-on-exec).
+    /// Opens the memfd again (through `/proc/self/fd`), giving a new open
+    /// file description: its file offset is this process's own, not shared
+    /// with the child that inherited the fd (whose `read`/`write` move it),
+    /// so `SEEK_DATA` / `SEEK_HOLE` and positioned I/O are safe to mix.
+    pub fn reopen(&self) -> Result<SharedFd> {
+        let path = format!("/proc/self/fd/{}", self.fd.as_raw_fd());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::io("reopening the memfd through /proc/self/fd", e))?;
+        SharedFd::adopt(file.into(), &self.name)
+    }
+
+    /// Duplicates the fd (close-on-exec; the file offset is shared).
     pub fn try_clone(&self) -> Result<SharedFd> {
         Ok(SharedFd {
             fd: self.fd.try_clone().map_err(|e| Error::io("dup", e))?,
@@ -444,6 +458,29 @@ mod tests {
             Err(nix::errno::Errno::EPERM)
         );
         assert_eq!(fd.grow_to(10).unwrap(), 8192);
+    }
+
+    #[test]
+    fn reopen_has_its_own_offset() {
+        use std::io::{Seek, SeekFrom};
+        let fd = SharedFd::create(
+            "re",
+            CreateOptions {
+                size: 100,
+                seal_shrink: true,
+            },
+        )
+        .unwrap();
+        let mut a = fd.try_clone().unwrap().into_file();
+        let mut b = fd.reopen().unwrap().into_file();
+        a.seek(SeekFrom::Start(40)).unwrap();
+        assert_eq!(b.stream_position().unwrap(), 0);
+        let mut dup = fd.try_clone().unwrap().into_file();
+        assert_eq!(
+            dup.stream_position().unwrap(),
+            40,
+            "a dup shares the offset"
+        );
     }
 
     #[test]

@@ -7,18 +7,17 @@
 //! next to a leftover of the old one. When the watcher owns the terminal,
 //! it hands the terminal to each run's group (as a shell does with a job).
 
-use std::io::IsTerminal;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, sigprocmask};
+use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use shm_fd::PassedFds;
-use shm_fd::process::SignalSet;
+use shm_fd::process::{SignalSet, Terminal};
 
 use crate::{
     Args, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP, Failure, Restart, spawn_failure, warn,
@@ -305,49 +304,4 @@ fn reap_all(main: Option<Pid>) -> std::io::Result<Option<Ended>> {
 
 fn group_is_empty(pgid: Pid) -> bool {
     killpg(pgid, None) == Err(Errno::ESRCH)
-}
-
-/// The controlling terminal on stdin, when the watcher is in its
-/// foreground: each run gets the foreground while it runs.
-struct Terminal {
-    own_group: Pid,
-}
-
-impl Terminal {
-    fn if_foreground() -> Option<Terminal> {
-        let stdin = std::io::stdin();
-        if !stdin.is_terminal() {
-            return None;
-        }
-        let own_group = nix::unistd::getpgrp();
-        (nix::unistd::tcgetpgrp(&stdin).ok()? == own_group).then_some(Terminal { own_group })
-    }
-
-    fn give_to(&self, pgid: Pid) {
-        set_foreground(pgid);
-        // The run may have touched the terminal before it was its own and
-        // been stopped (SIGTTIN/SIGTTOU): let it go on.
-        let _ = killpg(pgid, Signal::SIGCONT);
-    }
-
-    /// Whether the terminal has hung up (closed, or the session is gone).
-    fn hung_up(&self) -> bool {
-        nix::unistd::tcgetpgrp(std::io::stdin()).is_err()
-    }
-
-    fn take_back(&self) {
-        set_foreground(self.own_group);
-    }
-}
-
-/// tcsetpgrp from what may be a background group: SIGTTOU is blocked
-/// meanwhile, as shells do, so the call is not stopped.
-fn set_foreground(pgid: Pid) {
-    let mut block = SigSet::empty();
-    block.add(Signal::SIGTTOU);
-    let mut old = SigSet::empty();
-    if sigprocmask(SigmaskHow::SIG_BLOCK, Some(&block), Some(&mut old)).is_ok() {
-        let _ = nix::unistd::tcsetpgrp(std::io::stdin(), pgid);
-        let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
-    }
 }
