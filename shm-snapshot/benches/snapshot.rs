@@ -169,14 +169,14 @@ impl Child {
         l.trim().parse().unwrap()
     }
 
-    /// The stop-mode copy: SIGSTOP, wait until stopped, copy, SIGCONT.
-    fn stop_copy(&self, src: Region<'_>, dst: &mut [u8]) -> std::io::Result<()> {
+    /// The stop mode: SIGSTOP, wait until stopped, run `copy`, SIGCONT.
+    fn stopped(&self, copy: &mut dyn FnMut() -> std::io::Result<()>) -> std::io::Result<()> {
         let pid = Pid::from_raw(self.proc.id() as i32);
         kill(pid, Signal::SIGSTOP)?;
         waitpid(pid, Some(WaitPidFlag::WUNTRACED))?;
-        src.copy_to(dst);
+        let r = copy();
         kill(pid, Signal::SIGCONT)?;
-        Ok(())
+        r
     }
 }
 
@@ -231,7 +231,7 @@ fn pauses() {
             s.forget();
             child.max_pause_us();
             let c = s
-                .capture(src, &mut dst, |src, dst| child.stop_copy(src, dst))
+                .capture(src, &mut dst, |copy| child.stopped(copy))
                 .unwrap();
             let kind = match c {
                 Capture::Consistent { .. } => "consistent",
@@ -252,7 +252,12 @@ fn pauses() {
         let mut worst = 0;
         for _ in 0..runs {
             child.max_pause_us();
-            child.stop_copy(src, &mut dst).unwrap();
+            child
+                .stopped(&mut || {
+                    src.copy_to(&mut dst);
+                    Ok(())
+                })
+                .unwrap();
             std::thread::sleep(Duration::from_millis(20));
             worst = worst.max(child.max_pause_us());
         }
@@ -298,9 +303,9 @@ fn idle_cpu() {
         std::thread::sleep(interval);
     });
     let mut s = Snapshotter::new();
-    s.capture(src, &mut dst, |_, _| unreachable!()).unwrap(); // the first, kept snapshot
+    s.capture(src, &mut dst, |_| unreachable!()).unwrap(); // the first, kept snapshot
     let skip = run(&mut dst, &mut |dst| {
-        s.capture(src, dst, |_, _| unreachable!()).unwrap();
+        s.capture(src, dst, |_| unreachable!()).unwrap();
         std::thread::sleep(interval);
     });
     let s2 = Snapshotter::new();

@@ -37,8 +37,11 @@ pub enum Error {
         /// The destination's length in bytes.
         destination_len: usize,
     },
-    /// The fallback copy (stopping the program) failed.
+    /// Stopping the program for the fallback copy failed (or the program
+    /// was not stopped in time).
     Fallback(io::Error),
+    /// Copying the memory failed (e.g. finding a memfd's data extents).
+    Copy(io::Error),
 }
 
 impl fmt::Display for Error {
@@ -66,6 +69,7 @@ impl fmt::Display for Error {
                 "snapshot buffer holds {destination_len} bytes but the shared memory has {source_len}"
             ),
             Error::Fallback(e) => write!(f, "stopping the program for a snapshot failed: {e}"),
+            Error::Copy(e) => write!(f, "copying the shared memory failed: {e}"),
         }
     }
 }
@@ -73,7 +77,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Fallback(e) => Some(e),
+            Error::Fallback(e) | Error::Copy(e) => Some(e),
             _ => None,
         }
     }

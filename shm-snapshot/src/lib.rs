@@ -58,6 +58,7 @@ mod publisher;
 mod region;
 mod snapshot;
 mod sync;
+mod target;
 
 pub use error::Error;
 pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, VERSION};
@@ -67,3 +68,6 @@ pub use snapshot::{
     Capture, Outcome, Protocol, Snapshotter, committed_generation, has_protocol, probe,
     try_copy_consistent,
 };
+pub use target::CopyTarget;
+#[cfg(not(loom))]
+pub use target::SparseCopy;

@@ -5,9 +5,10 @@ use std::io;
 use std::time::Duration;
 
 use crate::error::Error;
-use crate::header::{self, Found, Header, OFF_SEQ, OFF_WAITERS};
+use crate::header::{self, Found, Header};
 use crate::region::Region;
 use crate::sync::{Ordering, fence};
+use crate::target::{CopyTarget, copied_seq, fix_header};
 
 /// Whether a region carries the protocol, and where its program is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,22 +87,21 @@ pub enum Outcome {
 /// the copy equals a committed state.
 ///
 /// The seqlock read: load the sequence word (`Acquire`); if it is odd the
-/// program is inside an update, stop. Copy every word with relaxed loads,
-/// then an `Acquire` fence and a second load of the sequence word. If both
-/// loads saw the same even value, no store of any update was seen by the
-/// copy (an update's first data store is ordered after its odd sequence
-/// store by the writer's release fence), so the copy equals the commit.
+/// program is inside an update, stop. Copy with relaxed loads, then an
+/// `Acquire` fence and a second load of the sequence word. If both loads
+/// saw the same even value, no store of any update was seen by the copy
+/// (an update's first data store is ordered after its odd sequence store
+/// by the writer's release fence), so the copy equals the commit.
 ///
 /// In the kept copy, the header's sequence word is the committed value and
 /// its waiter word is zero, as a restored program should find them.
-/// `dst` must be exactly as long as `src`.
-pub fn try_copy_consistent(src: Region<'_>, dst: &mut [u8]) -> Result<Outcome, Error> {
-    if dst.len() != src.len() {
-        return Err(Error::LengthMismatch {
-            source_len: src.len(),
-            destination_len: dst.len(),
-        });
-    }
+/// A dense `dst` (`[u8]`, `Vec<u8>`) must be exactly as long as `src`; a
+/// [`crate::SparseCopy`] copies only the memfd's data extents.
+pub fn try_copy_consistent<T: CopyTarget + ?Sized>(
+    src: Region<'_>,
+    dst: &mut T,
+) -> Result<Outcome, Error> {
+    check_len(src, dst)?;
     let header = match header::find(src) {
         Ok(Found::Valid(h)) => h,
         Ok(Found::Blank | Found::Foreign) | Err(Error::TooSmall { .. }) => {
@@ -110,28 +110,33 @@ pub fn try_copy_consistent(src: Region<'_>, dst: &mut [u8]) -> Result<Outcome, E
         Err(e) => return Err(e),
     };
     let before = u64::from_le(header.seq().load(Ordering::Acquire));
-    if before % 2 == 1 {
+    if before & 1 == 1 {
         return Ok(Outcome::Updating {
             generation: before / 2,
         });
     }
-    src.copy_to(dst);
+    dst.copy_from(src).map_err(Error::Copy)?;
     fence(Ordering::Acquire);
     let after = u64::from_le(header.seq().load(Ordering::Relaxed));
     if after != before {
         return Ok(Outcome::Changed { before, after });
     }
-    fix_header(dst, before);
+    if let Some(h) = dst.header_mut() {
+        fix_header(h, before);
+    }
     Ok(Outcome::Consistent {
         generation: before / 2,
     })
 }
 
-/// Puts the committed sequence value and a zero waiter word into a copied
-/// header (the copy's own reads of those words may be from any moment).
-fn fix_header(dst: &mut [u8], seq: u64) {
-    dst[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
-    dst[OFF_WAITERS..OFF_WAITERS + 8].copy_from_slice(&0u64.to_le_bytes());
+fn check_len<T: CopyTarget + ?Sized>(src: Region<'_>, dst: &T) -> Result<(), Error> {
+    match dst.required_len() {
+        Some(n) if n != src.len() => Err(Error::LengthMismatch {
+            source_len: src.len(),
+            destination_len: n,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Sleeps until the program leaves the update it is in (commits), at most
@@ -155,6 +160,36 @@ fn wait_for_commit(header: Header<'_>, timeout: Duration) {
         crate::futex::wait(seq, now as u32, timeout);
     }
     header.waiters().store(0, Ordering::Relaxed);
+}
+
+/// Runs the copy inside the caller's stop; the copy's own error wins over
+/// the stop's.
+fn stop_and_copy<T: CopyTarget + ?Sized>(
+    src: Region<'_>,
+    dst: &mut T,
+    stopped: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
+) -> Result<(), Error> {
+    let mut copied = false;
+    let mut copy_error = None;
+    let mut copy = || {
+        copied = true;
+        dst.copy_from(src).map_err(|e| {
+            let msg = e.to_string();
+            copy_error = Some(e);
+            io::Error::other(msg)
+        })
+    };
+    let stop = stopped(&mut copy);
+    if let Some(e) = copy_error {
+        return Err(Error::Copy(e));
+    }
+    stop.map_err(Error::Fallback)?;
+    if !copied {
+        return Err(Error::Fallback(io::Error::other(
+            "the fallback returned without running the copy",
+        )));
+    }
+    Ok(())
 }
 
 /// What [`Snapshotter::capture`] did.
@@ -263,43 +298,38 @@ impl Snapshotter {
         self.last.map(|(g, _)| g)
     }
 
-    /// Takes a snapshot of `src` into `dst` (exactly as long as `src`).
+    /// Takes a snapshot of `src` into `dst` (a dense buffer exactly as long
+    /// as `src`, or a [`crate::SparseCopy`]).
     ///
-    /// - No header: copies with `stop_copy` ([`Capture::Plain`]).
+    /// - No header: copies with the program stopped ([`Capture::Plain`]).
     /// - Same committed generation and length as the last kept snapshot,
     ///   not inside an update: copies nothing ([`Capture::Unchanged`]).
     /// - Otherwise up to `max_tries` optimistic copies, sleeping (futex,
     ///   bounded by `wait`) while the program is inside an update
-    ///   ([`Capture::Consistent`]); then `stop_copy` ([`Capture::Stopped`]).
+    ///   ([`Capture::Consistent`]); then a copy with the program stopped
+    ///   ([`Capture::Stopped`]).
     ///
-    /// `stop_copy` is the fallback: it stops the program (e.g. `SIGSTOP` to
-    /// its process group, then waiting until it is stopped), copies `src`
-    /// into `dst` with [`Region::copy_to`], and lets it continue. The
-    /// program is never made to wait, except inside `stop_copy`.
-    pub fn capture(
+    /// `stopped` is the fallback: it stops the program (e.g. `SIGSTOP` to
+    /// its process group, then waiting until every thread is stopped),
+    /// calls the copy function it is given exactly once (also when the
+    /// program is already gone: then nothing writes the memory), and lets
+    /// the program continue (also when the copy fails). The program is never made to wait
+    /// except inside `stopped`.
+    pub fn capture<T: CopyTarget + ?Sized>(
         &mut self,
         src: Region<'_>,
-        dst: &mut [u8],
-        stop_copy: impl FnOnce(Region<'_>, &mut [u8]) -> io::Result<()>,
+        dst: &mut T,
+        stopped: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
     ) -> Result<Capture, Error> {
-        if dst.len() != src.len() {
-            return Err(Error::LengthMismatch {
-                source_len: src.len(),
-                destination_len: dst.len(),
-            });
-        }
+        check_len(src, dst)?;
         let header = match header::find(src) {
             Ok(Found::Valid(h)) => h,
-            Ok(Found::Blank) => return self.plain(src, dst, "no shm-snapshot header", stop_copy),
+            Ok(Found::Blank) => return self.plain(src, dst, "no shm-snapshot header", stopped),
             Ok(Found::Foreign) => {
-                return self.plain(
-                    src,
-                    dst,
-                    "the first page is not a shm-snapshot header",
-                    stop_copy,
-                );
+                let reason = "the first page is not a shm-snapshot header";
+                return self.plain(src, dst, reason, stopped);
             }
-            Err(e) => return self.plain(src, dst, &e.to_string(), stop_copy),
+            Err(e) => return self.plain(src, dst, &e.to_string(), stopped),
         };
         self.plain = false;
         let seq = u64::from_le(header.seq().load(Ordering::Acquire));
@@ -319,15 +349,20 @@ impl Snapshotter {
                 }
                 Outcome::Updating { .. } | Outcome::Changed { .. } => {}
                 Outcome::NoProtocol => {
-                    return self.plain(src, dst, "the shm-snapshot header vanished", stop_copy);
+                    return self.plain(src, dst, "the shm-snapshot header vanished", stopped);
                 }
             }
         }
-        stop_copy(src, dst).map_err(Error::Fallback)?;
-        let seq = u64::from_le_bytes(dst[OFF_SEQ..OFF_SEQ + 8].try_into().expect("8 bytes"));
-        dst[OFF_WAITERS..OFF_WAITERS + 8].copy_from_slice(&0u64.to_le_bytes());
+        stop_and_copy(src, dst, stopped)?;
+        let Some(h) = dst.header_mut() else {
+            return Err(Error::Copy(io::Error::other(
+                "the copy holds no header page",
+            )));
+        };
+        let seq = copied_seq(h);
+        fix_header(h, seq);
         let generation = seq / 2;
-        let in_update = seq % 2 == 1;
+        let in_update = seq & 1 == 1;
         self.last = (!in_update).then_some((generation, src.len()));
         Ok(Capture::Stopped {
             generation,
@@ -336,14 +371,14 @@ impl Snapshotter {
         })
     }
 
-    fn plain(
+    fn plain<T: CopyTarget + ?Sized>(
         &mut self,
         src: Region<'_>,
-        dst: &mut [u8],
+        dst: &mut T,
         reason: &str,
-        stop_copy: impl FnOnce(Region<'_>, &mut [u8]) -> io::Result<()>,
+        stopped: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
     ) -> Result<Capture, Error> {
-        stop_copy(src, dst).map_err(Error::Fallback)?;
+        stop_and_copy(src, dst, stopped)?;
         let first = !self.plain;
         self.plain = true;
         self.last = None;

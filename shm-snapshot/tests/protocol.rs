@@ -18,13 +18,15 @@ fn bytes(r: Region<'_>) -> Vec<u8> {
     v
 }
 
-fn no_stop(_: Region<'_>, _: &mut [u8]) -> std::io::Result<()> {
+type CopyFn<'a> = &'a mut dyn FnMut() -> std::io::Result<()>;
+
+fn no_stop(_: CopyFn<'_>) -> std::io::Result<()> {
     panic!("the fallback must not be used here")
 }
 
-fn plain_copy(src: Region<'_>, dst: &mut [u8]) -> std::io::Result<()> {
-    src.copy_to(dst);
-    Ok(())
+/// A fallback with nothing to stop (single-threaded tests).
+fn plain_copy(copy: CopyFn<'_>) -> std::io::Result<()> {
+    copy()
 }
 
 #[test]
@@ -237,9 +239,9 @@ fn snapshotter_falls_back_to_the_stop_copy() {
         .wait(Duration::from_millis(1));
     let mut stops = 0;
     let c = s
-        .capture(buf.region(), &mut dst, |src, dst| {
+        .capture(buf.region(), &mut dst, |copy| {
             stops += 1;
-            plain_copy(src, dst)
+            copy()
         })
         .unwrap();
     assert_eq!(
@@ -269,12 +271,18 @@ fn snapshotter_falls_back_to_the_stop_copy() {
     // A failing fallback is an error naming it.
     let e = Snapshotter::new()
         .max_tries(0)
-        .capture(buf.region(), &mut dst, |_, _| {
+        .capture(buf.region(), &mut dst, |_| {
             Err(std::io::Error::other("no such process"))
         })
         .unwrap_err();
     assert!(e.to_string().contains("stopping the program"), "{e}");
     assert!(std::error::Error::source(&e).is_some());
+    // A fallback that forgets to run the copy is an error, not a stale copy.
+    let e = Snapshotter::new()
+        .max_tries(0)
+        .capture(buf.region(), &mut dst, |_| Ok(()))
+        .unwrap_err();
+    assert!(e.to_string().contains("without running the copy"), "{e}");
 }
 
 #[test]
@@ -413,14 +421,14 @@ fn every_kept_snapshot_of_a_busy_writer_verifies() {
             }
         }
         let c = s
-            .capture(buf.region(), &mut dst, |src, dst| {
+            .capture(buf.region(), &mut dst, |copy| {
                 pause.store(1, Ordering::Release);
                 while pause.load(Ordering::Acquire) != 2 {
                     std::thread::yield_now();
                 }
-                src.copy_to(dst);
+                let r = copy();
                 pause.store(0, Ordering::Release);
-                Ok(())
+                r
             })
             .unwrap();
         match c {
