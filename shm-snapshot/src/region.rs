@@ -66,19 +66,49 @@ impl<'a> Region<'a> {
     /// A region over a whole [`memmap2::MmapRaw`] mapping (such as
     /// [`shm_fd::SharedFd::map_raw`] returns).
     ///
-    /// `MmapRaw` only hands out raw pointers, so as long as nothing in this
-    /// process turns the mapping into slices behind our back (which would
-    /// need `unsafe` code of its own), atomic access is sound; the memfd
-    /// must stay at least as long as the mapping (shm-fd seals it against
-    /// shrinking by default).
+    /// Panics when the mapping cannot be made writable (a read-only fd):
+    /// a `Region` can store, and a store into read-only memory would crash.
+    /// [`Region::try_from_mmap`] returns that as an error instead.
     #[cfg(not(loom))]
     pub fn from_mmap(map: &'a memmap2::MmapRaw) -> Region<'a> {
-        // SAFETY: a mapping from mmap is page-aligned and valid for its
-        // length while `map` lives ('a); MmapRaw gives out only raw
-        // pointers, so any non-atomic access in this process would be the
-        // caller's own unsafe code, which must respect the mapping being
-        // shared (documented above).
-        unsafe { Region::from_raw_parts(map.as_mut_ptr(), map.len()) }
+        match Region::try_from_mmap(map) {
+            Ok(r) => r,
+            Err(e) => panic!("Region::from_mmap needs a writable shared mapping: {e}"),
+        }
+    }
+
+    /// A region over a whole [`memmap2::MmapRaw`] mapping, which is made
+    /// readable and writable (`mprotect`) first; fails when it cannot be
+    /// (the file is open read-only or sealed against writes).
+    ///
+    /// `MmapRaw` only hands out raw pointers, so as long as nothing in this
+    /// process turns the mapping into slices behind our back (which would
+    /// need `unsafe` code of its own), atomic access is sound. The memfd
+    /// must stay at least as long as the mapping (shm-fd seals it against
+    /// shrinking by default), as for any mapping.
+    #[cfg(not(loom))]
+    pub fn try_from_mmap(map: &'a memmap2::MmapRaw) -> std::io::Result<Region<'a>> {
+        if map.len() > 0 {
+            // SAFETY: the range is exactly the live mapping `map` owns;
+            // read+write is what every Region access needs, and for a
+            // mapping that already has it nothing changes.
+            let r = unsafe {
+                libc::mprotect(
+                    map.as_mut_ptr().cast(),
+                    map.len(),
+                    libc::PROT_READ | libc::PROT_WRITE,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        // SAFETY: a mapping from mmap is page-aligned and valid for reads
+        // and (checked just above) writes of its length while `map` lives
+        // ('a); MmapRaw gives out only raw pointers, so any non-atomic
+        // access in this process would be the caller's own unsafe code,
+        // which must respect the mapping being shared (documented above).
+        Ok(unsafe { Region::from_raw_parts(map.as_mut_ptr(), map.len()) })
     }
 
     /// The length in bytes.

@@ -481,3 +481,21 @@ fn waiting_snapshotter_is_woken_by_the_commit() {
     assert_eq!(g, Some(1));
     assert!(start.elapsed() >= Duration::from_millis(30));
 }
+
+#[test]
+fn read_only_mappings_are_refused_not_crashed_into() {
+    let fd = shm_fd::SharedFd::create("ro", shm_fd::CreateOptions::default()).unwrap();
+    fd.grow_to(8192).unwrap();
+    let ro = std::fs::File::open(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        fd.as_raw_fd()
+    }))
+    .unwrap();
+    let map = memmap2::MmapOptions::new().map_raw_read_only(&ro).unwrap();
+    let e = Region::try_from_mmap(&map).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    assert!(std::panic::catch_unwind(|| Region::from_mmap(&map)).is_err());
+    // A writable mapping is fine.
+    let rw = fd.map_raw(0).unwrap();
+    Region::try_from_mmap(&rw).unwrap().store_u64(0, 1);
+}
