@@ -39,9 +39,28 @@
 //! # The snapshotter's side
 //!
 //! [`Snapshotter::capture`] does the whole job (skip when nothing was
-//! committed, bounded optimistic tries, fallback stop); the pieces are
+//! committed, bounded optimistic tries, fallback stop) into a dense buffer
+//! or a [`SparseCopy`] (the memfd's data extents only); the pieces are
 //! [`probe`], [`has_protocol`], [`committed_generation`] and
-//! [`try_copy_consistent`].
+//! [`try_copy_consistent`]. [`Snapshotter::wait_for_generation`] sleeps
+//! (futex) until the program commits.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let memfd: std::fs::File = unimplemented!();
+//! use shm_snapshot::{Capture, Region, Snapshotter, SparseCopy};
+//! let map = memmap2::MmapOptions::new().map_raw(&memfd)?;
+//! let mut snapshotter = Snapshotter::new();
+//! let mut copy = SparseCopy::new(&memfd);
+//! let got = snapshotter.capture(Region::from_mmap(&map), &mut copy, |copy_now| {
+//!     // stop the program (SIGSTOP its group, wait until stopped), then:
+//!     let copied = copy_now();
+//!     // continue it (SIGCONT)
+//!     copied
+//! })?;
+//! if let Capture::Unchanged { .. } = got { /* nothing to save */ }
+//! # Ok(()) }
+//! ```
 //!
 //! # Model checking
 //!
