@@ -10,7 +10,7 @@ compile_error!("shm-state stores native-endian POD values and supports little-en
 /// The magic at offset 0 of every region.
 pub const MAGIC: &[u8; 8] = b"SHMSTATE";
 /// The format version this library writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The header's size: one page at the start of the region.
 pub const HEADER_LEN: u64 = 4096;
 
@@ -32,7 +32,10 @@ pub(crate) const DY_START: u64 = 0x80;
 pub(crate) const DY_GENERATION: u64 = 0x80;
 pub(crate) const DY_HEAP_TOP: u64 = 0x88;
 pub(crate) const DY_ROOT: u64 = 0x90;
-pub(crate) const DY_COMMITS: u64 = 0x98;
+/// Format 1 kept a commit counter here, rewritten by every commit; format 2
+/// leaves it zero so that a transaction that neither allocates nor frees
+/// never touches (journals, re-checksums) the dynamic header.
+pub(crate) const DY_RESERVED: u64 = 0x98;
 pub(crate) const DY_USED: u64 = 0xA0;
 pub(crate) const DY_LAST_PID: u64 = 0xA8;
 pub(crate) const DY_LAST_OPEN: u64 = 0xAC;
@@ -49,8 +52,8 @@ pub(crate) const FREE_HEADS: u64 = 0x100;
 /// Number of free-list heads (classes `MIN_CLASS..=MAX_CLASS` are used).
 pub(crate) const FREE_SLOTS: u64 = 64;
 
-/// Reserved peer table for several processes sharing one state (format 1
-/// keeps it zero).
+/// Reserved peer table for several processes sharing one state (formats 1
+/// and 2 keep it zero).
 pub(crate) const PEERS: u64 = 0x400;
 /// Peer table entry size and count (reserved).
 pub(crate) const PEER_ENTRY: u64 = 64;
@@ -58,7 +61,7 @@ pub(crate) const PEER_COUNT: u64 = 48;
 
 /// The journal starts right after the header.
 pub(crate) const JOURNAL_OFF: u64 = HEADER_LEN;
-/// A journal record's fixed part: seq u64, offset u64, len u32, crc u32.
+/// A journal record's fixed part: crc u32, len u32, seq u64, offset u64.
 pub(crate) const RECORD_HEADER: u64 = 24;
 /// Before-images are taken in whole lines of this many bytes.
 pub(crate) const LINE: u64 = 64;

@@ -1,10 +1,10 @@
 //! The undo journal: before-images of every range a transaction writes.
 //!
-//! A record is `seq u64, offset u64, len u32, crc u32` followed by `len`
-//! bytes of before-image, padded to 8. The CRC-32 covers the first 20 bytes
-//! and the data. A record counts only if its `seq` is the open
-//! transaction's and its CRC matches; the scan stops at the first one that
-//! does not. A record is complete before the range it covers is written, so
+//! A record is `crc u32, len u32, seq u64, offset u64` followed by `len`
+//! bytes of before-image, padded to 8. The CRC-32 covers every byte after
+//! itself (`len` to the end of the data) in one contiguous run. A record
+//! counts only if its `seq` is the open transaction's and its CRC matches;
+//! the scan stops at the first one that does not. A record is complete before the range it covers is written, so
 //! a torn record means its range was never touched.
 
 use crate::error::{Error, Result};
@@ -22,13 +22,10 @@ pub(crate) struct Record {
     pub data: u64,
 }
 
-fn record_crc(seq: u64, target: u64, len: u32, data: &[u8]) -> u32 {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&seq.to_le_bytes());
-    h.update(&target.to_le_bytes());
-    h.update(&len.to_le_bytes());
-    h.update(data);
-    h.finalize()
+/// The CRC of a record: bytes `+4..+24+len` (everything after the CRC
+/// field up to the end of the data), one contiguous run.
+fn record_crc(covered: &[u8]) -> u32 {
+    crc32fast::hash(covered)
 }
 
 /// The bytes a record of `len` data bytes takes.
@@ -55,15 +52,17 @@ pub(crate) fn append(
             capacity: journal_len,
         });
     };
+    let size = size as usize;
+    let data_at = RECORD_HEADER as usize;
+    let data_end = data_at + len as usize;
     scratch.clear();
-    scratch.extend_from_slice(&seq.to_le_bytes());
-    scratch.extend_from_slice(&target.to_le_bytes());
-    scratch.extend_from_slice(&len32.to_le_bytes());
-    scratch.extend_from_slice(&[0; 4]);
-    scratch.extend_from_slice(mem.bytes("journaled range", target, len)?);
-    let crc = record_crc(seq, target, len32, &scratch[RECORD_HEADER as usize..]);
-    scratch[20..24].copy_from_slice(&crc.to_le_bytes());
-    scratch.resize(size as usize, 0);
+    scratch.resize(size, 0);
+    scratch[4..8].copy_from_slice(&len32.to_le_bytes());
+    scratch[8..16].copy_from_slice(&seq.to_le_bytes());
+    scratch[16..24].copy_from_slice(&target.to_le_bytes());
+    scratch[data_at..data_end].copy_from_slice(mem.bytes("journaled range", target, len)?);
+    let crc = record_crc(&scratch[4..data_end]);
+    scratch[0..4].copy_from_slice(&crc.to_le_bytes());
     mem.write("journal", JOURNAL_OFF + pos, scratch)?;
     Ok(end)
 }
@@ -76,18 +75,18 @@ pub(crate) fn scan(mem: &Mem, journal_len: u64, seq: u64) -> Result<Vec<Record>>
     while pos + RECORD_HEADER <= journal_len {
         let at = JOURNAL_OFF + pos;
         let h = mem.bytes("journal record", at, RECORD_HEADER)?;
-        let rseq = u64::from_le_bytes(h[0..8].try_into().expect("8"));
-        let target = u64::from_le_bytes(h[8..16].try_into().expect("8"));
-        let len32 = u32::from_le_bytes(h[16..20].try_into().expect("4"));
-        let crc = u32::from_le_bytes(h[20..24].try_into().expect("4"));
-        let len = u64::from(len32);
+        let crc = u32::from_le_bytes(h[0..4].try_into().expect("4"));
+        let len = u64::from(u32::from_le_bytes(h[4..8].try_into().expect("4")));
+        let rseq = u64::from_le_bytes(h[8..16].try_into().expect("8"));
+        let target = u64::from_le_bytes(h[16..24].try_into().expect("8"));
         if rseq != seq || record_size(len) > journal_len - pos {
             break;
         }
-        let data = mem.bytes("journal record", at + RECORD_HEADER, len)?;
-        if record_crc(rseq, target, len32, data) != crc {
+        let covered = mem.bytes("journal record", at + 4, RECORD_HEADER - 4 + len)?;
+        if record_crc(covered) != crc {
             break;
         }
+        let data = at + RECORD_HEADER;
         let Some(end) = target.checked_add(len).filter(|&e| e <= mem.len()) else {
             return Err(Error::corrupt(
                 "journal record",
@@ -105,11 +104,7 @@ pub(crate) fn scan(mem: &Mem, journal_len: u64, seq: u64) -> Result<Vec<Record>>
                 ),
             ));
         }
-        records.push(Record {
-            target,
-            len,
-            data: at + RECORD_HEADER,
-        });
+        records.push(Record { target, len, data });
         pos += record_size(len);
     }
     Ok(records)

@@ -12,7 +12,7 @@ use std::marker::PhantomData;
 use bytemuck::Pod;
 
 use crate::error::{Error, Result};
-use crate::format::{BLOCK_HEADER, Block, Kind, MAP_HEADER, u32_at, u64_at};
+use crate::format::{BLOCK_HEADER, Block, Kind, MAP_HEADER, u64_at};
 use crate::handle::StateMap;
 use crate::mem::Mem;
 use crate::state::{State, Tx};
@@ -123,6 +123,26 @@ impl Header {
     fn slots(&self) -> u64 {
         self.table + BLOCK_HEADER
     }
+
+    /// The table's bytes, `cap` slots (empty when there is no table). The
+    /// size was checked against the table block by [`header`].
+    fn table<'m, K: Item, V: Item>(&self, mem: &'m Mem) -> Result<&'m [u8]> {
+        if self.cap == 0 {
+            return Ok(&[]);
+        }
+        mem.bytes("map table", self.slots(), self.cap * slot_size::<K, V>())
+    }
+
+    /// The same map with no entries and no table.
+    fn emptied(&self) -> Header {
+        Header {
+            at: self.at,
+            len: 0,
+            tombs: 0,
+            cap: 0,
+            table: 0,
+        }
+    }
 }
 
 fn check_item<I: Item>(what: &str) -> Result<()> {
@@ -137,19 +157,15 @@ fn check_item<I: Item>(what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Reads and validates a map's header block and its table block.
 fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
     let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
     let at = b.payload();
-    let len = u64_at(mem, "map length", at)?;
-    let tombs = u64_at(mem, "map tombstones", at + 8)?;
-    let cap = u64_at(mem, "map capacity", at + 16)?;
-    let table = u64_at(mem, "map table", at + 24)?;
-    let kinds = [
-        u32_at(mem, "map key kind", at + 32)?,
-        u32_at(mem, "map key size", at + 36)?,
-        u32_at(mem, "map value kind", at + 40)?,
-        u32_at(mem, "map value size", at + 44)?,
-    ];
+    let raw = mem.bytes("map header", at, MAP_HEADER)?;
+    let word = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().expect("8"));
+    let half = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4"));
+    let (len, tombs, cap, table) = (word(0), word(8), word(16), word(24));
+    let kinds = [half(32), half(36), half(40), half(44)];
     if kinds != [K::KIND, K::SIZE, V::KIND, V::SIZE] {
         return Err(Error::unsupported(format!(
             "the map holds (kind {}, size {}) -> (kind {}, size {}), the types asked for are \
@@ -192,66 +208,100 @@ fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Hea
     })
 }
 
-/// Reads one item field of a slot.
-fn read_item<I: Item>(mem: &Mem, heap: (u64, u64), at: u64) -> Result<&I::Borrowed> {
+/// Reads the item field at byte `at` of `table` (whose first slot is at
+/// region offset `slots`): a POD item in place, or the byte string its
+/// offset names.
+fn item<'m, I: Item>(
+    mem: &'m Mem,
+    heap: (u64, u64),
+    table: &'m [u8],
+    slots: u64,
+    at: usize,
+) -> Result<&'m I::Borrowed> {
     let bytes = if I::KIND == BYTES {
-        let off = u64_at(mem, "map slot", at)?;
+        let off = u64::from_le_bytes(table[at..at + 8].try_into().expect("8"));
         let b = Block::expect(mem, heap, off, Kind::Bytes)?;
-        b.need(b.aux)?;
+        let b = b.need(b.aux)?;
         mem.bytes("byte string", b.payload(), b.aux)?
     } else {
-        mem.bytes("map slot", at, u64::from(I::SIZE))?
+        &table[at..at + I::SIZE as usize]
     };
-    I::from_bytes(bytes).ok_or_else(|| Error::corrupt("map slot", at, "misaligned item"))
+    I::from_bytes(bytes)
+        .ok_or_else(|| Error::corrupt("map slot", slots + at as u64, "misaligned item"))
 }
 
-/// Finds `key`: `Ok(Ok(slot))` when present, `Ok(Err(slot))` with the slot
-/// to insert into when absent.
+/// Where a probe for a key ended.
+enum Probe {
+    /// The key is in this slot.
+    Found(u64),
+    /// The key is absent; it would go in this slot (none: the table has
+    /// no free slot, which only a damaged header allows).
+    Vacant(Option<u64>),
+}
+
+/// Probes for `key` (whose tag is `tag`) in `table`.
 fn find<K: Item, V: Item>(
     mem: &Mem,
     heap: (u64, u64),
     h: &Header,
+    table: &[u8],
     key: &[u8],
     tag: u64,
-) -> Result<std::result::Result<u64, Option<u64>>> {
+) -> Result<Probe> {
     if h.cap == 0 {
-        return Ok(Err(None));
+        return Ok(Probe::Vacant(None));
     }
-    let size = slot_size::<K, V>();
-    let table = mem.bytes("map table", h.slots(), h.cap * size)?;
+    let size = slot_size::<K, V>() as usize;
     let mask = h.cap - 1;
     let mut i = tag & mask;
     let mut insert_at = None;
     for _ in 0..h.cap {
-        let s = (i * size) as usize;
-        let t = u64::from_le_bytes(table[s..s + 8].try_into().expect("8"));
+        let slot = &table[i as usize * size..][..size];
+        let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
         if t == EMPTY {
-            return Ok(Err(insert_at.or(Some(i))));
+            return Ok(Probe::Vacant(insert_at.or(Some(i))));
         }
         if t == DELETED {
             insert_at.get_or_insert(i);
         } else if t == tag {
-            let at = h.slots() + i * size + 8;
-            let k = read_item::<K>(mem, heap, at)?;
-            if K::as_bytes(k) == key {
-                return Ok(Ok(i));
+            // Hash and key share the slot (and usually its cache line).
+            let same = if K::KIND == BYTES {
+                let at = i as usize * size + 8;
+                K::as_bytes(item::<K>(mem, heap, table, h.slots(), at)?) == key
+            } else {
+                slot[8..8 + K::SIZE as usize] == *key
+            };
+            if same {
+                return Ok(Probe::Found(i));
             }
         }
         i = (i + 1) & mask;
     }
-    Ok(Err(insert_at))
+    Ok(Probe::Vacant(insert_at))
 }
 
-/// A map for reading, borrowed from a [`State`].
+/// A map for reading, borrowed from a [`State`]. Its header and table are
+/// validated once, when the view is made.
 #[derive(Debug)]
 pub struct MapRef<'a, K, V> {
     mem: &'a Mem,
     heap: (u64, u64),
     h: Header,
+    table: &'a [u8],
     _t: PhantomData<(K, V)>,
 }
 
 impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
+    fn new(mem: &'a Mem, heap: (u64, u64), h: Header) -> Result<Self> {
+        Ok(MapRef {
+            mem,
+            heap,
+            h,
+            table: h.table::<K, V>(mem)?,
+            _t: PhantomData,
+        })
+    }
+
     /// The number of entries.
     pub fn len(&self) -> u64 {
         self.h.len
@@ -266,12 +316,18 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
     pub fn get(&self, key: &K::Borrowed) -> Result<Option<&'a V::Borrowed>> {
         let kb = K::as_bytes(key);
         let tag = hash(kb) | TAG_BIT;
-        match find::<K, V>(self.mem, self.heap, &self.h, kb, tag)? {
-            Ok(i) => {
-                let at = self.h.slots() + i * slot_size::<K, V>() + 8 + field::<K>();
-                Ok(Some(read_item::<V>(self.mem, self.heap, at)?))
+        match find::<K, V>(self.mem, self.heap, &self.h, self.table, kb, tag)? {
+            Probe::Found(i) => {
+                let at = (i * slot_size::<K, V>() + 8 + field::<K>()) as usize;
+                Ok(Some(item::<V>(
+                    self.mem,
+                    self.heap,
+                    self.table,
+                    self.h.slots(),
+                    at,
+                )?))
             }
-            Err(_) => Ok(None),
+            Probe::Vacant(_) => Ok(None),
         }
     }
 
@@ -280,26 +336,29 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
         Ok(self.get(key)?.is_some())
     }
 
+    /// The entry in slot `i`, if the slot holds one.
+    fn entry(&self, i: u64) -> Result<Option<(&'a K::Borrowed, &'a V::Borrowed)>> {
+        let at = (i * slot_size::<K, V>()) as usize;
+        let tag = u64::from_le_bytes(self.table[at..at + 8].try_into().expect("8"));
+        if tag == EMPTY || tag == DELETED {
+            return Ok(None);
+        }
+        let slots = self.h.slots();
+        let k = item::<K>(self.mem, self.heap, self.table, slots, at + 8)?;
+        let v = item::<V>(
+            self.mem,
+            self.heap,
+            self.table,
+            slots,
+            at + 8 + field::<K>() as usize,
+        )?;
+        Ok(Some((k, v)))
+    }
+
     /// Every entry, in table order. Each item is checked as it is read.
     pub fn iter(&self) -> impl Iterator<Item = Result<(&'a K::Borrowed, &'a V::Borrowed)>> + 'a {
-        let (mem, heap, h) = (self.mem, self.heap, self.h);
-        let size = slot_size::<K, V>();
-        (0..h.cap).filter_map(move |i| {
-            let at = h.slots() + i * size;
-            let tag = match u64_at(mem, "map slot", at) {
-                Ok(t) => t,
-                Err(e) => return Some(Err(e)),
-            };
-            if tag == EMPTY || tag == DELETED {
-                return None;
-            }
-            let entry = (|| {
-                let k = read_item::<K>(mem, heap, at + 8)?;
-                let v = read_item::<V>(mem, heap, at + 8 + field::<K>())?;
-                Ok((k, v))
-            })();
-            Some(entry)
-        })
+        let this = *self;
+        (0..self.h.cap).filter_map(move |i| this.entry(i).transpose())
     }
 
     /// Checks the whole table: every tag matches its key's hash, every byte
@@ -308,15 +367,19 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
         let size = slot_size::<K, V>();
         let (mut live, mut dead) = (0u64, 0u64);
         for i in 0..self.h.cap {
-            let at = self.h.slots() + i * size;
-            match u64_at(self.mem, "map slot", at)? {
+            let at = (i * size) as usize;
+            let tag = u64::from_le_bytes(self.table[at..at + 8].try_into().expect("8"));
+            match tag {
                 EMPTY => {}
                 DELETED => dead += 1,
                 tag => {
-                    let k = read_item::<K>(self.mem, self.heap, at + 8)?;
-                    read_item::<V>(self.mem, self.heap, at + 8 + field::<K>())?;
+                    let (k, _) = self.entry(i)?.expect("a live slot");
                     if hash(K::as_bytes(k)) | TAG_BIT != tag {
-                        return Err(Error::corrupt("map slot", at, "tag does not match the key"));
+                        return Err(Error::corrupt(
+                            "map slot",
+                            self.h.slots() + at as u64,
+                            "tag does not match the key",
+                        ));
                     }
                     live += 1;
                 }
@@ -336,17 +399,19 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
     }
 }
 
+impl<K, V> Clone for MapRef<'_, K, V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<K, V> Copy for MapRef<'_, K, V> {}
+
 impl<R: Pod> State<R> {
     /// A map, for reading in place.
     pub fn map<K: Item, V: Item>(&self, h: StateMap<K, V>) -> Result<MapRef<'_, K, V>> {
         let heap = self.core.heap()?;
         let hd = header::<K, V>(&self.core.mem, heap, h.off()?)?;
-        Ok(MapRef {
-            mem: &self.core.mem,
-            heap,
-            h: hd,
-            _t: PhantomData,
-        })
+        MapRef::new(&self.core.mem, heap, hd)
     }
 }
 
@@ -364,44 +429,90 @@ impl<'s, R: Pod> Tx<'s, R> {
         Ok(StateMap::from_off(b.off))
     }
 
-    /// A map, for reading and changing in this transaction.
+    /// A map, for reading and changing in this transaction. Its header is
+    /// validated here, once: the view is the map's only writer while it
+    /// lives and keeps its copy of the header up to date.
     pub fn map<K: Item, V: Item>(&mut self, h: StateMap<K, V>) -> Result<MapMut<'_, 's, K, V>> {
         let off = h.off()?;
-        header::<K, V>(self.core.mem(), self.core.heap()?, off)?;
+        let hd = header::<K, V>(self.core.mem(), self.core.heap()?, off)?;
         Ok(MapMut {
             tx: &mut self.core,
             off,
+            h: hd,
+            stale: false,
             _t: PhantomData,
         })
     }
 }
 
 /// A map inside a transaction.
+///
+/// The view holds the map's validated header and updates it with its own
+/// writes (nothing else can write the map while the view borrows the
+/// transaction). After a failed operation it reads and validates the header
+/// again from the region before going on.
 #[derive(Debug)]
 pub struct MapMut<'t, 's, K, V> {
     tx: &'t mut TxCore<'s>,
     off: u64,
+    h: Header,
+    /// An operation failed part way: `h` must be read again.
+    stale: bool,
     _t: PhantomData<(K, V)>,
 }
 
-impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
-    fn header(&self) -> Result<Header> {
-        header::<K, V>(self.tx.mem(), self.tx.heap()?, self.off)
+/// A slot's bytes being built: on the stack when small.
+struct SlotBuf {
+    stack: [u8; 128],
+    heap: Vec<u8>,
+    len: usize,
+}
+
+impl SlotBuf {
+    fn new(len: usize) -> SlotBuf {
+        SlotBuf {
+            stack: [0; 128],
+            heap: if len > 128 { vec![0; len] } else { Vec::new() },
+            len,
+        }
     }
 
-    fn view(&self) -> Result<MapRef<'_, K, V>> {
-        let heap = self.tx.heap()?;
-        Ok(MapRef {
-            mem: self.tx.mem(),
-            heap,
-            h: header::<K, V>(self.tx.mem(), heap, self.off)?,
-            _t: PhantomData,
-        })
+    fn bytes(&mut self) -> &mut [u8] {
+        if self.len > 128 {
+            &mut self.heap
+        } else {
+            &mut self.stack[..self.len]
+        }
+    }
+}
+
+impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
+    /// The header as it is in the region now.
+    fn current(&self) -> Result<Header> {
+        if self.stale {
+            header::<K, V>(self.tx.mem(), self.tx.heap()?, self.off)
+        } else {
+            Ok(self.h)
+        }
+    }
+
+    /// Runs a changing operation on an up-to-date header; a failure marks
+    /// the cached header stale.
+    fn changing<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if self.stale {
+            self.h = self.current()?;
+            self.stale = false;
+        }
+        let result = op(self);
+        if result.is_err() {
+            self.stale = true;
+        }
+        result
     }
 
     /// The number of entries.
     pub fn len(&self) -> Result<u64> {
-        Ok(self.header()?.len)
+        Ok(self.current()?.len)
     }
 
     /// True when the map is empty.
@@ -411,36 +522,35 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
 
     /// The value for `key`.
     pub fn get(&self, key: &K::Borrowed) -> Result<Option<&V::Borrowed>> {
-        let kb = K::as_bytes(key);
-        let tag = hash(kb) | TAG_BIT;
-        let heap = self.tx.heap()?;
-        let h = self.header()?;
-        match find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? {
-            Ok(i) => {
-                let at = h.slots() + i * slot_size::<K, V>() + 8 + field::<K>();
-                Ok(Some(read_item::<V>(self.tx.mem(), heap, at)?))
-            }
-            Err(_) => Ok(None),
-        }
+        self.as_ref()?.get(key)
     }
 
     /// A read view of the whole map as it is in this transaction.
     pub fn as_ref(&self) -> Result<MapRef<'_, K, V>> {
-        self.view()
+        MapRef::new(self.tx.mem(), self.tx.heap()?, self.current()?)
     }
 
-    /// Appends an item's slot field to `out`, allocating a byte string if
-    /// needed.
-    fn encode<I: Item>(&mut self, v: &I::Borrowed, out: &mut Vec<u8>) -> Result<()> {
+    /// Probes for `key` in the map as it is now.
+    fn probe(&self, h: &Header, key: &[u8], tag: u64) -> Result<Probe> {
+        let mem = self.tx.mem();
+        let heap = if K::KIND == BYTES {
+            self.tx.heap()?
+        } else {
+            (0, 0) // POD keys are compared in the slot: no block is read.
+        };
+        find::<K, V>(mem, heap, h, h.table::<K, V>(mem)?, key, tag)
+    }
+
+    /// Fills `out` (an item's field in a slot, zeroed) with the item,
+    /// allocating its byte string if it has one.
+    fn encode<I: Item>(&mut self, v: &I::Borrowed, out: &mut [u8]) -> Result<()> {
         let bytes = I::as_bytes(v);
         if I::KIND == BYTES {
             let b = self.tx.alloc(Kind::Bytes, bytes.len() as u64, false)?;
             self.tx.write("byte string", b.payload(), bytes)?;
-            out.extend_from_slice(&b.off.to_le_bytes());
+            out[..8].copy_from_slice(&b.off.to_le_bytes());
         } else {
-            let start = out.len();
-            out.extend_from_slice(bytes);
-            out.resize(start + field::<I>() as usize, 0);
+            out[..bytes.len()].copy_from_slice(bytes);
         }
         Ok(())
     }
@@ -454,10 +564,11 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         Ok(())
     }
 
-    /// Grows (or cleans) the table so that one more entry fits.
-    fn make_room(&mut self, h: Header) -> Result<Header> {
+    /// Grows (or cleans) the table so that one more entry fits; returns the
+    /// new header if the table was rebuilt.
+    fn make_room(&mut self, h: Header) -> Result<Option<Header>> {
         if h.cap != 0 && (h.len + h.tombs + 1) * 8 <= h.cap * 7 {
-            return Ok(h);
+            return Ok(None);
         }
         let new_cap = if (h.len + 1) * 2 > h.cap {
             (h.cap * 2).max(8)
@@ -471,7 +582,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         })?;
         let mut table = vec![0u8; bytes as usize];
         if h.cap > 0 {
-            let old = self.tx.mem().bytes("map table", h.slots(), h.cap * size)?;
+            let old = h.table::<K, V>(self.tx.mem())?;
             let mask = new_cap - 1;
             for slot in old.chunks_exact(size as usize) {
                 let tag = u64::from_le_bytes(slot[..8].try_into().expect("8"));
@@ -493,57 +604,94 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         let mut w = [0u8; 24];
         w[8..16].copy_from_slice(&new_cap.to_le_bytes());
         w[16..24].copy_from_slice(&block.off.to_le_bytes());
-        w[..8].copy_from_slice(&0u64.to_le_bytes());
         self.tx.write("map header", h.at + 8, &w)?;
-        self.header()
+        // Read back through the validation, like any header.
+        Ok(Some(header::<K, V>(
+            self.tx.mem(),
+            self.tx.heap()?,
+            self.off,
+        )?))
     }
 
     /// Inserts or replaces the value for `key`; returns true if it replaced
     /// one.
     pub fn insert(&mut self, key: &K::Borrowed, value: &V::Borrowed) -> Result<bool> {
+        self.changing(|m| m.insert_now(key, value))
+    }
+
+    fn insert_now(&mut self, key: &K::Borrowed, value: &V::Borrowed) -> Result<bool> {
         let kb = K::as_bytes(key);
         let tag = hash(kb) | TAG_BIT;
         let size = slot_size::<K, V>();
-        let h = self.header()?;
-        let heap = self.tx.heap()?;
-        let mut slot = Vec::with_capacity(size as usize);
-        if let Ok(i) = find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? {
-            let at = h.slots() + i * size + 8 + field::<K>();
-            self.release::<V>(at)?;
-            self.encode::<V>(value, &mut slot)?;
-            self.tx.write("map slot", at, &slot)?;
-            return Ok(true);
-        }
-        let h = self.make_room(h)?;
-        let heap = self.tx.heap()?;
-        let Err(Some(i)) = find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? else {
+        let h = self.h;
+        let vacant = match self.probe(&h, kb, tag)? {
+            Probe::Found(i) => {
+                let at = h.slots() + i * size + 8 + field::<K>();
+                self.release::<V>(at)?;
+                let mut buf = SlotBuf::new(field::<V>() as usize);
+                self.encode::<V>(value, buf.bytes())?;
+                self.tx.write("map slot", at, buf.bytes())?;
+                return Ok(true);
+            }
+            Probe::Vacant(i) => i,
+        };
+        let (h, vacant) = match self.make_room(h)? {
+            // The table is as probed: its free slot stands.
+            None => (h, vacant),
+            Some(grown) => {
+                self.h = grown;
+                match self.probe(&grown, kb, tag)? {
+                    Probe::Vacant(i) => (grown, i),
+                    Probe::Found(_) => {
+                        return Err(Error::corrupt(
+                            "map table",
+                            grown.at,
+                            "the key appeared while growing",
+                        ));
+                    }
+                }
+            }
+        };
+        let Some(i) = vacant else {
             return Err(Error::corrupt(
                 "map table",
                 h.at,
-                "no free slot after growing",
+                "no free slot although the header counts room",
             ));
         };
         let at = h.slots() + i * size;
         let reused = u64_at(self.tx.mem(), "map slot", at)? == DELETED;
-        slot.extend_from_slice(&tag.to_le_bytes());
-        self.encode::<K>(key, &mut slot)?;
-        self.encode::<V>(value, &mut slot)?;
-        self.tx.write("map slot", at, &slot)?;
+        let mut buf = SlotBuf::new(size as usize);
+        let slot = buf.bytes();
+        slot[..8].copy_from_slice(&tag.to_le_bytes());
+        let (k_field, v_field) = slot[8..].split_at_mut(field::<K>() as usize);
+        self.encode::<K>(key, k_field)?;
+        self.encode::<V>(value, v_field)?;
+        self.tx.write("map slot", at, buf.bytes())?;
+        let tombs = h.tombs - u64::from(reused);
         let mut w = [0u8; 16];
         w[..8].copy_from_slice(&(h.len + 1).to_le_bytes());
-        w[8..].copy_from_slice(&(h.tombs - u64::from(reused)).to_le_bytes());
+        w[8..].copy_from_slice(&tombs.to_le_bytes());
         self.tx.write("map header", h.at, &w)?;
+        self.h = Header {
+            len: h.len + 1,
+            tombs,
+            ..h
+        };
         Ok(false)
     }
 
     /// Removes `key`; returns true if it was present.
     pub fn remove(&mut self, key: &K::Borrowed) -> Result<bool> {
+        self.changing(|m| m.remove_now(key))
+    }
+
+    fn remove_now(&mut self, key: &K::Borrowed) -> Result<bool> {
         let kb = K::as_bytes(key);
         let tag = hash(kb) | TAG_BIT;
         let size = slot_size::<K, V>();
-        let h = self.header()?;
-        let heap = self.tx.heap()?;
-        let Ok(i) = find::<K, V>(self.tx.mem(), heap, &h, kb, tag)? else {
+        let h = self.h;
+        let Probe::Found(i) = self.probe(&h, kb, tag)? else {
             return Ok(false);
         };
         let at = h.slots() + i * size;
@@ -563,26 +711,39 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         w[..8].copy_from_slice(&(h.len - 1).to_le_bytes());
         w[8..].copy_from_slice(&tombs.to_le_bytes());
         self.tx.write("map header", h.at, &w)?;
+        self.h = Header {
+            len: h.len - 1,
+            tombs,
+            ..h
+        };
         Ok(true)
     }
 
-    /// Removes every entry (keeping the table).
+    /// Removes every entry and frees the table.
     pub fn clear(&mut self) -> Result<()> {
-        let h = self.header()?;
+        self.changing(|m| m.clear_now())
+    }
+
+    fn clear_now(&mut self) -> Result<()> {
+        let h = self.h;
         let size = slot_size::<K, V>();
-        for i in 0..h.cap {
-            let at = h.slots() + i * size;
-            let tag = u64_at(self.tx.mem(), "map slot", at)?;
-            if tag != EMPTY && tag != DELETED {
-                self.release::<K>(at + 8)?;
-                self.release::<V>(at + 8 + field::<K>())?;
+        if K::KIND == BYTES || V::KIND == BYTES {
+            for i in 0..h.cap {
+                let at = h.slots() + i * size;
+                let tag = u64_at(self.tx.mem(), "map slot", at)?;
+                if tag != EMPTY && tag != DELETED {
+                    self.release::<K>(at + 8)?;
+                    self.release::<V>(at + 8 + field::<K>())?;
+                }
             }
         }
         if h.table != 0 {
             self.tx.free(h.table)?;
         }
         // Empty again: no table at all.
-        self.tx.write("map header", h.at, &[0u8; 32])
+        self.tx.write("map header", h.at, &[0u8; 32])?;
+        self.h = h.emptied();
+        Ok(())
     }
 
     /// Frees the map. Its handle (and copies) must not be used again.

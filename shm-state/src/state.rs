@@ -449,6 +449,8 @@ fn check_dynamic(mem: &Mem, heap_off: u64, layout: StoredLayout) -> Result<()> {
         }
     }
     for (start, end) in [
+        (DY_RESERVED, DY_RESERVED + 8),
+        (DY_LAST_OPEN + 4, DY_CRC),
         (LOCK_NONCE + 8, FREE_HEADS),
         (FREE_HEADS + FREE_SLOTS * 8, PEERS),
         (PEERS, PEERS + PEER_COUNT * PEER_ENTRY),
@@ -458,7 +460,7 @@ fn check_dynamic(mem: &Mem, heap_off: u64, layout: StoredLayout) -> Result<()> {
             return Err(Error::corrupt(
                 "reserved header bytes",
                 start + i as u64,
-                "must be zero in format 1",
+                "must be zero in format 2",
             ));
         }
     }
@@ -726,9 +728,11 @@ impl<R: Pod> State<R> {
         }
     }
 
-    /// The number of committed transactions since the state was created.
+    /// The number of transactions run since the state was created,
+    /// committed or rolled back (every open runs one): the sequence number
+    /// in the commit word.
     pub fn commits(&self) -> Result<u64> {
-        u64_at(&self.core.mem, "commit count", DY_COMMITS)
+        Ok(self.core.mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire) >> 1)
     }
 
     /// The region's current size in bytes.

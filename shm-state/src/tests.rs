@@ -816,7 +816,7 @@ fn refused_opens_leave_the_file_byte_for_byte() {
     }
     // A damaged dynamic header is found after the lock is taken: restored too.
     let mut bad = before.clone();
-    bad[crate::format::DY_COMMITS as usize] ^= 4;
+    bad[crate::format::DY_USED as usize] ^= 4;
     file.rewind().unwrap();
     file.write_all(&bad).unwrap();
     // SAFETY: a private temp file.

@@ -29,7 +29,56 @@ impl Hasher for LineHasher {
     }
 }
 
-type LineSet = HashSet<u64, BuildHasherDefault<LineHasher>>;
+/// The lines journaled in the open transaction. Most transactions touch a
+/// handful of lines, so they are kept in a small array searched linearly;
+/// a large transaction spills them into a hash set.
+#[derive(Debug, Default)]
+struct LineSet {
+    small: [u64; SMALL_LINES],
+    n: usize,
+    spill: HashSet<u64, BuildHasherDefault<LineHasher>>,
+}
+
+const SMALL_LINES: usize = 16;
+
+/// A spill set that grew past this many entries is dropped rather than
+/// cleared, so that one huge transaction does not slow every later
+/// `clear` (which is linear in the capacity).
+const SPILL_KEEP: usize = 1 << 12;
+
+impl LineSet {
+    fn contains(&self, line: u64) -> bool {
+        if self.n <= SMALL_LINES {
+            self.small[..self.n].contains(&line)
+        } else {
+            self.spill.contains(&line)
+        }
+    }
+
+    /// Adds a line that is not in the set.
+    fn insert(&mut self, line: u64) {
+        if self.n < SMALL_LINES {
+            self.small[self.n] = line;
+        } else {
+            if self.n == SMALL_LINES {
+                self.spill.extend(self.small);
+            }
+            self.spill.insert(line);
+        }
+        self.n += 1;
+    }
+
+    fn clear(&mut self) {
+        if self.n > SMALL_LINES {
+            if self.spill.capacity() > SPILL_KEEP {
+                self.spill = HashSet::default();
+            } else {
+                self.spill.clear();
+            }
+        }
+        self.n = 0;
+    }
+}
 
 /// An open region: the memory and what was validated about it on open.
 #[derive(Debug)]
@@ -172,12 +221,12 @@ impl<'a> TxCore<'a> {
         let last = (end - 1) / LINE;
         let mut line = first;
         while line <= last {
-            if self.core.logged.contains(&line) {
+            if self.core.logged.contains(line) {
                 line += 1;
                 continue;
             }
             let run_start = line;
-            while line <= last && !self.core.logged.contains(&line) {
+            while line <= last && !self.core.logged.contains(line) {
                 self.core.logged.insert(line);
                 line += 1;
             }
@@ -208,6 +257,15 @@ impl<'a> TxCore<'a> {
     /// that only grows within a transaction and is itself journaled, so a
     /// rollback puts them back beyond the end again.
     pub(crate) fn write_tail(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
+        if off < self.core.heap_off {
+            // Only heap bytes may skip the journal (the header's checksum
+            // relies on every header write being logged).
+            return Err(Error::corrupt(
+                what,
+                off,
+                "an unjournaled write outside the heap",
+            ));
+        }
         self.core.mem.write(what, off, data)
     }
 
@@ -301,7 +359,8 @@ impl<'a> TxCore<'a> {
     }
 
     /// Makes every change visible at once: applies deferred frees, seals
-    /// the dynamic header's checksum and stores the commit word.
+    /// the dynamic header's checksum (if the transaction changed it) and
+    /// stores the commit word.
     pub(crate) fn commit(mut self) -> Result<()> {
         let result = self.commit_inner();
         if result.is_err() {
@@ -334,13 +393,14 @@ impl<'a> TxCore<'a> {
             )?;
         }
         self.core.pending_free = pending;
-        let commits = u64_at(self.mem(), "commit count", DY_COMMITS)?;
-        self.write_u64("commit count", DY_COMMITS, commits.wrapping_add(1))?;
-        self.prepare(DY_CRC, 4)?;
-        let crc = dynamic_crc(self.mem())?;
-        self.core
-            .mem
-            .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
+        // Every write to the dynamic header went through `prepare`, which
+        // logged its line: an untouched header keeps its checksum.
+        if self.core.logged.contains(DY_START / LINE) {
+            let crc = dynamic_crc(self.mem())?;
+            self.core
+                .mem
+                .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
+        }
         compiler_fence(Ordering::SeqCst);
         self.core.mem.store_word(TX_WORD, self.seq << 1)?;
         self.finished = true;
