@@ -131,11 +131,13 @@ pub(crate) const CHUNK_HEADER: u64 = 16; // next chunk, used bytes
 pub(crate) const LOG_RECORD_HEADER: u64 = 8; // len u32, reserved u32
 
 /// Little-endian field access on a region.
+#[inline]
 pub(crate) fn u64_at(mem: &Mem, what: &'static str, off: u64) -> Result<u64> {
     let b = mem.bytes(what, off, 8)?;
     Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
 }
 
+#[inline]
 pub(crate) fn u32_at(mem: &Mem, what: &'static str, off: u64) -> Result<u32> {
     let b = mem.bytes(what, off, 4)?;
     Ok(u32::from_le_bytes(b.try_into().expect("4 bytes")))
@@ -198,33 +200,25 @@ impl Block {
 
     /// Reads and validates the block at `off`: inside the heap, aligned, a
     /// known kind and class, ending at or before the heap top.
+    #[inline(always)]
     pub(crate) fn read(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Block> {
         let (heap_off, heap_top) = heap;
         if off < heap_off || off >= heap_top || !off.is_multiple_of(16) {
-            return Err(Error::corrupt(
-                "block offset",
-                off,
-                format!("not a 16-aligned offset inside the heap {heap_off:#x}..{heap_top:#x}"),
-            ));
+            return Err(bad_block_offset(off, heap));
         }
         let h = mem.bytes("block header", off, BLOCK_HEADER)?;
         let kind_raw = u32::from_le_bytes(h[0..4].try_into().expect("4"));
         let class = u32::from_le_bytes(h[4..8].try_into().expect("4"));
         let aux = u64::from_le_bytes(h[8..16].try_into().expect("8"));
-        let kind = Kind::from_u32(kind_raw).ok_or_else(|| {
-            Error::corrupt("block header", off, format!("unknown kind {kind_raw:#x}"))
-        })?;
+        let Some(kind) = Kind::from_u32(kind_raw) else {
+            return Err(bad_block(off, format!("unknown kind {kind_raw:#x}")));
+        };
         if !(MIN_CLASS..=MAX_CLASS).contains(&class) {
-            return Err(Error::corrupt(
-                "block header",
-                off,
-                format!("size class {class} out of range"),
-            ));
+            return Err(bad_block(off, format!("size class {class} out of range")));
         }
-        let end = (off + BLOCK_HEADER).checked_add(class_size(class));
+        let end = off.checked_add(BLOCK_HEADER + class_size(class));
         if end.is_none_or(|e| e > heap_top) {
-            return Err(Error::corrupt(
-                "block header",
+            return Err(bad_block(
                 off,
                 format!("class {class} block runs past the heap top {heap_top:#x}"),
             ));
@@ -238,29 +232,61 @@ impl Block {
     }
 
     /// Like [`Block::read`], and checks the kind.
+    #[inline(always)]
     pub(crate) fn expect(mem: &Mem, heap: (u64, u64), off: u64, kind: Kind) -> Result<Block> {
         let b = Block::read(mem, heap, off)?;
         if b.kind != kind {
-            return Err(Error::corrupt(
-                kind.name(),
-                off,
-                format!("block holds a {}, not a {}", b.kind.name(), kind.name()),
-            ));
+            return Err(wrong_kind(b, kind));
         }
         Ok(b)
     }
 
     /// Checks that the payload holds at least `len` bytes.
+    #[inline(always)]
     pub(crate) fn need(self, len: u64) -> Result<Block> {
         if len > self.capacity() {
-            return Err(Error::corrupt(
-                self.kind.name(),
-                self.off,
-                format!("needs {len} bytes but the block holds {}", self.capacity()),
-            ));
+            return Err(too_small(self, len));
         }
         Ok(self)
     }
+}
+
+// The error paths of `Block`, kept out of line so that the checks inline.
+
+#[cold]
+#[inline(never)]
+fn bad_block_offset(off: u64, (heap_off, heap_top): (u64, u64)) -> Error {
+    Error::corrupt(
+        "block offset",
+        off,
+        format!("not a 16-aligned offset inside the heap {heap_off:#x}..{heap_top:#x}"),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn bad_block(off: u64, problem: String) -> Error {
+    Error::corrupt("block header", off, problem)
+}
+
+#[cold]
+#[inline(never)]
+fn wrong_kind(b: Block, kind: Kind) -> Error {
+    Error::corrupt(
+        kind.name(),
+        b.off,
+        format!("block holds a {}, not a {}", b.kind.name(), kind.name()),
+    )
+}
+
+#[cold]
+#[inline(never)]
+fn too_small(b: Block, len: u64) -> Error {
+    Error::corrupt(
+        b.kind.name(),
+        b.off,
+        format!("needs {len} bytes but the block holds {}", b.capacity()),
+    )
 }
 
 /// Encodes a block header.

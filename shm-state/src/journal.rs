@@ -35,7 +35,9 @@ pub(crate) fn record_size(len: u64) -> u64 {
 
 /// Appends a record holding the current contents of `target..target+len` at
 /// journal position `pos`; returns the next position. The caller has checked
-/// that `target..target+len` is inside the region.
+/// that `target..target+len` is inside the region. The record is written in
+/// place: its fields, the before-image, then the CRC over both, so a record
+/// cut short anywhere fails its CRC.
 pub(crate) fn append(
     mem: &mut Mem,
     journal_len: u64,
@@ -43,7 +45,6 @@ pub(crate) fn append(
     seq: u64,
     target: u64,
     len: u64,
-    scratch: &mut Vec<u8>,
 ) -> Result<u64> {
     let size = record_size(len);
     let end = pos.checked_add(size).filter(|&e| e <= journal_len);
@@ -52,18 +53,15 @@ pub(crate) fn append(
             capacity: journal_len,
         });
     };
-    let size = size as usize;
-    let data_at = RECORD_HEADER as usize;
-    let data_end = data_at + len as usize;
-    scratch.clear();
-    scratch.resize(size, 0);
-    scratch[4..8].copy_from_slice(&len32.to_le_bytes());
-    scratch[8..16].copy_from_slice(&seq.to_le_bytes());
-    scratch[16..24].copy_from_slice(&target.to_le_bytes());
-    scratch[data_at..data_end].copy_from_slice(mem.bytes("journaled range", target, len)?);
-    let crc = record_crc(&scratch[4..data_end]);
-    scratch[0..4].copy_from_slice(&crc.to_le_bytes());
-    mem.write("journal", JOURNAL_OFF + pos, scratch)?;
+    let at = JOURNAL_OFF + pos;
+    let mut fields = [0u8; 20];
+    fields[0..4].copy_from_slice(&len32.to_le_bytes());
+    fields[4..12].copy_from_slice(&seq.to_le_bytes());
+    fields[12..20].copy_from_slice(&target.to_le_bytes());
+    mem.write("journal", at + 4, &fields)?;
+    mem.copy_within("journaled range", target, at + RECORD_HEADER, len)?;
+    let crc = record_crc(mem.bytes("journal record", at + 4, RECORD_HEADER - 4 + len)?);
+    mem.write("journal", at, &crc.to_le_bytes())?;
     Ok(end)
 }
 

@@ -161,28 +161,37 @@ impl Mem {
     }
 
     /// The region's length in bytes.
+    #[inline]
     pub(crate) fn len(&self) -> u64 {
         self.len as u64
     }
 
     /// Checks `off..off+len` against the region and returns it as `usize`s.
+    #[inline]
     fn range(&self, what: &'static str, off: u64, len: u64) -> Result<(usize, usize)> {
         let end = off.checked_add(len).filter(|&e| e <= self.len as u64);
         match end {
             // Both fit in usize: end <= self.len, a usize.
             Some(_) => Ok((off as usize, len as usize)),
-            None => Err(Error::corrupt(
-                what,
-                off,
-                format!(
-                    "{len} bytes at this offset run past the end of the region ({} bytes)",
-                    self.len
-                ),
-            )),
+            None => Err(self.out_of_range(what, off, len)),
         }
     }
 
+    #[cold]
+    #[inline(never)]
+    fn out_of_range(&self, what: &'static str, off: u64, len: u64) -> Error {
+        Error::corrupt(
+            what,
+            off,
+            format!(
+                "{len} bytes at this offset run past the end of the region ({} bytes)",
+                self.len
+            ),
+        )
+    }
+
     /// The bytes `off..off+len`, checked.
+    #[inline]
     pub(crate) fn bytes(&self, what: &'static str, off: u64, len: u64) -> Result<&[u8]> {
         let (off, len) = self.range(what, off, len)?;
         // SAFETY: off+len <= self.len (checked by `range`), and `ptr` is valid
@@ -213,6 +222,29 @@ impl Mem {
         }
         self.bytes_mut(what, off, data.len() as u64)?
             .copy_from_slice(data);
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `src` to `dst` within the region, checked
+    /// (the ranges may overlap).
+    pub(crate) fn copy_within(
+        &mut self,
+        what: &'static str,
+        src: u64,
+        dst: u64,
+        len: u64,
+    ) -> Result<()> {
+        #[cfg(test)]
+        if self.crash.is_some() {
+            let data = self.bytes(what, src, len)?.to_vec();
+            return self.write(what, dst, &data);
+        }
+        let (src, len) = self.range(what, src, len)?;
+        let (dst, _) = self.range(what, dst, len as u64)?;
+        // SAFETY: both ranges are inside the region (checked by `range`),
+        // `ptr` is valid for reads and writes of the region while `self` is
+        // borrowed mutably (module docs), and `ptr::copy` allows overlap.
+        unsafe { std::ptr::copy(self.ptr.add(src), self.ptr.add(dst), len) };
         Ok(())
     }
 

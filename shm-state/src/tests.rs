@@ -893,3 +893,162 @@ fn commits_are_published_through_the_snapshot_protocol() {
     assert_eq!(s.report().opened, Opened::Reopened);
     assert_eq!(s.vec(r.vec).unwrap()[99_999], 99_999);
 }
+
+// Regression tests for the format 2 fast paths (see BENCHMARKS.md,
+// `## shm-state`): each pins one shortcut to the behaviour it must keep.
+
+#[test]
+fn crash_at_any_write_of_a_transaction_touching_many_lines() {
+    // More lines than the inline journaled-line set holds, each written
+    // twice: the spill set must still journal every line exactly once.
+    crash_at_every_write(
+        |s| {
+            let r = *s.root().unwrap();
+            s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[7u32; 2000]))
+                .unwrap();
+        },
+        |tx| {
+            let r = *tx.root()?;
+            let mut v = tx.vec(r.vec)?;
+            for round in 0..2u32 {
+                for i in 0..40u32 {
+                    v.set(u64::from(i) * 16, round * 100 + i)?;
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
+fn every_line_is_journaled_once_per_transaction() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[7u32; 2000]))
+        .unwrap();
+    let before = dump(&s).unwrap();
+    let e = s
+        .transaction(|tx| {
+            let mut v = tx.vec(r.vec)?;
+            // 40 elements 64 bytes apart, twice: 40 lines, 40 records.
+            for round in 0..2u32 {
+                for i in 0..40u32 {
+                    v.set(u64::from(i) * 16, round * 100 + i)?;
+                }
+            }
+            let word = tx
+                .core
+                .mem()
+                .atomic_u64(crate::format::TX_WORD)?
+                .load(std::sync::atomic::Ordering::Acquire);
+            let records = crate::journal::scan(tx.core.mem(), 16 << 10, word >> 1)?;
+            assert_eq!(records.len(), 40);
+            assert!(records.iter().all(|r| r.len == 64));
+            Err::<(), _>(Error::Migration("roll back".into()))
+        })
+        .unwrap_err();
+    assert!(matches!(e, Error::Migration(_)));
+    assert_eq!(dump(&s).unwrap(), before);
+}
+
+#[test]
+fn a_transaction_that_does_not_allocate_leaves_the_dynamic_header_alone() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[1, 2, 3]))
+        .unwrap();
+    let dynamic = |s: &State<Root>| s.image()[0x80..0xC0].to_vec();
+    let before = dynamic(&s);
+    let seq = s.commits().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.set(1, 5)).unwrap();
+    assert_eq!(dynamic(&s), before, "header line rewritten");
+    assert_eq!(s.commits().unwrap(), seq + 1);
+    // A rolled-back transaction consumes its sequence number too.
+    let _ = s.transaction(|tx| {
+        tx.vec(r.vec)?.set(1, 6)?;
+        Err::<(), _>(Error::Migration("no".into()))
+    });
+    assert_eq!(s.commits().unwrap(), seq + 2);
+    // An allocating one rewrites it, checksum included (reopen checks it).
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[0; 100]))
+        .unwrap();
+    assert_ne!(dynamic(&s), before);
+    let s = reopen(s);
+    assert_eq!(s.vec(r.vec).unwrap()[..3], [1, 5, 3]);
+    assert_eq!(s.vec(r.vec).unwrap().len(), 103);
+}
+
+#[test]
+fn a_format_1_region_is_refused_and_left_untouched() {
+    use std::io::{Read, Seek, Write};
+    let mut img = fresh().close().unwrap().into_heap().unwrap();
+    img[8..12].copy_from_slice(&1u32.to_le_bytes());
+    let crc = crc32fast::hash(&img[..0x7C]);
+    img[0x7C..0x80].copy_from_slice(&crc.to_le_bytes());
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(&img).unwrap();
+    // SAFETY: a private temp file, never truncated.
+    let source = unsafe { Source::file(file.try_clone().unwrap()) };
+    let e = State::<Root>::open(source, layout()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::UnsupportedFormat {
+                found: 1,
+                supported: 2
+            }
+        ),
+        "{e}"
+    );
+    let mut after = Vec::new();
+    file.rewind().unwrap();
+    file.read_to_end(&mut after).unwrap();
+    assert!(after == img, "a refused open changed the region");
+}
+
+#[test]
+fn a_map_view_stays_true_to_the_region_after_a_failed_insert() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    // A committed table (4096 slots), so that new entries are journaled.
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for k in 0..3000u64 {
+            m.insert(&(k + 1_000_000), &k)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let before = dump(&s).unwrap();
+    // The 16 KiB journal fills up part way through: the view must go on
+    // agreeing with the region (the cached header is re-read).
+    let e = s
+        .transaction(|tx| {
+            let mut m = tx.map(r.map)?;
+            let mut inserted = Vec::new();
+            let failed = (0..500u64).find(|&k| {
+                let ok = m.insert(&k, &(k * 3)).is_ok();
+                if ok {
+                    inserted.push(k);
+                }
+                !ok
+            });
+            assert!(failed.is_some(), "the journal never filled");
+            assert_eq!(m.len()?, 3000 + inserted.len() as u64);
+            let view = m.as_ref()?;
+            view.verify()?;
+            for &k in &inserted {
+                assert_eq!(view.get(&k)?, Some(&(k * 3)));
+            }
+            // Replacing a value whose line is already journaled still works.
+            let k = inserted[0];
+            assert!(m.insert(&k, &7)?);
+            assert_eq!(m.get(&k)?, Some(&7));
+            assert_eq!(m.len()?, 3000 + inserted.len() as u64);
+            m.as_ref()?.verify()?;
+            Err::<(), _>(Error::Migration("roll back".into()))
+        })
+        .unwrap_err();
+    assert!(matches!(e, Error::Migration(_)));
+    assert_eq!(dump(&s).unwrap(), before);
+}

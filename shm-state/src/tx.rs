@@ -94,7 +94,6 @@ pub(crate) struct Core {
     logged: LineSet,
     fresh: BTreeMap<u64, u64>,
     pending_free: Vec<u64>,
-    scratch: Vec<u8>,
 }
 
 impl Core {
@@ -108,7 +107,6 @@ impl Core {
             logged: LineSet::default(),
             fresh: BTreeMap::new(),
             pending_free: Vec::new(),
-            scratch: Vec::new(),
         }
     }
 
@@ -119,19 +117,26 @@ impl Core {
 }
 
 /// `(heap_off, heap_top)` with the top read from the header and checked.
+#[inline]
 pub(crate) fn heap_bounds(mem: &Mem, heap_off: u64) -> Result<(u64, u64)> {
     let top = u64_at(mem, "heap top", DY_HEAP_TOP)?;
     if top < heap_off || top > mem.len() || !top.is_multiple_of(16) {
-        return Err(Error::corrupt(
-            "heap top",
-            DY_HEAP_TOP,
-            format!(
-                "{top:#x} is not a 16-aligned offset in {heap_off:#x}..={:#x}",
-                mem.len()
-            ),
-        ));
+        return Err(bad_heap_top(mem, heap_off, top));
     }
     Ok((heap_off, top))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_heap_top(mem: &Mem, heap_off: u64, top: u64) -> Error {
+    Error::corrupt(
+        "heap top",
+        DY_HEAP_TOP,
+        format!(
+            "{top:#x} is not a 16-aligned offset in {heap_off:#x}..={:#x}",
+            mem.len()
+        ),
+    )
 }
 
 /// A transaction in progress over a [`Core`].
@@ -239,7 +244,6 @@ impl<'a> TxCore<'a> {
                 self.seq,
                 start,
                 stop - start,
-                &mut self.core.scratch,
             )?;
         }
         compiler_fence(Ordering::SeqCst);

@@ -1,0 +1,76 @@
+//! A fixed workload for instruction counts (callgrind) and profiles (perf)
+//! of map transactions: rounds of `n` one-insert transactions, optional
+//! gets, then `n` one-remove transactions, on a memfd-backed state.
+//!
+//! ```text
+//! cargo build --release -p shm-state --example tx_profile
+//! valgrind --tool=callgrind target/release/examples/tx_profile insert 20000
+//! valgrind --tool=callgrind target/release/examples/tx_profile insert 40000
+//! ```
+//!
+//! The difference of the two totals over 200 000 transactions is the
+//! instruction count of one transaction (setup cancels out). Modes:
+//! `insert` (inserts and removes), `get` (inserts and 5 passes of gets),
+//! `all`.
+use bytemuck::{Pod, Zeroable};
+use shm_fd::{CreateOptions, SharedFd};
+use shm_state::{Layout, Source, State, StateMap};
+use std::hint::black_box;
+use std::time::Instant;
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Root {
+    map: StateMap<u64, u64>,
+}
+
+fn main() {
+    let what = std::env::args().nth(1).unwrap_or("insert".into());
+    let n: u64 = std::env::args()
+        .nth(2)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200_000);
+    let ks: Vec<u64> = (0..n)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 8)
+        .collect();
+    let fd = SharedFd::create("prof", CreateOptions::default()).unwrap();
+    // SAFETY: a private memfd of this process.
+    let mut s = State::<Root>::open(unsafe { Source::shared(fd) }, Layout::new(1)).unwrap();
+    s.transaction(|tx| {
+        let map = tx.new_map()?;
+        tx.set_root(Root { map })
+    })
+    .unwrap();
+    let h = s.root().unwrap().map;
+    for round in 0..5 {
+        let t = Instant::now();
+        for &k in &ks {
+            s.transaction(|tx| tx.map(h)?.insert(&k, &(k ^ round)))
+                .unwrap();
+        }
+        let ins = t.elapsed() / n as u32;
+        let t = Instant::now();
+        if what == "get" || what == "all" {
+            for _ in 0..5 {
+                let m = s.map(h).unwrap();
+                for &k in ks.iter().rev() {
+                    black_box(m.get(&k).unwrap());
+                }
+            }
+        }
+        let get = t.elapsed() / (5 * n as u32);
+        let t = Instant::now();
+        if what != "get" {
+            for &k in &ks {
+                s.transaction(|tx| tx.map(h)?.remove(&k)).unwrap();
+            }
+        }
+        let rem = t.elapsed() / n as u32;
+        eprintln!("round {round}: insert {ins:?} get {get:?} remove {rem:?}");
+        if what == "get" {
+            for &k in &ks {
+                s.transaction(|tx| tx.map(h)?.remove(&k)).unwrap();
+            }
+        }
+    }
+}
