@@ -1,29 +1,33 @@
-//! Save and restore throughput against `cp`, sparse saves, and the idle
-//! wrapper's CPU use. Run with `cargo bench -p shm-restore`; figures go to
+//! Save and restore throughput against `cp`, the pause of a save while the
+//! command runs, sparse saves, and the idle wrapper's CPU use. Run with
+//! `cargo bench -p shm-restore --bench save_restore`; figures go to
 //! BENCHMARKS.md (section `shm-restore`).
 //!
 //! Every ratio compares with a baseline measured in the same run, on the
-//! same files and directories. Each figure is the median of `BENCH_RUNS`
-//! runs (default 5). `BENCH_DIR` picks the directory for snapshot files
-//! (default: the system temp dir); `BENCH_IDLE_SECS` the idle measurement
-//! (default 10).
+//! same bytes and directories, with the runs interleaved (A, B, A, B, ...)
+//! so that machine load and the disk's write-back phases hit both alike.
+//! Each figure is the median of `BENCH_RUNS` runs (default 7), with the
+//! fastest and slowest run. Only the operation itself is timed: removing
+//! the previous run's output (for `cp`) and dropping the previous memfd
+//! (for ours) happen outside the clock. `BENCH_DIR` picks the directory
+//! for snapshot files (default: the system temp dir); `BENCH_IDLE_SECS`
+//! the idle measurement (default 10).
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shm_fd::{CreateOptions, SharedFd};
-use std::os::unix::process::CommandExt;
-
-use shm_restore::{Capture, DirStorage, SaveOptions, Saver, StopGroup};
+use shm_restore::{Capture, Captured, DirStorage, Image, SaveOptions, Saver, StopGroup};
 
 const MIB: usize = 1 << 20;
 
 fn runs() -> usize {
-    env_num("BENCH_RUNS", 5)
+    env_num("BENCH_RUNS", 7).max(1)
 }
 
 fn env_num(name: &str, default: usize) -> usize {
@@ -33,29 +37,59 @@ fn env_num(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// Median, fastest and slowest of a series of runs.
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    median: Duration,
+    min: Duration,
+    max: Duration,
 }
 
-/// Medians of `f` and `g`, run alternately (so slow phases of the disk's
-/// write-back hit both alike).
-fn time_pair(mut f: impl FnMut(), mut g: impl FnMut()) -> (Duration, Duration) {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    for _ in 0..runs() {
-        let t = Instant::now();
-        f();
-        a.push(t.elapsed());
-        let t = Instant::now();
-        g();
-        b.push(t.elapsed());
+impl Stats {
+    fn of(mut v: Vec<Duration>) -> Stats {
+        v.sort();
+        Stats {
+            median: v[v.len() / 2],
+            min: v[0],
+            max: v[v.len() - 1],
+        }
     }
-    (median(a), median(b))
+
+    fn ms(&self) -> String {
+        format!(
+            "{:.1} ms ({:.1}–{:.1})",
+            ms(self.median),
+            ms(self.min),
+            ms(self.max)
+        )
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs each measurement in turn, `runs()` times (A, B, A, B, ...). Each
+/// closure times its own critical section and returns that time.
+fn interleaved<const N: usize>(mut each: [&mut dyn FnMut() -> Duration; N]) -> [Stats; N] {
+    let mut times: [Vec<Duration>; N] = std::array::from_fn(|_| Vec::new());
+    for _ in 0..runs() {
+        for (f, t) in each.iter_mut().zip(times.iter_mut()) {
+            t.push(f());
+        }
+    }
+    times.map(Stats::of)
+}
+
+fn timed(f: impl FnOnce()) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
 }
 
 fn memfd(name: &str) -> File {
     let shared = SharedFd::create(name, CreateOptions::default()).unwrap();
-    shm_restore::reopen_memfd(&shared).unwrap()
+    shared.reopen().unwrap().into_file()
 }
 
 /// Non-trivial bytes (so nothing can be compressed or deduplicated).
@@ -71,13 +105,12 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-fn save(memfd: &File, dir: &Path) {
-    let mut saver = Saver::new(
+fn saver(dir: &Path) -> Saver<DirStorage> {
+    Saver::new(
         DirStorage::new(dir),
         OsStr::new("bench.snap"),
         SaveOptions::default(),
-    );
-    saver.save_memfd(memfd, shm_restore::now_ns()).unwrap();
+    )
 }
 
 fn sh(script: &str) {
@@ -85,27 +118,33 @@ fn sh(script: &str) {
     assert!(st.success(), "{script}");
 }
 
-fn mb_s(bytes: usize, d: Duration) -> f64 {
+/// `cp SRC DST && sync DST`, into a fresh DST (removed before the clock).
+fn cp_sync(src: &Path, dst: &Path) -> Duration {
+    let _ = std::fs::remove_file(dst);
+    timed(|| {
+        sh(&format!(
+            "cp {} {} && sync {}",
+            src.display(),
+            dst.display(),
+            dst.display()
+        ))
+    })
+}
+
+fn mib_s(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }
 
-fn row(what: &str, d: Duration, bytes: Option<usize>, base: &str, bd: Duration, bb: Option<usize>) {
-    let (thr, bthr, ratio) = match (bytes, bb) {
-        (Some(b), Some(bb)) => (
-            format!("{:.0} MiB/s", mb_s(b, d)),
-            format!("{:.0} MiB/s", mb_s(bb, bd)),
-            mb_s(b, d) / mb_s(bb, bd),
-        ),
-        _ => (
-            String::new(),
-            String::new(),
-            bd.as_secs_f64() / d.as_secs_f64(),
-        ),
-    };
+/// A table row: ours against a baseline moving the same `bytes`; the ratio
+/// is of the medians' throughputs.
+fn row(what: &str, bytes: usize, ours: Stats, base_what: &str, base: Stats) {
     println!(
-        "| {what} | {:.1} ms {thr} | {base} | {:.1} ms {bthr} | {ratio:.2}x |",
-        d.as_secs_f64() * 1e3,
-        bd.as_secs_f64() * 1e3
+        "| {what} | {}, {:.0} MiB/s | {base_what} | {}, {:.0} MiB/s | {:.2}x |",
+        ours.ms(),
+        mib_s(bytes, ours.median),
+        base.ms(),
+        mib_s(bytes, base.median),
+        base.median.as_secs_f64() / ours.median.as_secs_f64()
     );
 }
 
@@ -116,13 +155,13 @@ fn main() {
     let dir = tempfile::tempdir_in(&base).unwrap();
     let shm = tempfile::tempdir_in("/dev/shm").unwrap();
     println!(
-        "snapshot dir: {} ; runs per figure: {}",
+        "snapshot dir: {} ; runs per figure: {} (median, fastest–slowest)",
         base.display(),
         runs()
     );
     println!();
     println!(
-        "| measurement | shm-restore | baseline | baseline time | speed ratio (higher is better) |"
+        "| measurement | shm-restore | baseline | baseline time | throughput ratio (higher is better) |"
     );
     println!("|---|---|---|---|---|");
 
@@ -135,76 +174,105 @@ fn main() {
     std::fs::write(&src, &bytes).unwrap();
     drop(bytes);
     let dst = dir.path().join("cp-copy");
-    let mut saver = Saver::new(
-        DirStorage::new(dir.path()),
-        OsStr::new("bench.snap"),
-        SaveOptions::default(),
-    );
-    let (saved, cp) = time_pair(
-        || {
-            saver.save_memfd(&big, shm_restore::now_ns()).unwrap();
-        },
-        || {
-            sh(&format!(
-                "cp {} {} && sync {}",
-                src.display(),
-                dst.display(),
-                dst.display()
-            ))
-        },
-    );
-    std::fs::remove_file(&dst).unwrap();
+    let mut exit_saver = saver(dir.path());
+    let mut retire = Vec::new();
+    let mut save_exit = || {
+        let d = timed(|| {
+            exit_saver.save_memfd(&big, shm_restore::now_ns()).unwrap();
+        });
+        // The replaced .prev is closed in the background; wait for it
+        // outside the clock, so it does not slow the next measurement.
+        retire.push(timed(|| exit_saver.wait_retired()));
+        d
+    };
+    let mut cp = || cp_sync(&src, &dst);
+    let [saved, cp1] = interleaved([&mut save_exit, &mut cp]);
     row(
-        "save 256 MiB after the command exited (stream, CRC, write, fsync, .prev, rename, dir fsync)",
+        "save 256 MiB after the command exited (stream from the memfd, CRC, write, fsync, .prev, rename, dir fsync)",
+        len,
         saved,
-        Some(len),
-        "cp + sync",
-        cp,
-        Some(len),
+        "`cp` + `sync`",
+        cp1,
+    );
+    println!(
+        "| … of which freeing the replaced `.prev` afterwards, in the background (not in the time above) | {} | | | |",
+        Stats::of(retire).ms()
     );
 
-    // 1b. The pause of a save while the command runs: its process group is
-    //     stopped for the copy of the 256 MiB into private memory.
+    // 2. The save of a copy captured while the command runs (after the
+    //    pause), and the pause itself.
     let mut sleeper = Command::new("sleep")
         .arg("1000")
         .process_group(0)
         .spawn()
         .unwrap();
     let mut stop = StopGroup::new(sleeper.id() as i32, Duration::from_secs(5));
-    let pauses: Vec<Duration> = (0..runs())
-        .map(|_| stop.capture(&big).unwrap().pause().unwrap())
-        .collect();
+    let mut pauses = Vec::new();
+    let mut running_saver = saver(dir.path());
+    let mut save_running = || {
+        let captured = stop.capture(&big).unwrap();
+        pauses.push(captured.pause().unwrap());
+        let Captured::Copied { image, .. } = &captured else {
+            panic!("the sleeper is running")
+        };
+        let d = timed(|| {
+            running_saver.save(image, shm_restore::now_ns()).unwrap();
+        });
+        running_saver.wait_retired();
+        d
+    };
+    let mut cp = || cp_sync(&src, &dst);
+    let [saved_running, cp2] = interleaved([&mut save_running, &mut cp]);
     sleeper.kill().unwrap();
     sleeper.wait().unwrap();
-    let pause = median(pauses);
+    row(
+        "save 256 MiB captured while the command runs (CRC, write, fsync, .prev, rename, dir fsync; after the pause)",
+        len,
+        saved_running,
+        "`cp` + `sync`",
+        cp2,
+    );
+    let _ = std::fs::remove_file(&dst);
 
-    // 2. Restore of that snapshot vs cp of the file into /dev/shm.
+    // 3. Restore of that snapshot vs cp of the file into /dev/shm.
     let snap = dir.path().join("bench.snap");
     let shm_copy = shm.path().join("copy");
-    let (restored, cp_shm) = time_pair(
-        || {
-            let m = memfd("bench-restore");
-            let out = shm_restore::restore(&snap, &m, u64::MAX, 0).unwrap();
-            assert!(matches!(out, shm_restore::LoadOutcome::Loaded { .. }));
-        },
-        || {
-            let _ = std::fs::remove_file(&shm_copy);
-            sh(&format!("cp {} {}", snap.display(), shm_copy.display()))
-        },
-    );
+    let mut previous = None;
+    let mut restore = || {
+        drop(previous.take()); // the last run's memfd, outside the clock
+        let t = Instant::now();
+        let m = memfd("bench-restore");
+        let out = shm_restore::restore(&snap, &m, u64::MAX, 0).unwrap();
+        let d = t.elapsed();
+        assert!(matches!(out, shm_restore::LoadOutcome::Loaded { .. }));
+        previous = Some(m);
+        d
+    };
+    let mut cp_shm = || {
+        let _ = std::fs::remove_file(&shm_copy);
+        timed(|| sh(&format!("cp {} {}", snap.display(), shm_copy.display())))
+    };
+    let [restored, cp3] = interleaved([&mut restore, &mut cp_shm]);
+    drop(previous);
     let _ = std::fs::remove_file(&shm_copy);
     row(
-        "restore 256 MiB (verify, load into memfd)",
+        "restore 256 MiB (verify every chunk, load into a new memfd)",
+        len,
         restored,
-        Some(len),
-        "cp to /dev/shm",
-        cp_shm,
-        Some(len),
+        "`cp` into /dev/shm",
+        cp3,
     );
     println!();
+    let pause = Stats::of(pauses);
+    let mut fresh = Vec::new();
+    for _ in 0..runs() {
+        fresh.push(timed(|| drop(Image::read_from(&big).unwrap())));
+    }
     println!(
-        "pause of a save while the command runs (SIGSTOP, wait, copy 256 MiB, SIGCONT): {:.1} ms",
-        pause.as_secs_f64() * 1e3
+        "pause of a save while the command runs (SIGSTOP, wait until stopped, copy 256 MiB into a \
+         buffer faulted in before the pause, SIGCONT): {}; a copy into a fresh buffer takes {}",
+        pause.ms(),
+        Stats::of(fresh).ms()
     );
     drop(big);
     std::fs::remove_file(&src).unwrap();
@@ -212,7 +280,7 @@ fn main() {
         std::fs::remove_file(f.unwrap().path()).unwrap();
     }
 
-    // 3. Sparse: 1 GiB memfd with 1 MiB of data (256 scattered pages) vs a
+    // 4. Sparse: 1 GiB memfd with 1 MiB of data (256 scattered pages) vs a
     //    dense 1 MiB memfd.
     let sparse = memfd("bench-sparse");
     sparse.set_len(1 << 30).unwrap();
@@ -226,23 +294,26 @@ fn main() {
     let sub_d = dir.path().join("dense");
     std::fs::create_dir(&sub_s).unwrap();
     std::fs::create_dir(&sub_d).unwrap();
-    let (t_sparse, t_dense) = time_pair(|| save(&sparse, &sub_s), || save(&dense, &sub_d));
-    row(
-        "save 1 GiB memfd holding 1 MiB (256 pages)",
-        t_sparse,
-        None,
-        "save 1 MiB memfd",
-        t_dense,
-        None,
+    let (mut saver_s, mut saver_d) = (saver(&sub_s), saver(&sub_d));
+    let mut save_sparse = || timed(|| drop(saver_s.save_memfd(&sparse, 1).unwrap()));
+    let mut save_dense = || timed(|| drop(saver_d.save_memfd(&dense, 1).unwrap()));
+    let [t_sparse, t_dense] = interleaved([&mut save_sparse, &mut save_dense]);
+    println!();
+    println!(
+        "| measurement | shm-restore | baseline | baseline time | ratio (ours / baseline, goal <= 2) |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| save 1 GiB memfd holding 1 MiB (256 pages) | {} | save 1 MiB memfd | {} | {:.2} |",
+        t_sparse.ms(),
+        t_dense.ms(),
+        t_sparse.median.as_secs_f64() / t_dense.median.as_secs_f64()
     );
     let snap_len = std::fs::metadata(sub_s.join("bench.snap")).unwrap().len();
     println!();
-    println!(
-        "sparse snapshot file: {snap_len} bytes; sparse/dense save time: {:.2} (goal <= 2)",
-        t_sparse.as_secs_f64() / t_dense.as_secs_f64()
-    );
+    println!("sparse snapshot file: {snap_len} bytes");
 
-    // 4. Idle wrapper CPU with --interval 100ms and an unchanged 1 MiB memfd.
+    // 5. Idle wrapper CPU with --interval 100ms and an unchanged 1 MiB memfd.
     let secs = env_num("BENCH_IDLE_SECS", 10) as u64;
     let exe = env!("CARGO_BIN_EXE_shm-restore");
     let idle = |interval: Option<&str>| -> Duration {
@@ -276,9 +347,9 @@ fn main() {
     println!(
         "idle wrapper CPU over {secs} s, unchanged 1 MiB memfd: --interval 100ms {:.1} ms ({:.3}% of one core); \
          no --interval {:.1} ms",
-        ticking.as_secs_f64() * 1e3,
+        ms(ticking),
         ticking.as_secs_f64() / secs as f64 * 100.0,
-        quiet.as_secs_f64() * 1e3
+        ms(quiet)
     );
 }
 

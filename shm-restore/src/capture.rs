@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
-use crate::image::Image;
+use crate::image::{Image, data_extents, prefaulted, stored_len};
 
 /// The result of a capture: a consistent private copy, or the news that
 /// nothing writes the memfd any more (so a save may read it directly).
@@ -91,6 +91,10 @@ impl Drop for ContinueOnDrop {
 impl Capture for StopGroup {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
         let pgid = Pid::from_raw(self.pgid);
+        // Before the pause: a buffer of about the right size with its pages
+        // faulted in, so the pause is the copy alone.
+        let size = usize::try_from(data_size(memfd)?).unwrap_or(usize::MAX);
+        let buf = prefaulted(size).map_err(|e| Error::io("copying", "the memfd", e))?;
         let start = Instant::now();
         match killpg(pgid, Signal::SIGSTOP) {
             Ok(()) => {}
@@ -105,13 +109,21 @@ impl Capture for StopGroup {
         }
         let cont = ContinueOnDrop(pgid);
         wait_until_stopped(self.pgid, self.timeout)?;
-        let image = Image::read_from(memfd).map_err(|e| Error::io("copying", "the memfd", e))?;
+        let image =
+            Image::read_into(memfd, buf).map_err(|e| Error::io("copying", "the memfd", e))?;
         drop(cont);
         Ok(Captured::Copied {
             image,
             pause: Some(start.elapsed()),
         })
     }
+}
+
+/// How many data bytes (holes excluded) the memfd holds now.
+fn data_size(memfd: &File) -> Result<u64> {
+    let fail = |e| Error::io("reading", "the memfd", e);
+    let len = memfd.metadata().map_err(fail)?.len();
+    Ok(stored_len(&data_extents(memfd, len).map_err(fail)?))
 }
 
 /// Waits until every thread of every process in group `pgid` is stopped

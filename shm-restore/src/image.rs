@@ -13,6 +13,7 @@ use nix::errno::Errno;
 use nix::unistd::{Whence, lseek};
 
 use crate::format::Chunk;
+use crate::parallel;
 
 /// A run of data bytes of the memfd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,27 +86,36 @@ impl Image {
     /// Copies the memfd's data extents into memory.
     ///
     /// `memfd` must be this process's own open file description of the
-    /// memfd (see [`crate::reopen_memfd`]): `SEEK_DATA` moves the file
+    /// memfd (see [`shm_fd::SharedFd::reopen`]): `SEEK_DATA` moves the file
     /// offset, which a `dup` would share with the program.
     pub fn read_from(memfd: &File) -> io::Result<Image> {
+        Image::read_into(memfd, Vec::new())
+    }
+
+    /// As [`Image::read_from`], reusing `buf`'s memory (its length and
+    /// contents do not matter). A buffer whose pages are already faulted in
+    /// ([`prefaulted`]) makes the copy run at memory speed: a capture that
+    /// pauses the program prepares one before the pause.
+    pub fn read_into(memfd: &File, buf: Vec<u8>) -> io::Result<Image> {
         let data_len = memfd.metadata()?.len();
         let extents = data_extents(memfd, data_len)?;
-        let total: u64 = extents.iter().map(|e| e.len).sum();
-        let total = usize::try_from(total)
+        let total = usize::try_from(stored_len(&extents))
             .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "memfd data too large"))?;
-        // vec![0; n] comes from calloc: fresh zero pages, no extra pass.
-        let mut bytes = vec![0u8; total];
-        let mut at = 0usize;
-        for e in &extents {
-            let end = at + e.len as usize;
-            memfd.read_exact_at(&mut bytes[at..end], e.offset)?;
-            at = end;
-        }
+        let mut bytes = buf;
+        // Shrinking writes nothing; growing zeroes only the new part.
+        bytes.truncate(total);
+        grow_zeroed(&mut bytes, total)?;
+        copy_extents(memfd, &extents, &mut bytes)?;
         Ok(Image {
             data_len,
             extents,
             bytes,
         })
+    }
+
+    /// Gives back the memory of the image's bytes, for [`Image::read_into`].
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
     }
 
     /// The memfd size the image was taken of, holes included.
@@ -183,6 +193,77 @@ impl Image {
         }
         out
     }
+}
+
+/// The number of data bytes in `extents`.
+pub fn stored_len(extents: &[Extent]) -> u64 {
+    extents.iter().map(|e| e.len).sum()
+}
+
+/// A zeroed buffer of `len` bytes whose pages are faulted in, so that
+/// copying into it later takes no page faults.
+pub fn prefaulted(len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    grow_zeroed(&mut buf, len)?;
+    Ok(buf)
+}
+
+/// Appends zeros to `buf` up to `len` bytes, writing every new byte (so
+/// every new page is faulted in); an allocation failure is an error, not
+/// an abort.
+fn grow_zeroed(buf: &mut Vec<u8>, len: usize) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    buf.try_reserve_exact(len.saturating_sub(buf.len()))
+        .map_err(|_| out_of_memory(len))?;
+    // In steps of memcpy, fast in unoptimised builds too.
+    while buf.len() < len {
+        let n = (len - buf.len()).min(ZEROS.len());
+        buf.extend_from_slice(&ZEROS[..n]);
+    }
+    Ok(())
+}
+
+fn out_of_memory(len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::OutOfMemory,
+        format!("cannot allocate {len} bytes for a copy of the memfd"),
+    )
+}
+
+/// Reads the data `extents` of `memfd` into `bytes` (which holds exactly
+/// their length), in pieces split over a few threads when large.
+fn copy_extents(memfd: &File, extents: &[Extent], bytes: &mut [u8]) -> io::Result<()> {
+    const PIECE: u64 = 4 << 20;
+    let mut pieces = Vec::new(); // (memfd offset, length)
+    for e in extents {
+        let mut off = 0;
+        while off < e.len {
+            let n = PIECE.min(e.len - off);
+            pieces.push((e.offset + off, n));
+            off += n;
+        }
+    }
+    let lens: Vec<u64> = pieces.iter().map(|p| p.1).collect();
+    let runs = parallel::split_even(&lens, parallel::workers(bytes.len() as u64));
+    let mut work = Vec::with_capacity(runs.len());
+    let mut rest = bytes;
+    for run in runs {
+        let n: u64 = lens[run.clone()].iter().sum();
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(n as usize);
+        work.push((&pieces[run], head));
+        rest = tail;
+    }
+    parallel::run_each(work, |(pieces, buf)| {
+        let mut at = 0usize;
+        for &(offset, n) in pieces {
+            let end = at + n as usize;
+            memfd.read_exact_at(&mut buf[at..end], offset)?;
+            at = end;
+        }
+        Ok(())
+    })
+    .into_iter()
+    .collect()
 }
 
 /// The data extents of `file` (of length `len`), from `SEEK_DATA` /
@@ -277,6 +358,31 @@ mod tests {
         assert_eq!(data_extents(&g, 64 << 20).unwrap(), img.extents());
         assert_eq!(Image::read_from(&g).unwrap(), img);
         assert_eq!(&img.to_dense()[..4], b"head");
+    }
+
+    #[test]
+    fn read_into_reuses_any_buffer_and_copies_on_threads() {
+        let f = memfd();
+        f.set_len(1 << 20).unwrap();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 241) as u8).collect();
+        f.write_all_at(&data, 8192).unwrap();
+        f.write_all_at(b"end", (1 << 20) - 3).unwrap();
+        let fresh = Image::read_from(&f).unwrap();
+        assert_eq!(&fresh.to_dense()[8192..8192 + data.len()], &data[..]);
+        for buf in [
+            Vec::new(),
+            vec![9u8; 10],
+            vec![9u8; 2 << 20],
+            prefaulted(4096).unwrap(),
+        ] {
+            let cap = buf.capacity();
+            let img = Image::read_into(&f, buf).unwrap();
+            assert_eq!(img, fresh);
+            if cap >= img.bytes().len() {
+                assert_eq!(img.into_bytes().capacity(), cap, "the buffer was reused");
+            }
+        }
+        assert!(prefaulted(10_000).unwrap().iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -40,6 +40,7 @@ mod error;
 pub mod format;
 mod image;
 mod load;
+mod parallel;
 mod save;
 mod snapshot;
 mod storage;
@@ -50,7 +51,7 @@ use std::os::fd::{AsFd, AsRawFd};
 
 pub use capture::{Capture, Captured, StopGroup, Unpaused, wait_until_stopped};
 pub use error::{Damage, Error, Result};
-pub use image::{Extent, Image, data_extents, probe_table};
+pub use image::{Extent, Image, data_extents, prefaulted, probe_table, stored_len};
 pub use load::{Fallback, LoadOutcome, restore};
 pub use save::{
     SaveOptions, SaveOutcome, SaveReport, Saver, move_aside, prev_path, remove_stale_temps,

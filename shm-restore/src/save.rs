@@ -12,8 +12,14 @@ use crate::capture::Captured;
 use crate::error::{Damage, Error, Result};
 use crate::format::{self, Chunk, DEFAULT_CHUNK_SIZE, HEADER_LEN, Header};
 use crate::image::{Extent, Image, data_extents};
+use crate::parallel;
 use crate::snapshot::{DEFAULT_MAX_DATA_LEN, ReadError, file_time, read_header, verify};
 use crate::storage::Storage;
+
+/// After this many bytes written, the save asks the disk to start writing
+/// them back (see [`Storage::start_writeback`]), so the final fsync finds
+/// most of the file on its way.
+const WRITEBACK_STEP: usize = 8 << 20;
 
 /// How [`Saver`] writes snapshots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +227,13 @@ impl<S: Storage> Saver<S> {
         &self.storage
     }
 
+    /// Waits until the previous snapshot replaced by the last save is
+    /// closed (its blocks freed), which happens in the background
+    /// ([`Storage::retire`]).
+    pub fn wait_retired(&mut self) {
+        self.storage.wait_retired();
+    }
+
     /// True when a memfd of `data_len` bytes with this chunk `table` (see
     /// [`crate::probe_table`]) holds what was last saved or loaded.
     pub fn is_unchanged(&self, data_len: u64, table: &[Chunk]) -> bool {
@@ -317,17 +330,38 @@ impl<S: Storage> Saver<S> {
             Ok(t) => t,
             Err(e) => return Err(self.discard(&tmp, e)),
         };
-        let moved_corrupt = match self.keep_previous(saved_at_ns) {
-            Ok(m) => m,
-            Err(e) => return Err(self.discard(&tmp, e)),
+        // The old `.prev`, held open so that replacing it does not free its
+        // blocks inside the save (see `Storage::retire`).
+        let mut old_prev = None;
+        let kept = self.keep_previous(saved_at_ns, &mut old_prev);
+        let result = match kept {
+            Ok(moved_corrupt) => self.install(&tmp, &source, table, data_offset, moved_corrupt),
+            Err(e) => Err(self.discard(&tmp, e)),
         };
-        if let Err(e) = self.storage.rename(&tmp, &self.name) {
+        if let Some(file) = old_prev {
+            self.storage.retire(file);
+        }
+        result
+    }
+
+    /// Renames the finished temp file over the snapshot and makes the
+    /// directory durable.
+    fn install(
+        &mut self,
+        tmp: &OsStr,
+        source: &Source<'_>,
+        table: Vec<Chunk>,
+        data_offset: u64,
+        moved_corrupt: Option<(OsString, Damage)>,
+    ) -> Result<SaveOutcome> {
+        let generation = self.generation + 1;
+        if let Err(e) = self.storage.rename(tmp, &self.name) {
             let e = Error::io(
                 "renaming the new snapshot to",
                 self.storage.path_of(&self.name),
                 e,
             );
-            return Err(self.discard(&tmp, e));
+            return Err(self.discard(tmp, e));
         }
         // The new snapshot is in place from here on.
         let kept_previous = moved_corrupt.is_none() && self.trusted.is_some();
@@ -352,9 +386,14 @@ impl<S: Storage> Saver<S> {
         }))
     }
 
-    /// Writes the data in pieces of whole chunks, computing each chunk's
-    /// CRC on the way, then the header and table (made by `front` from the
-    /// finished table) at offset 0, then fsyncs. Returns the table.
+    /// Writes the data in pieces of whole chunks with each chunk's CRC, then
+    /// the header and table (made by `front` from the finished table) at
+    /// offset 0, then fsyncs. Returns the table.
+    ///
+    /// A large private image has its CRCs computed on another thread while
+    /// this one writes; the memfd itself is read once into a buffer that is
+    /// both checksummed and written, so that a concurrent writer cannot make
+    /// the file disagree with its checksums.
     fn write_temp(
         &mut self,
         file: &mut S::File,
@@ -364,6 +403,49 @@ impl<S: Storage> Saver<S> {
         data_offset: u64,
         front: impl FnOnce(&[Chunk]) -> Vec<u8>,
     ) -> Result<Vec<Chunk>> {
+        let chunk_size = self.options.chunk_size;
+        let table = match source {
+            Source::Image(image) if parallel::workers(image.bytes().len() as u64) > 1 => {
+                std::thread::scope(|s| {
+                    let crcs = s.spawn(move || image.table(chunk_size));
+                    let written = self.write_data(file, tmp, source, layout, data_offset, false);
+                    let table = crcs
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                    debug_assert!(
+                        table
+                            .iter()
+                            .map(|c| (c.offset, c.len))
+                            .eq(layout.iter().copied())
+                    );
+                    written.map(|_| table)
+                })?
+            }
+            _ => self.write_data(file, tmp, source, layout, data_offset, true)?,
+        };
+        // The header last: a temp file cut short has no valid header.
+        let front = front(&table);
+        self.storage
+            .write_at(file, 0, &front)
+            .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
+        self.storage
+            .sync_file(file)
+            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))?;
+        Ok(table)
+    }
+
+    /// Writes the data region in pieces of whole chunks, asking the disk to
+    /// start writing back every `WRITEBACK_STEP` bytes. Returns the chunk
+    /// table, with CRCs only if `with_crcs` (else zero).
+    fn write_data(
+        &mut self,
+        file: &mut S::File,
+        tmp: &OsStr,
+        source: &Source<'_>,
+        layout: &[(u64, u32)],
+        data_offset: u64,
+        with_crcs: bool,
+    ) -> Result<Vec<Chunk>> {
         let piece_max = self
             .options
             .write_size
@@ -371,6 +453,7 @@ impl<S: Storage> Saver<S> {
         let mut table = Vec::with_capacity(layout.len());
         let mut buf = Vec::new();
         let mut pos = 0usize; // in the data region
+        let mut hinted = 0usize; // data before this is being written back
         let mut i = 0;
         while i < layout.len() {
             let mut j = i;
@@ -396,10 +479,11 @@ impl<S: Storage> Saver<S> {
             let mut at = 0;
             for &(offset, n) in &layout[i..j] {
                 let bytes = &piece[at..at + n as usize];
+                let crc = if with_crcs { crc32fast::hash(bytes) } else { 0 };
                 table.push(Chunk {
                     offset,
                     len: n,
-                    crc: crc32fast::hash(bytes),
+                    crc,
                 });
                 at += n as usize;
             }
@@ -408,22 +492,26 @@ impl<S: Storage> Saver<S> {
                 .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
             pos += len;
             i = j;
+            if pos - hinted >= WRITEBACK_STEP {
+                self.storage.start_writeback(
+                    file,
+                    data_offset + hinted as u64,
+                    (pos - hinted) as u64,
+                );
+                hinted = pos;
+            }
         }
-        // The header last: a temp file cut short has no valid header.
-        let front = front(&table);
-        self.storage
-            .write_at(file, 0, &front)
-            .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
-        self.storage
-            .sync_file(file)
-            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))?;
         Ok(table)
     }
 
     /// Keeps the file now in the snapshot's place as `.prev` when it is
     /// valid; moves it aside when it is damaged. Sets `trusted` to whether
     /// a previous snapshot was kept.
-    fn keep_previous(&mut self, now_ns: u64) -> Result<Option<(OsString, Damage)>> {
+    fn keep_previous(
+        &mut self,
+        now_ns: u64,
+        old_prev: &mut Option<S::Reader>,
+    ) -> Result<Option<(OsString, Damage)>> {
         let path = self.storage.path_of(&self.name);
         let reader = match self.storage.open(&self.name) {
             Ok(Some(r)) => r,
@@ -449,6 +537,8 @@ impl<S: Storage> Saver<S> {
             }
         }
         drop(reader);
+        // Not an error if this fails: the rename then frees it inline.
+        *old_prev = self.storage.open(&self.prev_name).ok().flatten();
         self.seq += 1;
         let pid = std::process::id();
         let link = with_suffix(&self.name, ".", &format!(".prev-tmp-{pid}-{}", self.seq));

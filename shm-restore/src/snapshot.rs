@@ -8,6 +8,7 @@ use std::path::Path;
 use crate::error::{Damage, Error, Result};
 use crate::format::{self, Chunk, HEADER_LEN, Header};
 use crate::image::{Extent, Image};
+use crate::parallel;
 
 /// The largest snapshot data size loaded unless configured otherwise
 /// (`--max-size`): a file claiming more is treated as damaged.
@@ -157,9 +158,10 @@ pub fn read_snapshot<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Sna
 }
 
 /// Reads and verifies a whole snapshot from `r` without holding its data:
-/// each chunk is read into one reused buffer and checked. Returns the
-/// header and the chunk table.
-pub fn verify<R: ReadAt + ?Sized>(
+/// each chunk is read into a reused buffer and checked (large files on a
+/// few threads, each with its own buffer). Returns the header and the
+/// chunk table.
+pub fn verify<R: ReadAt + Sync + ?Sized>(
     r: &R,
     max_data_len: u64,
 ) -> Result<(Header, Vec<Chunk>), ReadError> {
@@ -169,26 +171,37 @@ pub fn verify<R: ReadAt + ?Sized>(
     r.read_exact_at(&mut table, HEADER_LEN as u64)?;
     let entries = header.chunk_count as usize * format::ENTRY_LEN;
     let chunks = format::decode_table(&table[..entries], &header)?;
-    let mut buf = vec![0u8; header.chunk_size.min(header.stored_len.max(1) as u32) as usize];
-    let mut at = 0u64;
+    let places = file_offsets(&header, &chunks);
+    let results = parallel::run_each(split(&header, &chunks), |run| {
+        let mut buf = Vec::new();
+        let mut bad = 0u64;
+        let mut first = None;
+        for i in run {
+            let c = &chunks[i];
+            buf.resize(c.len as usize, 0);
+            r.read_exact_at(&mut buf, places[i])?;
+            if crc32fast::hash(&buf) != c.crc {
+                bad += 1;
+                first.get_or_insert(i);
+            }
+        }
+        Ok::<_, io::Error>((bad, first))
+    });
     let mut bad = 0u64;
     let mut first = None;
-    for (index, c) in chunks.iter().enumerate() {
-        let b = &mut buf[..c.len as usize];
-        r.read_exact_at(b, header.data_offset + at)?;
-        if crc32fast::hash(b) != c.crc {
-            bad += 1;
-            first.get_or_insert((index, at, *c));
-        }
-        at += u64::from(c.len);
+    for result in results {
+        let (n, f) = result?;
+        bad += n;
+        first = first.or(f);
     }
-    if let Some((index, at, c)) = first {
+    if let Some(index) = first {
+        let c = chunks[index];
         return Err(ReadError::Damaged(Damage::ChunkChecksum {
             bad,
             total: chunks.len() as u64,
             index: index as u64,
             memfd_offset: c.offset,
-            file_offset: header.data_offset + at,
+            file_offset: places[index],
             len: c.len,
         }));
     }
@@ -196,9 +209,9 @@ pub fn verify<R: ReadAt + ?Sized>(
 }
 
 /// Copies a snapshot that [`verify`] accepted into an empty memfd, chunk by
-/// chunk, checking each chunk's CRC again (the file could have changed
-/// since). Holes stay holes.
-pub fn copy_into<R: ReadAt + ?Sized>(
+/// chunk (large files on a few threads), checking each chunk's CRC again
+/// (the file could have changed since). Holes stay holes.
+pub fn copy_into<R: ReadAt + Sync + ?Sized>(
     r: &R,
     header: &Header,
     chunks: &[Chunk],
@@ -207,25 +220,48 @@ pub fn copy_into<R: ReadAt + ?Sized>(
     if header.data_len > 0 {
         memfd.set_len(header.data_len)?;
     }
-    let mut buf = vec![0u8; header.chunk_size.min(header.stored_len.max(1) as u32) as usize];
-    let mut at = 0u64;
-    for (index, c) in chunks.iter().enumerate() {
-        let b = &mut buf[..c.len as usize];
-        r.read_exact_at(b, header.data_offset + at)?;
-        if crc32fast::hash(b) != c.crc {
-            return Err(ReadError::Damaged(Damage::ChunkChecksum {
-                bad: 1,
-                total: chunks.len() as u64,
-                index: index as u64,
-                memfd_offset: c.offset,
-                file_offset: header.data_offset + at,
-                len: c.len,
-            }));
+    let places = file_offsets(header, chunks);
+    let results = parallel::run_each(split(header, chunks), |run| {
+        let mut buf = Vec::new();
+        for i in run {
+            let c = &chunks[i];
+            buf.resize(c.len as usize, 0);
+            r.read_exact_at(&mut buf, places[i])?;
+            if crc32fast::hash(&buf) != c.crc {
+                return Err(ReadError::Damaged(Damage::ChunkChecksum {
+                    bad: 1,
+                    total: chunks.len() as u64,
+                    index: i as u64,
+                    memfd_offset: c.offset,
+                    file_offset: places[i],
+                    len: c.len,
+                }));
+            }
+            memfd.write_all_at(&buf, c.offset)?;
         }
-        memfd.write_all_at(b, c.offset)?;
-        at += u64::from(c.len);
-    }
-    Ok(())
+        Ok(())
+    });
+    results.into_iter().collect()
+}
+
+/// Where each chunk's bytes are in the file (validated by `decode_table`:
+/// they add up to `stored_len`, so no sum overflows).
+fn file_offsets(header: &Header, chunks: &[Chunk]) -> Vec<u64> {
+    let mut at = header.data_offset;
+    chunks
+        .iter()
+        .map(|c| {
+            let here = at;
+            at += u64::from(c.len);
+            here
+        })
+        .collect()
+}
+
+/// The chunk runs a pass over the file's data uses, one per thread.
+fn split(header: &Header, chunks: &[Chunk]) -> Vec<std::ops::Range<usize>> {
+    let lens: Vec<u64> = chunks.iter().map(|c| u64::from(c.len)).collect();
+    parallel::split_even(&lens, parallel::workers(header.stored_len))
 }
 
 /// Checks every chunk's CRC; returns the damage (all bad chunks counted,
@@ -314,6 +350,76 @@ fn civil(secs: u64) -> (i64, u32, u32, u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::save::{SaveOptions, Saver};
+    use crate::storage::DirStorage;
+
+    /// A saved snapshot of 40 chunks of 4 KiB (enough for the threaded
+    /// passes at the unit-test threshold) and its bytes.
+    fn saved(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+        let data: Vec<u8> = (0..40 * 4096u32).map(|i| (i * 7 % 253) as u8).collect();
+        let mut saver = Saver::new(
+            DirStorage::new(dir),
+            std::ffi::OsStr::new("s.snap"),
+            SaveOptions {
+                chunk_size: 4096,
+                ..SaveOptions::default()
+            },
+        );
+        saver.save(&Image::from_bytes(data.clone()), 1).unwrap();
+        (dir.join("s.snap"), data)
+    }
+
+    #[test]
+    fn threaded_verify_counts_every_bad_chunk_and_names_the_first() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, _) = saved(d.path());
+        let mut bytes = std::fs::read(&path).unwrap();
+        let data_offset = read_header(bytes.as_slice(), u64::MAX).unwrap().data_offset as usize;
+        // Damage chunks 3, 30 and 39: in different threads' runs.
+        for chunk in [30, 3, 39] {
+            bytes[data_offset + chunk * 4096 + 100] ^= 0x10;
+        }
+        match verify(bytes.as_slice(), u64::MAX) {
+            Err(ReadError::Damaged(Damage::ChunkChecksum {
+                bad,
+                total,
+                index,
+                memfd_offset,
+                file_offset,
+                len,
+            })) => {
+                assert_eq!((bad, total, index), (3, 40, 3));
+                assert_eq!(memfd_offset, 3 * 4096);
+                assert_eq!(file_offset, (data_offset + 3 * 4096) as u64);
+                assert_eq!(len, 4096);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn threaded_copy_loads_everything_and_rechecks_crcs() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, data) = saved(d.path());
+        let file = File::open(&path).unwrap();
+        let (header, chunks) = verify(&file, u64::MAX).unwrap();
+        let memfd = shm_fd::SharedFd::create("copy-test", Default::default())
+            .unwrap()
+            .into_file();
+        copy_into(&file, &header, &chunks, &memfd).unwrap();
+        assert_eq!(Image::read_from(&memfd).unwrap().to_dense(), data);
+
+        // The file changed after the verification: the copy sees it.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[header.data_offset as usize + 25 * 4096] ^= 1;
+        let other = shm_fd::SharedFd::create("copy-test", Default::default())
+            .unwrap()
+            .into_file();
+        match copy_into(bytes.as_slice(), &header, &chunks, &other) {
+            Err(ReadError::Damaged(Damage::ChunkChecksum { index: 25, .. })) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn times() {

@@ -5,8 +5,10 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use crate::snapshot::ReadAt;
 
@@ -16,7 +18,7 @@ pub trait Storage {
     /// A file being written.
     type File;
     /// A file opened for reading.
-    type Reader: ReadAt;
+    type Reader: ReadAt + Sync;
 
     /// Creates `name`, failing if it exists; mode 0600, never through a
     /// symlink.
@@ -39,18 +41,44 @@ pub trait Storage {
     fn open(&mut self, name: &OsStr) -> io::Result<Option<Self::Reader>>;
     /// The path of `name`, for messages.
     fn path_of(&self, name: &OsStr) -> PathBuf;
+
+    /// Starts writing `len` bytes of `file` at `offset` to the disk without
+    /// waiting for them. Only a hint that overlaps the disk's work with the
+    /// rest of the save: nothing is durable before [`Storage::sync_file`],
+    /// and failures are ignored. The default does nothing.
+    fn start_writeback(&mut self, file: &mut Self::File, offset: u64, len: u64) {
+        let _ = (file, offset, len);
+    }
+
+    /// Closes a file opened with [`Storage::open`] whose name has since been
+    /// replaced: it may hold the last reference to the old file, whose
+    /// blocks are freed when it closes. The default closes it now.
+    fn retire(&mut self, file: Self::Reader) {
+        drop(file);
+    }
+
+    /// Waits until files handed to [`Storage::retire`] are closed.
+    fn wait_retired(&mut self) {}
 }
 
 /// The real file system: a directory on disk.
+///
+/// Retired files are closed on a background thread: closing the last
+/// reference to a replaced snapshot frees its blocks, which for a file of
+/// hundreds of MiB takes tens of milliseconds that a save need not wait for.
 #[derive(Debug)]
 pub struct DirStorage {
     dir: PathBuf,
+    retiring: Option<JoinHandle<()>>,
 }
 
 impl DirStorage {
     /// Storage in the directory `dir` (which must exist).
     pub fn new(dir: impl Into<PathBuf>) -> DirStorage {
-        DirStorage { dir: dir.into() }
+        DirStorage {
+            dir: dir.into(),
+            retiring: None,
+        }
     }
 
     /// Splits a snapshot path into its directory's storage and file name.
@@ -134,6 +162,41 @@ impl Storage for DirStorage {
     fn path_of(&self, name: &OsStr) -> PathBuf {
         self.dir.join(name)
     }
+
+    fn start_writeback(&mut self, file: &mut File, offset: u64, len: u64) {
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return;
+        };
+        // SAFETY: sync_file_range only reads its integer arguments; the fd
+        // is open for the whole call because `file` is borrowed.
+        let _ = unsafe {
+            libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+        };
+    }
+
+    fn retire(&mut self, file: File) {
+        self.wait_retired();
+        // Without a thread the closure, and the file in it, is dropped
+        // (closed) by the failed spawn itself.
+        if let Ok(handle) = std::thread::Builder::new()
+            .name("shm-restore-close".into())
+            .spawn(move || drop(file))
+        {
+            self.retiring = Some(handle);
+        }
+    }
+
+    fn wait_retired(&mut self) {
+        if let Some(handle) = self.retiring.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for DirStorage {
+    fn drop(&mut self) {
+        self.wait_retired();
+    }
 }
 
 /// An in-memory file system that models what a machine crash keeps: file
@@ -168,6 +231,10 @@ pub(crate) mod sim {
         ops: usize,
         fault: Option<(usize, Fault)>,
         crashed: bool,
+        /// `(file, offset, len)` of every write-back hint, in order.
+        hints: Vec<(usize, u64, u64)>,
+        /// The contents of every file handed to `retire`.
+        retired: Vec<Vec<u8>>,
     }
 
     /// A handle on the simulated disk; clones share it.
@@ -200,6 +267,16 @@ pub(crate) mod sim {
         /// How many operations were attempted.
         pub(crate) fn ops(&self) -> usize {
             self.0.borrow().ops
+        }
+
+        /// The write-back hints given so far: `(file, offset, len)`.
+        pub(crate) fn hints(&self) -> Vec<(usize, u64, u64)> {
+            self.0.borrow().hints.clone()
+        }
+
+        /// The contents of the files retired so far.
+        pub(crate) fn retired(&self) -> Vec<Vec<u8>> {
+            self.0.borrow().retired.clone()
         }
 
         /// The files as a reader would see them now (no crash).
@@ -357,6 +434,16 @@ pub(crate) mod sim {
 
         fn path_of(&self, name: &OsStr) -> PathBuf {
             PathBuf::from("sim").join(name)
+        }
+
+        // A hint makes nothing durable and is not an operation a crash can
+        // stop at: the crash tests count the same steps with or without.
+        fn start_writeback(&mut self, file: &mut usize, offset: u64, len: u64) {
+            self.0.borrow_mut().hints.push((*file, offset, len));
+        }
+
+        fn retire(&mut self, file: Vec<u8>) {
+            self.0.borrow_mut().retired.push(file);
         }
     }
 

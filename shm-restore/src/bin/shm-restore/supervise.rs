@@ -179,11 +179,11 @@ fn supervise(
                 _ => {} // SIGCHLD: checked at the top; SIGXFSZ: writes fail instead
             }
         }
-        if let (Some(t), Some(interval)) = (next_tick, args.interval) {
-            if Instant::now() >= t {
-                save_if_changed(args, saver, capture, memfd);
-                next_tick = Some(Instant::now() + interval);
-            }
+        if let (Some(t), Some(interval)) = (next_tick, args.interval)
+            && Instant::now() >= t
+        {
+            save_if_changed(args, saver, capture, memfd);
+            next_tick = Some(Instant::now() + interval);
         }
     }
 }
