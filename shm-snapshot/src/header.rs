@@ -33,6 +33,10 @@ pub const OFF_SEQ: usize = 64;
 /// The waiter word: non-zero while a snapshotter sleeps on the sequence
 /// word and wants a futex wake at the next commit.
 pub const OFF_WAITERS: usize = 72;
+/// A sequence word at or above this is damage, not a count of steps: it
+/// grows by one per begin or commit, so no program reaches 2^63, and the
+/// bound leaves room to add without overflow.
+pub(crate) const SEQ_LIMIT: u64 = 1 << 63;
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -76,9 +80,20 @@ impl<'a> Header<'a> {
         self.page.word(OFF_WAITERS)
     }
 
+    /// Loads the sequence word and checks it: a value of 2^63 or more
+    /// (not covered by the checksum: it changes at every commit) is
+    /// [`Error::Corrupt`].
+    pub(crate) fn load_seq(&self, order: Ordering) -> Result<u64, Error> {
+        checked_seq(u64::from_le(self.seq().load(order)))
+    }
+
     /// Writes a fresh header into a blank page: the fixed fields first,
     /// then the magic with `Release`, so a reader that sees the magic
     /// (loaded with `Acquire`) sees the rest.
+    ///
+    /// A set-up cut short (kill -9, or a copy taken with the program
+    /// stopped) leaves a page that [`find`] still calls blank, and this
+    /// writes the same bytes again: the set-up is idempotent.
     pub(crate) fn init(page: Region<'a>) -> Header<'a> {
         let b = static_bytes();
         page.write(8, &b[8..24]);
@@ -102,7 +117,7 @@ pub(crate) fn find(region: Region<'_>) -> Result<Found<'_>, Error> {
     })?;
     let magic = page.word(OFF_MAGIC).load(Ordering::Acquire);
     if magic != u64::from_ne_bytes(MAGIC) {
-        return Ok(if page.is_zero() {
+        return Ok(if magic == 0 && is_blank_or_setup(page) {
             Found::Blank
         } else {
             Found::Foreign
@@ -137,6 +152,34 @@ pub(crate) fn find(region: Region<'_>) -> Result<Found<'_>, Error> {
         });
     }
     Ok(Found::Valid(Header { page }))
+}
+
+/// Checks a sequence value read from shared memory.
+pub(crate) fn checked_seq(seq: u64) -> Result<u64, Error> {
+    if seq >= SEQ_LIMIT {
+        return Err(Error::Corrupt {
+            problem: format!(
+                "sequence word {seq:#x} is 2^63 or more (no program commits that often)"
+            ),
+        });
+    }
+    Ok(seq)
+}
+
+/// True for a page (whose magic is zero) that is all zero, or holds what
+/// [`Header::init`] writes before the magic: each of the two words at
+/// bytes 8..24 is zero or its v1 value (word stores do not tear), and
+/// everything else is zero. Such a page is a set-up cut short, not
+/// another program's data.
+fn is_blank_or_setup(page: Region<'_>) -> bool {
+    let b = static_bytes();
+    let word = |off: usize| u64::from_ne_bytes(b[off..off + 8].try_into().expect("8 bytes"));
+    [OFF_VERSION, OFF_FLAGS].into_iter().all(|off| {
+        let w = page.word(off).load(Ordering::Relaxed);
+        w == 0 || w == word(off)
+    }) && page
+        .subregion(24, HEADER_LEN - 24)
+        .is_some_and(|rest| rest.is_zero())
 }
 
 #[cfg(all(test, not(loom)))]

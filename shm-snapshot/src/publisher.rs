@@ -19,7 +19,10 @@ use crate::sync::{Ordering, fence};
 /// for this commit).
 ///
 /// Only one `Publisher` may write a region at a time (one program per
-/// memfd, as shm-fd hands it over).
+/// memfd, as shm-fd hands it over): the sequence word is its own, and a
+/// second one would reuse sequence values, so a snapshotter could keep a
+/// copy torn by the other's update. Debug builds check the word at every
+/// [`Publisher::enter_update`].
 #[derive(Debug)]
 pub struct Publisher<'a> {
     header: Header<'a>,
@@ -51,7 +54,12 @@ impl<'a> Publisher<'a> {
     /// [`Publisher::data`]). Errors: the region is shorter than a header
     /// ([`Error::TooSmall`]), the first page holds something else
     /// ([`Error::ForeignData`], left untouched), or the header is damaged
-    /// ([`Error::Corrupt`], [`Error::UnsupportedVersion`]).
+    /// ([`Error::Corrupt`], also for a sequence word of 2^63 or more, or
+    /// [`Error::UnsupportedVersion`]); on an error nothing is written.
+    ///
+    /// One `Publisher` per region: two would both believe they own the
+    /// sequence word (debug builds catch it at the next
+    /// [`Publisher::enter_update`]).
     pub fn open(region: Region<'a>) -> Result<(Publisher<'a>, Opened), Error> {
         let (header, created) = match header::find(region)? {
             Found::Valid(h) => (h, false),
@@ -70,7 +78,16 @@ impl<'a> Publisher<'a> {
                 len: region.len(),
                 needed: DATA_OFFSET,
             })?;
-        let seq = u64::from_le(header.seq().load(Ordering::Acquire));
+        let seq = header.load_seq(Ordering::Acquire)?;
+        if seq % 2 == 1 {
+            // Resuming the interrupted update: store its odd value as our
+            // own and fence, as `enter_update` does, so that our repair
+            // stores are ordered after an odd value a snapshotter's
+            // re-check must then see (the odd store we loaded was the
+            // previous writer's, which orders nothing of ours).
+            header.seq().store(seq.to_le(), Ordering::Relaxed);
+            fence(Ordering::Release);
+        }
         // A stale waiter flag (a snapshotter killed while it slept) would
         // only cost a wake per commit; the snapshotter sets it again when
         // it sleeps, so it is safe to clear here.
@@ -81,6 +98,31 @@ impl<'a> Publisher<'a> {
             interrupted: seq % 2 == 1,
         };
         Ok((Publisher { header, data, seq }, opened))
+    }
+
+    /// What [`Publisher::open`] would find in `region`, checked without
+    /// writing anything: the same errors, and on success `created` says
+    /// that the first page is blank (`open` would write a fresh header).
+    ///
+    /// For a program that wants to refuse foreign state before it grows or
+    /// writes the memfd.
+    pub fn check(region: Region<'_>) -> Result<Opened, Error> {
+        match header::find(region)? {
+            Found::Foreign => Err(Error::ForeignData),
+            Found::Blank => Ok(Opened {
+                created: true,
+                generation: 0,
+                interrupted: false,
+            }),
+            Found::Valid(h) => {
+                let seq = h.load_seq(Ordering::Acquire)?;
+                Ok(Opened {
+                    created: false,
+                    generation: seq / 2,
+                    interrupted: seq % 2 == 1,
+                })
+            }
+        }
     }
 
     /// The data region: the memfd after the header page, to its end.
@@ -118,6 +160,11 @@ impl<'a> Publisher<'a> {
         if self.is_updating() {
             return;
         }
+        debug_assert_eq!(
+            u64::from_le(self.header.seq().load(Ordering::Relaxed)),
+            self.seq,
+            "the sequence word changed behind this Publisher: two publishers on one region"
+        );
         self.seq += 1;
         self.header.seq().store(self.seq.to_le(), Ordering::Relaxed);
         fence(Ordering::Release);

@@ -20,6 +20,16 @@ use crate::sync::{AtomicU8, AtomicU64, Ordering};
 /// Offsets are in bytes from the start of the region. Methods that take an
 /// offset panic when it is out of range or misaligned, like slice indexing:
 /// offsets come from the caller's own layout, never from shared memory.
+///
+/// # Truncation
+///
+/// Accessing a mapped page that lies past the end of the file raises
+/// `SIGBUS`, which kills the process: that is why memmap2 makes mapping a
+/// file `unsafe` for slices, and it holds for a `Region` too. A memfd
+/// sealed against shrinking (`F_SEAL_SHRINK`, shm-fd's default) cannot be
+/// truncated; with an unsealed memfd, a peer process that truncates it
+/// below the mapping makes the next access here crash. Nothing a peer
+/// *writes* can cause undefined behaviour, only truncation can crash.
 #[derive(Clone, Copy)]
 pub struct Region<'a> {
     words: &'a [AtomicU64],
@@ -79,23 +89,42 @@ impl<'a> Region<'a> {
 
     /// A region over a whole [`memmap2::MmapRaw`] mapping, which is made
     /// readable and writable (`mprotect`) first; fails when it cannot be
-    /// (the file is open read-only or sealed against writes).
+    /// (the file is open read-only or sealed against writes), or when the
+    /// mapping does not start 8-aligned (mapped at a file offset that is
+    /// not a multiple of 8): [`std::io::ErrorKind::InvalidInput`].
     ///
     /// `MmapRaw` only hands out raw pointers, so as long as nothing in this
     /// process turns the mapping into slices behind our back (which would
     /// need `unsafe` code of its own), atomic access is sound. The memfd
-    /// must stay at least as long as the mapping (shm-fd seals it against
-    /// shrinking by default), as for any mapping.
+    /// must stay at least as long as the mapping (see the type's docs on
+    /// truncation).
     #[cfg(not(loom))]
     pub fn try_from_mmap(map: &'a memmap2::MmapRaw) -> std::io::Result<Region<'a>> {
+        let ptr = map.as_mut_ptr();
+        // memmap2 maps from the page below the requested file offset and
+        // returns the address of that offset, so the pointer is only as
+        // aligned as the offset: check it (for empty mappings too).
+        if ptr.is_null() || (ptr as usize) & 7 != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "mapping at {ptr:p} is not 8-aligned (map the memfd at an offset that is a multiple of 8)"
+                ),
+            ));
+        }
         if map.len() > 0 {
-            // SAFETY: the range is exactly the live mapping `map` owns;
-            // read+write is what every Region access needs, and for a
-            // mapping that already has it nothing changes.
+            let page = page_size();
+            let below = (ptr as usize) % page;
+            let start = ptr.wrapping_sub(below);
+            // SAFETY: the range runs from the start of the page holding
+            // `ptr` (memmap2 mapped from that page boundary, so it is part
+            // of this mapping) to the mapping's end; read+write is what
+            // every Region access needs, and for a mapping that already has
+            // it nothing changes.
             let r = unsafe {
                 libc::mprotect(
-                    map.as_mut_ptr().cast(),
-                    map.len(),
+                    start.cast(),
+                    map.len() + below,
                     libc::PROT_READ | libc::PROT_WRITE,
                 )
             };
@@ -103,12 +132,14 @@ impl<'a> Region<'a> {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        // SAFETY: a mapping from mmap is page-aligned and valid for reads
-        // and (checked just above) writes of its length while `map` lives
-        // ('a); MmapRaw gives out only raw pointers, so any non-atomic
-        // access in this process would be the caller's own unsafe code,
-        // which must respect the mapping being shared (documented above).
-        Ok(unsafe { Region::from_raw_parts(map.as_mut_ptr(), map.len()) })
+        // SAFETY: `ptr` is non-null and 8-aligned (checked above) and valid
+        // for reads and (made so just above) writes of `map.len()` bytes
+        // while `map` lives ('a), given the memfd is not truncated under
+        // it (documented at the type); MmapRaw gives out only raw
+        // pointers, so any non-atomic access in this process would be the
+        // caller's own unsafe code, which must respect the mapping being
+        // shared (documented above).
+        Ok(unsafe { Region::from_raw_parts(ptr, map.len()) })
     }
 
     /// The length in bytes.
@@ -274,6 +305,13 @@ impl<'a> Region<'a> {
             None => self.tail[at - self.words.len() * 8].store(byte, Ordering::Relaxed),
         }
     }
+}
+
+#[cfg(not(loom))]
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
 }
 
 /// Zeroed memory on the heap, as atomic words: the protocol's stand-in for

@@ -28,12 +28,13 @@ pub enum Protocol {
 
 /// Looks for the header in `src` (a whole memfd mapping).
 ///
-/// A header with the right magic but damaged fields is an error, not
-/// [`Protocol::Absent`], so that the caller can say what is wrong.
+/// A header with the right magic but damaged fields (or a sequence word
+/// of 2^63 or more) is an error, not [`Protocol::Absent`], so that the
+/// caller can say what is wrong.
 pub fn probe(src: Region<'_>) -> Result<Protocol, Error> {
     match header::find(src) {
         Ok(Found::Valid(h)) => {
-            let seq = u64::from_le(h.seq().load(Ordering::Acquire));
+            let seq = h.load_seq(Ordering::Acquire)?;
             Ok(Protocol::Present {
                 generation: seq / 2,
                 updating: seq % 2 == 1,
@@ -109,7 +110,7 @@ pub fn try_copy_consistent<T: CopyTarget + ?Sized>(
         }
         Err(e) => return Err(e),
     };
-    let before = u64::from_le(header.seq().load(Ordering::Acquire));
+    let before = header.load_seq(Ordering::Acquire)?;
     if before & 1 == 1 {
         return Ok(Outcome::Updating {
             generation: before / 2,
@@ -331,8 +332,11 @@ impl Snapshotter {
             }
             Err(e) => return self.plain(src, dst, &e.to_string(), stopped),
         };
+        let seq = match header.load_seq(Ordering::Acquire) {
+            Ok(seq) => seq,
+            Err(e) => return self.plain(src, dst, &e.to_string(), stopped),
+        };
         self.plain = false;
-        let seq = u64::from_le(header.seq().load(Ordering::Acquire));
         if seq & 1 == 0 && self.last == Some((seq / 2, src.len())) {
             return Ok(Capture::Unchanged {
                 generation: seq / 2,
@@ -342,7 +346,16 @@ impl Snapshotter {
         while tries < self.max_tries {
             wait_for_commit(header, self.wait);
             tries += 1;
-            match try_copy_consistent(src, dst)? {
+            let outcome = match try_copy_consistent(src, dst) {
+                Ok(o) => o,
+                // The header turned bad during the tries (a hostile or
+                // broken writer): copy it as it is, with the program stopped.
+                Err(e @ (Error::Corrupt { .. } | Error::UnsupportedVersion { .. })) => {
+                    return self.plain(src, dst, &e.to_string(), stopped);
+                }
+                Err(e) => return Err(e),
+            };
+            match outcome {
                 Outcome::Consistent { generation } => {
                     self.last = Some((generation, src.len()));
                     return Ok(Capture::Consistent { generation, tries });
@@ -359,7 +372,11 @@ impl Snapshotter {
                 "the copy holds no header page",
             )));
         };
-        let seq = copied_seq(h);
+        let seq = match crate::header::checked_seq(copied_seq(h)) {
+            Ok(seq) => seq,
+            // Copied as it is (the program was stopped): a plain snapshot.
+            Err(e) => return Ok(self.plain_after_copy(&e.to_string())),
+        };
         fix_header(h, seq);
         let generation = seq / 2;
         let in_update = seq & 1 == 1;
@@ -379,18 +396,24 @@ impl Snapshotter {
         stopped: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
     ) -> Result<Capture, Error> {
         stop_and_copy(src, dst, stopped)?;
+        Ok(self.plain_after_copy(reason))
+    }
+
+    fn plain_after_copy(&mut self, reason: &str) -> Capture {
         let first = !self.plain;
         self.plain = true;
         self.last = None;
-        Ok(Capture::Plain {
+        Capture::Plain {
             reason: reason.to_owned(),
             first,
-        })
+        }
     }
 
     /// Sleeps until the program commits a generation newer than `after`,
     /// or `timeout` passes; returns the committed generation then (`None`
-    /// without a header). A wrapper can use this instead of a plain sleep
+    /// without a usable header, e.g. a damaged sequence word). A
+    /// `timeout` too large to add to the clock (`Duration::MAX`) waits
+    /// without a deadline. A wrapper can use this instead of a plain sleep
     /// between interval snapshots, to wake only when there is something
     /// to save.
     pub fn wait_for_generation(
@@ -402,14 +425,20 @@ impl Snapshotter {
         let Ok(Found::Valid(header)) = header::find(src) else {
             return None;
         };
-        let deadline = std::time::Instant::now() + timeout;
+        // A timeout too long to add (`Duration::MAX`) means no deadline.
+        let deadline = std::time::Instant::now().checked_add(timeout);
         loop {
             let seq = header.seq();
-            let now = u64::from_le(seq.load(Ordering::Acquire));
+            let Ok(now) = header.load_seq(Ordering::Acquire) else {
+                return None;
+            };
             if now / 2 > after {
                 return Some(now / 2);
             }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let left = match deadline {
+                Some(d) => d.saturating_duration_since(std::time::Instant::now()),
+                None => Self::IDLE_SLICE,
+            };
             if left.is_zero() {
                 return Some(now / 2);
             }

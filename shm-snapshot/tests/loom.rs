@@ -62,7 +62,13 @@ fn kept_copy_equals_the_commit_it_names() {
 }
 
 /// The header is written by the program while the snapshotter looks: it
-/// sees either no protocol or a complete, valid header, never an error.
+/// sees either no protocol or a complete, valid header, never an error;
+/// and the page is never taken for foreign data at any moment of the
+/// set-up (`Publisher::check` says what a restarted program's `open`
+/// would do with it: a set-up cut short must be taken up again, not
+/// refused forever). A copy with the program *stopped* sees a prefix of
+/// the set-up's stores, pinned by the unit test
+/// `a_header_setup_cut_short_is_blank_not_foreign`.
 #[test]
 fn header_setup_races_with_probe() {
     builder().check(|| {
@@ -75,9 +81,66 @@ fn header_setup_races_with_probe() {
         };
         let r = {
             let buf = buf.clone();
-            thread::spawn(move || shm_snapshot::probe(buf.region()).map(|_| ()))
+            thread::spawn(move || {
+                let probed = shm_snapshot::probe(buf.region()).map(|_| ());
+                let checked = Publisher::check(buf.region()).map(|_| ());
+                (probed, checked)
+            })
         };
         w.join().unwrap();
-        r.join().unwrap().expect("never a damaged header");
+        let (probed, checked) = r.join().unwrap();
+        probed.expect("never a damaged header");
+        if let Err(e) = checked {
+            panic!("the page was refused during the set-up: {e}");
+        }
+    });
+}
+
+/// A program restarted after a crash inside an update resumes it (the
+/// crashed writer's odd sequence value, stored here by a thread that then
+/// stops) and writes its repair, while a snapshotter copies: a kept copy
+/// never holds a repair store without its commit.
+#[test]
+fn resumed_update_is_not_kept_half_repaired() {
+    builder().check(|| {
+        let buf = Arc::new(HeapBuffer::new(DATA_OFFSET + 16));
+        Publisher::open(buf.region()).unwrap();
+        let crashed = {
+            let buf = buf.clone();
+            thread::spawn(move || {
+                let (mut p, _) = Publisher::open(buf.region()).unwrap();
+                p.enter_update();
+            })
+        };
+        let restarted = {
+            let buf = buf.clone();
+            thread::spawn(move || {
+                // Starts once it sees the crashed writer's odd value.
+                while !matches!(
+                    shm_snapshot::probe(buf.region()),
+                    Ok(shm_snapshot::Protocol::Present { updating: true, .. })
+                ) {
+                    thread::yield_now();
+                }
+                let (mut p, opened) = Publisher::open(buf.region()).unwrap();
+                assert!(opened.interrupted);
+                p.data().store_u64(0, 7);
+                p.data().store_u64(8, 7);
+                p.commit();
+            })
+        };
+        let reader = thread::spawn(move || {
+            let mut dst = vec![0u8; buf.region().len()];
+            if let Outcome::Consistent { generation } =
+                try_copy_consistent(buf.region(), &mut dst).unwrap()
+            {
+                let expect = if generation == 1 { 7 } else { 0 };
+                assert_eq!(word(&dst, 0), expect, "generation {generation} torn");
+                assert_eq!(word(&dst, 1), expect, "generation {generation} torn");
+            }
+        });
+        crashed.join().unwrap();
+        restarted.join().unwrap();
+        reader.join().unwrap();
     });
 }
