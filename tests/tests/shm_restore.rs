@@ -538,3 +538,152 @@ fn an_unwritable_directory_fails_the_final_save_with_74() {
         "the previous snapshot is intact, no temp file"
     );
 }
+
+/// A command running on a new pseudo-terminal, in the foreground of its
+/// own session (as a job of a login shell is), with the terminal's output
+/// collected by a thread.
+struct OnTerminal {
+    child: Child,
+    master: std::fs::File,
+    output: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl OnTerminal {
+    fn spawn(mut cmd: Command) -> OnTerminal {
+        use std::io::Read;
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let slave = std::fs::File::from(pty.slave);
+        cmd.stdin(slave.try_clone().unwrap())
+            .stdout(slave.try_clone().unwrap())
+            .stderr(slave.try_clone().unwrap());
+        // A new session whose controlling terminal is the pty (on stdin).
+        let hook = || {
+            nix::unistd::setsid()?;
+            // SAFETY: TIOCSCTTY takes an int argument, no pointer.
+            if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        // SAFETY: between fork and exec the hook only makes two system
+        // calls (setsid, ioctl) and allocates nothing.
+        unsafe { cmd.pre_exec(hook) };
+        let child = cmd.spawn().unwrap();
+        drop(cmd); // its copies of the slave side
+        drop(slave);
+        let master = std::fs::File::from(pty.master);
+        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (mut reader, out) = (master.try_clone().unwrap(), output.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once every process has closed the slave side.
+            while let Ok(n @ 1..) = reader.read(&mut buf) {
+                out.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        OnTerminal {
+            child,
+            master,
+            output,
+        }
+    }
+
+    /// Waits until the terminal has shown `want`.
+    fn expect(&self, want: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.output.lock().unwrap().contains(want) {
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} on the terminal: {:?}",
+                self.output.lock().unwrap()
+            );
+            sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Types `keys` at the terminal.
+    fn type_keys(&self, keys: &str) {
+        use std::io::Write;
+        (&self.master).write_all(keys.as_bytes()).unwrap();
+    }
+
+    fn text(&self) -> String {
+        self.output.lock().unwrap().clone()
+    }
+}
+
+/// `shm-restore S sh -c '$COUNTER; echo ready; read x; echo "got $x"'`.
+fn reader_on_terminal(snap: &Path) -> OnTerminal {
+    let mut c = cmd("shm-restore");
+    c.arg(snap)
+        .args(["sh", "-c", "$0; echo ready; read x; echo \"got $x\""])
+        .arg(b("counter"));
+    OnTerminal::spawn(c)
+}
+
+#[test]
+fn the_command_owns_the_terminal_ctrl_c_reaches_it_and_ctrl_z_stops_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+
+    // The command reads a line typed at the terminal (in a background
+    // process group it would be stopped by SIGTTIN instead).
+    let mut t = reader_on_terminal(&snap);
+    t.expect("ready");
+    t.type_keys("hello\n");
+    t.expect("got hello");
+    assert_eq!(t.child.wait().unwrap().code(), Some(0), "{}", t.text());
+    t.expect("saved");
+
+    // Ctrl-C goes to the command, which dies of it; the state is saved.
+    let mut t = reader_on_terminal(&snap);
+    t.expect("ready");
+    t.type_keys("\x03");
+    let status = t.child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 2), "{}", t.text());
+    t.expect("saved");
+
+    // Ctrl-Z stops the command and shm-restore with it (the shell sees its
+    // job stopped); continuing shm-restore (`fg`) gives the terminal back
+    // to the command, which goes on reading.
+    let t = reader_on_terminal(&snap);
+    t.expect("ready");
+    t.type_keys("\x1a");
+    let wrapper = Pid::from_raw(t.child.id() as i32);
+    let flags = nix::sys::wait::WaitPidFlag::WUNTRACED;
+    match nix::sys::wait::waitpid(wrapper, Some(flags)).unwrap() {
+        nix::sys::wait::WaitStatus::Stopped(_, _) => {}
+        other => panic!("shm-restore did not stop: {other:?}; {}", t.text()),
+    }
+    kill(wrapper, Signal::SIGCONT).unwrap();
+    t.type_keys("after\n");
+    t.expect("got after");
+    match nix::sys::wait::waitpid(wrapper, None).unwrap() {
+        nix::sys::wait::WaitStatus::Exited(_, 0) => {}
+        other => panic!("{other:?}; {}", t.text()),
+    }
+    t.expect("saved");
+    assert_eq!(count(&snap), 4, "each run saved its count");
+}
+
+#[test]
+fn the_command_starts_with_no_blocked_signals_and_sigpipe_not_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let (code, out, err) = restore(
+        &[snap.to_str().unwrap()],
+        &["grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"],
+    );
+    assert_eq!(code, 0, "{err}");
+    // grep is the command itself: its mask is the one it started with (a
+    // shell would block signals around its own forks).
+    let field = |name: &str| {
+        let line = out.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+    };
+    assert_eq!(field("SigBlk:"), 0, "blocked signals: {out}{err}");
+    let sigpipe = 1 << (libc::SIGPIPE - 1);
+    assert_eq!(field("SigIgn:") & sigpipe, 0, "SIGPIPE ignored: {out}{err}");
+}

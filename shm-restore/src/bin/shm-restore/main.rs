@@ -2,6 +2,7 @@
 //! it, and save the memfd back on exit, on SIGUSR1 and periodically.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -40,7 +41,10 @@ the same watcher) is kept as it is. The memfd is saved when the command
 exits (for any reason), on SIGUSR1, and every --interval if it changed;
 the command's process group is paused (SIGSTOP) only for the copy into
 memory. SIGTERM, SIGINT, SIGHUP and SIGQUIT are forwarded to the command's
-process group. An empty memfd never overwrites a snapshot.
+process group. In the foreground of a terminal, the command's group gets
+the terminal while it runs (Ctrl-C, Ctrl-Z reach it; a stopped command
+stops shm-restore too, as a shell job). An empty memfd never overwrites a
+snapshot.
 
 Exit status:
   the command's    its exit code, or 128+N if signal N killed it
@@ -122,7 +126,7 @@ fn main() -> ExitCode {
     match supervise::run(&args) {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, message)) => {
-            eprintln!("shm-restore: {message}");
+            warn(format_args!("{message}"));
             ExitCode::from(code)
         }
     }
@@ -131,30 +135,41 @@ fn main() -> ExitCode {
 /// `--check`: prints the snapshot's header and whether it is valid.
 fn check(path: &Path, max_size: u64) -> u8 {
     let inspection = shm_restore::inspect(path, max_size);
+    let mut report = String::new();
     match &inspection.header {
         Some(h) => {
-            println!("{}: shm-restore snapshot", path.display());
-            println!("  format version: {}", shm_restore::format::VERSION);
-            println!(
-                "  data size:      {} bytes ({} stored in {} chunks of up to {} bytes)",
+            report += &format!("{}: shm-restore snapshot\n", path.display());
+            report += &format!("  format version: {}\n", shm_restore::format::VERSION);
+            report += &format!(
+                "  data size:      {} bytes ({} stored in {} chunks of up to {} bytes)\n",
                 h.data_len, h.stored_len, h.chunk_count, h.chunk_size
             );
-            println!("  generation:     {}", h.generation);
-            println!("  saved at:       {}", format_time(h.saved_at_ns));
+            report += &format!("  generation:     {}\n", h.generation);
+            report += &format!("  saved at:       {}\n", format_time(h.saved_at_ns));
         }
-        None => println!("{}: not readable as a snapshot", path.display()),
+        None => report += &format!("{}: not readable as a snapshot\n", path.display()),
     }
+    let valid = inspection.verdict.is_ok();
+    report += if valid {
+        "  checksums:      ok\n"
+    } else {
+        "  checksums:      BAD\n"
+    };
+    // A closed stdout (`| head -1`) is not worth a panic.
+    let _ = std::io::stdout().lock().write_all(report.as_bytes());
     match inspection.verdict {
-        Ok(()) => {
-            println!("  checksums:      ok");
-            0
-        }
+        Ok(()) => 0,
         Err(e) => {
-            println!("  checksums:      BAD");
-            eprintln!("shm-restore: {e}");
+            warn(format_args!("{e}"));
             EXIT_INVALID
         }
     }
+}
+
+/// Writes `shm-restore: <msg>` to stderr. Errors are ignored: after a
+/// terminal hang-up stderr fails, and the save must still happen.
+pub(crate) fn warn(msg: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "shm-restore: {msg}");
 }
 
 /// The exit code for a load that failed.

@@ -1,15 +1,24 @@
 //! Running the command as a child: load before, forward signals, save on
 //! SIGUSR1 / interval / exit.
+//!
+//! The command runs in a process group of its own (so a save can pause
+//! all of it). When `shm-restore` owns the terminal, it hands the terminal
+//! to that group while the command runs, as a shell does with a job: the
+//! command can read from it, and Ctrl-C / Ctrl-\\ / Ctrl-Z reach it
+//! directly. When the command is stopped from the terminal, `shm-restore`
+//! stops too, so the shell that started it sees its job stopped.
 
 use std::fs::File;
-use std::io::ErrorKind;
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus};
+use std::io::{ErrorKind, IsTerminal};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::process::{Command, ExitStatus};
 use std::time::Instant;
 
-use nix::sys::signal::{Signal, killpg, raise};
+use nix::errno::Errno;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, raise, sigprocmask};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use shm_fd::process::{SignalSet, exit_code};
+use shm_fd::process::{SignalSet, Terminal, exit_code};
 use shm_fd::{CreateOptions, Handover, ListenEnv};
 use shm_restore::{
     Capture, DirStorage, LoadOutcome, SaveOptions, SaveOutcome, Saver, StopGroup, now_ns,
@@ -18,7 +27,7 @@ use shm_restore::{
 
 use crate::{
     Args, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SAVE_FAILED, EXIT_SETUP, EXIT_USAGE, Failure,
-    describe_load, load_failure,
+    describe_load, load_failure, warn,
 };
 
 const FORWARDED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -56,7 +65,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         .map_err(load_failure)?;
     let (warning, line) = describe_load(&args.snapshot, &outcome);
     if warning {
-        eprintln!("shm-restore: {line}");
+        warn(format_args!("{line}"));
     } else {
         say(args, &line);
     }
@@ -90,10 +99,12 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let signals = SignalSet::new(&handled)
         .map_err(|e| Failure(EXIT_SETUP, format!("installing signal handlers: {e}")))?;
 
+    let mut terminal = Terminal::if_foreground();
+
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..]).process_group(0);
     passed.configure(&mut cmd, None);
-    let mut child = cmd.spawn().map_err(|e| {
+    let child = cmd.spawn().map_err(|e| {
         let program = args.command[0].to_string_lossy();
         match e.kind() {
             ErrorKind::NotFound => Failure(EXIT_NOT_FOUND, format!("{program}: command not found")),
@@ -105,18 +116,29 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         }
     })?;
     drop(passed); // the child has its copies; ours must not keep it alive
-    let pgid = child.id() as i32;
-    let mut capture = StopGroup::new(pgid, args.stop_timeout);
+    // Our own status lines must not stop us while the command's group owns
+    // the terminal (`stty tostop`). Blocked only now: a child inherits the
+    // signal mask, and the command has been started (exec'd) already.
+    let mut ttou = SigSet::empty();
+    ttou.add(Signal::SIGTTOU);
+    let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&ttou), None);
+    let pid = Pid::from_raw(child.id() as i32);
+    // The command's pid is its group's id (process_group(0)).
+    let pgid = pid;
+    if let Some(t) = &terminal {
+        t.give_to(pgid);
+    }
+    let mut capture = StopGroup::new(pgid.as_raw(), args.stop_timeout);
 
-    let status = supervise(
-        args,
-        &mut child,
+    let mut job = Job {
+        pid,
         pgid,
-        &signals,
-        &mut saver,
-        &mut capture,
-        &memfd,
-    );
+        terminal: &mut terminal,
+    };
+    let status = supervise(args, &mut job, &signals, &mut saver, &mut capture, &memfd);
+    if let Some(t) = &terminal {
+        t.take_back();
+    }
 
     // Final save: the command has exited; members of its group that are
     // still alive are paused for the copy.
@@ -129,36 +151,126 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     })
 }
 
+/// The running command and the terminal we may have handed to it.
+struct Job<'a> {
+    pid: Pid,
+    pgid: Pid,
+    /// The terminal, while `shm-restore` is (or was, before handing it to
+    /// the command) in its foreground.
+    terminal: &'a mut Option<Terminal>,
+}
+
+impl Job<'_> {
+    /// How the command ended, if it did. Reports a stop from the terminal
+    /// (Ctrl-Z, or touching the terminal while in the background) by
+    /// stopping `shm-restore` too.
+    fn poll(&mut self) -> Result<Option<ExitStatus>, Errno> {
+        self.check(WaitPidFlag::WNOHANG | WaitPidFlag::WUNTRACED)
+    }
+
+    /// Waits for the command to end, blocking (without signal handling:
+    /// only when waiting for signals failed).
+    fn wait(&mut self) -> ExitStatus {
+        loop {
+            match self.check(WaitPidFlag::WUNTRACED) {
+                Ok(Some(status)) => return status,
+                Ok(None) => {}
+                // ECHILD cannot happen for our own child; if it does there
+                // is no status to pass on.
+                Err(_) => return ExitStatus::from_raw(1 << 8),
+            }
+        }
+    }
+
+    fn check(&mut self, flags: WaitPidFlag) -> Result<Option<ExitStatus>, Errno> {
+        loop {
+            return match waitpid(self.pid, Some(flags)) {
+                Ok(WaitStatus::Exited(_, code)) => {
+                    Ok(Some(ExitStatus::from_raw((code & 0xff) << 8)))
+                }
+                Ok(WaitStatus::Signaled(_, sig, core)) => Ok(Some(ExitStatus::from_raw(
+                    sig as i32 | if core { 0x80 } else { 0 },
+                ))),
+                // SIGSTOP is a save's pause (or someone else's); only the
+                // terminal's stop signals are job control.
+                Ok(WaitStatus::Stopped(_, Signal::SIGTSTP | Signal::SIGTTIN | Signal::SIGTTOU))
+                    if std::io::stdin().is_terminal() =>
+                {
+                    self.stop_with_the_command();
+                    continue;
+                }
+                Ok(_) => Ok(None),
+                Err(Errno::EINTR) => continue,
+                Err(e) => Err(e),
+            };
+        }
+    }
+
+    /// The command was stopped from the terminal: take the terminal back
+    /// and stop this process, so the shell that started us sees its job
+    /// stopped. When continued (`fg` / `bg`), continue the command, in
+    /// the foreground if we are.
+    fn stop_with_the_command(&mut self) {
+        if let Some(t) = self.terminal.take() {
+            t.take_back();
+        }
+        let _ = raise(Signal::SIGSTOP);
+        self.resume();
+    }
+
+    /// Continues the command, handing it the terminal if we are in the
+    /// terminal's foreground now.
+    fn resume(&mut self) {
+        if self.terminal.is_none() {
+            *self.terminal = Terminal::if_foreground();
+        }
+        match self.terminal.as_ref() {
+            Some(t) => t.give_to(self.pgid),
+            None => {
+                let _ = killpg(self.pgid, Signal::SIGCONT);
+            }
+        }
+    }
+}
+
 fn supervise(
     args: &Args,
-    child: &mut Child,
-    pgid: i32,
+    job: &mut Job<'_>,
     signals: &SignalSet,
     saver: &mut Saver<DirStorage>,
     capture: &mut StopGroup,
     memfd: &File,
 ) -> ExitStatus {
-    let group = Pid::from_raw(pgid);
+    let group = job.pgid;
     let mut next_tick = args.interval.map(|i| Instant::now() + i);
     loop {
-        match child.try_wait() {
+        match job.poll() {
             Ok(Some(status)) => return status,
             Ok(None) => {}
             Err(e) => {
-                eprintln!("shm-restore: waiting for the command: {e}");
-                return child.wait().expect("waitpid on our own child");
+                warn(format_args!("waiting for the command: {e}"));
+                return job.wait();
             }
         }
         let timeout = next_tick.map(|t| t.saturating_duration_since(Instant::now()));
         let arrived = match signals.wait(timeout) {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("shm-restore: waiting for signals: {e}; waiting for the command");
-                return child.wait().expect("waitpid on our own child");
+                warn(format_args!(
+                    "waiting for signals: {e}; waiting for the command"
+                ));
+                return job.wait();
             }
         };
         for sig in arrived {
             match sig {
+                libc::SIGHUP => {
+                    // A hung-up terminal is gone: nothing to take back.
+                    if job.terminal.as_ref().is_some_and(Terminal::hung_up) {
+                        *job.terminal = None;
+                    }
+                    let _ = killpg(group, Signal::SIGHUP);
+                }
                 s if FORWARDED.contains(&s) => {
                     if let Ok(signal) = Signal::try_from(s) {
                         let _ = killpg(group, signal);
@@ -168,14 +280,12 @@ fn supervise(
                     save(args, saver, capture, memfd, "on SIGUSR1");
                 }
                 libc::SIGTSTP => {
-                    // Ctrl-Z: the command is not in the terminal's group, so
-                    // stop it too, then ourselves.
+                    // Sent to us rather than from the terminal (which sends
+                    // it to the command's group): stop the command, then us.
                     let _ = killpg(group, Signal::SIGTSTP);
-                    let _ = raise(Signal::SIGSTOP);
+                    job.stop_with_the_command();
                 }
-                libc::SIGCONT => {
-                    let _ = killpg(group, Signal::SIGCONT);
-                }
+                libc::SIGCONT => job.resume(),
                 _ => {} // SIGCHLD: checked at the top; SIGXFSZ: writes fail instead
             }
         }
@@ -217,17 +327,19 @@ fn save(
     let captured = match capture.capture(memfd) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("shm-restore: save {why} failed: {e}; {path} left as it was");
+            warn(format_args!(
+                "save {why} failed: {e}; {path} left as it was"
+            ));
             return false;
         }
     };
     match saver.save_captured(&captured, memfd, now_ns()) {
         Ok(SaveOutcome::Saved(r)) => {
             if let Some((moved, damage)) = &r.moved_corrupt {
-                eprintln!(
-                    "shm-restore: WARNING: {path} {damage}; kept as {} (not as {path}.prev)",
+                warn(format_args!(
+                    "WARNING: {path} {damage}; kept as {} (not as {path}.prev)",
                     moved.display()
-                );
+                ));
             }
             if why != "periodic" {
                 let pause = captured
@@ -249,7 +361,9 @@ fn save(
             true
         }
         Err(e) => {
-            eprintln!("shm-restore: save {why} failed: {e}; the previous snapshot is intact");
+            warn(format_args!(
+                "save {why} failed: {e}; the previous snapshot is intact"
+            ));
             false
         }
     }
@@ -257,6 +371,6 @@ fn save(
 
 fn say(args: &Args, line: &str) {
     if !args.quiet {
-        eprintln!("shm-restore: {line}");
+        warn(format_args!("{line}"));
     }
 }
