@@ -687,3 +687,105 @@ fn the_command_starts_with_no_blocked_signals_and_sigpipe_not_ignored() {
     let sigpipe = 1 << (libc::SIGPIPE - 1);
     assert_eq!(field("SigIgn:") & sigpipe, 0, "SIGPIPE ignored: {out}{err}");
 }
+
+/// Receives one datagram with an attached fd from `sock`.
+fn recv_with_fd(sock: &std::os::unix::net::UnixDatagram) -> (String, std::os::fd::OwnedFd) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .expect("recvmsg");
+    let mut fd = None;
+    for c in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            assert_eq!(fds.len(), 1);
+            // SAFETY: the kernel just installed this fd in our table for us.
+            fd = Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
+        }
+    }
+    let n = msg.bytes;
+    (
+        String::from_utf8_lossy(&buf[..n]).into_owned(),
+        fd.expect("an SCM_RIGHTS fd"),
+    )
+}
+
+#[test]
+fn a_memfd_created_here_is_uploaded_to_the_fd_store() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 2);
+    let path = dir.path().join("notify");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let out = run(cmd("shm-restore")
+        .env("NOTIFY_SOCKET", &path)
+        .arg(&snap)
+        .arg(b("counter")));
+    let (code, o, e) = result(&out);
+    assert_eq!((code, o.as_str()), (0, "3\n"), "{e}");
+    let (message, fd) = recv_with_fd(&sock);
+    assert_eq!(message, "FDSTORE=1\nFDNAME=SHM_SHARED_FD\n");
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+    assert!(
+        target.to_str().unwrap().starts_with("/memfd:SHM_SHARED_FD"),
+        "{target:?}"
+    );
+    // The very memfd the command ran on: it holds the counter's 3.
+    let mut value = [0u8; 8];
+    std::fs::File::from(fd)
+        .read_exact_at(&mut value, 0)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(value), 3);
+
+    // An inherited memfd is shm-fd's to upload (once), not ours again.
+    let out = run(cmd("shm-fd")
+        .env("NOTIFY_SOCKET", &path)
+        .arg(b("shm-restore"))
+        .arg(&snap)
+        .arg(b("counter")));
+    let (code, o, e) = result(&out);
+    assert_eq!((code, o.as_str()), (0, "4\n"), "{e}");
+    let (message, _) = recv_with_fd(&sock);
+    assert_eq!(message, "FDSTORE=1\nFDNAME=SHM_SHARED_FD\n");
+    sock.set_nonblocking(true).unwrap();
+    assert!(
+        sock.recv(&mut [0u8; 64]).is_err(),
+        "a second FDSTORE message arrived"
+    );
+
+    // A failed upload is a warning; the command runs and is saved.
+    let out = run(cmd("shm-restore")
+        .env("NOTIFY_SOCKET", "/nonexistent/notify")
+        .arg(&snap)
+        .arg(b("counter")));
+    let (code, o, e) = result(&out);
+    assert_eq!((code, o.as_str()), (0, "5\n"), "{e}");
+    assert!(
+        e.contains("warning: cannot upload the memfd to systemd's fd store"),
+        "{e}"
+    );
+    // A refused start (no valid snapshot) uploads nothing.
+    std::fs::write(&snap, b"garbage").unwrap();
+    std::fs::remove_file(with_suffix(&snap, ".prev")).unwrap();
+    let out = run(cmd("shm-restore")
+        .env("NOTIFY_SOCKET", &path)
+        .arg(&snap)
+        .arg(b("counter")));
+    assert_eq!(out.status.code(), Some(65));
+    assert!(
+        sock.recv(&mut [0u8; 64]).is_err(),
+        "a refused start uploaded"
+    );
+}

@@ -44,7 +44,8 @@ memory. SIGTERM, SIGINT, SIGHUP and SIGQUIT are forwarded to the command's
 process group. In the foreground of a terminal, the command's group gets
 the terminal while it runs (Ctrl-C, Ctrl-Z reach it; a stopped command
 stops shm-restore too, as a shell job). An empty memfd never overwrites a
-snapshot.
+snapshot. A memfd created here (none passed) is uploaded to systemd's fd
+store when NOTIFY_SOCKET is set (a failure is only a warning).
 
 Exit status:
   the command's    its exit code, or 128+N if signal N killed it
@@ -98,6 +99,10 @@ pub(crate) struct Args {
     #[arg(value_name = "SNAPSHOT")]
     pub snapshot: PathBuf,
 
+    /// `NOTIFY_SOCKET` from the environment (not an option).
+    #[arg(skip)]
+    pub notify_socket: Option<OsString>,
+
     /// The command to run, and its arguments.
     #[arg(
         value_name = "COMMAND",
@@ -113,7 +118,7 @@ pub(crate) struct Args {
 pub(crate) struct Failure(pub u8, pub String);
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let mut args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
@@ -123,6 +128,7 @@ fn main() -> ExitCode {
     if args.check {
         return ExitCode::from(check(&args.snapshot, args.max_size));
     }
+    args.notify_socket = std::env::var_os("NOTIFY_SOCKET");
     match supervise::run(&args) {
         Ok(code) => ExitCode::from(code),
         Err(Failure(code, message)) => {

@@ -45,6 +45,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         },
     )
     .map_err(|e| setup(&e))?;
+    let created = handover.created();
     // SAFETY: nothing else has been opened yet in this process: the numbers
     // 3, 4, ... hold only the inherited fds the hand-over now owns.
     let passed = unsafe { handover.install() }.map_err(|e| setup(&e))?;
@@ -85,6 +86,18 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     } = &outcome
     {
         saver.note_loaded(header, chunks, fallback.is_none());
+    }
+
+    // A memfd created here (none was passed) goes to systemd's fd store, as
+    // shm-fd does, so that it outlives this process; after the load, so a
+    // refused start uploads nothing.
+    if created
+        && let Some(socket) = &args.notify_socket
+        && let Err(e) = shm_fd::notify_fd_store(socket, &args.name, passed.shared())
+    {
+        warn(format_args!(
+            "warning: cannot upload the memfd to systemd's fd store: {e}"
+        ));
     }
 
     // Handlers before the child exists, so no SIGCHLD is missed.
