@@ -21,7 +21,8 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use shm_restore::{Capture, DirStorage, SaveOptions, Saver, StopGroup, Unpaused};
 //! let shared = shm_fd::SharedFd::create("demo", Default::default())?;
-//! let memfd = shm_restore::reopen_memfd(&shared)?;
+//! // A private open file description: SEEK_DATA moves its offset.
+//! let memfd = shared.reopen()?.into_file();
 //! let path = std::path::Path::new("state.snap");
 //! shm_restore::restore(path, &memfd, shm_restore::DEFAULT_MAX_DATA_LEN, 0)?;
 //! // ... run the program ...
@@ -45,10 +46,6 @@ mod save;
 mod snapshot;
 mod storage;
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::fd::{AsFd, AsRawFd};
-
 pub use capture::{Capture, Captured, StopGroup, Unpaused, wait_until_stopped};
 pub use error::{Damage, Error, Result};
 pub use image::{Extent, Image, data_extents, prefaulted, probe_table, stored_len};
@@ -61,19 +58,6 @@ pub use snapshot::{
     read_header, read_snapshot,
 };
 pub use storage::{DirStorage, Storage};
-
-/// Opens a new, private open file description of the memfd `fd` (through
-/// `/proc/self/fd`), close-on-exec.
-///
-/// Use it for loading and saving: finding holes with `SEEK_DATA` moves the
-/// file offset, and a `dup` of the fd the program got would share that
-/// offset with the program's own `read`/`write` calls.
-pub fn reopen_memfd(fd: &impl AsFd) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
-}
 
 /// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ns() -> u64 {

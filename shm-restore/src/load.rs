@@ -62,7 +62,7 @@ pub enum LoadOutcome {
 ///   every file are left as they were.
 ///
 /// `memfd` should be a private open file description (see
-/// [`crate::reopen_memfd`]). `now_ns` names the corrupt file.
+/// [`shm_fd::SharedFd::reopen`]). `now_ns` names the corrupt file.
 pub fn restore(
     snapshot: &Path,
     memfd: &File,

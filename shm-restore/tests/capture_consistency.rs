@@ -76,7 +76,7 @@ fn a_copy_made_under_stop_group_is_never_torn() {
         },
     )
     .unwrap();
-    let memfd: File = shm_restore::reopen_memfd(&shared).unwrap();
+    let memfd: File = shared.reopen().unwrap().into_file();
     // Make every page data, so a copy takes a while from first to last.
     std::os::unix::fs::FileExt::write_all_at(&memfd, &vec![1u8; LEN], 0).unwrap();
     let child = Command::new(std::env::current_exe().unwrap())

@@ -19,10 +19,10 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, raise, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use shm_fd::process::{SignalSet, Terminal, exit_code};
-use shm_fd::{CreateOptions, Handover, ListenEnv};
+use shm_fd::{CreateOptions, Handover, ListenEnv, SharedFd};
 use shm_restore::{
     Capture, DirStorage, LoadOutcome, SaveOptions, SaveOutcome, Saver, StopGroup, now_ns,
-    probe_table, reopen_memfd,
+    probe_table,
 };
 
 use crate::{
@@ -51,8 +51,14 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let passed = unsafe { handover.install() }.map_err(|e| setup(&e))?;
     // A private file description: our SEEK_DATA must not move the offset
     // the command's own read/write calls use.
-    let memfd = reopen_memfd(&passed.shared())
-        .map_err(|e| Failure(EXIT_SETUP, format!("reopening the memfd: {e}")))?;
+    let dup = passed
+        .shared()
+        .try_clone_to_owned()
+        .map_err(|e| Failure(EXIT_SETUP, format!("dup of the memfd: {e}")))?;
+    let memfd = SharedFd::adopt(dup, &args.name)
+        .and_then(|shared| shared.reopen())
+        .map_err(|e| setup(&e))?
+        .into_file();
 
     let (storage, name) = DirStorage::for_snapshot(&args.snapshot)
         .map_err(|e| Failure(EXIT_USAGE, format!("{}: {e}", args.snapshot.display())))?;
