@@ -36,6 +36,11 @@
 //! # Ok(()) }
 //! ```
 //!
+//! One `Publisher` per region (the program is the only writer of the
+//! header's sequence word). [`Publisher::check`] says what `open` would do
+//! without writing anything, for a program that refuses foreign state
+//! before it grows or writes the memfd.
+//!
 //! # The snapshotter's side
 //!
 //! [`Snapshotter::capture`] does the whole job (skip when nothing was
