@@ -302,7 +302,9 @@ impl Snapshotter {
     /// Takes a snapshot of `src` into `dst` (a dense buffer exactly as long
     /// as `src`, or a [`crate::SparseCopy`]).
     ///
-    /// - No header: copies with the program stopped ([`Capture::Plain`]).
+    /// - No header, or a damaged one (checksum, version, a sequence word
+    ///   of 2^63 or more): copies it as it is with the program stopped
+    ///   ([`Capture::Plain`], whose `reason` says which).
     /// - Same committed generation and length as the last kept snapshot,
     ///   not inside an update: copies nothing ([`Capture::Unchanged`]).
     /// - Otherwise up to `max_tries` optimistic copies, sleeping (futex,
