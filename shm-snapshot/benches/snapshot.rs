@@ -5,6 +5,9 @@
 //!    snapshotted: protocol mode vs stop mode (a child process).
 //! 3. Snapshotter CPU while the program commits nothing.
 //! 4. The fallback pause with `SparseCopy` on a fragmented memfd.
+//! 5. The wrapper's CPU (`shm-restore`, plain stop mode vs `--snapshot
+//!    restore-v1`) while primes-snapshot commits nothing; needs the release
+//!    binaries (`cargo build --release --workspace`), else it is skipped.
 //!
 //! Plain `std::time::Instant` timing; every ratio is against a baseline
 //! measured in the same run.
@@ -39,6 +42,7 @@ fn main() {
     pauses();
     idle_cpu();
     sparse_fallback();
+    wrapper_cpu();
 }
 
 fn black_box<T>(x: T) -> T {
@@ -425,5 +429,138 @@ fn sparse_fallback() {
             worst as f64 / 1e3,
             median / base_ms
         );
+    }
+}
+
+/// utime + stime of `pid`, from `/proc/<pid>/stat` (clock ticks).
+fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
+/// The wrapper's CPU while its command commits nothing: `shm-fd
+/// shm-restore --interval 100ms [--snapshot restore-v1] primes-snapshot`,
+/// the command done with its first chunk and asleep; utime + stime of the
+/// wrapper process over 10 s.
+fn wrapper_cpu() {
+    println!("\n## 5. wrapper CPU while the command commits nothing (100 MiB memfd, 10 s)\n");
+    let Some(bins) = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.parent()?.to_path_buf()))
+    else {
+        println!("skipped: cannot find the target directory");
+        return;
+    };
+    let bin = |n: &str| bins.join(n);
+    let missing: Vec<&str> = ["shm-fd", "shm-restore", "primes-snapshot"]
+        .into_iter()
+        .filter(|n| !bin(n).exists())
+        .collect();
+    if !missing.is_empty() {
+        println!(
+            "skipped: {} not built in {} (run `cargo build --release --workspace` first)",
+            missing.join(", "),
+            bins.display()
+        );
+        return;
+    }
+    let help = Command::new(bin("shm-restore")).arg("--help").output();
+    let has_protocol =
+        help.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("restore-v1"));
+    let span = Duration::from_secs(10);
+    println!("| wrapper | interval | CPU over 10 s | CPU share | vs stop mode |");
+    println!("|---|---:|---:|---:|---:|");
+    let mut base = None;
+    let modes: &[(&str, &[&str])] = &[
+        ("shm-restore (stop mode)", &[]),
+        (
+            "shm-restore --snapshot restore-v1",
+            &["--snapshot", "restore-v1"],
+        ),
+    ];
+    for (label, flags) in modes {
+        if !flags.is_empty() && !has_protocol {
+            println!("| {label} | 100 ms | not measured: this shm-restore has no --snapshot | | |");
+            continue;
+        }
+        let dir = BenchDir::new();
+        let snap = dir.0.join("idle.snap");
+        let mut wrapper = Command::new(bin("shm-fd"))
+            .arg(bin("shm-restore"))
+            .args(["-q", "--interval", "100ms"])
+            .args(*flags)
+            .arg(&snap)
+            .arg(bin("primes-snapshot"))
+            .args(["--interval-ms", "100000000", "--span", "4096"])
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_FDNAMES")
+            .env_remove("LISTEN_PID")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // shm-fd execs shm-restore: same pid. Let it start and take its
+        // first save of the committed chunk.
+        let pid = wrapper.id();
+        std::thread::sleep(Duration::from_secs(1));
+        let (Some(before), t) = (process_cpu(pid), Instant::now()) else {
+            println!("| {label} | 100 ms | the wrapper exited early | | |");
+            continue;
+        };
+        std::thread::sleep(span);
+        let cpu = process_cpu(pid).map(|after| after - before);
+        let secs = t.elapsed().as_secs_f64();
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        let _ = wrapper.wait();
+        let Some(cpu) = cpu else {
+            println!("| {label} | 100 ms | the wrapper exited early | | |");
+            continue;
+        };
+        let ms = cpu.as_secs_f64() * 1e3;
+        let base_ms = *base.get_or_insert(ms);
+        let ratio = if base_ms > 0.0 {
+            format!("{:.3}x", ms / base_ms)
+        } else {
+            "-".into()
+        };
+        println!(
+            "| {label} | 100 ms | {ms:.0} ms | {:.2} % | {ratio} |",
+            ms / 1e3 / secs * 100.0
+        );
+    }
+    let hz = {
+        // SAFETY: sysconf only reads a system constant.
+        unsafe { libc::sysconf(libc::_SC_CLK_TCK) }
+    };
+    println!("\n(/proc/<pid>/stat utime + stime, {hz} ticks a second)");
+}
+
+/// A directory of this run's own under the temp dir, removed on drop.
+struct BenchDir(std::path::PathBuf);
+
+impl BenchDir {
+    fn new() -> BenchDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("shm-snapshot-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        BenchDir(dir)
+    }
+}
+
+impl Drop for BenchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
