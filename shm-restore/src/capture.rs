@@ -3,10 +3,14 @@
 //!
 //! This is the pluggable step of a save. [`StopGroup`] stops the program's
 //! process group for the copy; [`Unpaused`] copies directly (right when no
-//! one else writes, e.g. after the program exited). A capture based on
-//! shm-snapshot's in-memory protocol implements the same [`Capture`] trait.
+//! one else writes, e.g. after the program exited); [`SnapshotProtocol`]
+//! copies while the program runs and keeps the copy when the program's
+//! shm-snapshot header proves it is a committed state (stopping the group
+//! only when that fails, or when the program does not use the protocol).
 
+use std::cell::Cell;
 use std::fs::{self, File};
+use std::io;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -14,11 +18,13 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result};
-use crate::image::{Image, data_extents, prefaulted, stored_len};
+use crate::image::{Extent, Image, data_extents, prefaulted, stored_len};
 
 /// The result of a capture: a consistent private copy, or the news that
-/// nothing writes the memfd any more (so a save may read it directly).
+/// nothing writes the memfd any more (so a save may read it directly), or
+/// that nothing changed since the last copy.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum Captured {
     /// A copy of a state the program had.
     Copied {
@@ -26,10 +32,20 @@ pub enum Captured {
         image: Image,
         /// How long the program was paused for it, if it was.
         pause: Option<Duration>,
+        /// What shm-snapshot's protocol said about the copy, when the
+        /// capture used it ([`SnapshotProtocol`]); `None` for a plain
+        /// stop-the-group copy.
+        protocol: Option<shm_snapshot::Capture>,
     },
     /// No process is left that could write the memfd: read it directly
     /// ([`crate::Saver::save_memfd`]), without a private copy.
     Quiescent,
+    /// The program committed nothing since the last copy this capture
+    /// made: nothing was copied, there is nothing new to save.
+    Unchanged {
+        /// The program's committed generation (shm-snapshot).
+        generation: u64,
+    },
 }
 
 impl Captured {
@@ -37,7 +53,7 @@ impl Captured {
     pub fn pause(&self) -> Option<Duration> {
         match self {
             Captured::Copied { pause, .. } => *pause,
-            Captured::Quiescent => None,
+            _ => None,
         }
     }
 }
@@ -46,6 +62,17 @@ impl Captured {
 pub trait Capture {
     /// Copies `memfd` (a private open file description of it).
     fn capture(&mut self, memfd: &File) -> Result<Captured>;
+
+    /// True when [`Capture::capture`] itself tells an unchanged memfd
+    /// ([`Captured::Unchanged`]) without copying it, so a periodic save
+    /// needs no change probe of its own first.
+    fn detects_unchanged(&self) -> bool {
+        false
+    }
+
+    /// Says that saving the last capture failed: the next capture must
+    /// copy even if nothing changed since.
+    fn save_failed(&mut self) {}
 }
 
 /// For a memfd nothing writes any more (the program has exited): returns
@@ -91,6 +118,9 @@ impl Drop for ContinueOnDrop {
 impl Capture for StopGroup {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
         let pgid = Pid::from_raw(self.pgid);
+        if group_is_gone(pgid) {
+            return Unpaused.capture(memfd);
+        }
         // Before the pause: a buffer of about the right size with its pages
         // faulted in, so the pause is the copy alone.
         let size = usize::try_from(data_size(memfd)?).unwrap_or(usize::MAX);
@@ -115,7 +145,216 @@ impl Capture for StopGroup {
         Ok(Captured::Copied {
             image,
             pause: Some(start.elapsed()),
+            protocol: None,
         })
+    }
+}
+
+/// True when no process is left in group `pgid`.
+fn group_is_gone(pgid: Pid) -> bool {
+    killpg(pgid, None) == Err(Errno::ESRCH)
+}
+
+/// Copies while the program runs, through shm-snapshot's protocol
+/// (`shm-restore --snapshot protocol`, also called `restore-v1`): a copy is
+/// kept only when the program's header proves that no update ran during
+/// it, so it is a state the program committed; after a few failed tries
+/// the process group is stopped for the copy, as [`StopGroup`] does. A
+/// program that commits nothing between two captures is not copied at all
+/// ([`Captured::Unchanged`]).
+///
+/// A memfd without a valid header (a program that does not use
+/// shm-snapshot), or one not sealed against shrinking (reading it through a
+/// mapping could then crash this process), is captured exactly as
+/// [`StopGroup`] does; the result says so in
+/// `protocol: Some(Capture::Plain { reason, first })`, `first` being true
+/// the first time in a row.
+#[derive(Debug)]
+pub struct SnapshotProtocol {
+    stop: StopGroup,
+    snapshotter: shm_snapshot::Snapshotter,
+    /// The memfd mapped at its length at the last capture.
+    map: Option<memmap2::MmapRaw>,
+    /// Whether the last capture found the protocol in use.
+    in_use: bool,
+    /// Whether the last capture was a plain one because of the memfd's
+    /// contents (for `first`).
+    plain: bool,
+    /// The bytes of the last copy that was not kept, for the next one.
+    spare: Vec<u8>,
+}
+
+impl SnapshotProtocol {
+    /// Captures for the process group `pgid`, waiting at most `timeout` for
+    /// it to stop when a stop is needed.
+    pub fn new(pgid: i32, timeout: Duration) -> SnapshotProtocol {
+        SnapshotProtocol {
+            stop: StopGroup::new(pgid, timeout),
+            snapshotter: shm_snapshot::Snapshotter::new(),
+            map: None,
+            in_use: false,
+            plain: false,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Uses `snapshotter` (e.g. with other retry settings).
+    pub fn with_snapshotter(mut self, snapshotter: shm_snapshot::Snapshotter) -> Self {
+        self.snapshotter = snapshotter;
+        self
+    }
+
+    /// Maps the memfd at `len` bytes (again if its length changed), or says
+    /// why it is not read through a mapping.
+    fn map(&mut self, memfd: &File, len: u64) -> std::result::Result<(), String> {
+        let shrink_sealed = nix::fcntl::fcntl(memfd, nix::fcntl::FcntlArg::F_GET_SEALS)
+            .is_ok_and(|seals| seals & libc::F_SEAL_SHRINK != 0);
+        if !shrink_sealed {
+            // Truncating a memfd under a mapping makes the next access
+            // raise SIGBUS.
+            self.map = None;
+            return Err(
+                "the memfd is not sealed against shrinking (see --no-seal), \
+                        so it is not read through a mapping"
+                    .into(),
+            );
+        }
+        let len = usize::try_from(len).map_err(|_| "the memfd is too large to map".to_owned())?;
+        if self.map.as_ref().is_some_and(|m| m.len() == len) {
+            return Ok(());
+        }
+        self.map = None;
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_raw(memfd)
+            .map_err(|e| format!("mapping the memfd: {e}"))?;
+        self.map = Some(map);
+        Ok(())
+    }
+
+    /// A capture as the plain mode makes it, saying why.
+    fn plain(&mut self, memfd: &File, reason: String) -> Result<Captured> {
+        let first = !self.plain;
+        self.plain = true;
+        self.in_use = false;
+        self.snapshotter.forget();
+        Ok(match self.stop.capture(memfd)? {
+            Captured::Copied { image, pause, .. } => Captured::Copied {
+                image,
+                pause,
+                protocol: Some(shm_snapshot::Capture::Plain { reason, first }),
+            },
+            other => other,
+        })
+    }
+}
+
+impl Capture for SnapshotProtocol {
+    fn capture(&mut self, memfd: &File) -> Result<Captured> {
+        let pgid = Pid::from_raw(self.stop.pgid);
+        if group_is_gone(pgid) {
+            return Unpaused.capture(memfd);
+        }
+        let len = memfd
+            .metadata()
+            .map_err(|e| Error::io("reading", "the memfd", e))?
+            .len();
+        if len == 0 {
+            // Nothing to tell about the protocol yet.
+            return self.stop.capture(memfd);
+        }
+        if let Err(reason) = self.map(memfd, len) {
+            return self.plain(memfd, reason);
+        }
+        let Some(map) = &self.map else {
+            return self.plain(memfd, "the memfd is not mapped".into());
+        };
+        let region = match shm_snapshot::Region::try_from_mmap(map) {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = format!("mapping the memfd: {e}");
+                return self.plain(memfd, reason);
+            }
+        };
+        let absent = match shm_snapshot::probe(region) {
+            Ok(shm_snapshot::Protocol::Absent) => Some("no shm-snapshot header".to_owned()),
+            Ok(_) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(reason) = absent {
+            return self.plain(memfd, reason);
+        }
+
+        let mut copy = shm_snapshot::SparseCopy::new(memfd);
+        copy.bytes = std::mem::take(&mut self.spare);
+        let pause = Cell::new(None);
+        let (pgid_raw, timeout) = (self.stop.pgid, self.stop.timeout);
+        let got = self.snapshotter.capture(region, &mut copy, |copy_now| {
+            let start = Instant::now();
+            match killpg(pgid, Signal::SIGSTOP) {
+                Ok(()) => {}
+                // Gone: nothing writes the memory any more.
+                Err(Errno::ESRCH) => return copy_now(),
+                Err(e) => return Err(e.into()),
+            }
+            let cont = ContinueOnDrop(pgid);
+            wait_until_stopped(pgid_raw, timeout).map_err(|e| io::Error::other(e.to_string()))?;
+            let copied = copy_now();
+            drop(cont);
+            pause.set(Some(start.elapsed()));
+            copied
+        });
+        let got = match got {
+            Ok(g) => g,
+            Err(e) => {
+                self.spare = copy.bytes;
+                return Err(Error::Snapshot(e));
+            }
+        };
+        match &got {
+            shm_snapshot::Capture::Unchanged { generation } => {
+                self.spare = copy.bytes;
+                self.in_use = true;
+                self.plain = false;
+                return Ok(Captured::Unchanged {
+                    generation: *generation,
+                });
+            }
+            // The header turned bad during the tries: copied stopped.
+            shm_snapshot::Capture::Plain { .. } => {
+                self.in_use = false;
+                self.plain = true;
+            }
+            _ => {
+                self.in_use = true;
+                self.plain = false;
+            }
+        }
+        let extents = copy
+            .extents
+            .iter()
+            .filter(|r| r.end > r.start)
+            .map(|r| Extent {
+                offset: r.start as u64,
+                len: (r.end - r.start) as u64,
+            })
+            .collect();
+        let image = Image::from_parts(copy.len as u64, extents, copy.bytes).map_err(|problem| {
+            Error::io("copying", "the memfd", io::Error::other(problem.to_owned()))
+        })?;
+        Ok(Captured::Copied {
+            image,
+            pause: pause.get(),
+            protocol: Some(got),
+        })
+    }
+
+    fn detects_unchanged(&self) -> bool {
+        self.in_use
+    }
+
+    fn save_failed(&mut self) {
+        self.snapshotter.forget();
     }
 }
 
@@ -129,12 +368,26 @@ fn data_size(memfd: &File) -> Result<u64> {
 /// Waits until every thread of every process in group `pgid` is stopped
 /// (or dead). A process whose threads are still running (or in the middle
 /// of a system call) has not yet reached the stop.
+///
+/// One wait cannot end by itself: a process that started a child with
+/// `vfork` sleeps uninterruptibly until the child execs, and a child
+/// stopped before its exec never does. When the only members not stopped
+/// are in such a sleep for a while, the group is let go for a moment
+/// (`SIGCONT`) and stopped again, so the child can exec.
 pub fn wait_until_stopped(pgid: i32, timeout: Duration) -> Result<()> {
+    /// How long members may sleep uninterruptibly before the group is
+    /// nudged, and the longest it then runs.
+    const NUDGE_AFTER: Duration = Duration::from_millis(10);
+    const MAX_NUDGE_RUN: Duration = Duration::from_millis(8);
     let start = Instant::now();
-    let members = group_members(pgid);
+    let group = Pid::from_raw(pgid);
+    let mut members = group_members(pgid);
     let mut backoff = Duration::from_micros(20);
+    let mut stuck_since: Option<Instant> = None;
+    let mut nudge_run = Duration::from_micros(500);
     loop {
-        if members.iter().all(|&pid| is_stopped(pid)) {
+        let states: Vec<Progress> = members.iter().map(|&pid| progress(pid)).collect();
+        if states.iter().all(|&p| p == Progress::Stopped) {
             return Ok(());
         }
         if start.elapsed() >= timeout {
@@ -142,6 +395,21 @@ pub fn wait_until_stopped(pgid: i32, timeout: Duration) -> Result<()> {
                 pgid,
                 waited_ms: timeout.as_millis() as u64,
             });
+        }
+        if states.iter().all(|&p| p != Progress::Running) {
+            let since = *stuck_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= NUDGE_AFTER {
+                let _ = killpg(group, Signal::SIGCONT);
+                std::thread::sleep(nudge_run);
+                let _ = killpg(group, Signal::SIGSTOP);
+                nudge_run = (nudge_run * 2).min(MAX_NUDGE_RUN);
+                stuck_since = None;
+                // The vfork child is another program now; a new one may
+                // have appeared.
+                members = group_members(pgid);
+            }
+        } else {
+            stuck_since = None;
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_millis(1));
@@ -175,17 +443,32 @@ fn stat_fields(stat: &str) -> Option<(char, i32)> {
     Some((state, pgrp))
 }
 
-/// True when every thread of `pid` is stopped, traced, dead or gone.
-fn is_stopped(pid: i32) -> bool {
+/// Where a process is on its way to a stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Progress {
+    /// Every thread is stopped, traced, dead, or the process is gone.
+    Stopped,
+    /// The threads not stopped are in uninterruptible sleep ("D").
+    Blocked,
+    /// A thread is running or in an interruptible sleep: it stops soon.
+    Running,
+}
+
+/// How far `pid` is on its way to a stop.
+fn progress(pid: i32) -> Progress {
     let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return true; // gone
+        return Progress::Stopped; // gone
     };
-    tasks.flatten().all(|t| {
-        match fs::read_to_string(t.path().join("stat")) {
-            Ok(s) => matches!(stat_fields(&s), Some((c, _)) if "TtZXx".contains(c)),
-            Err(_) => true, // the thread exited
+    let mut progress = Progress::Stopped;
+    for t in tasks.flatten() {
+        match fs::read_to_string(t.path().join("stat")).map(|s| stat_fields(&s)) {
+            Ok(Some((c, _))) if "TtZXx".contains(c) => {}
+            Ok(Some(('D', _))) => progress = Progress::Blocked,
+            Ok(_) => return Progress::Running,
+            Err(_) => {} // the thread exited
         }
-    })
+    }
+    progress
 }
 
 #[cfg(test)]
@@ -199,6 +482,86 @@ mod tests {
             Some(('T', 456))
         );
         assert_eq!(stat_fields("garbage"), None);
+    }
+
+    #[test]
+    fn a_group_caught_inside_vfork_is_stopped_too() {
+        use std::os::unix::process::CommandExt;
+        // The shell starts each `true` with vfork: a SIGSTOP can land on the
+        // child before its exec, leaving the parent in uninterruptible
+        // sleep ("D") until the child goes on, which it cannot while
+        // stopped.
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "while :; do /bin/true; done"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        let memfd = shm_fd::SharedFd::create("cap-vfork", Default::default())
+            .unwrap()
+            .into_file();
+        let mut capture = StopGroup::new(pgid, Duration::from_secs(3));
+        let rounds = 60;
+        let mut failed = Vec::new();
+        for _ in 0..rounds {
+            if let Err(e) = capture.capture(&memfd) {
+                failed.push(e.to_string());
+            }
+        }
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        child.wait().unwrap();
+        assert!(
+            failed.is_empty(),
+            "{} of {rounds}: {failed:?}",
+            failed.len()
+        );
+    }
+
+    #[test]
+    fn protocol_capture_of_a_memfd_it_cannot_map_safely_is_plain_and_says_so_once() {
+        use std::os::unix::fs::FileExt;
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        let unsealed = shm_fd::SharedFd::create(
+            "cap-unsealed",
+            shm_fd::CreateOptions {
+                size: 0,
+                seal_shrink: false,
+            },
+        )
+        .unwrap()
+        .into_file();
+        unsealed.write_all_at(b"data", 8192).unwrap();
+        let mut capture = SnapshotProtocol::new(pgid, Duration::from_secs(5));
+        let mut firsts = Vec::new();
+        for _ in 0..2 {
+            match capture.capture(&unsealed).unwrap() {
+                Captured::Copied {
+                    image,
+                    pause: Some(_),
+                    protocol: Some(shm_snapshot::Capture::Plain { reason, first }),
+                } => {
+                    assert!(reason.contains("not sealed against shrinking"), "{reason}");
+                    assert_eq!(&image.to_dense()[8192..], b"data");
+                    firsts.push(first);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(firsts, [true, false]);
+        assert!(!capture.detects_unchanged());
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        child.wait().unwrap();
+        // The group is gone: the memfd is read directly, as after the exit.
+        assert!(matches!(
+            capture.capture(&unsealed).unwrap(),
+            Captured::Quiescent
+        ));
     }
 
     #[test]
@@ -219,7 +582,7 @@ mod tests {
         assert!(got.pause().is_some());
         // Continued afterwards: the shell is running (R), not stopped.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while is_stopped(pgid) {
+        while progress(pgid) == Progress::Stopped {
             assert!(Instant::now() < deadline, "the group was not continued");
             std::thread::sleep(Duration::from_millis(1));
         }

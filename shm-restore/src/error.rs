@@ -166,6 +166,8 @@ pub enum Error {
         /// How long it was waited for.
         waited_ms: u64,
     },
+    /// A capture through shm-snapshot's protocol failed.
+    Snapshot(shm_snapshot::Error),
     /// A system call on a file failed.
     Io {
         /// What was being done, e.g. `"fsync"`.
@@ -214,6 +216,7 @@ impl fmt::Display for Error {
                 f,
                 "process group {pgid} did not stop within {waited_ms} ms for a consistent copy"
             ),
+            Error::Snapshot(e) => write!(f, "shm-snapshot protocol: {e}"),
             Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
         }
     }
@@ -224,6 +227,7 @@ impl std::error::Error for Error {
         match self {
             Error::Io { source, .. } => Some(source),
             Error::Memfd(e) => Some(e),
+            Error::Snapshot(e) => Some(e),
             Error::NothingValid { main, .. } => Some(main.as_ref()),
             _ => None,
         }

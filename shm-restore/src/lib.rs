@@ -11,7 +11,9 @@
 //! - [`Image`]: a sparse private copy of a memfd (holes are neither copied
 //!   nor written).
 //! - [`Capture`]: how a consistent copy is taken while the program runs
-//!   ([`StopGroup`] pauses its process group for the copy only).
+//!   ([`StopGroup`] pauses its process group for the copy only;
+//!   [`SnapshotProtocol`] copies while it runs and keeps the copy when the
+//!   program's shm-snapshot header proves it is a committed state).
 //! - [`Saver`]: the crash-safe save protocol (temp file, fsync, `.prev`,
 //!   rename, directory fsync) over the [`Storage`] I/O seam.
 //! - [`restore`]: loading with fallback on `.prev`; damaged files are moved
@@ -46,7 +48,7 @@ mod save;
 mod snapshot;
 mod storage;
 
-pub use capture::{Capture, Captured, StopGroup, Unpaused, wait_until_stopped};
+pub use capture::{Capture, Captured, SnapshotProtocol, StopGroup, Unpaused, wait_until_stopped};
 pub use error::{Damage, Error, Result};
 pub use image::{Extent, Image, data_extents, prefaulted, probe_table, stored_len};
 pub use load::{Fallback, LoadOutcome, restore};

@@ -69,6 +69,9 @@ pub enum SaveOutcome {
     /// The memfd was empty (size 0): nothing was written, the snapshot is
     /// untouched.
     SkippedEmpty,
+    /// The capture found nothing changed since the last one
+    /// ([`Captured::Unchanged`]): nothing was written.
+    SkippedUnchanged,
 }
 
 /// The `.prev` path of a snapshot: `<SNAPSHOT>.prev`.
@@ -281,6 +284,7 @@ impl<S: Storage> Saver<S> {
         match captured {
             Captured::Copied { image, .. } => self.save(image, saved_at_ns),
             Captured::Quiescent => self.save_memfd(memfd, saved_at_ns),
+            Captured::Unchanged { .. } => Ok(SaveOutcome::SkippedUnchanged),
         }
     }
 

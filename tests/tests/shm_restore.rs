@@ -789,3 +789,144 @@ fn a_memfd_created_here_is_uploaded_to_the_fd_store() {
         "a refused start uploaded"
     );
 }
+
+/// Lines of `err` that are the plain-mode notice of `--snapshot restore-v1`.
+fn plain_notices(err: &str) -> usize {
+    err.lines()
+        .filter(|l| l.contains("the command does not use shm-snapshot"))
+        .count()
+}
+
+/// `shm-restore --snapshot restore-v1 [extra] SNAP primes-snapshot`, with a
+/// chunk committed every 30 ms.
+fn primes_snapshot_under_protocol(snap: &Path, extra: &[&str]) -> Child {
+    cmd("shm-restore")
+        .args(["--snapshot", "restore-v1"])
+        .args(extra)
+        .arg(snap)
+        .arg(b("primes-snapshot"))
+        .args(["--interval-ms", "30", "--span", "4096"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn snapshot_protocol_saves_committed_states_of_a_running_program() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("primes.snap");
+
+    // Saves on SIGUSR1 between commits copy without stopping the program.
+    let wrapper = primes_snapshot_under_protocol(&snap, &[]);
+    let pid = Pid::from_raw(wrapper.id() as i32);
+    for _ in 0..4 {
+        sleep(Duration::from_millis(150));
+        kill(pid, Signal::SIGUSR1).unwrap();
+    }
+    sleep(Duration::from_millis(100));
+    kill(pid, Signal::SIGTERM).unwrap();
+    let (code, err) = finish(wrapper);
+    assert_eq!(code, 128 + 15, "{err}");
+    assert_eq!(plain_notices(&err), 0, "{err}");
+    let kept = err
+        .lines()
+        .filter(|l| l.contains("on SIGUSR1") && l.contains("copied while the command ran"))
+        .count();
+    assert!(kept >= 1, "no save copied without a stop: {err}");
+
+    // With --interval, a tick that finds nothing committed since the last
+    // save writes nothing: about one save per commit, not one per tick.
+    let before = generation(&snap).unwrap();
+    let wrapper = primes_snapshot_under_protocol(&snap, &["--interval", "10ms"]);
+    let pid = Pid::from_raw(wrapper.id() as i32);
+    sleep(Duration::from_millis(1000));
+    kill(pid, Signal::SIGUSR1).unwrap();
+    sleep(Duration::from_millis(20));
+    let saves = generation(&snap).unwrap() - before;
+    kill(pid, Signal::SIGTERM).unwrap();
+    let (code, err) = finish(wrapper);
+    assert_eq!(code, 128 + 15, "{err}");
+    assert_eq!(plain_notices(&err), 0, "{err}");
+    assert!(
+        (3..60).contains(&saves),
+        "{saves} periodic saves in a second of 10 ms ticks and ~30 ms commits: {err}"
+    );
+
+    // The file verifies and restores a table of the first primes.
+    let check = run(cmd("shm-restore").arg("--check").arg(&snap));
+    assert_eq!(check.status.code(), Some(0), "{:?}", text(&check));
+    let (code, out, err) = restore(
+        &["-q", snap.to_str().unwrap()],
+        &[&b("primes-snapshot"), "--limit", "1"],
+    );
+    assert_eq!(code, 0, "{err}");
+    let table: Vec<u64> = out.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(table.len() > 1000, "{} primes restored", table.len());
+    assert_eq!(table, first_primes(table.len()));
+}
+
+#[test]
+fn snapshot_protocol_without_a_header_says_so_once_and_saves_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let data = dir.path().join("data");
+    std::fs::write(&data, pattern_bytes(3 * 4096 + 100)).unwrap();
+    let script = format!(
+        "cat {} >&3; kill -USR1 $PPID; sleep 0.3; kill -USR1 $PPID; sleep 0.3",
+        data.display()
+    );
+    for mode in ["restore-v1", "protocol"] {
+        let (code, _, err) = restore(
+            &["--snapshot", mode, snap.to_str().unwrap()],
+            &["sh", "-c", &script],
+        );
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(plain_notices(&err), 1, "{mode}: {err}");
+        let notice = err
+            .lines()
+            .find(|l| l.contains("does not use shm-snapshot"))
+            .unwrap();
+        assert_eq!(
+            notice,
+            "shm-restore: restore-v1: no shm-snapshot header: the command does not use \
+             shm-snapshot; saving as in the plain mode"
+        );
+        // Saved as in the plain mode: paused for the copy.
+        assert_eq!(
+            err.lines()
+                .filter(|l| l.contains("on SIGUSR1") && l.contains("paused"))
+                .count(),
+            2,
+            "{err}"
+        );
+        let (code, out, err) = restore(
+            &["-q", snap.to_str().unwrap()],
+            &[
+                "sh",
+                "-c",
+                "cat /dev/fd/3 | od -An -tx1 | tr -d ' \\n' | head -c 64",
+            ],
+        );
+        assert_eq!(code, 0, "{err}");
+        let want: String = pattern_bytes(32)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(out, want);
+    }
+    // An unknown mode is a usage error.
+    assert_eq!(
+        restore(
+            &["--snapshot", "sometimes", snap.to_str().unwrap()],
+            &["true"]
+        )
+        .0,
+        2
+    );
+}
+
+/// Deterministic non-zero bytes.
+fn pattern_bytes(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251 + 1) as u8).collect()
+}

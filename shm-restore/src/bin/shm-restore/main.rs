@@ -47,6 +47,12 @@ stops shm-restore too, as a shell job). An empty memfd never overwrites a
 snapshot. A memfd created here (none passed) is uploaded to systemd's fd
 store when NOTIFY_SOCKET is set (a failure is only a warning).
 
+--snapshot protocol (also restore-v1): a command that commits through
+shm-snapshot is copied while it runs, the copy kept when its header proves
+a committed state; nothing is copied when it committed nothing since the
+last save; after 4 failed tries the group is stopped as in `stop`. A
+command without the header is saved as in `stop`, said once on stderr.
+
 Exit status:
   the command's    its exit code, or 128+N if signal N killed it
   1                setup failed (bad LISTEN_* variables, memfd, ...);
@@ -71,6 +77,20 @@ pub(crate) struct Args {
     /// changed (e.g. 100ms, 5s, 1m).
     #[arg(long, value_name = "DURATION", value_parser = shm_fd::units::parse_duration)]
     pub interval: Option<Duration>,
+
+    /// How a save copies the memfd while the command runs: `stop` pauses
+    /// its process group for the copy; `protocol` (also `restore-v1`)
+    /// copies while it runs and keeps the copy when the command's
+    /// shm-snapshot header proves it is a committed state, pausing only
+    /// when a few tries fail (a command without the header is saved as
+    /// with `stop`, said once on stderr).
+    #[arg(
+        long = "snapshot",
+        value_name = "MODE",
+        value_enum,
+        default_value = "stop"
+    )]
+    pub snapshot_mode: SnapshotMode,
 
     /// Refuse to load snapshots holding more than SIZE bytes (K/M/G/T
     /// suffixes, powers of 1024).
@@ -111,6 +131,17 @@ pub(crate) struct Args {
         num_args = 1..
     )]
     pub command: Vec<OsString>,
+}
+
+/// How a save copies the memfd while the command runs (`--snapshot`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SnapshotMode {
+    /// Stop the command's process group for the copy.
+    Stop,
+    /// Copy while it runs, kept when its shm-snapshot header proves a
+    /// committed state; stop only when that fails.
+    #[value(alias = "restore-v1")]
+    Protocol,
 }
 
 /// A failure that ends `shm-restore` before or instead of the command.

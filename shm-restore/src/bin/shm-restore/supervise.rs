@@ -21,13 +21,13 @@ use nix::unistd::Pid;
 use shm_fd::process::{SignalSet, Terminal, exit_code};
 use shm_fd::{CreateOptions, Handover, ListenEnv, SharedFd};
 use shm_restore::{
-    Capture, DirStorage, LoadOutcome, SaveOptions, SaveOutcome, Saver, StopGroup, now_ns,
-    probe_table,
+    Capture, Captured, DirStorage, LoadOutcome, SaveOptions, SaveOutcome, Saver, SnapshotProtocol,
+    StopGroup, now_ns, probe_table,
 };
 
 use crate::{
     Args, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SAVE_FAILED, EXIT_SETUP, EXIT_USAGE, Failure,
-    describe_load, load_failure, warn,
+    SnapshotMode, describe_load, load_failure, warn,
 };
 
 const FORWARDED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -147,21 +147,31 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     if let Some(t) = &terminal {
         t.give_to(pgid);
     }
-    let mut capture = StopGroup::new(pgid.as_raw(), args.stop_timeout);
+    let mut capture: Box<dyn Capture> = match args.snapshot_mode {
+        SnapshotMode::Stop => Box::new(StopGroup::new(pgid.as_raw(), args.stop_timeout)),
+        SnapshotMode::Protocol => Box::new(SnapshotProtocol::new(pgid.as_raw(), args.stop_timeout)),
+    };
 
     let mut job = Job {
         pid,
         pgid,
         terminal: &mut terminal,
     };
-    let status = supervise(args, &mut job, &signals, &mut saver, &mut capture, &memfd);
+    let status = supervise(
+        args,
+        &mut job,
+        &signals,
+        &mut saver,
+        capture.as_mut(),
+        &memfd,
+    );
     if let Some(t) = &terminal {
         t.take_back();
     }
 
     // Final save: the command has exited; members of its group that are
     // still alive are paused for the copy.
-    let saved = save(args, &mut saver, &mut capture, &memfd, "on exit");
+    let saved = save(args, &mut saver, capture.as_mut(), &memfd, "on exit");
     let code = exit_code(status);
     Ok(if !saved && code == 0 {
         EXIT_SAVE_FAILED
@@ -257,7 +267,7 @@ fn supervise(
     job: &mut Job<'_>,
     signals: &SignalSet,
     saver: &mut Saver<DirStorage>,
-    capture: &mut StopGroup,
+    capture: &mut dyn Capture,
     memfd: &File,
 ) -> ExitStatus {
     let group = job.pgid;
@@ -318,13 +328,18 @@ fn supervise(
 }
 
 /// The periodic save: a cheap unpaused probe first, so an unchanged memfd
-/// costs one read and no pause or write.
+/// costs one read and no pause or write; a capture that tells an unchanged
+/// memfd itself (the program commits through shm-snapshot) needs none.
 fn save_if_changed(
     args: &Args,
     saver: &mut Saver<DirStorage>,
-    capture: &mut StopGroup,
+    capture: &mut dyn Capture,
     memfd: &File,
 ) {
+    if capture.detects_unchanged() {
+        save(args, saver, capture, memfd, "periodic");
+        return;
+    }
     match probe_table(memfd, saver.options().chunk_size) {
         Ok((0, _)) => {}
         Ok((len, table)) if saver.is_unchanged(len, &table) => {}
@@ -338,7 +353,7 @@ fn save_if_changed(
 fn save(
     args: &Args,
     saver: &mut Saver<DirStorage>,
-    capture: &mut impl Capture,
+    capture: &mut dyn Capture,
     memfd: &File,
     why: &str,
 ) -> bool {
@@ -352,7 +367,25 @@ fn save(
             return false;
         }
     };
-    match saver.save_captured(&captured, memfd, now_ns()) {
+    if let Captured::Copied {
+        protocol:
+            Some(shm_snapshot::Capture::Plain {
+                reason,
+                first: true,
+            }),
+        ..
+    } = &captured
+    {
+        warn(format_args!(
+            "restore-v1: {reason}: the command does not use shm-snapshot; \
+             saving as in the plain mode"
+        ));
+    }
+    let outcome = saver.save_captured(&captured, memfd, now_ns());
+    if outcome.is_err() {
+        capture.save_failed();
+    }
+    match outcome {
         Ok(SaveOutcome::Saved(r)) => {
             if let Some((moved, damage)) = &r.moved_corrupt {
                 warn(format_args!(
@@ -361,15 +394,14 @@ fn save(
                 ));
             }
             if why != "periodic" {
-                let pause = captured
-                    .pause()
-                    .map(|p| format!(", paused {:.1} ms", p.as_secs_f64() * 1e3))
-                    .unwrap_or_default();
                 say(
                     args,
                     &format!(
-                        "saved {path} {why} (generation {}, {} bytes, {} stored{pause})",
-                        r.generation, r.data_len, r.stored_len
+                        "saved {path} {why} (generation {}, {} bytes, {} stored{})",
+                        r.generation,
+                        r.data_len,
+                        r.stored_len,
+                        how_copied(&captured)
                     ),
                 );
             }
@@ -379,12 +411,56 @@ fn save(
             say(args, &format!("the memfd is empty: {path} left as it was"));
             true
         }
+        Ok(SaveOutcome::SkippedUnchanged) => {
+            if why != "periodic" {
+                say(
+                    args,
+                    &format!("nothing committed since the last save: {path} left as it was"),
+                );
+            }
+            true
+        }
         Err(e) => {
             warn(format_args!(
                 "save {why} failed: {e}; the previous snapshot is intact"
             ));
             false
         }
+    }
+}
+
+/// How the saved copy was made, for the status line: `, paused 3.1 ms`,
+/// `, committed state 42 copied while the command ran`, ...
+fn how_copied(captured: &Captured) -> String {
+    let pause = captured
+        .pause()
+        .map(|p| format!(", paused {:.1} ms", p.as_secs_f64() * 1e3))
+        .unwrap_or_default();
+    match captured {
+        Captured::Copied {
+            protocol: Some(shm_snapshot::Capture::Consistent { generation, tries }),
+            ..
+        } => format!(
+            ", committed state {generation} copied while the command ran, {tries} {}",
+            if *tries == 1 { "try" } else { "tries" }
+        ),
+        Captured::Copied {
+            protocol:
+                Some(shm_snapshot::Capture::Stopped {
+                    generation,
+                    in_update,
+                    tries,
+                }),
+            ..
+        } => format!(
+            "{pause} after {tries} optimistic tries (committed state {generation}{})",
+            if *in_update {
+                ", stopped inside an update: restores as an interrupted one"
+            } else {
+                ""
+            }
+        ),
+        _ => pause,
     }
 }
 
