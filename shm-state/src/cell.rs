@@ -54,10 +54,11 @@ impl<R: Pod> Tx<'_, R> {
     pub fn new_cell<T: Pod>(&mut self, value: T) -> Result<StateCell<T>> {
         check_type::<T>("cell")?;
         let size = size_of::<T>() as u64;
-        let b = self.core.alloc(Kind::Cell, size, false)?;
-        self.core
-            .write("cell", b.payload(), bytemuck::bytes_of(&value))?;
-        Ok(StateCell::from_off(b.off))
+        self.core.op(|core| {
+            let b = core.alloc(Kind::Cell, size, false)?;
+            core.write("cell", b.payload(), bytemuck::bytes_of(&value))?;
+            Ok(StateCell::from_off(b.off))
+        })
     }
 
     /// The value in a cell.
@@ -85,6 +86,6 @@ impl<R: Pod> Tx<'_, R> {
     /// Frees a cell. The handle (and its copies) must not be used again.
     pub fn free_cell<T: Pod>(&mut self, h: StateCell<T>) -> Result<()> {
         let b = cell_block(self.core.mem(), self.core.heap()?, h)?;
-        self.core.free(b.off)
+        self.core.free(b.off, Kind::Cell)
     }
 }

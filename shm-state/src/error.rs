@@ -42,6 +42,22 @@ pub enum Error {
         /// The layout the program asked for.
         expected: StoredLayout,
     },
+    /// The region's root layout has a newer version than the program's:
+    /// opening it with an older program is refused (a migration only runs
+    /// forwards).
+    Downgrade {
+        /// The layout recorded in the region.
+        stored: StoredLayout,
+        /// The layout the program asked for.
+        expected: StoredLayout,
+    },
+    /// An operation in the transaction failed after it had changed the
+    /// state (the closure went on and returned `Ok` anyway): the
+    /// transaction was rolled back instead of committing half an operation.
+    Incomplete {
+        /// The first such failure.
+        first: String,
+    },
     /// Another live process holds the state (its lock word names it).
     Locked {
         /// The owner's pid.
@@ -187,6 +203,15 @@ impl fmt::Display for Error {
                 f,
                 "state layout mismatch: the region holds {stored}, the program expects \
                  {expected}; supply a migration (Layout::migrate) or use the matching program"
+            ),
+            Error::Downgrade { stored, expected } => write!(
+                f,
+                "the region holds layout {stored}, newer than the program's {expected}; \
+                 refusing to downgrade (use the newer program)"
+            ),
+            Error::Incomplete { first } => write!(
+                f,
+                "the transaction was rolled back: an operation in it failed part way ({first})"
             ),
             Error::Locked { pid } => write!(
                 f,

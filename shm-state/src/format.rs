@@ -9,43 +9,59 @@ compile_error!("shm-state stores native-endian POD values and supports little-en
 
 /// The magic at offset 0 of every region.
 pub const MAGIC: &[u8; 8] = b"SHMSTATE";
+/// The magic stored first (one atomic 8-byte store) while a region is being
+/// created; [`MAGIC`] replaces it once the header is complete.
+pub const CREATING_MAGIC: &[u8; 8] = b"SHMSTNEW";
 /// The format version this library writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The header's size: one page at the start of the region.
 pub const HEADER_LEN: u64 = 4096;
 
-// Superblock (checksummed when created or migrated).
+// Superblock: the geometry, written once when the region is created and
+// never again (its checksum covers 0..SB_CRC with the final magic).
 pub(crate) const SB_MAGIC: u64 = 0x00;
 pub(crate) const SB_FORMAT: u64 = 0x08;
 pub(crate) const SB_HEADER_LEN: u64 = 0x0C;
 pub(crate) const SB_JOURNAL_OFF: u64 = 0x10;
 pub(crate) const SB_JOURNAL_LEN: u64 = 0x18;
 pub(crate) const SB_HEAP_OFF: u64 = 0x20;
-pub(crate) const SB_USER_VERSION: u64 = 0x28;
-pub(crate) const SB_ROOT_SIZE: u64 = 0x2C;
-pub(crate) const SB_ROOT_ALIGN: u64 = 0x30;
-pub(crate) const SB_FLAGS: u64 = 0x34;
+pub(crate) const SB_FLAGS: u64 = 0x28;
+/// Reserved, zero: `SB_RESERVED..SB_CRC`.
+pub(crate) const SB_RESERVED: u64 = 0x2C;
 pub(crate) const SB_CRC: u64 = 0x7C;
 
-// Dynamic header (checksummed at every commit).
+// Dynamic header: journaled like the heap, checksummed by every commit that
+// changes it.
 pub(crate) const DY_START: u64 = 0x80;
 pub(crate) const DY_GENERATION: u64 = 0x80;
 pub(crate) const DY_HEAP_TOP: u64 = 0x88;
 pub(crate) const DY_ROOT: u64 = 0x90;
-/// Format 1 kept a commit counter here, rewritten by every commit; format 2
-/// leaves it zero so that a transaction that neither allocates nor frees
-/// never touches (journals, re-checksums) the dynamic header.
+/// Reserved, zero (format 1 kept a commit counter here).
 pub(crate) const DY_RESERVED: u64 = 0x98;
 pub(crate) const DY_USED: u64 = 0xA0;
 pub(crate) const DY_LAST_PID: u64 = 0xA8;
 pub(crate) const DY_LAST_OPEN: u64 = 0xAC;
+/// The root layout: user version, root size, root alignment (u32 each). In
+/// the dynamic header so that a migration changes it in the same journaled
+/// transaction as the root it describes.
+pub(crate) const DY_USER_VERSION: u64 = 0xB0;
+pub(crate) const DY_ROOT_SIZE: u64 = 0xB4;
+pub(crate) const DY_ROOT_ALIGN: u64 = 0xB8;
 pub(crate) const DY_CRC: u64 = 0xBC;
 
-// Words written atomically, outside the checksums.
+// Words only ever accessed atomically, outside the checksums and the journal.
 pub(crate) const TX_WORD: u64 = 0xC0;
 pub(crate) const LOCK_PID: u64 = 0xC8;
 pub(crate) const LOCK_START: u64 = 0xD0;
 pub(crate) const LOCK_NONCE: u64 = 0xD8;
+/// End of the atomic words' line (`0xE0..0x100` is reserved, zero).
+pub(crate) const ATOMIC_END: u64 = 0x100;
+/// Lock word bit 32: set from the claiming compare-and-swap until the
+/// holder's start time and nonce are stored.
+pub(crate) const LOCK_CLAIMING: u64 = 1 << 32;
+/// Lock word bits 33..64: a claim counter, one more on every claim, so that
+/// a compare-and-swap never succeeds on a word that changed hands and back.
+pub(crate) const LOCK_COUNT_SHIFT: u32 = 33;
 
 // Allocator free lists: one head per size class.
 pub(crate) const FREE_HEADS: u64 = 0x100;
@@ -53,7 +69,7 @@ pub(crate) const FREE_HEADS: u64 = 0x100;
 pub(crate) const FREE_SLOTS: u64 = 64;
 
 /// Reserved peer table for several processes sharing one state (formats 1
-/// and 2 keep it zero).
+/// to 3 keep it zero).
 pub(crate) const PEERS: u64 = 0x400;
 /// Peer table entry size and count (reserved).
 pub(crate) const PEER_ENTRY: u64 = 64;
@@ -162,20 +178,20 @@ pub(crate) fn class_size(class: u32) -> u64 {
     1u64 << class
 }
 
-/// The smallest class whose payload holds `len` bytes.
+/// The smallest class whose payload holds `len` bytes (checked before any
+/// arithmetic, so that no length can overflow it).
 pub(crate) fn class_for(len: u64) -> Result<u32> {
-    let class = len
-        .max(1)
-        .next_power_of_two()
-        .trailing_zeros()
-        .max(MIN_CLASS);
     if len > class_size(MAX_CLASS) {
         return Err(Error::TooLarge {
             what: "allocation",
             len,
         });
     }
-    Ok(class)
+    Ok(len
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_CLASS))
 }
 
 /// A validated block: its offset, kind, class and aux word.

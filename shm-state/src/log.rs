@@ -227,7 +227,9 @@ impl<R: Pod> State<R> {
 impl<'s, R: Pod> Tx<'s, R> {
     /// Creates an empty log.
     pub fn new_log(&mut self) -> Result<StateLog> {
-        let b = self.core.alloc(Kind::Log, LOG_HEADER, true)?;
+        let b = self
+            .core
+            .op(|core| core.alloc(Kind::Log, LOG_HEADER, true))?;
         Ok(StateLog::from_off(b.off))
     }
 
@@ -274,8 +276,21 @@ impl LogMut<'_, '_> {
         Ok(self.len()? == 0)
     }
 
+    /// Runs one changing operation; a failure after it changed something
+    /// fails the transaction (see `TxCore::settle`).
+    fn op<U>(&mut self, f: impl FnOnce(&mut Self) -> Result<U>) -> Result<U> {
+        let before = self.tx.changes();
+        let result = f(self);
+        self.tx.settle(before, &result);
+        result
+    }
+
     /// Appends one record.
     pub fn append(&mut self, record: &[u8]) -> Result<()> {
+        self.op(|l| l.append_now(record))
+    }
+
+    fn append_now(&mut self, record: &[u8]) -> Result<()> {
         let len = record.len() as u64;
         if u32::try_from(len).is_err() {
             return Err(Error::TooLarge {
@@ -323,14 +338,26 @@ impl LogMut<'_, '_> {
             .write_tail("log record", b.payload() + CHUNK_HEADER + used, &rec)?;
         self.tx
             .write_u64("log chunk used", b.payload() + 8, used + need)?;
+        let totals = h.count.checked_add(1).zip(h.bytes.checked_add(len));
+        let Some((count, bytes)) = totals else {
+            return Err(Error::corrupt(
+                "log header",
+                h.at,
+                format!("{} records of {} bytes cannot grow", h.count, h.bytes),
+            ));
+        };
         let mut w = [0u8; 16];
-        w[..8].copy_from_slice(&(h.count + 1).to_le_bytes());
-        w[8..].copy_from_slice(&h.bytes.wrapping_add(len).to_le_bytes());
+        w[..8].copy_from_slice(&count.to_le_bytes());
+        w[8..].copy_from_slice(&bytes.to_le_bytes());
         self.tx.write("log header", h.at, &w)
     }
 
     /// Removes every record (freeing the chunks).
     pub fn clear(&mut self) -> Result<()> {
+        self.op(|l| l.clear_now())
+    }
+
+    fn clear_now(&mut self) -> Result<()> {
         let h = self.header()?;
         let heap = self.tx.heap()?;
         let mut c = h.first;
@@ -341,7 +368,7 @@ impl LogMut<'_, '_> {
                 return Err(Error::corrupt("log", c, "the chunk chain loops"));
             }
             let (b, next, _) = chunk(self.tx.mem(), heap, c)?;
-            self.tx.free(b.off)?;
+            self.tx.free(b.off, Kind::LogChunk)?;
             c = next;
         }
         self.tx.write("log header", h.at, &[0u8; 32])
@@ -349,7 +376,9 @@ impl LogMut<'_, '_> {
 
     /// Frees the log. Its handle (and copies) must not be used again.
     pub fn free(mut self) -> Result<()> {
-        self.clear()?;
-        self.tx.free(self.off)
+        self.op(|l| {
+            l.clear_now()?;
+            l.tx.free(l.off, Kind::Log)
+        })
     }
 }

@@ -22,8 +22,9 @@ mod sealed {
     pub trait Sealed {}
 }
 
-/// A key or value type a [`StateMap`] can hold: any [`Pod`] type (stored
-/// inline, alignment at most 8) or [`Bytes`] (a byte string of any length).
+/// A key or value type a [`StateMap`] can hold: any [`Pod`] type of
+/// alignment at most 8 (stored inline; `u128` and other 16-aligned types
+/// are refused with [`Error::UnsupportedType`]) or [`Bytes`] (a byte string of any length).
 pub trait Item: sealed::Sealed + 'static {
     /// What lookups take and return a reference to: `T` or `[u8]`.
     type Borrowed: ?Sized;
@@ -31,6 +32,8 @@ pub trait Item: sealed::Sealed + 'static {
     const KIND: u32;
     #[doc(hidden)]
     const SIZE: u32;
+    #[doc(hidden)]
+    const ALIGN: u32;
     #[doc(hidden)]
     fn as_bytes(v: &Self::Borrowed) -> &[u8];
     #[doc(hidden)]
@@ -49,6 +52,7 @@ impl<T: Pod> Item for T {
     type Borrowed = T;
     const KIND: u32 = POD;
     const SIZE: u32 = size_of::<T>() as u32;
+    const ALIGN: u32 = align_of::<T>() as u32;
     fn as_bytes(v: &T) -> &[u8] {
         bytemuck::bytes_of(v)
     }
@@ -62,6 +66,7 @@ impl Item for Bytes {
     type Borrowed = [u8];
     const KIND: u32 = BYTES;
     const SIZE: u32 = 0;
+    const ALIGN: u32 = 1;
     fn as_bytes(v: &[u8]) -> &[u8] {
         v
     }
@@ -153,12 +158,22 @@ fn check_item<I: Item>(what: &str) -> Result<()> {
                 "map {what}: zero-sized types are not stored"
             )));
         }
+        // Slots are 8-byte aligned: a more aligned item could be stored but
+        // never viewed in place.
+        if I::ALIGN > 8 {
+            return Err(Error::unsupported(format!(
+                "map {what}: alignment {} exceeds 8",
+                I::ALIGN
+            )));
+        }
     }
     Ok(())
 }
 
 /// Reads and validates a map's header block and its table block.
 fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
+    check_item::<K>("key")?;
+    check_item::<V>("value")?;
     let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
     let at = b.payload();
     let raw = mem.bytes("map header", at, MAP_HEADER)?;
@@ -420,13 +435,15 @@ impl<'s, R: Pod> Tx<'s, R> {
     pub fn new_map<K: Item, V: Item>(&mut self) -> Result<StateMap<K, V>> {
         check_item::<K>("key")?;
         check_item::<V>("value")?;
-        let b = self.core.alloc(Kind::Map, MAP_HEADER, true)?;
         let mut w = [0u8; 16];
         for (i, v) in [K::KIND, K::SIZE, V::KIND, V::SIZE].into_iter().enumerate() {
             w[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
         }
-        self.core.write("map header", b.payload() + 32, &w)?;
-        Ok(StateMap::from_off(b.off))
+        self.core.op(|core| {
+            let b = core.alloc(Kind::Map, MAP_HEADER, true)?;
+            core.write("map header", b.payload() + 32, &w)?;
+            Ok(StateMap::from_off(b.off))
+        })
     }
 
     /// A map, for reading and changing in this transaction. Its header is
@@ -497,16 +514,19 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
     }
 
     /// Runs a changing operation on an up-to-date header; a failure marks
-    /// the cached header stale.
+    /// the cached header stale, and, if the operation had changed something,
+    /// fails the transaction (see `TxCore::settle`).
     fn changing<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if self.stale {
             self.h = self.current()?;
             self.stale = false;
         }
+        let before = self.tx.changes();
         let result = op(self);
         if result.is_err() {
             self.stale = true;
         }
+        self.tx.settle(before, &result);
         result
     }
 
@@ -559,7 +579,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
     fn release<I: Item>(&mut self, at: u64) -> Result<()> {
         if I::KIND == BYTES {
             let off = u64_at(self.tx.mem(), "map slot", at)?;
-            self.tx.free(off)?;
+            self.tx.free(off, Kind::Bytes)?;
         }
         Ok(())
     }
@@ -599,7 +619,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         let block = self.tx.alloc(Kind::MapTable, bytes, false)?;
         self.tx.write("map table", block.payload(), &table)?;
         if h.table != 0 {
-            self.tx.free(h.table)?;
+            self.tx.free(h.table, Kind::MapTable)?;
         }
         let mut w = [0u8; 24];
         w[8..16].copy_from_slice(&new_cap.to_le_bytes());
@@ -627,9 +647,11 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         let vacant = match self.probe(&h, kb, tag)? {
             Probe::Found(i) => {
                 let at = h.slots() + i * size + 8 + field::<K>();
-                self.release::<V>(at)?;
+                // The new value first: if it cannot be stored, the old one
+                // must not have been queued for freeing.
                 let mut buf = SlotBuf::new(field::<V>() as usize);
                 self.encode::<V>(value, buf.bytes())?;
+                self.release::<V>(at)?;
                 self.tx.write("map slot", at, buf.bytes())?;
                 return Ok(true);
             }
@@ -661,6 +683,13 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         };
         let at = h.slots() + i * size;
         let reused = u64_at(self.tx.mem(), "map slot", at)? == DELETED;
+        let Some(tombs) = h.tombs.checked_sub(u64::from(reused)) else {
+            return Err(Error::corrupt(
+                "map header",
+                h.at,
+                "counts no tombstones, but the table holds one",
+            ));
+        };
         let mut buf = SlotBuf::new(size as usize);
         let slot = buf.bytes();
         slot[..8].copy_from_slice(&tag.to_le_bytes());
@@ -668,7 +697,6 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         self.encode::<K>(key, k_field)?;
         self.encode::<V>(value, v_field)?;
         self.tx.write("map slot", at, buf.bytes())?;
-        let tombs = h.tombs - u64::from(reused);
         let mut w = [0u8; 16];
         w[..8].copy_from_slice(&(h.len + 1).to_le_bytes());
         w[8..].copy_from_slice(&tombs.to_le_bytes());
@@ -694,6 +722,13 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         let Probe::Found(i) = self.probe(&h, kb, tag)? else {
             return Ok(false);
         };
+        let Some(len) = h.len.checked_sub(1) else {
+            return Err(Error::corrupt(
+                "map header",
+                h.at,
+                "counts no entries, but the table holds one",
+            ));
+        };
         let at = h.slots() + i * size;
         self.release::<K>(at + 8)?;
         self.release::<V>(at + 8 + field::<K>())?;
@@ -708,14 +743,10 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         };
         self.tx.write_u64("map slot", at, mark)?;
         let mut w = [0u8; 16];
-        w[..8].copy_from_slice(&(h.len - 1).to_le_bytes());
+        w[..8].copy_from_slice(&len.to_le_bytes());
         w[8..].copy_from_slice(&tombs.to_le_bytes());
         self.tx.write("map header", h.at, &w)?;
-        self.h = Header {
-            len: h.len - 1,
-            tombs,
-            ..h
-        };
+        self.h = Header { len, tombs, ..h };
         Ok(true)
     }
 
@@ -738,7 +769,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
             }
         }
         if h.table != 0 {
-            self.tx.free(h.table)?;
+            self.tx.free(h.table, Kind::MapTable)?;
         }
         // Empty again: no table at all.
         self.tx.write("map header", h.at, &[0u8; 32])?;
@@ -748,7 +779,9 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
 
     /// Frees the map. Its handle (and copies) must not be used again.
     pub fn free(mut self) -> Result<()> {
-        self.clear()?;
-        self.tx.free(self.off)
+        self.changing(|m| {
+            m.clear_now()?;
+            m.tx.free(m.off, Kind::Map)
+        })
     }
 }

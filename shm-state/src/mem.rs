@@ -9,6 +9,13 @@
 //! `len` with checked arithmetic before a slice is made. Concurrent writers in
 //! other processes are excluded by the contract of [`crate::Source`]'s
 //! constructors (and by the lock word between shm-state users).
+//!
+//! The commit word and the lock words (`0xC0..0xE0`) may be read or written
+//! by another process at any time (a second opener trying the lock), so
+//! this process accesses them only through [`Mem::atomic_u64`] and
+//! [`Mem::load_u64`]; slices never cover them except in [`Mem::to_vec`],
+//! which copies them with atomic loads. Before the lock is held, the header
+//! is read only with atomic loads ([`Mem::load_u64`], [`Mem::load_u8`]).
 
 use std::fs::File;
 use std::sync::atomic::AtomicU64;
@@ -17,6 +24,31 @@ use memmap2::{MmapOptions, MmapRaw};
 use shm_fd::SharedFd;
 
 use crate::error::{Error, Result};
+use crate::format::{ATOMIC_END, TX_WORD};
+
+fn file_len(file: &File) -> Result<u64> {
+    Ok(file.metadata().map_err(|e| Error::io("fstat", e))?.len())
+}
+
+/// Grows a file to at least `len` bytes without ever shrinking it, even if
+/// another process grows it at the same time (`posix_fallocate`).
+fn grow_file_no_shrink(file: &File, len: u64) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let too_large = || Error::TooLarge {
+        what: "state file",
+        len,
+    };
+    let len = libc::off_t::try_from(len).map_err(|_| too_large())?;
+    // SAFETY: a plain system call on an fd we own; it never shrinks a file.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+    if rc != 0 {
+        return Err(Error::io(
+            "growing the state file",
+            std::io::Error::from_raw_os_error(rc),
+        ));
+    }
+    Ok(())
+}
 
 /// A 64-byte aligned chunk, so that a heap region is aligned like a mapping
 /// for every type shm-state stores (alignment at most 16).
@@ -50,6 +82,14 @@ pub(crate) struct CrashPlan {
     pub countdown: u64,
     pub torn_prefix: usize,
     pub image: Option<Vec<u8>>,
+}
+
+#[cfg(test)]
+thread_local! {
+    /// A crash plan for the next heap region made on this thread, so that a
+    /// test can crash `State::open` itself (creation, recovery, migration).
+    pub(crate) static NEXT_PLAN: std::cell::RefCell<Option<CrashPlan>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 #[derive(Debug)]
@@ -88,7 +128,18 @@ impl Mem {
         for (line, chunk) in buf.iter_mut().zip(bytes.chunks(64)) {
             line.0[..chunk.len()].copy_from_slice(chunk);
         }
-        Ok(Self::from_backing(Backing::Heap(buf), base))
+        #[allow(unused_mut)]
+        let mut mem = Self::from_backing(Backing::Heap(buf), base);
+        #[cfg(test)]
+        {
+            mem.crash = NEXT_PLAN.with(|p| p.borrow_mut().take());
+        }
+        Ok(mem)
+    }
+
+    /// An empty region (what a closed state leaves behind).
+    pub(crate) fn empty() -> Mem {
+        Self::from_backing(Backing::Heap(Vec::new()), 0)
     }
 
     /// Maps the memfd; an empty one is grown to `base + min_len` bytes, a
@@ -107,10 +158,9 @@ impl Mem {
     /// non-empty one is mapped as it is.
     pub(crate) fn file(file: File, min_len: u64, base: usize) -> Result<Mem> {
         let min_len = min_len.saturating_add(base as u64);
-        let len = file.metadata().map_err(|e| Error::io("fstat", e))?.len();
+        let len = file_len(&file)?;
         if len == 0 {
-            file.set_len(min_len.max(1))
-                .map_err(|e| Error::io("growing the state file", e))?;
+            grow_file_no_shrink(&file, min_len.max(1))?;
         }
         let map = MmapOptions::new()
             .map_raw(&file)
@@ -259,28 +309,103 @@ impl Mem {
         Ok(())
     }
 
-    /// The 8-byte word at `off` as an atomic (for the commit and lock words).
+    /// The 8-byte word at `off` as an atomic (for the commit and lock words,
+    /// and for reading the header before the lock is held).
     pub(crate) fn atomic_u64(&self, off: u64) -> Result<&AtomicU64> {
         let (o, _) = self.range("atomic word", off, 8)?;
         if !o.is_multiple_of(8) {
             return Err(Error::corrupt("atomic word", off, "not 8-byte aligned"));
         }
         // SAFETY: the 8 bytes are in the region (checked) and 8-aligned
-        // (checked; the base is 64-aligned). Those words are only ever
-        // accessed atomically while the state is open.
+        // (checked; the base is 64-aligned), and valid while `self` is
+        // borrowed (module docs). Other processes may access them at the
+        // same time, which atomics allow. In this process the commit and lock
+        // words are accessed only atomically (module docs); other words are
+        // read this way only while no `&mut` slice of them exists (`&self`).
         Ok(unsafe { AtomicU64::from_ptr(self.ptr.add(o).cast::<u64>()) })
     }
 
+    /// An atomic (acquire) load of the little-endian word at `off`.
+    pub(crate) fn load_u64(&self, off: u64) -> Result<u64> {
+        Ok(u64::from_le(
+            self.atomic_u64(off)?
+                .load(std::sync::atomic::Ordering::Acquire),
+        ))
+    }
+
+    /// An atomic load of the byte at `off` (for a region too short to hold
+    /// whole words, read before the lock).
+    pub(crate) fn load_u8(&self, off: u64) -> Result<u8> {
+        let (o, _) = self.range("byte", off, 1)?;
+        // SAFETY: the byte is in the region (checked) and valid while `self`
+        // is borrowed; an atomic byte has no alignment requirement, and the
+        // access is atomic so other processes may write it meanwhile.
+        let b = unsafe { std::sync::atomic::AtomicU8::from_ptr(self.ptr.add(o)) };
+        Ok(b.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// Stores `value` in the atomic word at `off` with release ordering: the
-    /// one store that commits or opens a transaction.
+    /// stores that open and commit a transaction, and the magic. An aligned
+    /// 8-byte store is never torn, so the crash seam applies it whole or not.
     pub(crate) fn store_word(&mut self, off: u64, value: u64) -> Result<()> {
         #[cfg(test)]
-        if self.crash_point(off, &value.to_le_bytes())? {
-            return Ok(());
+        if let Some(plan) = self.crash.as_mut()
+            && plan.image.is_none()
+        {
+            if plan.countdown > 0 {
+                plan.countdown -= 1;
+            } else {
+                let whole = plan.torn_prefix >= 8;
+                if whole {
+                    self.atomic_u64(off)?
+                        .store(value, std::sync::atomic::Ordering::Release);
+                }
+                let image = self.to_vec();
+                if let Some(plan) = self.crash.as_mut() {
+                    plan.image = Some(image);
+                }
+            }
         }
         self.atomic_u64(off)?
             .store(value, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// Maps the backing again at its current size if it grew (another
+    /// process may have grown a shared memfd or file since it was mapped).
+    pub(crate) fn refresh(&mut self) -> Result<()> {
+        let mapped = (self.base + self.len) as u64;
+        let now = match &self.backing {
+            Backing::Heap(_) => return Ok(()),
+            Backing::Shared { fd, .. } => fd.len()?,
+            Backing::File { file, .. } => file_len(file)?,
+        };
+        if now <= mapped {
+            return Ok(());
+        }
+        match &mut self.backing {
+            Backing::Heap(_) => {}
+            Backing::Shared { fd, map } => *map = fd.map_raw(1)?,
+            Backing::File { file, map } => {
+                *map = MmapOptions::new()
+                    .map_raw(&*file)
+                    .map_err(|e| Error::io("mmap", e))?
+            }
+        }
+        self.rebuild();
+        Ok(())
+    }
+
+    /// Re-derives `ptr` and `len` from the backing after a remap.
+    fn rebuild(&mut self) {
+        #[cfg(test)]
+        let crash = self.crash.take();
+        let backing = std::mem::replace(&mut self.backing, Backing::Heap(Vec::new()));
+        *self = Self::from_backing(backing, self.base);
+        #[cfg(test)]
+        {
+            self.crash = crash;
+        }
     }
 
     /// Grows the region to at least `min_len` bytes (and remaps it). A
@@ -309,22 +434,31 @@ impl Mem {
                 *map = fd.map_raw(min_len)?;
             }
             Backing::File { file, map } => {
-                file.set_len(min_len)
-                    .map_err(|e| Error::io("growing the state file", e))?;
+                // Never shrink: another opener may have grown the file
+                // since this mapping was made.
+                if file_len(file)? < min_len {
+                    file.set_len(min_len)
+                        .map_err(|e| Error::io("growing the state file", e))?;
+                }
                 *map = MmapOptions::new()
                     .map_raw(&*file)
                     .map_err(|e| Error::io("mmap", e))?;
             }
         }
-        #[cfg(test)]
-        let crash = self.crash.take();
-        let backing = std::mem::replace(&mut self.backing, Backing::Heap(Vec::new()));
-        *self = Self::from_backing(backing, self.base);
-        #[cfg(test)]
-        {
-            self.crash = crash;
-        }
+        self.rebuild();
         Ok(())
+    }
+
+    /// Grows a blank region that is too short to hold the lock words to
+    /// `min_len` bytes, before the lock is taken: never shrinks the backing
+    /// (a concurrent opener may be growing it too).
+    pub(crate) fn grow_blank(&mut self, min_len: u64) -> Result<()> {
+        if let Backing::File { file, .. } = &self.backing {
+            grow_file_no_shrink(file, min_len.saturating_add(self.base as u64))?;
+            return self.refresh();
+        }
+        // A memfd only grows (`SharedFd::grow_to`), a heap is ours alone.
+        self.grow(min_len)
     }
 
     /// Flushes a file-backed region to disk (no-op otherwise).
@@ -340,11 +474,27 @@ impl Mem {
         self.backing
     }
 
-    /// A copy of every byte of the region.
+    /// A copy of every byte of the region; the commit and lock words are
+    /// copied with atomic loads.
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        self.bytes("region", 0, self.len as u64)
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default()
+        let Ok(mut v) = self.bytes("region", 0, self.len as u64).map(|b| {
+            let mut v = Vec::with_capacity(b.len());
+            let cut = b.len().min(TX_WORD as usize);
+            v.extend_from_slice(&b[..cut]);
+            v
+        }) else {
+            return Vec::new();
+        };
+        let mut off = v.len() as u64;
+        while off < ATOMIC_END && off + 8 <= self.len as u64 {
+            let w = self.load_u64(off).unwrap_or(0);
+            v.extend_from_slice(&w.to_le_bytes());
+            off += 8;
+        }
+        if let Ok(rest) = self.bytes("region", off, self.len as u64 - off) {
+            v.extend_from_slice(rest);
+        }
+        v
     }
 
     /// The crash seam: returns true when this write is the torn one (it was

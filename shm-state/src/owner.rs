@@ -7,7 +7,7 @@
 //! handle from one that was leaked or copied.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 static LIVE_NONCES: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
 
@@ -26,9 +26,10 @@ pub(crate) fn start_time(pid: u32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
-/// This process's start time (0 if /proc is unavailable).
+/// This process's start time (0 if /proc is unavailable), read once.
 pub(crate) fn own_start_time() -> u64 {
-    start_time(std::process::id()).unwrap_or(0)
+    static START: OnceLock<u64> = OnceLock::new();
+    *START.get_or_init(|| start_time(std::process::id()).unwrap_or(0))
 }
 
 /// True when the holder recorded as `(pid, start)` / `nonce` is alive.
@@ -42,6 +43,23 @@ pub(crate) fn holder_alive(pid: u32, start: u64, nonce: u64) -> bool {
     match start_time(pid) {
         Some(now) => start == 0 || now == start,
         // No /proc entry: gone. Without /proc at all, ask the kernel.
+        None if std::path::Path::new("/proc/self/stat").exists() => false,
+        None => pid_exists(pid),
+    }
+}
+
+/// True when a process `pid` exists and is not a zombie, whatever its start
+/// time: for a lock word caught between its claim and its identity stores
+/// (this process's own pid counts as alive: another thread is claiming).
+pub(crate) fn pid_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    if pid == std::process::id() {
+        return true;
+    }
+    match start_time(pid) {
+        Some(_) => true,
         None if std::path::Path::new("/proc/self/stat").exists() => false,
         None => pid_exists(pid),
     }

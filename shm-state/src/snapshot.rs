@@ -53,6 +53,18 @@ impl Publisher {
         Ok(Publisher::Protocol(p))
     }
 
+    /// Checks the protocol header in the bytes before `mem`'s region without
+    /// writing anything: foreign or damaged data is refused before the open
+    /// writes the lock words.
+    pub(crate) fn check_protocol(mem: &Mem) -> Result<()> {
+        let (ptr, len) = mem.prefix();
+        // SAFETY: as in `attach_protocol`; the region lives only for this
+        // call, and `check` only loads.
+        let region = unsafe { shm_snapshot::Region::from_raw_parts(ptr, len) };
+        shm_snapshot::Publisher::check(region).map_err(Error::Snapshot)?;
+        Ok(())
+    }
+
     /// The backing was remapped: re-take the protocol header at its new
     /// address (inside the update in progress, which it keeps).
     pub(crate) fn remapped(&mut self, mem: &Mem) -> Result<()> {

@@ -264,8 +264,10 @@ impl fmt::Display for OpenReport {
 pub struct State<R> {
     pub(crate) core: Core,
     nonce: u64,
-    /// Set while opening: how to put the lock words back if the open fails.
-    restore_lock: Option<PreviousLock>,
+    /// The lock word while this handle holds it.
+    held: u64,
+    /// Set while opening: the lock words as found, put back if the open fails.
+    restore_lock: Option<[u64; 3]>,
     report: OpenReport,
     _root: PhantomData<fn() -> R>,
 }
@@ -280,44 +282,140 @@ impl<R> fmt::Debug for State<R> {
     }
 }
 
-/// What open decided about the region's first bytes.
-enum Found {
-    Fresh,
-    Existing,
+/// What a look at the region before the lock found.
+enum Peek {
+    /// The header is zero (but for the atomic words): a new state, if the
+    /// rest of the region is zero too (checked under the lock).
+    Blank,
+    /// A header of this format, or one being created.
+    Ours,
 }
 
-fn inspect(mem: &Mem) -> Result<Found> {
-    let head_len = mem.len().min(HEADER_LEN);
-    let head = mem.bytes("header", 0, head_len)?;
-    if head.iter().all(|&b| b == 0) {
-        return Ok(Found::Fresh);
+/// Looks at the header before the lock is held, with atomic loads only
+/// (another opener may be creating the region right now). Foreign data,
+/// other formats and truncated regions are refused here, before anything
+/// is written; a blank region too short for the lock words is grown.
+fn peek(mem: &mut Mem) -> Result<Peek> {
+    mem.refresh()?;
+    let len = mem.len().min(HEADER_LEN);
+    let mut head = vec![0u8; len as usize];
+    let words = len / 8;
+    for i in 0..words {
+        let w = mem.load_u64(i * 8)?;
+        head[(i * 8) as usize..][..8].copy_from_slice(&w.to_le_bytes());
+    }
+    for off in words * 8..len {
+        head[off as usize] = mem.load_u8(off)?;
+    }
+    let atomic = TX_WORD as usize..ATOMIC_END as usize;
+    if head
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b == 0 || atomic.contains(&i))
+    {
+        if mem.len() < HEADER_LEN {
+            mem.grow_blank(HEADER_LEN)?;
+        }
+        return Ok(Peek::Blank);
     }
     let mut magic = [0u8; 8];
     let n = head.len().min(8);
     magic[..n].copy_from_slice(&head[..n]);
-    if &magic == MAGIC {
+    if &magic == MAGIC || &magic == CREATING_MAGIC {
         if mem.len() < HEADER_LEN {
             return Err(Error::Truncated {
                 needed: HEADER_LEN,
                 len: mem.len(),
             });
         }
-        return Ok(Found::Existing);
+        // The format is written before the final magic and never again.
+        let format = u32::from_le_bytes(head[SB_FORMAT as usize..][..4].try_into().expect("4"));
+        if &magic == MAGIC && format != FORMAT_VERSION {
+            return Err(Error::UnsupportedFormat {
+                found: format,
+                supported: FORMAT_VERSION,
+            });
+        }
+        return Ok(Peek::Ours);
     }
-    // A creation interrupted before its last store (the magic) left a
-    // complete header without it: ours, and safe to create again.
     if magic == [0; 8] && head.len() as u64 == HEADER_LEN {
+        // A shm-state header (of any format) whose magic alone is gone is
+        // damage, not foreign data: say so, and leave it alone.
         let mut sb = head[..SB_CRC as usize].to_vec();
         sb[..8].copy_from_slice(MAGIC);
         let stored = u32::from_le_bytes(head[SB_CRC as usize..][..4].try_into().expect("4"));
         if crc32fast::hash(&sb) == stored {
-            return Ok(Found::Fresh);
+            return Err(Error::corrupt(
+                "magic",
+                SB_MAGIC,
+                "erased from an otherwise valid shm-state header; refusing to create a state over it",
+            ));
         }
     }
     Err(Error::NotAState { found: magic })
 }
 
-/// Writes a new header: every byte but the magic first, the magic last.
+/// What the header says, read under the lock.
+enum Found {
+    /// Nothing of a state yet (blank, or a creation cut short before it
+    /// stored anything else): create one.
+    Fresh,
+    Existing,
+}
+
+/// True when every byte of `off..` is zero.
+fn zero_from(mem: &Mem, off: u64) -> Result<bool> {
+    let len = mem.len().saturating_sub(off);
+    Ok(mem
+        .bytes("region", off.min(mem.len()), len)?
+        .iter()
+        .all(|&b| b == 0))
+}
+
+/// Decides, holding the lock, whether to create the state. A blank header
+/// or a creation cut short is created (again) only if nothing else in the
+/// region was ever written: no transaction ran (commit word 0), the dynamic
+/// header holds no generation, root or allocation, and every byte after
+/// the header is zero. Anything else is damage and is refused.
+fn inspect(mem: &Mem) -> Result<Found> {
+    if mem.len() < HEADER_LEN {
+        return Err(Error::Truncated {
+            needed: HEADER_LEN,
+            len: mem.len(),
+        });
+    }
+    let below = mem.bytes("header", 0, TX_WORD)?;
+    let magic: [u8; 8] = below[..8].try_into().expect("8");
+    if &magic == MAGIC {
+        return Ok(Found::Existing);
+    }
+    let untouched = mem.load_u64(TX_WORD)? == 0
+        && mem
+            .bytes("header", LOCK_NONCE + 8, HEADER_LEN - LOCK_NONCE - 8)?
+            .iter()
+            .all(|&b| b == 0)
+        && zero_from(mem, HEADER_LEN)?;
+    let blank = magic == [0; 8] && below.iter().all(|&b| b == 0);
+    if blank || &magic == CREATING_MAGIC {
+        let dynamic_empty = [DY_GENERATION, DY_ROOT, DY_USED]
+            .iter()
+            .all(|&off| below[off as usize..][..8] == [0; 8]);
+        if untouched && dynamic_empty {
+            return Ok(Found::Fresh);
+        }
+        let problem = if blank {
+            "the header is all zero but the region holds data (a damaged state?); refusing to create a state over it"
+        } else {
+            "a creation was cut short, yet the region holds data; refusing to create a state over it"
+        };
+        return Err(Error::corrupt("header", 0, problem));
+    }
+    Err(Error::NotAState { found: magic })
+}
+
+/// Creates a state in a region that holds nothing (see [`inspect`]): the
+/// creating magic first (one atomic store), then the header, then the
+/// final magic. The commit and lock words are left alone (the lock is held).
 fn create(mem: &mut Mem, journal_len: u64, initial_len: u64, root: StoredLayout) -> Result<()> {
     if journal_len < 4096 || !journal_len.is_multiple_of(LINE) {
         return Err(Error::unsupported(format!(
@@ -338,7 +436,7 @@ fn create(mem: &mut Mem, journal_len: u64, initial_len: u64, root: StoredLayout)
             len: initial_len,
         })?;
     mem.grow(total)?;
-    let mut h = vec![0u8; HEADER_LEN as usize];
+    let mut h = [0u8; TX_WORD as usize];
     let put = |h: &mut [u8], off: u64, bytes: &[u8]| {
         h[off as usize..off as usize + bytes.len()].copy_from_slice(bytes)
     };
@@ -348,25 +446,25 @@ fn create(mem: &mut Mem, journal_len: u64, initial_len: u64, root: StoredLayout)
     put(&mut h, SB_JOURNAL_OFF, &JOURNAL_OFF.to_le_bytes());
     put(&mut h, SB_JOURNAL_LEN, &journal_len.to_le_bytes());
     put(&mut h, SB_HEAP_OFF, &heap_off.to_le_bytes());
-    put(&mut h, SB_USER_VERSION, &root.version.to_le_bytes());
-    put(&mut h, SB_ROOT_SIZE, &root.root_size.to_le_bytes());
-    put(&mut h, SB_ROOT_ALIGN, &root.root_align.to_le_bytes());
     let sb_crc = crc32fast::hash(&h[..SB_CRC as usize]);
     put(&mut h, SB_CRC, &sb_crc.to_le_bytes());
     put(&mut h, DY_HEAP_TOP, &heap_off.to_le_bytes());
+    put(&mut h, DY_USER_VERSION, &root.version.to_le_bytes());
+    put(&mut h, DY_ROOT_SIZE, &root.root_size.to_le_bytes());
+    put(&mut h, DY_ROOT_ALIGN, &root.root_align.to_le_bytes());
     let dy_crc = crc32fast::hash(&h[DY_START as usize..DY_CRC as usize]);
     put(&mut h, DY_CRC, &dy_crc.to_le_bytes());
-    // The first journal record slot is cleared, so that no stale bytes can
-    // pass for a record of transaction 1.
-    mem.zero("journal", JOURNAL_OFF, RECORD_HEADER)?;
+    mem.store_word(SB_MAGIC, u64::from_le_bytes(*CREATING_MAGIC))?;
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
     mem.write("header", 8, &h[8..])?;
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
-    mem.write("header", 0, &h[..8])?;
+    mem.store_word(SB_MAGIC, u64::from_le_bytes(*MAGIC))?;
     Ok(())
 }
 
-/// Validates the superblock; returns `(journal_len, heap_off, stored layout)`.
-fn check_superblock(mem: &Mem) -> Result<(u64, u64, StoredLayout)> {
+/// Validates the superblock (the geometry, written once at creation);
+/// returns `(journal_len, heap_off)`.
+fn check_superblock(mem: &Mem) -> Result<(u64, u64)> {
     let format = u32_at(mem, "format version", SB_FORMAT)?;
     if format != FORMAT_VERSION {
         return Err(Error::UnsupportedFormat {
@@ -403,22 +501,40 @@ fn check_superblock(mem: &Mem) -> Result<(u64, u64, StoredLayout)> {
             ),
         ));
     }
+    check_reserved(mem, SB_RESERVED, SB_CRC)?;
     if heap_off > mem.len() {
         return Err(Error::Truncated {
             needed: heap_off,
             len: mem.len(),
         });
     }
-    let layout = StoredLayout {
-        version: u32_at(mem, "user version", SB_USER_VERSION)?,
-        root_size: u32_at(mem, "root size", SB_ROOT_SIZE)?,
-        root_align: u32_at(mem, "root align", SB_ROOT_ALIGN)?,
-    };
-    Ok((journal_len, heap_off, layout))
+    Ok((journal_len, heap_off))
 }
 
-/// Validates the dynamic header (after any recovery).
-fn check_dynamic(mem: &Mem, heap_off: u64, layout: StoredLayout) -> Result<()> {
+fn check_reserved(mem: &Mem, start: u64, end: u64) -> Result<()> {
+    let reserved = mem.bytes("reserved header bytes", start, end - start)?;
+    match reserved.iter().position(|&b| b != 0) {
+        Some(i) => Err(Error::corrupt(
+            "reserved header bytes",
+            start + i as u64,
+            format!("must be zero in format {FORMAT_VERSION}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The root layout recorded in the dynamic header.
+fn read_layout(mem: &Mem) -> Result<StoredLayout> {
+    Ok(StoredLayout {
+        version: u32_at(mem, "user version", DY_USER_VERSION)?,
+        root_size: u32_at(mem, "root size", DY_ROOT_SIZE)?,
+        root_align: u32_at(mem, "root alignment", DY_ROOT_ALIGN)?,
+    })
+}
+
+/// Validates the dynamic header (after any recovery); returns the stored
+/// root layout.
+fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
     let stored = u32_at(mem, "header checksum", DY_CRC)?;
     let crc = dynamic_crc(mem)?;
     if crc != stored {
@@ -429,6 +545,14 @@ fn check_dynamic(mem: &Mem, heap_off: u64, layout: StoredLayout) -> Result<()> {
         ));
     }
     let heap = heap_bounds(mem, heap_off)?;
+    let layout = read_layout(mem)?;
+    if !layout.root_align.is_power_of_two() || layout.root_align > 16 {
+        return Err(Error::corrupt(
+            "root alignment",
+            DY_ROOT_ALIGN,
+            format!("{} is not a power of two up to 16", layout.root_align),
+        ));
+    }
     let root = u64_at(mem, "root offset", DY_ROOT)?;
     if root != 0 {
         Block::expect(mem, heap, root, Kind::Root)?.need(u64::from(layout.root_size))?;
@@ -450,81 +574,118 @@ fn check_dynamic(mem: &Mem, heap_off: u64, layout: StoredLayout) -> Result<()> {
     }
     for (start, end) in [
         (DY_RESERVED, DY_RESERVED + 8),
-        (DY_LAST_OPEN + 4, DY_CRC),
-        (LOCK_NONCE + 8, FREE_HEADS),
+        (LOCK_NONCE + 8, ATOMIC_END),
         (FREE_HEADS + FREE_SLOTS * 8, PEERS),
         (PEERS, PEERS + PEER_COUNT * PEER_ENTRY),
     ] {
-        let reserved = mem.bytes("reserved header bytes", start, end - start)?;
-        if let Some(i) = reserved.iter().position(|&b| b != 0) {
-            return Err(Error::corrupt(
-                "reserved header bytes",
-                start + i as u64,
-                "must be zero in format 2",
-            ));
-        }
+        check_reserved(mem, start, end)?;
     }
-    Ok(())
+    Ok(layout)
 }
 
-/// The lock words as found before this open took them.
-#[derive(Clone, Copy)]
-struct PreviousLock([u64; 3]);
-
-/// Puts the lock words back as they were (when open fails after taking
-/// them), so that a refused region is left byte for byte as it was.
-fn unlock(mem: &Mem, previous: PreviousLock) {
-    for (off, v) in [LOCK_PID, LOCK_START, LOCK_NONCE]
-        .into_iter()
-        .zip(previous.0)
-    {
-        if let Ok(w) = mem.atomic_u64(off) {
-            w.store(v, Ordering::Release);
-        }
-    }
+/// The lock as one open claimed it.
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    /// The lock words as found (put back if the open fails).
+    previous: [u64; 3],
+    /// The lock word while this handle holds it: pid and claim count.
+    held: u64,
 }
 
-/// Rolls back an interrupted transaction, if any (returning how many
-/// records were written back), then validates the dynamic header.
-fn recover_and_check(
-    mem: &mut Mem,
-    journal_len: u64,
-    heap_off: u64,
-    stored: StoredLayout,
-) -> Result<Option<usize>> {
-    let word = mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire);
-    let records = if word & 1 != 0 {
-        Some(journal::rollback(mem, journal_len, word >> 1)?)
-    } else {
-        None
-    };
-    check_dynamic(mem, heap_off, stored)?;
-    Ok(records)
-}
+const PID_MASK: u64 = 0xFFFF_FFFF;
 
-fn lock(mem: &Mem, nonce: u64) -> Result<(Option<u32>, PreviousLock)> {
+/// Takes the lock: one compare-and-swap from the word as found (free, or
+/// naming a dead holder) to `pid | CLAIMING | count + 1`; then the start
+/// time and the nonce; then the claiming bit is cleared. A reader that sees
+/// the claiming bit with a live pid takes the lock as held, whatever the
+/// start time and nonce words say (they are being written). The claim
+/// count makes the swap fail if the word changed hands in between, even
+/// back to the same pid. Returns the claim and the dead holder taken over.
+fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, Option<u32>)> {
     let word = mem.atomic_u64(LOCK_PID)?;
-    let current = word.load(Ordering::Acquire);
-    let pid = current as u32;
-    let start = mem.atomic_u64(LOCK_START)?.load(Ordering::Acquire);
-    let their_nonce = mem.atomic_u64(LOCK_NONCE)?.load(Ordering::Acquire);
-    let previous = PreviousLock([current, start, their_nonce]);
-    if owner::holder_alive(pid, start, their_nonce) {
-        return Err(Error::Locked { pid });
+    let start_word = mem.atomic_u64(LOCK_START)?;
+    let nonce_word = mem.atomic_u64(LOCK_NONCE)?;
+    let me = std::process::id();
+    // Read before the claim, so that the claiming window is two stores.
+    let my_start = owner::own_start_time();
+    let mut current = word.load(Ordering::Acquire);
+    // Every failed swap means another opener moved the word; it then holds
+    // or claims it, so the next round refuses. The bound is a safeguard.
+    for _ in 0..16 {
+        let start = start_word.load(Ordering::Acquire);
+        let their_nonce = nonce_word.load(Ordering::Acquire);
+        let pid = (current & PID_MASK) as u32;
+        if pid != 0 {
+            let held = if current & LOCK_CLAIMING != 0 {
+                owner::pid_alive(pid)
+            } else {
+                owner::holder_alive(pid, start, their_nonce)
+            };
+            if held {
+                return Err(Error::Locked { pid });
+            }
+        }
+        let count = ((current >> LOCK_COUNT_SHIFT) + 1) & (u64::MAX >> LOCK_COUNT_SHIFT);
+        let claiming = u64::from(me) | LOCK_CLAIMING | (count << LOCK_COUNT_SHIFT);
+        match word.compare_exchange(current, claiming, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                start_word.store(my_start, Ordering::Relaxed);
+                nonce_word.store(nonce, Ordering::Relaxed);
+                let held = claiming & !LOCK_CLAIMING;
+                // Release: whoever sees the bit clear sees our start and nonce.
+                word.store(held, Ordering::Release);
+                let claim = Claim {
+                    previous: [current, start, their_nonce],
+                    held,
+                };
+                return Ok((claim, (pid != 0).then_some(pid)));
+            }
+            Err(now) => current = now,
+        }
     }
-    let me = u64::from(std::process::id());
+    Err(Error::Locked {
+        pid: (current & PID_MASK) as u32,
+    })
+}
+
+/// Puts the lock words back as they were found (an open that fails after
+/// taking the lock), so that a refused region is left byte for byte as it
+/// was. The claiming bit is set first, so that no opener judges the words
+/// while they are being put back.
+fn unlock(mem: &Mem, claim: Claim) {
+    let (Ok(word), Ok(start), Ok(nonce)) = (
+        mem.atomic_u64(LOCK_PID),
+        mem.atomic_u64(LOCK_START),
+        mem.atomic_u64(LOCK_NONCE),
+    ) else {
+        return;
+    };
     if word
-        .compare_exchange(current, me, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(
+            claim.held,
+            claim.held | LOCK_CLAIMING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
         .is_err()
     {
-        return Err(Error::Locked {
-            pid: word.load(Ordering::Acquire) as u32,
-        });
+        return; // not ours any more (never while this process lives)
     }
-    mem.atomic_u64(LOCK_START)?
-        .store(owner::own_start_time(), Ordering::Release);
-    mem.atomic_u64(LOCK_NONCE)?.store(nonce, Ordering::Release);
-    Ok(((pid != 0).then_some(pid), previous))
+    start.store(claim.previous[1], Ordering::Relaxed);
+    nonce.store(claim.previous[2], Ordering::Relaxed);
+    word.store(claim.previous[0], Ordering::Release);
+}
+
+/// Releases a held lock: the word keeps its claim count and loses the pid,
+/// only if it is still this handle's (word and nonce).
+fn release_lock(mem: &Mem, held: u64, nonce: u64) {
+    let (Ok(word), Ok(nonce_word)) = (mem.atomic_u64(LOCK_PID), mem.atomic_u64(LOCK_NONCE)) else {
+        return;
+    };
+    if nonce_word.load(Ordering::Acquire) != nonce {
+        return;
+    }
+    let _ = word.compare_exchange(held, held & !PID_MASK, Ordering::AcqRel, Ordering::Relaxed);
 }
 
 fn root_layout<R: Pod>(version: u32) -> Result<StoredLayout> {
@@ -545,13 +706,49 @@ fn root_layout<R: Pod>(version: u32) -> Result<StoredLayout> {
     })
 }
 
+/// What the steps of an open under the lock found.
+struct Prepared {
+    journal_len: u64,
+    heap_off: u64,
+    stored: StoredLayout,
+    opened: Opened,
+}
+
+/// The steps of an open that run under the lock before the state handle
+/// exists: creation, the superblock, recovery, the dynamic header.
+fn prepare(mem: &mut Mem, layout: &Layout<impl Pod>, expected: StoredLayout) -> Result<Prepared> {
+    // Another process may have grown the backing since it was mapped.
+    mem.refresh()?;
+    let mut opened = Opened::Reopened;
+    if let Found::Fresh = inspect(mem)? {
+        create(mem, layout.journal_len, layout.initial_len, expected)?;
+        opened = Opened::Created;
+    }
+    let (journal_len, heap_off) = check_superblock(mem)?;
+    // Recovery needs only the geometry: everything it restores (the root,
+    // the layout, the dynamic header) is validated after it.
+    let word = mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire);
+    if word & 1 != 0 {
+        let records = journal::rollback(mem, journal_len, word >> 1)?;
+        opened = Opened::Recovered { records };
+    }
+    let stored = check_dynamic(mem, heap_off)?;
+    Ok(Prepared {
+        journal_len,
+        heap_off,
+        stored,
+        opened,
+    })
+}
+
 impl<R: Pod> State<R> {
     /// Opens (or creates) the state in `source`.
     ///
     /// An empty or all-zero region gets a new state ([`Opened::Created`]). A
     /// region holding a state is validated; an interrupted transaction is
     /// rolled back ([`Opened::Recovered`]); a different root layout runs
-    /// `layout.migrate` or fails. Anything else (foreign data, a damaged
+    /// `layout.migrate` or fails (a newer stored version always fails:
+    /// [`Error::Downgrade`]). Anything else (foreign data, a damaged
     /// header) is an error and the region is left as it was.
     pub fn open(source: Source, mut layout: Layout<R>) -> Result<State<R>> {
         let expected = root_layout::<R>(layout.version)?;
@@ -562,8 +759,8 @@ impl<R: Pod> State<R> {
         };
         let mut mem = match source.0 {
             SourceKind::Heap(v) => Mem::heap(v, 64, base)?,
-            SourceKind::Shared(fd) => Mem::shared(fd, 1, base)?,
-            SourceKind::File(f) => Mem::file(f, 1, base)?,
+            SourceKind::Shared(fd) => Mem::shared(fd, HEADER_LEN, base)?,
+            SourceKind::File(f) => Mem::file(f, HEADER_LEN, base)?,
         };
 
         if mem.prefix().1 < base {
@@ -573,70 +770,66 @@ impl<R: Pod> State<R> {
                 found: mem.backing_head(),
             });
         }
-        let mut created = false;
-        if let Found::Fresh = inspect(&mem)? {
-            create(&mut mem, layout.journal_len, layout.initial_len, expected)?;
-            created = true;
+        if layout.snapshot_protocol {
+            // Read-only: a foreign first page is refused before any write.
+            Publisher::check_protocol(&mem)?;
         }
-        let (journal_len, heap_off, stored) = check_superblock(&mem)?;
-        // Attached after any creation (which remaps), so it points at the
-        // mapping in use; later remaps re-attach it (TxCore::alloc).
-        let publisher = if layout.snapshot_protocol {
-            Some(Publisher::attach_protocol(&mem)?)
-        } else {
-            None
-        };
+        peek(&mut mem)?;
         let nonce = owner::register_nonce();
-        let result = Self::open_locked(
-            mem,
-            publisher,
-            nonce,
-            journal_len,
-            heap_off,
-            stored,
-            expected,
-            created,
-            &mut layout,
-        );
+        let result = Self::open_locked(mem, nonce, expected, &mut layout);
         if result.is_err() {
             owner::unregister_nonce(nonce);
         }
         result
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn open_locked(
         mut mem: Mem,
-        publisher: Option<Publisher>,
         nonce: u64,
-        journal_len: u64,
-        heap_off: u64,
-        stored: StoredLayout,
         expected: StoredLayout,
-        created: bool,
         layout: &mut Layout<R>,
     ) -> Result<State<R>> {
-        let (took_over_from, previous_lock) = lock(&mem, nonce)?;
-        let mut opened = if created {
-            Opened::Created
-        } else {
-            Opened::Reopened
+        let (claim, took_over_from) = lock(&mem, nonce)?;
+        // Until the state handle exists, a failure puts the lock words back.
+        let refuse = |mem: &Mem, e: Error| {
+            unlock(mem, claim);
+            Err(e)
         };
-        let checked = recover_and_check(&mut mem, journal_len, heap_off, stored);
-        match checked {
-            Ok(Some(records)) => opened = Opened::Recovered { records },
-            Ok(None) => {}
-            Err(e) => {
-                unlock(&mem, previous_lock);
-                return Err(e);
+        let Prepared {
+            journal_len,
+            heap_off,
+            stored,
+            opened,
+        } = match prepare(&mut mem, layout, expected) {
+            Ok(p) => p,
+            Err(e) => return refuse(&mem, e),
+        };
+        let migrate = if stored == expected {
+            None
+        } else if stored.version > expected.version {
+            return refuse(&mem, Error::Downgrade { stored, expected });
+        } else {
+            match layout.migrate.take() {
+                Some(m) => Some(m),
+                None => return refuse(&mem, Error::LayoutMismatch { stored, expected }),
             }
-        }
+        };
+        // Attached under the lock (it writes the protocol page) and after
+        // any creation (which remaps); later remaps re-attach it.
+        let publisher = if layout.snapshot_protocol {
+            match Publisher::attach_protocol(&mem) {
+                Ok(p) => p,
+                Err(e) => return refuse(&mem, e),
+            }
+        } else {
+            Publisher::new(layout.commit_hook.take())
+        };
         let previous_pid = u32_at(&mem, "last opener", DY_LAST_PID).unwrap_or(0);
-        let publisher = publisher.unwrap_or_else(|| Publisher::new(layout.commit_hook.take()));
         let mut state = State {
             core: Core::new(mem, journal_len, heap_off, publisher),
             nonce,
-            restore_lock: Some(previous_lock),
+            held: claim.held,
+            restore_lock: Some(claim.previous),
             report: OpenReport {
                 opened,
                 generation: 0,
@@ -646,17 +839,7 @@ impl<R: Pod> State<R> {
             },
             _root: PhantomData,
         };
-        // From here on, dropping `state` releases the lock.
-        let migrate = if stored != expected {
-            match layout.migrate.take() {
-                Some(m) => Some(m),
-                None => {
-                    return Err(Error::LayoutMismatch { stored, expected });
-                }
-            }
-        } else {
-            None
-        };
+        // From here on, dropping `state` puts the lock words back.
         let opened_code = match opened {
             Opened::Created => 1u32,
             Opened::Reopened => 2,
@@ -696,7 +879,7 @@ impl<R: Pod> State<R> {
 
     /// The layout recorded in the region.
     pub fn stored_layout(&self) -> Result<StoredLayout> {
-        Ok(check_superblock(&self.core.mem)?.2)
+        read_layout(&self.core.mem)
     }
 
     /// The root.
@@ -757,7 +940,7 @@ impl<R: Pod> State<R> {
         self.core.mem.flush()?;
         let mut core = std::mem::replace(
             &mut self.core,
-            Core::new(Mem::heap(Vec::new(), 0, 0)?, 0, 0, Publisher::default()),
+            Core::new(Mem::empty(), 0, 0, Publisher::default()),
         );
         // The protocol publisher points into the mapping: gone before it.
         drop(std::mem::take(&mut core.publisher));
@@ -774,12 +957,15 @@ impl<R> State<R> {
         if self.nonce == 0 {
             return;
         }
-        if let Some(previous) = self.restore_lock.take() {
-            unlock(&self.core.mem, previous);
-        } else if let Ok(w) = self.core.mem.atomic_u64(LOCK_PID)
-            && w.load(Ordering::Acquire) == u64::from(std::process::id())
-        {
-            w.store(0, Ordering::Release);
+        match self.restore_lock.take() {
+            Some(previous) => unlock(
+                &self.core.mem,
+                Claim {
+                    previous,
+                    held: self.held,
+                },
+            ),
+            None => release_lock(&self.core.mem, self.held, self.nonce),
         }
         owner::unregister_nonce(self.nonce);
         self.nonce = 0;
@@ -856,35 +1042,36 @@ impl<R: Pod> Tx<'_, R> {
         Ok(())
     }
 
-    /// Swaps in a zeroed root of the new layout and records that layout;
-    /// returns the old root.
+    /// Swaps in a zeroed root of the new layout and records that layout (in
+    /// the dynamic header, journaled like the root); returns the old root.
     fn replace_root(&mut self, stored: StoredLayout, expected: StoredLayout) -> Result<OldRoot> {
         let heap = self.core.heap()?;
         let old_off = u64_at(self.core.mem(), "root offset", DY_ROOT)?;
-        let mut bytes = vec![0u8; stored.root_size as usize];
+        let old_len = u64::from(stored.root_size);
+        let mut bytes = Vec::new();
         if old_off != 0 {
-            let b = Block::expect(self.core.mem(), heap, old_off, Kind::Root)?
-                .need(u64::from(stored.root_size))?;
-            bytes.copy_from_slice(self.core.mem().bytes(
-                "root",
-                b.payload(),
-                u64::from(stored.root_size),
-            )?);
-            self.core.free(old_off)?;
+            // Validated before anything is allocated for it.
+            let b = Block::expect(self.core.mem(), heap, old_off, Kind::Root)?.need(old_len)?;
+            bytes.extend_from_slice(self.core.mem().bytes("root", b.payload(), old_len)?);
+            self.core.free(old_off, Kind::Root)?;
+        } else {
+            bytes
+                .try_reserve_exact(stored.root_size as usize)
+                .map_err(|_| Error::TooLarge {
+                    what: "stored root",
+                    len: old_len,
+                })?;
+            bytes.resize(stored.root_size as usize, 0);
         }
         let root = self
             .core
             .alloc(Kind::Root, u64::from(expected.root_size), true)?;
         self.core.write_u64("root offset", DY_ROOT, root.off)?;
-        let mut sb = [0u8; 12];
-        sb[0..4].copy_from_slice(&expected.version.to_le_bytes());
-        sb[4..8].copy_from_slice(&expected.root_size.to_le_bytes());
-        sb[8..12].copy_from_slice(&expected.root_align.to_le_bytes());
-        self.core.write("superblock", SB_USER_VERSION, &sb)?;
-        self.core.prepare(SB_CRC, 4)?;
-        let crc = superblock_crc(self.core.mem())?;
-        self.core
-            .write("superblock checksum", SB_CRC, &crc.to_le_bytes())?;
+        let mut fields = [0u8; 12];
+        fields[0..4].copy_from_slice(&expected.version.to_le_bytes());
+        fields[4..8].copy_from_slice(&expected.root_size.to_le_bytes());
+        fields[8..12].copy_from_slice(&expected.root_align.to_le_bytes());
+        self.core.write("root layout", DY_USER_VERSION, &fields)?;
         Ok(OldRoot {
             layout: stored,
             bytes,

@@ -450,18 +450,107 @@ fn foreign_data_is_refused_and_left_untouched() {
 }
 
 #[test]
-fn interrupted_creation_is_created_again() {
+fn a_state_with_its_magic_or_header_zeroed_is_refused_not_recreated() {
     let mut s = fresh();
     s.transaction(|tx| {
         tx.root_mut()?.n = 5;
         Ok::<_, Error>(())
     })
     .unwrap();
-    let mut img = s.image();
-    img[..8].fill(0);
-    let s = open(img).unwrap();
-    assert_eq!(s.report().opened, Opened::Created);
-    assert_eq!(s.root().unwrap().n, 0);
+    let img = s.close().unwrap().into_heap().unwrap();
+    let mut no_magic = img.clone();
+    no_magic[..8].fill(0);
+    let mut no_header = img.clone();
+    no_header[..4096].fill(0);
+    let mut creating = img.clone();
+    creating[..8].copy_from_slice(crate::format::CREATING_MAGIC);
+    for (name, bad) in [
+        ("magic zeroed", no_magic),
+        ("header zeroed", no_header),
+        ("creating magic over a used state", creating),
+    ] {
+        let e = open(bad.clone()).unwrap_err();
+        assert!(
+            matches!(e, Error::Corrupted(_)),
+            "{name}: {e} (must never be a silent reset)"
+        );
+        // Refused without a write: a file copy is byte for byte the same.
+        let file = tempfile::tempfile().unwrap();
+        std::fs::write(
+            format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file)),
+            &bad,
+        )
+        .unwrap();
+        // SAFETY: a private temp file, never truncated.
+        let source = unsafe { Source::file(file.try_clone().unwrap()) };
+        assert!(State::<Root>::open(source, layout()).is_err());
+        let after = std::fs::read(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&file)
+        ))
+        .unwrap();
+        assert!(after == bad, "{name}: the refused open changed the file");
+    }
+}
+
+/// Arms the crash seam for the next heap region made on this thread (the
+/// next `open`), crashing at write `n` torn after `torn` bytes.
+fn arm(n: u64, torn: usize) {
+    crate::mem::NEXT_PLAN.with(|p| {
+        *p.borrow_mut() = Some(CrashPlan {
+            countdown: n,
+            torn_prefix: torn,
+            image: None,
+        })
+    });
+}
+
+/// Opens `bytes` with a crash armed at write `n`; the image the crash left
+/// (None once `n` is past the open's last write).
+fn open_crashing<R: Pod>(
+    bytes: Vec<u8>,
+    layout: Layout<R>,
+    n: u64,
+    torn: usize,
+) -> Option<Vec<u8>> {
+    arm(n, torn);
+    let mut s = State::<R>::open(Source::heap(bytes), layout).unwrap();
+    s.core.mem.crash.take().and_then(|c| c.image)
+}
+
+#[test]
+fn a_crash_at_any_write_of_creation_or_reopen_leaves_an_openable_state() {
+    let existing = fresh().close().unwrap().into_heap().unwrap();
+    let model = dump(&open(existing.clone()).unwrap()).unwrap();
+    let mut points = 0;
+    for start in [Vec::new(), existing.clone()] {
+        for n in 0.. {
+            let mut done = false;
+            for torn in [0usize, 3, 8, 64] {
+                let Some(image) = open_crashing(start.clone(), layout(), n, torn) else {
+                    done = true;
+                    break;
+                };
+                points += 1;
+                let s = open(image).unwrap_or_else(|e| {
+                    panic!(
+                        "start {} bytes, crash at write {n} torn {torn}: {e}",
+                        start.len()
+                    )
+                });
+                s.verify().unwrap();
+                if start.is_empty() {
+                    assert_eq!(s.root().unwrap().n, 0);
+                } else {
+                    assert_eq!(dump(&s).unwrap(), model, "crash at write {n}");
+                }
+            }
+            if done {
+                break;
+            }
+        }
+    }
+    assert!(points > 20, "{points} crash points");
 }
 
 /// A small xorshift generator for the fuzz loops.
@@ -979,31 +1068,27 @@ fn a_transaction_that_does_not_allocate_leaves_the_dynamic_header_alone() {
 }
 
 #[test]
-fn a_format_1_region_is_refused_and_left_untouched() {
+fn regions_of_formats_1_and_2_are_refused_and_left_untouched() {
     use std::io::{Read, Seek, Write};
-    let mut img = fresh().close().unwrap().into_heap().unwrap();
-    img[8..12].copy_from_slice(&1u32.to_le_bytes());
-    let crc = crc32fast::hash(&img[..0x7C]);
-    img[0x7C..0x80].copy_from_slice(&crc.to_le_bytes());
-    let mut file = tempfile::tempfile().unwrap();
-    file.write_all(&img).unwrap();
-    // SAFETY: a private temp file, never truncated.
-    let source = unsafe { Source::file(file.try_clone().unwrap()) };
-    let e = State::<Root>::open(source, layout()).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::UnsupportedFormat {
-                found: 1,
-                supported: 2
-            }
-        ),
-        "{e}"
-    );
-    let mut after = Vec::new();
-    file.rewind().unwrap();
-    file.read_to_end(&mut after).unwrap();
-    assert!(after == img, "a refused open changed the region");
+    for old in [1u32, 2] {
+        let mut img = fresh().close().unwrap().into_heap().unwrap();
+        img[8..12].copy_from_slice(&old.to_le_bytes());
+        let crc = crc32fast::hash(&img[..0x7C]);
+        img[0x7C..0x80].copy_from_slice(&crc.to_le_bytes());
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&img).unwrap();
+        // SAFETY: a private temp file, never truncated.
+        let source = unsafe { Source::file(file.try_clone().unwrap()) };
+        let e = State::<Root>::open(source, layout()).unwrap_err();
+        assert!(
+            matches!(e, Error::UnsupportedFormat { found, supported: 3 } if found == old),
+            "{e}"
+        );
+        let mut after = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut after).unwrap();
+        assert!(after == img, "a refused open changed the region");
+    }
 }
 
 #[test]
@@ -1051,4 +1136,600 @@ fn a_map_view_stays_true_to_the_region_after_a_failed_insert() {
         .unwrap_err();
     assert!(matches!(e, Error::Migration(_)));
     assert_eq!(dump(&s).unwrap(), before);
+}
+
+#[test]
+fn a_crash_at_any_write_of_a_migration_reopens_migrated_or_not_at_all() {
+    #[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+    #[repr(C)]
+    struct V1 {
+        a: u64,
+        b: u64,
+    }
+    #[derive(Clone, Copy, Pod, Zeroable, Debug, PartialEq)]
+    #[repr(C)]
+    struct V2 {
+        b: u64,
+        a: u64,
+    }
+    let mut s = State::<V1>::open(Source::heap(Vec::new()), Layout::new(1)).unwrap();
+    s.transaction(|tx| tx.set_root(V1 { a: 1, b: 2 })).unwrap();
+    let base = s.close().unwrap().into_heap().unwrap();
+    let v2 = || {
+        Layout::<V2>::new(2).migrate(|tx, old| {
+            let o: V1 = bytemuck::pod_read_unaligned(&old.bytes);
+            tx.set_root(V2 { b: o.b, a: o.a })
+        })
+    };
+    let v1_layout = StoredLayout {
+        version: 1,
+        root_size: 16,
+        root_align: 8,
+    };
+    let mut points = 0;
+    for n in 0.. {
+        let Some(image) = open_crashing(base.clone(), v2(), n, 5) else {
+            break;
+        };
+        points += 1;
+        // The old program still reads the old root, or is refused (newer
+        // layout) if the migration had committed: never a wrong root.
+        match State::<V1>::open(Source::heap(image.clone()), Layout::new(1)) {
+            Ok(s) => {
+                assert_eq!(*s.root().unwrap(), V1 { a: 1, b: 2 }, "crash at write {n}");
+                assert_eq!(s.stored_layout().unwrap(), v1_layout);
+            }
+            Err(e) => assert!(
+                matches!(e, Error::Downgrade { .. }),
+                "crash at write {n}: {e}"
+            ),
+        }
+        let s = State::<V2>::open(Source::heap(image), v2())
+            .unwrap_or_else(|e| panic!("crash at write {n}: reopen refused: {e}"));
+        assert_eq!(*s.root().unwrap(), V2 { b: 2, a: 1 }, "crash at write {n}");
+        assert_eq!(s.stored_layout().unwrap().version, 2);
+        s.verify().unwrap();
+    }
+    assert!(points > 10, "{points} crash points");
+}
+
+#[test]
+fn a_newer_layout_version_is_refused_even_with_a_migration() {
+    let bytes = fresh().close().unwrap().into_heap().unwrap();
+    let called = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let c = called.clone();
+    let l = Layout::<Root>::new(0).migrate(move |_, _| {
+        c.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    });
+    let e = State::open(Source::heap(bytes.clone()), l).unwrap_err();
+    assert!(matches!(e, Error::Downgrade { .. }), "{e}");
+    assert!(e.to_string().contains("refusing to downgrade"), "{e}");
+    assert!(!called.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(open(bytes).unwrap().root().unwrap().n, 0);
+}
+
+// Ported from the correctness review's reproducers (`repro -- <name>`).
+
+fn env_count(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn open_path(path: &std::path::Path) -> Result<State<Root>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    // SAFETY: a file in a private temp dir, never truncated.
+    State::open(unsafe { Source::file(f) }, layout())
+}
+
+/// `repro -- race`: threads racing to open one state (an existing one, and
+/// an empty file that each wants to create) are let in one at a time.
+#[test]
+fn concurrent_opens_in_threads_admit_exactly_one() {
+    use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use std::sync::{Arc, Barrier};
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("existing");
+    drop(open_path(&existing).unwrap());
+    let rounds = env_count("SHM_STATE_LOCK_ROUNDS", 200);
+    for round in 0..rounds {
+        let path = if round % 4 == 0 {
+            dir.path().join(format!("new-{round}"))
+        } else {
+            existing.clone()
+        };
+        let barrier = Arc::new(Barrier::new(3));
+        let admitted = Arc::new(AtomicU32::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let (barrier, admitted, path) = (barrier.clone(), admitted.clone(), path.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let r = open_path(&path);
+                    match &r {
+                        Ok(_) => {
+                            admitted.fetch_add(1, SeqCst);
+                        }
+                        Err(Error::Locked { pid }) => assert_eq!(*pid, std::process::id()),
+                        Err(e) => panic!("round {round}: {e}"),
+                    }
+                    barrier.wait(); // hold it until every thread has tried
+                    drop(r);
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(admitted.load(SeqCst), 1, "round {round}");
+        let s = open_path(&path).unwrap();
+        s.verify().unwrap();
+    }
+}
+
+const LOCK_CHILD: &str = "SHM_STATE_LOCK_CHILD";
+
+/// The child side of `concurrent_opens_in_processes_admit_one_at_a_time`
+/// (does nothing unless that test runs this binary with `LOCK_CHILD` set):
+/// at the given instant, opens the state, holds it 20 ms, and prints when
+/// it held it.
+#[test]
+fn lock_race_child() {
+    let Ok(arg) = std::env::var(LOCK_CHILD) else {
+        return;
+    };
+    let (path, at) = arg.split_once('|').unwrap();
+    let at: u128 = at.parse().unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    };
+    while now() < at {
+        std::hint::spin_loop();
+    }
+    match open_path(std::path::Path::new(path)) {
+        Ok(s) => {
+            let from = now();
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            println!("held {from} {}", now());
+            drop(s);
+            std::process::exit(0);
+        }
+        Err(Error::Locked { .. }) => std::process::exit(10),
+        Err(e) => {
+            println!("error {e}");
+            std::process::exit(11);
+        }
+    }
+}
+
+/// `repro -- prace`: processes racing to open one state never hold it at
+/// the same time.
+#[test]
+fn concurrent_opens_in_processes_admit_one_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    drop(open_path(&path).unwrap());
+    let exe = std::env::current_exe().unwrap();
+    let rounds = env_count("SHM_STATE_LOCK_PROC_ROUNDS", 20);
+    let mut admitted_total = 0;
+    for round in 0..rounds {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+            + 60_000_000;
+        let kids: Vec<_> = (0..3)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args(["--exact", "tests::lock_race_child", "--nocapture", "-q"])
+                    .env(LOCK_CHILD, format!("{}|{at}", path.display()))
+                    .stdout(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let mut held: Vec<(u128, u128)> = Vec::new();
+        for kid in kids {
+            let out = kid.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            match out.status.code() {
+                Some(0) => {
+                    let line = text.lines().find(|l| l.starts_with("held ")).unwrap();
+                    let mut f = line[5..].split(' ').map(|v| v.parse::<u128>().unwrap());
+                    held.push((f.next().unwrap(), f.next().unwrap()));
+                }
+                Some(10) => {}
+                other => panic!("round {round}: child exited {other:?}: {text}"),
+            }
+        }
+        admitted_total += held.len();
+        held.sort();
+        for w in held.windows(2) {
+            assert!(
+                w[0].1 < w[1].0,
+                "round {round}: two processes held the state at once: {held:?}"
+            );
+        }
+    }
+    assert!(admitted_total >= rounds as usize);
+    open_path(&path).unwrap().verify().unwrap();
+}
+
+/// A refused (locked) open does not touch the live holder's snapshot
+/// protocol page (it used to clear its `waiters` word).
+#[test]
+fn a_locked_open_leaves_the_holders_protocol_page_alone() {
+    let fd =
+        shm_fd::SharedFd::create("shm-state-waiters", shm_fd::CreateOptions::default()).unwrap();
+    let other = fd.try_clone().unwrap();
+    let l = || layout().with_snapshot_protocol();
+    // SAFETY: a private memfd, sealed against shrinking.
+    let s = State::<Root>::open(unsafe { Source::shared(fd) }, l()).unwrap();
+    let map = other.map_raw(1).unwrap();
+    // SAFETY: 8-aligned word inside the mapping, accessed atomically.
+    let waiters = unsafe {
+        std::sync::atomic::AtomicU64::from_ptr(
+            map.as_mut_ptr().add(shm_snapshot::OFF_WAITERS).cast(),
+        )
+    };
+    waiters.store(1, std::sync::atomic::Ordering::SeqCst);
+    // SAFETY: as above.
+    let e = State::<Root>::open(unsafe { Source::shared(other.try_clone().unwrap()) }, l())
+        .unwrap_err();
+    assert!(matches!(e, Error::Locked { .. }), "{e}");
+    assert_eq!(waiters.load(std::sync::atomic::Ordering::SeqCst), 1);
+    drop(s);
+}
+
+/// `repro -- swallow`: an operation that fails part way poisons the
+/// transaction even if the closure ignores its error and returns `Ok`.
+#[test]
+fn an_error_the_closure_swallows_still_rolls_the_transaction_back() {
+    #[derive(Clone, Copy, Pod, Zeroable)]
+    #[repr(C)]
+    struct R3 {
+        v: StateVec<u64>,
+        m: StateMap<u64, u64>,
+        b: StateMap<u64, Bytes>,
+    }
+    let l = || Layout::<R3>::new(1).journal_len(4096);
+    let mut s = State::<R3>::open(Source::heap(Vec::new()), l()).unwrap();
+    s.transaction(|tx| {
+        let r = R3 {
+            v: tx.new_vec()?,
+            m: tx.new_map()?,
+            b: tx.new_map()?,
+        };
+        tx.set_root(r)?;
+        tx.vec(r.v)?.extend_from_slice(&vec![0u64; 8 * 100])?;
+        tx.map(r.m)?.insert(&1, &1)?;
+        tx.map(r.b)?.insert(&1, b"old")?;
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let base = s.close().unwrap().into_heap().unwrap();
+    let (mut incomplete, mut clean_failures) = (0, 0);
+    for k in 20..60u64 {
+        for replace in [false, true] {
+            let mut s = State::<R3>::open(Source::heap(base.clone()), l()).unwrap();
+            let r = *s.root().unwrap();
+            let res = s.transaction(|tx| {
+                for i in 0..k {
+                    tx.vec(r.v)?.set(i * 8, 1)?; // one journaled line each
+                }
+                let inner = if replace {
+                    tx.map(r.b)?.insert(&1, &[7u8; 300]).map(|_| ())
+                } else {
+                    tx.map(r.m)?.insert(&2, &2).map(|_| ())
+                };
+                Ok::<_, Error>(inner.is_err())
+            });
+            let m = s.map(r.m).unwrap();
+            m.verify().unwrap();
+            let b = s.map(r.b).unwrap();
+            b.verify().unwrap();
+            s.verify().unwrap();
+            match res {
+                Err(Error::Incomplete { .. }) => {
+                    incomplete += 1;
+                    // Rolled back whole: the vec sets are gone too.
+                    assert_eq!(s.vec(r.v).unwrap()[0], 0, "k {k}");
+                    assert_eq!(m.len(), 1);
+                    assert_eq!(b.get(&1).unwrap(), Some(&b"old"[..]));
+                }
+                Ok(true) => {
+                    // Failed before changing anything: the rest commits.
+                    clean_failures += 1;
+                    assert_eq!(s.vec(r.v).unwrap()[0], 1);
+                    assert_eq!(m.get(&2).unwrap(), None);
+                    assert_eq!(b.get(&1).unwrap(), Some(&b"old"[..]));
+                }
+                Ok(false) => {
+                    if replace {
+                        assert_eq!(b.get(&1).unwrap(), Some(&[7u8; 300][..]));
+                    } else {
+                        assert_eq!(m.get(&2).unwrap(), Some(&2));
+                    }
+                }
+                // A `?` on a failed vec set: an ordinary rollback.
+                Err(Error::JournalFull { .. }) => assert_eq!(s.vec(r.v).unwrap()[0], 0),
+                Err(e) => panic!("k {k}: {e}"),
+            }
+            drop(s);
+        }
+    }
+    assert!(incomplete > 0, "no operation failed part way");
+    assert!(clean_failures > 0, "no operation failed before writing");
+}
+
+fn put_u64(img: &mut [u8], off: u64, v: u64) {
+    img[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get_u64(img: &[u8], off: u64) -> u64 {
+    u64::from_le_bytes(img[off as usize..off as usize + 8].try_into().unwrap())
+}
+
+/// `repro -- tombs / len / log / reserve`: counts in a damaged region and
+/// huge requests are errors, not arithmetic overflow panics.
+#[test]
+fn damaged_counts_and_huge_sizes_are_errors_not_panics() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for k in 0..6u64 {
+            m.insert(&k, &k)?;
+        }
+        tx.log(r.log)?.append(b"x")
+    })
+    .unwrap();
+    let img = s.close().unwrap().into_heap().unwrap();
+    let map_hdr = r.map.offset() + 16;
+    // A removal that leaves a tombstone, then the header's count zeroed.
+    let mut with_tomb = None;
+    for k in 0..6u64 {
+        let mut s = open(img.clone()).unwrap();
+        s.transaction(|tx| tx.map(r.map)?.remove(&k)).unwrap();
+        let after = s.close().unwrap().into_heap().unwrap();
+        if get_u64(&after, map_hdr + 8) == 1 {
+            with_tomb = Some((k, after));
+            break;
+        }
+    }
+    let (k, mut bad) = with_tomb.expect("a tombstone");
+    put_u64(&mut bad, map_hdr + 8, 0);
+    let mut s = open(bad).unwrap();
+    let e = s
+        .transaction(|tx| tx.map(r.map)?.insert(&k, &99))
+        .unwrap_err();
+    assert!(e.to_string().contains("tombstone"), "{e}");
+    // Entries in the table, none in the header's count.
+    let mut bad = img.clone();
+    put_u64(&mut bad, map_hdr, 0);
+    let mut s = open(bad).unwrap();
+    let e = s.transaction(|tx| tx.map(r.map)?.remove(&3)).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    // A log whose record count is at its maximum.
+    let mut bad = img.clone();
+    put_u64(&mut bad, r.log.offset() + 16, u64::MAX);
+    let mut s = open(bad).unwrap();
+    let e = s.transaction(|tx| tx.log(r.log)?.append(b"y")).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    // Sizes past the format's largest block.
+    let mut s = open(img).unwrap();
+    for n in [(1u64 << 60) + 1, u64::MAX / 8, u64::MAX] {
+        let e = s
+            .transaction(|tx| {
+                let v = tx.new_vec::<u64>()?;
+                tx.vec(v)?.reserve(n)
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{n}: {e}");
+    }
+}
+
+/// `repro -- foreign`: a byte-string slot naming another kind of block
+/// cannot free it, and `verify` checks the root pointer.
+#[test]
+fn a_map_slot_cannot_free_a_block_of_another_kind() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.map(r.bmap)?.insert(b"k", b"v").map(|_| ()))
+        .unwrap();
+    let img = s.close().unwrap().into_heap().unwrap();
+    let root_block = get_u64(&img, 0x90);
+    let hdr = r.bmap.offset() + 16;
+    let (cap, table) = (get_u64(&img, hdr + 16), get_u64(&img, hdr + 24));
+    let mut bad = img.clone();
+    for i in 0..cap {
+        let at = table + 16 + i * 24;
+        if get_u64(&img, at) > 1 {
+            put_u64(&mut bad, at + 16, root_block); // the value names the root
+        }
+    }
+    let mut s = open(bad).unwrap();
+    let e = s
+        .transaction(|tx| tx.map(r.bmap)?.remove(b"k"))
+        .unwrap_err();
+    assert!(e.to_string().contains("not a byte string"), "{e}");
+    s.verify().unwrap();
+    assert_eq!(s.root().unwrap().n, 0);
+    // A root pointer naming another block is caught by verify.
+    let root_len = size_of::<Root>() as u64;
+    let other = r.vec.offset();
+    s.core
+        .mem
+        .write("test", crate::format::DY_ROOT, &other.to_le_bytes())
+        .unwrap();
+    let _ = root_len;
+    let e = s.verify().unwrap_err();
+    assert!(e.to_string().contains("root"), "{e}");
+}
+
+/// `repro -- u128`: map items aligned above 8 are refused up front (slots
+/// are 8-aligned: they could be stored but never read in place).
+#[test]
+fn map_items_aligned_above_8_are_refused() {
+    #[derive(Clone, Copy, Pod, Zeroable)]
+    #[repr(C)]
+    struct R2 {
+        m: StateMap<[u64; 2], u64>,
+    }
+    let mut s = State::<R2>::open(Source::heap(Vec::new()), Layout::new(1)).unwrap();
+    let e = s
+        .transaction(|tx| tx.new_map::<u128, u64>().map(|_| ()))
+        .unwrap_err();
+    assert!(matches!(e, Error::UnsupportedType { .. }), "{e}");
+    let e = s
+        .transaction(|tx| tx.new_map::<u64, u128>().map(|_| ()))
+        .unwrap_err();
+    assert!(e.to_string().contains("alignment 16 exceeds 8"), "{e}");
+    // A map of the same size but 8-aligned keys, viewed as u128 keys.
+    let m = s
+        .transaction(|tx| {
+            let m = tx.new_map::<[u64; 2], u64>()?;
+            tx.set_root(R2 { m })?;
+            tx.map(m)?.insert(&[1, 2], &3)?;
+            Ok::<_, Error>(m)
+        })
+        .unwrap();
+    assert_eq!(s.map(m).unwrap().get(&[1, 2]).unwrap(), Some(&3));
+    let as_u128: StateMap<u128, u64> = StateMap::from_off(m.offset());
+    assert!(matches!(s.map(as_u128), Err(Error::UnsupportedType { .. })));
+}
+
+/// `repro -- clear`: freeing journals only the freed block's header (a
+/// 40-byte record, was 88), so a map of 12 000 byte-string entries (24 000
+/// blocks; the old limit was ~11 900 frees) clears within the default 1 MiB
+/// journal.
+#[test]
+fn clearing_12k_byte_string_entries_fits_the_default_journal() {
+    #[derive(Clone, Copy, Pod, Zeroable)]
+    #[repr(C)]
+    struct R {
+        m: StateMap<Bytes, Bytes>,
+    }
+    let mut s = State::<R>::open(Source::heap(Vec::new()), Layout::new(1)).unwrap();
+    let m = s
+        .transaction(|tx| {
+            let m = tx.new_map()?;
+            tx.set_root(R { m })?;
+            Ok::<_, Error>(m)
+        })
+        .unwrap();
+    for chunk in 0..12u32 {
+        s.transaction(|tx| {
+            let mut map = tx.map(m)?;
+            for i in 0..1000u32 {
+                map.insert(&(chunk * 1000 + i).to_le_bytes(), b"v")?;
+            }
+            Ok::<_, Error>(())
+        })
+        .unwrap();
+    }
+    let before = s.verify().unwrap();
+    s.transaction(|tx| tx.map(m)?.clear()).unwrap();
+    let after = s.verify().unwrap();
+    assert_eq!(s.map(m).unwrap().len(), 0);
+    assert!(after.free_blocks >= before.free_blocks + 24_000);
+    // And a crash in the middle of such a clear still rolls back whole.
+    let image = s.image();
+    drop(s);
+    let mut s = State::<R>::open(Source::heap(image), Layout::new(1)).unwrap();
+    s.transaction(|tx| {
+        let mut map = tx.map(m)?;
+        for i in 0..50u32 {
+            map.insert(&i.to_le_bytes(), &[1; 40])?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let base = s.close().unwrap().into_heap().unwrap();
+    let keys = |s: &State<R>| s.map(m).unwrap().len();
+    for n in [60u64, 120, 200] {
+        let mut s = State::<R>::open(Source::heap(base.clone()), Layout::new(1)).unwrap();
+        s.core.mem.crash = Some(CrashPlan {
+            countdown: n,
+            torn_prefix: 11,
+            image: None,
+        });
+        s.transaction(|tx| tx.map(m)?.clear()).unwrap();
+        let image = s.core.mem.crash.take().unwrap().image.expect("crashed");
+        drop(s);
+        let s = State::<R>::open(Source::heap(image), Layout::new(1)).unwrap();
+        assert!(matches!(s.report().opened, Opened::Recovered { .. }), "{n}");
+        assert_eq!(keys(&s), 50, "{n}");
+        s.map(m).unwrap().verify().unwrap();
+        s.verify().unwrap();
+    }
+}
+
+/// `repro -- fuzz`: random damage in the heap, then every kind of change:
+/// errors, never a panic (debug builds check every overflow).
+#[test]
+fn random_damage_then_changes_never_panic() {
+    let img = populated();
+    let heap_off = 4096 + (16 << 10);
+    let r = *open(img.clone()).unwrap().root().unwrap();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let runs = env_count("SHM_STATE_FUZZ", 3000);
+    let mut opened = 0;
+    for _ in 0..runs {
+        let mut bad = img.clone();
+        for _ in 0..1 + rng.below(4) {
+            let i = heap_off + rng.below((bad.len() - heap_off) as u64) as usize;
+            let w = i & !7;
+            match rng.below(3) {
+                0 => bad[i] ^= 1 << rng.below(8),
+                1 => put_u64(&mut bad, w as u64, rng.below(4096)),
+                _ => put_u64(&mut bad, w as u64, u64::MAX),
+            }
+        }
+        let Ok(mut s) = open(bad) else { continue };
+        opened += 1;
+        let k = rng.below(80);
+        let _ = s.transaction(|tx| {
+            let _ = tx.vec(r.vec).and_then(|mut v| {
+                v.push(1)?;
+                v.pop()?;
+                v.set(k, 3)
+            });
+            let _ = tx.map(r.map).and_then(|mut m| {
+                m.insert(&k, &1)?;
+                m.remove(&(k + 1))?;
+                Ok(())
+            });
+            let _ = tx.map(r.bmap).and_then(|mut m| {
+                m.insert(b"k1", b"zz")?;
+                m.remove(format!("k{k}").as_bytes())?;
+                Ok(())
+            });
+            let _ = tx.log(r.log).and_then(|mut l| l.append(b"rec"));
+            let _ = tx.cell_mut(r.cell).map(|c| *c = c.wrapping_add(1));
+            Ok::<_, Error>(())
+        });
+        let _ = s.transaction(|tx| {
+            tx.map(r.bmap)?.clear()?;
+            tx.log(r.log)?.clear()?;
+            tx.map(r.map)?.clear()?;
+            tx.vec(r.vec)?.reserve(100)
+        });
+        let _ = dump(&s);
+    }
+    assert!(
+        opened > runs / 2,
+        "{opened} of {runs} damaged images opened"
+    );
 }

@@ -152,6 +152,12 @@ pub(crate) struct TxCore<'a> {
     pos: u64,
     start_top: u64,
     finished: bool,
+    /// Changes made so far (writes, allocations, frees): an operation that
+    /// fails after this moved has left its work half done.
+    changes: u64,
+    /// The first operation that failed part way: the transaction cannot
+    /// commit (see [`TxCore::op`]).
+    failed: Option<String>,
 }
 
 impl<'a> TxCore<'a> {
@@ -183,7 +189,35 @@ impl<'a> TxCore<'a> {
             pos: 0,
             start_top,
             finished: false,
+            changes: 0,
+            failed: None,
         })
+    }
+
+    /// How many changes this transaction has made (see [`TxCore::settle`]).
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    /// Ends one operation that started when [`TxCore::changes`] was
+    /// `before`: if it failed after changing something, the transaction is
+    /// marked failed and will roll back instead of committing, even if the
+    /// closure ignores the error.
+    pub(crate) fn settle<T>(&mut self, before: u64, result: &Result<T>) {
+        if let Err(e) = result
+            && self.changes != before
+            && self.failed.is_none()
+        {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    /// Runs one operation under [`TxCore::settle`].
+    pub(crate) fn op<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        let before = self.changes;
+        let result = f(self);
+        self.settle(before, &result);
+        result
     }
 
     pub(crate) fn mem(&self) -> &Mem {
@@ -253,7 +287,42 @@ impl<'a> TxCore<'a> {
     /// Writes `data` at `off`, journaling first.
     pub(crate) fn write(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         self.prepare(off, data.len() as u64)?;
+        self.changes += 1;
         self.core.mem.write(what, off, data)
+    }
+
+    /// Journals exactly `off..off+len` (a block header being freed: a
+    /// 40-byte record instead of a whole line's 88) unless its lines are
+    /// already journaled or it is fresh. The lines are not marked
+    /// journaled: a later write to them journals them whole, and the
+    /// rollback, newest record first, still ends with these bytes' own
+    /// before-image.
+    fn prepare_exact(&mut self, off: u64, len: u64) -> Result<()> {
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= self.core.mem.len() && off >= self.core.heap_off)
+            .ok_or_else(|| Error::corrupt("write target", off, "not a heap range"))?;
+        if len == 0 || off >= self.start_top {
+            return Ok(());
+        }
+        if let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()
+            && end <= fresh_end
+        {
+            return Ok(());
+        }
+        if (off / LINE..=(end - 1) / LINE).all(|line| self.core.logged.contains(line)) {
+            return Ok(());
+        }
+        self.pos = journal::append(
+            &mut self.core.mem,
+            self.core.journal_len,
+            self.pos,
+            self.seq,
+            off,
+            len,
+        )?;
+        compiler_fence(Ordering::SeqCst);
+        Ok(())
     }
 
     /// Writes bytes that are not part of the committed state without
@@ -270,6 +339,7 @@ impl<'a> TxCore<'a> {
                 "an unjournaled write outside the heap",
             ));
         }
+        self.changes += 1;
         self.core.mem.write(what, off, data)
     }
 
@@ -285,6 +355,7 @@ impl<'a> TxCore<'a> {
         len: u64,
     ) -> Result<&mut [u8]> {
         self.prepare(off, len)?;
+        self.changes += 1;
         self.core.mem.bytes_mut(what, off, len)
     }
 
@@ -349,15 +420,23 @@ impl<'a> TxCore<'a> {
         Ok(block)
     }
 
-    /// Frees the block at `off` when the transaction commits (so that no
-    /// block freed here is reused by this same transaction, whose rollback
-    /// must find its contents intact).
-    pub(crate) fn free(&mut self, off: u64) -> Result<()> {
+    /// Frees the block at `off`, which must hold a `kind`, when the
+    /// transaction commits (so that no block freed here is reused by this
+    /// same transaction, whose rollback must find its contents intact).
+    pub(crate) fn free(&mut self, off: u64, kind: Kind) -> Result<()> {
         let heap = self.heap()?;
         let b = Block::read(self.mem(), heap, off)?;
         if b.kind == Kind::Free || self.core.pending_free.contains(&off) {
             return Err(Error::corrupt("block", off, "freed twice"));
         }
+        if b.kind != kind {
+            return Err(Error::corrupt(
+                kind.name(),
+                off,
+                format!("block holds a {}, not a {}", b.kind.name(), kind.name()),
+            ));
+        }
+        self.changes += 1;
         self.core.pending_free.push(off);
         Ok(())
     }
@@ -366,6 +445,10 @@ impl<'a> TxCore<'a> {
     /// the dynamic header's checksum (if the transaction changed it) and
     /// stores the commit word.
     pub(crate) fn commit(mut self) -> Result<()> {
+        if let Some(first) = self.failed.take() {
+            self.abort_inner();
+            return Err(Error::Incomplete { first });
+        }
         let result = self.commit_inner();
         if result.is_err() {
             self.abort_inner();
@@ -383,7 +466,8 @@ impl<'a> TxCore<'a> {
             }
             let head_off = FREE_HEADS + u64::from(b.class) * 8;
             let head = u64_at(self.mem(), "free list head", head_off)?;
-            self.write(
+            self.prepare_exact(off, BLOCK_HEADER)?;
+            self.core.mem.write(
                 "block header",
                 off,
                 &block_header(Kind::Free, b.class, head),

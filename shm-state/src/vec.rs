@@ -85,12 +85,14 @@ impl<'s, R: Pod> Tx<'s, R> {
     /// Creates an empty vector.
     pub fn new_vec<T: Pod>(&mut self) -> Result<StateVec<T>> {
         check_type::<T>("vec element")?;
-        let b = self.core.alloc(Kind::Vec, VEC_HEADER, true)?;
         let mut h = [0u8; 8];
         h[..4].copy_from_slice(&(size_of::<T>() as u32).to_le_bytes());
         h[4..].copy_from_slice(&(align_of::<T>() as u32).to_le_bytes());
-        self.core.write("vec header", b.payload() + 24, &h)?;
-        Ok(StateVec::from_off(b.off))
+        self.core.op(|core| {
+            let b = core.alloc(Kind::Vec, VEC_HEADER, true)?;
+            core.write("vec header", b.payload() + 24, &h)?;
+            Ok(StateVec::from_off(b.off))
+        })
     }
 
     /// A vector, for reading and changing in this transaction.
@@ -174,8 +176,21 @@ impl<T: Pod> VecMut<'_, '_, T> {
             .write("vec element", Self::elem(&h, i), bytemuck::bytes_of(&value))
     }
 
+    /// Runs one changing operation; a failure after it changed something
+    /// fails the transaction (see `TxCore::settle`).
+    fn op<U>(&mut self, f: impl FnOnce(&mut Self) -> Result<U>) -> Result<U> {
+        let before = self.tx.changes();
+        let result = f(self);
+        self.tx.settle(before, &result);
+        result
+    }
+
     /// Makes room for at least `additional` more elements.
     pub fn reserve(&mut self, additional: u64) -> Result<()> {
+        self.op(|v| v.reserve_now(additional))
+    }
+
+    fn reserve_now(&mut self, additional: u64) -> Result<()> {
         let h = self.header()?;
         let need = h.len.checked_add(additional).ok_or(Error::TooLarge {
             what: "vec",
@@ -204,7 +219,7 @@ impl<T: Pod> VecMut<'_, '_, T> {
             self.tx.write("vec data", new.payload(), &old)?;
         }
         if h.data != 0 {
-            self.tx.free(h.data)?;
+            self.tx.free(h.data, Kind::VecData)?;
         }
         let mut w = [0u8; 16];
         w[..8].copy_from_slice(&cap.to_le_bytes());
@@ -222,15 +237,16 @@ impl<T: Pod> VecMut<'_, '_, T> {
         if values.is_empty() {
             return Ok(());
         }
-        self.reserve(values.len() as u64)?;
-        let h = self.header()?;
-        self.tx.write(
-            "vec element",
-            Self::elem(&h, h.len),
-            bytemuck::cast_slice(values),
-        )?;
-        self.tx
-            .write_u64("vec length", h.at, h.len + values.len() as u64)
+        self.op(|v| {
+            v.reserve_now(values.len() as u64)?;
+            let h = v.header()?;
+            v.tx.write(
+                "vec element",
+                Self::elem(&h, h.len),
+                bytemuck::cast_slice(values),
+            )?;
+            v.tx.write_u64("vec length", h.at, h.len + values.len() as u64)
+        })
     }
 
     /// Removes and returns the last element.
@@ -259,11 +275,13 @@ impl<T: Pod> VecMut<'_, '_, T> {
     }
 
     /// Frees the vector. Its handle (and copies) must not be used again.
-    pub fn free(self) -> Result<()> {
-        let h = self.header()?;
-        if h.data != 0 {
-            self.tx.free(h.data)?;
-        }
-        self.tx.free(self.off)
+    pub fn free(mut self) -> Result<()> {
+        self.op(|v| {
+            let h = v.header()?;
+            if h.data != 0 {
+                v.tx.free(h.data, Kind::VecData)?;
+            }
+            v.tx.free(v.off, Kind::Vec)
+        })
     }
 }

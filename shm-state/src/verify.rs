@@ -4,7 +4,8 @@ use bytemuck::Pod;
 
 use crate::error::{Error, Result};
 use crate::format::{
-    BLOCK_HEADER, Block, DY_USED, FREE_HEADS, FREE_SLOTS, Kind, MAX_CLASS, MIN_CLASS, u64_at,
+    BLOCK_HEADER, Block, DY_ROOT, DY_USED, FREE_HEADS, FREE_SLOTS, Kind, MAX_CLASS, MIN_CLASS,
+    u64_at,
 };
 use crate::state::State;
 
@@ -25,7 +26,8 @@ impl<R: Pod> State<R> {
     /// Walks every block of the heap and every free list: each block header
     /// must be valid and the blocks must tile the heap exactly; each free
     /// list must hold exactly the free blocks of its class, without cycles;
-    /// the used-bytes counter must match. Costs one pass over the heap.
+    /// the used-bytes counter must match; the root offset must name a root
+    /// block. Costs one pass over the heap.
     pub fn verify(&self) -> Result<HeapReport> {
         let mem = &self.core.mem;
         let heap = self.core.heap()?;
@@ -78,6 +80,10 @@ impl<R: Pod> State<R> {
                     ),
                 ));
             }
+        }
+        let root = u64_at(mem, "root offset", DY_ROOT)?;
+        if root != 0 {
+            Block::expect(mem, heap, root, Kind::Root)?;
         }
         let used = u64_at(mem, "used bytes", DY_USED)?;
         if used != report.live_bytes {
