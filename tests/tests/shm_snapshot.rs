@@ -157,9 +157,39 @@ fn restored_table(snap: &Path) -> Vec<u64> {
 }
 
 /// Rounds of kill -9 (env `SHM_SNAPSHOT_KILL_ROUNDS`, default 8; try 200
-/// for a long run).
+/// for a long run), plain stop mode.
 #[test]
 fn kill_9_of_the_whole_tree_restores_a_prefix_and_progresses() {
+    kill_9_rounds(&[], "1");
+}
+
+/// The same with `--snapshot restore-v1`, where saves copy the memfd while
+/// primes-snapshot runs; SIGUSR1 saves in each round must report, at
+/// least once over the rounds, a committed state copied without stopping
+/// the command, and the command must never be taken for one without the
+/// protocol. The command sleeps 10 ms between chunks so that a copy (slow
+/// in a debug build) fits between commits; with 1 ms every try fails and
+/// every save is the fallback stop.
+#[test]
+fn kill_9_in_protocol_mode_restores_a_prefix_and_copies_while_running() {
+    let stderr = kill_9_rounds(&["--snapshot", "restore-v1"], "10");
+    assert!(
+        !stderr.contains("does not use shm-snapshot"),
+        "the protocol was not recognised: {stderr}"
+    );
+    let kept = stderr.matches("copied while the command ran").count();
+    let stopped = stderr.matches("optimistic tries").count();
+    eprintln!("SIGUSR1 saves: {kept} copied while running, {stopped} after a stop");
+    assert!(
+        kept > 0,
+        "no save copied a committed state without stopping the command: {stderr}"
+    );
+}
+
+/// Runs the kill -9 rounds with `flags` for shm-restore and primes-snapshot
+/// sleeping `interval_ms` between chunks; returns the wrappers' stderr (of
+/// all rounds).
+fn kill_9_rounds(flags: &[&str], interval_ms: &str) -> String {
     let rounds: u32 = std::env::var("SHM_SNAPSHOT_KILL_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -169,7 +199,7 @@ fn kill_9_of_the_whole_tree_restores_a_prefix_and_progresses() {
         .unwrap()
         .as_nanos() as u64
         | 1;
-    eprintln!("seed {seed}");
+    eprintln!("seed {seed}, flags {flags:?}");
     let mut x = seed;
     let mut random = move |n: u64| {
         x ^= x << 13;
@@ -181,24 +211,35 @@ fn kill_9_of_the_whole_tree_restores_a_prefix_and_progresses() {
     let snap = dir.path().join("primes.snap");
     let mut last_len = 0;
     let mut lens = Vec::new();
+    let mut stderr = String::new();
     for round in 0..rounds {
+        let log = dir.path().join(format!("stderr-{round}"));
         let mut wrapper = cmd("shm-restore")
-            .args(["-q", "--interval", "20ms", snap.to_str().unwrap(), "--"])
+            .args(["--interval", "20ms"])
+            .args(flags)
+            .args([snap.to_str().unwrap(), "--"])
             .args([
                 &b("primes-snapshot"),
                 "--interval-ms",
-                "1",
+                interval_ms,
                 "--span",
                 "4096",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(File::create(&log).unwrap())
             .process_group(0)
             .spawn()
             .unwrap();
         let program = child_of(wrapper.id(), Instant::now() + Duration::from_secs(10));
-        sleep(Duration::from_millis(60 + random(300)));
+        let wait = 60 + random(300);
+        // Saves that report how they copied (periodic ones are silent).
+        for _ in 0..2 {
+            sleep(Duration::from_millis(wait / 3));
+            let _ = kill(Pid::from_raw(wrapper.id() as i32), Signal::SIGUSR1);
+        }
+        sleep(Duration::from_millis(wait - 2 * (wait / 3)));
         kill_tree(&mut wrapper, program);
+        stderr += &std::fs::read_to_string(&log).unwrap_or_default();
 
         let got = restored_table(&snap);
         assert_prefix_of_primes(&got, &format!("round {round} (seed {seed})"));
@@ -215,6 +256,8 @@ fn kill_9_of_the_whole_tree_restores_a_prefix_and_progresses() {
         last_len > 1000,
         "no progress over {rounds} rounds: {lens:?} (seed {seed})"
     );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
 }
 
 // ---- crafted memfds ------------------------------------------------------
