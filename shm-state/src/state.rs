@@ -294,7 +294,7 @@ enum Peek {
 /// Looks at the header before the lock is held, with atomic loads only
 /// (another opener may be creating the region right now). Foreign data,
 /// other formats and truncated regions are refused here, before anything
-/// is written; a blank region too short for the lock words is grown.
+/// is written.
 fn peek(mem: &mut Mem) -> Result<Peek> {
     mem.refresh()?;
     let len = mem.len().min(HEADER_LEN);
@@ -313,9 +313,6 @@ fn peek(mem: &mut Mem) -> Result<Peek> {
         .enumerate()
         .all(|(i, &b)| b == 0 || atomic.contains(&i))
     {
-        if mem.len() < HEADER_LEN {
-            mem.grow_blank(HEADER_LEN)?;
-        }
         return Ok(Peek::Blank);
     }
     let mut magic = [0u8; 8];
@@ -770,11 +767,17 @@ impl<R: Pod> State<R> {
                 found: mem.backing_head(),
             });
         }
+        let found = peek(&mut mem)?;
         if layout.snapshot_protocol {
             // Read-only: a foreign first page is refused before any write.
             Publisher::check_protocol(&mem)?;
         }
-        peek(&mut mem)?;
+        if let Peek::Blank = found
+            && mem.len() < HEADER_LEN
+        {
+            // Room for the lock words (growing never shrinks the backing).
+            mem.grow_blank(HEADER_LEN)?;
+        }
         let nonce = owner::register_nonce();
         let result = Self::open_locked(mem, nonce, expected, &mut layout);
         if result.is_err() {

@@ -94,6 +94,9 @@ pub(crate) struct Core {
     logged: LineSet,
     fresh: BTreeMap<u64, u64>,
     pending_free: Vec<u64>,
+    /// The same offsets (divided by 16), for the double-free check: a big
+    /// clear frees tens of thousands of blocks.
+    pending_set: HashSet<u64, BuildHasherDefault<LineHasher>>,
 }
 
 impl Core {
@@ -107,6 +110,7 @@ impl Core {
             logged: LineSet::default(),
             fresh: BTreeMap::new(),
             pending_free: Vec::new(),
+            pending_set: HashSet::default(),
         }
     }
 
@@ -180,6 +184,11 @@ impl<'a> TxCore<'a> {
         core.logged.clear();
         core.fresh.clear();
         core.pending_free.clear();
+        if core.pending_set.capacity() > SPILL_KEEP {
+            core.pending_set = HashSet::default();
+        } else {
+            core.pending_set.clear();
+        }
         core.publisher.begin_update();
         core.mem.store_word(TX_WORD, (seq << 1) | 1)?;
         compiler_fence(Ordering::SeqCst);
@@ -426,7 +435,7 @@ impl<'a> TxCore<'a> {
     pub(crate) fn free(&mut self, off: u64, kind: Kind) -> Result<()> {
         let heap = self.heap()?;
         let b = Block::read(self.mem(), heap, off)?;
-        if b.kind == Kind::Free || self.core.pending_free.contains(&off) {
+        if b.kind == Kind::Free || self.core.pending_set.contains(&(off / 16)) {
             return Err(Error::corrupt("block", off, "freed twice"));
         }
         if b.kind != kind {
@@ -438,6 +447,7 @@ impl<'a> TxCore<'a> {
         }
         self.changes += 1;
         self.core.pending_free.push(off);
+        self.core.pending_set.insert(off / 16);
         Ok(())
     }
 

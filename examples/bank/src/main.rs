@@ -19,11 +19,13 @@ The state lives in the shared memfd passed by a watcher (`shm-fd bank ...`,
 
 Exit codes:
   0  success; for `check`: every invariant holds
-  1  `check`: an invariant does not hold (the message says which)
+  1  `check`: an invariant does not hold, or the state is damaged (the
+     message says which)
   2  bad command line
   3  the state cannot be used: no memfd passed, not a bank (or not
-     initialized, or already initialized), damaged, locked by a live
-     process, or a system error";
+     initialized, or already initialized), damaged (`init`, `run`), locked
+     by a live process, a transfer total that would overflow 64 bits, or a
+     system error";
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Random transfers between accounts, each one transaction", after_help = AFTER_HELP)]
@@ -98,7 +100,8 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
-fn open(cli: &Cli) -> Result<State<Bank>, Fail> {
+/// Opens the bank's state; a damaged one fails with exit code `on_damage`.
+fn open(cli: &Cli, on_damage: u8) -> Result<State<Bank>, Fail> {
     let source = match &cli.file {
         Some(path) => {
             let file = OpenOptions::new()
@@ -120,14 +123,12 @@ fn open(cli: &Cli) -> Result<State<Bank>, Fail> {
             unsafe { Source::shared(fd) }
         }
     };
-    Ok(State::open(
-        source,
-        Layout::new(1).with_snapshot_protocol(),
-    )?)
+    State::open(source, Layout::new(1).with_snapshot_protocol())
+        .map_err(with_damage_code(on_damage))
 }
 
-fn initialized(state: &State<Bank>) -> Result<Bank, Fail> {
-    let bank = *state.root()?;
+fn initialized(state: &State<Bank>, on_damage: u8) -> Result<Bank, Fail> {
+    let bank = *state.root().map_err(with_damage_code(on_damage))?;
     if bank.accounts.is_null() {
         return Err(Fail(
             3,
@@ -147,7 +148,7 @@ fn init(cli: &Cli, accounts: u32, balance: u64) -> Result<(), Fail> {
             "--accounts times --balance overflows 64 bits".into(),
         ));
     }
-    let mut state = open(cli)?;
+    let mut state = open(cli, 3)?;
     if !state.root()?.accounts.is_null() {
         let n = state.vec(state.root()?.accounts)?.len();
         return Err(Fail(
@@ -202,9 +203,9 @@ fn run(cli: &Cli, seconds: Option<f64>, limit: Option<u64>, seed: Option<u64>) -
         Some(s) => Some(Instant::now() + Duration::from_secs_f64(s)),
         None => None,
     };
-    let mut state = open(cli)?;
+    let mut state = open(cli, 3)?;
     eprintln!("bank: {}", state.report());
-    let bank = initialized(&state)?;
+    let bank = initialized(&state, 3)?;
     let n = state.vec(bank.accounts)?.len() as u64;
     let generation = state.report().generation;
     state.transaction(|tx| {
@@ -242,9 +243,22 @@ fn run(cli: &Cli, seconds: Option<f64>, limit: Option<u64>, seed: Option<u64>) -
                 activity.insert(&account, &(c + 1))?;
             }
             let stats = tx.cell_mut(bank.stats)?;
-            stats.transfers += 1;
-            stats.moved += amount;
-            Ok::<_, shm_state::Error>(())
+            let (Some(transfers), Some(moved)) = (
+                stats.transfers.checked_add(1),
+                stats.moved.checked_add(amount),
+            ) else {
+                return Err(Fail(
+                    3,
+                    format!(
+                        "the transfer statistics would overflow 64 bits ({} transfers, {} moved); \
+                         nothing more can be recorded",
+                        stats.transfers, stats.moved
+                    ),
+                ));
+            };
+            stats.transfers = transfers;
+            stats.moved = moved;
+            Ok::<_, Fail>(())
         })?;
         done += 1;
     }
@@ -252,16 +266,33 @@ fn run(cli: &Cli, seconds: Option<f64>, limit: Option<u64>, seed: Option<u64>) -
     Ok(())
 }
 
+/// `check` reports a damaged state as a failed check (exit 1), like a
+/// broken invariant; other errors keep their exit code.
+fn damaged(e: shm_state::Error) -> Fail {
+    with_damage_code(1)(e)
+}
+
+/// Maps a shm-state error to a failure, exit code `code` if the state is
+/// damaged (corrupt or truncated), 3 otherwise.
+fn with_damage_code(code: u8) -> impl Fn(shm_state::Error) -> Fail {
+    move |e| match e {
+        shm_state::Error::Corrupted(_) | shm_state::Error::Truncated { .. } => {
+            Fail(code, e.to_string())
+        }
+        e => Fail(3, e.to_string()),
+    }
+}
+
 /// Checks every invariant; returns the failures.
 fn check(cli: &Cli) -> Result<bool, Fail> {
-    let state = open(cli)?;
+    let state = open(cli, 1)?;
     eprintln!("bank: {}", state.report());
-    let bank = initialized(&state)?;
+    let bank = initialized(&state, 1)?;
     let mut problems = Vec::new();
     if let Err(e) = state.verify() {
         problems.push(format!("heap: {e}"));
     }
-    let accounts = state.vec(bank.accounts)?;
+    let accounts = state.vec(bank.accounts).map_err(damaged)?;
     let n = accounts.len() as u64;
     let total: u128 = accounts.iter().map(|&b| u128::from(b)).sum();
     let expected = u128::from(n) * u128::from(bank.initial);
@@ -271,26 +302,26 @@ fn check(cli: &Cli) -> Result<bool, Fail> {
             bank.initial
         ));
     }
-    let activity = state.map(bank.activity)?;
+    let activity = state.map(bank.activity).map_err(damaged)?;
     if let Err(e) = activity.verify() {
         problems.push(format!("activity map: {e}"));
     }
     let mut involvements = 0u64;
     for entry in activity.iter() {
-        let (&account, &count) = entry?;
+        let (&account, &count) = entry.map_err(damaged)?;
         if account >= n {
             problems.push(format!("activity names account {account} of {n}"));
         }
         involvements += count;
     }
-    let stats = *state.cell(bank.stats)?;
+    let stats = *state.cell(bank.stats).map_err(damaged)?;
     if involvements != 2 * stats.transfers {
         problems.push(format!(
             "{} transfers recorded but accounts took part in {involvements} (expected twice as many)",
             stats.transfers
         ));
     }
-    let runs = state.log(bank.runs)?;
+    let runs = state.log(bank.runs).map_err(damaged)?;
     if let Err(e) = runs.verify() {
         problems.push(format!("run log: {e}"));
     }
