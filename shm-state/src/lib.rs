@@ -43,17 +43,25 @@
 //!
 //! - **All or nothing.** Every change is made in a [`State::transaction`].
 //!   Before a transaction overwrites any byte that was part of the committed
-//!   state, the before-image of its 64-byte line is written to a journal in
-//!   the region; the commit is one atomic store of a header word. If the
-//!   process dies at any instruction, the next [`State::open`] rolls the
-//!   unfinished transaction back ([`Opened::Recovered`]).
+//!   state, its before-image is written to a journal in the region; the
+//!   commit is one atomic store of a header word. If the process dies at
+//!   any instruction, the next [`State::open`] rolls the unfinished
+//!   transaction back ([`Opened::Recovered`]) — including the opening
+//!   transaction itself, creation and migrations. An operation that fails
+//!   after it changed something fails its transaction
+//!   ([`Error::Incomplete`]) even if the closure ignores the error.
 //! - **Validated.** Every offset, length and tag read from the region is
 //!   checked (checked arithmetic, bounds, alignment, kinds, checksums on the
-//!   header and the journal) before use: a damaged region gives an
+//!   header and the journal records) before use: a damaged region gives an
 //!   [`Error`], never undefined behaviour or a panic.
 //! - **Versioned.** The region records the program's [`Layout::version`]
 //!   and the root type's size and alignment; a different layout runs the
-//!   program's migration or is refused, never silently reset.
+//!   program's migration or is refused, a newer version is refused
+//!   ([`Error::Downgrade`]), and a state is never silently reset (a wiped
+//!   header is refused, not created over).
+//! - **One owner.** A lock word in the region names the process holding
+//!   the state; a second opener, in another process or another thread, gets
+//!   [`Error::Locked`] while the holder lives.
 //! - **Snapshot-consistent.** With [`Layout::with_snapshot_protocol`], the
 //!   first page of the memfd holds shm-snapshot's header and every
 //!   transaction is published through it ("updating" before the first
@@ -86,7 +94,7 @@ mod verify;
 mod tests;
 
 pub use error::{Corruption, Error, Result, StoredLayout};
-pub use format::{FORMAT_VERSION, HEADER_LEN, MAGIC};
+pub use format::{CREATING_MAGIC, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use handle::{StateCell, StateLog, StateMap, StateVec};
 pub use log::{LogIter, LogMut, LogRef};
 pub use map::{Bytes, Item, MapMut, MapRef};
