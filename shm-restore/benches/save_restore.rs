@@ -11,7 +11,7 @@
 //! the previous run's output (for `cp`) and dropping the previous memfd
 //! (for ours) happen outside the clock. `BENCH_DIR` picks the directory
 //! for snapshot files (default: the system temp dir); `BENCH_IDLE_SECS`
-//! the idle measurement (default 10).
+//! the idle measurement (default 10); `BENCH_VERBOSE=1` prints every run.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -76,6 +76,12 @@ fn interleaved<const N: usize>(mut each: [&mut dyn FnMut() -> Duration; N]) -> [
     for _ in 0..runs() {
         for (f, t) in each.iter_mut().zip(times.iter_mut()) {
             t.push(f());
+        }
+    }
+    if std::env::var_os("BENCH_VERBOSE").is_some() {
+        for t in &times {
+            let each: Vec<String> = t.iter().map(|d| format!("{:.0}", ms(*d))).collect();
+            eprintln!("runs (ms): {}", each.join(" "));
         }
     }
     times.map(Stats::of)
@@ -253,14 +259,42 @@ fn main() {
         timed(|| sh(&format!("cp {} {}", snap.display(), shm_copy.display())))
     };
     let [restored, cp3] = interleaved([&mut restore, &mut cp_shm]);
-    drop(previous);
-    let _ = std::fs::remove_file(&shm_copy);
     row(
         "restore 256 MiB (verify every chunk, load into a new memfd)",
         len,
         restored,
         "`cp` into /dev/shm",
         cp3,
+    );
+    // 3b. The same with the file not in the page cache (as after a reboot):
+    //     both read it from the disk.
+    let evict = || {
+        let f = File::open(&snap).unwrap();
+        nix::fcntl::posix_fadvise(
+            &f,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+    };
+    let mut restore_cold = || {
+        evict();
+        restore()
+    };
+    let mut cp_shm_cold = || {
+        evict();
+        cp_shm()
+    };
+    let [restored_cold, cp3_cold] = interleaved([&mut restore_cold, &mut cp_shm_cold]);
+    drop(previous);
+    let _ = std::fs::remove_file(&shm_copy);
+    row(
+        "restore 256 MiB, the file not in the page cache (as after a reboot)",
+        len,
+        restored_cold,
+        "`cp` into /dev/shm, file not cached",
+        cp3_cold,
     );
     println!();
     let pause = Stats::of(pauses);
