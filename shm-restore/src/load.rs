@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::format::{Chunk, Header};
 use crate::save::{move_aside, prev_path};
-use crate::snapshot::{ReadError, copy_into, verify};
+use crate::snapshot::{ReadError, copy_into, open_for_reading, verify};
 use crate::storage::{DirStorage, Storage};
 
 /// Why the snapshot itself was not loaded and `.prev` was.
@@ -129,7 +129,7 @@ struct Verified {
 
 impl Verified {
     fn open(path: &Path, max_data_len: u64) -> Result<Verified> {
-        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let file = open_for_reading(path).map_err(|e| Error::io("opening", path, e))?;
         let (header, chunks) = verify(&file, max_data_len).map_err(|e| e.into_error(path))?;
         Ok(Verified {
             file,
@@ -314,6 +314,34 @@ mod tests {
         std::fs::remove_file(&prev).unwrap();
         let e = restore(&path, &m, u64::MAX, 0).unwrap_err();
         assert!(e.to_string().contains("no .prev file"), "{e}");
+    }
+
+    #[test]
+    fn a_fifo_in_the_snapshots_place_is_refused_not_waited_on() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        nix::unistd::mkfifo(
+            &path,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        let e = restore(&path, &memfd(), u64::MAX, 0).unwrap_err();
+        assert!(
+            e.is_corrupt() && e.to_string().contains("is truncated"),
+            "{e}"
+        );
+        // A save moves it aside instead of hanging on it, too.
+        let mut saver = Saver::new(
+            DirStorage::new(d.path()),
+            OsStr::new("s.snap"),
+            SaveOptions::default(),
+        );
+        let crate::save::SaveOutcome::Saved(r) =
+            saver.save(&Image::from_bytes(b"x".to_vec()), 1).unwrap()
+        else {
+            panic!()
+        };
+        assert!(r.moved_corrupt.is_some());
     }
 
     #[test]

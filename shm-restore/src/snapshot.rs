@@ -92,7 +92,7 @@ impl Snapshot {
     /// and every chunk's CRC. Files whose data size exceeds `max_data_len`
     /// are rejected as [`Damage::TooLarge`].
     pub fn open(path: &Path, max_data_len: u64) -> Result<Snapshot> {
-        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+        let file = open_for_reading(path).map_err(|e| Error::io("opening", path, e))?;
         read_snapshot(&file, max_data_len).map_err(|e| e.into_error(path))
     }
 
@@ -121,6 +121,17 @@ impl Snapshot {
         Image::from_parts(self.header.data_len, extents, self.data)
             .expect("a verified table describes a valid image")
     }
+}
+
+/// Opens a file that should be a snapshot, for reading. Non-blocking, so
+/// that a FIFO (or device) in a snapshot's place is reported as a damaged
+/// snapshot instead of hanging the open or the reads.
+pub(crate) fn open_for_reading(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// Reads only the header of `r`, validated against its length (no data
@@ -300,7 +311,7 @@ pub struct Inspection {
 /// Inspects the snapshot at `path`: decodes what it can and verifies the
 /// rest, for a report.
 pub fn inspect(path: &Path, max_data_len: u64) -> Inspection {
-    let file = match File::open(path) {
+    let file = match open_for_reading(path) {
         Ok(f) => f,
         Err(e) => {
             return Inspection {

@@ -152,7 +152,7 @@ impl Storage for DirStorage {
     }
 
     fn open(&mut self, name: &OsStr) -> io::Result<Option<File>> {
-        match File::open(self.dir.join(name)) {
+        match crate::snapshot::open_for_reading(&self.dir.join(name)) {
             Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),

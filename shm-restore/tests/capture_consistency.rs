@@ -257,5 +257,6 @@ fn copies_kept_through_the_snapshot_protocol_are_committed_states() {
     }
     eprintln!("kept while running: {consistent}, stopped: {stopped}");
     assert!(consistent > 0, "no copy was kept without a stop");
-    assert!(stopped >= 20, "the fallback stop was not exercised");
+    // (An always-stop capture may still find nothing committed: Unchanged.)
+    assert!(stopped >= 10, "the fallback stop was not exercised");
 }

@@ -546,13 +546,30 @@ struct OnTerminal {
     child: Child,
     master: std::fs::File,
     output: std::sync::Arc<std::sync::Mutex<String>>,
+    /// Tells the reader thread to stop (and close its copy of the master).
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl OnTerminal {
     fn spawn(mut cmd: Command) -> OnTerminal {
         use std::io::Read;
-        let pty = nix::pty::openpty(None, None).unwrap();
-        let slave = std::fs::File::from(pty.slave);
+        use std::os::unix::fs::OpenOptionsExt;
+        // Close-on-exec from the start (not openpty): children that other
+        // tests start meanwhile must not inherit the master, or closing it
+        // here would not hang the terminal up.
+        use nix::fcntl::OFlag;
+        let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
+        let pty_master = nix::pty::posix_openpt(flags).unwrap();
+        nix::pty::grantpt(&pty_master).unwrap();
+        nix::pty::unlockpt(&pty_master).unwrap();
+        let slave_path = nix::pty::ptsname_r(&pty_master).unwrap();
+        let slave = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(slave_path)
+            .unwrap();
         cmd.stdin(slave.try_clone().unwrap())
             .stdout(slave.try_clone().unwrap())
             .stderr(slave.try_clone().unwrap());
@@ -571,23 +588,48 @@ impl OnTerminal {
         let child = cmd.spawn().unwrap();
         drop(cmd); // its copies of the slave side
         drop(slave);
-        let master = std::fs::File::from(pty.master);
+        let master = std::fs::File::from(std::os::fd::OwnedFd::from(pty_master));
         let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         let (mut reader, out) = (master.try_clone().unwrap(), output.clone());
-        std::thread::spawn(move || {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let reader = std::thread::spawn(move || {
+            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+            use std::os::fd::AsFd;
             let mut buf = [0u8; 4096];
-            // EIO once every process has closed the slave side.
-            while let Ok(n @ 1..) = reader.read(&mut buf) {
-                out.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let mut fds = [PollFd::new(reader.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::from(50u8)).unwrap_or(0) == 0 {
+                    continue;
+                }
+                // EIO once every process has closed the slave side.
+                match reader.read(&mut buf) {
+                    Ok(n @ 1..) => out
+                        .lock()
+                        .unwrap()
+                        .push_str(&String::from_utf8_lossy(&buf[..n])),
+                    _ => break,
+                }
             }
         });
         OnTerminal {
             child,
             master,
             output,
+            stop,
+            reader: Some(reader),
         }
+    }
+
+    /// Closes the master side: the terminal hangs up. Returns the child.
+    fn hang_up(mut self) -> Child {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        // `self.master` is the last master fd: dropping it hangs up.
+        let OnTerminal { child, .. } = self;
+        child
     }
 
     /// Waits until the terminal has shown `want`.
@@ -929,4 +971,32 @@ fn snapshot_protocol_without_a_header_says_so_once_and_saves_plainly() {
 /// Deterministic non-zero bytes.
 fn pattern_bytes(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251 + 1) as u8).collect()
+}
+
+#[test]
+fn a_terminal_hang_up_stops_the_command_and_saves() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    // The command ignores SIGHUP (its sleeps do not): only shm-restore's
+    // SIGTERM after the grace period ends it.
+    let mut c = cmd("shm-restore");
+    c.arg(&snap)
+        .args([
+            "sh",
+            "-c",
+            "trap '' HUP; $0; echo ready; while :; do sleep 0.1; done",
+        ])
+        .arg(b("counter"));
+    let t = OnTerminal::spawn(c);
+    t.expect("ready");
+    let started = Instant::now();
+    let mut child = t.hang_up();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + 15));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(4) && took < Duration::from_secs(15),
+        "{took:?}"
+    );
+    assert_eq!(count(&snap), 2, "the run's state was saved");
 }

@@ -43,7 +43,8 @@ the command's process group is paused (SIGSTOP) only for the copy into
 memory. SIGTERM, SIGINT, SIGHUP and SIGQUIT are forwarded to the command's
 process group. In the foreground of a terminal, the command's group gets
 the terminal while it runs (Ctrl-C, Ctrl-Z reach it; a stopped command
-stops shm-restore too, as a shell job). An empty memfd never overwrites a
+stops shm-restore too, as a shell job); a terminal hang-up stops it
+(SIGHUP, then SIGTERM after 5 s, SIGKILL after 10 s). An empty memfd never overwrites a
 snapshot. A memfd created here (none passed) is uploaded to systemd's fd
 store when NOTIFY_SOCKET is set (a failure is only a warning).
 

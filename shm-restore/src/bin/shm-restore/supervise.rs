@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::{ErrorKind, IsTerminal};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, raise, sigprocmask};
@@ -31,6 +31,11 @@ use crate::{
 };
 
 const FORWARDED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
+
+/// After a terminal hang-up, how long the command gets to end on its own
+/// (after the forwarded SIGHUP) before SIGTERM, and after SIGTERM before
+/// SIGKILL.
+const HANGUP_GRACE: Duration = Duration::from_secs(5);
 
 /// Loads, runs the command, saves; returns the exit code.
 pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
@@ -156,6 +161,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
         pid,
         pgid,
         terminal: &mut terminal,
+        on_a_terminal: std::io::stdin().is_terminal(),
     };
     let status = supervise(
         args,
@@ -187,9 +193,17 @@ struct Job<'a> {
     /// The terminal, while `shm-restore` is (or was, before handing it to
     /// the command) in its foreground.
     terminal: &'a mut Option<Terminal>,
+    /// Whether stdin was a terminal at the start.
+    on_a_terminal: bool,
 }
 
 impl Job<'_> {
+    /// True when stdin was a terminal and has hung up (closed, or the
+    /// session is gone).
+    fn terminal_hung_up(&self) -> bool {
+        self.on_a_terminal && nix::unistd::tcgetpgrp(std::io::stdin()).is_err()
+    }
+
     /// How the command ended, if it did. Reports a stop from the terminal
     /// (Ctrl-Z, or touching the terminal while in the background) by
     /// stopping `shm-restore` too.
@@ -272,6 +286,9 @@ fn supervise(
 ) -> ExitStatus {
     let group = job.pgid;
     let mut next_tick = args.interval.map(|i| Instant::now() + i);
+    // After a terminal hang-up: when to send what, if the command is still
+    // running (a hang-up means stop).
+    let mut escalation: Option<(Instant, Signal)> = None;
     loop {
         match job.poll() {
             Ok(Some(status)) => return status,
@@ -281,7 +298,11 @@ fn supervise(
                 return job.wait();
             }
         }
-        let timeout = next_tick.map(|t| t.saturating_duration_since(Instant::now()));
+        let wake = [next_tick, escalation.map(|(at, _)| at)]
+            .into_iter()
+            .flatten()
+            .min();
+        let timeout = wake.map(|t| t.saturating_duration_since(Instant::now()));
         let arrived = match signals.wait(timeout) {
             Ok(s) => s,
             Err(e) => {
@@ -294,11 +315,13 @@ fn supervise(
         for sig in arrived {
             match sig {
                 libc::SIGHUP => {
-                    // A hung-up terminal is gone: nothing to take back.
-                    if job.terminal.as_ref().is_some_and(Terminal::hung_up) {
-                        *job.terminal = None;
-                    }
                     let _ = killpg(group, Signal::SIGHUP);
+                    if job.terminal_hung_up() {
+                        // Nothing to take back; and no one is left to use
+                        // the command: it stops, by force if it must.
+                        *job.terminal = None;
+                        escalation.get_or_insert((Instant::now() + HANGUP_GRACE, Signal::SIGTERM));
+                    }
                 }
                 s if FORWARDED.contains(&s) => {
                     if let Ok(signal) = Signal::try_from(s) {
@@ -317,6 +340,16 @@ fn supervise(
                 libc::SIGCONT => job.resume(),
                 _ => {} // SIGCHLD: checked at the top; SIGXFSZ: writes fail instead
             }
+        }
+        if let Some((at, signal)) = escalation
+            && Instant::now() >= at
+        {
+            warn(format_args!(
+                "the terminal hung up and the command is still running: sending {signal}"
+            ));
+            let _ = killpg(group, signal);
+            escalation = (signal == Signal::SIGTERM)
+                .then(|| (Instant::now() + HANGUP_GRACE, Signal::SIGKILL));
         }
         if let (Some(t), Some(interval)) = (next_tick, args.interval)
             && Instant::now() >= t
