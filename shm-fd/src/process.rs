@@ -151,6 +151,11 @@ impl Terminal {
         nix::unistd::tcgetpgrp(std::io::stdin()).is_err()
     }
 
+    /// Whether this process's group is the terminal's foreground group.
+    pub fn owns_foreground(&self) -> bool {
+        nix::unistd::tcgetpgrp(std::io::stdin()).is_ok_and(|g| g == self.own_group)
+    }
+
     /// Makes this process's group the foreground again.
     pub fn take_back(&self) {
         set_foreground(self.own_group);

@@ -1,17 +1,15 @@
 //! Black-box tests of the `shm-fd` command and the `primes` / `counter`
 //! examples.
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Command, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 use nix::unistd::Pid;
-use shm_fd_tests::{bin, cmd, first_primes, run, text};
+use shm_fd_tests::{OnTerminal, bin, cmd, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
     bin(name).to_str().unwrap().to_owned()
@@ -168,33 +166,6 @@ fn size_accepts_units() {
         assert_eq!(code, 0, "{err}");
         assert_eq!(out.trim(), bytes.to_string(), "--size {size}");
     }
-}
-
-/// Receives one datagram with an attached fd from `sock`.
-fn recv_with_fd(sock: &UnixDatagram) -> (String, OwnedFd) {
-    let mut buf = [0u8; 256];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .expect("recvmsg");
-    let mut fd = None;
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            assert_eq!(fds.len(), 1);
-            // SAFETY: the kernel just installed this fd in our table for us.
-            fd = Some(unsafe { OwnedFd::from_raw_fd(fds[0]) });
-        }
-    }
-    let n = msg.bytes;
-    (
-        String::from_utf8_lossy(&buf[..n]).into_owned(),
-        fd.expect("an SCM_RIGHTS fd"),
-    )
 }
 
 fn check_fd_store(sock: UnixDatagram, notify_socket: &str) {
@@ -732,4 +703,54 @@ fn a_reload_stops_everything_the_run_started() {
         holders(&name).is_empty(),
         "processes left after the watcher stopped"
     );
+}
+
+#[test]
+fn on_a_terminal_each_run_owns_it_and_ctrl_z_suspends_the_whole_job() {
+    // Each run reads a line typed at the terminal (in a background group it
+    // would be stopped by SIGTTIN), and counts the runs in the memfd.
+    let script = format!("{}; echo ready; read x; echo \"got $x\"", b("counter"));
+    let mut c = cmd("shm-fd");
+    c.args(["--restart", "always", "sh", "-c", &script]);
+    let t = OnTerminal::spawn(c);
+    t.expect("ready");
+    t.type_keys("one\n");
+    t.expect("got one");
+    t.expect("2\r\nready");
+    // Ctrl-Z stops the run; the watcher takes the terminal back and stops
+    // too, so a shell would see its job stopped.
+    t.type_keys("\x1a");
+    let watcher = Pid::from_raw(t.child.id() as i32);
+    match wait_bounded(watcher) {
+        nix::sys::wait::WaitStatus::Stopped(_, _) => {}
+        other => panic!("the watcher did not stop: {other:?}; {}", t.text()),
+    }
+    // `fg`: continued, it hands the terminal back to the run, which reads on.
+    kill(watcher, Signal::SIGCONT).unwrap();
+    t.type_keys("two\n");
+    t.expect("got two");
+    t.expect("3\r\nready");
+    // Ctrl-C reaches the run, which dies of it, and that ends the watcher.
+    t.type_keys("\x03");
+    match wait_bounded(watcher) {
+        nix::sys::wait::WaitStatus::Exited(_, code) => assert_eq!(code, 130, "{}", t.text()),
+        other => panic!("{other:?}; {}", t.text()),
+    }
+}
+
+/// waitpid(pid, WUNTRACED) that gives up after 20 s (so a regression fails
+/// the test instead of hanging it), killing the process.
+fn wait_bounded(pid: Pid) -> nix::sys::wait::WaitStatus {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::WUNTRACED | WaitPidFlag::WNOHANG)).unwrap() {
+            WaitStatus::StillAlive if Instant::now() < deadline => sleep(Duration::from_millis(10)),
+            WaitStatus::StillAlive => {
+                let _ = kill(pid, Signal::SIGKILL);
+                return WaitStatus::StillAlive;
+            }
+            other => return other,
+        }
+    }
 }

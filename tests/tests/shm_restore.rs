@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use shm_fd_tests::{bin, cmd, first_primes, run, text};
+use shm_fd_tests::{OnTerminal, bin, cmd, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
     bin(name).to_str().unwrap().to_owned()
@@ -539,123 +539,6 @@ fn an_unwritable_directory_fails_the_final_save_with_74() {
     );
 }
 
-/// A command running on a new pseudo-terminal, in the foreground of its
-/// own session (as a job of a login shell is), with the terminal's output
-/// collected by a thread.
-struct OnTerminal {
-    child: Child,
-    master: std::fs::File,
-    output: std::sync::Arc<std::sync::Mutex<String>>,
-    /// Tells the reader thread to stop (and close its copy of the master).
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl OnTerminal {
-    fn spawn(mut cmd: Command) -> OnTerminal {
-        use std::io::Read;
-        use std::os::unix::fs::OpenOptionsExt;
-        // Close-on-exec from the start (not openpty): children that other
-        // tests start meanwhile must not inherit the master, or closing it
-        // here would not hang the terminal up.
-        use nix::fcntl::OFlag;
-        let flags = OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC;
-        let pty_master = nix::pty::posix_openpt(flags).unwrap();
-        nix::pty::grantpt(&pty_master).unwrap();
-        nix::pty::unlockpt(&pty_master).unwrap();
-        let slave_path = nix::pty::ptsname_r(&pty_master).unwrap();
-        let slave = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
-            .open(slave_path)
-            .unwrap();
-        cmd.stdin(slave.try_clone().unwrap())
-            .stdout(slave.try_clone().unwrap())
-            .stderr(slave.try_clone().unwrap());
-        // A new session whose controlling terminal is the pty (on stdin).
-        let hook = || {
-            nix::unistd::setsid()?;
-            // SAFETY: TIOCSCTTY takes an int argument, no pointer.
-            if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY: between fork and exec the hook only makes two system
-        // calls (setsid, ioctl) and allocates nothing.
-        unsafe { cmd.pre_exec(hook) };
-        let child = cmd.spawn().unwrap();
-        drop(cmd); // its copies of the slave side
-        drop(slave);
-        let master = std::fs::File::from(std::os::fd::OwnedFd::from(pty_master));
-        let output = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let (mut reader, out) = (master.try_clone().unwrap(), output.clone());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopped = stop.clone();
-        let reader = std::thread::spawn(move || {
-            use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-            use std::os::fd::AsFd;
-            let mut buf = [0u8; 4096];
-            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                let mut fds = [PollFd::new(reader.as_fd(), PollFlags::POLLIN)];
-                if poll(&mut fds, PollTimeout::from(50u8)).unwrap_or(0) == 0 {
-                    continue;
-                }
-                // EIO once every process has closed the slave side.
-                match reader.read(&mut buf) {
-                    Ok(n @ 1..) => out
-                        .lock()
-                        .unwrap()
-                        .push_str(&String::from_utf8_lossy(&buf[..n])),
-                    _ => break,
-                }
-            }
-        });
-        OnTerminal {
-            child,
-            master,
-            output,
-            stop,
-            reader: Some(reader),
-        }
-    }
-
-    /// Closes the master side: the terminal hangs up. Returns the child.
-    fn hang_up(mut self) -> Child {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        // `self.master` is the last master fd: dropping it hangs up.
-        let OnTerminal { child, .. } = self;
-        child
-    }
-
-    /// Waits until the terminal has shown `want`.
-    fn expect(&self, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.output.lock().unwrap().contains(want) {
-            assert!(
-                Instant::now() < deadline,
-                "no {want:?} on the terminal: {:?}",
-                self.output.lock().unwrap()
-            );
-            sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Types `keys` at the terminal.
-    fn type_keys(&self, keys: &str) {
-        use std::io::Write;
-        (&self.master).write_all(keys.as_bytes()).unwrap();
-    }
-
-    fn text(&self) -> String {
-        self.output.lock().unwrap().clone()
-    }
-}
-
 /// `shm-restore S sh -c '$COUNTER; echo ready; read x; echo "got $x"'`.
 fn reader_on_terminal(snap: &Path) -> OnTerminal {
     let mut c = cmd("shm-restore");
@@ -728,35 +611,6 @@ fn the_command_starts_with_no_blocked_signals_and_sigpipe_not_ignored() {
     assert_eq!(field("SigBlk:"), 0, "blocked signals: {out}{err}");
     let sigpipe = 1 << (libc::SIGPIPE - 1);
     assert_eq!(field("SigIgn:") & sigpipe, 0, "SIGPIPE ignored: {out}{err}");
-}
-
-/// Receives one datagram with an attached fd from `sock`.
-fn recv_with_fd(sock: &std::os::unix::net::UnixDatagram) -> (String, std::os::fd::OwnedFd) {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-    let mut buf = [0u8; 256];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .expect("recvmsg");
-    let mut fd = None;
-    for c in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(fds) = c {
-            assert_eq!(fds.len(), 1);
-            // SAFETY: the kernel just installed this fd in our table for us.
-            fd = Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
-        }
-    }
-    let n = msg.bytes;
-    (
-        String::from_utf8_lossy(&buf[..n]).into_owned(),
-        fd.expect("an SCM_RIGHTS fd"),
-    )
 }
 
 #[test]

@@ -188,7 +188,7 @@ pub(crate) fn run(
         let deadline = Instant::now() + delay;
         let mut got = signals.take();
         loop {
-            reap_all(None).map_err(setup)?;
+            reap_all(None, false).map_err(setup)?;
             if got.iter().any(|s| FORWARDED.contains(s)) {
                 return Ok(last);
             }
@@ -235,8 +235,13 @@ fn watch_run(
     // When to SIGKILL whatever of the group is still there.
     let mut kill_at: Option<Instant> = None;
     loop {
-        if let Some(e) = reap_all(Some(pgid))? {
+        let seen = reap_all(Some(pgid), terminal.is_some())?;
+        if let Some(e) = seen.ended {
             ended = Some(e);
+        } else if seen.stopped
+            && let Some(t) = terminal
+        {
+            suspend_with(pgid, t);
         }
         if let Some(end) = ended {
             if group_is_empty(pgid) {
@@ -284,21 +289,52 @@ fn watch_run(
     }
 }
 
+/// What [`reap_all`] saw of a run's main process.
+#[derive(Debug, Default)]
+struct Reaped {
+    /// It ended, so.
+    ended: Option<Ended>,
+    /// It was stopped (Ctrl-Z); only reported when asked for.
+    stopped: bool,
+}
+
 /// Reaps every finished child (runs' processes and orphans re-parented to
-/// us). Returns how `main` ended, if it did now.
-fn reap_all(main: Option<Pid>) -> std::io::Result<Option<Ended>> {
-    let mut ended = None;
+/// us), and with `untraced` also notices `main` being stopped.
+fn reap_all(main: Option<Pid>, untraced: bool) -> std::io::Result<Reaped> {
+    let mut flags = WaitPidFlag::WNOHANG;
+    if untraced {
+        flags |= WaitPidFlag::WUNTRACED;
+    }
+    let mut seen = Reaped::default();
     loop {
-        let (pid, end) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+        let (pid, end) = match waitpid(None, Some(flags)) {
             Ok(WaitStatus::Exited(pid, code)) => (pid, Ended::Exited(code)),
             Ok(WaitStatus::Signaled(pid, sig, _)) => (pid, Ended::Killed(sig)),
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(ended),
+            Ok(WaitStatus::Stopped(pid, _)) => {
+                seen.stopped |= Some(pid) == main;
+                continue;
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(seen),
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
         if Some(pid) == main {
-            ended = Some(end);
+            seen.ended = Some(end);
         }
+    }
+}
+
+/// The run was stopped from the terminal (Ctrl-Z): take the terminal back
+/// and stop ourselves, so the shell sees the whole job stopped; when it
+/// continues us (`fg` or `bg`), continue the run, in the foreground again
+/// if we are.
+fn suspend_with(pgid: Pid, terminal: &Terminal) {
+    terminal.take_back();
+    let _ = nix::sys::signal::raise(Signal::SIGSTOP);
+    if terminal.owns_foreground() {
+        terminal.give_to(pgid);
+    } else {
+        let _ = killpg(pgid, Signal::SIGCONT);
     }
 }
 
