@@ -187,6 +187,14 @@ impl Header {
                 format!("{stored_len} exceeds the data size {data_len}"),
             ));
         }
+        // Every chunk holds at least one stored byte: a larger count is
+        // damage (and would size the table buffer from a lie).
+        if chunk_count > stored_len {
+            return Err(bad(
+                "chunk_count",
+                format!("{chunk_count} exceeds the {stored_len} stored bytes"),
+            ));
+        }
         let expected_len = data_offset
             .checked_add(stored_len)
             .ok_or_else(|| bad("stored_len", format!("{stored_len} overflows")))?;
@@ -420,6 +428,14 @@ mod tests {
         let mut huge = h;
         huge.chunk_count = u64::MAX / 8;
         assert!(Header::decode(&huge.encode(), 4096, u64::MAX).is_err());
+        // A sparse file can be as long as a huge table says: more chunks
+        // than stored bytes is refused before any table is read.
+        let mut sparse = h;
+        sparse.chunk_count = 1 << 36;
+        sparse.data_offset = data_offset_for(1 << 36).unwrap();
+        let len = sparse.data_offset;
+        let e = Header::decode(&sparse.encode(), len, u64::MAX).unwrap_err();
+        assert!(e.to_string().contains("chunk_count"), "{e}");
     }
 
     #[test]

@@ -73,12 +73,23 @@ pub fn restore(
         .metadata()
         .map_err(|e| Error::io("fstat", "the memfd", e))?
         .len();
-    if len > 0 {
+    // Live memory is data, not size: a memfd that was only sized, or that
+    // an earlier failed load punched clean, holds nothing to keep.
+    if len > 0
+        && !crate::image::data_extents(memfd, len)
+            .map_err(|e| Error::io("looking for data in", "the memfd", e))?
+            .is_empty()
+    {
         return Ok(LoadOutcome::LiveKept { len });
     }
     let prev = prev_path(snapshot);
     let main_problem = match Verified::open(snapshot, max_data_len) {
-        Ok(s) => return load(snapshot.to_owned(), s, memfd),
+        Ok(s) => match load(snapshot.to_owned(), s, memfd) {
+            // Damaged between the check and the copy: try `.prev` as for
+            // any other damage (the memfd was emptied again).
+            Err(e) if e.is_corrupt() => e,
+            other => return other,
+        },
         Err(e) if e.is_corrupt() || e.is_not_found() => e,
         Err(e) => return Err(e),
     };
@@ -120,6 +131,21 @@ pub fn restore(
     }
 }
 
+/// Drops everything a failed load put into `memfd`: truncates it to 0, or,
+/// when it is sealed against shrinking, punches out all its data (the size
+/// stays; [`restore`] treats a memfd without data as empty).
+fn discard(memfd: &File) -> io::Result<()> {
+    match memfd.set_len(0) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            let len = memfd.metadata()?.len();
+            let flags = nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE;
+            nix::fcntl::fallocate(memfd, flags, 0, len as i64).map_err(io::Error::from)
+        }
+        other => other,
+    }
+}
+
 /// A snapshot file whose every checksum was verified.
 struct Verified {
     file: File,
@@ -145,7 +171,14 @@ fn load(path: PathBuf, snapshot: Verified, memfd: &File) -> Result<LoadOutcome> 
         header,
         chunks,
     } = snapshot;
-    copy_into(&file, &header, &chunks, memfd).map_err(|e| match e {
+    let copied = copy_into(&file, &header, &chunks, memfd);
+    if copied.is_err() {
+        // Leave no half-loaded state behind: the watcher keeps the memfd,
+        // and a later start would take a partial copy for live memory.
+        discard(memfd)
+            .map_err(|e| Error::io("emptying again after a failed load", "the memfd", e))?;
+    }
+    copied.map_err(|e| match e {
         ReadError::Io(e) if e.raw_os_error() == Some(libc::EPERM) => Error::io(
             "loading the snapshot into",
             "the memfd",
@@ -236,6 +269,69 @@ mod tests {
             LoadOutcome::LiveKept { len: 5 }
         ));
         assert_eq!(loaded(&m), b"hello");
+    }
+
+    #[test]
+    fn a_load_that_fails_midway_leaves_no_data_and_the_next_start_loads_again() {
+        // The file is damaged after it was verified (as by a concurrent
+        // truncation or an I/O error): the memfd, which the watcher keeps,
+        // must not hold a partial copy that a later start takes for live
+        // memory and saves over the good snapshot.
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        let data = vec![0x5Au8; 3 << 20];
+        save(d.path(), &data);
+        let good = std::fs::read(&path).unwrap();
+        let m = memfd(); // sealed against shrinking, as shm-fd's
+        let verified = Verified::open(&path, u64::MAX).unwrap();
+        let mut bad = good.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        std::fs::write(&path, &bad).unwrap();
+        let e = load(path.clone(), verified, &m).unwrap_err();
+        assert!(e.is_corrupt(), "{e}");
+        let len = m.metadata().unwrap().len();
+        assert!(
+            crate::image::data_extents(&m, len).unwrap().is_empty(),
+            "a partial copy was left in the memfd"
+        );
+        // With the file good again, the next start loads it (the sized but
+        // empty memfd is not "live memory").
+        std::fs::write(&path, &good).unwrap();
+        assert!(matches!(
+            restore(&path, &m, u64::MAX, 0).unwrap(),
+            LoadOutcome::Loaded { fallback: None, .. }
+        ));
+        assert_eq!(loaded(&m), data);
+    }
+
+    #[test]
+    fn after_a_copy_that_met_damage_prev_is_loaded_into_the_same_memfd() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), b"old");
+        save(d.path(), b"new");
+        let m = memfd();
+        // Damage the main file between its verification and its copy.
+        let verified = Verified::open(&path, u64::MAX).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(load(path.clone(), verified, &m).unwrap_err().is_corrupt());
+        // restore() sees the damage at verification now, and uses .prev.
+        let out = restore(&path, &m, u64::MAX, 0).unwrap();
+        assert!(
+            matches!(
+                out,
+                LoadOutcome::Loaded {
+                    fallback: Some(_),
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
+        assert_eq!(loaded(&m), b"old");
     }
 
     #[test]

@@ -66,8 +66,8 @@ pub struct SaveReport {
 pub enum SaveOutcome {
     /// A new snapshot is in place.
     Saved(SaveReport),
-    /// The memfd was empty (size 0): nothing was written, the snapshot is
-    /// untouched.
+    /// The memfd held no data (size 0, or only holes): nothing was
+    /// written, the snapshot is untouched.
     SkippedEmpty,
     /// The capture found nothing changed since the last one
     /// ([`Captured::Unchanged`]): nothing was written.
@@ -289,10 +289,13 @@ impl<S: Storage> Saver<S> {
     }
 
     fn save_from(&mut self, source: Source<'_>, saved_at_ns: u64) -> Result<SaveOutcome> {
-        if source.data_len() == 0 {
+        // No data at all (size 0, or only holes: a memfd that was sized
+        // but never written, or one a failed load punched clean) is never
+        // worth replacing a snapshot with.
+        if source.data_len() == 0 || source.extents().is_empty() {
             return Ok(SaveOutcome::SkippedEmpty);
         }
-        let generation = self.generation + 1;
+        let generation = self.generation.saturating_add(1);
         let chunk_size = self.options.chunk_size;
         let layout = chunk_layout(source.extents(), chunk_size);
         let data_offset = format::data_offset_for(layout.len() as u64)
@@ -358,7 +361,7 @@ impl<S: Storage> Saver<S> {
         data_offset: u64,
         moved_corrupt: Option<(OsString, Damage)>,
     ) -> Result<SaveOutcome> {
-        let generation = self.generation + 1;
+        let generation = self.generation.saturating_add(1);
         if let Err(e) = self.storage.rename(tmp, &self.name) {
             let e = Error::io(
                 "renaming the new snapshot to",

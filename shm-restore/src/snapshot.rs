@@ -228,7 +228,9 @@ pub fn copy_into<R: ReadAt + Sync + ?Sized>(
     chunks: &[Chunk],
     memfd: &File,
 ) -> Result<(), ReadError> {
-    if header.data_len > 0 {
+    // Grow only: a memfd sealed against shrinking may already be larger
+    // (sized, but holding no data).
+    if header.data_len > memfd.metadata()?.len() {
         memfd.set_len(header.data_len)?;
     }
     let places = file_offsets(header, chunks);

@@ -344,3 +344,31 @@ fn an_image_saved_with_crcs_on_another_thread_verifies() {
     assert_eq!(loaded.chunks(), img.table(4096));
     assert_eq!(loaded.into_image(), img);
 }
+
+#[test]
+fn a_memfd_with_size_but_no_data_never_replaces_a_snapshot() {
+    // Sized but never written (or punched clean by a failed load): saving
+    // it would replace a good snapshot with zeros.
+    let d = tempfile::tempdir().unwrap();
+    let mut saver = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options());
+    let SaveOutcome::Saved(_) = saver.save(&image(0), 1).unwrap() else {
+        panic!()
+    };
+    let before = std::fs::read(d.path().join(NAME)).unwrap();
+    let m = memfd();
+    m.set_len(1 << 20).unwrap();
+    assert_eq!(saver.save_memfd(&m, 2).unwrap(), SaveOutcome::SkippedEmpty);
+    assert_eq!(std::fs::read(d.path().join(NAME)).unwrap(), before);
+    assert!(!prev_path(&d.path().join(NAME)).exists());
+}
+
+#[test]
+fn a_crafted_maximal_generation_saturates_instead_of_overflowing() {
+    let d = tempfile::tempdir().unwrap();
+    let mut saver = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options());
+    saver.generation = u64::MAX;
+    let SaveOutcome::Saved(r) = saver.save(&image(0), 1).unwrap() else {
+        panic!()
+    };
+    assert_eq!(r.generation, u64::MAX);
+}

@@ -33,7 +33,7 @@ pub(crate) const EXIT_CANNOT_EXECUTE: u8 = 126;
 pub(crate) const EXIT_NOT_FOUND: u8 = 127;
 
 const AFTER_HELP: &str = "\
-Before the start: if the memfd is empty (a fresh watcher, or none passed)
+Before the start: if the memfd holds no data (a fresh watcher, or none passed)
 and SNAPSHOT exists, it is verified and loaded; a damaged SNAPSHOT with a
 valid SNAPSHOT.prev loads the .prev and keeps the damaged file as
 SNAPSHOT.corrupt-<time>. A memfd that already holds data (a restart under
@@ -44,8 +44,8 @@ memory. SIGTERM, SIGINT, SIGHUP and SIGQUIT are forwarded to the command's
 process group. In the foreground of a terminal, the command's group gets
 the terminal while it runs (Ctrl-C, Ctrl-Z reach it; a stopped command
 stops shm-restore too, as a shell job); a terminal hang-up stops it
-(SIGHUP, then SIGTERM after 5 s, SIGKILL after 10 s). An empty memfd never overwrites a
-snapshot. A memfd created here (none passed) is uploaded to systemd's fd
+(SIGHUP, then SIGTERM after 5 s, SIGKILL after 10 s). A memfd without data never
+overwrites a snapshot. A memfd created here (none passed) is uploaded to systemd's fd
 store when NOTIFY_SOCKET is set (a failure is only a warning).
 
 --snapshot protocol (also restore-v1): a command that commits through

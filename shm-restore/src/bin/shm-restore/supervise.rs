@@ -441,7 +441,10 @@ fn save(
             true
         }
         Ok(SaveOutcome::SkippedEmpty) => {
-            say(args, &format!("the memfd is empty: {path} left as it was"));
+            say(
+                args,
+                &format!("the memfd holds no data: {path} left as it was"),
+            );
             true
         }
         Ok(SaveOutcome::SkippedUnchanged) => {
