@@ -3,7 +3,7 @@
 
 use crate::error::Error;
 use crate::region::Region;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering, fence};
 
 /// The first 8 bytes of a header.
 pub const MAGIC: [u8; 8] = *b"shm-snap";
@@ -101,6 +101,10 @@ impl<'a> Header<'a> {
         page.store_u64(OFF_WAITERS, 0);
         page.word(OFF_MAGIC)
             .store(u64::from_ne_bytes(MAGIC), Ordering::Release);
+        // Orders the magic before any later store to the page (the first
+        // update's odd sequence word): a reader that sees such a store and
+        // then fences sees the magic too (see `find`).
+        fence(Ordering::Release);
         Header { page }
     }
 }
@@ -117,11 +121,18 @@ pub(crate) fn find(region: Region<'_>) -> Result<Found<'_>, Error> {
     })?;
     let magic = page.word(OFF_MAGIC).load(Ordering::Acquire);
     if magic != u64::from_ne_bytes(MAGIC) {
-        return Ok(if magic == 0 && is_blank_or_setup(page) {
-            Found::Blank
-        } else {
-            Found::Foreign
-        });
+        if magic == 0 && is_blank_or_setup(page) {
+            return Ok(Found::Blank);
+        }
+        // The page is read after the magic: another process may have
+        // finished setting the header up (and begun an update, making the
+        // page non-blank) in between. If the scan saw such a store, this
+        // fence pairs with the release fence in `init`, so the magic is
+        // visible now: look at it again before calling the page foreign.
+        fence(Ordering::Acquire);
+        if page.word(OFF_MAGIC).load(Ordering::Acquire) != u64::from_ne_bytes(MAGIC) {
+            return Ok(Found::Foreign);
+        }
     }
     let mut b = [0u8; 24];
     page.read(0, &mut b);

@@ -76,7 +76,11 @@ fn header_setup_races_with_probe() {
         let w = {
             let buf = buf.clone();
             thread::spawn(move || {
-                Publisher::open(buf.region()).unwrap();
+                // Set-up, then at once an update: a reader that saw the
+                // magic still zero must not then take the odd sequence word
+                // for foreign data.
+                let (mut p, _) = Publisher::open(buf.region()).unwrap();
+                p.enter_update();
             })
         };
         let r = {
