@@ -143,17 +143,27 @@ pub fn read_header<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Heade
     Ok(Header::decode(&buf, len, max_data_len)?)
 }
 
-/// Reads and verifies a whole snapshot from `r`.
-pub fn read_snapshot<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Snapshot, ReadError> {
+/// Reads the header and the chunk table of `r`, both validated (the table's
+/// CRC and rules); the data is not read.
+fn read_header_and_table<R: ReadAt + ?Sized>(
+    r: &R,
+    max_data_len: u64,
+) -> Result<(Header, Vec<Chunk>), ReadError> {
     let header = read_header(r, max_data_len)?;
-    // decode() checked data_offset + stored_len == file length, so both the
-    // table and the data are inside the file and their sizes fit in memory
-    // only as far as the file itself does.
+    // decode() checked data_offset + stored_len == file length and
+    // chunk_count <= stored_len, so the table is inside the file and its
+    // size fits in memory only as far as the file itself does.
     let table_len = (header.data_offset - HEADER_LEN as u64) as usize;
     let mut table = vec![0u8; table_len];
     r.read_exact_at(&mut table, HEADER_LEN as u64)?;
     let entries = header.chunk_count as usize * format::ENTRY_LEN;
     let chunks = format::decode_table(&table[..entries], &header)?;
+    Ok((header, chunks))
+}
+
+/// Reads and verifies a whole snapshot from `r`.
+pub fn read_snapshot<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Snapshot, ReadError> {
+    let (header, chunks) = read_header_and_table(r, max_data_len)?;
     let stored = usize::try_from(header.stored_len)
         .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "snapshot too large"))?;
     let mut data = vec![0u8; stored];
@@ -176,12 +186,7 @@ pub fn verify<R: ReadAt + Sync + ?Sized>(
     r: &R,
     max_data_len: u64,
 ) -> Result<(Header, Vec<Chunk>), ReadError> {
-    let header = read_header(r, max_data_len)?;
-    let table_len = (header.data_offset - HEADER_LEN as u64) as usize;
-    let mut table = vec![0u8; table_len];
-    r.read_exact_at(&mut table, HEADER_LEN as u64)?;
-    let entries = header.chunk_count as usize * format::ENTRY_LEN;
-    let chunks = format::decode_table(&table[..entries], &header)?;
+    let (header, chunks) = read_header_and_table(r, max_data_len)?;
     let places = file_offsets(&header, &chunks);
     let results = parallel::run_each(split(&header, &chunks), |run| {
         let mut buf = Vec::new();
