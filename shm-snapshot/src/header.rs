@@ -72,6 +72,20 @@ pub(crate) struct Header<'a> {
 }
 
 impl<'a> Header<'a> {
+    /// The header at the start of `region`, which [`find`] validated
+    /// earlier (an owned publisher re-derives it from its memory at each
+    /// call). Panics, like slice indexing, when `region` is shorter than a
+    /// header: its owner broke [`crate::AsRegion`]'s contract.
+    pub(crate) fn validated(region: Region<'a>) -> Header<'a> {
+        match region.subregion(0, HEADER_LEN) {
+            Some(page) => Header { page },
+            None => panic!(
+                "a validated shm-snapshot header shrank to {} bytes",
+                region.len()
+            ),
+        }
+    }
+
     pub(crate) fn seq(&self) -> &'a AtomicU64 {
         self.page.word(OFF_SEQ)
     }

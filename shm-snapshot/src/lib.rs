@@ -86,7 +86,9 @@ mod target;
 
 pub use error::Error;
 pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, VERSION};
-pub use publisher::{Opened, Publisher, Update};
+#[cfg(not(loom))]
+pub use publisher::MappedRegion;
+pub use publisher::{AsRegion, Opened, OwnedPublisher, Publisher, Update};
 pub use region::{HeapBuffer, Region};
 pub use snapshot::{
     Capture, Outcome, Protocol, Snapshotter, committed_generation, has_protocol, probe,

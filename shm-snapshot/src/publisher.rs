@@ -2,7 +2,7 @@
 
 use crate::error::Error;
 use crate::header::{self, DATA_OFFSET, Found, HEADER_LEN, Header};
-use crate::region::Region;
+use crate::region::{HeapBuffer, Region};
 use crate::sync::{Ordering, fence};
 
 /// The program's handle on the protocol: the single writer of a region's
@@ -61,42 +61,11 @@ impl<'a> Publisher<'a> {
     /// sequence word (debug builds catch it at the next
     /// [`Publisher::enter_update`]).
     pub fn open(region: Region<'a>) -> Result<(Publisher<'a>, Opened), Error> {
-        let (header, created) = match header::find(region)? {
-            Found::Valid(h) => (h, false),
-            Found::Foreign => return Err(Error::ForeignData),
-            Found::Blank => {
-                let page = region.subregion(0, HEADER_LEN).ok_or(Error::TooSmall {
-                    len: region.len(),
-                    needed: HEADER_LEN,
-                })?;
-                (Header::init(page), true)
-            }
-        };
+        let (header, opened) = take_header(region)?;
         let data = region
             .subregion(DATA_OFFSET, region.len() - DATA_OFFSET)
-            .ok_or(Error::TooSmall {
-                len: region.len(),
-                needed: DATA_OFFSET,
-            })?;
-        let seq = header.load_seq(Ordering::Acquire)?;
-        if seq % 2 == 1 {
-            // Resuming the interrupted update: store its odd value as our
-            // own and fence, as `enter_update` does, so that our repair
-            // stores are ordered after an odd value a snapshotter's
-            // re-check must then see (the odd store we loaded was the
-            // previous writer's, which orders nothing of ours).
-            header.seq().store(seq.to_le(), Ordering::Relaxed);
-            fence(Ordering::Release);
-        }
-        // A stale waiter flag (a snapshotter killed while it slept) would
-        // only cost a wake per commit; the snapshotter sets it again when
-        // it sleeps, so it is safe to clear here.
-        header.waiters().store(0, Ordering::Relaxed);
-        let opened = Opened {
-            created,
-            generation: seq / 2,
-            interrupted: seq % 2 == 1,
-        };
+            .expect("take_header checked the region holds a header");
+        let seq = 2 * opened.generation + u64::from(opened.interrupted);
         Ok((Publisher { header, data, seq }, opened))
     }
 
@@ -107,22 +76,7 @@ impl<'a> Publisher<'a> {
     /// For a program that wants to refuse foreign state before it grows or
     /// writes the memfd.
     pub fn check(region: Region<'_>) -> Result<Opened, Error> {
-        match header::find(region)? {
-            Found::Foreign => Err(Error::ForeignData),
-            Found::Blank => Ok(Opened {
-                created: true,
-                generation: 0,
-                interrupted: false,
-            }),
-            Found::Valid(h) => {
-                let seq = h.load_seq(Ordering::Acquire)?;
-                Ok(Opened {
-                    created: false,
-                    generation: seq / 2,
-                    interrupted: seq % 2 == 1,
-                })
-            }
-        }
+        check_header(region)
     }
 
     /// The data region: the memfd after the header page, to its end.
@@ -157,17 +111,7 @@ impl<'a> Publisher<'a> {
     /// before every later store to the data region: a snapshotter that sees
     /// any of those stores also sees the odd value when it re-checks.
     pub fn enter_update(&mut self) {
-        if self.is_updating() {
-            return;
-        }
-        debug_assert_eq!(
-            u64::from_le(self.header.seq().load(Ordering::Relaxed)),
-            self.seq,
-            "the sequence word changed behind this Publisher: two publishers on one region"
-        );
-        self.seq += 1;
-        self.header.seq().store(self.seq.to_le(), Ordering::Relaxed);
-        fence(Ordering::Release);
+        enter_update(self.header, &mut self.seq);
     }
 
     /// Publishes the data region as it is now as the next generation, and
@@ -177,16 +121,7 @@ impl<'a> Publisher<'a> {
     /// The even sequence value is stored with `Release`: a snapshotter that
     /// loads it with `Acquire` sees every store of the update.
     pub fn commit(&mut self) -> u64 {
-        if !self.is_updating() {
-            return self.generation();
-        }
-        self.seq += 1;
-        let seq = self.header.seq();
-        seq.store(self.seq.to_le(), Ordering::Release);
-        if self.header.waiters().load(Ordering::Relaxed) != 0 {
-            crate::futex::wake(seq);
-        }
-        self.generation()
+        commit(self.header, &mut self.seq)
     }
 }
 
@@ -205,5 +140,245 @@ impl<'a> Update<'_, 'a> {
     /// Publishes the update; returns the new generation.
     pub fn commit(self) -> u64 {
         self.publisher.commit()
+    }
+}
+
+/// Takes the header at the start of `region`, writing a fresh one when the
+/// first page is blank: [`Publisher::open`]'s work, shared with
+/// [`OwnedPublisher::open`].
+fn take_header(region: Region<'_>) -> Result<(Header<'_>, Opened), Error> {
+    let (header, created) = match header::find(region)? {
+        Found::Valid(h) => (h, false),
+        Found::Foreign => return Err(Error::ForeignData),
+        Found::Blank => {
+            let page = region.subregion(0, HEADER_LEN).ok_or(Error::TooSmall {
+                len: region.len(),
+                needed: HEADER_LEN,
+            })?;
+            (Header::init(page), true)
+        }
+    };
+    if region.len() < DATA_OFFSET {
+        return Err(Error::TooSmall {
+            len: region.len(),
+            needed: DATA_OFFSET,
+        });
+    }
+    let seq = header.load_seq(Ordering::Acquire)?;
+    if seq % 2 == 1 {
+        // Resuming the interrupted update: store its odd value as our
+        // own and fence, as `enter_update` does, so that our repair
+        // stores are ordered after an odd value a snapshotter's
+        // re-check must then see (the odd store we loaded was the
+        // previous writer's, which orders nothing of ours).
+        header.seq().store(seq.to_le(), Ordering::Relaxed);
+        fence(Ordering::Release);
+    }
+    // A stale waiter flag (a snapshotter killed while it slept) would
+    // only cost a wake per commit; the snapshotter sets it again when
+    // it sleeps, so it is safe to clear here.
+    header.waiters().store(0, Ordering::Relaxed);
+    let opened = Opened {
+        created,
+        generation: seq / 2,
+        interrupted: seq % 2 == 1,
+    };
+    Ok((header, opened))
+}
+
+/// [`Publisher::check`]'s work, shared with [`OwnedPublisher::check`].
+fn check_header(region: Region<'_>) -> Result<Opened, Error> {
+    match header::find(region)? {
+        Found::Foreign => Err(Error::ForeignData),
+        Found::Blank => Ok(Opened {
+            created: true,
+            generation: 0,
+            interrupted: false,
+        }),
+        Found::Valid(h) => {
+            let seq = h.load_seq(Ordering::Acquire)?;
+            Ok(Opened {
+                created: false,
+                generation: seq / 2,
+                interrupted: seq % 2 == 1,
+            })
+        }
+    }
+}
+
+/// Marks the start of an update (no-op when `seq` is odd already): the odd
+/// value is stored, then a release fence orders it before every later
+/// store to the data region, so a snapshotter that sees any of those
+/// stores also sees the odd value when it re-checks.
+#[inline]
+fn enter_update(header: Header<'_>, seq: &mut u64) {
+    if *seq % 2 == 1 {
+        return;
+    }
+    debug_assert_eq!(
+        u64::from_le(header.seq().load(Ordering::Relaxed)),
+        *seq,
+        "the sequence word changed behind this Publisher: two publishers on one region"
+    );
+    *seq += 1;
+    header.seq().store(seq.to_le(), Ordering::Relaxed);
+    fence(Ordering::Release);
+}
+
+/// Stores the next even value with `Release` (no-op outside an update) and
+/// wakes a sleeping snapshotter; returns the generation.
+#[inline]
+fn commit(header: Header<'_>, seq: &mut u64) -> u64 {
+    if *seq % 2 == 1 {
+        *seq += 1;
+        let word = header.seq();
+        word.store(seq.to_le(), Ordering::Release);
+        if header.waiters().load(Ordering::Relaxed) != 0 {
+            crate::futex::wake(word);
+        }
+    }
+    *seq / 2
+}
+
+/// Memory that hands out a [`Region`] of itself, borrowed from it: what an
+/// [`OwnedPublisher`] owns, so that the type system (not a convention)
+/// keeps the memory alive as long as the publisher writes to it.
+///
+/// `as_region` must return a region over the same memory, of the same
+/// length, at every call: the publisher validates the header once, at
+/// [`OwnedPublisher::open`]. A region that shrank makes the publisher
+/// panic (a bounds check), never touch memory outside it.
+pub trait AsRegion {
+    /// The memory as a [`Region`].
+    fn as_region(&self) -> Region<'_>;
+}
+
+impl AsRegion for HeapBuffer {
+    fn as_region(&self) -> Region<'_> {
+        self.region()
+    }
+}
+
+impl<T: AsRegion + ?Sized> AsRegion for Box<T> {
+    fn as_region(&self) -> Region<'_> {
+        (**self).as_region()
+    }
+}
+
+impl<T: AsRegion + ?Sized> AsRegion for std::sync::Arc<T> {
+    fn as_region(&self) -> Region<'_> {
+        (**self).as_region()
+    }
+}
+
+/// A shared mapping ([`memmap2::MmapRaw`]) checked once to be writable and
+/// 8-aligned, seen as a [`Region`]: memory an [`OwnedPublisher`] can own.
+#[cfg(not(loom))]
+#[derive(Debug)]
+pub struct MappedRegion {
+    map: memmap2::MmapRaw,
+}
+
+#[cfg(not(loom))]
+impl MappedRegion {
+    /// Takes `map` after the checks of [`Region::try_from_mmap`] (made
+    /// writable, 8-aligned), which then need not be repeated per access.
+    pub fn new(map: memmap2::MmapRaw) -> std::io::Result<MappedRegion> {
+        Region::try_from_mmap(&map)?;
+        Ok(MappedRegion { map })
+    }
+
+    /// Gives the mapping back.
+    pub fn into_inner(self) -> memmap2::MmapRaw {
+        self.map
+    }
+}
+
+#[cfg(not(loom))]
+impl AsRegion for MappedRegion {
+    fn as_region(&self) -> Region<'_> {
+        // SAFETY: `new` checked (through `Region::try_from_mmap`) that the
+        // mapping is 8-aligned and made it writable; it stays mapped while
+        // `self` is borrowed, which bounds the region's lifetime; the
+        // MmapRaw hands out raw pointers only, so this process reaches the
+        // bytes only through `Region`s (atomically).
+        unsafe { Region::from_raw_parts(self.map.as_mut_ptr(), self.map.len()) }
+    }
+}
+
+/// A [`Publisher`] that owns the memory it publishes through (a
+/// [`MappedRegion`], a [`HeapBuffer`], anything [`AsRegion`]): no lifetime
+/// to uphold by hand, for a program that keeps its publisher in a struct
+/// next to other state.
+///
+/// The same protocol as [`Publisher`], and the same rule: one publisher
+/// per region.
+#[derive(Debug)]
+pub struct OwnedPublisher<M> {
+    mem: M,
+    /// The sequence word's value as this writer last stored it.
+    seq: u64,
+}
+
+impl<M: AsRegion> OwnedPublisher<M> {
+    /// As [`Publisher::open`], over memory the publisher keeps.
+    pub fn open(mem: M) -> Result<(OwnedPublisher<M>, Opened), Error> {
+        let (_, opened) = take_header(mem.as_region())?;
+        let seq = 2 * opened.generation + u64::from(opened.interrupted);
+        Ok((OwnedPublisher { mem, seq }, opened))
+    }
+
+    /// As [`Publisher::check`].
+    pub fn check(mem: &M) -> Result<Opened, Error> {
+        check_header(mem.as_region())
+    }
+
+    fn header(&self) -> Header<'_> {
+        Header::validated(self.mem.as_region())
+    }
+
+    /// The data region (from [`DATA_OFFSET`] on; empty when the memory is
+    /// just the header page). Write it only inside an update.
+    pub fn data(&self) -> Region<'_> {
+        let region = self.mem.as_region();
+        region
+            .subregion(DATA_OFFSET, region.len().saturating_sub(DATA_OFFSET))
+            .unwrap_or_else(|| panic!("a validated shm-snapshot region shrank"))
+    }
+
+    /// The last committed generation.
+    pub fn generation(&self) -> u64 {
+        self.seq / 2
+    }
+
+    /// True between [`OwnedPublisher::enter_update`] and
+    /// [`OwnedPublisher::commit`].
+    pub fn is_updating(&self) -> bool {
+        self.seq % 2 == 1
+    }
+
+    /// As [`Publisher::enter_update`].
+    pub fn enter_update(&mut self) {
+        let mut seq = self.seq;
+        enter_update(self.header(), &mut seq);
+        self.seq = seq;
+    }
+
+    /// As [`Publisher::commit`].
+    pub fn commit(&mut self) -> u64 {
+        let mut seq = self.seq;
+        let generation = commit(self.header(), &mut seq);
+        self.seq = seq;
+        generation
+    }
+
+    /// The memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    /// Gives the memory back (the header keeps its last stored state).
+    pub fn into_inner(self) -> M {
+        self.mem
     }
 }

@@ -802,3 +802,74 @@ fn misaligned_mappings_are_refused_not_misused() {
         assert_eq!(r.load_u64(0), offset);
     }
 }
+
+/// An `OwnedPublisher` keeps its memory: the same protocol as `Publisher`
+/// (header set-up, odd/even sequence, interrupted updates), with no
+/// lifetime to uphold, over a heap buffer and over a memfd mapping that a
+/// separate snapshotter mapping sees.
+#[test]
+fn an_owned_publisher_follows_the_protocol_over_the_memory_it_owns() {
+    use shm_snapshot::{MappedRegion, OwnedPublisher};
+    let (mut p, opened) = OwnedPublisher::open(HeapBuffer::new(HEADER_LEN + 64)).unwrap();
+    assert!(opened.created && opened.generation == 0);
+    p.enter_update();
+    assert!(p.is_updating());
+    p.data().store_u64(0, 7);
+    assert_eq!(p.commit(), 1);
+    assert_eq!(p.commit(), 1, "commit outside an update is a no-op");
+    p.enter_update();
+    // Taken back mid-update, the memory says so to the next publisher.
+    let buf = p.into_inner();
+    assert_eq!(
+        probe(buf.region()).unwrap(),
+        Protocol::Present {
+            generation: 1,
+            updating: true
+        }
+    );
+    let (mut p, opened) = OwnedPublisher::open(buf).unwrap();
+    assert!(!opened.created && opened.interrupted && opened.generation == 1);
+    assert_eq!(p.data().load_u64(0), 7);
+    assert_eq!(p.commit(), 2);
+
+    // A mapping of the memfd's first page only, owned by the publisher;
+    // the snapshotter's own mapping of the whole memfd sees its commits.
+    let fd = shm_fd::SharedFd::create("owned-publisher", Default::default()).unwrap();
+    let whole = fd.map_raw((DATA_OFFSET + 4096) as u64).unwrap();
+    let page = memmap2::MmapOptions::new()
+        .len(HEADER_LEN)
+        .map_raw(&fd)
+        .unwrap();
+    let (mut p, _) = OwnedPublisher::open(MappedRegion::new(page).unwrap()).unwrap();
+    assert_eq!(p.data().len(), 0);
+    p.enter_update();
+    assert_eq!(
+        probe(Region::from_mmap(&whole)).unwrap(),
+        Protocol::Present {
+            generation: 0,
+            updating: true
+        }
+    );
+    p.commit();
+    assert_eq!(committed_generation(Region::from_mmap(&whole)), Some(1));
+    assert_eq!(
+        OwnedPublisher::check(p.memory()).unwrap().generation,
+        1,
+        "check reads the owned memory without writing"
+    );
+}
+
+#[test]
+fn an_owned_publisher_refuses_foreign_data_and_short_memory() {
+    use shm_snapshot::OwnedPublisher;
+    let buf = HeapBuffer::new(HEADER_LEN);
+    buf.region().store_u64(0, 0x1234);
+    assert!(matches!(
+        OwnedPublisher::open(buf).unwrap_err(),
+        Error::ForeignData
+    ));
+    assert!(matches!(
+        OwnedPublisher::open(HeapBuffer::new(64)).unwrap_err(),
+        Error::TooSmall { .. }
+    ));
+}
