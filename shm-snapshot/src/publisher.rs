@@ -288,6 +288,11 @@ impl MappedRegion {
         Ok(MappedRegion { map })
     }
 
+    /// Flushes the mapping to its file (`msync`), for a file-backed one.
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.map.flush()
+    }
+
     /// Gives the mapping back.
     pub fn into_inner(self) -> memmap2::MmapRaw {
         self.map

@@ -190,9 +190,13 @@ impl fmt::Display for Error {
                 String::from_utf8_lossy(found),
                 String::from_utf8_lossy(crate::format::MAGIC)
             ),
+            Error::UnsupportedFormat { found, supported } if found < supported => write!(
+                f,
+                "the region has format version {found}, this library reads version {supported}: it was written by an earlier build; open it with that build, or start from an empty memfd (left untouched)"
+            ),
             Error::UnsupportedFormat { found, supported } => write!(
                 f,
-                "the region has format version {found}, this library reads version {supported}"
+                "the region has format version {found}, this library reads version {supported}: it was written by a newer build (left untouched)"
             ),
             Error::Truncated { needed, len } => write!(
                 f,
@@ -215,7 +219,7 @@ impl fmt::Display for Error {
             ),
             Error::Locked { pid } => write!(
                 f,
-                "the state is in use by process {pid} (its lock word names that live process)"
+                "the state is in use by process {pid} (its lock names that live process, in this memory)"
             ),
             Error::NullHandle { kind } => {
                 write!(f, "the {kind} handle is null: the {kind} was never created")

@@ -13,7 +13,7 @@ pub const MAGIC: &[u8; 8] = b"SHMSTATE";
 /// created; [`MAGIC`] replaces it once the header is complete.
 pub const CREATING_MAGIC: &[u8; 8] = b"SHMSTNEW";
 /// The format version this library writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The header's size: one page at the start of the region.
 pub const HEADER_LEN: u64 = 4096;
 
@@ -36,8 +36,10 @@ pub(crate) const DY_START: u64 = 0x80;
 pub(crate) const DY_GENERATION: u64 = 0x80;
 pub(crate) const DY_HEAP_TOP: u64 = 0x88;
 pub(crate) const DY_ROOT: u64 = 0x90;
-/// Reserved, zero (format 1 kept a commit counter here).
-pub(crate) const DY_RESERVED: u64 = 0x98;
+/// The sequence number of the last open's own transaction: the commit
+/// word's sequence never goes below it (format 4; format 1 kept a commit
+/// counter here, formats 2 and 3 a zero).
+pub(crate) const DY_OPEN_SEQ: u64 = 0x98;
 pub(crate) const DY_USED: u64 = 0xA0;
 pub(crate) const DY_LAST_PID: u64 = 0xA8;
 pub(crate) const DY_LAST_OPEN: u64 = 0xAC;
@@ -54,16 +56,73 @@ pub(crate) const TX_WORD: u64 = 0xC0;
 pub(crate) const LOCK_PID: u64 = 0xC8;
 pub(crate) const LOCK_START: u64 = 0xD0;
 pub(crate) const LOCK_NONCE: u64 = 0xD8;
-/// End of the atomic words' line (`0xE0..0x100` is reserved, zero).
+/// The holder's boot id (`/proc/sys/kernel/random/boot_id`, 16 bytes).
+pub(crate) const LOCK_BOOT: u64 = 0xE0;
+/// The device and inode of the memory the lock was taken in.
+pub(crate) const LOCK_DEV: u64 = 0xF0;
+pub(crate) const LOCK_INO: u64 = 0xF8;
+/// End of the atomic words' line.
 pub(crate) const ATOMIC_END: u64 = 0x100;
 /// Lock word bit 32: set from the claiming compare-and-swap until the
-/// holder's start time and nonce are stored.
+/// holder's start time, nonce, boot id and memory identity are stored.
 pub(crate) const LOCK_CLAIMING: u64 = 1 << 32;
 /// Lock word bits 33..64: a claim counter, one more on every claim, so that
 /// a compare-and-swap never succeeds on a word that changed hands and back.
 pub(crate) const LOCK_COUNT_SHIFT: u32 = 33;
 
-// Allocator free lists: one head per size class.
+/// The commit word: bit 0 set while a transaction is open, bits 1..56 the
+/// transaction's sequence number, bits 56..64 a check byte over bits
+/// 0..56 ([`tx_check`]), so that no single flipped bit (nor a zeroed or
+/// random word, but for 1 in 256) passes for another state.
+pub(crate) const TX_OPEN: u64 = 1;
+/// The largest sequence number (55 bits: 10^16 transactions).
+pub(crate) const MAX_SEQ: u64 = (1 << 55) - 1;
+const TX_CHECK_SHIFT: u32 = 56;
+const TX_CHECK_SALT: u64 = 0xA5;
+
+/// The check byte of the commit word's low 56 bits: their 7 bytes XORed
+/// together, XOR 0xA5 (so that an all-zero word does not check).
+#[inline]
+pub(crate) fn tx_check(low: u64) -> u64 {
+    let mut x = low & ((1 << TX_CHECK_SHIFT) - 1);
+    x ^= x >> 32;
+    x ^= x >> 16;
+    x ^= x >> 8;
+    (x ^ TX_CHECK_SALT) & 0xFF
+}
+
+/// The commit word for transaction `seq`, open or committed.
+#[inline]
+pub(crate) fn tx_word(seq: u64, open: bool) -> u64 {
+    debug_assert!(seq <= MAX_SEQ);
+    let low = (seq << 1) | u64::from(open);
+    low | (tx_check(low) << TX_CHECK_SHIFT)
+}
+
+/// Decodes a commit word: `(seq, open)`, or damage.
+#[inline]
+pub(crate) fn read_tx_word(word: u64) -> Result<(u64, bool)> {
+    let low = word & ((1 << TX_CHECK_SHIFT) - 1);
+    if word >> TX_CHECK_SHIFT != tx_check(low) {
+        return Err(bad_tx_word(word));
+    }
+    Ok((low >> 1, low & TX_OPEN != 0))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_tx_word(word: u64) -> Error {
+    Error::corrupt(
+        "commit word",
+        TX_WORD,
+        format!(
+            "{word:#018x} fails its check byte (damaged memory); refusing to guess whether a transaction was open"
+        ),
+    )
+}
+
+// Allocator free lists: one head per size class, each a block offset in
+// bits 0..48 and a check in bits 48..64 ([`free_head`]); 0 for an empty list.
 pub(crate) const FREE_HEADS: u64 = 0x100;
 /// Number of free-list heads (classes `MIN_CLASS..=MAX_CLASS` are used).
 pub(crate) const FREE_SLOTS: u64 = 64;
@@ -145,6 +204,53 @@ pub(crate) const MAP_HEADER: u64 = 48; // len, tombs, cap, table, key kind/size,
 pub(crate) const LOG_HEADER: u64 = 32; // count, bytes, first chunk, last chunk
 pub(crate) const CHUNK_HEADER: u64 = 16; // next chunk, used bytes
 pub(crate) const LOG_RECORD_HEADER: u64 = 8; // len u32, reserved u32
+
+const HEAD_CHECK_SALT: u64 = 0x5AC3;
+const HEAD_OFFSET_BITS: u32 = 48;
+
+/// The check of a free-list head's offset: its three 16-bit limbs XORed
+/// together, XOR a salt with several bits set, so that no single flipped
+/// bit of the word (an empty head's included) gives a valid head.
+#[inline]
+fn head_check(off: u64) -> u64 {
+    (off ^ (off >> 16) ^ (off >> 32) ^ HEAD_CHECK_SALT) & 0xFFFF
+}
+
+/// The stored form of a free-list head pointing at the block at `off`
+/// (0: an empty list). Offsets are below 2^48 (`mem::MAX_BACKING`).
+#[inline]
+pub(crate) fn free_head(off: u64) -> u64 {
+    if off == 0 {
+        return 0;
+    }
+    debug_assert!(off < 1 << HEAD_OFFSET_BITS);
+    off | (head_check(off) << HEAD_OFFSET_BITS)
+}
+
+/// Reads the free-list head stored at `at`: the block offset (0: empty),
+/// or damage.
+#[inline]
+pub(crate) fn read_free_head(mem: &Mem, at: u64) -> Result<u64> {
+    let word = u64_at(mem, "free list head", at)?;
+    if word == 0 {
+        return Ok(0);
+    }
+    let off = word & ((1 << HEAD_OFFSET_BITS) - 1);
+    if off == 0 || word >> HEAD_OFFSET_BITS != head_check(off) {
+        return Err(bad_free_head(at, word));
+    }
+    Ok(off)
+}
+
+#[cold]
+#[inline(never)]
+fn bad_free_head(at: u64, word: u64) -> Error {
+    Error::corrupt(
+        "free list head",
+        at,
+        format!("{word:#018x} fails its check (damaged memory)"),
+    )
+}
 
 /// Little-endian field access on a region.
 #[inline]

@@ -59,14 +59,24 @@
 //!   program's migration or is refused, a newer version is refused
 //!   ([`Error::Downgrade`]), and a state is never silently reset (a wiped
 //!   header is refused, not created over).
-//! - **One owner.** A lock word in the region names the process holding
-//!   the state; a second opener, in another process or another thread, gets
-//!   [`Error::Locked`] while the holder lives.
+//! - **One owner.** A lock in the region names the process holding the
+//!   state (pid, start time, boot id) and the memory it holds (the memfd's
+//!   or file's device and inode); a second opener of that memory, in
+//!   another process or another thread, gets [`Error::Locked`] while the
+//!   holder lives. The same bytes in other memory (a second memfd they were
+//!   copied to, a snapshot restored on this or another boot) are not held:
+//!   they open, and an interrupted transaction is rolled back.
+//! - **Damage is refused, never guessed.** The words that decide recovery
+//!   carry checks (the commit word a check byte, the superblock and the
+//!   dynamic header CRCs, free-list heads a check, journal records CRCs and
+//!   an end marker): one flipped bit opens to exactly the committed state
+//!   or is refused as [`Error::Corrupted`], with nothing written.
 //! - **Snapshot-consistent.** With [`Layout::with_snapshot_protocol`], the
 //!   first page of the memfd holds shm-snapshot's header and every
 //!   transaction is published through it ("updating" before the first
 //!   write, "committed" after the commit), so a snapshot copied while the
-//!   program runs is a committed state. A snapshot taken by stopping the
+//!   program runs is a committed state (creation and recovery at open
+//!   included). A snapshot taken by stopping the
 //!   program (shm-restore's fallback) is like a kill at that instruction:
 //!   the next open rolls the interrupted transaction back. A program can
 //!   also watch commits with its own [`CommitHook`].

@@ -10,21 +10,102 @@
 //! other processes are excluded by the contract of [`crate::Source`]'s
 //! constructors (and by the lock word between shm-state users).
 //!
-//! The commit word and the lock words (`0xC0..0xE0`) may be read or written
-//! by another process at any time (a second opener trying the lock), so
-//! this process accesses them only through [`Mem::atomic_u64`] and
-//! [`Mem::load_u64`]; slices never cover them except in [`Mem::to_vec`],
-//! which copies them with atomic loads. Before the lock is held, the header
-//! is read only with atomic loads ([`Mem::load_u64`], [`Mem::load_u8`]).
+//! Two parts of the backing are memory other processes write while this one
+//! holds the state, and are never behind a slice:
+//! - the line of atomic words (`0xC0..0x100`: the commit word and the lock
+//!   words), which a second opener reads and claims: reached only through
+//!   [`Mem::atomic_u64`] / [`Mem::load_u64`]; [`Mem::bytes`] and
+//!   [`Mem::bytes_mut`] refuse any range that overlaps it, and
+//!   [`Mem::to_vec`] copies it with atomic loads;
+//! - shm-snapshot's header page before the region (with the snapshot
+//!   protocol), whose waiters word the snapshotter writes: it is not part
+//!   of this mapping at all (the region is mapped from the file offset
+//!   after it); the protocol publisher owns a mapping of its own of that
+//!   page ([`Mem::header_page`]).
+//!
+//! Before the lock is held, the header is read only with atomic loads
+//! ([`Mem::load_u64`], [`Mem::load_u8`]).
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::sync::atomic::AtomicU64;
 
 use memmap2::{MmapOptions, MmapRaw};
 use shm_fd::SharedFd;
+use shm_snapshot::{AsRegion, HeapBuffer, MappedRegion};
 
 use crate::error::{Error, Result};
 use crate::format::{ATOMIC_END, TX_WORD};
+
+/// Where a region lives, as far as the lock is concerned: the device and
+/// inode of its memfd or file (`fstat`), or `(0, random)` for a heap
+/// buffer, which no other process can reach. A lock taken in one region
+/// and found in another (a copy of the bytes) names a holder of other
+/// memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Identity {
+    fn of(file: std::os::fd::BorrowedFd<'_>) -> Result<Identity> {
+        let st = nix::sys::stat::fstat(file).map_err(|e| Error::io("fstat", e))?;
+        Ok(Identity {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        })
+    }
+
+    fn private() -> Identity {
+        Identity {
+            dev: 0,
+            ino: crate::owner::random_u64() | 1,
+        }
+    }
+
+    /// True for a heap buffer's identity.
+    pub(crate) fn is_private(&self) -> bool {
+        self.dev == 0
+    }
+}
+
+/// The page before the region that holds shm-snapshot's header (with the
+/// snapshot protocol), owned by the protocol publisher: a mapping of its
+/// own of the memfd's or file's first page, or the heap buffer's first
+/// page, moved out of the heap region.
+#[derive(Debug)]
+pub(crate) enum HeaderPage {
+    Mapped(MappedRegion),
+    Heap(HeapBuffer),
+}
+
+impl AsRegion for HeaderPage {
+    fn as_region(&self) -> shm_snapshot::Region<'_> {
+        match self {
+            HeaderPage::Mapped(m) => m.as_region(),
+            HeaderPage::Heap(h) => h.as_region(),
+        }
+    }
+}
+
+impl HeaderPage {
+    /// The page's bytes, read atomically.
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
+        let region = self.as_region();
+        let mut v = vec![0u8; region.len()];
+        region.copy_to(&mut v);
+        v
+    }
+
+    /// Flushes a file's header page to disk (no-op otherwise).
+    pub(crate) fn flush(&self) -> Result<()> {
+        if let HeaderPage::Mapped(m) = self {
+            m.flush().map_err(|e| Error::io("msync", e))?;
+        }
+        Ok(())
+    }
+}
 
 fn file_len(file: &File) -> Result<u64> {
     Ok(file.metadata().map_err(|e| Error::io("fstat", e))?.len())
@@ -59,16 +140,36 @@ pub(crate) struct Line(pub [u8; 64]);
 /// Where the bytes live.
 pub(crate) enum Backing {
     Heap(Vec<Line>),
-    Shared { fd: SharedFd, map: MmapRaw },
-    File { file: File, map: MmapRaw },
+    /// `map` is `None` while the memfd holds no region yet (nothing past
+    /// the protocol page): nothing to map.
+    Shared {
+        fd: SharedFd,
+        map: Option<MmapRaw>,
+    },
+    File {
+        file: File,
+        map: Option<MmapRaw>,
+    },
 }
 
 impl std::fmt::Debug for Backing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Backing::Heap(v) => write!(f, "Heap({} bytes)", v.len() * 64),
-            Backing::Shared { fd, map } => write!(f, "Shared({fd:?}, {} bytes)", map.len()),
-            Backing::File { file, map } => write!(f, "File({file:?}, {} bytes)", map.len()),
+            Backing::Shared { fd, map } => {
+                write!(
+                    f,
+                    "Shared({fd:?}, {} bytes)",
+                    map.as_ref().map_or(0, |m| m.len())
+                )
+            }
+            Backing::File { file, map } => {
+                write!(
+                    f,
+                    "File({file:?}, {} bytes)",
+                    map.as_ref().map_or(0, |m| m.len())
+                )
+            }
         }
     }
 }
@@ -94,13 +195,18 @@ thread_local! {
 
 #[derive(Debug)]
 pub(crate) struct Mem {
-    /// The region: the backing from `base` on.
+    /// The region: the backing from file offset `base` on (for a mapping,
+    /// the mapping itself starts there).
     ptr: *mut u8,
     len: usize,
     /// Bytes of the backing before the region (shm-snapshot's header page
-    /// when the snapshot protocol is on, else 0).
+    /// when the snapshot protocol is on, else 0): never mapped here.
     base: usize,
     backing: Backing,
+    /// A heap backing's first `base` bytes, until the protocol publisher
+    /// takes them ([`Mem::header_page`]).
+    heap_prefix: Option<HeapBuffer>,
+    identity: Identity,
     #[cfg(test)]
     pub crash: Option<CrashPlan>,
 }
@@ -110,9 +216,37 @@ fn lines_for(len: usize) -> usize {
     len.div_ceil(64)
 }
 
+/// Maps `fd` from file offset `base` to its end `total`; `None` when there
+/// is nothing past `base` (the caller refused a backing shorter than it).
+fn map_from(fd: std::os::fd::BorrowedFd<'_>, base: usize, total: u64) -> Result<Option<MmapRaw>> {
+    let len = total.saturating_sub(base as u64);
+    if len == 0 {
+        return Ok(None);
+    }
+    let len = usize::try_from(len).map_err(|_| Error::TooLarge {
+        what: "mapping",
+        len: total,
+    })?;
+    MmapOptions::new()
+        .offset(base as u64)
+        .len(len)
+        .map_raw(&fd)
+        .map(Some)
+        .map_err(|e| Error::io("mmap", e))
+}
+
 impl Mem {
+    /// A heap region from `bytes` (the whole backing: with `base > 0`, its
+    /// first `base` bytes are the protocol page, kept aside), grown with
+    /// zeros to at least `min_len` region bytes.
     pub(crate) fn heap(mut bytes: Vec<u8>, min_len: u64, base: usize) -> Result<Mem> {
-        let min_len = min_len.saturating_add(base as u64);
+        let heap_prefix = (base > 0).then(|| {
+            let prefix = HeapBuffer::new(base);
+            let n = bytes.len().min(base);
+            prefix.region().write(0, &bytes[..n]);
+            prefix
+        });
+        bytes.drain(..bytes.len().min(base));
         let want = usize::try_from(min_len)
             .map_err(|_| Error::TooLarge {
                 what: "heap region",
@@ -129,7 +263,8 @@ impl Mem {
             line.0[..chunk.len()].copy_from_slice(chunk);
         }
         #[allow(unused_mut)]
-        let mut mem = Self::from_backing(Backing::Heap(buf), base);
+        let mut mem = Self::from_backing(Backing::Heap(buf), base, Identity::private());
+        mem.heap_prefix = heap_prefix;
         #[cfg(test)]
         {
             mem.crash = NEXT_PLAN.with(|p| p.borrow_mut().take());
@@ -139,75 +274,102 @@ impl Mem {
 
     /// An empty region (what a closed state leaves behind).
     pub(crate) fn empty() -> Mem {
-        Self::from_backing(Backing::Heap(Vec::new()), 0)
+        Self::from_backing(Backing::Heap(Vec::new()), 0, Identity::private())
     }
 
-    /// Maps the memfd; an empty one is grown to `base + min_len` bytes, a
-    /// non-empty one is mapped as it is (a refused open must not grow it).
+    /// Maps the memfd from `base` on. An empty one is grown to
+    /// `base + min_len` bytes; one that holds data is mapped as it is (a
+    /// refused open must not grow it), an empty region (just the protocol
+    /// page) not at all, until [`Mem::grow_blank`]. The caller has refused a
+    /// non-empty memfd shorter than `base`.
     pub(crate) fn shared(fd: SharedFd, min_len: u64, base: usize) -> Result<Mem> {
-        let want = if fd.is_empty()? {
-            min_len.max(1).saturating_add(base as u64)
-        } else {
-            1
-        };
-        let map = fd.map_raw(want)?;
-        Ok(Self::from_backing(Backing::Shared { fd, map }, base))
-    }
-
-    /// Maps the file; an empty one is grown to `base + min_len` bytes, a
-    /// non-empty one is mapped as it is.
-    pub(crate) fn file(file: File, min_len: u64, base: usize) -> Result<Mem> {
-        let min_len = min_len.saturating_add(base as u64);
-        let len = file_len(&file)?;
-        if len == 0 {
-            grow_file_no_shrink(&file, min_len.max(1))?;
+        let mut total = fd.len()?;
+        if total == 0 {
+            total = fd.grow_to((base as u64).saturating_add(min_len.max(1)))?;
         }
-        let map = MmapOptions::new()
-            .map_raw(&file)
-            .map_err(|e| Error::io("mmap", e))?;
-        Ok(Self::from_backing(Backing::File { file, map }, base))
+        let identity = Identity::of(fd.as_fd())?;
+        let map = map_from(fd.as_fd(), base, total)?;
+        Ok(Self::from_backing(
+            Backing::Shared { fd, map },
+            base,
+            identity,
+        ))
     }
 
-    /// `base` is at most the backing's length: every constructor maps or
-    /// allocates at least `base` bytes (plus one).
-    fn from_backing(mut backing: Backing, base: usize) -> Mem {
+    /// Maps the file from `base` on, as [`Mem::shared`] does a memfd.
+    pub(crate) fn file(file: File, min_len: u64, base: usize) -> Result<Mem> {
+        let mut total = file_len(&file)?;
+        if total == 0 {
+            let want = (base as u64).saturating_add(min_len.max(1));
+            grow_file_no_shrink(&file, want)?;
+            total = file_len(&file)?;
+        }
+        let identity = Identity::of(file.as_fd())?;
+        let map = map_from(file.as_fd(), base, total)?;
+        Ok(Self::from_backing(
+            Backing::File { file, map },
+            base,
+            identity,
+        ))
+    }
+
+    fn from_backing(mut backing: Backing, base: usize, identity: Identity) -> Mem {
         let (ptr, len) = match &mut backing {
             Backing::Heap(v) => (v.as_mut_ptr().cast::<u8>(), v.len() * 64),
-            Backing::Shared { map, .. } | Backing::File { map, .. } => {
+            Backing::Shared { map: Some(map), .. } | Backing::File { map: Some(map), .. } => {
                 (map.as_mut_ptr(), map.len())
             }
+            // Nothing mapped: an empty region at a dangling, line-aligned
+            // address (no offset is ever in range of it).
+            Backing::Shared { map: None, .. } | Backing::File { map: None, .. } => (
+                std::ptr::NonNull::<Line>::dangling().as_ptr().cast::<u8>(),
+                0,
+            ),
         };
-        let base = base.min(len);
         Mem {
-            // SAFETY: base <= len, so the pointer stays inside (or one past)
-            // the backing's allocation.
-            ptr: unsafe { ptr.add(base) },
-            len: len - base,
+            ptr,
+            len,
             base,
             backing,
+            heap_prefix: None,
+            identity,
             #[cfg(test)]
             crash: None,
         }
     }
 
-    /// The bytes before the region (shm-snapshot's header page) as a raw
-    /// pointer and length, for the snapshot protocol; empty when base is 0.
-    pub(crate) fn prefix(&self) -> (*mut u8, usize) {
-        // SAFETY: `ptr` was made as backing start + base (from_backing).
-        (unsafe { self.ptr.sub(self.base) }, self.base)
+    /// Where the region lives (see [`Identity`]).
+    pub(crate) fn identity(&self) -> Identity {
+        self.identity
     }
 
-    /// The first (up to) 8 bytes of the backing, for error messages about
-    /// a backing too short to hold the prefix.
-    pub(crate) fn backing_head(&self) -> [u8; 8] {
-        let (ptr, base) = self.prefix();
-        let n = (base + self.len).min(8);
-        let mut head = [0u8; 8];
-        // SAFETY: the backing holds base + len bytes from `ptr`; we copy at
-        // most 8 of them, and nothing writes them concurrently in this
-        // process (`&self`).
-        unsafe { std::ptr::copy_nonoverlapping(ptr, head.as_mut_ptr(), n) };
-        head
+    /// The bytes before the region as memory of their own, for the
+    /// protocol publisher to own: a new mapping of the memfd's or file's
+    /// first `base` bytes, or the heap buffer's (taken: at most once).
+    pub(crate) fn header_page(&mut self) -> Result<HeaderPage> {
+        let map = |fd: std::os::fd::BorrowedFd<'_>| -> Result<HeaderPage> {
+            let map = MmapOptions::new()
+                .len(self.base)
+                .map_raw(&fd)
+                .map_err(|e| Error::io("mmap of the protocol page", e))?;
+            let region =
+                MappedRegion::new(map).map_err(|e| Error::io("mmap of the protocol page", e))?;
+            Ok(HeaderPage::Mapped(region))
+        };
+        match &self.backing {
+            Backing::Heap(_) => self
+                .heap_prefix
+                .take()
+                .map(HeaderPage::Heap)
+                .ok_or_else(|| Error::unsupported("the heap's protocol page is taken already")),
+            Backing::Shared { fd, .. } => map(fd.as_fd()),
+            Backing::File { file, .. } => map(file.as_fd()),
+        }
+    }
+
+    /// A heap backing's protocol page, if no publisher took it.
+    pub(crate) fn take_heap_prefix(&mut self) -> Option<HeapBuffer> {
+        self.heap_prefix.take()
     }
 
     /// The region's length in bytes.
@@ -227,6 +389,17 @@ impl Mem {
         }
     }
 
+    /// [`Mem::range`] for a slice: also refuses the atomic words' line,
+    /// which other processes access while we hold the state.
+    #[inline]
+    fn slice_range(&self, what: &'static str, off: u64, len: u64) -> Result<(usize, usize)> {
+        let r = self.range(what, off, len)?;
+        if off < ATOMIC_END && off + len > TX_WORD {
+            return Err(overlaps_atomics(what, off, len));
+        }
+        Ok(r)
+    }
+
     #[cold]
     #[inline(never)]
     fn out_of_range(&self, what: &'static str, off: u64, len: u64) -> Error {
@@ -240,12 +413,14 @@ impl Mem {
         )
     }
 
-    /// The bytes `off..off+len`, checked.
+    /// The bytes `off..off+len`, checked (never the atomic words).
     #[inline]
     pub(crate) fn bytes(&self, what: &'static str, off: u64, len: u64) -> Result<&[u8]> {
-        let (off, len) = self.range(what, off, len)?;
+        let (off, len) = self.slice_range(what, off, len)?;
         // SAFETY: off+len <= self.len (checked by `range`), and `ptr` is valid
-        // for self.len bytes while `self` is borrowed (module docs).
+        // for self.len bytes while `self` is borrowed (module docs); the
+        // range does not overlap the atomic words, the only bytes of the
+        // region another process changes while we hold the state.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) })
     }
 
@@ -258,7 +433,7 @@ impl Mem {
         off: u64,
         len: u64,
     ) -> Result<&mut [u8]> {
-        let (off, len) = self.range(what, off, len)?;
+        let (off, len) = self.slice_range(what, off, len)?;
         // SAFETY: as in `bytes`; `&mut self` makes the slice unique in this
         // process.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) })
@@ -289,11 +464,12 @@ impl Mem {
             let data = self.bytes(what, src, len)?.to_vec();
             return self.write(what, dst, &data);
         }
-        let (src, len) = self.range(what, src, len)?;
-        let (dst, _) = self.range(what, dst, len as u64)?;
-        // SAFETY: both ranges are inside the region (checked by `range`),
-        // `ptr` is valid for reads and writes of the region while `self` is
-        // borrowed mutably (module docs), and `ptr::copy` allows overlap.
+        let (src, len) = self.slice_range(what, src, len)?;
+        let (dst, _) = self.slice_range(what, dst, len as u64)?;
+        // SAFETY: both ranges are inside the region and off the atomic words
+        // (checked by `slice_range`), `ptr` is valid for reads and writes of
+        // the region while `self` is borrowed mutably (module docs), and
+        // `ptr::copy` allows overlap.
         unsafe { std::ptr::copy(self.ptr.add(src), self.ptr.add(dst), len) };
         Ok(())
     }
@@ -317,11 +493,13 @@ impl Mem {
             return Err(Error::corrupt("atomic word", off, "not 8-byte aligned"));
         }
         // SAFETY: the 8 bytes are in the region (checked) and 8-aligned
-        // (checked; the base is 64-aligned), and valid while `self` is
+        // (checked; the region starts 64-aligned: a mapping at a page
+        // offset, or a Vec of 64-aligned lines), and valid while `self` is
         // borrowed (module docs). Other processes may access them at the
         // same time, which atomics allow. In this process the commit and lock
-        // words are accessed only atomically (module docs); other words are
-        // read this way only while no `&mut` slice of them exists (`&self`).
+        // words are accessed only atomically (`bytes` refuses them); other
+        // words are read this way only while no `&mut` slice of them exists
+        // (`&self`).
         Ok(unsafe { AtomicU64::from_ptr(self.ptr.add(o).cast::<u64>()) })
     }
 
@@ -383,14 +561,16 @@ impl Mem {
         if now <= mapped {
             return Ok(());
         }
+        self.remap(now)
+    }
+
+    /// Maps a memfd or file backing again, `total` bytes long.
+    fn remap(&mut self, total: u64) -> Result<()> {
+        let base = self.base;
         match &mut self.backing {
             Backing::Heap(_) => {}
-            Backing::Shared { fd, map } => *map = fd.map_raw(1)?,
-            Backing::File { file, map } => {
-                *map = MmapOptions::new()
-                    .map_raw(&*file)
-                    .map_err(|e| Error::io("mmap", e))?
-            }
+            Backing::Shared { fd, map } => *map = map_from(fd.as_fd(), base, total)?,
+            Backing::File { file, map } => *map = map_from(file.as_fd(), base, total)?,
         }
         self.rebuild();
         Ok(())
@@ -401,52 +581,49 @@ impl Mem {
         #[cfg(test)]
         let crash = self.crash.take();
         let backing = std::mem::replace(&mut self.backing, Backing::Heap(Vec::new()));
-        *self = Self::from_backing(backing, self.base);
+        let heap_prefix = self.heap_prefix.take();
+        *self = Self::from_backing(backing, self.base, self.identity);
+        self.heap_prefix = heap_prefix;
         #[cfg(test)]
         {
             self.crash = crash;
         }
     }
 
-    /// Grows the region to at least `min_len` bytes (and remaps it). A
-    /// snapshot-protocol publisher pointing into the old mapping must be
-    /// re-attached before it is used again (`TxCore::alloc` does).
+    /// Grows the region to at least `min_len` bytes (and remaps it).
     pub(crate) fn grow(&mut self, min_len: u64) -> Result<()> {
         if min_len <= self.len as u64 {
             return Ok(());
         }
-        let min_len = min_len.saturating_add(self.base as u64);
+        let total = min_len.saturating_add(self.base as u64);
         let too_large = || Error::TooLarge {
             what: "region",
-            len: min_len,
+            len: total,
         };
-        if usize::try_from(min_len).is_err() || min_len > isize::MAX as u64 {
+        if usize::try_from(total).is_err() || total > MAX_BACKING {
             return Err(too_large());
         }
-        match &mut self.backing {
+        let total = match &mut self.backing {
             Backing::Heap(v) => {
                 let lines = lines_for(min_len as usize);
                 v.try_reserve_exact(lines.saturating_sub(v.len()))
                     .map_err(|_| too_large())?;
                 v.resize(lines, Line([0; 64]));
+                self.rebuild();
+                return Ok(());
             }
-            Backing::Shared { fd, map } => {
-                *map = fd.map_raw(min_len)?;
-            }
-            Backing::File { file, map } => {
+            Backing::Shared { fd, .. } => fd.grow_to(total)?,
+            Backing::File { file, .. } => {
                 // Never shrink: another opener may have grown the file
                 // since this mapping was made.
-                if file_len(file)? < min_len {
-                    file.set_len(min_len)
+                if file_len(file)? < total {
+                    file.set_len(total)
                         .map_err(|e| Error::io("growing the state file", e))?;
                 }
-                *map = MmapOptions::new()
-                    .map_raw(&*file)
-                    .map_err(|e| Error::io("mmap", e))?;
+                file_len(file)?
             }
-        }
-        self.rebuild();
-        Ok(())
+        };
+        self.remap(total)
     }
 
     /// Grows a blank region that is too short to hold the lock words to
@@ -463,7 +640,7 @@ impl Mem {
 
     /// Flushes a file-backed region to disk (no-op otherwise).
     pub(crate) fn flush(&self) -> Result<()> {
-        if let Backing::File { map, .. } = &self.backing {
+        if let Backing::File { map: Some(map), .. } = &self.backing {
             map.flush().map_err(|e| Error::io("msync", e))?;
         }
         Ok(())
@@ -477,21 +654,23 @@ impl Mem {
     /// A copy of every byte of the region; the commit and lock words are
     /// copied with atomic loads.
     pub(crate) fn to_vec(&self) -> Vec<u8> {
-        let Ok(mut v) = self.bytes("region", 0, self.len as u64).map(|b| {
-            let mut v = Vec::with_capacity(b.len());
-            let cut = b.len().min(TX_WORD as usize);
-            v.extend_from_slice(&b[..cut]);
-            v
-        }) else {
-            return Vec::new();
-        };
-        let mut off = v.len() as u64;
-        while off < ATOMIC_END && off + 8 <= self.len as u64 {
+        let len = self.len as u64;
+        let mut v = Vec::with_capacity(self.len);
+        let cut = len.min(TX_WORD);
+        if let Ok(b) = self.bytes("region", 0, cut) {
+            v.extend_from_slice(b);
+        }
+        let mut off = cut;
+        while off < ATOMIC_END && off + 8 <= len {
             let w = self.load_u64(off).unwrap_or(0);
             v.extend_from_slice(&w.to_le_bytes());
             off += 8;
         }
-        if let Ok(rest) = self.bytes("region", off, self.len as u64 - off) {
+        while off < ATOMIC_END.min(len) {
+            v.push(self.load_u8(off).unwrap_or(0));
+            off += 1;
+        }
+        if let Ok(rest) = self.bytes("region", off, len - off) {
             v.extend_from_slice(rest);
         }
         v
@@ -524,6 +703,20 @@ impl Mem {
             .copy_from_slice(data);
         Ok(true)
     }
+}
+
+/// The largest backing shm-state maps: offsets stored in the region (free
+/// list heads, block offsets) keep their top 16 bits for checks.
+pub(crate) const MAX_BACKING: u64 = 1 << 48;
+
+#[cold]
+#[inline(never)]
+fn overlaps_atomics(what: &'static str, off: u64, len: u64) -> Error {
+    Error::corrupt(
+        what,
+        off,
+        format!("{len} bytes at this offset overlap the commit and lock words"),
+    )
 }
 
 // The region is plain memory owned by this value; moving it to another

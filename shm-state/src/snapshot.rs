@@ -3,8 +3,10 @@
 //! again, so that a snapshot copied while the program runs is a committed
 //! state.
 
+use shm_snapshot::{HeapBuffer, OwnedPublisher};
+
 use crate::error::{Error, Result};
-use crate::mem::Mem;
+use crate::mem::{HeaderPage, Mem};
 
 /// Hooks a transaction calls around its writes.
 ///
@@ -21,12 +23,14 @@ pub trait CommitHook: Send + std::fmt::Debug {
 /// How a state publishes its commits: not at all, through a program's hook,
 /// or through shm-snapshot's protocol header in the first page of the
 /// memfd (shm-state's region then starts at [`shm_snapshot::DATA_OFFSET`]).
+/// The protocol publisher owns its page (a mapping of its own, or the heap
+/// buffer's first page), so no remap of the region can leave it dangling.
 #[derive(Debug, Default)]
 pub(crate) enum Publisher {
     #[default]
     None,
     Hook(Box<dyn CommitHook>),
-    Protocol(shm_snapshot::Publisher<'static>),
+    Protocol(OwnedPublisher<HeaderPage>),
 }
 
 impl Publisher {
@@ -38,41 +42,20 @@ impl Publisher {
     }
 
     /// Takes (or writes, on a blank page) the shm-snapshot header in the
-    /// bytes before `mem`'s region. Called again after every remap.
-    pub(crate) fn attach_protocol(mem: &Mem) -> Result<Publisher> {
-        let (ptr, len) = mem.prefix();
-        // SAFETY: the prefix is the first `len` bytes of the live backing,
-        // 8-aligned (a mapping or a 64-aligned buffer); shm-state never
-        // makes slices of it (its region starts after it), so this process
-        // touches those bytes only through shm-snapshot's atomic `Region`.
-        // The `'static` lifetime is upheld by hand: the publisher is
-        // replaced before any remap is used ([`Publisher::remapped`]) and
-        // `Core` drops it before the memory (field order).
-        let region = unsafe { shm_snapshot::Region::from_raw_parts(ptr, len) };
-        let (p, _opened) = shm_snapshot::Publisher::open(region).map_err(Error::Snapshot)?;
+    /// page before `mem`'s region.
+    pub(crate) fn attach_protocol(mem: &mut Mem) -> Result<Publisher> {
+        let page = mem.header_page()?;
+        let (p, _opened) = OwnedPublisher::open(page).map_err(Error::Snapshot)?;
         Ok(Publisher::Protocol(p))
     }
 
-    /// Checks the protocol header in the bytes before `mem`'s region without
-    /// writing anything: foreign or damaged data is refused before the open
-    /// writes the lock words.
-    pub(crate) fn check_protocol(mem: &Mem) -> Result<()> {
-        let (ptr, len) = mem.prefix();
-        // SAFETY: as in `attach_protocol`; the region lives only for this
-        // call, and `check` only loads.
-        let region = unsafe { shm_snapshot::Region::from_raw_parts(ptr, len) };
-        shm_snapshot::Publisher::check(region).map_err(Error::Snapshot)?;
-        Ok(())
-    }
-
-    /// The backing was remapped: re-take the protocol header at its new
-    /// address (inside the update in progress, which it keeps).
-    pub(crate) fn remapped(&mut self, mem: &Mem) -> Result<()> {
-        if let Publisher::Protocol(_) = self {
-            // Drop the old one first: it points into the old mapping.
-            *self = Publisher::None;
-            *self = Self::attach_protocol(mem)?;
-        }
+    /// Checks the protocol header in a copy of the backing's first page,
+    /// without writing anything: foreign or damaged data is refused before
+    /// the open writes the lock words.
+    pub(crate) fn check_protocol(first_page: &[u8]) -> Result<()> {
+        let page = HeapBuffer::new(first_page.len());
+        page.region().write(0, first_page);
+        OwnedPublisher::check(&page).map_err(Error::Snapshot)?;
         Ok(())
     }
 
@@ -91,6 +74,15 @@ impl Publisher {
             Publisher::Protocol(p) => {
                 p.commit();
             }
+        }
+    }
+
+    /// The protocol page, for a state being closed (a heap state gives its
+    /// first page back with the region).
+    pub(crate) fn into_page(self) -> Option<HeaderPage> {
+        match self {
+            Publisher::Protocol(p) => Some(p.into_inner()),
+            _ => None,
         }
     }
 }

@@ -4,7 +4,8 @@
 use std::fmt;
 use std::fs::File;
 use std::marker::PhantomData;
-use std::sync::atomic::Ordering;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytemuck::Pod;
 use shm_fd::SharedFd;
@@ -12,8 +13,8 @@ use shm_fd::SharedFd;
 use crate::error::{Error, Result, StoredLayout};
 use crate::format::*;
 use crate::journal;
-use crate::mem::{Backing, Mem};
-use crate::owner;
+use crate::mem::{Backing, HeaderPage, Mem};
+use crate::owner::{self, LockWords};
 use crate::snapshot::{CommitHook, Publisher};
 use crate::tx::{Core, TxCore, heap_bounds};
 
@@ -161,6 +162,33 @@ impl<R> Layout<R> {
         }
     }
 
+    /// Checks the sizes: a journal of 4096 bytes to 2 GiB in whole 64-byte
+    /// lines, and a journal and initial heap that fit the largest region
+    /// (2^48 bytes). [`State::open`] calls it first, before it maps or
+    /// writes anything, whether or not the region exists yet.
+    pub fn check(&self) -> Result<()> {
+        if self.journal_len < 4096
+            || !self.journal_len.is_multiple_of(LINE)
+            || self.journal_len > journal::MAX_JOURNAL_LEN
+        {
+            return Err(Error::unsupported(format!(
+                "journal length {} must be a multiple of 64 from 4096 to 2^31",
+                self.journal_len
+            )));
+        }
+        let total = HEADER_LEN
+            .checked_add(self.journal_len)
+            .and_then(|t| t.checked_add(self.initial_len))
+            .filter(|&t| t <= crate::mem::MAX_BACKING);
+        if total.is_none() {
+            return Err(Error::unsupported(format!(
+                "journal length {} plus initial length {} exceed the largest region (2^48 bytes)",
+                self.journal_len, self.initial_len
+            )));
+        }
+        Ok(())
+    }
+
     /// Publishes commits through shm-snapshot's protocol (see
     /// [`Layout::snapshot_protocol`]).
     pub fn with_snapshot_protocol(mut self) -> Self {
@@ -279,7 +307,7 @@ pub struct State<R> {
     /// The lock word while this handle holds it.
     held: u64,
     /// Set while opening: the lock words as found, put back if the open fails.
-    restore_lock: Option<[u64; 3]>,
+    restore_lock: Option<LockWords>,
     report: OpenReport,
     _root: PhantomData<fn() -> R>,
 }
@@ -383,9 +411,10 @@ fn zero_from(mem: &Mem, off: u64) -> Result<bool> {
 
 /// Decides, holding the lock, whether to create the state. A blank header
 /// or a creation cut short is created (again) only if nothing else in the
-/// region was ever written: no transaction ran (commit word 0), the dynamic
+/// region was ever written: no transaction ran (commit word 0, or the
+/// sequence-0 word a creation stores before its final magic), the dynamic
 /// header holds no generation, root or allocation, and every byte after
-/// the header is zero. Anything else is damage and is refused.
+/// the lock words is zero. Anything else is damage and is refused.
 fn inspect(mem: &Mem) -> Result<Found> {
     if mem.len() < HEADER_LEN {
         return Err(Error::Truncated {
@@ -398,9 +427,10 @@ fn inspect(mem: &Mem) -> Result<Found> {
     if &magic == MAGIC {
         return Ok(Found::Existing);
     }
-    let untouched = mem.load_u64(TX_WORD)? == 0
+    let tx = mem.load_u64(TX_WORD)?;
+    let untouched = (tx == 0 || tx == tx_word(0, false))
         && mem
-            .bytes("header", LOCK_NONCE + 8, HEADER_LEN - LOCK_NONCE - 8)?
+            .bytes("header", ATOMIC_END, HEADER_LEN - ATOMIC_END)?
             .iter()
             .all(|&b| b == 0)
         && zero_from(mem, HEADER_LEN)?;
@@ -424,13 +454,10 @@ fn inspect(mem: &Mem) -> Result<Found> {
 
 /// Creates a state in a region that holds nothing (see [`inspect`]): the
 /// creating magic first (one atomic store), then the header, then the
-/// final magic. The commit and lock words are left alone (the lock is held).
+/// commit word of sequence 0, then the final magic. The lock words are left
+/// alone (the lock is held).
 fn create(mem: &mut Mem, journal_len: u64, initial_len: u64, root: StoredLayout) -> Result<()> {
-    if journal_len < 4096 || !journal_len.is_multiple_of(LINE) {
-        return Err(Error::unsupported(format!(
-            "journal length {journal_len} must be a multiple of 64 and at least 4096"
-        )));
-    }
+    // The sizes were checked by `Layout::check` before the open began.
     let heap_off = JOURNAL_OFF
         .checked_add(journal_len)
         .ok_or(Error::TooLarge {
@@ -467,6 +494,7 @@ fn create(mem: &mut Mem, journal_len: u64, initial_len: u64, root: StoredLayout)
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
     mem.write("header", 8, &h[8..])?;
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    mem.store_word(TX_WORD, tx_word(0, false))?;
     mem.store_word(SB_MAGIC, u64::from_le_bytes(*MAGIC))?;
     Ok(())
 }
@@ -499,6 +527,7 @@ fn check_superblock(mem: &Mem) -> Result<(u64, u64)> {
         || journal_off != JOURNAL_OFF
         || journal_len < 4096
         || !journal_len.is_multiple_of(LINE)
+        || journal_len > journal::MAX_JOURNAL_LEN
         || JOURNAL_OFF.checked_add(journal_len) != Some(heap_off)
         || flags != 0
     {
@@ -568,7 +597,7 @@ fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
     }
     for class in 0..FREE_SLOTS as u32 {
         let head_off = FREE_HEADS + u64::from(class) * 8;
-        let head = u64_at(mem, "free list head", head_off)?;
+        let head = read_free_head(mem, head_off)?;
         if head == 0 {
             continue;
         }
@@ -582,8 +611,6 @@ fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
         }
     }
     for (start, end) in [
-        (DY_RESERVED, DY_RESERVED + 8),
-        (LOCK_NONCE + 8, ATOMIC_END),
         (FREE_HEADS + FREE_SLOTS * 8, PEERS),
         (PEERS, PEERS + PEER_COUNT * PEER_ENTRY),
     ] {
@@ -596,55 +623,105 @@ fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
 #[derive(Debug, Clone, Copy)]
 struct Claim {
     /// The lock words as found (put back if the open fails).
-    previous: [u64; 3],
+    previous: LockWords,
     /// The lock word while this handle holds it: pid and claim count.
     held: u64,
 }
 
 const PID_MASK: u64 = 0xFFFF_FFFF;
 
+/// The lock words' cells, in the order of [`LockWords`]'s identity fields.
+struct LockCells<'m> {
+    word: &'m AtomicU64,
+    start: &'m AtomicU64,
+    nonce: &'m AtomicU64,
+    boot: [&'m AtomicU64; 2],
+    dev: &'m AtomicU64,
+    ino: &'m AtomicU64,
+}
+
+impl<'m> LockCells<'m> {
+    fn of(mem: &'m Mem) -> Result<LockCells<'m>> {
+        Ok(LockCells {
+            word: mem.atomic_u64(LOCK_PID)?,
+            start: mem.atomic_u64(LOCK_START)?,
+            nonce: mem.atomic_u64(LOCK_NONCE)?,
+            boot: [mem.atomic_u64(LOCK_BOOT)?, mem.atomic_u64(LOCK_BOOT + 8)?],
+            dev: mem.atomic_u64(LOCK_DEV)?,
+            ino: mem.atomic_u64(LOCK_INO)?,
+        })
+    }
+
+    /// The identity words (the lock word itself is read by the caller).
+    fn read(&self, word: u64) -> LockWords {
+        LockWords {
+            word,
+            start: self.start.load(Ordering::Acquire),
+            nonce: self.nonce.load(Ordering::Acquire),
+            boot: [
+                self.boot[0].load(Ordering::Acquire),
+                self.boot[1].load(Ordering::Acquire),
+            ],
+            dev: self.dev.load(Ordering::Acquire),
+            ino: self.ino.load(Ordering::Acquire),
+        }
+    }
+
+    /// Stores the identity words (the lock word itself is the caller's).
+    fn write(&self, w: &LockWords) {
+        self.start.store(w.start, Ordering::Relaxed);
+        self.nonce.store(w.nonce, Ordering::Relaxed);
+        self.boot[0].store(w.boot[0], Ordering::Relaxed);
+        self.boot[1].store(w.boot[1], Ordering::Relaxed);
+        self.dev.store(w.dev, Ordering::Relaxed);
+        self.ino.store(w.ino, Ordering::Relaxed);
+    }
+}
+
 /// Takes the lock: one compare-and-swap from the word as found (free, or
-/// naming a dead holder) to `pid | CLAIMING | count + 1`; then the start
-/// time and the nonce; then the claiming bit is cleared. A reader that sees
-/// the claiming bit with a live pid takes the lock as held, whatever the
-/// start time and nonce words say (they are being written). The claim
-/// count makes the swap fail if the word changed hands in between, even
-/// back to the same pid. Returns the claim and the dead holder taken over.
+/// naming a holder that does not hold this memory) to
+/// `pid | CLAIMING | count + 1`; then the start time, nonce, boot id and
+/// the memory's identity; then the claiming bit is cleared. A reader that
+/// sees the claiming bit judges the claimer by pid and by what it maps (see
+/// [`owner::holds`]), whatever the other words say (they are being
+/// written). The claim count makes the swap fail if the word changed hands
+/// in between, even back to the same pid. Returns the claim and the holder
+/// whose lock was taken over (dead, or a holder of other memory).
 fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, Option<u32>)> {
-    let word = mem.atomic_u64(LOCK_PID)?;
-    let start_word = mem.atomic_u64(LOCK_START)?;
-    let nonce_word = mem.atomic_u64(LOCK_NONCE)?;
+    let cells = LockCells::of(mem)?;
     let me = std::process::id();
-    // Read before the claim, so that the claiming window is two stores.
-    let my_start = owner::own_start_time();
-    let mut current = word.load(Ordering::Acquire);
+    let ours = mem.identity();
+    // Read before the claim, so that the claiming window is a few stores.
+    let mine = LockWords {
+        word: 0,
+        start: owner::own_start_time(),
+        nonce,
+        boot: owner::boot_id(),
+        dev: ours.dev,
+        ino: ours.ino,
+    };
+    let mut current = cells.word.load(Ordering::Acquire);
     // Every failed swap means another opener moved the word; it then holds
     // or claims it, so the next round refuses. The bound is a safeguard.
     for _ in 0..16 {
-        let start = start_word.load(Ordering::Acquire);
-        let their_nonce = nonce_word.load(Ordering::Acquire);
-        let pid = (current & PID_MASK) as u32;
-        if pid != 0 {
-            let held = if current & LOCK_CLAIMING != 0 {
-                owner::pid_alive(pid)
-            } else {
-                owner::holder_alive(pid, start, their_nonce)
-            };
-            if held {
-                return Err(Error::Locked { pid });
-            }
+        let found = cells.read(current);
+        let pid = found.pid();
+        if owner::holds(&found, ours, current & LOCK_CLAIMING != 0) {
+            return Err(Error::Locked { pid });
         }
         let count = ((current >> LOCK_COUNT_SHIFT) + 1) & (u64::MAX >> LOCK_COUNT_SHIFT);
         let claiming = u64::from(me) | LOCK_CLAIMING | (count << LOCK_COUNT_SHIFT);
-        match word.compare_exchange(current, claiming, Ordering::AcqRel, Ordering::Acquire) {
+        match cells
+            .word
+            .compare_exchange(current, claiming, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => {
-                start_word.store(my_start, Ordering::Relaxed);
-                nonce_word.store(nonce, Ordering::Relaxed);
+                cells.write(&mine);
                 let held = claiming & !LOCK_CLAIMING;
-                // Release: whoever sees the bit clear sees our start and nonce.
-                word.store(held, Ordering::Release);
+                // Release: whoever sees the bit clear sees our identity.
+                cells.word.store(held, Ordering::Release);
                 let claim = Claim {
-                    previous: [current, start, their_nonce],
+                    previous: found,
                     held,
                 };
                 return Ok((claim, (pid != 0).then_some(pid)));
@@ -662,14 +739,11 @@ fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, Option<u32>)> {
 /// was. The claiming bit is set first, so that no opener judges the words
 /// while they are being put back.
 fn unlock(mem: &Mem, claim: Claim) {
-    let (Ok(word), Ok(start), Ok(nonce)) = (
-        mem.atomic_u64(LOCK_PID),
-        mem.atomic_u64(LOCK_START),
-        mem.atomic_u64(LOCK_NONCE),
-    ) else {
+    let Ok(cells) = LockCells::of(mem) else {
         return;
     };
-    if word
+    if cells
+        .word
         .compare_exchange(
             claim.held,
             claim.held | LOCK_CLAIMING,
@@ -680,9 +754,8 @@ fn unlock(mem: &Mem, claim: Claim) {
     {
         return; // not ours any more (never while this process lives)
     }
-    start.store(claim.previous[1], Ordering::Relaxed);
-    nonce.store(claim.previous[2], Ordering::Relaxed);
-    word.store(claim.previous[0], Ordering::Release);
+    cells.write(&claim.previous);
+    cells.word.store(claim.previous.word, Ordering::Release);
 }
 
 /// Releases a held lock: the word keeps its claim count and loses the pid,
@@ -721,33 +794,123 @@ struct Prepared {
     heap_off: u64,
     stored: StoredLayout,
     opened: Opened,
+    publisher: Publisher,
 }
 
 /// The steps of an open that run under the lock before the state handle
 /// exists: creation, the superblock, recovery, the dynamic header.
-fn prepare(mem: &mut Mem, layout: &Layout<impl Pod>, expected: StoredLayout) -> Result<Prepared> {
+///
+/// Everything recovery relies on (the superblock, the commit word, the
+/// journal records) is checked before anything is written, so that damage
+/// leaves the region as it was; then the commit publisher is attached, and
+/// only then does creation or recovery write, inside an update, so that a
+/// snapshot copied meanwhile is never taken for a committed state.
+fn prepare(
+    mem: &mut Mem,
+    layout: &mut Layout<impl Pod>,
+    expected: StoredLayout,
+) -> Result<Prepared> {
     // Another process may have grown the backing since it was mapped.
     mem.refresh()?;
-    let mut opened = Opened::Reopened;
-    if let Found::Fresh = inspect(mem)? {
-        create(mem, layout.journal_len, layout.initial_len, expected)?;
-        opened = Opened::Created;
-    }
-    let (journal_len, heap_off) = check_superblock(mem)?;
-    // Recovery needs only the geometry: everything it restores (the root,
-    // the layout, the dynamic header) is validated after it.
-    let word = mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire);
-    if word & 1 != 0 {
-        let records = journal::rollback(mem, journal_len, word >> 1)?;
-        opened = Opened::Recovered { records };
-    }
+    let recovery = match inspect(mem)? {
+        Found::Fresh => None,
+        Found::Existing => {
+            let geometry = check_superblock(mem)?;
+            let (seq, open) = read_tx_word(mem.load_u64(TX_WORD)?)?;
+            let open_seq = u64_at(mem, "open sequence", DY_OPEN_SEQ)?;
+            if seq < open_seq {
+                return Err(Error::corrupt(
+                    "commit word",
+                    TX_WORD,
+                    format!(
+                        "sequence {seq} is below the last open's {open_seq}: the word went back (damaged memory)"
+                    ),
+                ));
+            }
+            // Recovery needs only the geometry: everything it restores (the
+            // root, the layout, the dynamic header) is validated after it.
+            let records = if open {
+                Some(journal::recovery_records(mem, geometry.0, seq)?)
+            } else {
+                None
+            };
+            Some((geometry, seq, records))
+        }
+    };
+    let mut publisher = if layout.snapshot_protocol {
+        Publisher::attach_protocol(mem)?
+    } else {
+        Publisher::new(layout.commit_hook.take())
+    };
+    let ((journal_len, heap_off), opened) = match recovery {
+        None => {
+            publisher.begin_update();
+            create(mem, layout.journal_len, layout.initial_len, expected)?;
+            publisher.commit();
+            (check_superblock(mem)?, Opened::Created)
+        }
+        Some((geometry, _, None)) => (geometry, Opened::Reopened),
+        Some((geometry, seq, Some(records))) => {
+            publisher.begin_update();
+            journal::apply_rollback(mem, &records, seq)?;
+            publisher.commit();
+            let opened = Opened::Recovered {
+                records: records.len(),
+            };
+            (geometry, opened)
+        }
+    };
     let stored = check_dynamic(mem, heap_off)?;
     Ok(Prepared {
         journal_len,
         heap_off,
         stored,
         opened,
+        publisher,
     })
+}
+
+/// The first `base` bytes of `source` (zeros for an empty one), for the
+/// read-only protocol check; a backing holding fewer is someone else's data.
+fn first_page(source: &SourceKind, base: usize) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let read = |fd: std::os::fd::BorrowedFd<'_>| -> Result<Vec<u8>> {
+        let file = File::from(
+            fd.try_clone_to_owned()
+                .map_err(|e| Error::io("dup of the state's fd", e))?,
+        );
+        let len = file.metadata().map_err(|e| Error::io("fstat", e))?.len();
+        let mut page = vec![0u8; base];
+        if len == 0 {
+            return Ok(page);
+        }
+        if len < base as u64 {
+            let mut head = [0u8; 8];
+            let n = (len as usize).min(8);
+            file.read_exact_at(&mut head[..n], 0)
+                .map_err(|e| Error::io("reading the protocol page", e))?;
+            return Err(Error::NotAState { found: head });
+        }
+        file.read_exact_at(&mut page, 0)
+            .map_err(|e| Error::io("reading the protocol page", e))?;
+        Ok(page)
+    };
+    match source {
+        SourceKind::Heap(v) => {
+            if !v.is_empty() && v.len() < base {
+                let mut head = [0u8; 8];
+                let n = v.len().min(8);
+                head[..n].copy_from_slice(&v[..n]);
+                return Err(Error::NotAState { found: head });
+            }
+            let mut page = vec![0u8; base];
+            let n = v.len().min(base);
+            page[..n].copy_from_slice(&v[..n]);
+            Ok(page)
+        }
+        SourceKind::Shared(fd) => read(fd.as_fd()),
+        SourceKind::File(f) => read(f.as_fd()),
+    }
 }
 
 impl<R: Pod> State<R> {
@@ -766,23 +929,23 @@ impl<R: Pod> State<R> {
         } else {
             0
         };
+        layout.check()?;
+        // A backing shorter than the protocol page but not empty is
+        // someone else's data; the page itself is read, never mapped.
+        let page = if layout.snapshot_protocol {
+            Some(first_page(&source.0, base)?)
+        } else {
+            None
+        };
         let mut mem = match source.0 {
             SourceKind::Heap(v) => Mem::heap(v, 64, base)?,
             SourceKind::Shared(fd) => Mem::shared(fd, HEADER_LEN, base)?,
             SourceKind::File(f) => Mem::file(f, HEADER_LEN, base)?,
         };
-
-        if mem.prefix().1 < base {
-            // Shorter than shm-snapshot's header page, and not empty (an
-            // empty backing was grown): someone else's data.
-            return Err(Error::NotAState {
-                found: mem.backing_head(),
-            });
-        }
         let found = peek(&mut mem)?;
-        if layout.snapshot_protocol {
+        if let Some(page) = page {
             // Read-only: a foreign first page is refused before any write.
-            Publisher::check_protocol(&mem)?;
+            Publisher::check_protocol(&page)?;
         }
         if let Peek::Blank = found
             && mem.len() < HEADER_LEN
@@ -815,6 +978,7 @@ impl<R: Pod> State<R> {
             heap_off,
             stored,
             opened,
+            publisher,
         } = match prepare(&mut mem, layout, expected) {
             Ok(p) => p,
             Err(e) => return refuse(&mem, e),
@@ -828,16 +992,6 @@ impl<R: Pod> State<R> {
                 Some(m) => Some(m),
                 None => return refuse(&mem, Error::LayoutMismatch { stored, expected }),
             }
-        };
-        // Attached under the lock (it writes the protocol page) and after
-        // any creation (which remaps); later remaps re-attach it.
-        let publisher = if layout.snapshot_protocol {
-            match Publisher::attach_protocol(&mem) {
-                Ok(p) => p,
-                Err(e) => return refuse(&mem, e),
-            }
-        } else {
-            Publisher::new(layout.commit_hook.take())
         };
         let previous_pid = u32_at(&mem, "last opener", DY_LAST_PID).unwrap_or(0);
         let mut state = State {
@@ -863,6 +1017,8 @@ impl<R: Pod> State<R> {
         let generation = state.transaction(|tx| {
             let generation = u64_at(tx.core.mem(), "generation", DY_GENERATION)?.wrapping_add(1);
             tx.core.write_u64("generation", DY_GENERATION, generation)?;
+            let seq = tx.core.seq();
+            tx.core.write_u64("open sequence", DY_OPEN_SEQ, seq)?;
             let mut last = [0u8; 8];
             last[..4].copy_from_slice(&std::process::id().to_le_bytes());
             last[(DY_LAST_OPEN - DY_LAST_PID) as usize..]
@@ -930,7 +1086,8 @@ impl<R: Pod> State<R> {
     /// committed or rolled back (every open runs one): the sequence number
     /// in the commit word.
     pub fn commits(&self) -> Result<u64> {
-        Ok(self.core.mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire) >> 1)
+        let (seq, _) = read_tx_word(self.core.mem.load_u64(TX_WORD)?)?;
+        Ok(seq)
     }
 
     /// The region's current size in bytes.
@@ -957,10 +1114,24 @@ impl<R: Pod> State<R> {
             &mut self.core,
             Core::new(Mem::empty(), 0, 0, Publisher::default()),
         );
-        // The protocol publisher points into the mapping: gone before it.
-        drop(std::mem::take(&mut core.publisher));
+        let page = std::mem::take(&mut core.publisher).into_page();
+        if let Some(page) = &page {
+            page.flush()?;
+        }
+        // A heap state's protocol page goes back in front of its region.
+        let prefix = match page {
+            Some(HeaderPage::Heap(buf)) => Some(HeaderPage::Heap(buf)),
+            _ => core.mem.take_heap_prefix().map(HeaderPage::Heap),
+        }
+        .map(|p| p.to_vec())
+        .unwrap_or_default();
         Ok(Source(match core.mem.into_backing() {
-            Backing::Heap(lines) => SourceKind::Heap(lines.iter().flat_map(|l| l.0).collect()),
+            Backing::Heap(lines) => SourceKind::Heap(
+                prefix
+                    .into_iter()
+                    .chain(lines.iter().flat_map(|l| l.0))
+                    .collect(),
+            ),
             Backing::Shared { fd, .. } => SourceKind::Shared(fd),
             Backing::File { file, .. } => SourceKind::File(file),
         }))

@@ -383,13 +383,15 @@ fn a_second_open_of_a_live_state_is_locked() {
 }
 
 #[test]
-fn a_leaked_handle_is_taken_over() {
+fn a_copy_of_a_held_region_is_not_held() {
     let s = fresh();
     let image = s.image();
-    // While the handle lives, a copy of its region is locked by it.
-    assert!(matches!(open(image.clone()), Err(Error::Locked { .. })));
-    // Once it is gone, the copy's lock word names this process but no live
-    // handle: a stale lock, taken over.
+    // The copy's lock names this process and a live handle, but of other
+    // memory: the copy is free, and its lock is taken over.
+    let copy = open(image.clone()).unwrap();
+    assert_eq!(copy.report().took_over_from, Some(std::process::id()));
+    drop(copy);
+    // Once the handle is gone too, the same.
     drop(s);
     let s2 = open(image).unwrap();
     assert_eq!(s2.report().took_over_from, Some(std::process::id()));
@@ -590,9 +592,10 @@ fn populated() -> Vec<u8> {
 fn flipped_header_bits_are_detected() {
     let img = populated();
     let mut rng = Rng(0x5eed_1234_abcd_0001);
-    // Every bit of the checksummed and validated header bytes (the atomic
-    // commit and lock words at 0xC0..0xE0 are not checksummed: see docs).
-    for byte in (0..4096usize).filter(|b| !(0xC0..0xE0).contains(b)) {
+    // Every bit of the checksummed and validated header bytes (the lock
+    // words at 0xC8..0x100 are not checked: see docs; the commit word at
+    // 0xC0 carries its own check byte).
+    for byte in (0..4096usize).filter(|b| !(0xC8..0x100).contains(b)) {
         let bit = rng.below(8);
         let mut bad = img.clone();
         bad[byte] ^= 1 << bit;
@@ -774,13 +777,12 @@ fn a_crash_during_recovery_recovers_again() {
             torn_prefix: 5,
             image: None,
         });
-        let word = mem
-            .atomic_u64(crate::format::TX_WORD)
-            .unwrap()
-            .load(std::sync::atomic::Ordering::Acquire);
-        assert_eq!(word & 1, 1);
+        let word = mem.load_u64(crate::format::TX_WORD).unwrap();
+        let (seq, is_open) = crate::format::read_tx_word(word).unwrap();
+        assert!(is_open);
         let jl = 16 << 10;
-        crate::journal::rollback(&mut mem, jl, word >> 1).unwrap();
+        let records = crate::journal::recovery_records(&mem, jl, seq).unwrap();
+        crate::journal::apply_rollback(&mut mem, &records, seq).unwrap();
         let Some(image) = mem.crash.take().unwrap().image else {
             break;
         };
@@ -1025,12 +1027,7 @@ fn every_line_is_journaled_once_per_transaction() {
                     v.set(u64::from(i) * 16, round * 100 + i)?;
                 }
             }
-            let word = tx
-                .core
-                .mem()
-                .atomic_u64(crate::format::TX_WORD)?
-                .load(std::sync::atomic::Ordering::Acquire);
-            let records = crate::journal::scan(tx.core.mem(), 16 << 10, word >> 1)?;
+            let (records, _) = crate::journal::scan(tx.core.mem(), 16 << 10, tx.core.seq())?;
             assert_eq!(records.len(), 40);
             assert!(records.iter().all(|r| r.len == 64));
             Err::<(), _>(Error::Migration("roll back".into()))
@@ -1068,9 +1065,9 @@ fn a_transaction_that_does_not_allocate_leaves_the_dynamic_header_alone() {
 }
 
 #[test]
-fn regions_of_formats_1_and_2_are_refused_and_left_untouched() {
+fn regions_of_formats_1_to_3_are_refused_and_left_untouched() {
     use std::io::{Read, Seek, Write};
-    for old in [1u32, 2] {
+    for old in [1u32, 2, 3] {
         let mut img = fresh().close().unwrap().into_heap().unwrap();
         img[8..12].copy_from_slice(&old.to_le_bytes());
         let crc = crc32fast::hash(&img[..0x7C]);
@@ -1081,7 +1078,7 @@ fn regions_of_formats_1_and_2_are_refused_and_left_untouched() {
         let source = unsafe { Source::file(file.try_clone().unwrap()) };
         let e = State::<Root>::open(source, layout()).unwrap_err();
         assert!(
-            matches!(e, Error::UnsupportedFormat { found, supported: 3 } if found == old),
+            matches!(e, Error::UnsupportedFormat { found, supported: 4 } if found == old),
             "{e}"
         );
         let mut after = Vec::new();
@@ -1733,3 +1730,7 @@ fn random_damage_then_changes_never_panic() {
         "{opened} of {runs} damaged images opened"
     );
 }
+
+mod damage;
+mod lock;
+mod protocol_page;

@@ -83,8 +83,6 @@ impl LineSet {
 /// An open region: the memory and what was validated about it on open.
 #[derive(Debug)]
 pub(crate) struct Core {
-    // Declared (so dropped) before `mem`: the protocol publisher points
-    // into the mapping.
     pub publisher: Publisher,
     pub mem: Mem,
     pub journal_len: u64,
@@ -170,7 +168,8 @@ impl<'a> TxCore<'a> {
             return Err(Error::Poisoned);
         }
         let word = core.mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire);
-        if word & 1 != 0 {
+        let (last, open) = read_tx_word(word).inspect_err(|_| core.poisoned = true)?;
+        if open {
             // Only a foreign writer can leave this set while we hold the lock.
             core.poisoned = true;
             return Err(Error::corrupt(
@@ -179,7 +178,12 @@ impl<'a> TxCore<'a> {
                 "a transaction is marked open although this process holds the state",
             ));
         }
-        let seq = (word >> 1) + 1;
+        if last >= MAX_SEQ {
+            return Err(Error::unsupported(format!(
+                "the state has run {last} transactions, the most its commit word counts"
+            )));
+        }
+        let seq = last + 1;
         let (_, start_top) = core.heap()?;
         core.logged.clear();
         core.fresh.clear();
@@ -190,7 +194,7 @@ impl<'a> TxCore<'a> {
             core.pending_set.clear();
         }
         core.publisher.begin_update();
-        core.mem.store_word(TX_WORD, (seq << 1) | 1)?;
+        core.mem.store_word(TX_WORD, tx_word(seq, true))?;
         compiler_fence(Ordering::SeqCst);
         Ok(TxCore {
             core,
@@ -201,6 +205,11 @@ impl<'a> TxCore<'a> {
             changes: 0,
             failed: None,
         })
+    }
+
+    /// This transaction's sequence number.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
     }
 
     /// How many changes this transaction has made (see [`TxCore::settle`]).
@@ -375,7 +384,7 @@ impl<'a> TxCore<'a> {
         let class = class_for(len)?;
         let cap = class_size(class);
         let head_off = FREE_HEADS + u64::from(class) * 8;
-        let head = u64_at(self.mem(), "free list head", head_off)?;
+        let head = read_free_head(self.mem(), head_off)?;
         let block = if head != 0 {
             let heap = self.heap()?;
             let b = Block::expect(self.mem(), heap, head, Kind::Free)?;
@@ -386,7 +395,15 @@ impl<'a> TxCore<'a> {
                     format!("a class {} block on the class {class} list", b.class),
                 ));
             }
-            self.write_u64("free list head", head_off, b.aux)?;
+            let next = b.aux;
+            if next != 0 && (next < heap.0 || next >= heap.1 || !next.is_multiple_of(16)) {
+                return Err(Error::corrupt(
+                    "free list",
+                    head,
+                    format!("next block {next:#x} is not a block offset in the heap"),
+                ));
+            }
+            self.write_u64("free list head", head_off, free_head(next))?;
             self.write("block header", b.off, &block_header(kind, class, len))?;
             let payload = b.payload();
             self.core.fresh.insert(payload, payload + cap);
@@ -406,11 +423,6 @@ impl<'a> TxCore<'a> {
                 let doubled = self.mem().len().saturating_mul(2);
                 let want = new_top.max(doubled).next_multiple_of(1 << 16);
                 self.core.mem.grow(want)?;
-                if let Err(e) = self.core.publisher.remapped(&self.core.mem) {
-                    // Commits could no longer be published: refuse to go on.
-                    self.core.poisoned = true;
-                    return Err(e);
-                }
             }
             self.write("block header", top, &block_header(kind, class, len))?;
             self.write_u64("heap top", DY_HEAP_TOP, new_top)?;
@@ -475,14 +487,14 @@ impl<'a> TxCore<'a> {
                 return Err(Error::corrupt("block", off, "freed twice"));
             }
             let head_off = FREE_HEADS + u64::from(b.class) * 8;
-            let head = u64_at(self.mem(), "free list head", head_off)?;
+            let head = read_free_head(self.mem(), head_off)?;
             self.prepare_exact(off, BLOCK_HEADER)?;
             self.core.mem.write(
                 "block header",
                 off,
                 &block_header(Kind::Free, b.class, head),
             )?;
-            self.write_u64("free list head", head_off, off)?;
+            self.write_u64("free list head", head_off, free_head(off))?;
             let used = u64_at(self.mem(), "used bytes", DY_USED)?;
             self.write_u64(
                 "used bytes",
@@ -500,7 +512,9 @@ impl<'a> TxCore<'a> {
                 .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
         }
         compiler_fence(Ordering::SeqCst);
-        self.core.mem.store_word(TX_WORD, self.seq << 1)?;
+        self.core
+            .mem
+            .store_word(TX_WORD, tx_word(self.seq, false))?;
         self.finished = true;
         self.core.publisher.commit();
         Ok(())
@@ -516,7 +530,12 @@ impl<'a> TxCore<'a> {
             return;
         }
         self.finished = true;
-        match journal::rollback(&mut self.core.mem, self.core.journal_len, self.seq) {
+        match journal::rollback_own(
+            &mut self.core.mem,
+            self.core.journal_len,
+            self.seq,
+            self.pos,
+        ) {
             Ok(_) => self.core.publisher.commit(),
             // The journal in memory is intact, so reopening recovers; this
             // handle refuses further work.

@@ -5,7 +5,7 @@ use bytemuck::Pod;
 use crate::error::{Error, Result};
 use crate::format::{
     BLOCK_HEADER, Block, DY_ROOT, DY_USED, FREE_HEADS, FREE_SLOTS, Kind, MAX_CLASS, MIN_CLASS,
-    u64_at,
+    read_free_head, u64_at,
 };
 use crate::state::State;
 
@@ -49,7 +49,7 @@ impl<R: Pod> State<R> {
         }
         for class in 0..FREE_SLOTS as u32 {
             let head_off = FREE_HEADS + u64::from(class) * 8;
-            let mut at = u64_at(mem, "free list head", head_off)?;
+            let mut at = read_free_head(mem, head_off)?;
             let mut n = 0u64;
             while at != 0 {
                 let b = Block::expect(mem, heap, at, Kind::Free)?;

@@ -465,3 +465,118 @@ fn a_second_bank_on_a_live_state_is_refused() {
     let _ = std::io::stderr().flush();
     let _ = Command::new("true").status();
 }
+
+/// The state of process `pid` (field 3 of /proc/PID/stat), if it exists.
+fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// Runs `bank check` with `memfd` passed on fd 3, the way a watcher does.
+fn bank_check_on(memfd: &std::fs::File) -> std::process::Output {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = memfd.as_raw_fd();
+    let mut c = cmd("bank");
+    c.arg("check")
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "SHM_SHARED_FD");
+    // SAFETY: dup2 is async-signal-safe; it puts the memfd on 3 (without
+    // close-on-exec) in the child, between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            if fd == 3 {
+                nix::fcntl::fcntl(
+                    std::os::fd::BorrowedFd::borrow_raw(3),
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+                )?;
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run(&mut c)
+}
+
+/// The lock is bound to the memory: the bytes of a live bank's memfd,
+/// copied into a fresh memfd while the bank runs (stopped for the copy, as
+/// a snapshot does, so that the copy is a state the bank had, often in the
+/// middle of a transfer), are not held by anyone: `bank check` on the copy
+/// recovers and passes. A second opener of the live memfd itself is still
+/// refused with "in use by process N" (exit 3).
+#[test]
+fn a_copy_of_a_live_banks_memfd_is_free_and_the_memfd_itself_is_not() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::process::CommandExt;
+    let copies = env_count("SHM_STATE_COPIES", 20);
+    let script = format!(
+        "{bank} init --accounts 64 --balance 1000 >/dev/null && exec {bank} run --seconds 120",
+        bank = b("bank")
+    );
+    let mut child = cmd("shm-fd")
+        .args(["sh", "-c", &script])
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let group = Pid::from_raw(pid as i32);
+    // shm-fd and sh exec: the pid becomes bank's once `run` started.
+    let started = std::time::Instant::now();
+    while !std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.ends_with(b"120\0")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "bank never ran"
+        );
+        sleep(Duration::from_millis(10));
+    }
+    sleep(Duration::from_millis(200));
+    let live = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/{pid}/fd/3"))
+        .unwrap();
+    let mut recovered = 0;
+    for i in 0..copies {
+        // A consistent copy: the bank stopped at whatever instruction.
+        kill(group, Signal::SIGSTOP).unwrap();
+        while proc_state(pid) != Some('T') {
+            sleep(Duration::from_millis(1));
+        }
+        let len = live.metadata().unwrap().len() as usize;
+        let mut bytes = vec![0u8; len];
+        live.read_exact_at(&mut bytes, 0).unwrap();
+        kill(group, Signal::SIGCONT).unwrap();
+        let copy: std::fs::File =
+            nix::sys::memfd::memfd_create("bank-copy", nix::sys::memfd::MFdFlags::MFD_CLOEXEC)
+                .unwrap()
+                .into();
+        copy.write_all_at(&bytes, 0).unwrap();
+        let out = bank_check_on(&copy);
+        let (o, e) = text(&out);
+        assert!(
+            out.status.success(),
+            "copy {i}: bank check on the copy: {:?}\n{o}\n{e}",
+            out.status
+        );
+        assert!(o.starts_with("total 64000 (64 accounts x 1000), "), "{o}");
+        recovered += count(&e, "bank: recovered");
+        sleep(Duration::from_millis(rand_ms(i)));
+    }
+    // The live memfd through a second open file description: refused.
+    let out = bank_check_on(&live);
+    let (o, e) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{o}\n{e}");
+    assert!(e.contains(&format!("in use by process {pid}")), "{e}");
+    assert!(proc_state(pid).is_some(), "the bank still runs");
+    kill(group, Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    eprintln!("{copies} copies of a live bank checked, {recovered} needed a rollback");
+}
+
+/// A spread of pauses between copies (0..20 ms), so that they land at
+/// different points of the transfer loop.
+fn rand_ms(i: usize) -> u64 {
+    (i as u64 * 7919) % 20
+}
