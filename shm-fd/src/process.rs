@@ -1,6 +1,15 @@
-//! Small pieces every supervisor here needs: waiting for signals without
-//! spinning, turning a child's end into an exit code, and sharing the
-//! terminal with a child's process group.
+//! Small pieces every supervisor here needs: starting a command tied to
+//! the supervisor's life ([`spawn_group`]: it dies when the supervisor
+//! dies, and so does its whole process group), finding processes through
+//! `/proc` ([`ProcStat`]), waiting for signals without spinning, turning a
+//! child's end into an exit code, and sharing the terminal with a child's
+//! process group.
+
+mod keeper;
+mod stat;
+
+pub use keeper::{GroupKeeper, SpawnError, on_main_thread, spawn_group};
+pub use stat::{ProcStat, group_members, is_running, processes};
 
 use std::io::{self, IsTerminal, Read};
 use std::os::fd::AsFd;

@@ -8,6 +8,8 @@
 //! `target/<profile>/`.
 #![warn(missing_docs)]
 
+pub mod procs;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};

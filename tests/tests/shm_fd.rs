@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use shm_fd_tests::procs::{Proc, ProcStat, Sweep, group_leader_child, poll_for};
 use shm_fd_tests::{OnTerminal, bin, cmd, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
@@ -753,4 +754,114 @@ fn wait_bounded(pid: Pid) -> nix::sys::wait::WaitStatus {
             other => return other,
         }
     }
+}
+
+/// The first line `child` writes on its (piped) stdout.
+fn first_line(child: &mut Child) -> String {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("piped stdout"))
+        .read_line(&mut line)
+        .unwrap();
+    assert!(!line.is_empty(), "no output from {}", child.id());
+    line.trim().to_owned()
+}
+
+#[test]
+fn sigkill_of_the_watcher_kills_the_run_and_its_process_group() {
+    // Issue 9: `shm-fd --restart` killed with SIGKILL left its run, and what
+    // the run started in the background, running.
+    let mut sweep = Sweep::default();
+    let mut watcher = cmd("shm-fd")
+        .args([
+            "--restart",
+            "always",
+            "sh",
+            "-c",
+            "sleep 1000 & echo $!; wait",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    sweep.add_tree(watcher.id());
+    let sleeper = first_line(&mut watcher).parse().unwrap();
+    let sleeper = poll_for("the run's sleep", Duration::from_secs(10), || {
+        Proc::of(sleeper)
+    });
+    sweep.add(sleeper);
+    let run = poll_for("the run", Duration::from_secs(10), || {
+        group_leader_child(watcher.id() as i32)
+    });
+    sweep.add(run);
+    assert_eq!(
+        ProcStat::read(sleeper.pid).map(|s| s.pgrp),
+        Some(run.pid),
+        "the sleep is a grandchild in the run's process group"
+    );
+    signal(&watcher, Signal::SIGKILL);
+    watcher.wait().unwrap();
+    assert!(
+        run.ended_within(Duration::from_secs(10)),
+        "the run outlived the watcher"
+    );
+    assert!(
+        sleeper.ended_within(Duration::from_secs(10)),
+        "the run's background process outlived the watcher"
+    );
+}
+
+#[test]
+fn orphans_of_a_run_outside_its_group_are_stopped_before_the_next_run() {
+    // A run leaves a process in a session of its own (not in the run's
+    // group), re-parented to the watcher when the run exits. The watcher
+    // stops it (SIGTERM) before the next run starts.
+    if Command::new("sh")
+        .args(["-c", "command -v setsid"])
+        .stdout(Stdio::null())
+        .status()
+        .map_or(true, |s| !s.success())
+    {
+        eprintln!("skipped: no `setsid` (util-linux) on this machine");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut sweep = Sweep::default();
+    let mut watcher = spawn_watcher(
+        &["--restart", "on-failure"],
+        "setsid sh -c 'echo $$; exec sleep 1000' & sleep 0.1; exit 1",
+        &out,
+    );
+    sweep.add_tree(watcher.id());
+    let first: i32 = wait_for_lines(&out, 1)[0].parse().unwrap();
+    let orphan = Proc::of(first);
+    if let Some(p) = orphan {
+        sweep.add(p);
+    }
+    let lines = wait_for_lines(&out, 2);
+    assert_eq!(lines.len(), 2, "no second run: {lines:?}");
+    if let Some(p) = orphan {
+        assert!(
+            !p.is_running(),
+            "the next run started while the last one's orphan {} ran",
+            p.pid
+        );
+    }
+    for line in wait_for_lines(&out, 3) {
+        if let Some(p) = Proc::of(line.parse().unwrap()) {
+            sweep.add(p);
+        }
+    }
+    signal(&watcher, Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while watcher.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the watcher did not stop");
+        sleep(Duration::from_millis(10));
+    }
+    let err = std::io::read_to_string(watcher.stderr.take().unwrap()).unwrap();
+    assert!(
+        err.contains("the command ended but left 1 process; stopping them"),
+        "{err}"
+    );
 }

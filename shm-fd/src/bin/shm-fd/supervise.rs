@@ -4,20 +4,24 @@
 //! Each run is started in a process group of its own, and the watcher is a
 //! child subreaper, so that stopping or reloading a run reaches everything
 //! it started (`sh -c`, `watch`, ...) and a new run never writes the memfd
-//! next to a leftover of the old one. When the watcher owns the terminal,
-//! it hands the terminal to each run's group (as a shell does with a job).
+//! next to a leftover of the old one: the next run starts only when the
+//! watcher has no child left at all (orphans of the run, re-parented to
+//! it, included). Each run is tied to the watcher's life
+//! ([`shm_fd::process::spawn_group`]): when the watcher dies, the run and
+//! its process group die with it. When the watcher owns the terminal, it
+//! hands the terminal to each run's group (as a shell does with a job).
 
-use std::os::unix::process::CommandExt;
+use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 use shm_fd::PassedFds;
-use shm_fd::process::{SignalSet, Terminal};
+use shm_fd::process::{GroupKeeper, ProcStat, SignalSet, SpawnError, Terminal, spawn_group};
 
 use crate::{
     Args, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SETUP, Failure, Restart, spawn_failure, warn,
@@ -31,8 +35,9 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How long a run's processes get to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
-/// How often to look whether a finished run's group has emptied (its
-/// remaining members need not be our children, so no SIGCHLD tells).
+/// How often to look whether a finished run's processes are gone (its
+/// group's remaining members need not be our children, so no SIGCHLD
+/// tells).
 const GROUP_POLL: Duration = Duration::from_millis(20);
 
 const FORWARDED: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGQUIT];
@@ -118,11 +123,11 @@ pub(crate) fn run(
         }
         let started = Instant::now();
         let ended = match spawn(args, passed, self_exe) {
-            Ok(pgid) => {
+            Ok((pgid, mut keeper)) => {
                 if let Some(t) = &terminal {
                     t.give_to(pgid);
                 }
-                let result = watch_run(pgid, &signals, terminal.as_ref());
+                let result = watch_run(pgid, &mut keeper, &signals, terminal.as_ref());
                 if let Some(t) = &terminal {
                     t.take_back();
                 }
@@ -153,10 +158,21 @@ pub(crate) fn run(
                 }
                 ended
             }
+            // Without a keeper no run starts: the watcher's death would
+            // leave it running.
+            Err(SpawnError::Keeper(e)) if first => {
+                return Err(Failure(EXIT_SETUP, SpawnError::Keeper(e).to_string()));
+            }
+            Err(e @ SpawnError::Keeper(_)) => {
+                warn(format_args!("{e}; trying again"));
+                Ended::Exited(EXIT_SETUP.into())
+            }
             // The command is gone on the first try: a usage problem.
-            Err(e) if first => return Err(spawn_failure(&args.command[0], e)),
+            Err(SpawnError::Command(e)) if first => {
+                return Err(spawn_failure(&args.command[0], e));
+            }
             // Later it may be a rebuild replacing the binary: retry.
-            Err(e) => {
+            Err(SpawnError::Command(e)) => {
                 let Failure(code, msg) = spawn_failure(&args.command[0], e);
                 warn(format_args!("{msg}"));
                 Ended::Exited(code.into())
@@ -188,7 +204,7 @@ pub(crate) fn run(
         let deadline = Instant::now() + delay;
         let mut got = signals.take();
         loop {
-            reap_all(None, false).map_err(setup)?;
+            reap_all(None, false, None).map_err(setup)?;
             if got.iter().any(|s| FORWARDED.contains(s)) {
                 return Ok(last);
             }
@@ -201,8 +217,16 @@ pub(crate) fn run(
     }
 }
 
-/// Starts a run in a new process group; returns the group id (= its pid).
-fn spawn(args: &Args, passed: &PassedFds, self_exe: &Path) -> std::io::Result<Pid> {
+/// Starts a run in a new process group, tied to the watcher's life;
+/// returns the group id (= its pid) and the group's keeper.
+///
+/// Called from the main thread (the watcher's only one): the run's
+/// `PR_SET_PDEATHSIG` fires when the thread that started it ends.
+fn spawn(
+    args: &Args,
+    passed: &PassedFds,
+    self_exe: &Path,
+) -> Result<(Pid, GroupKeeper), SpawnError> {
     let mut cmd = if args.pid {
         // The child's pid is unknown before it starts; a nested `shm-fd
         // --pid` (which reuses the inherited memfd) sets LISTEN_PID to its
@@ -217,25 +241,36 @@ fn spawn(args: &Args, passed: &PassedFds, self_exe: &Path) -> std::io::Result<Pi
         cmd
     };
     passed.configure(&mut cmd, None);
-    // process_group keeps std on posix_spawn (no pre_exec hook needed).
-    let child = cmd.process_group(0).spawn()?;
-    Ok(Pid::from_raw(child.id() as i32))
+    let (child, keeper) = spawn_group(&mut cmd)?;
+    Ok((Pid::from_raw(child.id() as i32), keeper))
 }
 
 /// Waits for the run whose main process (and group) is `pgid` to end,
 /// acting on signals meanwhile. The run has ended when its main process
-/// has and its process group is empty; leftovers get SIGTERM, then SIGKILL.
+/// has, its process group is empty but for `keeper`, and the watcher has
+/// no other child left (orphans of the run are re-parented to it); then
+/// the keeper is stopped and every child reaped.
+///
+/// Leftovers get SIGTERM, and SIGKILL after [`STOP_GRACE`]; when the main
+/// process was killed by SIGKILL, at once: that is how a wrapper such as
+/// `shm-restore` dies unannounced, and what it left runs unsupervised
+/// (its command already got SIGKILL from its `PR_SET_PDEATHSIG`).
 fn watch_run(
     pgid: Pid,
+    keeper: &mut GroupKeeper,
     signals: &SignalSet,
     terminal: Option<&Terminal>,
 ) -> std::io::Result<(Ended, Mode)> {
     let mut mode = Mode::Running;
     let mut ended = None;
-    // When to SIGKILL whatever of the group is still there.
+    // When to SIGKILL whatever of the run is still there.
     let mut kill_at: Option<Instant> = None;
+    // Everything left gets SIGKILL, on every look.
+    let mut killing = false;
+    // Leftover children already sent SIGTERM.
+    let mut termed: HashSet<Pid> = HashSet::new();
     loop {
-        let seen = reap_all(Some(pgid), terminal.is_some())?;
+        let seen = reap_all(Some(pgid), terminal.is_some(), Some(keeper))?;
         if let Some(e) = seen.ended {
             ended = Some(e);
         } else if seen.stopped
@@ -243,28 +278,54 @@ fn watch_run(
         {
             suspend_with(pgid, t);
         }
-        if let Some(end) = ended {
-            if group_is_empty(pgid) {
-                return Ok((end, mode));
-            }
-            if kill_at.is_none() {
-                warn(format_args!(
-                    "the command ended but left processes in its group; stopping them"
-                ));
-                let _ = killpg(pgid, Signal::SIGTERM);
-                kill_at = Some(Instant::now() + STOP_GRACE);
-            }
-        }
         if let Some(at) = kill_at
             && Instant::now() >= at
+            && !killing
         {
             warn(format_args!(
                 "the command's processes ignored SIGTERM for {STOP_GRACE:?}; killing them"
             ));
+            killing = true;
             let _ = killpg(pgid, Signal::SIGKILL);
-            kill_at = Some(Instant::now() + Duration::from_secs(3600));
         }
-        let mut timeout = kill_at.map(|at| at.saturating_duration_since(Instant::now()));
+        if let Some(end) = ended {
+            let left = Leftovers::find(pgid, keeper);
+            if left.is_empty() {
+                // Nothing of the run runs any more: the keeper's work is done.
+                keeper.stop();
+                if reap_all(None, false, None)?.no_child_left {
+                    return Ok((end, mode));
+                }
+            } else if killing {
+                left.signal(pgid, Signal::SIGKILL);
+            } else if end == Ended::Killed(Signal::SIGKILL) {
+                warn(format_args!(
+                    "the command was killed by SIGKILL; killing the {} it left",
+                    left.describe()
+                ));
+                killing = true;
+                left.signal(pgid, Signal::SIGKILL);
+            } else {
+                if kill_at.is_none() {
+                    warn(format_args!(
+                        "the command ended but left {}; stopping them",
+                        left.describe()
+                    ));
+                    // Group members that are not our children are reached
+                    // through the group; the keeper blocks SIGTERM.
+                    let _ = killpg(pgid, Signal::SIGTERM);
+                    kill_at = Some(Instant::now() + STOP_GRACE);
+                }
+                for &pid in &left.children {
+                    if termed.insert(pid) {
+                        let _ = kill(pid, Signal::SIGTERM);
+                    }
+                }
+            }
+        }
+        let mut timeout = kill_at
+            .filter(|_| !killing)
+            .map(|at| at.saturating_duration_since(Instant::now()));
         if ended.is_some() {
             timeout = Some(timeout.map_or(GROUP_POLL, |t| t.min(GROUP_POLL)));
         }
@@ -289,6 +350,67 @@ fn watch_run(
     }
 }
 
+/// What is left of a run whose main process has ended.
+#[derive(Debug, Default)]
+struct Leftovers {
+    /// Live members of its process group, the keeper aside.
+    group: usize,
+    /// Live children of the watcher, the keeper aside: orphans of the run
+    /// (re-parented to the watcher, a subreaper), in any group.
+    children: Vec<Pid>,
+}
+
+impl Leftovers {
+    fn find(pgid: Pid, keeper: &mut GroupKeeper) -> Leftovers {
+        let me = std::process::id() as i32;
+        let mut left = Leftovers::default();
+        if ProcStat::read(me).is_none() {
+            // Without /proc the keeper cannot be told from other members:
+            // it goes first, and the group is what the kernel says.
+            keeper.stop();
+            if !group_is_empty(pgid) {
+                left.group = 1;
+            }
+            return left;
+        }
+        let keeper = keeper.pid();
+        for p in shm_fd::process::processes() {
+            if p.has_ended() || Some(Pid::from_raw(p.pid)) == keeper {
+                continue;
+            }
+            if p.ppid == me {
+                left.children.push(Pid::from_raw(p.pid));
+            } else if p.pgrp == pgid.as_raw() {
+                left.group += 1;
+            }
+        }
+        left
+    }
+
+    fn is_empty(&self) -> bool {
+        self.group == 0 && self.children.is_empty()
+    }
+
+    /// `1 process`, `3 processes`.
+    fn describe(&self) -> String {
+        match self.group + self.children.len() {
+            1 => "1 process".to_owned(),
+            n => format!("{n} processes"),
+        }
+    }
+
+    /// Sends `sig` to the group and to each leftover child, by pid (our
+    /// unreaped children, so no pid can have been reused).
+    fn signal(&self, pgid: Pid, sig: Signal) {
+        if self.group > 0 {
+            let _ = killpg(pgid, sig);
+        }
+        for &pid in &self.children {
+            let _ = kill(pid, sig);
+        }
+    }
+}
+
 /// What [`reap_all`] saw of a run's main process.
 #[derive(Debug, Default)]
 struct Reaped {
@@ -296,11 +418,18 @@ struct Reaped {
     ended: Option<Ended>,
     /// It was stopped (Ctrl-Z); only reported when asked for.
     stopped: bool,
+    /// The watcher has no child left at all (`ECHILD`).
+    no_child_left: bool,
 }
 
 /// Reaps every finished child (runs' processes and orphans re-parented to
-/// us), and with `untraced` also notices `main` being stopped.
-fn reap_all(main: Option<Pid>, untraced: bool) -> std::io::Result<Reaped> {
+/// us), and with `untraced` also notices `main` being stopped. A reaped
+/// keeper is reported to `keeper`, so it is never signalled again.
+fn reap_all(
+    main: Option<Pid>,
+    untraced: bool,
+    mut keeper: Option<&mut GroupKeeper>,
+) -> std::io::Result<Reaped> {
     let mut flags = WaitPidFlag::WNOHANG;
     if untraced {
         flags |= WaitPidFlag::WUNTRACED;
@@ -314,10 +443,17 @@ fn reap_all(main: Option<Pid>, untraced: bool) -> std::io::Result<Reaped> {
                 seen.stopped |= Some(pid) == main;
                 continue;
             }
-            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return Ok(seen),
+            Ok(WaitStatus::StillAlive) => return Ok(seen),
+            Err(Errno::ECHILD) => {
+                seen.no_child_left = true;
+                return Ok(seen);
+            }
             Ok(_) | Err(Errno::EINTR) => continue,
             Err(e) => return Err(e.into()),
         };
+        if let Some(k) = keeper.as_deref_mut() {
+            k.note_reaped(pid);
+        }
         if Some(pid) == main {
             seen.ended = Some(end);
         }

@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{ErrorKind, IsTerminal};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -18,7 +18,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, killpg, raise, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
-use shm_fd::process::{SignalSet, Terminal, exit_code};
+use shm_fd::process::{SignalSet, SpawnError, Terminal, exit_code, group_members, spawn_group};
 use shm_fd::{CreateOptions, Handover, ListenEnv, SharedFd};
 use shm_restore::{
     Capture, Captured, DirStorage, LoadOutcome, SaveOptions, SaveOutcome, Saver, SnapshotProtocol,
@@ -126,17 +126,27 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let mut terminal = Terminal::if_foreground();
 
     let mut cmd = Command::new(&args.command[0]);
-    cmd.args(&args.command[1..]).process_group(0);
+    cmd.args(&args.command[1..]);
     passed.configure(&mut cmd, None);
-    let child = cmd.spawn().map_err(|e| {
+    // In a process group of its own, tied to our life: if shm-restore dies
+    // (kill -9 included), the command gets SIGKILL and a keeper in its
+    // group kills the rest of the group. Started from the main thread, the
+    // one that lives as long as shm-restore: PR_SET_PDEATHSIG fires when
+    // the thread that started the child ends.
+    let (child, mut keeper) = spawn_group(&mut cmd).map_err(|e| {
         let program = args.command[0].to_string_lossy();
-        match e.kind() {
-            ErrorKind::NotFound => Failure(EXIT_NOT_FOUND, format!("{program}: command not found")),
-            ErrorKind::PermissionDenied => Failure(
-                EXIT_CANNOT_EXECUTE,
-                format!("{program}: cannot execute: {e}"),
-            ),
-            _ => Failure(EXIT_CANNOT_EXECUTE, format!("{program}: {e}")),
+        match e {
+            SpawnError::Keeper(_) => Failure(EXIT_SETUP, e.to_string()),
+            SpawnError::Command(e) => match e.kind() {
+                ErrorKind::NotFound => {
+                    Failure(EXIT_NOT_FOUND, format!("{program}: command not found"))
+                }
+                ErrorKind::PermissionDenied => Failure(
+                    EXIT_CANNOT_EXECUTE,
+                    format!("{program}: cannot execute: {e}"),
+                ),
+                _ => Failure(EXIT_CANNOT_EXECUTE, format!("{program}: {e}")),
+            },
         }
     })?;
     drop(passed); // the child has its copies; ours must not keep it alive
@@ -176,8 +186,19 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     }
 
     // Final save: the command has exited; members of its group that are
-    // still alive are paused for the copy.
+    // still alive are paused for the copy, and the keeper stays with them
+    // until it is done (a kill -9 meanwhile still takes them along). With
+    // no one else left the keeper goes first, so the save finds the group
+    // gone and reads the memfd directly.
+    let keeper_pid = keeper.pid().map(Pid::as_raw);
+    if group_members(pgid.as_raw())
+        .iter()
+        .all(|p| Some(p.pid) == keeper_pid)
+    {
+        keeper.stop();
+    }
     let saved = save(args, &mut saver, capture.as_mut(), &memfd, "on exit");
+    keeper.stop();
     let code = exit_code(status);
     Ok(if !saved && code == 0 {
         EXIT_SAVE_FAILED
