@@ -132,7 +132,9 @@ fn with_passed<T>(small: SharedFd, big: SharedFd, f: impl FnOnce(&[(&str, String
 }
 
 fn map_and_touch(name: &str) {
-    let shared = SharedFd::from_env(name).expect("memfd");
+    // SAFETY: this child run opened nothing before: the fds LISTEN_FDS
+    // names were inherited and have no other owner in this process.
+    let shared = unsafe { SharedFd::from_env(name) }.expect("memfd");
     let map = shared.map_raw(1).expect("map");
     // SAFETY: both offsets are inside the mapping.
     let (a, b) = unsafe { (*map.as_ptr(), *map.as_ptr().add(map.len() - 1)) };

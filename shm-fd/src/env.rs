@@ -2,7 +2,9 @@
 //!
 //! Parsing is pure: [`ListenEnv::parse`] takes the three values, so the
 //! caller reads the environment once (in `main`) and tests need no global
-//! state. Taking ownership of the fds is [`ListenEnv::take`]'s job.
+//! state. Taking ownership of the fds is [`ListenEnv::take`]'s job, and
+//! `unsafe`: a variable cannot prove that a number is not already some
+//! other object's fd in this process.
 
 use std::ffi::OsStr;
 use std::os::fd::{OwnedFd, RawFd};
@@ -142,15 +144,39 @@ impl ListenEnv {
     ///
     /// Checks that the fd is open and sets close-on-exec on it, so it does
     /// not leak into programs this process starts unless it is passed on on
-    /// purpose. Each fd can be taken once per process; a second take is
-    /// [`Error::AlreadyTaken`].
-    pub fn take(&self, index: usize) -> Result<OwnedFd> {
+    /// purpose. Each fd can be taken once per process through this crate; a
+    /// second take is [`Error::AlreadyTaken`].
+    ///
+    /// # Safety
+    ///
+    /// The returned [`OwnedFd`] becomes the owner of fd `3 + index`, as
+    /// with [`std::os::fd::FromRawFd::from_raw_fd`]; nothing checks that the
+    /// number is not already owned by something else in this process (a
+    /// `LISTEN_FDS` that says more than was passed, or a file this process
+    /// opened and that got that number). The caller must make sure that:
+    ///
+    /// - no other object in this process owns fd `3 + index` or will close
+    ///   it: take the fds early in `main`, before the program opens files of
+    ///   its own (then every open fd above 2 was inherited and has no owner
+    ///   yet), and
+    /// - the number is not adopted through another path as well (another
+    ///   `from_raw_fd`, another library reading `LISTEN_FDS`).
+    ///
+    /// Adopting outside `unsafe` does not compile:
+    ///
+    /// ```compile_fail,E0133
+    /// let env = shm_fd::ListenEnv::parse(Some(std::ffi::OsStr::new("1")), None, None).unwrap().unwrap();
+    /// let fd = env.take(0);
+    /// ```
+    pub unsafe fn take(&self, index: usize) -> Result<OwnedFd> {
         let name = self.names.get(index).ok_or_else(|| Error::NameNotFound {
             name: format!("#{index}"),
             passed: self.names.clone(),
         })?;
         let fd = LISTEN_FDS_START + index as RawFd;
-        sys::take_inherited_fd(fd).map_err(|problem| match problem {
+        // SAFETY: forwarded from this function's contract: fd `fd` has no
+        // other owner in this process.
+        unsafe { sys::take_inherited_fd(fd) }.map_err(|problem| match problem {
             sys::TakeError::Taken => Error::AlreadyTaken { fd },
             sys::TakeError::Closed => Error::BadFd {
                 fd,
@@ -162,9 +188,19 @@ impl ListenEnv {
     }
 
     /// Takes ownership of every passed fd, paired with its name, in order.
-    pub fn take_all(&self) -> Result<Vec<(String, OwnedFd)>> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`ListenEnv::take`], for each of the fds `3 .. 3 + N`.
+    ///
+    /// ```compile_fail,E0133
+    /// let env = shm_fd::ListenEnv::parse(Some(std::ffi::OsStr::new("1")), None, None).unwrap().unwrap();
+    /// let fds = env.take_all();
+    /// ```
+    pub unsafe fn take_all(&self) -> Result<Vec<(String, OwnedFd)>> {
         (0..self.len())
-            .map(|i| Ok((self.names[i].clone(), self.take(i)?)))
+            // SAFETY: forwarded from this function's contract.
+            .map(|i| Ok((self.names[i].clone(), unsafe { self.take(i) }?)))
             .collect()
     }
 }

@@ -61,6 +61,25 @@ pub enum Error {
         /// The fd number.
         fd: RawFd,
     },
+    /// An option (e.g. of [`crate::CreateOptions`]) has a value that cannot
+    /// be used.
+    InvalidOption {
+        /// The option's name, e.g. `size`.
+        option: &'static str,
+        /// Its value, for the message.
+        value: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A range of the memfd asked to be mapped is not one that can be.
+    InvalidRange {
+        /// Where it starts, in bytes from the start of the memfd.
+        offset: u64,
+        /// Its length in bytes.
+        len: u64,
+        /// Why it is rejected.
+        reason: &'static str,
+    },
     /// The memfd cannot grow to the size asked for (sealed against growth).
     CannotGrow {
         /// Its current size in bytes.
@@ -131,6 +150,19 @@ impl fmt::Display for Error {
             Error::AlreadyTaken { fd } => {
                 write!(f, "fd {fd} was already taken from the environment")
             }
+            Error::InvalidOption {
+                option,
+                value,
+                reason,
+            } => write!(f, "invalid {option} {value}: {reason}"),
+            Error::InvalidRange {
+                offset,
+                len,
+                reason,
+            } => write!(
+                f,
+                "cannot map {len} bytes at offset {offset} of the memfd: {reason}"
+            ),
             Error::CannotGrow { len, wanted } => write!(
                 f,
                 "the memfd is sealed against growing: it holds {len} bytes, {wanted} are needed"

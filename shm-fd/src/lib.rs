@@ -10,7 +10,9 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let shared = shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)?;
+//! // SAFETY: this runs first in `main`, before the program opens any file,
+//! // so the fd LISTEN_FDS names was inherited and has no other owner here.
+//! let shared = unsafe { shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)? };
 //! // SAFETY: only this program writes the memfd while it runs, and the
 //! // watcher sealed it against shrinking.
 //! let mut state = unsafe { shared.map_mut(8)? };
@@ -24,12 +26,22 @@
 //! [`Error::NotPassed`], whose message says to start the program under
 //! `shm-fd`.
 //!
+//! Adopting an fd from the environment is `unsafe` (as
+//! [`std::os::fd::FromRawFd`] is): a variable cannot prove that the number
+//! it names is not already owned by something else in this process. Do it
+//! first thing in `main`. A program that shares the memfd with
+//! shm-snapshot's snapshotter maps its data with
+//! [`SharedFd::map_mut_range`], never the header page.
+//!
 //! # The producer side
 //!
 //! [`Handover::adopt_or_create`] takes inherited fds and reuses or creates
-//! the memfd; [`Handover::install`] puts the fds on `3, 4, ...` and
+//! the memfd ([`Handover::reuse_or_create`] for fds already owned);
+//! [`Handover::install`] puts the fds on `3, 4, ...` and
 //! [`PassedFds::configure`] sets the variables on a [`std::process::Command`].
 //! [`notify_fd_store`] uploads a new memfd to systemd's fd store.
+//! [`process::spawn_group`] starts a command that dies with its
+//! supervisor, process group and all.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 

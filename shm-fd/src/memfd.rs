@@ -46,6 +46,35 @@ pub struct CreateOptions {
     pub seal_shrink: bool,
 }
 
+impl CreateOptions {
+    /// The largest [`CreateOptions::size`] accepted: 128 TiB on 64-bit
+    /// targets (all a process can map on x86-64 and arm64 with 4-level page
+    /// tables: a larger memfd could never be mapped whole), `isize::MAX`
+    /// bytes on 32-bit ones.
+    pub const MAX_SIZE: u64 = if usize::BITS >= 64 {
+        1 << 47
+    } else {
+        isize::MAX as u64
+    };
+
+    /// Checks the options before anything is created: a size above
+    /// [`CreateOptions::MAX_SIZE`] is [`Error::InvalidOption`].
+    /// [`SharedFd::create`] and [`crate::Handover`] call it first.
+    pub fn validate(&self) -> Result<()> {
+        if self.size > Self::MAX_SIZE {
+            return Err(Error::InvalidOption {
+                option: "size",
+                value: self.size.to_string(),
+                reason: format!(
+                    "is larger than the largest memfd this crate creates ({} bytes = 128 TiB)",
+                    Self::MAX_SIZE
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 impl Default for CreateOptions {
     fn default() -> Self {
         CreateOptions {
@@ -70,7 +99,11 @@ pub struct SharedFd {
 impl SharedFd {
     /// Creates a new memfd called `name` (the name shows in
     /// `/proc/PID/fd/` as `/memfd:NAME`).
+    ///
+    /// The options are checked first ([`CreateOptions::validate`]): with bad
+    /// ones nothing is created.
     pub fn create(name: &str, options: CreateOptions) -> Result<Self> {
+        options.validate()?;
         check_name(name).map_err(|reason| Error::InvalidName {
             name: name.to_owned(),
             reason,
@@ -133,7 +166,18 @@ impl SharedFd {
 
     /// Finds the fd called `name` in a parsed hand-over, checks that it is
     /// meant for this process, takes it and validates it.
-    pub fn from_listen_env(env: Option<&ListenEnv>, name: &str) -> Result<Self> {
+    ///
+    /// # Safety
+    ///
+    /// This adopts fd `3 + i` (the fd called `name`) as with
+    /// [`ListenEnv::take`], whose contract the caller must uphold: nothing
+    /// else in this process owns that fd number (call it early in `main`,
+    /// before the program opens files of its own).
+    ///
+    /// ```compile_fail,E0133
+    /// let shared = shm_fd::SharedFd::from_listen_env(None, shm_fd::DEFAULT_NAME);
+    /// ```
+    pub unsafe fn from_listen_env(env: Option<&ListenEnv>, name: &str) -> Result<Self> {
         let env = env.ok_or_else(|| Error::NotPassed {
             name: name.to_owned(),
         })?;
@@ -157,7 +201,8 @@ impl SharedFd {
             // not outlive this statement; nothing closes it meanwhile.
             validate(unsafe { BorrowedFd::borrow_raw(fd) }, name)?;
         }
-        Self::adopt(env.take(index)?, name)
+        // SAFETY: forwarded from this function's contract.
+        Self::adopt(unsafe { env.take(index) }?, name)
     }
 
     /// The consumer's one call: reads `LISTEN_FDS`, `LISTEN_FDNAMES` and
@@ -165,9 +210,23 @@ impl SharedFd {
     ///
     /// When the program was not started under a watcher the error is
     /// [`Error::NotPassed`], whose message tells the user what to do.
-    pub fn from_env(name: &str) -> Result<Self> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`SharedFd::from_listen_env`]: the fd number the variables
+    /// name must have no other owner in this process. Call it once, early
+    /// in `main`, before the program opens files of its own; then every
+    /// open fd above 2 was inherited and nothing owns it yet.
+    ///
+    /// Outside `unsafe` it does not compile:
+    ///
+    /// ```compile_fail,E0133
+    /// let shared = shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME);
+    /// ```
+    pub unsafe fn from_env(name: &str) -> Result<Self> {
         let env = ListenEnv::from_process_env()?;
-        Self::from_listen_env(env.as_ref(), name)
+        // SAFETY: forwarded from this function's contract.
+        unsafe { Self::from_listen_env(env.as_ref(), name) }
     }
 
     /// The fd's name in `LISTEN_FDNAMES`.
@@ -240,17 +299,76 @@ impl SharedFd {
     ///
     /// # Safety
     ///
-    /// The slice aliases memory other processes can reach. The caller must
-    /// make sure that, while the map lives:
-    /// - no other process writes to the memfd (other than through a protocol
-    ///   the caller follows, such as shm-snapshot's), and
+    /// The slice aliases memory other processes can reach, and Rust assumes
+    /// that nothing changes the bytes behind a `&mut [u8]` but the slice
+    /// itself. The caller must make sure that, while the map lives:
+    /// - nothing else writes any byte of the memfd: no other process, and
+    ///   no other mapping of it in this one. That rules this function out
+    ///   for a program that uses shm-snapshot's protocol: its snapshotter
+    ///   (`shm-restore --snapshot protocol`) writes the header page (its
+    ///   waiters word) while the program runs. Such a program maps its data
+    ///   with [`SharedFd::map_mut_range`] from `shm_snapshot::DATA_OFFSET`,
+    ///   and reaches the header only through [`SharedFd::map_raw`] and
+    ///   `shm_snapshot::Region`. (A snapshotter that only reads, such as
+    ///   shm-restore's default mode, which pauses the program for its copy,
+    ///   writes nothing.)
     /// - the memfd is not truncated below the mapped length (the default
     ///   `F_SEAL_SHRINK` guarantees this; with `--no-seal` it is on you).
     pub unsafe fn map_mut(&self, min_len: u64) -> Result<MmapMut> {
         let len = self.map_len(min_len)?;
-        // SAFETY: the caller upholds this function's contract: no concurrent
-        // writer outside its protocol, and no shrinking under the mapping.
+        // SAFETY: the caller upholds this function's contract: no other
+        // writer of the memfd, and no shrinking under the mapping.
         unsafe { MmapOptions::new().len(len).map_mut(&self.fd) }.map_err(|e| Error::io("mmap", e))
+    }
+
+    /// Maps `len` bytes of the memfd from `offset` on as a mutable byte
+    /// slice, growing the memfd first to at least `offset + len` bytes.
+    ///
+    /// `offset` must be a multiple of the page size, so that the mapping
+    /// holds none of the bytes before it; `len` must not be 0, and
+    /// `offset + len` must be a possible memfd size. Otherwise the error is
+    /// [`Error::InvalidRange`], and nothing is grown or mapped.
+    ///
+    /// This is how a program keeps a `&mut [u8]` over its data while
+    /// another party may write elsewhere in the memfd, e.g. shm-snapshot's
+    /// header page before `shm_snapshot::DATA_OFFSET` (on machines whose
+    /// pages are larger than that offset, map the memfd raw instead).
+    ///
+    /// # Safety
+    ///
+    /// As for [`SharedFd::map_mut`], but for the mapped range only: while
+    /// the map lives, nothing else writes the bytes `offset .. offset + len`
+    /// (no other process, no other mapping in this one), and the memfd is
+    /// not truncated below `offset + len`.
+    pub unsafe fn map_mut_range(&self, offset: u64, len: usize) -> Result<MmapMut> {
+        let bad = |reason: &'static str| Error::InvalidRange {
+            offset,
+            len: len as u64,
+            reason,
+        };
+        if len == 0 {
+            return Err(bad("the length is 0"));
+        }
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .and_then(|p| u64::try_from(p).ok())
+            .filter(|&p| p > 0)
+            .unwrap_or(4096);
+        if !offset.is_multiple_of(page) {
+            return Err(bad("the offset is not a multiple of the page size"));
+        }
+        let end = u64::try_from(len)
+            .ok()
+            .and_then(|len| offset.checked_add(len))
+            .filter(|&end| end <= i64::MAX as u64)
+            .ok_or_else(|| bad("the range ends past the largest possible memfd"))?;
+        self.grow_to(end)?;
+        // SAFETY: the caller upholds this function's contract for the
+        // mapped range: no other writer of those bytes, and no shrinking
+        // below `end` (just grown to at least that).
+        unsafe { MmapOptions::new().offset(offset).len(len).map_mut(&self.fd) }
+            .map_err(|e| Error::io("mmap", e))
     }
 
     fn map_len(&self, min_len: u64) -> Result<usize> {
@@ -496,6 +614,97 @@ mod tests {
         fd.seal_shrink().unwrap();
         fd.seal_shrink().unwrap();
         assert!(fd.seals().unwrap().contains(Seals::SHRINK));
+    }
+
+    fn page_size() -> u64 {
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .unwrap()
+            .unwrap() as u64
+    }
+
+    #[test]
+    fn map_mut_range_refuses_bad_ranges_and_grows_nothing() {
+        let fd = SharedFd::create("range", CreateOptions::default()).unwrap();
+        let page = page_size();
+        let top_page = u64::MAX - u64::MAX % page;
+        for (offset, len, why) in [
+            (1, 10, "not a multiple of the page size"),
+            (page + 8, 10, "not a multiple of the page size"),
+            (page, 0, "the length is 0"),
+            (top_page, page as usize, "past the largest possible memfd"),
+            (1 << 63, 1, "past the largest possible memfd"),
+            (
+                (i64::MAX as u64 + 1) - page,
+                page as usize + 1,
+                "past the largest possible memfd",
+            ),
+        ] {
+            // SAFETY: nothing is mapped (every range is refused); were one
+            // mapped, this process alone has the memfd.
+            let e = unsafe { fd.map_mut_range(offset, len) }.unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidRange { offset: o, len: l, .. } if o == offset && l == len as u64),
+                "{offset} {len}: {e}"
+            );
+            let text = e.to_string();
+            assert!(text.contains(why), "{offset} {len}: {text}");
+            assert!(text.contains(&format!("at offset {offset}")), "{text}");
+        }
+        assert_eq!(fd.len().unwrap(), 0, "a refused range grows nothing");
+    }
+
+    #[test]
+    fn map_mut_range_maps_exactly_the_range() {
+        use std::os::unix::fs::FileExt;
+        let fd = SharedFd::create("range-ok", CreateOptions::default()).unwrap();
+        let page = page_size();
+        let file = fd.try_clone().unwrap().into_file();
+        file.write_all_at(b"head", 0).unwrap();
+        // SAFETY: this process alone has the memfd, and this is its only
+        // mutable mapping.
+        let mut data = unsafe { fd.map_mut_range(page, 100) }.unwrap();
+        assert_eq!(data.len(), 100);
+        assert_eq!(fd.len().unwrap(), page + 100, "grown to the range's end");
+        assert_eq!(&data[..4], [0; 4]);
+        data[..4].copy_from_slice(b"data");
+        let mut buf = [0u8; 4];
+        file.read_exact_at(&mut buf, page).unwrap();
+        assert_eq!(&buf, b"data", "the map starts at the offset");
+        file.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"head", "the page before is not touched");
+        drop(data);
+        // A larger memfd is not shrunk by a smaller range.
+        fd.grow_to(4 * page).unwrap();
+        // SAFETY: as above.
+        let data = unsafe { fd.map_mut_range(0, 10) }.unwrap();
+        assert_eq!(&data[..4], b"head");
+        assert_eq!(fd.len().unwrap(), 4 * page);
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_created() {
+        for size in [CreateOptions::MAX_SIZE + 1, i64::MAX as u64, u64::MAX] {
+            let options = CreateOptions {
+                size,
+                seal_shrink: true,
+            };
+            let e = options.validate().unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidOption { option: "size", .. }),
+                "{e}"
+            );
+            let text = SharedFd::create("big", options).unwrap_err().to_string();
+            assert!(
+                text.starts_with(&format!("invalid size {size}: is larger than")),
+                "{text}"
+            );
+        }
+        CreateOptions {
+            size: CreateOptions::MAX_SIZE,
+            seal_shrink: true,
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

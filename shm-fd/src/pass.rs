@@ -25,17 +25,46 @@ impl Handover {
     /// and appends it after the inherited fds.
     ///
     /// fds passed to another process (`LISTEN_PID` names someone else) are
-    /// not taken: the hand-over starts empty.
-    pub fn adopt_or_create(
+    /// not taken: the hand-over starts empty. `options` are checked before
+    /// any fd is taken or created ([`CreateOptions::validate`]).
+    ///
+    /// # Safety
+    ///
+    /// This adopts every fd `env` describes, as [`ListenEnv::take_all`]
+    /// does, whose contract the caller must uphold: nothing else in this
+    /// process owns those fd numbers (call it at the start of `main`, before
+    /// anything opens a file). [`Handover::reuse_or_create`] is the safe
+    /// form, for fds the caller owns already.
+    ///
+    /// ```compile_fail,E0133
+    /// let handover = shm_fd::Handover::adopt_or_create(None, "X", Default::default());
+    /// ```
+    pub unsafe fn adopt_or_create(
         env: Option<&ListenEnv>,
         name: &str,
         options: CreateOptions,
     ) -> Result<Self> {
+        options.validate()?;
         let own_pid = std::process::id();
-        let mut entries = match env {
-            Some(env) if env.is_for(own_pid) => env.take_all()?,
+        let entries = match env {
+            // SAFETY: forwarded from this function's contract.
+            Some(env) if env.is_for(own_pid) => unsafe { env.take_all() }?,
             _ => Vec::new(),
         };
+        Self::reuse_or_create(entries, name, options)
+    }
+
+    /// A hand-over of fds this process owns already (`entries`, in fd
+    /// order): the one called `name` is the shared memfd, checked to be a
+    /// memfd and sealed against shrinking when `options` say so; when none
+    /// is called `name`, a memfd is created with `options` and appended.
+    pub fn reuse_or_create(
+        entries: Vec<(String, OwnedFd)>,
+        name: &str,
+        options: CreateOptions,
+    ) -> Result<Self> {
+        options.validate()?;
+        let mut entries = entries;
         if entries.iter().any(|(n, _)| n == name) {
             let handover = Self::from_entries(entries, name)?;
             if options.seal_shrink {
@@ -188,5 +217,55 @@ impl PassedFds {
             Some(pid) => cmd.env("LISTEN_PID", pid.to_string()),
             None => cmd.env_remove("LISTEN_PID"),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reuse_or_create_checks_the_options_first() {
+        let fd = SharedFd::create(
+            "other",
+            CreateOptions {
+                size: 10,
+                seal_shrink: false,
+            },
+        )
+        .unwrap();
+        let bad = CreateOptions {
+            size: u64::MAX,
+            seal_shrink: true,
+        };
+        let entries = vec![("other".to_owned(), fd.try_clone().unwrap().into_owned_fd())];
+        let e = Handover::reuse_or_create(entries, "other", bad).unwrap_err();
+        assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
+        assert!(
+            !fd.seals().unwrap().contains(crate::Seals::SHRINK),
+            "nothing was done to the fds"
+        );
+        // SAFETY: no fds are described (None), so nothing is adopted.
+        let e = unsafe { Handover::adopt_or_create(None, "x", bad) }.unwrap_err();
+        assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
+    }
+
+    #[test]
+    fn reuse_or_create_reuses_or_creates() {
+        let fd = SharedFd::create(
+            "mem",
+            CreateOptions {
+                size: 10,
+                seal_shrink: false,
+            },
+        )
+        .unwrap();
+        let entries = vec![("mem".to_owned(), fd.try_clone().unwrap().into_owned_fd())];
+        let h = Handover::reuse_or_create(entries, "mem", CreateOptions::default()).unwrap();
+        assert!(!h.created());
+        assert!(h.shrink_sealed().unwrap(), "sealed as the options say");
+        let h = Handover::reuse_or_create(Vec::new(), "new", CreateOptions::default()).unwrap();
+        assert!(h.created());
+        assert_eq!(h.names().collect::<Vec<_>>(), ["new"]);
     }
 }

@@ -36,7 +36,11 @@ fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
 /// Claims the inherited fd `fd` for this process: checks it is open, marks
 /// it close-on-exec and returns it as an [`OwnedFd`]. Each number is handed
 /// out at most once per process.
-pub(crate) fn take_inherited_fd(fd: RawFd) -> Result<OwnedFd, TakeError> {
+///
+/// # Safety
+///
+/// No other object in this process owns `fd` (see `ListenEnv::take`).
+pub(crate) unsafe fn take_inherited_fd(fd: RawFd) -> Result<OwnedFd, TakeError> {
     let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     if taken.contains(&fd) {
         return Err(TakeError::Taken);
@@ -46,10 +50,10 @@ pub(crate) fn take_inherited_fd(fd: RawFd) -> Result<OwnedFd, TakeError> {
     }
     set_cloexec(fd, true).map_err(TakeError::Io)?;
     taken.push(fd);
-    // SAFETY: the LISTEN_FDS protocol hands fds 3..3+N to this process, and
-    // nothing in it claims them except through this function, which the
-    // TAKEN list lets give each number out once. The fd is open (checked
-    // above), so the OwnedFd is its only owner.
+    // SAFETY: the caller guarantees that nothing else in this process owns
+    // `fd`, and the TAKEN list lets this function give each number out
+    // once. The fd is open (checked above), so the OwnedFd is its only
+    // owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 

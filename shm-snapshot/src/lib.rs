@@ -22,7 +22,8 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use shm_snapshot::{Publisher, Region, DATA_OFFSET};
-//! let shared = shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)?;
+//! // SAFETY: first thing in main: the inherited fd has no other owner.
+//! let shared = unsafe { shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)? };
 //! let map = shared.map_raw((DATA_OFFSET + 4096) as u64)?;
 //! let (mut publisher, opened) = Publisher::open(Region::from_mmap(&map))?;
 //! if opened.interrupted {

@@ -865,3 +865,21 @@ fn orphans_of_a_run_outside_its_group_are_stopped_before_the_next_run() {
         "{err}"
     );
 }
+
+#[test]
+fn a_size_no_memfd_could_be_mapped_with_is_a_usage_error() {
+    // Issue 9: `--size` is checked against the largest memfd shm-fd creates
+    // (128 TiB) before anything is created; the message names the option.
+    let (code, out, err) = shm_sh(&["--size", "129T"], "echo ran");
+    assert_eq!(code, 2, "{err}");
+    assert!(out.is_empty(), "the command ran: {out}");
+    assert!(
+        err.contains("invalid value '129T' for '--size <SIZE>'")
+            && err.contains("larger than the largest memfd shm-fd creates (128T"),
+        "{err}"
+    );
+    // The limit itself is fine (a sparse memfd).
+    let (code, out, err) = shm_sh(&["--size", "128T"], "stat -L -c %s /proc/$$/fd/3");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), (1u64 << 47).to_string());
+}

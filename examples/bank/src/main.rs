@@ -116,7 +116,9 @@ fn open(cli: &Cli, on_damage: u8) -> Result<State<Bank>, Fail> {
             unsafe { Source::file(file) }
         }
         None => {
-            let fd = shm_fd::SharedFd::from_env(&cli.name)?;
+            // SAFETY: opened once, before the program opens any file of its
+            // own: the fd LISTEN_FDS names was inherited and has no owner.
+            let fd = unsafe { shm_fd::SharedFd::from_env(&cli.name) }?;
             // SAFETY: the watcher passed the memfd to this program alone and
             // sealed it against shrinking; shm-state's lock word keeps a
             // second bank out.

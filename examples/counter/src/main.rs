@@ -21,7 +21,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<u64, shm_fd::Error> {
-    let shared = shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)?;
+    // SAFETY: the first thing the program does, before it opens any file:
+    // the fd LISTEN_FDS names was inherited and has no other owner here.
+    let shared = unsafe { shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME) }?;
     // SAFETY: under shm-fd one program runs on the memfd at a time and the
     // watcher sealed it against shrinking, so nothing else writes the bytes
     // or truncates the file while the map lives.

@@ -88,7 +88,9 @@ fn open(cli: &Cli) -> Result<State<Root>, Fail> {
             unsafe { Source::file(file) }
         }
         None => {
-            let fd = shm_fd::SharedFd::from_env(&cli.name)?;
+            // SAFETY: opened once, before the program opens any file of its
+            // own: the fd LISTEN_FDS names was inherited and has no owner.
+            let fd = unsafe { shm_fd::SharedFd::from_env(&cli.name) }?;
             // SAFETY: the watcher passed the memfd to this program and sealed
             // it against shrinking; the lock word keeps a second kv out.
             unsafe { Source::shared(fd) }

@@ -136,7 +136,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> Result<(), Failure> {
-    let shared = shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME)
+    // SAFETY: the first thing the program does, before it opens any file:
+    // the fd LISTEN_FDS names was inherited and has no other owner here.
+    let shared = unsafe { shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME) }
         .map_err(|e| Failure::Memfd(e.to_string()))?;
     refuse_foreign(&shared)?;
     let map = shared

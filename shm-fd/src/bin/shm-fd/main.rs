@@ -43,8 +43,8 @@ struct Args {
     name: String,
 
     /// Initial size of a newly created memfd: bytes, or with a suffix
-    /// K/M/G (KiB/MiB/GiB, powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = shm_fd::units::parse_size)]
+    /// K/M/G/T (KiB/MiB/GiB/TiB, powers of 1024); at most 128T.
+    #[arg(long, value_name = "SIZE", default_value = "0", value_parser = parse_memfd_size)]
     size: u64,
 
     /// Do not seal a new memfd against shrinking (F_SEAL_SHRINK).
@@ -74,6 +74,22 @@ struct Args {
         num_args = 1..
     )]
     command: Vec<OsString>,
+}
+
+fn parse_memfd_size(text: &str) -> Result<u64, String> {
+    let size = shm_fd::units::parse_size(text)?;
+    CreateOptions {
+        size,
+        ..CreateOptions::default()
+    }
+    .validate()
+    .map_err(|_| {
+        format!(
+            "{text:?} is larger than the largest memfd shm-fd creates (128T = {} bytes)",
+            CreateOptions::MAX_SIZE
+        )
+    })?;
+    Ok(size)
 }
 
 fn parse_name(name: &str) -> Result<String, String> {
@@ -146,7 +162,11 @@ fn run(args: Args) -> Result<u8, Failure> {
         size: args.size,
         seal_shrink: !args.no_seal,
     };
-    let handover = Handover::adopt_or_create(env.as_ref(), &args.name, options).map_err(setup)?;
+    // SAFETY: nothing in this process has opened a file yet (clap, the
+    // environment and current_exe leave none open), so every fd above 2,
+    // those LISTEN_FDS names included, was inherited and has no owner here.
+    let handover =
+        unsafe { Handover::adopt_or_create(env.as_ref(), &args.name, options) }.map_err(setup)?;
     if handover.created()
         && let Some(socket) = std::env::var_os("NOTIFY_SOCKET")
         && let Err(e) = shm_fd::notify_fd_store(&socket, &args.name, handover.shared())

@@ -41,14 +41,19 @@ const HANGUP_GRACE: Duration = Duration::from_secs(5);
 pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     let setup = |e: &dyn std::fmt::Display| Failure(EXIT_SETUP, e.to_string());
     let env = ListenEnv::from_process_env().map_err(|e| setup(&e))?;
-    let handover = Handover::adopt_or_create(
-        env.as_ref(),
-        &args.name,
-        CreateOptions {
-            size: 0,
-            seal_shrink: !args.no_seal,
-        },
-    )
+    // SAFETY: this runs first in shm-restore (after parsing the command
+    // line, which opens nothing): every fd above 2, those LISTEN_FDS names
+    // included, was inherited and has no owner in this process.
+    let handover = unsafe {
+        Handover::adopt_or_create(
+            env.as_ref(),
+            &args.name,
+            CreateOptions {
+                size: 0,
+                seal_shrink: !args.no_seal,
+            },
+        )
+    }
     .map_err(|e| setup(&e))?;
     let created = handover.created();
     // SAFETY: nothing else has been opened yet in this process: the numbers
