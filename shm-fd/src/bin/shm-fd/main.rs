@@ -26,10 +26,15 @@ a run that dies from Ctrl-C or Ctrl-\\ (or exits 130/131) ends the watcher,
 as in a shell loop; a command that catches Ctrl-C and exits 0 is restarted
 under `always` (use Ctrl-\\). A terminal hang-up ends the watcher too.
 
+A --restart run dies with the watcher, even with a kill -9 of it: the
+command gets SIGKILL (PR_SET_PDEATHSIG) and a keeper in its process group
+(shm-fd-keeper) kills the rest of the group.
+
 Exit status:
   (exec mode)  the command's own status: shm-fd becomes the command
   --restart    the last child's status, or 128+N if signal N killed it
-  1            setup failed (bad LISTEN_* variables, memfd creation, ...)
+  1            setup failed (bad LISTEN_* variables, memfd creation,
+               --restart's process-group keeper, ...)
   2            usage error
   126          the command cannot be executed
   127          the command was not found";
@@ -61,8 +66,10 @@ struct Args {
     /// growing delay (0.1 s .. 10 s) when it ran less than 1 s. Each run
     /// gets its own process group: SIGTERM, SIGINT and SIGQUIT are
     /// forwarded to it; SIGHUP restarts it (SIGTERM, up to 10 s, SIGKILL;
-    /// start again, state kept). A run's leftover processes are stopped
-    /// before the next starts.
+    /// start again, state kept). A run's leftover processes (its group,
+    /// and processes re-parented to the watcher) are stopped before the
+    /// next starts: SIGTERM, SIGKILL after 10 s, or at once when the run
+    /// was killed by SIGKILL. A run dies with the watcher.
     #[arg(long, value_name = "WHEN")]
     restart: Option<Restart>,
 
