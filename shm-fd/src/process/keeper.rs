@@ -308,7 +308,9 @@ unsafe fn keeper_main(plan: &KeeperPlan) -> ! {
     unsafe {
         // Hold nothing open: not the memfd, not a pipe someone waits to see
         // closed, not a terminal that should hang up.
-        if libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32) != 0 {
+        let (first, last, flags): (libc::c_long, libc::c_long, libc::c_long) =
+            (0, u32::MAX as libc::c_long, 0);
+        if libc::syscall(libc::SYS_close_range, first, last, flags) != 0 {
             for &fd in &plan.open_fds {
                 libc::close(fd);
             }
