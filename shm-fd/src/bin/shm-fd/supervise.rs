@@ -312,13 +312,16 @@ fn watch_run(
                         left.describe()
                     ));
                     // Group members that are not our children are reached
-                    // through the group; the keeper blocks SIGTERM.
+                    // through the group; the keeper blocks SIGTERM. A
+                    // stopped process gets its SIGTERM once continued.
                     let _ = killpg(pgid, Signal::SIGTERM);
+                    let _ = killpg(pgid, Signal::SIGCONT);
                     kill_at = Some(Instant::now() + STOP_GRACE);
                 }
                 for &pid in &left.children {
                     if termed.insert(pid) {
                         let _ = kill(pid, Signal::SIGTERM);
+                        let _ = kill(pid, Signal::SIGCONT);
                     }
                 }
             }
