@@ -615,6 +615,191 @@ fn the_command_starts_with_no_blocked_signals_and_sigpipe_not_ignored() {
 }
 
 #[test]
+fn sigkill_of_shm_restore_kills_the_command_and_its_process_group() {
+    // Issue 9: `shm-restore S cmd` killed with SIGKILL left the command, and
+    // what it started in the background, running.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let mut sweep = Sweep::default();
+    let mut wrapper = cmd("shm-restore")
+        .arg("-q")
+        .arg(&snap)
+        .args(["sh", "-c", "sleep 1000 & echo $!; wait"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    sweep.add_tree(wrapper.id());
+    let mut line = String::new();
+    BufReader::new(wrapper.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let sleeper = line.trim().parse().unwrap();
+    let sleeper = poll_for("the command's sleep", Duration::from_secs(10), || {
+        Proc::of(sleeper)
+    });
+    sweep.add(sleeper);
+    let command = poll_for("the command", Duration::from_secs(10), || {
+        group_leader_child(wrapper.id() as i32)
+    });
+    sweep.add(command);
+    assert_eq!(
+        ProcStat::read(sleeper.pid).map(|s| s.pgrp),
+        Some(command.pid),
+        "the sleep is a grandchild in the command's process group"
+    );
+    kill(Pid::from_raw(wrapper.id() as i32), Signal::SIGKILL).unwrap();
+    wrapper.wait().unwrap();
+    assert!(
+        command.ended_within(Duration::from_secs(10)),
+        "the command outlived shm-restore"
+    );
+    assert!(
+        sleeper.ended_within(Duration::from_secs(10)),
+        "the command's background process outlived shm-restore"
+    );
+}
+
+/// A small random number generator for kill times (xorshift64*).
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state >> 12;
+    *state ^= *state << 25;
+    *state ^= *state >> 27;
+    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+#[test]
+fn kill_9_of_shm_restore_under_a_watcher_leaves_no_second_writer_and_no_torn_snapshot() {
+    // Issue 9: under `shm-fd --restart always shm-restore ... bank run`, a
+    // SIGKILL of shm-restore left `bank` running; the watcher started a new
+    // run beside it, and the snapshots of the two writers were torn. Now
+    // every process of a run must be gone before the next run starts, and
+    // every snapshot saved meanwhile holds the bank's total.
+    let kills: usize = std::env::var("SHM_FD_ORPHAN_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("bank.snap");
+    let copies = dir.path().join("copies");
+    std::fs::create_dir(&copies).unwrap();
+    let (accounts, balance) = (64u64, 1000u64);
+    let (code, _, err) = restore(
+        &["-q", snap.to_str().unwrap()],
+        &[
+            &b("bank"),
+            "init",
+            "--accounts",
+            &accounts.to_string(),
+            "--balance",
+            &balance.to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+
+    let log = dir.path().join("watcher.log");
+    let mut sweep = Sweep::default();
+    let mut watcher = cmd("shm-fd")
+        .args(["--restart", "always", &b("shm-restore"), "-q"])
+        .args(["--interval", "20ms"])
+        .arg(&snap)
+        .args([&b("bank"), "run", "--seconds", "600"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    sweep.add_tree(watcher.id());
+    let watcher_pid = watcher.id() as i32;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}, {kills} kills");
+    let bound = Duration::from_secs(20);
+    let mut previous: Vec<Proc> = Vec::new();
+    for round in 0..kills {
+        let wrapper = poll_for(&format!("run {round}'s shm-restore"), bound, || {
+            group_leader_child(watcher_pid).filter(|p| !previous.contains(p))
+        });
+        // The watcher started this run only once nothing of the last one
+        // was left.
+        let alive: Vec<&Proc> = previous.iter().filter(|p| p.is_running()).collect();
+        assert!(
+            alive.is_empty(),
+            "round {round}: run started while the last one's processes {alive:?} \
+             ran; {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let bank = poll_for(&format!("run {round}'s bank"), bound, || {
+            group_leader_child(wrapper.pid)
+        });
+        // Runs shorter than 1 s make the watcher back off (0.1 s, doubling):
+        // every third run lives past that, the others die young.
+        let delay = if round % 3 == 2 {
+            1100 + next_random(&mut seed) % 200
+        } else {
+            10 + next_random(&mut seed) % 400
+        };
+        sleep(Duration::from_millis(delay));
+        // Everything of this run: the watcher's children (shm-restore, the
+        // run's group keeper) and shm-restore's (bank, its keeper).
+        previous = children(watcher_pid)
+            .iter()
+            .chain(children(wrapper.pid).iter())
+            .map(Proc::from)
+            .collect();
+        previous.push(bank);
+        previous.push(wrapper);
+        for p in &previous {
+            sweep.add(*p);
+        }
+        kill(Pid::from_raw(wrapper.pid), Signal::SIGKILL).unwrap();
+        std::fs::copy(&snap, copies.join(format!("{round}.snap"))).unwrap();
+        assert!(
+            bank.ended_within(bound),
+            "round {round}: bank {} outlived its shm-restore",
+            bank.pid
+        );
+    }
+    signal_and_wait(&mut watcher, bound);
+    std::fs::copy(&snap, copies.join("last.snap")).unwrap();
+
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&copies).unwrap() {
+        let copy = entry.unwrap().path();
+        let out = run(cmd("shm-restore")
+            .arg("-q")
+            .arg(&copy)
+            .args([&b("bank"), "check"]));
+        let (code, o, e) = result(&out);
+        let total = accounts * balance;
+        assert!(
+            code == 0 && o.starts_with(&format!("total {total} ({accounts} accounts x {balance})")),
+            "{}: exit {code}: {o}{e}",
+            copy.display()
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, kills + 1);
+    eprintln!("{kills} kills, {checked} snapshots checked");
+}
+
+/// SIGTERM to `child`, then waits at most `bound` for it (SIGKILL after).
+fn signal_and_wait(child: &mut Child, bound: Duration) {
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + bound;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            child.wait().unwrap();
+            panic!("{} did not stop within {bound:?} of SIGTERM", child.id());
+        }
+        sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
 fn a_memfd_created_here_is_uploaded_to_the_fd_store() {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
@@ -854,189 +1039,4 @@ fn a_terminal_hang_up_stops_the_command_and_saves() {
         "{took:?}"
     );
     assert_eq!(count(&snap), 2, "the run's state was saved");
-}
-
-#[test]
-fn sigkill_of_shm_restore_kills_the_command_and_its_process_group() {
-    // Issue 9: `shm-restore S cmd` killed with SIGKILL left the command, and
-    // what it started in the background, running.
-    let dir = tempfile::tempdir().unwrap();
-    let snap = dir.path().join("s.snap");
-    let mut sweep = Sweep::default();
-    let mut wrapper = cmd("shm-restore")
-        .arg("-q")
-        .arg(&snap)
-        .args(["sh", "-c", "sleep 1000 & echo $!; wait"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    sweep.add_tree(wrapper.id());
-    let mut line = String::new();
-    BufReader::new(wrapper.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let sleeper = line.trim().parse().unwrap();
-    let sleeper = poll_for("the command's sleep", Duration::from_secs(10), || {
-        Proc::of(sleeper)
-    });
-    sweep.add(sleeper);
-    let command = poll_for("the command", Duration::from_secs(10), || {
-        group_leader_child(wrapper.id() as i32)
-    });
-    sweep.add(command);
-    assert_eq!(
-        ProcStat::read(sleeper.pid).map(|s| s.pgrp),
-        Some(command.pid),
-        "the sleep is a grandchild in the command's process group"
-    );
-    kill(Pid::from_raw(wrapper.id() as i32), Signal::SIGKILL).unwrap();
-    wrapper.wait().unwrap();
-    assert!(
-        command.ended_within(Duration::from_secs(10)),
-        "the command outlived shm-restore"
-    );
-    assert!(
-        sleeper.ended_within(Duration::from_secs(10)),
-        "the command's background process outlived shm-restore"
-    );
-}
-
-/// A small random number generator for kill times (xorshift64*).
-fn next_random(state: &mut u64) -> u64 {
-    *state ^= *state >> 12;
-    *state ^= *state << 25;
-    *state ^= *state >> 27;
-    state.wrapping_mul(0x2545_F491_4F6C_DD1D)
-}
-
-#[test]
-fn kill_9_of_shm_restore_under_a_watcher_leaves_no_second_writer_and_no_torn_snapshot() {
-    // Issue 9: under `shm-fd --restart always shm-restore ... bank run`, a
-    // SIGKILL of shm-restore left `bank` running; the watcher started a new
-    // run beside it, and the snapshots of the two writers were torn. Now
-    // every process of a run must be gone before the next run starts, and
-    // every snapshot saved meanwhile holds the bank's total.
-    let kills: usize = std::env::var("SHM_FD_ORPHAN_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
-    let dir = tempfile::tempdir().unwrap();
-    let snap = dir.path().join("bank.snap");
-    let copies = dir.path().join("copies");
-    std::fs::create_dir(&copies).unwrap();
-    let (accounts, balance) = (64u64, 1000u64);
-    let (code, _, err) = restore(
-        &["-q", snap.to_str().unwrap()],
-        &[
-            &b("bank"),
-            "init",
-            "--accounts",
-            &accounts.to_string(),
-            "--balance",
-            &balance.to_string(),
-        ],
-    );
-    assert_eq!(code, 0, "{err}");
-
-    let log = dir.path().join("watcher.log");
-    let mut sweep = Sweep::default();
-    let mut watcher = cmd("shm-fd")
-        .args(["--restart", "always", &b("shm-restore"), "-q"])
-        .args(["--interval", "20ms"])
-        .arg(&snap)
-        .args([&b("bank"), "run", "--seconds", "600"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    sweep.add_tree(watcher.id());
-    let watcher_pid = watcher.id() as i32;
-    let mut seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    eprintln!("seed {seed}, {kills} kills");
-    let bound = Duration::from_secs(20);
-    let mut previous: Vec<Proc> = Vec::new();
-    for round in 0..kills {
-        let wrapper = poll_for(&format!("run {round}'s shm-restore"), bound, || {
-            group_leader_child(watcher_pid).filter(|p| !previous.contains(p))
-        });
-        // The watcher started this run only once nothing of the last one
-        // was left.
-        let alive: Vec<&Proc> = previous.iter().filter(|p| p.is_running()).collect();
-        assert!(
-            alive.is_empty(),
-            "round {round}: run started while the last one's processes {alive:?} \
-             ran; {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        let bank = poll_for(&format!("run {round}'s bank"), bound, || {
-            group_leader_child(wrapper.pid)
-        });
-        // Runs shorter than 1 s make the watcher back off (0.1 s, doubling):
-        // every third run lives past that, the others die young.
-        let delay = if round % 3 == 2 {
-            1100 + next_random(&mut seed) % 200
-        } else {
-            10 + next_random(&mut seed) % 400
-        };
-        sleep(Duration::from_millis(delay));
-        // Everything of this run: the watcher's children (shm-restore, the
-        // run's group keeper) and shm-restore's (bank, its keeper).
-        previous = children(watcher_pid)
-            .iter()
-            .chain(children(wrapper.pid).iter())
-            .map(Proc::from)
-            .collect();
-        previous.push(bank);
-        previous.push(wrapper);
-        for p in &previous {
-            sweep.add(*p);
-        }
-        kill(Pid::from_raw(wrapper.pid), Signal::SIGKILL).unwrap();
-        std::fs::copy(&snap, copies.join(format!("{round}.snap"))).unwrap();
-        assert!(
-            bank.ended_within(bound),
-            "round {round}: bank {} outlived its shm-restore",
-            bank.pid
-        );
-    }
-    signal_and_wait(&mut watcher, bound);
-    std::fs::copy(&snap, copies.join("last.snap")).unwrap();
-
-    let mut checked = 0;
-    for entry in std::fs::read_dir(&copies).unwrap() {
-        let copy = entry.unwrap().path();
-        let out = run(cmd("shm-restore")
-            .arg("-q")
-            .arg(&copy)
-            .args([&b("bank"), "check"]));
-        let (code, o, e) = result(&out);
-        let total = accounts * balance;
-        assert!(
-            code == 0 && o.starts_with(&format!("total {total} ({accounts} accounts x {balance})")),
-            "{}: exit {code}: {o}{e}",
-            copy.display()
-        );
-        checked += 1;
-    }
-    assert_eq!(checked, kills + 1);
-    eprintln!("{kills} kills, {checked} snapshots checked");
-}
-
-/// SIGTERM to `child`, then waits at most `bound` for it (SIGKILL after).
-fn signal_and_wait(child: &mut Child, bound: Duration) {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + bound;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            child.wait().unwrap();
-            panic!("{} did not stop within {bound:?} of SIGTERM", child.id());
-        }
-        sleep(Duration::from_millis(10));
-    }
 }
