@@ -115,16 +115,8 @@ static LIVE_NONCES: Mutex<Option<HashSet<u64>>> = Mutex::new(None);
 /// The start time of process `pid` in clock ticks since boot, if it exists
 /// and is not a zombie.
 pub(crate) fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold anything.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
-    }
-    // `rest` starts at field 3 (state); field 22 is 19 further on.
-    fields.nth(18)?.parse().ok()
+    let stat = shm_fd::process::ProcStat::read(i32::try_from(pid).ok()?)?;
+    (!stat.has_ended()).then_some(stat.start_time)
 }
 
 /// This process's start time (0 if /proc is unavailable), read once.

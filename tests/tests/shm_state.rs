@@ -143,6 +143,18 @@ fn bank_snapshots_taken_while_it_runs_restore_to_a_committed_state() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        // Once `bank run` has started (a loaded machine may take a while
+        // to get there), let it work for a random while.
+        let started = std::time::Instant::now();
+        while !children(child.id()).iter().any(|&k| {
+            std::fs::read(format!("/proc/{k}/cmdline")).is_ok_and(|c| c.ends_with(b"5\0"))
+        }) {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "round {round}: bank never started"
+            );
+            sleep(Duration::from_millis(2));
+        }
         sleep(Duration::from_millis(40 + rng.below(120)));
         let kids = children(child.id());
         kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
