@@ -584,6 +584,19 @@ fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
     }
     let heap = heap_bounds(mem, heap_off)?;
     let layout = read_layout(mem)?;
+    if u64::from(layout.root_size) > mem.len() {
+        // A root that could never fit the region: damage (and a migration
+        // must not allocate that much to hand the old root over).
+        return Err(Error::corrupt(
+            "root size",
+            DY_ROOT_SIZE,
+            format!(
+                "{} bytes, more than the whole region ({} bytes)",
+                layout.root_size,
+                mem.len()
+            ),
+        ));
+    }
     if !layout.root_align.is_power_of_two() || layout.root_align > 16 {
         return Err(Error::corrupt(
             "root alignment",

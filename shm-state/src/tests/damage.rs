@@ -217,3 +217,20 @@ fn a_bad_layout_is_refused_before_anything_is_touched() {
         assert!(after == img, "journal {journal}: the refused open wrote");
     }
 }
+
+/// A stored root size larger than the whole region is damage: a migration
+/// used to allocate that much (up to 4 GiB) to hand the old root over
+/// (found by the `state_open` fuzz target).
+#[test]
+fn a_stored_root_larger_than_the_region_is_refused_not_allocated() {
+    let mut img = fresh().close().unwrap().into_heap().unwrap();
+    img[0x90..0x98].fill(0); // no root block: the old root would be zeros
+    img[0xB4..0xB8].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+    let crc = crc32fast::hash(&img[0x80..0xBC]);
+    img[0xBC..0xC0].copy_from_slice(&crc.to_le_bytes());
+    let layout = Layout::<Root>::new(2)
+        .journal_len(16 << 10)
+        .migrate(|_, old| panic!("migrated a root of {} bytes", old.bytes.len()));
+    let e = State::<Root>::open(Source::heap(img), layout).unwrap_err();
+    assert!(e.to_string().contains("root size"), "{e}");
+}
