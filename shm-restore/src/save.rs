@@ -181,11 +181,12 @@ impl<S: Storage> Saver<S> {
         let prev_name = with_suffix(name, "", ".prev");
         let mut generation = 0;
         for n in [name, prev_name.as_os_str()] {
+            // Any size: a file above the maximum still counts its saves.
             let header = storage
                 .open(n)
                 .ok()
                 .flatten()
-                .and_then(|r| read_header(&r, options.max_data_len).ok());
+                .and_then(|r| read_header(&r, u64::MAX).ok());
             if let Some(h) = header {
                 generation = generation.max(h.generation);
             }
@@ -514,6 +515,11 @@ impl<S: Storage> Saver<S> {
     /// Keeps the file now in the snapshot's place as `.prev` when it is
     /// valid; moves it aside when it is damaged. Sets `trusted` to whether
     /// a previous snapshot was kept.
+    ///
+    /// Only damage ([`ReadError::Damaged`]) makes a file "damaged": a file
+    /// that cannot be read is an error of this save, and any size is
+    /// accepted (the maximum is about loading, and a file above it is
+    /// still somebody's good snapshot).
     fn keep_previous(
         &mut self,
         now_ns: u64,
@@ -528,19 +534,18 @@ impl<S: Storage> Saver<S> {
             }
             Err(e) => return Err(Error::io("opening", path, e)),
         };
-        let max = self.options.max_data_len;
-        let known = matches!((read_header(&reader, max), self.trusted),
+        let known = matches!((read_header(&reader, u64::MAX), self.trusted),
             (Ok(h), Some(g)) if h.generation == g);
         if !known {
-            match verify(&reader, max) {
+            match verify(&reader, u64::MAX) {
                 Ok((h, _)) => self.trusted = Some(h.generation),
-                Err(ReadError::Io(e)) => return Err(Error::io("reading", path, e)),
                 Err(ReadError::Damaged(damage)) => {
                     drop(reader);
                     let moved = move_aside(&mut self.storage, &self.name, now_ns)?;
                     self.trusted = None;
                     return Ok(Some((moved, damage)));
                 }
+                Err(e) => return Err(e.into_error(&path)),
             }
         }
         drop(reader);

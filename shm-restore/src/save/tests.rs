@@ -173,6 +173,34 @@ fn no_space_at_every_step_keeps_the_old_snapshot_and_cleans_up() {
     }
 }
 
+/// A valid snapshot holding more than this saver's maximum (the limit
+/// was lowered between runs) is somebody's good snapshot: kept as
+/// `.prev`, never renamed to `.corrupt-*`.
+#[test]
+fn a_valid_snapshot_above_the_maximum_is_kept_as_prev_not_moved_aside() {
+    let sim = old_disk(); // state.snap holds 100_000 bytes
+    let main = sim.current()[OsStr::new(NAME)].clone();
+    let small = SaveOptions {
+        max_data_len: 50_000,
+        ..options()
+    };
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), small);
+    assert_eq!(saver.generation(), 2, "its generation still counts");
+    let SaveOutcome::Saved(r) = saver.save(&Image::from_bytes(vec![1; 10_000]), 3).unwrap() else {
+        panic!()
+    };
+    assert!(r.moved_corrupt.is_none(), "{r:?}");
+    assert!(r.kept_previous);
+    assert_eq!(r.generation, 3);
+    let after = sim.current();
+    assert_eq!(after[OsStr::new("state.snap.prev")], main);
+    assert!(
+        !names(&after).iter().any(|n| n.contains("corrupt")),
+        "{:?}",
+        names(&after)
+    );
+}
+
 #[test]
 fn save_keeps_prev_and_counts_generations() {
     let d = tempfile::tempdir().unwrap();

@@ -19,8 +19,9 @@ pub(crate) const EXIT_SETUP: u8 = 1;
 pub(crate) const EXIT_INVALID: u8 = 1;
 /// Bad command line.
 pub(crate) const EXIT_USAGE: u8 = 2;
-/// No valid snapshot to load (damaged, truncated, wrong version, too
-/// large, and no valid `.prev`): nothing started, every file as it was.
+/// No valid snapshot to load (damaged, truncated, wrong version, and no
+/// valid `.prev`; or more data than `--max-size`): nothing started, every
+/// file as it was.
 pub(crate) const EXIT_DATA: u8 = 65;
 /// The snapshot cannot be read (permissions, I/O error) or the memfd
 /// cannot take it: nothing started.
@@ -59,7 +60,8 @@ Exit status:
   1                setup failed (bad LISTEN_* variables, memfd, ...);
                    with --check: the snapshot is not valid
   2                usage error
-  65               no valid snapshot to load: nothing was started and every
+  65               no valid snapshot to load (damaged, and no valid .prev;
+                   or larger than --max-size): nothing was started and every
                    file is left as it was
   66               the snapshot cannot be read, or the memfd cannot take it
   74               the command exited 0 but the final save failed
@@ -187,12 +189,15 @@ fn check(path: &Path, max_size: u64) -> u8 {
         }
         None => report += &format!("{}: not readable as a snapshot\n", path.display()),
     }
-    let valid = inspection.verdict.is_ok();
-    report += if valid {
-        "  checksums:      ok\n"
-    } else {
-        "  checksums:      BAD\n"
-    };
+    report += match &inspection.verdict {
+        Ok(()) => "  checksums:      ok\n".to_owned(),
+        // Refused for its size only: every checksum was checked.
+        Err(Error::TooLarge { max, .. }) => format!(
+            "  checksums:      ok\n  size:           BAD, more than the maximum {max} (--max-size)\n"
+        ),
+        Err(_) => "  checksums:      BAD\n".to_owned(),
+    }
+    .as_str();
     // A closed stdout (`| head -1`) is not worth a panic.
     let _ = std::io::stdout().lock().write_all(report.as_bytes());
     match inspection.verdict {
@@ -212,7 +217,7 @@ pub(crate) fn warn(msg: std::fmt::Arguments<'_>) {
 
 /// The exit code for a load that failed.
 pub(crate) fn load_failure(e: Error) -> Failure {
-    let code = if e.is_corrupt() {
+    let code = if e.is_unloadable() {
         EXIT_DATA
     } else {
         EXIT_NO_INPUT
