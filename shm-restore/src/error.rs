@@ -162,6 +162,15 @@ pub enum Error {
         /// The largest size accepted.
         max: u64,
     },
+    /// A save cannot be done: the memfd holds more data than the maximum
+    /// (`max_data_len`, `--max-size`), so a snapshot of it could not be
+    /// loaded. Nothing was written; every file is as it was.
+    MemfdTooLarge {
+        /// The memfd's size.
+        data_len: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
     /// The memfd cannot take the snapshot (sealed against growing, or a
     /// system error on it).
     Memfd(shm_fd::Error),
@@ -233,6 +242,11 @@ impl fmt::Display for Error {
                 "{} holds {data_len} bytes, more than the maximum {max} (see --max-size)",
                 path.display()
             ),
+            Error::MemfdTooLarge { data_len, max } => write!(
+                f,
+                "the memfd holds {data_len} bytes, more than the maximum {max} (see --max-size): \
+                 not saved, since no start could load such a snapshot"
+            ),
             Error::Memfd(e) => write!(f, "shared memfd: {e}"),
             Error::NotStopped { pgid, waited_ms } => write!(
                 f,
@@ -261,6 +275,31 @@ impl From<shm_fd::Error> for Error {
         Error::Memfd(e)
     }
 }
+
+/// An option given to a constructor or builder of this crate is out of
+/// range (see [`SaveOptions::builder`](crate::SaveOptions::builder)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InvalidOption {
+    /// The option's name, e.g. `"chunk_size"`.
+    pub option: &'static str,
+    /// The value given.
+    pub value: u64,
+    /// The values accepted, e.g. `"a power of two in 4096..=67108864"`.
+    pub accepted: String,
+}
+
+impl fmt::Display for InvalidOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} is out of range: accepted {}",
+            self.option, self.value, self.accepted
+        )
+    }
+}
+
+impl std::error::Error for InvalidOption {}
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -53,11 +53,12 @@ mod snapshot;
 mod storage;
 
 pub use capture::{Capture, Captured, SnapshotProtocol, StopGroup, Unpaused, wait_until_stopped};
-pub use error::{Damage, Error, Result};
+pub use error::{Damage, Error, InvalidOption, Result};
 pub use image::{Extent, Image, data_extents, prefaulted, probe_table, stored_len};
 pub use load::{Fallback, LoadOutcome, restore};
 pub use save::{
-    SaveOptions, SaveOutcome, SaveReport, Saver, move_aside, prev_path, remove_stale_temps,
+    SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver, move_aside, prev_path,
+    remove_stale_temps,
 };
 pub use snapshot::{
     DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, file_time, format_time, inspect,

@@ -483,10 +483,7 @@ mod tests {
         let mut saver = Saver::new(
             DirStorage::new(dir),
             std::ffi::OsStr::new("s.snap"),
-            SaveOptions {
-                chunk_size: 4096,
-                ..SaveOptions::default()
-            },
+            SaveOptions::builder().chunk_size(4096).build().unwrap(),
         );
         saver.save(&Image::from_bytes(data.clone()), 1).unwrap();
         (dir.join("s.snap"), data)

@@ -127,10 +127,7 @@ fn base_snapshot() -> Vec<u8> {
         bytes,
     )
     .unwrap();
-    let options = SaveOptions {
-        chunk_size: 4096,
-        ..SaveOptions::default()
-    };
+    let options = SaveOptions::builder().chunk_size(4096).build().unwrap();
     let mut saver = Saver::new(DirStorage::new(dir.path()), OsStr::new("s.snap"), options);
     saver.save(&image, 1_700_000_000_000_000_000).unwrap();
     std::fs::read(dir.path().join("s.snap")).unwrap()

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use shm_restore::{Error, LoadOutcome, format_time};
+use shm_restore::{Error, LoadOutcome, SaveOptions, format_time};
 
 mod supervise;
 
@@ -64,7 +64,8 @@ Exit status:
                    or larger than --max-size): nothing was started and every
                    file is left as it was
   66               the snapshot cannot be read, or the memfd cannot take it
-  74               the command exited 0 but the final save failed
+  74               the command exited 0 but the final save failed (e.g. the
+                   memfd grew past --max-size); every file is as it was
   126              the command cannot be executed
   127              the command was not found";
 
@@ -95,8 +96,8 @@ pub(crate) struct Args {
     )]
     pub snapshot_mode: SnapshotMode,
 
-    /// Refuse to load snapshots holding more than SIZE bytes (K/M/G/T
-    /// suffixes, powers of 1024).
+    /// Refuse to load snapshots holding more than SIZE bytes, and to save
+    /// a memfd larger than that (K/M/G/T suffixes, powers of 1024).
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = shm_fd::units::parse_size)]
     pub max_size: u64,
 
@@ -126,6 +127,10 @@ pub(crate) struct Args {
     #[arg(skip)]
     pub notify_socket: Option<OsString>,
 
+    /// How saves are made, built from the options above (not an option).
+    #[arg(skip)]
+    pub save_options: SaveOptions,
+
     /// The command to run, and its arguments.
     #[arg(
         value_name = "COMMAND",
@@ -151,13 +156,30 @@ pub(crate) enum SnapshotMode {
 #[derive(Debug)]
 pub(crate) struct Failure(pub u8, pub String);
 
-fn main() -> ExitCode {
+/// Parses the command line; a usage error is printed and becomes the exit
+/// code.
+fn parse_args() -> Result<Args, ExitCode> {
     let mut args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+            return Err(ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 }));
         }
+    };
+    args.save_options = SaveOptions::builder()
+        .max_data_len(args.max_size)
+        .build()
+        .map_err(|e| {
+            warn(format_args!("--max-size: {e}"));
+            ExitCode::from(EXIT_USAGE)
+        })?;
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let mut args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     if args.check {
         return ExitCode::from(check(&args.snapshot, args.max_size));
