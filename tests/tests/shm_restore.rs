@@ -1194,3 +1194,50 @@ fn a_memfd_larger_than_max_size_is_not_saved_and_no_file_changes() {
     // The good snapshot still loads.
     assert_eq!(count(&snap), 3);
 }
+
+/// Issue 9, part 3: `--interval 0` spun a core at 100%; other zero or
+/// absurd durations and sizes misbehaved (an interval of 3e15 hours
+/// overflowed the clock: a panic after the command started). Each is a
+/// one-line usage error naming the option and the accepted range; nothing
+/// is started or created.
+#[test]
+fn zero_and_absurd_durations_and_sizes_are_usage_errors() {
+    let cases: [(&str, &str, &str); 11] = [
+        ("--interval", "0", "1ms to 168h"),
+        ("--interval", "0s", "1ms to 168h"),
+        ("--interval", "0.5ms", "1ms to 168h"),
+        ("--interval", "1000000h", "168h"),
+        // Past the monotonic clock: panicked after the command started.
+        ("--interval", "3000000000000000h", "168h"),
+        ("--interval", "99999999999999999999999h", "168h"),
+        ("--stop-timeout", "0", "10ms to 1h"),
+        ("--stop-timeout", "0ms", "10ms to 1h"),
+        ("--stop-timeout", "1000000000h", "1h"),
+        ("--max-size", "0", "1 byte"),
+        ("--max-size", "99999999999T", "8388607T"),
+    ];
+    for (option, value, range) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("s.snap");
+        let marker = dir.path().join("started");
+        let script = format!("touch {}; echo started", marker.display());
+        let started = Instant::now();
+        let (code, out, err) = restore(
+            &[option, value, snap.to_str().unwrap()],
+            &["sh", "-c", &script],
+        );
+        assert_eq!(code, 2, "{option} {value}: {err}");
+        assert!(out.is_empty(), "{option} {value}: the command ran");
+        assert_eq!(err.lines().count(), 1, "{option} {value}: {err}");
+        assert!(
+            err.contains(option) && err.contains(value) && err.contains(range),
+            "{option} {value}: {err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{option} {value}: a file was created"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
