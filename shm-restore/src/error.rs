@@ -6,6 +6,12 @@ use std::path::PathBuf;
 
 /// What is wrong with a snapshot file's contents: each case names the part
 /// of the file and the problem, so that damage is located.
+///
+/// Only damage: a file that is intact but holds more data than a reader
+/// accepts is not `Damage` ([`Error::TooLarge`], [`ReadError::TooLarge`]),
+/// and is never moved aside as a damaged file is.
+///
+/// [`ReadError::TooLarge`]: crate::ReadError::TooLarge
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Damage {
@@ -29,13 +35,6 @@ pub enum Damage {
         field: &'static str,
         /// What is wrong with it.
         problem: String,
-    },
-    /// The snapshot holds more data than the configured maximum.
-    TooLarge {
-        /// The data size the header declares.
-        data_len: u64,
-        /// The largest size accepted.
-        max: u64,
     },
     /// The file is shorter than its header says.
     Truncated {
@@ -98,10 +97,6 @@ impl fmt::Display for Damage {
             Damage::BadHeader { field, problem } => {
                 write!(f, "has a bad header: {field} {problem}")
             }
-            Damage::TooLarge { data_len, max } => write!(
-                f,
-                "holds {data_len} bytes, more than the maximum {max} (see --max-size)"
-            ),
             Damage::Truncated { len, expected } => {
                 write!(f, "is truncated: {len} bytes, the header needs {expected}")
             }
@@ -156,6 +151,26 @@ pub enum Error {
         /// exist.
         prev: Option<Box<Error>>,
     },
+    /// A snapshot file is intact as far as it was read, but holds more
+    /// data than the maximum the reader accepts (`--max-size`). It is not
+    /// damage: the file is refused, and left where it is.
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The data size its header declares.
+        data_len: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
+    /// A save cannot be done: the memfd holds more data than the maximum
+    /// (`max_data_len`, `--max-size`), so a snapshot of it could not be
+    /// loaded. Nothing was written; every file is as it was.
+    MemfdTooLarge {
+        /// The memfd's size.
+        data_len: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
     /// The memfd cannot take the snapshot (sealed against growing, or a
     /// system error on it).
     Memfd(shm_fd::Error),
@@ -194,6 +209,13 @@ impl Error {
         matches!(self, Error::Corrupt { .. } | Error::NothingValid { .. })
     }
 
+    /// True when a snapshot file's contents stop the load: damaged
+    /// ([`Error::is_corrupt`]) or holding more data than the maximum
+    /// ([`Error::TooLarge`]). Either way nothing was changed.
+    pub fn is_unloadable(&self) -> bool {
+        self.is_corrupt() || matches!(self, Error::TooLarge { .. })
+    }
+
     /// True when the error says a file does not exist.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound)
@@ -211,6 +233,20 @@ impl fmt::Display for Error {
                     None => write!(f, "; no .prev file to fall back on"),
                 }
             }
+            Error::TooLarge {
+                path,
+                data_len,
+                max,
+            } => write!(
+                f,
+                "{} holds {data_len} bytes, more than the maximum {max} (see --max-size)",
+                path.display()
+            ),
+            Error::MemfdTooLarge { data_len, max } => write!(
+                f,
+                "the memfd holds {data_len} bytes, more than the maximum {max} (see --max-size): \
+                 not saved, since no start could load such a snapshot"
+            ),
             Error::Memfd(e) => write!(f, "shared memfd: {e}"),
             Error::NotStopped { pgid, waited_ms } => write!(
                 f,
@@ -239,6 +275,31 @@ impl From<shm_fd::Error> for Error {
         Error::Memfd(e)
     }
 }
+
+/// An option given to a constructor or builder of this crate is out of
+/// range (see [`SaveOptions::builder`](crate::SaveOptions::builder)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct InvalidOption {
+    /// The option's name, e.g. `"chunk_size"`.
+    pub option: &'static str,
+    /// The value given.
+    pub value: u64,
+    /// The values accepted, e.g. `"a power of two in 4096..=67108864"`.
+    pub accepted: String,
+}
+
+impl fmt::Display for InvalidOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} is out of range: accepted {}",
+            self.option, self.value, self.accepted
+        )
+    }
+}
+
+impl std::error::Error for InvalidOption {}
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

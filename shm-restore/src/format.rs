@@ -100,10 +100,16 @@ impl Header {
     /// Decodes and validates a header read from a file of `file_len` bytes.
     ///
     /// `bytes` holds the first bytes of the file (up to [`HEADER_LEN`]).
-    /// Every size and offset is checked against the file length and against
-    /// `max_data_len` with checked arithmetic, so later reads based on the
-    /// header stay inside the file.
-    pub fn decode(bytes: &[u8], file_len: u64, max_data_len: u64) -> Result<Header, Damage> {
+    /// Every size, count and offset is checked against the others and
+    /// against the file length with checked arithmetic, so that reads
+    /// based on the header stay inside the file: the table and the data
+    /// fit in it exactly, there are no more chunks than stored bytes, and
+    /// no more stored bytes than `chunk_count` full chunks hold.
+    ///
+    /// The data size is not compared with a maximum here: a file holding
+    /// more than a reader accepts is not damaged (see
+    /// [`crate::read_header`]).
+    pub fn decode(bytes: &[u8], file_len: u64) -> Result<Header, Damage> {
         let n = bytes.len().min(MAGIC.len());
         if bytes[..n] != MAGIC[..n] {
             return Err(Damage::BadMagic);
@@ -155,12 +161,6 @@ impl Header {
             ));
         }
         let data_len = get_u64(bytes, OFF_DATA_LEN);
-        if data_len > max_data_len {
-            return Err(Damage::TooLarge {
-                data_len,
-                max: max_data_len,
-            });
-        }
         let table_offset = get_u64(bytes, OFF_TABLE_OFFSET);
         if table_offset != HEADER_LEN as u64 {
             return Err(bad(
@@ -193,6 +193,20 @@ impl Header {
             return Err(bad(
                 "chunk_count",
                 format!("{chunk_count} exceeds the {stored_len} stored bytes"),
+            ));
+        }
+        // Every chunk holds at most chunk_size bytes: fewer chunks than
+        // that needs is damage too.
+        if chunk_count
+            .checked_mul(u64::from(chunk_size))
+            .is_some_and(|most| stored_len > most)
+        {
+            return Err(bad(
+                "chunk_count",
+                format!(
+                    "{chunk_count} chunks of at most {chunk_size} bytes cannot hold the \
+                     {stored_len} stored bytes"
+                ),
             ));
         }
         let expected_len = data_offset
@@ -255,9 +269,8 @@ pub fn encode_table(chunks: &[Chunk]) -> Vec<u8> {
     out
 }
 
-/// Decodes and validates the chunk table of `header`: its CRC, and that the
-/// chunks are non-empty, at most `chunk_size` long, sorted, non-overlapping,
-/// inside `data_len`, and add up to `stored_len`.
+/// Decodes and validates the chunk table of `header` held in `bytes`
+/// (exactly `16 * chunk_count` bytes): as [`TableDecoder`], in one piece.
 pub fn decode_table(bytes: &[u8], header: &Header) -> Result<Vec<Chunk>, Damage> {
     let expected = header
         .chunk_count
@@ -274,62 +287,146 @@ pub fn decode_table(bytes: &[u8], header: &Header) -> Result<Vec<Chunk>, Damage>
             ),
         });
     }
-    let computed = crc32fast::hash(bytes);
-    if computed != header.table_crc {
-        return Err(Damage::TableChecksum {
-            stored: header.table_crc,
-            computed,
-        });
-    }
+    let mut decoder = TableDecoder::new(header);
     let mut chunks = Vec::with_capacity(bytes.len() / ENTRY_LEN);
-    let mut end_of_previous = 0u64;
-    let mut stored = 0u64;
-    for (index, e) in bytes.chunks_exact(ENTRY_LEN).enumerate() {
-        let chunk = Chunk {
-            offset: get_u64(e, 0),
-            len: get_u32(e, 8),
-            crc: get_u32(e, 12),
-        };
-        let bad = |problem: String| Damage::BadTable {
-            index: index as u64,
-            problem,
-        };
-        if chunk.len == 0 || chunk.len > header.chunk_size {
-            return Err(bad(format!(
-                "has length {}, not 1..={}",
-                chunk.len, header.chunk_size
-            )));
-        }
-        if index > 0 && chunk.offset < end_of_previous {
-            return Err(bad(format!(
-                "starts at {}, before the previous chunk's end {end_of_previous}",
-                chunk.offset
-            )));
-        }
-        let end = chunk
-            .offset
-            .checked_add(u64::from(chunk.len))
-            .filter(|&end| end <= header.data_len)
-            .ok_or_else(|| {
-                bad(format!(
-                    "covers {}+{}, beyond the data size {}",
-                    chunk.offset, chunk.len, header.data_len
-                ))
-            })?;
-        end_of_previous = end;
-        stored += u64::from(chunk.len); // cannot overflow: bounded by data_len
-        chunks.push(chunk);
-    }
-    if stored != header.stored_len {
-        return Err(Damage::BadTable {
-            index: header.chunk_count,
-            problem: format!(
-                "chunks hold {stored} bytes, the header says {}",
-                header.stored_len
-            ),
-        });
-    }
+    decoder.push(bytes, &mut chunks)?;
+    decoder.finish()?;
     Ok(chunks)
+}
+
+/// Decodes a chunk table piece by piece, so that a reader holds one piece
+/// of the table at a time and stops at the first impossible entry: a
+/// table that is damaged (or a sparse file's zeros) costs the work of
+/// reading up to that entry, not of its declared size.
+///
+/// Each entry is checked as it arrives: non-empty, at most `chunk_size`
+/// long, after the previous chunk's end (sorted, not overlapping), inside
+/// `data_len`, and no more entries than `chunk_count`. [`TableDecoder::finish`]
+/// then checks the count, the sum of the lengths against `stored_len` and
+/// the table's CRC.
+#[derive(Debug, Clone)]
+pub struct TableDecoder {
+    chunk_size: u32,
+    data_len: u64,
+    chunk_count: u64,
+    stored_len: u64,
+    table_crc: u32,
+    index: u64,
+    end_of_previous: u64,
+    stored: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl TableDecoder {
+    /// A decoder of the table `header` describes.
+    pub fn new(header: &Header) -> TableDecoder {
+        TableDecoder {
+            chunk_size: header.chunk_size,
+            data_len: header.data_len,
+            chunk_count: header.chunk_count,
+            stored_len: header.stored_len,
+            table_crc: header.table_crc,
+            index: 0,
+            end_of_previous: 0,
+            stored: 0,
+            crc: crc32fast::Hasher::new(),
+        }
+    }
+
+    /// Decodes the next entries, `bytes` holding a whole number of them,
+    /// appending each valid one to `out`. Stops at the first bad entry.
+    ///
+    /// # Panics
+    ///
+    /// If `bytes` is not a multiple of [`ENTRY_LEN`] long (a caller's
+    /// mistake, not the file's).
+    pub fn push(&mut self, bytes: &[u8], out: &mut Vec<Chunk>) -> Result<(), Damage> {
+        assert!(
+            bytes.len().is_multiple_of(ENTRY_LEN),
+            "whole table entries only"
+        );
+        self.crc.update(bytes);
+        for e in bytes.chunks_exact(ENTRY_LEN) {
+            let index = self.index;
+            let bad = |problem: String| Damage::BadTable { index, problem };
+            if index >= self.chunk_count {
+                return Err(bad(format!(
+                    "is past the {} entries the header declares",
+                    self.chunk_count
+                )));
+            }
+            let chunk = Chunk {
+                offset: get_u64(e, 0),
+                len: get_u32(e, 8),
+                crc: get_u32(e, 12),
+            };
+            if chunk.len == 0 || chunk.len > self.chunk_size {
+                return Err(bad(format!(
+                    "has length {}, not 1..={}",
+                    chunk.len, self.chunk_size
+                )));
+            }
+            if index > 0 && chunk.offset < self.end_of_previous {
+                return Err(bad(format!(
+                    "starts at {}, before the previous chunk's end {}",
+                    chunk.offset, self.end_of_previous
+                )));
+            }
+            let end = chunk
+                .offset
+                .checked_add(u64::from(chunk.len))
+                .filter(|&end| end <= self.data_len)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "covers {}+{}, beyond the data size {}",
+                        chunk.offset, chunk.len, self.data_len
+                    ))
+                })?;
+            // Cannot overflow: the chunks lie apart inside data_len.
+            self.stored += u64::from(chunk.len);
+            if self.stored > self.stored_len {
+                return Err(bad(format!(
+                    "brings the stored bytes to {}, more than the {} the header says",
+                    self.stored, self.stored_len
+                )));
+            }
+            self.end_of_previous = end;
+            self.index += 1;
+            out.push(chunk);
+        }
+        Ok(())
+    }
+
+    /// Checks what only the whole table tells: as many entries as
+    /// declared, their lengths adding up to `stored_len`, and the CRC.
+    pub fn finish(self) -> Result<(), Damage> {
+        if self.index != self.chunk_count {
+            return Err(Damage::BadTable {
+                index: self.index,
+                problem: format!(
+                    "is missing: the table ends after {} of {} entries",
+                    self.index, self.chunk_count
+                ),
+            });
+        }
+        if self.stored != self.stored_len {
+            return Err(Damage::BadTable {
+                index: self.chunk_count,
+                problem: format!(
+                    "chunks hold {} bytes, the header says {}",
+                    self.stored, self.stored_len
+                ),
+            });
+        }
+        let computed = self.crc.finalize();
+        if computed != self.table_crc {
+            return Err(Damage::TableChecksum {
+                stored: self.table_crc,
+                computed,
+            });
+        }
+        Ok(())
+    }
 }
 
 fn put_u32(b: &mut [u8], at: usize, v: u32) {
@@ -380,7 +477,7 @@ mod tests {
         assert_eq!(b[24..32], 8192u64.to_le_bytes());
         assert_eq!(b[32..40], 7u64.to_le_bytes());
         assert_eq!(b[72..80], 4096u64.to_le_bytes());
-        assert_eq!(Header::decode(&b, 4196, u64::MAX), Ok(h));
+        assert_eq!(Header::decode(&b, 4196), Ok(h));
     }
 
     #[test]
@@ -390,7 +487,7 @@ mod tests {
         for bit in 0..HEADER_LEN * 8 {
             let mut c = b;
             c[bit / 8] ^= 1 << (bit % 8);
-            assert!(Header::decode(&c, 4096, u64::MAX).is_err(), "bit {bit}");
+            assert!(Header::decode(&c, 4096).is_err(), "bit {bit}");
         }
     }
 
@@ -399,42 +496,38 @@ mod tests {
         let h = header(&[], 10);
         let b = h.encode();
         assert!(matches!(
-            Header::decode(&b, 4095, u64::MAX),
+            Header::decode(&b, 4095),
             Err(Damage::Truncated { .. })
         ));
         assert!(matches!(
-            Header::decode(&b, 4097, u64::MAX),
+            Header::decode(&b, 4097),
             Err(Damage::TrailingBytes { .. })
         ));
         assert!(matches!(
-            Header::decode(&b, 4096, 9),
-            Err(Damage::TooLarge { .. })
-        ));
-        assert!(matches!(
-            Header::decode(&b[..50], 50, u64::MAX),
+            Header::decode(&b[..50], 50),
             Err(Damage::Truncated { .. })
         ));
         assert!(matches!(
-            Header::decode(b"garbage", 7, u64::MAX),
+            Header::decode(b"garbage", 7),
             Err(Damage::BadMagic)
         ));
         let mut v2 = b;
         v2[8] = 2;
         assert!(matches!(
-            Header::decode(&v2, 4096, u64::MAX),
+            Header::decode(&v2, 4096),
             Err(Damage::UnsupportedVersion { version: 2 })
         ));
         // A huge chunk count with a correct CRC must not overflow.
         let mut huge = h;
         huge.chunk_count = u64::MAX / 8;
-        assert!(Header::decode(&huge.encode(), 4096, u64::MAX).is_err());
+        assert!(Header::decode(&huge.encode(), 4096).is_err());
         // A sparse file can be as long as a huge table says: more chunks
         // than stored bytes is refused before any table is read.
         let mut sparse = h;
         sparse.chunk_count = 1 << 36;
         sparse.data_offset = data_offset_for(1 << 36).unwrap();
         let len = sparse.data_offset;
-        let e = Header::decode(&sparse.encode(), len, u64::MAX).unwrap_err();
+        let e = Header::decode(&sparse.encode(), len).unwrap_err();
         assert!(e.to_string().contains("chunk_count"), "{e}");
     }
 
@@ -475,11 +568,138 @@ mod tests {
                 "{bad:?}"
             );
         }
+        // A changed CRC field breaks only the table's CRC.
         let mut t = encode_table(&ok);
-        t[3] ^= 1;
+        t[12] ^= 1;
         assert!(matches!(
             decode_table(&t, &h),
             Err(Damage::TableChecksum { .. })
         ));
+        // A changed offset is located at its entry, before the CRC.
+        let mut t = encode_table(&ok);
+        t[3] ^= 1;
+        assert!(matches!(
+            decode_table(&t, &h),
+            Err(Damage::BadTable { index: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn header_bounds_chunk_count_by_stored_len_both_ways() {
+        let one = [Chunk {
+            offset: 0,
+            len: 100,
+            crc: 0,
+        }];
+        // More chunks than stored bytes.
+        let mut h = header(&one, 8192);
+        h.chunk_count = 101;
+        h.data_offset = data_offset_for(101).unwrap();
+        let e = Header::decode(&h.encode(), h.file_len()).unwrap_err();
+        assert!(
+            e.to_string().contains("exceeds the 100 stored bytes"),
+            "{e}"
+        );
+        // More stored bytes than chunk_count full chunks hold.
+        let mut h = header(&one, 1 << 20);
+        h.stored_len = u64::from(MIN_CHUNK_SIZE) + 1;
+        let e = Header::decode(&h.encode(), h.file_len()).unwrap_err();
+        assert!(e.to_string().contains("cannot hold"), "{e}");
+        // Exactly full is fine.
+        h.stored_len = u64::from(MIN_CHUNK_SIZE);
+        assert!(Header::decode(&h.encode(), h.file_len()).is_ok());
+    }
+
+    /// The sparse-file attack at the header level: 2^32 one-byte chunks in
+    /// a file exactly as long as that needs passes the header checks (the
+    /// table must be read to see that it is zeros), so the table reader
+    /// must not size anything by `chunk_count`.
+    #[test]
+    fn a_header_declaring_2_pow_32_chunks_can_be_consistent() {
+        let mut h = header(&[], 0);
+        h.chunk_count = 1 << 32;
+        h.stored_len = 1 << 32;
+        h.data_len = 1 << 33;
+        h.data_offset = data_offset_for(1 << 32).unwrap();
+        let decoded = Header::decode(&h.encode(), h.file_len()).unwrap();
+        assert_eq!(decoded.chunk_count, 1 << 32);
+        let mut chunks = Vec::new();
+        let e = TableDecoder::new(&decoded)
+            .push(&[0u8; 4096], &mut chunks)
+            .unwrap_err();
+        assert_eq!(
+            e,
+            Damage::BadTable {
+                index: 0,
+                problem: "has length 0, not 1..=4096".into()
+            }
+        );
+        assert!(chunks.is_empty());
+    }
+
+    #[test]
+    fn table_decoder_checks_each_bound_as_entries_arrive() {
+        let c = |offset, len| Chunk {
+            offset,
+            len,
+            crc: 0,
+        };
+        let ok = [c(0, 4096), c(4096, 10), c(8192, 4096)];
+        let h = header(&ok, 3 * 4096);
+        // Entry by entry gives the same table as all at once.
+        let table = encode_table(&ok);
+        let mut d = TableDecoder::new(&h);
+        let mut out = Vec::new();
+        for e in table.chunks(ENTRY_LEN) {
+            d.push(e, &mut out).unwrap();
+        }
+        d.finish().unwrap();
+        assert_eq!(out, ok);
+
+        let problem = |chunks: &[Chunk], h: &Header| -> (u64, String) {
+            let mut out = Vec::new();
+            let mut d = TableDecoder::new(h);
+            match d
+                .push(&encode_table(chunks), &mut out)
+                .and_then(|()| d.finish())
+            {
+                Err(Damage::BadTable { index, problem }) => (index, problem),
+                other => panic!("{chunks:?}: {other:?}"),
+            }
+        };
+        let cases: [(&[Chunk], u64, &str); 7] = [
+            (&[c(0, 4097)], 0, "has length 4097"),
+            (&[c(0, 0)], 0, "has length 0"),
+            (
+                &[c(0, 4096), c(100, 10)],
+                1,
+                "before the previous chunk's end 4096",
+            ),
+            (&[c(3 * 4096 - 5, 10)], 0, "beyond the data size"),
+            (&[c(u64::MAX - 2, 10)], 0, "beyond the data size"),
+            (
+                &[c(0, 4096), c(4096, 4096), c(8192, 4096)],
+                2,
+                "to 12288, more than the 8202 the header says",
+            ),
+            (&[c(0, 4096)], 1, "after 1 of 3 entries"),
+        ];
+        for (chunks, index, want) in cases {
+            let (i, p) = problem(chunks, &h);
+            assert_eq!(i, index, "{chunks:?}: {p}");
+            assert!(p.contains(want), "{chunks:?}: {p}");
+        }
+        // More entries than declared.
+        let mut two = h;
+        two.chunk_count = 2;
+        let (i, p) = problem(&ok, &two);
+        assert_eq!(i, 2);
+        assert!(p.contains("past the 2 entries"), "{p}");
+        // The lengths fall short of stored_len.
+        let mut short = h;
+        short.stored_len += 1;
+        let (i, p) = problem(&ok, &short);
+        assert_eq!(i, 3);
+        assert!(p.contains("the header says 8203"), "{p}");
     }
 }

@@ -5,7 +5,7 @@
 //! memfd back when the program exits, on `SIGUSR1` and periodically. This
 //! crate holds the pieces, each usable alone:
 //!
-//! - [`format`]: the snapshot file layout (version 1), byte by byte as in
+//! - [`format`](mod@format): the snapshot file layout (version 1), byte by byte as in
 //!   `docs/snapshot-format.md`: little-endian, a CRC32-protected header and
 //!   chunk table, and a CRC32 per data chunk so damage is located.
 //! - [`Image`]: a sparse private copy of a memfd (holes are neither copied
@@ -18,6 +18,10 @@
 //!   rename, directory fsync) over the [`Storage`] I/O seam.
 //! - [`restore`]: loading with fallback on `.prev`; damaged files are moved
 //!   aside, never deleted or loaded.
+//! - [`verify`] (the `--check` path) and [`read_snapshot`]: readers of
+//!   untrusted files or bytes; every count and length in a file is bounded
+//!   by the file's size before it sizes an allocation or a loop, so a
+//!   damaged or hostile file is an error, never a panic or an abort.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -49,15 +53,16 @@ mod snapshot;
 mod storage;
 
 pub use capture::{Capture, Captured, SnapshotProtocol, StopGroup, Unpaused, wait_until_stopped};
-pub use error::{Damage, Error, Result};
+pub use error::{Damage, Error, InvalidOption, Result};
 pub use image::{Extent, Image, data_extents, prefaulted, probe_table, stored_len};
 pub use load::{Fallback, LoadOutcome, restore};
 pub use save::{
-    SaveOptions, SaveOutcome, SaveReport, Saver, move_aside, prev_path, remove_stale_temps,
+    SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver, move_aside, prev_path,
+    remove_stale_temps,
 };
 pub use snapshot::{
     DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, file_time, format_time, inspect,
-    read_header, read_snapshot,
+    read_header, read_snapshot, verify,
 };
 pub use storage::{DirStorage, Storage};
 

@@ -58,8 +58,17 @@ pub enum LoadOutcome {
 ///   to `<SNAPSHOT>.corrupt-<time>` (after the load succeeded).
 /// - snapshot missing and `.prev` valid: `.prev` loaded.
 /// - both missing: [`LoadOutcome::NoSnapshot`].
+/// - snapshot valid but holding more than `max_data_len` bytes:
+///   [`Error::TooLarge`], `.prev` not tried (it is older; the user chose
+///   the limit and decides), the memfd and every file left as they were.
 /// - otherwise [`Error::NothingValid`] (or the I/O error): the memfd and
 ///   every file are left as they were.
+///
+/// Every file is read with bounded work: a header's counts and lengths are
+/// checked against each other and the file's length before anything is
+/// allocated, and the chunk table is read piece by piece (see
+/// [`crate::verify`]), so a damaged or hostile file is refused as damage,
+/// never by an abort.
 ///
 /// `memfd` should be a private open file description (see
 /// [`shm_fd::SharedFd::reopen`]). `now_ns` names the corrupt file.
@@ -191,10 +200,7 @@ fn load(path: PathBuf, snapshot: Verified, memfd: &File) -> Result<LoadOutcome> 
             ),
         ),
         ReadError::Io(e) => Error::io("loading the snapshot into the memfd from", &path, e),
-        ReadError::Damaged(damage) => Error::Corrupt {
-            path: path.clone(),
-            damage,
-        },
+        e => e.into_error(&path),
     })?;
     Ok(LoadOutcome::Loaded {
         path,
@@ -447,6 +453,50 @@ mod tests {
         save(d.path(), &[1u8; 10_000]);
         let e = restore(&path, &memfd(), 9_999, 0).unwrap_err();
         assert!(e.to_string().contains("more than the maximum 9999"), "{e}");
+    }
+
+    /// A snapshot above the maximum is not damaged: refused with nothing
+    /// changed, not moved aside with `.prev` loaded in its place (which
+    /// the next saves would then overwrite).
+    #[test]
+    fn a_snapshot_above_the_maximum_is_refused_not_moved_aside() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        save(d.path(), &[1u8; 100]);
+        save(d.path(), &[2u8; 10_000]);
+        let before = files(d.path());
+        let m = memfd();
+        let e = restore(&path, &m, 5_000, 0).unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                Error::TooLarge {
+                    data_len: 10_000,
+                    max: 5_000,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.is_unloadable() && !e.is_corrupt(), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("s.snap holds 10000 bytes, more than the maximum 5000 (see --max-size)"),
+            "{e}"
+        );
+        assert_eq!(files(d.path()), before);
+        assert_eq!(m.metadata().unwrap().len(), 0);
+        // A damaged snapshot whose .prev is above the maximum: nothing
+        // valid, both named.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.truncate(100);
+        std::fs::write(&path, &bytes).unwrap();
+        let e = restore(&path, &m, 50, 0).unwrap_err();
+        assert!(
+            e.to_string().contains("s.snap is truncated")
+                && e.to_string().contains("s.snap.prev holds 100 bytes"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::capture::Captured;
-use crate::error::{Damage, Error, Result};
+use crate::error::{Damage, Error, InvalidOption, Result};
 use crate::format::{self, Chunk, DEFAULT_CHUNK_SIZE, HEADER_LEN, Header};
 use crate::image::{Extent, Image, data_extents};
 use crate::parallel;
@@ -21,25 +21,152 @@ use crate::storage::Storage;
 /// most of the file on its way.
 const WRITEBACK_STEP: usize = 8 << 20;
 
-/// How [`Saver`] writes snapshots.
+/// How [`Saver`] writes snapshots. Always valid: built by
+/// [`SaveOptions::builder`] (or [`SaveOptions::default`]), which checks
+/// every value, and read-only afterwards.
+///
+/// ```
+/// use shm_restore::SaveOptions;
+/// let options = SaveOptions::builder().max_data_len(1 << 30).build()?;
+/// assert_eq!(options.max_data_len(), 1 << 30);
+/// assert!(SaveOptions::builder().chunk_size(1000).build().is_err());
+/// # Ok::<(), shm_restore::InvalidOption>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SaveOptions {
-    /// Bytes per checksummed chunk (a power of two in
-    /// [`format::MIN_CHUNK_SIZE`]`..=`[`format::MAX_CHUNK_SIZE`]).
-    pub chunk_size: u32,
-    /// The most bytes handed to one write call.
-    pub write_size: usize,
-    /// Files claiming more data than this are treated as damaged.
-    pub max_data_len: u64,
+    chunk_size: u32,
+    write_size: usize,
+    max_data_len: u64,
+}
+
+impl SaveOptions {
+    /// The smallest `write_size` accepted.
+    pub const MIN_WRITE_SIZE: usize = 4096;
+    /// The largest `write_size` accepted (one write's buffer).
+    pub const MAX_WRITE_SIZE: usize = 1 << 30;
+    /// The largest `max_data_len` accepted: the largest size a file or a
+    /// memfd can have (`off_t`).
+    pub const MAX_DATA_LEN: u64 = i64::MAX as u64;
+
+    /// A builder starting from the defaults: 1 MiB chunks
+    /// ([`format::DEFAULT_CHUNK_SIZE`]), writes of up to 1 MiB (or one
+    /// chunk, if larger), at most [`DEFAULT_MAX_DATA_LEN`] bytes of data.
+    pub fn builder() -> SaveOptionsBuilder {
+        SaveOptionsBuilder {
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            write_size: None,
+            max_data_len: DEFAULT_MAX_DATA_LEN,
+        }
+    }
+
+    /// Bytes per checksummed chunk: a power of two in
+    /// [`format::MIN_CHUNK_SIZE`]`..=`[`format::MAX_CHUNK_SIZE`].
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// The most bytes handed to one write call: at least one chunk, at
+    /// most [`SaveOptions::MAX_WRITE_SIZE`].
+    pub fn write_size(&self) -> usize {
+        self.write_size
+    }
+
+    /// The most data (the memfd's size, holes included) a snapshot may
+    /// hold: a larger memfd is not saved ([`Error::MemfdTooLarge`]), and a
+    /// file declaring more is not loaded. `1..=`[`SaveOptions::MAX_DATA_LEN`].
+    pub fn max_data_len(&self) -> u64 {
+        self.max_data_len
+    }
 }
 
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
-            write_size: 1 << 20,
+            write_size: (1 << 20).max(DEFAULT_CHUNK_SIZE as usize),
             max_data_len: DEFAULT_MAX_DATA_LEN,
         }
+    }
+}
+
+/// Builds [`SaveOptions`]; [`SaveOptionsBuilder::build`] checks every
+/// value and their combination.
+#[derive(Debug, Clone, Copy)]
+#[must_use]
+pub struct SaveOptionsBuilder {
+    chunk_size: u32,
+    write_size: Option<usize>,
+    max_data_len: u64,
+}
+
+impl SaveOptionsBuilder {
+    /// Bytes per checksummed chunk (see [`SaveOptions::chunk_size`]).
+    pub fn chunk_size(mut self, bytes: u32) -> Self {
+        self.chunk_size = bytes;
+        self
+    }
+
+    /// The most bytes handed to one write call (see
+    /// [`SaveOptions::write_size`]); by default 1 MiB, or one chunk if
+    /// chunks are larger.
+    pub fn write_size(mut self, bytes: usize) -> Self {
+        self.write_size = Some(bytes);
+        self
+    }
+
+    /// The most data a snapshot may hold (see
+    /// [`SaveOptions::max_data_len`]).
+    pub fn max_data_len(mut self, bytes: u64) -> Self {
+        self.max_data_len = bytes;
+        self
+    }
+
+    /// The options, or the first value out of range: a chunk size that is
+    /// not a power of two in 4 KiB..=64 MiB, a write size smaller than a
+    /// chunk or larger than 1 GiB, a maximum data size of 0 or beyond
+    /// what a file can hold.
+    pub fn build(self) -> Result<SaveOptions, InvalidOption> {
+        let chunk_size = self.chunk_size;
+        if !chunk_size.is_power_of_two()
+            || !(format::MIN_CHUNK_SIZE..=format::MAX_CHUNK_SIZE).contains(&chunk_size)
+        {
+            return Err(InvalidOption {
+                option: "chunk_size",
+                value: u64::from(chunk_size),
+                accepted: format!(
+                    "a power of two in {}..={}",
+                    format::MIN_CHUNK_SIZE,
+                    format::MAX_CHUNK_SIZE
+                ),
+            });
+        }
+        // A write holds whole chunks: one smaller than a chunk could not.
+        let least = (chunk_size as usize).max(SaveOptions::MIN_WRITE_SIZE);
+        let write_size = self
+            .write_size
+            .unwrap_or_else(|| (1 << 20).max(chunk_size as usize));
+        if !(least..=SaveOptions::MAX_WRITE_SIZE).contains(&write_size) {
+            return Err(InvalidOption {
+                option: "write_size",
+                value: write_size as u64,
+                accepted: format!(
+                    "{least}..={} (at least one chunk of chunk_size {chunk_size})",
+                    SaveOptions::MAX_WRITE_SIZE
+                ),
+            });
+        }
+        if !(1..=SaveOptions::MAX_DATA_LEN).contains(&self.max_data_len) {
+            return Err(InvalidOption {
+                option: "max_data_len",
+                value: self.max_data_len,
+                accepted: format!("1..={}", SaveOptions::MAX_DATA_LEN),
+            });
+        }
+        Ok(SaveOptions {
+            chunk_size,
+            write_size,
+            max_data_len: self.max_data_len,
+        })
     }
 }
 
@@ -56,8 +183,9 @@ pub struct SaveReport {
     pub file_len: u64,
     /// True when the previous snapshot was kept as `.prev`.
     pub kept_previous: bool,
-    /// A damaged file found in the snapshot's place, moved aside (its new
-    /// path and what is wrong with it) instead of being overwritten.
+    /// A damaged file found in the snapshot's place, kept under the name
+    /// `<SNAPSHOT>.corrupt-<time>` (its new path and what is wrong with it)
+    /// instead of being overwritten or kept as `.prev`.
     pub moved_corrupt: Option<(PathBuf, Damage)>,
 }
 
@@ -91,6 +219,35 @@ fn with_suffix(name: &OsStr, prefix: &str, suffix: &str) -> OsString {
 /// Moves the file `name` aside as `<name>.corrupt-<time>` (adding `-2`,
 /// `-3`, ... if taken), never replacing anything. Returns the new name.
 pub fn move_aside<S: Storage>(storage: &mut S, name: &OsStr, now_ns: u64) -> Result<OsString> {
+    aside(
+        storage,
+        name,
+        now_ns,
+        "moving aside the damaged",
+        |s, from, to| s.rename_noreplace(from, to),
+    )
+}
+
+/// Gives the file `name` a second name `<name>.corrupt-<time>` (as
+/// [`move_aside`] names it), so that replacing `name` keeps it and a save
+/// that fails before replacing it can drop the name again.
+fn link_aside<S: Storage>(storage: &mut S, name: &OsStr, now_ns: u64) -> Result<OsString> {
+    aside(
+        storage,
+        name,
+        now_ns,
+        "keeping the damaged",
+        |s, from, to| s.link(from, to),
+    )
+}
+
+fn aside<S: Storage>(
+    storage: &mut S,
+    name: &OsStr,
+    now_ns: u64,
+    op: &'static str,
+    mut place: impl FnMut(&mut S, &OsStr, &OsStr) -> std::io::Result<()>,
+) -> Result<OsString> {
     let base = with_suffix(name, "", &format!(".corrupt-{}", file_time(now_ns)));
     for n in 1u32.. {
         let to = if n == 1 {
@@ -98,19 +255,26 @@ pub fn move_aside<S: Storage>(storage: &mut S, name: &OsStr, now_ns: u64) -> Res
         } else {
             with_suffix(&base, "", &format!("-{n}"))
         };
-        match storage.rename_noreplace(name, &to) {
+        match place(storage, name, &to) {
             Ok(()) => return Ok(to),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => continue,
-            Err(e) => {
-                return Err(Error::io(
-                    "moving aside the damaged",
-                    storage.path_of(name),
-                    e,
-                ));
-            }
+            Err(e) => return Err(Error::io(op, storage.path_of(name), e)),
         }
     }
     unreachable!("the loop returns")
+}
+
+/// The file in the snapshot's place when a save begins, and the second
+/// name the save gave it (removed again if the save fails before the new
+/// snapshot replaces it).
+enum Previous {
+    /// No file.
+    None,
+    /// A valid snapshot, linked as `.NAME.prev-tmp-*`: renamed over `.prev`
+    /// once the new snapshot is in place.
+    Keep { link: OsString },
+    /// A damaged file, linked as `NAME.corrupt-<time>`.
+    Damaged { link: OsString, damage: Damage },
 }
 
 /// Where a save reads the data from.
@@ -181,11 +345,12 @@ impl<S: Storage> Saver<S> {
         let prev_name = with_suffix(name, "", ".prev");
         let mut generation = 0;
         for n in [name, prev_name.as_os_str()] {
+            // Any size: a file above the maximum still counts its saves.
             let header = storage
                 .open(n)
                 .ok()
                 .flatten()
-                .and_then(|r| read_header(&r, options.max_data_len).ok());
+                .and_then(|r| read_header(&r, u64::MAX).ok());
             if let Some(h) = header {
                 generation = generation.max(h.generation);
             }
@@ -244,11 +409,16 @@ impl<S: Storage> Saver<S> {
     }
 
     /// Saves `image` as the new snapshot, stamped `saved_at_ns` (ns since
-    /// the Unix epoch). An empty image (size 0) is never written.
+    /// the Unix epoch). An empty image (size 0, or no data) is never
+    /// written; one larger than [`SaveOptions::max_data_len`] is refused
+    /// ([`Error::MemfdTooLarge`]) before anything is written.
     ///
-    /// On error the snapshot and `.prev` are as they were and the temp file
-    /// is removed, except when only the final directory fsync failed: then
-    /// the new snapshot is in place but may not survive a machine crash.
+    /// On error every file is as it was (the snapshot, `.prev`, any
+    /// damaged file in the snapshot's place) and the temp file is removed,
+    /// except when a step after the new snapshot replaced the old one
+    /// failed: keeping the old one as `.prev` (the new one is in place,
+    /// `.prev` is as it was) or the final directory fsync (the new one is
+    /// in place but may not survive a machine crash). The message says so.
     pub fn save(&mut self, image: &Image, saved_at_ns: u64) -> Result<SaveOutcome> {
         self.save_from(Source::Image(image), saved_at_ns)
     }
@@ -295,6 +465,14 @@ impl<S: Storage> Saver<S> {
         if source.data_len() == 0 || source.extents().is_empty() {
             return Ok(SaveOutcome::SkippedEmpty);
         }
+        // A snapshot no start would load is not worth replacing one that
+        // loads: refused before anything is written.
+        if source.data_len() > self.options.max_data_len {
+            return Err(Error::MemfdTooLarge {
+                data_len: source.data_len(),
+                max: self.options.max_data_len,
+            });
+        }
         let generation = self.generation.saturating_add(1);
         let chunk_size = self.options.chunk_size;
         let layout = chunk_layout(source.extents(), chunk_size);
@@ -340,9 +518,8 @@ impl<S: Storage> Saver<S> {
         // The old `.prev`, held open so that replacing it does not free its
         // blocks inside the save (see `Storage::retire`).
         let mut old_prev = None;
-        let kept = self.keep_previous(saved_at_ns, &mut old_prev);
-        let result = match kept {
-            Ok(moved_corrupt) => self.install(&tmp, &source, table, data_offset, moved_corrupt),
+        let result = match self.link_previous(saved_at_ns, &mut old_prev) {
+            Ok(previous) => self.install(&tmp, &source, table, data_offset, previous),
             Err(e) => Err(self.discard(&tmp, e)),
         };
         if let Some(file) = old_prev {
@@ -351,15 +528,17 @@ impl<S: Storage> Saver<S> {
         result
     }
 
-    /// Renames the finished temp file over the snapshot and makes the
-    /// directory durable.
+    /// Renames the finished temp file over the snapshot (the commit), then
+    /// keeps the previous snapshot as `.prev` and makes the directory
+    /// durable. A failed commit drops the name `link_previous` added, so
+    /// every file is as it was.
     fn install(
         &mut self,
         tmp: &OsStr,
         source: &Source<'_>,
         table: Vec<Chunk>,
         data_offset: u64,
-        moved_corrupt: Option<(OsString, Damage)>,
+        previous: Previous,
     ) -> Result<SaveOutcome> {
         let generation = self.generation.saturating_add(1);
         if let Err(e) = self.storage.rename(tmp, &self.name) {
@@ -368,14 +547,39 @@ impl<S: Storage> Saver<S> {
                 self.storage.path_of(&self.name),
                 e,
             );
+            if let Previous::Keep { link } | Previous::Damaged { link, .. } = &previous {
+                // Best effort, as for the temp file: a leftover
+                // `.prev-tmp` is removed at the next start.
+                let _ = self.storage.remove(link);
+            }
             return Err(self.discard(tmp, e));
         }
         // The new snapshot is in place from here on.
-        let kept_previous = moved_corrupt.is_none() && self.trusted.is_some();
         let stored_len: u64 = table.iter().map(|c| u64::from(c.len)).sum();
         self.generation = generation;
         self.trusted = Some(generation);
         self.last = Some((source.data_len(), table));
+        let mut kept_previous = false;
+        let mut moved_corrupt = None;
+        let mut not_kept = None;
+        match previous {
+            Previous::None => {}
+            Previous::Keep { link } => match self.storage.rename(&link, &self.prev_name) {
+                Ok(()) => kept_previous = true,
+                Err(e) => {
+                    let _ = self.storage.remove(&link);
+                    not_kept = Some(Error::io(
+                        "the new snapshot is in place, but the previous one could not be \
+                         kept: renaming it to",
+                        self.storage.path_of(&self.prev_name),
+                        e,
+                    ));
+                }
+            },
+            Previous::Damaged { link, damage } => {
+                moved_corrupt = Some((self.storage.path_of(&link), damage));
+            }
+        }
         self.storage.sync_dir().map_err(|e| {
             Error::io(
                 "fsync of the directory (the new snapshot may not survive a crash)",
@@ -383,13 +587,16 @@ impl<S: Storage> Saver<S> {
                 e,
             )
         })?;
+        if let Some(e) = not_kept {
+            return Err(e);
+        }
         Ok(SaveOutcome::Saved(SaveReport {
             generation,
             data_len: source.data_len(),
             stored_len,
             file_len: data_offset + stored_len,
             kept_previous,
-            moved_corrupt: moved_corrupt.map(|(n, d)| (self.storage.path_of(&n), d)),
+            moved_corrupt,
         }))
     }
 
@@ -453,10 +660,8 @@ impl<S: Storage> Saver<S> {
         data_offset: u64,
         with_crcs: bool,
     ) -> Result<Vec<Chunk>> {
-        let piece_max = self
-            .options
-            .write_size
-            .max(self.options.chunk_size as usize);
+        // Validated: at least one chunk.
+        let piece_max = self.options.write_size;
         let mut table = Vec::with_capacity(layout.len());
         let mut buf = Vec::new();
         let mut pos = 0usize; // in the data region
@@ -511,36 +716,38 @@ impl<S: Storage> Saver<S> {
         Ok(table)
     }
 
-    /// Keeps the file now in the snapshot's place as `.prev` when it is
-    /// valid; moves it aside when it is damaged. Sets `trusted` to whether
-    /// a previous snapshot was kept.
-    fn keep_previous(
-        &mut self,
-        now_ns: u64,
-        old_prev: &mut Option<S::Reader>,
-    ) -> Result<Option<(OsString, Damage)>> {
+    /// Gives the file now in the snapshot's place a second name, so that
+    /// the rename of the new snapshot over it keeps it: `.prev-tmp` when
+    /// it is a valid snapshot (renamed over `.prev` after the commit), or
+    /// `.corrupt-<time>` when it is damaged. Nothing is renamed or
+    /// replaced here: a save that fails later drops the name again.
+    ///
+    /// Only damage ([`ReadError::Damaged`]) makes a file "damaged": a file
+    /// that cannot be read is an error of this save, and any size is
+    /// accepted (the maximum is about loading, and a file above it is
+    /// still somebody's good snapshot).
+    fn link_previous(&mut self, now_ns: u64, old_prev: &mut Option<S::Reader>) -> Result<Previous> {
         let path = self.storage.path_of(&self.name);
         let reader = match self.storage.open(&self.name) {
             Ok(Some(r)) => r,
             Ok(None) => {
                 self.trusted = None;
-                return Ok(None);
+                return Ok(Previous::None);
             }
             Err(e) => return Err(Error::io("opening", path, e)),
         };
-        let max = self.options.max_data_len;
-        let known = matches!((read_header(&reader, max), self.trusted),
+        let known = matches!((read_header(&reader, u64::MAX), self.trusted),
             (Ok(h), Some(g)) if h.generation == g);
         if !known {
-            match verify(&reader, max) {
+            match verify(&reader, u64::MAX) {
                 Ok((h, _)) => self.trusted = Some(h.generation),
-                Err(ReadError::Io(e)) => return Err(Error::io("reading", path, e)),
                 Err(ReadError::Damaged(damage)) => {
                     drop(reader);
-                    let moved = move_aside(&mut self.storage, &self.name, now_ns)?;
+                    let link = link_aside(&mut self.storage, &self.name, now_ns)?;
                     self.trusted = None;
-                    return Ok(Some((moved, damage)));
+                    return Ok(Previous::Damaged { link, damage });
                 }
+                Err(e) => return Err(e.into_error(&path)),
             }
         }
         drop(reader);
@@ -556,15 +763,7 @@ impl<S: Storage> Saver<S> {
                 e,
             )
         })?;
-        if let Err(e) = self.storage.rename(&link, &self.prev_name) {
-            let _ = self.storage.remove(&link);
-            return Err(Error::io(
-                "renaming the previous snapshot to",
-                self.storage.path_of(&self.prev_name),
-                e,
-            ));
-        }
-        Ok(None)
+        Ok(Previous::Keep { link })
     }
 
     fn discard(&mut self, tmp: &OsStr, e: Error) -> Error {

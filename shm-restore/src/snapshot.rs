@@ -10,8 +10,9 @@ use crate::format::{self, Chunk, HEADER_LEN, Header};
 use crate::image::{Extent, Image};
 use crate::parallel;
 
-/// The largest snapshot data size loaded unless configured otherwise
-/// (`--max-size`): a file claiming more is treated as damaged.
+/// The largest snapshot data size loaded (and saved) unless configured
+/// otherwise (`--max-size`): a file declaring more is refused
+/// ([`ReadError::TooLarge`]), not treated as damaged.
 pub const DEFAULT_MAX_DATA_LEN: u64 = 64 << 30;
 
 /// Positioned reads from a file (or a test's in-memory file).
@@ -48,21 +49,58 @@ impl ReadAt for [u8] {
 
 /// Why a file could not be read as a snapshot.
 #[derive(Debug)]
+#[non_exhaustive]
 pub enum ReadError {
     /// Its contents are damaged.
     Damaged(Damage),
-    /// Reading it failed.
+    /// It is intact as far as read, but holds more data than the reader
+    /// accepts: refused, not damaged.
+    TooLarge {
+        /// The data size its header declares.
+        data_len: u64,
+        /// The largest size accepted.
+        max: u64,
+    },
+    /// Reading it failed, or memory for it could not be had
+    /// ([`io::ErrorKind::OutOfMemory`]).
     Io(io::Error),
 }
 
 impl ReadError {
-    pub(crate) fn into_error(self, path: &Path) -> Error {
+    /// The crate's error for this problem with the file at `path`.
+    pub fn into_error(self, path: &Path) -> Error {
         match self {
             ReadError::Damaged(damage) => Error::Corrupt {
                 path: path.to_owned(),
                 damage,
             },
+            ReadError::TooLarge { data_len, max } => Error::TooLarge {
+                path: path.to_owned(),
+                data_len,
+                max,
+            },
             ReadError::Io(e) => Error::io("reading", path, e),
+        }
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Damaged(d) => write!(f, "{d}"),
+            ReadError::TooLarge { data_len, max } => {
+                write!(f, "holds {data_len} bytes, more than the maximum {max}")
+            }
+            ReadError::Io(e) => write!(f, "cannot be read: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ReadError::Io(e) => Some(e),
+            _ => None,
         }
     }
 }
@@ -90,7 +128,7 @@ pub struct Snapshot {
 impl Snapshot {
     /// Reads and fully verifies the snapshot file at `path`: header, table
     /// and every chunk's CRC. Files whose data size exceeds `max_data_len`
-    /// are rejected as [`Damage::TooLarge`].
+    /// are refused as [`Error::TooLarge`].
     pub fn open(path: &Path, max_data_len: u64) -> Result<Snapshot> {
         let file = open_for_reading(path).map_err(|e| Error::io("opening", path, e))?;
         read_snapshot(&file, max_data_len).map_err(|e| e.into_error(path))
@@ -134,39 +172,81 @@ pub(crate) fn open_for_reading(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// How much of the chunk table is read at a time (a whole number of
+/// entries): the table is never held whole before it is validated.
+const TABLE_PIECE: usize = 4096 * format::ENTRY_LEN;
+
 /// Reads only the header of `r`, validated against its length (no data
 /// checksums): cheap, for deciding whether a file is the one last written.
+/// A file declaring more than `max_data_len` bytes of data is
+/// [`ReadError::TooLarge`] (checked after the header is found intact).
 pub fn read_header<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Header, ReadError> {
     let len = r.size()?;
-    let mut buf = vec![0u8; len.min(HEADER_LEN as u64) as usize];
-    r.read_exact_at(&mut buf, 0)?;
-    Ok(Header::decode(&buf, len, max_data_len)?)
+    let mut buf = [0u8; HEADER_LEN];
+    let n = len.min(HEADER_LEN as u64) as usize;
+    r.read_exact_at(&mut buf[..n], 0)?;
+    let header = Header::decode(&buf[..n], len)?;
+    if header.data_len > max_data_len {
+        return Err(ReadError::TooLarge {
+            data_len: header.data_len,
+            max: max_data_len,
+        });
+    }
+    Ok(header)
 }
 
 /// Reads the header and the chunk table of `r`, both validated (the table's
-/// CRC and rules); the data is not read.
+/// entries, count, sum and CRC); the data is not read.
+///
+/// The table is read [`TABLE_PIECE`] bytes at a time and each entry is
+/// checked before the next piece is read, so a table that is damaged (or
+/// a sparse file's zeros) is refused at its first bad entry: the memory
+/// and work spent grow with the valid entries actually in the file, never
+/// with the count its header declares.
 fn read_header_and_table<R: ReadAt + ?Sized>(
     r: &R,
     max_data_len: u64,
 ) -> Result<(Header, Vec<Chunk>), ReadError> {
     let header = read_header(r, max_data_len)?;
-    // decode() checked data_offset + stored_len == file length and
-    // chunk_count <= stored_len, so the table is inside the file and its
-    // size fits in memory only as far as the file itself does.
-    let table_len = (header.data_offset - HEADER_LEN as u64) as usize;
-    let mut table = vec![0u8; table_len];
-    r.read_exact_at(&mut table, HEADER_LEN as u64)?;
-    let entries = header.chunk_count as usize * format::ENTRY_LEN;
-    let chunks = format::decode_table(&table[..entries], &header)?;
+    // decode() checked that 16 * chunk_count fits in the file before
+    // data_offset (with checked arithmetic).
+    let table_len = header.chunk_count * format::ENTRY_LEN as u64;
+    let mut piece = vec![0u8; table_len.min(TABLE_PIECE as u64) as usize];
+    let mut decoder = format::TableDecoder::new(&header);
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut at = 0u64;
+    while at < table_len {
+        let n = (table_len - at).min(TABLE_PIECE as u64) as usize;
+        let buf = &mut piece[..n];
+        r.read_exact_at(buf, HEADER_LEN as u64 + at)?;
+        chunks
+            .try_reserve(n / format::ENTRY_LEN)
+            .map_err(|_| out_of_memory("the chunk table", chunks.len() * size_of::<Chunk>()))?;
+        decoder.push(buf, &mut chunks)?;
+        at += n as u64;
+    }
+    decoder.finish()?;
     Ok((header, chunks))
 }
 
-/// Reads and verifies a whole snapshot from `r`.
+fn out_of_memory(what: &str, bytes: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::OutOfMemory,
+        format!("cannot allocate memory for {what} (beyond {bytes} bytes)"),
+    )
+}
+
+/// Reads and verifies a whole snapshot from `r`, holding its data in
+/// memory (as much as the file stores, which the chunk table, validated
+/// first, accounts for byte by byte).
 pub fn read_snapshot<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Snapshot, ReadError> {
     let (header, chunks) = read_header_and_table(r, max_data_len)?;
     let stored = usize::try_from(header.stored_len)
-        .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "snapshot too large"))?;
-    let mut data = vec![0u8; stored];
+        .map_err(|_| out_of_memory("the snapshot's data", usize::MAX))?;
+    let mut data = Vec::new();
+    data.try_reserve_exact(stored)
+        .map_err(|_| out_of_memory("the snapshot's data", stored))?;
+    data.resize(stored, 0);
     r.read_exact_at(&mut data, header.data_offset)?;
     if let Some(damage) = check_chunks(&header, &chunks, &data) {
         return Err(damage.into());
@@ -182,6 +262,18 @@ pub fn read_snapshot<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Sna
 /// each chunk is read into a reused buffer and checked (large files on a
 /// few threads, each with its own buffer). Returns the header and the
 /// chunk table.
+///
+/// This is the check behind `shm-restore --check` and behind every load;
+/// `r` is a [`File`] or a byte slice (`&[u8]` implements [`ReadAt`]), so
+/// a fuzzer can hand it arbitrary bytes. On any input it returns an error
+/// or the validated table; it does not panic, and what it allocates is
+/// bounded by what the file holds: one table piece, the valid table
+/// entries read so far, and one chunk (at most
+/// [`format::MAX_CHUNK_SIZE`] bytes) per thread.
+///
+/// A header declaring more than `max_data_len` bytes of data is refused
+/// as [`ReadError::TooLarge`] before anything past the header is read
+/// (pass `u64::MAX` to verify any size).
 pub fn verify<R: ReadAt + Sync + ?Sized>(
     r: &R,
     max_data_len: u64,
@@ -311,7 +403,9 @@ fn check_chunks(header: &Header, chunks: &[Chunk], data: &[u8]) -> Option<Damage
 pub struct Inspection {
     /// The header, when it could be decoded.
     pub header: Option<Header>,
-    /// `Ok` when the whole file is valid.
+    /// `Ok` when the whole file is valid and holds at most the maximum;
+    /// [`Error::TooLarge`] when it is valid but holds more (its checksums
+    /// were all checked).
     pub verdict: Result<()>,
 }
 
@@ -327,9 +421,20 @@ pub fn inspect(path: &Path, max_data_len: u64) -> Inspection {
             };
         }
     };
-    let header = read_header(&file, max_data_len).ok();
-    let verdict = verify(&file, max_data_len)
-        .map(drop)
+    let header = read_header(&file, u64::MAX).ok();
+    // Every checksum is checked whatever the size (verifying allocates
+    // nothing by the data size), then the size against the maximum.
+    let verdict = verify(&file, u64::MAX)
+        .and_then(|(h, _)| {
+            if h.data_len > max_data_len {
+                Err(ReadError::TooLarge {
+                    data_len: h.data_len,
+                    max: max_data_len,
+                })
+            } else {
+                Ok(())
+            }
+        })
         .map_err(|e| e.into_error(path));
     Inspection { header, verdict }
 }
@@ -378,13 +483,217 @@ mod tests {
         let mut saver = Saver::new(
             DirStorage::new(dir),
             std::ffi::OsStr::new("s.snap"),
-            SaveOptions {
-                chunk_size: 4096,
-                ..SaveOptions::default()
-            },
+            SaveOptions::builder().chunk_size(4096).build().unwrap(),
         );
         saver.save(&Image::from_bytes(data.clone()), 1).unwrap();
         (dir.join("s.snap"), data)
+    }
+
+    /// A file that reads as `head` followed by zeros up to `len` bytes (a
+    /// sparse file), counting the bytes read.
+    struct Sparse {
+        head: Vec<u8>,
+        len: u64,
+        read: std::sync::atomic::AtomicU64,
+    }
+
+    impl Sparse {
+        fn new(head: Vec<u8>, len: u64) -> Sparse {
+            Sparse {
+                head,
+                len,
+                read: 0.into(),
+            }
+        }
+        fn read(&self) -> u64 {
+            self.read.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    impl ReadAt for Sparse {
+        fn size(&self) -> io::Result<u64> {
+            Ok(self.len)
+        }
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            let end = offset.checked_add(buf.len() as u64);
+            if end.is_none_or(|end| end > self.len) {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.read
+                .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = usize::try_from(offset + i as u64)
+                    .ok()
+                    .and_then(|at| self.head.get(at))
+                    .copied()
+                    .unwrap_or(0);
+            }
+            Ok(())
+        }
+    }
+
+    /// A header as a writer would make it for `chunk_count` chunks holding
+    /// `stored_len` bytes of a `data_len`-byte memfd, with valid CRCs.
+    fn forged(chunk_count: u64, stored_len: u64, data_len: u64, table: &[Chunk]) -> Vec<u8> {
+        let header = Header {
+            chunk_size: 4096,
+            data_len,
+            generation: 1,
+            saved_at_ns: 0,
+            chunk_count,
+            stored_len,
+            data_offset: format::data_offset_for(chunk_count).unwrap(),
+            table_crc: crc32fast::hash(&format::encode_table(table)),
+        };
+        let mut bytes = header.encode().to_vec();
+        bytes.extend(format::encode_table(table));
+        bytes
+    }
+
+    /// Issue 9, part 3: 2^32 chunks declared by a header that agrees with
+    /// the (sparse) file's length made the readers allocate a 64 GiB table
+    /// buffer and abort. They stop at the first entry, having read one
+    /// table piece.
+    #[test]
+    fn a_sparse_file_declaring_2_pow_32_chunks_is_refused_at_its_first_entry() {
+        let n = 1u64 << 32;
+        let head = forged(n, n, 2 * n, &[]);
+        let file = Sparse::new(head, format::data_offset_for(n).unwrap() + n);
+        let h = read_header(&file, u64::MAX).unwrap();
+        assert_eq!(h.chunk_count, n);
+        let first_entry = |e| {
+            matches!(e, ReadError::Damaged(Damage::BadTable { index: 0, ref problem })
+                if problem.contains("has length 0"))
+        };
+        assert!(first_entry(verify(&file, u64::MAX).unwrap_err()));
+        assert!(first_entry(read_snapshot(&file, u64::MAX).unwrap_err()));
+        let most = 2 * (HEADER_LEN + TABLE_PIECE) as u64 + 2 * HEADER_LEN as u64;
+        assert!(file.read() <= most, "read {} bytes", file.read());
+    }
+
+    /// Valid entries followed by zeros: the reader stops at the first
+    /// zero entry, whatever the count says.
+    #[test]
+    fn valid_entries_then_zeros_stop_at_the_first_zero_entry() {
+        let n = 1u64 << 30;
+        let table: Vec<Chunk> = (0..5000)
+            .map(|i| Chunk {
+                offset: i * 4096,
+                len: 1,
+                crc: 0,
+            })
+            .collect();
+        let head = forged(n, n, n * 4096, &table);
+        let file = Sparse::new(head, format::data_offset_for(n).unwrap() + n);
+        match verify(&file, u64::MAX).unwrap_err() {
+            ReadError::Damaged(Damage::BadTable { index: 5000, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            file.read() < 3 * TABLE_PIECE as u64 + 1024,
+            "{}",
+            file.read()
+        );
+    }
+
+    #[test]
+    fn counts_and_lengths_beyond_the_file_are_damage() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, _) = saved(d.path());
+        let good = std::fs::read(&path).unwrap();
+        let h = read_header(good.as_slice(), u64::MAX).unwrap();
+        let damaged = |mutate: &dyn Fn(&mut Header)| {
+            let mut forged = h;
+            mutate(&mut forged);
+            let mut bytes = good.clone();
+            bytes[..HEADER_LEN].copy_from_slice(&forged.encode());
+            match verify(bytes.as_slice(), u64::MAX) {
+                Err(ReadError::Damaged(d)) => d.to_string(),
+                other => panic!("{forged:?}: {other:?}"),
+            }
+        };
+        type Forge = fn(&mut Header);
+        let cases: [(Forge, &str); 13] = [
+            // Data past the end of the file (the data_len grows with it).
+            (
+                |h| {
+                    h.stored_len += 1;
+                    h.data_len += 1;
+                    h.chunk_count += 1;
+                    h.data_offset = format::data_offset_for(h.chunk_count).unwrap();
+                },
+                "is truncated",
+            ),
+            (|h| h.data_offset += 4096, "data_offset is 8192"),
+            (
+                |h| h.stored_len = u64::MAX,
+                "stored_len 18446744073709551615 exceeds",
+            ),
+            (
+                |h| {
+                    h.stored_len = u64::MAX;
+                    h.data_len = u64::MAX;
+                    h.chunk_count = 1 << 52; // * 4096 overflows: any stored_len fits
+                    h.data_offset = format::data_offset_for(1 << 52).unwrap();
+                },
+                "stored_len 18446744073709551615 overflows",
+            ),
+            // Counts: table entries past data_offset, or past the file.
+            (|h| h.chunk_count += 1, "entry 40 has length 0"),
+            (
+                |h| {
+                    h.chunk_count = 1 << 40;
+                    h.data_offset = format::data_offset_for(1 << 40).unwrap();
+                },
+                "exceeds the 163840 stored bytes",
+            ),
+            (|h| h.chunk_count = u64::MAX, "impossibly large"),
+            (|h| h.chunk_count = 1, "cannot hold"),
+            // Fewer stored bytes than the table's: the file is longer.
+            (|h| h.stored_len -= 1, "trailing bytes"),
+            // Lengths: the data inside data_len, chunk sizes.
+            (|h| h.data_len = 100, "exceeds the data size 100"),
+            (|h| h.data_len -= 1, "exceeds the data size 163839"),
+            (|h| h.chunk_size = 3000, "chunk_size 3000"),
+            (|h| h.table_crc ^= 1, "corrupt chunk table"),
+        ];
+        for (forge, want) in cases {
+            let got = damaged(&forge);
+            assert!(got.contains(want), "want {want:?}: {got}");
+        }
+    }
+
+    #[test]
+    fn too_large_is_refused_after_the_header_is_found_intact() {
+        let d = tempfile::tempdir().unwrap();
+        let (path, data) = saved(d.path());
+        let len = data.len() as u64;
+        let good = std::fs::read(&path).unwrap();
+        for reader in [
+            verify(good.as_slice(), len - 1).map(drop),
+            read_snapshot(good.as_slice(), len - 1).map(drop),
+        ] {
+            match reader {
+                Err(ReadError::TooLarge { data_len, max }) => {
+                    assert_eq!((data_len, max), (len, len - 1));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(verify(good.as_slice(), len).is_ok());
+        // Damage wins over size: a damaged header is damage.
+        let mut bad = good.clone();
+        bad[30] ^= 1;
+        assert!(matches!(
+            verify(bad.as_slice(), 1),
+            Err(ReadError::Damaged(Damage::HeaderChecksum { .. }))
+        ));
+        // --check verifies the checksums whatever the size, then refuses.
+        let i = inspect(&path, len - 1);
+        assert_eq!(i.header.map(|h| h.data_len), Some(len));
+        let e = i.verdict.unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+        assert!(inspect(&path, len).verdict.is_ok());
     }
 
     #[test]

@@ -1040,3 +1040,204 @@ fn a_terminal_hang_up_stops_the_command_and_saves() {
     );
     assert_eq!(count(&snap), 2, "the run's state was saved");
 }
+
+/// CRC32 (IEEE, as `crc32fast::hash`), bit by bit: enough to forge a
+/// header the reader accepts.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Writes at `path` a sparse snapshot whose header (with a valid CRC)
+/// declares 2^32 one-byte chunks: the file is exactly as long as that
+/// header says (about 68 GB, nearly all holes), so every length check
+/// passes and only the chunk table's contents (zeros) are wrong.
+fn forge_sparse_snapshot(path: &Path) {
+    const CHUNKS: u64 = 1 << 32;
+    let data_offset = (128 + 16 * CHUNKS).next_multiple_of(4096);
+    let stored_len = CHUNKS; // one byte per chunk
+    let mut h = [0u8; 128];
+    h[0..8].copy_from_slice(b"SHMSNAP\0");
+    h[8..12].copy_from_slice(&1u32.to_le_bytes()); // version
+    h[12..16].copy_from_slice(&128u32.to_le_bytes()); // header_len
+    h[16..20].copy_from_slice(&4096u32.to_le_bytes()); // chunk_size
+    h[24..32].copy_from_slice(&(2 * CHUNKS).to_le_bytes()); // data_len: 8 GiB
+    h[32..40].copy_from_slice(&99u64.to_le_bytes()); // generation
+    h[48..56].copy_from_slice(&CHUNKS.to_le_bytes()); // chunk_count
+    h[56..64].copy_from_slice(&stored_len.to_le_bytes());
+    h[64..72].copy_from_slice(&128u64.to_le_bytes()); // table_offset
+    h[72..80].copy_from_slice(&data_offset.to_le_bytes());
+    let crc = crc32(&h[..124]);
+    h[124..128].copy_from_slice(&crc.to_le_bytes());
+    let f = std::fs::File::create(path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &h, 0).unwrap();
+    f.set_len(data_offset + stored_len).unwrap();
+}
+
+/// What identifies a file without reading it all (the forged snapshot is
+/// 68 GB of holes): inode, length, modification time and first 4 KiB.
+fn fingerprint(path: &Path) -> (u64, u64, i64, i64, Vec<u8>) {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    let mut head = Vec::new();
+    std::fs::File::open(path)
+        .unwrap()
+        .take(4096)
+        .read_to_end(&mut head)
+        .unwrap();
+    (m.ino(), m.len(), m.mtime(), m.mtime_nsec(), head)
+}
+
+/// The names in `dir` with each file's fingerprint.
+fn fingerprints(dir: &Path) -> BTreeMap<String, (u64, u64, i64, i64, Vec<u8>)> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name().into_string().unwrap(), fingerprint(&e.path()))
+        })
+        .collect()
+}
+
+/// Issue 9, part 3: a sparse snapshot whose header declares 2^32 chunks
+/// made `shm-restore` abort on a 64 GiB allocation (exit 134) instead of
+/// treating the file as damaged.
+#[test]
+fn a_sparse_snapshot_declaring_2_pow_32_chunks_is_damage_not_an_abort() {
+    // With a valid .prev: the .prev is loaded, the forged file kept.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 2); // s.snap holds 2, s.snap.prev holds 1
+    forge_sparse_snapshot(&snap);
+    let forged = fingerprint(&snap);
+    let started = Instant::now();
+    let (code, out, err) = restore(&[snap.to_str().unwrap()], &[&b("counter")]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "2", "continued from .prev (1)");
+    assert!(
+        err.contains("WARNING") && err.contains("chunk table") && err.contains("s.snap.corrupt-"),
+        "{err}"
+    );
+    let kept: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_str().unwrap().contains("s.snap.corrupt-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    assert_eq!(
+        fingerprint(&kept[0]),
+        forged,
+        "kept as it was, only renamed"
+    );
+    assert_eq!(count(&snap), 3);
+
+    // Without .prev: exit 65, the command not started, nothing changed.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 1);
+    forge_sparse_snapshot(&snap);
+    let before = fingerprints(dir.path());
+    let (code, out, err) = restore(&[snap.to_str().unwrap()], &["sh", "-c", "echo started"]);
+    assert_eq!(code, 65, "{err}");
+    assert!(out.is_empty(), "the command ran");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("s.snap") && err.contains("chunk table"),
+        "{err}"
+    );
+    assert_eq!(fingerprints(dir.path()), before, "files changed");
+    // --check says BAD, it does not abort either.
+    let check = run(cmd("shm-restore").arg("--check").arg(&snap));
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check).1);
+    assert!(text(&check).0.contains("BAD"));
+    assert_eq!(fingerprints(dir.path()), before, "files changed");
+    // Bounded work: the table's first entry is already wrong.
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Issue 9, part 3: a memfd larger than `--max-size` was saved (a file no
+/// later start could load), and the next save renamed that good snapshot
+/// to `.corrupt-*`. A save that cannot be done changes no file.
+#[test]
+fn a_memfd_larger_than_max_size_is_not_saved_and_no_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 2);
+    let before = files(dir.path());
+    // The command grows the memfd (fd 3) to 8 KiB, past the 4 KiB limit.
+    let (code, out, err) = restore(
+        &["--max-size", "4K", snap.to_str().unwrap()],
+        &["sh", "-c", "head -c 8192 /dev/zero >&3 && echo grown"],
+    );
+    assert_eq!(out, "grown\n", "{err}");
+    assert_eq!(code, 74, "the final save failed: {err}");
+    assert!(
+        err.contains("save on exit failed") && err.contains("8192") && err.contains("4096"),
+        "{err}"
+    );
+    assert_eq!(files(dir.path()), before, "a file changed");
+    // The good snapshot still loads.
+    assert_eq!(count(&snap), 3);
+}
+
+/// Issue 9, part 3: `--interval 0` spun a core at 100%; other zero or
+/// absurd durations and sizes misbehaved (an interval of 3e15 hours
+/// overflowed the clock: a panic after the command started). Each is a
+/// one-line usage error naming the option and the accepted range; nothing
+/// is started or created.
+#[test]
+fn zero_and_absurd_durations_and_sizes_are_usage_errors() {
+    let cases: [(&str, &str, &str); 11] = [
+        ("--interval", "0", "1ms to 168h"),
+        ("--interval", "0s", "1ms to 168h"),
+        ("--interval", "0.5ms", "1ms to 168h"),
+        ("--interval", "1000000h", "168h"),
+        // Past the monotonic clock: panicked after the command started.
+        ("--interval", "3000000000000000h", "168h"),
+        ("--interval", "99999999999999999999999h", "168h"),
+        ("--stop-timeout", "0", "10ms to 1h"),
+        ("--stop-timeout", "0ms", "10ms to 1h"),
+        ("--stop-timeout", "1000000000h", "1h"),
+        ("--max-size", "0", "1 byte"),
+        ("--max-size", "99999999999T", "8388607T"),
+    ];
+    for (option, value, range) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = dir.path().join("s.snap");
+        let marker = dir.path().join("started");
+        let script = format!("touch {}; echo started", marker.display());
+        let started = Instant::now();
+        let (code, out, err) = restore(
+            &[option, value, snap.to_str().unwrap()],
+            &["sh", "-c", &script],
+        );
+        assert_eq!(code, 2, "{option} {value}: {err}");
+        assert!(out.is_empty(), "{option} {value}: the command ran");
+        assert_eq!(err.lines().count(), 1, "{option} {value}: {err}");
+        assert!(
+            err.contains(option) && err.contains(value) && err.contains(range),
+            "{option} {value}: {err}"
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{option} {value}: a file was created"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}

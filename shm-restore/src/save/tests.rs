@@ -14,11 +14,11 @@ use std::fs::File;
 const NAME: &str = "state.snap";
 
 fn options() -> SaveOptions {
-    SaveOptions {
-        chunk_size: 4096,
-        write_size: 4096,
-        ..SaveOptions::default()
-    }
+    SaveOptions::builder()
+        .chunk_size(4096)
+        .write_size(4096)
+        .build()
+        .unwrap()
 }
 
 /// A sparse image whose bytes depend on `seed`.
@@ -140,6 +140,10 @@ fn the_crash_model_catches_a_rename_without_fsync() {
     );
 }
 
+/// The step of a save that renames the new snapshot over the old one
+/// (create, 4 data writes, header, fsync, link = 8 steps before it).
+const COMMIT_STEP: usize = 9;
+
 #[test]
 fn no_space_at_every_step_keeps_the_old_snapshot_and_cleans_up() {
     let old = image(1).to_dense();
@@ -159,17 +163,205 @@ fn no_space_at_every_step_keeps_the_old_snapshot_and_cleans_up() {
             .collect();
         assert!(leftovers.is_empty(), "step {step}: left {leftovers:?}");
         let state = load_state(&after).unwrap();
-        if step == steps {
-            // Only the directory fsync failed: the new file is in place.
-            assert_eq!(state, new, "step {step}");
-        } else {
+        if step <= COMMIT_STEP {
+            // Up to and including the commit: a save that cannot be done
+            // changes no file, `.prev` included.
             assert_eq!(state, old, "step {step}");
-            assert_eq!(
-                after.get(OsStr::new(NAME)),
-                before.get(OsStr::new(NAME)),
-                "step {step}: the snapshot changed"
-            );
+            assert_eq!(after, before, "step {step}: a file changed");
+        } else {
+            // After the commit the new snapshot is in place, and the
+            // message says so.
+            assert_eq!(state, new, "step {step}");
+            assert!(e.to_string().contains("new snapshot"), "step {step}: {e}");
+            let prev = OsStr::new("state.snap.prev");
+            if step == COMMIT_STEP + 1 {
+                // Keeping the old snapshot as .prev failed: .prev is the
+                // older one still.
+                assert_eq!(after[prev], before[prev], "step {step}");
+            } else {
+                assert_eq!(after[prev], before[OsStr::new(NAME)], "step {step}");
+            }
         }
+    }
+}
+
+/// Issue 9, part 3: a memfd larger than `max_data_len` was saved (a file
+/// no start could load) and the next save moved that good snapshot aside
+/// as damaged. It is refused before any file operation.
+#[test]
+fn a_memfd_larger_than_max_data_len_is_refused_and_no_file_changes() {
+    let sim = old_disk();
+    let before = sim.current();
+    let small = SaveOptions::builder()
+        .chunk_size(4096)
+        .max_data_len(99_999)
+        .build()
+        .unwrap();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), small);
+    sim.fail_at(usize::MAX, Fault::Crash); // counts the operations
+    let e = saver.save(&image(2), 3).unwrap_err(); // 100_000 bytes
+    assert!(
+        matches!(
+            e,
+            Error::MemfdTooLarge {
+                data_len: 100_000,
+                max: 99_999
+            }
+        ),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("100000 bytes, more than the maximum 99999"),
+        "{e}"
+    );
+    assert!(!e.is_corrupt());
+    assert_eq!(sim.ops(), 0, "no file operation at all");
+    assert_eq!(sim.current(), before);
+    // The memfd itself, streamed: the same.
+    let m = memfd();
+    m.set_len(100_000).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&m, b"data", 50_000).unwrap();
+    assert!(matches!(
+        saver.save_memfd(&m, 4),
+        Err(Error::MemfdTooLarge { .. })
+    ));
+    assert_eq!(sim.current(), before);
+    // A later save within the limit keeps the good snapshot as .prev.
+    let fits = Image::from_bytes(vec![5; 1000]);
+    let SaveOutcome::Saved(r) = saver.save(&fits, 5).unwrap() else {
+        panic!()
+    };
+    assert!(r.kept_previous && r.moved_corrupt.is_none(), "{r:?}");
+    assert_eq!(
+        sim.current()[OsStr::new("state.snap.prev")],
+        before[OsStr::new(NAME)]
+    );
+}
+
+/// A valid snapshot holding more than this saver's maximum (the limit
+/// was lowered between runs) is somebody's good snapshot: kept as
+/// `.prev`, never renamed to `.corrupt-*`.
+#[test]
+fn a_valid_snapshot_above_the_maximum_is_kept_as_prev_not_moved_aside() {
+    let sim = old_disk(); // state.snap holds 100_000 bytes
+    let main = sim.current()[OsStr::new(NAME)].clone();
+    let small = SaveOptions::builder()
+        .chunk_size(4096)
+        .max_data_len(50_000)
+        .build()
+        .unwrap();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), small);
+    assert_eq!(saver.generation(), 2, "its generation still counts");
+    let SaveOutcome::Saved(r) = saver.save(&Image::from_bytes(vec![1; 10_000]), 3).unwrap() else {
+        panic!()
+    };
+    assert!(r.moved_corrupt.is_none(), "{r:?}");
+    assert!(r.kept_previous);
+    assert_eq!(r.generation, 3);
+    let after = sim.current();
+    assert_eq!(after[OsStr::new("state.snap.prev")], main);
+    assert!(
+        !names(&after).iter().any(|n| n.contains("corrupt")),
+        "{:?}",
+        names(&after)
+    );
+}
+
+/// The damaged file in the snapshot's place is given its `.corrupt-*`
+/// name by a link: when the commit then fails, that name is dropped and
+/// the damaged file is where it was.
+#[test]
+fn a_failed_commit_leaves_a_damaged_file_in_place_and_no_corrupt_name() {
+    let sim = old_disk();
+    let mut bad = sim.current()[OsStr::new(NAME)].clone();
+    bad[5000] ^= 1;
+    sim.put(NAME, bad);
+    let before = sim.current();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options());
+    sim.fail_at(COMMIT_STEP, Fault::NoSpace);
+    assert!(saver.save(&image(2), 3).is_err());
+    assert_eq!(sim.current(), before);
+    // And with the commit done: the damaged file kept byte for byte.
+    let SaveOutcome::Saved(r) = saver.save(&image(2), 1_700_000_000_000_000_000).unwrap() else {
+        panic!()
+    };
+    let (kept, _) = r.moved_corrupt.unwrap();
+    assert!(
+        kept.ends_with("state.snap.corrupt-20231114T221320Z"),
+        "{kept:?}"
+    );
+    let after = sim.current();
+    assert_eq!(after[kept.file_name().unwrap()], before[OsStr::new(NAME)]);
+    assert_eq!(
+        after[OsStr::new("state.snap.prev")],
+        before[OsStr::new("state.snap.prev")]
+    );
+}
+
+#[test]
+fn save_options_are_checked_when_built() {
+    let d = SaveOptions::default();
+    assert_eq!(SaveOptions::builder().build().unwrap(), d);
+    assert_eq!(
+        (d.chunk_size(), d.write_size(), d.max_data_len()),
+        (1 << 20, 1 << 20, DEFAULT_MAX_DATA_LEN)
+    );
+    // Large chunks make the default write size one chunk.
+    let big = SaveOptions::builder().chunk_size(1 << 26).build().unwrap();
+    assert_eq!(big.write_size(), 1 << 26);
+    let tiny = SaveOptions::builder()
+        .chunk_size(4096)
+        .write_size(4096)
+        .max_data_len(1)
+        .build()
+        .unwrap();
+    assert_eq!(tiny.max_data_len(), 1);
+    assert!(
+        SaveOptions::builder()
+            .max_data_len(SaveOptions::MAX_DATA_LEN)
+            .write_size(SaveOptions::MAX_WRITE_SIZE)
+            .build()
+            .is_ok()
+    );
+
+    let refused = |b: SaveOptionsBuilder, option: &str, accepted: &str| {
+        let e = b.build().unwrap_err();
+        assert_eq!(e.option, option, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(option) && text.contains("out of range") && text.contains(accepted),
+            "{text}"
+        );
+    };
+    for chunk_size in [0, 1, 1000, 4095, 4097, 6144, 1 << 27, u32::MAX] {
+        refused(
+            SaveOptions::builder().chunk_size(chunk_size),
+            "chunk_size",
+            "a power of two in 4096..=67108864",
+        );
+    }
+    for write_size in [0, 1, 4095, (1 << 30) + 1, usize::MAX] {
+        refused(
+            SaveOptions::builder()
+                .chunk_size(4096)
+                .write_size(write_size),
+            "write_size",
+            "4096..=1073741824",
+        );
+    }
+    // A write holds whole chunks.
+    refused(
+        SaveOptions::builder().chunk_size(1 << 20).write_size(4096),
+        "write_size",
+        "1048576..=",
+    );
+    for max in [0, SaveOptions::MAX_DATA_LEN + 1, u64::MAX] {
+        refused(
+            SaveOptions::builder().max_data_len(max),
+            "max_data_len",
+            "1..=9223372036854775807",
+        );
     }
 }
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use shm_restore::{Error, LoadOutcome, format_time};
+use shm_restore::{Error, LoadOutcome, SaveOptions, format_time};
 
 mod supervise;
 
@@ -19,8 +19,9 @@ pub(crate) const EXIT_SETUP: u8 = 1;
 pub(crate) const EXIT_INVALID: u8 = 1;
 /// Bad command line.
 pub(crate) const EXIT_USAGE: u8 = 2;
-/// No valid snapshot to load (damaged, truncated, wrong version, too
-/// large, and no valid `.prev`): nothing started, every file as it was.
+/// No valid snapshot to load (damaged, truncated, wrong version, and no
+/// valid `.prev`; or more data than `--max-size`): nothing started, every
+/// file as it was.
 pub(crate) const EXIT_DATA: u8 = 65;
 /// The snapshot cannot be read (permissions, I/O error) or the memfd
 /// cannot take it: nothing started.
@@ -58,11 +59,14 @@ Exit status:
   the command's    its exit code, or 128+N if signal N killed it
   1                setup failed (bad LISTEN_* variables, memfd, ...);
                    with --check: the snapshot is not valid
-  2                usage error
-  65               no valid snapshot to load: nothing was started and every
+  2                usage error (one line; an option out of its range names
+                   the range)
+  65               no valid snapshot to load (damaged, and no valid .prev;
+                   or larger than --max-size): nothing was started and every
                    file is left as it was
   66               the snapshot cannot be read, or the memfd cannot take it
-  74               the command exited 0 but the final save failed
+  74               the command exited 0 but the final save failed (e.g. the
+                   memfd grew past --max-size); every file is as it was
   126              the command cannot be executed
   127              the command was not found";
 
@@ -75,8 +79,8 @@ pub(crate) struct Args {
     pub name: String,
 
     /// Also save every DURATION while the command runs, when the memfd
-    /// changed (e.g. 100ms, 5s, 1m).
-    #[arg(long, value_name = "DURATION", value_parser = shm_fd::units::parse_duration)]
+    /// changed (e.g. 100ms, 5s, 1m; 1ms to 168h).
+    #[arg(long, value_name = "DURATION", value_parser = interval)]
     pub interval: Option<Duration>,
 
     /// How a save copies the memfd while the command runs: `stop` pauses
@@ -93,14 +97,15 @@ pub(crate) struct Args {
     )]
     pub snapshot_mode: SnapshotMode,
 
-    /// Refuse to load snapshots holding more than SIZE bytes (K/M/G/T
-    /// suffixes, powers of 1024).
-    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = shm_fd::units::parse_size)]
+    /// Refuse to load snapshots holding more than SIZE bytes, and to save
+    /// a memfd larger than that (K/M/G/T suffixes, powers of 1024; 1 byte
+    /// to 8388607T).
+    #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = max_size)]
     pub max_size: u64,
 
     /// How long to wait for the command's process group to stop before a
-    /// save made while it runs gives up.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = shm_fd::units::parse_duration)]
+    /// save made while it runs gives up (10ms to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = stop_timeout)]
     pub stop_timeout: Duration,
 
     /// Do not seal a memfd created here against shrinking.
@@ -123,6 +128,10 @@ pub(crate) struct Args {
     /// `NOTIFY_SOCKET` from the environment (not an option).
     #[arg(skip)]
     pub notify_socket: Option<OsString>,
+
+    /// How saves are made, built from the options above (not an option).
+    #[arg(skip)]
+    pub save_options: SaveOptions,
 
     /// The command to run, and its arguments.
     #[arg(
@@ -149,13 +158,88 @@ pub(crate) enum SnapshotMode {
 #[derive(Debug)]
 pub(crate) struct Failure(pub u8, pub String);
 
-fn main() -> ExitCode {
+/// The accepted range of a duration option: least, most, and how the
+/// range is written in messages and `--help`.
+type DurationRange = (Duration, Duration, &'static str);
+
+/// `--interval`: 0 would save in a busy loop (each tick probes the
+/// memfd); 1ms is the shortest a timer is meant for (tests stress saves
+/// with 5ms), a week the longest (and far from the clock's limit).
+const INTERVAL_RANGE: DurationRange = (
+    Duration::from_millis(1),
+    Duration::from_secs(168 * 3600),
+    "1ms to 168h (7 days)",
+);
+
+/// `--stop-timeout`: a group normally stops within milliseconds; an hour
+/// of a paused save is already a hang.
+const STOP_TIMEOUT_RANGE: DurationRange = (
+    Duration::from_millis(10),
+    Duration::from_secs(3600),
+    "10ms to 1h",
+);
+
+/// `--max-size`: the accepted range, in messages and `--help`.
+const MAX_SIZE_RANGE: &str = "1 byte to 8388607T (2^63-1 bytes, the largest file)";
+
+fn duration_in(text: &str, (least, most, accepted): DurationRange) -> Result<Duration, String> {
+    match shm_fd::units::parse_duration(text) {
+        Ok(d) if (least..=most).contains(&d) => Ok(d),
+        Ok(_) => Err(format!("out of range: accepted {accepted}")),
+        Err(e) => Err(format!("{e}: accepted {accepted}")),
+    }
+}
+
+fn interval(text: &str) -> Result<Duration, String> {
+    duration_in(text, INTERVAL_RANGE)
+}
+
+fn stop_timeout(text: &str) -> Result<Duration, String> {
+    duration_in(text, STOP_TIMEOUT_RANGE)
+}
+
+fn max_size(text: &str) -> Result<u64, String> {
+    match shm_fd::units::parse_size(text) {
+        Ok(n) if (1..=SaveOptions::MAX_DATA_LEN).contains(&n) => Ok(n),
+        Ok(_) => Err(format!("out of range: accepted {MAX_SIZE_RANGE}")),
+        Err(e) => Err(format!("{e}: accepted {MAX_SIZE_RANGE}")),
+    }
+}
+
+/// Parses the command line; a usage error is printed and becomes the exit
+/// code. An option value out of its range is one line naming the option,
+/// the value and the range.
+fn parse_args() -> Result<Args, ExitCode> {
     let mut args = match Args::try_parse() {
         Ok(a) => a,
+        Err(e) if e.kind() == clap::error::ErrorKind::ValueValidation => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or_default();
+            warn(format_args!(
+                "{} (see --help)",
+                line.strip_prefix("error: ").unwrap_or(line)
+            ));
+            return Err(ExitCode::from(EXIT_USAGE));
+        }
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 });
+            return Err(ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 }));
         }
+    };
+    args.save_options = SaveOptions::builder()
+        .max_data_len(args.max_size)
+        .build()
+        .map_err(|e| {
+            warn(format_args!("--max-size: {e}"));
+            ExitCode::from(EXIT_USAGE)
+        })?;
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let mut args = match parse_args() {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     if args.check {
         return ExitCode::from(check(&args.snapshot, args.max_size));
@@ -187,12 +271,15 @@ fn check(path: &Path, max_size: u64) -> u8 {
         }
         None => report += &format!("{}: not readable as a snapshot\n", path.display()),
     }
-    let valid = inspection.verdict.is_ok();
-    report += if valid {
-        "  checksums:      ok\n"
-    } else {
-        "  checksums:      BAD\n"
-    };
+    report += match &inspection.verdict {
+        Ok(()) => "  checksums:      ok\n".to_owned(),
+        // Refused for its size only: every checksum was checked.
+        Err(Error::TooLarge { max, .. }) => format!(
+            "  checksums:      ok\n  size:           BAD, more than the maximum {max} (--max-size)\n"
+        ),
+        Err(_) => "  checksums:      BAD\n".to_owned(),
+    }
+    .as_str();
     // A closed stdout (`| head -1`) is not worth a panic.
     let _ = std::io::stdout().lock().write_all(report.as_bytes());
     match inspection.verdict {
@@ -212,7 +299,7 @@ pub(crate) fn warn(msg: std::fmt::Arguments<'_>) {
 
 /// The exit code for a load that failed.
 pub(crate) fn load_failure(e: Error) -> Failure {
-    let code = if e.is_corrupt() {
+    let code = if e.is_unloadable() {
         EXIT_DATA
     } else {
         EXIT_NO_INPUT

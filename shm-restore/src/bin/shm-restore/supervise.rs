@@ -21,8 +21,8 @@ use nix::unistd::Pid;
 use shm_fd::process::{SignalSet, SpawnError, Terminal, exit_code, group_members, spawn_group};
 use shm_fd::{CreateOptions, Handover, ListenEnv, SharedFd};
 use shm_restore::{
-    Capture, Captured, DirStorage, LoadOutcome, SaveOptions, SaveOutcome, Saver, SnapshotProtocol,
-    StopGroup, now_ns, probe_table,
+    Capture, Captured, DirStorage, LoadOutcome, SaveOutcome, Saver, SnapshotProtocol, StopGroup,
+    now_ns, probe_table,
 };
 
 use crate::{
@@ -86,14 +86,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     } else {
         say(args, &line);
     }
-    let mut saver = Saver::new(
-        storage,
-        &name,
-        SaveOptions {
-            max_data_len: args.max_size,
-            ..SaveOptions::default()
-        },
-    );
+    let mut saver = Saver::new(storage, &name, args.save_options);
     if let LoadOutcome::Loaded {
         header,
         chunks,
@@ -399,7 +392,7 @@ fn save_if_changed(
         save(args, saver, capture, memfd, "periodic");
         return;
     }
-    match probe_table(memfd, saver.options().chunk_size) {
+    match probe_table(memfd, saver.options().chunk_size()) {
         Ok((0, _)) => {}
         Ok((len, table)) if saver.is_unchanged(len, &table) => {}
         _ => {
