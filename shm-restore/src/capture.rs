@@ -416,31 +416,12 @@ pub fn wait_until_stopped(pgid: i32, timeout: Duration) -> Result<()> {
     }
 }
 
-/// The pids of group `pgid`'s members, from `/proc/*/stat`.
+/// The pids of group `pgid`'s live members.
 fn group_members(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| {
-            fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|s| stat_fields(&s).map(|(_, pgrp)| pgrp == pgid))
-                .unwrap_or(false)
-        })
+    shm_fd::process::group_members(pgid)
+        .into_iter()
+        .map(|p| p.pid)
         .collect()
-}
-
-/// `(state, pgrp)` from a `/proc/.../stat` line; the command name may hold
-/// spaces and parentheses, so fields are counted after the last `)`.
-fn stat_fields(stat: &str) -> Option<(char, i32)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_ascii_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let _ppid = fields.next()?;
-    let pgrp = fields.next()?.parse().ok()?;
-    Some((state, pgrp))
 }
 
 /// Where a process is on its way to a stop.
@@ -461,9 +442,10 @@ fn progress(pid: i32) -> Progress {
     };
     let mut progress = Progress::Stopped;
     for t in tasks.flatten() {
-        match fs::read_to_string(t.path().join("stat")).map(|s| stat_fields(&s)) {
-            Ok(Some((c, _))) if "TtZXx".contains(c) => {}
-            Ok(Some(('D', _))) => progress = Progress::Blocked,
+        let stat = fs::read_to_string(t.path().join("stat"));
+        match stat.map(|s| shm_fd::process::ProcStat::parse(&s).map(|p| p.state)) {
+            Ok(Some(c)) if "TtZXx".contains(c) => {}
+            Ok(Some('D')) => progress = Progress::Blocked,
             Ok(_) => return Progress::Running,
             Err(_) => {} // the thread exited
         }
@@ -474,15 +456,6 @@ fn progress(pid: i32) -> Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_stat_with_odd_names() {
-        assert_eq!(
-            stat_fields("123 (a) b) (c) T 1 456 456 0 -1"),
-            Some(('T', 456))
-        );
-        assert_eq!(stat_fields("garbage"), None);
-    }
 
     #[test]
     fn a_group_caught_inside_vfork_is_stopped_too() {

@@ -183,6 +183,11 @@ pub enum Error {
     },
     /// A capture through shm-snapshot's protocol failed.
     Snapshot(shm_snapshot::Error),
+    /// The new snapshot was written and renamed into place (the save's
+    /// commit), and a step after it failed: keeping the previous one as
+    /// `.prev`, or the directory's fsync (the new snapshot may then not
+    /// survive a machine crash).
+    AfterCommit(Box<Error>),
     /// A system call on a file failed.
     Io {
         /// What was being done, e.g. `"fsync"`.
@@ -253,6 +258,7 @@ impl fmt::Display for Error {
                 "process group {pgid} did not stop within {waited_ms} ms for a consistent copy"
             ),
             Error::Snapshot(e) => write!(f, "shm-snapshot protocol: {e}"),
+            Error::AfterCommit(e) => write!(f, "{e} (the new snapshot is saved)"),
             Error::Io { op, path, source } => write!(f, "{op} {}: {source}", path.display()),
         }
     }

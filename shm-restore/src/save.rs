@@ -581,14 +581,14 @@ impl<S: Storage> Saver<S> {
             }
         }
         self.storage.sync_dir().map_err(|e| {
-            Error::io(
+            Error::AfterCommit(Box::new(Error::io(
                 "fsync of the directory (the new snapshot may not survive a crash)",
                 self.storage.path_of(OsStr::new(".")),
                 e,
-            )
+            )))
         })?;
         if let Some(e) = not_kept {
-            return Err(e);
+            return Err(Error::AfterCommit(Box::new(e)));
         }
         Ok(SaveOutcome::Saved(SaveReport {
             generation,

@@ -168,10 +168,12 @@ fn no_space_at_every_step_keeps_the_old_snapshot_and_cleans_up() {
             // changes no file, `.prev` included.
             assert_eq!(state, old, "step {step}");
             assert_eq!(after, before, "step {step}: a file changed");
+            assert!(!matches!(e, Error::AfterCommit(_)), "step {step}: {e}");
         } else {
             // After the commit the new snapshot is in place, and the
-            // message says so.
+            // error (so the message) says so.
             assert_eq!(state, new, "step {step}");
+            assert!(matches!(e, Error::AfterCommit(_)), "step {step}: {e}");
             assert!(e.to_string().contains("new snapshot"), "step {step}: {e}");
             let prev = OsStr::new("state.snap.prev");
             if step == COMMIT_STEP + 1 {

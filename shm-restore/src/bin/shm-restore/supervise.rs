@@ -475,6 +475,10 @@ fn save(
             }
             true
         }
+        Err(e @ shm_restore::Error::AfterCommit(_)) => {
+            warn(format_args!("save {why}: {e}"));
+            false
+        }
         Err(e) => {
             warn(format_args!(
                 "save {why} failed: {e}; the previous snapshot is intact"
