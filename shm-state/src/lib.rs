@@ -90,6 +90,7 @@ mod error;
 mod format;
 mod handle;
 mod journal;
+mod lock;
 mod log;
 mod map;
 mod mem;

@@ -12,25 +12,8 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+use crate::lock::LockWords;
 use crate::mem::Identity;
-
-/// The lock words as read from a region (see `docs/state-format.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct LockWords {
-    /// pid | claiming bit | claim count.
-    pub word: u64,
-    pub start: u64,
-    pub nonce: u64,
-    pub boot: [u64; 2],
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl LockWords {
-    pub(crate) fn pid(&self) -> u32 {
-        self.word as u32
-    }
-}
 
 /// True when the lock words name a live holder of the memory `ours`.
 ///

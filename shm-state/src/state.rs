@@ -13,8 +13,9 @@ use shm_fd::SharedFd;
 use crate::error::{Error, Result, StoredLayout};
 use crate::format::*;
 use crate::journal;
+use crate::lock::{self, Claim, LockCells, LockWords};
 use crate::mem::{Backing, HeaderPage, Mem};
-use crate::owner::{self, LockWords};
+use crate::owner;
 use crate::snapshot::{CommitHook, Publisher};
 use crate::tx::{Core, TxCore, heap_bounds};
 
@@ -632,77 +633,23 @@ fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
     Ok(layout)
 }
 
-/// The lock as one open claimed it.
-#[derive(Debug, Clone, Copy)]
-struct Claim {
-    /// The lock words as found (put back if the open fails).
-    previous: LockWords,
-    /// The lock word while this handle holds it: pid and claim count.
-    held: u64,
+/// The lock words of `mem` as atomic cells.
+fn lock_cells(mem: &Mem) -> Result<LockCells<'_, AtomicU64>> {
+    Ok(LockCells {
+        word: mem.atomic_u64(LOCK_PID)?,
+        start: mem.atomic_u64(LOCK_START)?,
+        nonce: mem.atomic_u64(LOCK_NONCE)?,
+        boot: [mem.atomic_u64(LOCK_BOOT)?, mem.atomic_u64(LOCK_BOOT + 8)?],
+        dev: mem.atomic_u64(LOCK_DEV)?,
+        ino: mem.atomic_u64(LOCK_INO)?,
+    })
 }
 
-const PID_MASK: u64 = 0xFFFF_FFFF;
-
-/// The lock words' cells, in the order of [`LockWords`]'s identity fields.
-struct LockCells<'m> {
-    word: &'m AtomicU64,
-    start: &'m AtomicU64,
-    nonce: &'m AtomicU64,
-    boot: [&'m AtomicU64; 2],
-    dev: &'m AtomicU64,
-    ino: &'m AtomicU64,
-}
-
-impl<'m> LockCells<'m> {
-    fn of(mem: &'m Mem) -> Result<LockCells<'m>> {
-        Ok(LockCells {
-            word: mem.atomic_u64(LOCK_PID)?,
-            start: mem.atomic_u64(LOCK_START)?,
-            nonce: mem.atomic_u64(LOCK_NONCE)?,
-            boot: [mem.atomic_u64(LOCK_BOOT)?, mem.atomic_u64(LOCK_BOOT + 8)?],
-            dev: mem.atomic_u64(LOCK_DEV)?,
-            ino: mem.atomic_u64(LOCK_INO)?,
-        })
-    }
-
-    /// The identity words (the lock word itself is read by the caller).
-    fn read(&self, word: u64) -> LockWords {
-        LockWords {
-            word,
-            start: self.start.load(Ordering::Acquire),
-            nonce: self.nonce.load(Ordering::Acquire),
-            boot: [
-                self.boot[0].load(Ordering::Acquire),
-                self.boot[1].load(Ordering::Acquire),
-            ],
-            dev: self.dev.load(Ordering::Acquire),
-            ino: self.ino.load(Ordering::Acquire),
-        }
-    }
-
-    /// Stores the identity words (the lock word itself is the caller's).
-    fn write(&self, w: &LockWords) {
-        self.start.store(w.start, Ordering::Relaxed);
-        self.nonce.store(w.nonce, Ordering::Relaxed);
-        self.boot[0].store(w.boot[0], Ordering::Relaxed);
-        self.boot[1].store(w.boot[1], Ordering::Relaxed);
-        self.dev.store(w.dev, Ordering::Relaxed);
-        self.ino.store(w.ino, Ordering::Relaxed);
-    }
-}
-
-/// Takes the lock: one compare-and-swap from the word as found (free, or
-/// naming a holder that does not hold this memory) to
-/// `pid | CLAIMING | count + 1`; then the start time, nonce, boot id and
-/// the memory's identity; then the claiming bit is cleared. A reader that
-/// sees the claiming bit judges the claimer by pid and by what it maps (see
-/// [`owner::holds`]), whatever the other words say (they are being
-/// written). The claim count makes the swap fail if the word changed hands
-/// in between, even back to the same pid. Returns the claim and the holder
-/// whose lock was taken over (dead, or a holder of other memory).
+/// Takes the lock of `mem` for this process (see [`lock::claim`]), judging
+/// a holder it finds with [`owner::holds`]. Returns the claim and the
+/// holder whose lock was taken over (dead, or a holder of other memory).
 fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, Option<u32>)> {
-    let cells = LockCells::of(mem)?;
-    let me = std::process::id();
+    let cells = lock_cells(mem)?;
     let ours = mem.identity();
     // Read before the claim, so that the claiming window is a few stores.
     let mine = LockWords {
@@ -713,74 +660,24 @@ fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, Option<u32>)> {
         dev: ours.dev,
         ino: ours.ino,
     };
-    let mut current = cells.word.load(Ordering::Acquire);
-    // Every failed swap means another opener moved the word; it then holds
-    // or claims it, so the next round refuses. The bound is a safeguard.
-    for _ in 0..16 {
-        let found = cells.read(current);
-        let pid = found.pid();
-        if owner::holds(&found, ours, current & LOCK_CLAIMING != 0) {
-            return Err(Error::Locked { pid });
-        }
-        let count = ((current >> LOCK_COUNT_SHIFT) + 1) & (u64::MAX >> LOCK_COUNT_SHIFT);
-        let claiming = u64::from(me) | LOCK_CLAIMING | (count << LOCK_COUNT_SHIFT);
-        match cells
-            .word
-            .compare_exchange(current, claiming, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => {
-                cells.write(&mine);
-                let held = claiming & !LOCK_CLAIMING;
-                // Release: whoever sees the bit clear sees our identity.
-                cells.word.store(held, Ordering::Release);
-                let claim = Claim {
-                    previous: found,
-                    held,
-                };
-                return Ok((claim, (pid != 0).then_some(pid)));
-            }
-            Err(now) => current = now,
-        }
-    }
-    Err(Error::Locked {
-        pid: (current & PID_MASK) as u32,
+    lock::claim(&cells, std::process::id(), &mine, |found, claiming| {
+        owner::holds(found, ours, claiming)
     })
+    .map_err(|pid| Error::Locked { pid })
 }
 
-/// Puts the lock words back as they were found (an open that fails after
-/// taking the lock), so that a refused region is left byte for byte as it
-/// was. The claiming bit is set first, so that no opener judges the words
-/// while they are being put back.
+/// Puts the lock words back as they were found (see [`lock::unlock`]).
 fn unlock(mem: &Mem, claim: Claim) {
-    let Ok(cells) = LockCells::of(mem) else {
-        return;
-    };
-    if cells
-        .word
-        .compare_exchange(
-            claim.held,
-            claim.held | LOCK_CLAIMING,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_err()
-    {
-        return; // not ours any more (never while this process lives)
+    if let Ok(cells) = lock_cells(mem) {
+        lock::unlock(&cells, claim);
     }
-    cells.write(&claim.previous);
-    cells.word.store(claim.previous.word, Ordering::Release);
 }
 
-/// Releases a held lock: the word keeps its claim count and loses the pid,
-/// only if it is still this handle's (word and nonce).
+/// Releases a held lock (see [`lock::release`]).
 fn release_lock(mem: &Mem, held: u64, nonce: u64) {
-    let (Ok(word), Ok(nonce_word)) = (mem.atomic_u64(LOCK_PID), mem.atomic_u64(LOCK_NONCE)) else {
-        return;
-    };
-    if nonce_word.load(Ordering::Acquire) != nonce {
-        return;
+    if let Ok(cells) = lock_cells(mem) {
+        lock::release(&cells, held, nonce);
     }
-    let _ = word.compare_exchange(held, held & !PID_MASK, Ordering::AcqRel, Ordering::Relaxed);
 }
 
 fn root_layout<R: Pod>(version: u32) -> Result<StoredLayout> {
