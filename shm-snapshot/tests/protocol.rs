@@ -411,7 +411,7 @@ fn every_kept_snapshot_of_a_busy_writer_verifies() {
     let mut dst = vec![0; buf.region().len()];
     let mut s = Snapshotter::new().max_tries(3);
     let (mut consistent, mut stopped, mut torn, mut broken, mut last_count) = (0, 0, 0, 0, 0);
-    let rounds = 300;
+    let rounds = if cfg!(miri) { 10 } else { 300 };
     for _ in 0..rounds {
         // Raw optimistic copies: count the ones the protocol rejects.
         if let Outcome::Changed { .. } = try_copy_consistent(buf.region(), &mut dst).unwrap() {
@@ -512,6 +512,7 @@ fn wait_for_generation_with_duration_max_waits_without_deadline() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "memfd_create and mmap are not available under Miri")]
 fn read_only_mappings_are_refused_not_crashed_into() {
     let fd = shm_fd::SharedFd::create("ro", shm_fd::CreateOptions::default()).unwrap();
     fd.grow_to(8192).unwrap();
@@ -648,7 +649,7 @@ fn random_header_bytes_never_panic() {
     let rounds: u64 = std::env::var("SHM_SNAPSHOT_FUZZ_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
+        .unwrap_or(if cfg!(miri) { 10 } else { 3000 });
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut next = move || {
         x ^= x << 13;
@@ -764,6 +765,7 @@ fn two_publishers_on_one_region_are_caught_in_debug_builds() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "memfd_create and mmap are not available under Miri")]
 fn misaligned_mappings_are_refused_not_misused() {
     let fd = shm_fd::SharedFd::create("align", shm_fd::CreateOptions::default()).unwrap();
     fd.grow_to(3 * 4096).unwrap();
@@ -805,11 +807,11 @@ fn misaligned_mappings_are_refused_not_misused() {
 
 /// An `OwnedPublisher` keeps its memory: the same protocol as `Publisher`
 /// (header set-up, odd/even sequence, interrupted updates), with no
-/// lifetime to uphold, over a heap buffer and over a memfd mapping that a
-/// separate snapshotter mapping sees.
+/// lifetime to uphold, over a heap buffer and (next test) over a memfd
+/// mapping that a separate snapshotter mapping sees.
 #[test]
 fn an_owned_publisher_follows_the_protocol_over_the_memory_it_owns() {
-    use shm_snapshot::{MappedRegion, OwnedPublisher};
+    use shm_snapshot::OwnedPublisher;
     let (mut p, opened) = OwnedPublisher::open(HeapBuffer::new(HEADER_LEN + 64)).unwrap();
     assert!(opened.created && opened.generation == 0);
     p.enter_update();
@@ -831,7 +833,12 @@ fn an_owned_publisher_follows_the_protocol_over_the_memory_it_owns() {
     assert!(!opened.created && opened.interrupted && opened.generation == 1);
     assert_eq!(p.data().load_u64(0), 7);
     assert_eq!(p.commit(), 2);
+}
 
+#[test]
+#[cfg_attr(miri, ignore = "memfd_create and mmap are not available under Miri")]
+fn an_owned_publisher_over_its_own_mapping_of_the_header_page() {
+    use shm_snapshot::{MappedRegion, OwnedPublisher};
     // A mapping of the memfd's first page only, owned by the publisher;
     // the snapshotter's own mapping of the whole memfd sees its commits.
     let fd = shm_fd::SharedFd::create("owned-publisher", Default::default()).unwrap();

@@ -1733,4 +1733,5 @@ fn random_damage_then_changes_never_panic() {
 
 mod damage;
 mod lock;
+mod miri;
 mod protocol_page;
