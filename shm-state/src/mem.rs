@@ -379,7 +379,7 @@ impl Mem {
     }
 
     /// Checks `off..off+len` against the region and returns it as `usize`s.
-    #[inline]
+    #[inline(always)]
     fn range(&self, what: &'static str, off: u64, len: u64) -> Result<(usize, usize)> {
         let end = off.checked_add(len).filter(|&e| e <= self.len as u64);
         match end {
@@ -391,7 +391,7 @@ impl Mem {
 
     /// [`Mem::range`] for a slice: also refuses the atomic words' line,
     /// which other processes access while we hold the state.
-    #[inline]
+    #[inline(always)]
     fn slice_range(&self, what: &'static str, off: u64, len: u64) -> Result<(usize, usize)> {
         let r = self.range(what, off, len)?;
         if off < ATOMIC_END && off + len > TX_WORD {
@@ -427,6 +427,7 @@ impl Mem {
     /// The bytes `off..off+len` for writing, checked. Writes through the
     /// slice bypass the crash seam; transactions use [`Mem::write`] except for
     /// the `get_mut` accessors, whose ranges are journaled first.
+    #[inline]
     pub(crate) fn bytes_mut(
         &mut self,
         what: &'static str,
@@ -440,6 +441,7 @@ impl Mem {
     }
 
     /// Copies `data` to `off`, checked.
+    #[inline]
     pub(crate) fn write(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         #[cfg(test)]
         if self.crash_point(off, data)? {
@@ -452,6 +454,7 @@ impl Mem {
 
     /// Copies `len` bytes from `src` to `dst` within the region, checked
     /// (the ranges may overlap).
+    #[inline]
     pub(crate) fn copy_within(
         &mut self,
         what: &'static str,
@@ -487,6 +490,7 @@ impl Mem {
 
     /// The 8-byte word at `off` as an atomic (for the commit and lock words,
     /// and for reading the header before the lock is held).
+    #[inline]
     pub(crate) fn atomic_u64(&self, off: u64) -> Result<&AtomicU64> {
         let (o, _) = self.range("atomic word", off, 8)?;
         if !o.is_multiple_of(8) {
@@ -525,6 +529,7 @@ impl Mem {
     /// Stores `value` in the atomic word at `off` with release ordering: the
     /// stores that open and commit a transaction, and the magic. An aligned
     /// 8-byte store is never torn, so the crash seam applies it whole or not.
+    #[inline]
     pub(crate) fn store_word(&mut self, off: u64, value: u64) -> Result<()> {
         #[cfg(test)]
         if let Some(plan) = self.crash.as_mut()
