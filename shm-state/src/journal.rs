@@ -96,6 +96,7 @@ pub(crate) fn append(
     m[8..16].copy_from_slice(&seq.to_le_bytes());
     m[16..24].copy_from_slice(&claim(seq, pos).to_le_bytes());
     mem.write("journal end marker", marker, &m)?;
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     let at = JOURNAL_OFF + pos;
     let mut fields = [0u8; 20];
     fields[0..4].copy_from_slice(&len32.to_le_bytes());
@@ -240,6 +241,46 @@ pub(crate) fn apply_rollback(mem: &mut Mem, records: &[Record], seq: u64) -> Res
     }
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     mem.store_word(TX_WORD, tx_word(seq, false))?;
+    Ok(())
+}
+
+/// The current contents of every range `records` would roll back, in
+/// their order (what [`undo_rollback`] writes back). Bounded by the journal
+/// (each record's range is no longer than its before-image); an allocation
+/// that fails is an error before anything is written.
+pub(crate) fn current_images(mem: &Mem, records: &[Record]) -> Result<Vec<u8>> {
+    let total: u64 = records.iter().map(|r| r.len).sum();
+    let mut out = Vec::new();
+    out.try_reserve_exact(usize::try_from(total).unwrap_or(usize::MAX))
+        .map_err(|_| Error::TooLarge {
+            what: "rollback images",
+            len: total,
+        })?;
+    for r in records {
+        out.extend_from_slice(mem.bytes("rolled-back range", r.target, r.len)?);
+    }
+    Ok(out)
+}
+
+/// Undoes [`apply_rollback`] of `records` after all, from `images` (see
+/// [`current_images`]): the commit word is marked open again first, so
+/// that a crash part way leaves a journal the next open rolls back again,
+/// then every range gets its contents as found (all taken from the one
+/// state found, so the order does not matter).
+pub(crate) fn undo_rollback(
+    mem: &mut Mem,
+    records: &[Record],
+    images: &[u8],
+    seq: u64,
+) -> Result<()> {
+    mem.store_word(TX_WORD, tx_word(seq, true))?;
+    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    let mut at = 0usize;
+    for r in records {
+        let len = r.len as usize;
+        mem.write("rolled-back range", r.target, &images[at..at + len])?;
+        at += len;
+    }
     Ok(())
 }
 

@@ -70,7 +70,10 @@
 //!   carry checks (the commit word a check byte, the superblock and the
 //!   dynamic header CRCs, free-list heads a check, journal records CRCs and
 //!   an end marker): one flipped bit opens to exactly the committed state
-//!   or is refused as [`Error::Corrupted`], with nothing written.
+//!   or is refused as [`Error::Corrupted`], with the region as it was
+//!   found (a rollback that turns out to meet damage is undone). The lock
+//!   words carry a seal, so damage to a live holder's words never lets a
+//!   second opener in.
 //! - **Snapshot-consistent.** With [`Layout::with_snapshot_protocol`], the
 //!   first page of the memfd holds shm-snapshot's header and every
 //!   transaction is published through it ("updating" before the first

@@ -304,9 +304,12 @@ impl fmt::Display for OpenReport {
 /// outlives a remap.
 pub struct State<R> {
     pub(crate) core: Core,
+    /// This handle's key in the process's handle registry (0: released).
     nonce: u64,
     /// The lock word while this handle holds it.
     held: u64,
+    /// The nonce word it stored (the nonce and the identity's check).
+    lock_nonce: u64,
     /// Set while opening: the lock words as found, put back if the open fails.
     restore_lock: Option<LockWords>,
     report: OpenReport,
@@ -645,25 +648,28 @@ fn lock_cells(mem: &Mem) -> Result<LockCells<'_, AtomicU64>> {
     })
 }
 
-/// Takes the lock of `mem` for this process (see [`lock::claim`]), judging
-/// a holder it finds with [`owner::holds`]. Returns the claim and the
-/// holder whose lock was taken over (dead, or a holder of other memory).
-fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, Option<u32>)> {
+/// Takes the lock of `mem` for this process's handle `nonce` (registered
+/// on `mem`'s memory, see [`owner::register_handle`]; see [`lock::claim`]),
+/// judging a holder it finds with [`owner::holds`]. Returns the claim, the
+/// nonce word stored, and the holder whose lock was taken over (dead, or a
+/// holder of other memory).
+fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)> {
     let cells = lock_cells(mem)?;
     let ours = mem.identity();
     // Read before the claim, so that the claiming window is a few stores.
-    let mine = LockWords {
-        word: 0,
+    let mine = owner::sealed(LockWords {
+        word: u64::from(std::process::id()),
         start: owner::own_start_time(),
         nonce,
         boot: owner::boot_id(),
         dev: ours.dev,
         ino: ours.ino,
-    };
-    lock::claim(&cells, std::process::id(), &mine, |found, claiming| {
-        owner::holds(found, ours, claiming)
+    });
+    let (claim, took_over) = lock::claim(&cells, std::process::id(), &mine, |found, claiming| {
+        owner::holds(found, ours, claiming, nonce)
     })
-    .map_err(|pid| Error::Locked { pid })
+    .map_err(|pid| Error::Locked { pid })?;
+    Ok((claim, mine.nonce, took_over))
 }
 
 /// Puts the lock words back as they were found (see [`lock::unlock`]).
@@ -752,25 +758,40 @@ fn prepare(
     } else {
         Publisher::new(layout.commit_hook.take())
     };
-    let ((journal_len, heap_off), opened) = match recovery {
+    let ((journal_len, heap_off), opened, stored) = match recovery {
         None => {
             publisher.begin_update();
-            create(mem, layout.journal_len, layout.initial_len, expected)?;
+            let created = create(mem, layout.journal_len, layout.initial_len, expected);
+            // A creation that failed (growing the backing) wrote nothing:
+            // the protocol page goes back to its committed value either way.
             publisher.commit();
-            (check_superblock(mem)?, Opened::Created)
+            created?;
+            let geometry = check_superblock(mem)?;
+            let stored = check_dynamic(mem, geometry.1)?;
+            (geometry, Opened::Created, stored)
         }
-        Some((geometry, _, None)) => (geometry, Opened::Reopened),
+        Some((geometry, _, None)) => {
+            let stored = check_dynamic(mem, geometry.1)?;
+            (geometry, Opened::Reopened, stored)
+        }
         Some((geometry, seq, Some(records))) => {
+            // What the rollback overwrites, kept so that damage found after
+            // it (in header lines the interrupted transaction did not
+            // journal) leaves the region exactly as it was found.
+            let found = journal::current_images(mem, &records)?;
             publisher.begin_update();
             journal::apply_rollback(mem, &records, seq)?;
+            let checked = check_dynamic(mem, geometry.1);
+            if checked.is_err() {
+                journal::undo_rollback(mem, &records, &found, seq)?;
+            }
             publisher.commit();
             let opened = Opened::Recovered {
                 records: records.len(),
             };
-            (geometry, opened)
+            (geometry, opened, checked?)
         }
     };
-    let stored = check_dynamic(mem, heap_off)?;
     Ok(Prepared {
         journal_len,
         heap_off,
@@ -863,10 +884,10 @@ impl<R: Pod> State<R> {
             // Room for the lock words (growing never shrinks the backing).
             mem.grow_blank(HEADER_LEN)?;
         }
-        let nonce = owner::register_nonce();
+        let nonce = owner::register_handle(mem.identity());
         let result = Self::open_locked(mem, nonce, expected, &mut layout);
         if result.is_err() {
-            owner::unregister_nonce(nonce);
+            owner::unregister_handle(nonce);
         }
         result
     }
@@ -877,7 +898,7 @@ impl<R: Pod> State<R> {
         expected: StoredLayout,
         layout: &mut Layout<R>,
     ) -> Result<State<R>> {
-        let (claim, took_over_from) = lock(&mem, nonce)?;
+        let (claim, lock_nonce, took_over_from) = lock(&mem, nonce)?;
         // Until the state handle exists, a failure puts the lock words back.
         let refuse = |mem: &Mem, e: Error| {
             unlock(mem, claim);
@@ -908,6 +929,7 @@ impl<R: Pod> State<R> {
             core: Core::new(mem, journal_len, heap_off, publisher),
             nonce,
             held: claim.held,
+            lock_nonce,
             restore_lock: Some(claim.previous),
             report: OpenReport {
                 opened,
@@ -1061,9 +1083,9 @@ impl<R> State<R> {
                     held: self.held,
                 },
             ),
-            None => release_lock(&self.core.mem, self.held, self.nonce),
+            None => release_lock(&self.core.mem, self.held, self.lock_nonce),
         }
-        owner::unregister_nonce(self.nonce);
+        owner::unregister_handle(self.nonce);
         self.nonce = 0;
     }
 }

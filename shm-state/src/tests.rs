@@ -1735,3 +1735,4 @@ mod damage;
 mod lock;
 mod miri;
 mod protocol_page;
+mod regressions;

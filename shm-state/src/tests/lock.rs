@@ -4,7 +4,9 @@
 use std::os::unix::fs::FileExt;
 
 use super::*;
-use crate::format::{LOCK_BOOT, LOCK_CLAIMING, LOCK_DEV, LOCK_INO, LOCK_PID, LOCK_START};
+use crate::format::{
+    LOCK_BOOT, LOCK_CLAIMING, LOCK_DEV, LOCK_INO, LOCK_NONCE, LOCK_PID, LOCK_START,
+};
 
 fn memfd(name: &str) -> shm_fd::SharedFd {
     shm_fd::SharedFd::create(name, shm_fd::CreateOptions::default()).unwrap()
@@ -81,9 +83,19 @@ fn a_live_process_holds_only_the_memory_it_locked_on_this_boot() {
     let start = crate::owner::start_time(child.id()).unwrap();
     let (dev, ino) = (get(&fd, LOCK_DEV), get(&fd, LOCK_INO));
     let boot = crate::owner::boot_id();
+    // The words a holder stores (the nonce word carries their check).
     let forge = |fd: &shm_fd::SharedFd, word: u64, boot0: u64, ino: u64| {
+        let words = crate::owner::sealed(crate::lock::LockWords {
+            word,
+            start,
+            nonce: 99,
+            boot: [boot0, boot[1]],
+            dev,
+            ino,
+        });
         put(fd, LOCK_PID, word);
         put(fd, LOCK_START, start);
+        put(fd, LOCK_NONCE, words.nonce);
         put(fd, LOCK_BOOT, boot0);
         put(fd, LOCK_BOOT + 8, boot[1]);
         put(fd, LOCK_DEV, dev);
