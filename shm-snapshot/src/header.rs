@@ -33,6 +33,11 @@ pub const OFF_SEQ: usize = 64;
 /// The waiter word: non-zero while a snapshotter sleeps on the sequence
 /// word and wants a futex wake at the next commit.
 pub const OFF_WAITERS: usize = 72;
+/// The wake word: a counter (in its low 4 bytes; the high 4 stay zero) that
+/// the program bumps at a commit that finds a snapshotter waiting, and that
+/// snapshotters sleep on with a futex. Only ever accessed in 4-byte halves
+/// (see [`crate::Region`]).
+pub const OFF_WAKE: usize = 80;
 /// A sequence word at or above this is damage, not a count of steps: it
 /// grows by one per begin or commit, so no program reaches 2^63, and the
 /// bound leaves room to add without overflow.
@@ -92,6 +97,12 @@ impl<'a> Header<'a> {
 
     pub(crate) fn waiters(&self) -> &'a AtomicU64 {
         self.page.word(OFF_WAITERS)
+    }
+
+    /// The wake word's counting half (see [`OFF_WAKE`]).
+    #[cfg(not(loom))]
+    pub(crate) fn wake(&self) -> &'a std::sync::atomic::AtomicU32 {
+        self.page.half(OFF_WAKE, 0)
     }
 
     /// Loads the sequence word and checks it: a value of 2^63 or more

@@ -86,7 +86,7 @@ mod sync;
 mod target;
 
 pub use error::Error;
-pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, VERSION};
+pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, OFF_WAKE, VERSION};
 #[cfg(not(loom))]
 pub use publisher::MappedRegion;
 pub use publisher::{AsRegion, Opened, OwnedPublisher, Publisher, Update};

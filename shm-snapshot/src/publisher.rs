@@ -231,10 +231,9 @@ fn enter_update(header: Header<'_>, seq: &mut u64) {
 fn commit(header: Header<'_>, seq: &mut u64) -> u64 {
     if *seq % 2 == 1 {
         *seq += 1;
-        let word = header.seq();
-        word.store(seq.to_le(), Ordering::Release);
+        header.seq().store(seq.to_le(), Ordering::Release);
         if header.waiters().load(Ordering::Relaxed) != 0 {
-            crate::futex::wake(word);
+            crate::futex::wake(header);
         }
     }
     *seq / 2

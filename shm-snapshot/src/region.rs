@@ -6,7 +6,11 @@
 //! the bytes do not change, and another process writing them would make
 //! that undefined behaviour. Every access goes through `AtomicU64` (whole
 //! words) or `AtomicU8` (the bytes after the last whole word), always with
-//! the same access size at the same address.
+//! the same access size at the same address — except one *narrow* word a
+//! region may mark (`Region::narrowed`), which is only ever accessed as two
+//! 4-byte halves (the protocol's futex word: the kernel's futex reads 4
+//! bytes, and Rust's memory model does not allow racing atomic accesses of
+//! different sizes).
 
 use std::fmt;
 
@@ -14,6 +18,17 @@ use crate::sync::{AtomicU8, AtomicU64, Ordering};
 
 /// A view of shared memory as atomic cells: whole 64-bit words, then up to
 /// seven trailing bytes.
+///
+/// One word is special: bytes 80..88 of a region made from scratch
+/// ([`Region::from_raw_parts`], [`Region::from_mmap`], [`HeapBuffer::region`];
+/// a [`Region::subregion`] keeps it where it lies) are the protocol's futex
+/// word ([`crate::OFF_WAKE`]) and are only ever accessed as two 4-byte
+/// halves: the kernel's futex reads 4 bytes, and Rust's memory model does
+/// not allow racing atomic accesses of different sizes. Reads and writes
+/// through the region take those bytes half by half; they hold the same
+/// bytes either way. (Code of your own that reaches the same memory other
+/// than through a `Region` must not access those 8 bytes as one word while
+/// a publisher runs.)
 ///
 /// Loads and stores are `Relaxed`; ordering between them is the protocol's
 /// job (see [`crate::Publisher`] and [`crate::try_copy_consistent`]).
@@ -34,6 +49,8 @@ use crate::sync::{AtomicU8, AtomicU64, Ordering};
 pub struct Region<'a> {
     words: &'a [AtomicU64],
     tail: &'a [AtomicU8],
+    /// The index of the word accessed only in 4-byte halves, if any.
+    narrow: Option<usize>,
 }
 
 impl fmt::Debug for Region<'_> {
@@ -70,6 +87,7 @@ impl<'a> Region<'a> {
         Region {
             words: word_cells,
             tail,
+            narrow: narrow_word(words),
         }
     }
 
@@ -161,24 +179,72 @@ impl<'a> Region<'a> {
             return None;
         }
         let first = offset / 8;
-        if end == self.len() {
-            return Some(Region {
-                words: &self.words[first..],
-                tail: self.tail,
-            });
-        }
-        if len & 7 != 0 {
+        let words = if end == self.len() {
+            self.words.len() - first
+        } else if len & 7 != 0 {
             return None;
-        }
+        } else {
+            len / 8
+        };
         Some(Region {
-            words: &self.words[first..first + len / 8],
-            tail: &[],
+            words: &self.words[first..first + words],
+            tail: if end == self.len() { self.tail } else { &[] },
+            narrow: self
+                .narrow
+                .and_then(|n| n.checked_sub(first))
+                .filter(|&n| n < words),
         })
     }
 
-    /// The cell of the 8-aligned word at byte `offset`.
+    /// The 4-byte half `half` (0: bytes 0..4, the low half on a
+    /// little-endian machine; 1: bytes 4..8) of the narrow word at byte
+    /// `offset`; panics when that word is not the region's narrow one.
+    #[cfg(not(loom))]
+    pub(crate) fn half(&self, offset: usize, half: usize) -> &'a std::sync::atomic::AtomicU32 {
+        assert!(
+            offset & 7 == 0 && Some(offset / 8) == self.narrow && half < 2,
+            "offset {offset} half {half} is not a half of the region's narrow word"
+        );
+        let word: &'a AtomicU64 = &self.words[offset / 8];
+        // SAFETY: the word's 8 bytes are valid for 'a (they are a cell of
+        // `words`) and 8-aligned, so each 4-byte half is a valid, aligned
+        // `AtomicU32` cell; this process accesses a narrow word only
+        // through such halves (see `narrowed`), so no access of another
+        // size races with them.
+        unsafe { std::sync::atomic::AtomicU32::from_ptr(word.as_ptr().cast::<u32>().add(half)) }
+    }
+
+    /// Loads word `i` (relaxed), half by half when it is the narrow one.
+    fn load_word(&self, i: usize) -> u64 {
+        #[cfg(not(loom))]
+        if Some(i) == self.narrow {
+            let lo = self.half(i * 8, 0).load(Ordering::Relaxed);
+            let hi = self.half(i * 8, 1).load(Ordering::Relaxed);
+            return u64::from(lo) | (u64::from(hi) << 32);
+        }
+        self.words[i].load(Ordering::Relaxed)
+    }
+
+    /// Stores word `i` (relaxed), half by half when it is the narrow one.
+    fn store_word(&self, i: usize, v: u64) {
+        #[cfg(not(loom))]
+        if Some(i) == self.narrow {
+            self.half(i * 8, 0).store(v as u32, Ordering::Relaxed);
+            self.half(i * 8, 1)
+                .store((v >> 32) as u32, Ordering::Relaxed);
+            return;
+        }
+        self.words[i].store(v, Ordering::Relaxed);
+    }
+
+    /// The cell of the 8-aligned word at byte `offset` (never the narrow
+    /// one).
     pub(crate) fn word(&self, offset: usize) -> &'a AtomicU64 {
         assert!(offset & 7 == 0, "offset {offset} is not 8-aligned");
+        assert!(
+            Some(offset / 8) != self.narrow,
+            "offset {offset} is the region's narrow word"
+        );
         match self.words.get(offset / 8) {
             Some(w) => w,
             None => panic!(
@@ -190,12 +256,23 @@ impl<'a> Region<'a> {
 
     /// Loads the little-endian `u64` at `offset` (a multiple of 8).
     pub fn load_u64(&self, offset: usize) -> u64 {
-        u64::from_le(self.word(offset).load(Ordering::Relaxed))
+        self.check_word(offset);
+        u64::from_le(self.load_word(offset / 8))
     }
 
     /// Stores `value` as a little-endian `u64` at `offset` (a multiple of 8).
     pub fn store_u64(&self, offset: usize, value: u64) {
-        self.word(offset).store(value.to_le(), Ordering::Relaxed);
+        self.check_word(offset);
+        self.store_word(offset / 8, value.to_le());
+    }
+
+    fn check_word(&self, offset: usize) {
+        assert!(offset & 7 == 0, "offset {offset} is not 8-aligned");
+        assert!(
+            offset / 8 < self.words.len(),
+            "offset {offset} is outside the region's {} whole words",
+            self.words.len()
+        );
     }
 
     /// Copies the bytes at `offset..offset + buf.len()` into `buf`.
@@ -205,9 +282,9 @@ impl<'a> Region<'a> {
         while i < buf.len() {
             let at = offset + i;
             match self.words.get(at / 8) {
-                Some(w) => {
+                Some(_) => {
                     // One load per word, however many of its bytes we need.
-                    let word = w.load(Ordering::Relaxed).to_ne_bytes();
+                    let word = self.load_word(at / 8).to_ne_bytes();
                     let from = at % 8;
                     let n = (8 - from).min(buf.len() - i);
                     buf[i..i + n].copy_from_slice(&word[from..from + n]);
@@ -235,7 +312,7 @@ impl<'a> Region<'a> {
             if at & 7 == 0 && bytes.len() - i >= 8 && at / 8 < self.words.len() {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&bytes[i..i + 8]);
-                self.words[at / 8].store(u64::from_ne_bytes(w), Ordering::Relaxed);
+                self.store_word(at / 8, u64::from_ne_bytes(w));
                 i += 8;
             } else {
                 self.store_byte(at, bytes[i]);
@@ -253,8 +330,19 @@ impl<'a> Region<'a> {
             "copy_to needs a buffer as long as the region"
         );
         let (body, rest) = dst.split_at_mut(self.words.len() * 8);
-        for (d, w) in body.chunks_exact_mut(8).zip(self.words) {
+        // The words before and after the narrow one in plain loops (the
+        // bulk of a snapshot copy), the narrow one half by half.
+        let narrow = self.narrow.unwrap_or(self.words.len());
+        let (before, after) = body.split_at_mut(narrow * 8);
+        for (d, w) in before.chunks_exact_mut(8).zip(self.words) {
             d.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        if narrow < self.words.len() {
+            let (d, after) = after.split_at_mut(8);
+            d.copy_from_slice(&self.load_word(narrow).to_ne_bytes());
+            for (d, w) in after.chunks_exact_mut(8).zip(&self.words[narrow + 1..]) {
+                d.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+            }
         }
         for (d, t) in rest.iter_mut().zip(self.tail) {
             *d = t.load(Ordering::Relaxed);
@@ -269,10 +357,10 @@ impl<'a> Region<'a> {
             "copy_from needs a buffer as long as the region"
         );
         let (body, rest) = src.split_at(self.words.len() * 8);
-        for (s, w) in body.chunks_exact(8).zip(self.words) {
+        for (i, s) in body.chunks_exact(8).enumerate() {
             let mut b = [0u8; 8];
             b.copy_from_slice(s);
-            w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+            self.store_word(i, u64::from_ne_bytes(b));
         }
         for (s, t) in rest.iter().zip(self.tail) {
             t.store(*s, Ordering::Relaxed);
@@ -281,7 +369,7 @@ impl<'a> Region<'a> {
 
     /// True when every byte of the region is zero.
     pub fn is_zero(&self) -> bool {
-        self.words.iter().all(|w| w.load(Ordering::Relaxed) == 0)
+        (0..self.words.len()).all(|i| self.load_word(i) == 0)
             && self.tail.iter().all(|t| t.load(Ordering::Relaxed) == 0)
     }
 
@@ -297,14 +385,23 @@ impl<'a> Region<'a> {
 
     fn store_byte(&self, at: usize, byte: u8) {
         match self.words.get(at / 8) {
-            Some(w) => {
-                let mut b = w.load(Ordering::Relaxed).to_ne_bytes();
+            Some(_) => {
+                let mut b = self.load_word(at / 8).to_ne_bytes();
                 b[at % 8] = byte;
-                w.store(u64::from_ne_bytes(b), Ordering::Relaxed);
+                self.store_word(at / 8, u64::from_ne_bytes(b));
             }
             None => self.tail[at - self.words.len() * 8].store(byte, Ordering::Relaxed),
         }
     }
+}
+
+/// The narrow word of a region of `words` whole words made from scratch:
+/// the protocol's futex word ([`crate::OFF_WAKE`]) when the region reaches
+/// it. Every region this process makes over a memfd starts at the memfd's
+/// start (or is a part of one), so they all agree on it.
+fn narrow_word(words: usize) -> Option<usize> {
+    let i = crate::header::OFF_WAKE / 8;
+    (i < words).then_some(i)
 }
 
 #[cfg(not(loom))]
@@ -341,6 +438,7 @@ impl HeapBuffer {
         Region {
             words: &self.words,
             tail: &[],
+            narrow: narrow_word(self.words.len()),
         }
     }
 }

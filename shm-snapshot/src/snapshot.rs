@@ -153,12 +153,13 @@ fn wait_for_commit(header: Header<'_>, timeout: Duration) {
     if now & 1 == 0 {
         return;
     }
+    let woken = crate::futex::wake_value(header);
     header.waiters().store(1, Ordering::Relaxed);
     fence(Ordering::SeqCst);
     // Sleep only if the value did not change since: FUTEX_WAIT re-checks
-    // the low half atomically against wakes.
+    // the wake word atomically, so a commit that bumped it since is seen.
     if u64::from_le(seq.load(Ordering::Relaxed)) == now {
-        crate::futex::wait(seq, now as u32, timeout);
+        crate::futex::wait(header, woken, timeout);
     }
     header.waiters().store(0, Ordering::Relaxed);
 }
@@ -444,12 +445,13 @@ impl Snapshotter {
             if left.is_zero() {
                 return Some(now / 2);
             }
+            let woken = crate::futex::wake_value(header);
             header.waiters().store(1, Ordering::Relaxed);
             fence(Ordering::SeqCst);
             if u64::from_le(seq.load(Ordering::Relaxed)) == now {
                 // Bounded slices: a wake missed in the race described at
                 // `wait_for_commit` delays the return by one slice at most.
-                crate::futex::wait(seq, now as u32, left.min(Self::IDLE_SLICE));
+                crate::futex::wait(header, woken, left.min(Self::IDLE_SLICE));
             }
             header.waiters().store(0, Ordering::Relaxed);
         }

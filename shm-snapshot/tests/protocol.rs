@@ -880,3 +880,34 @@ fn an_owned_publisher_refuses_foreign_data_and_short_memory() {
         Error::TooSmall { .. }
     ));
 }
+
+/// Bytes 80..88 (the futex wake word) are reached half by half, which must
+/// not change what any read or write of a region sees there.
+#[test]
+fn the_wake_word_reads_and_writes_like_any_other_bytes() {
+    use shm_snapshot::OFF_WAKE;
+    let buf = HeapBuffer::new(HEADER_LEN + 64);
+    let pattern: Vec<u8> = (0..HEADER_LEN as u32 + 64)
+        .map(|i| (i * 7 + 3) as u8)
+        .collect();
+    buf.region().copy_from(&pattern);
+    assert_eq!(bytes(buf.region()), pattern);
+    let mut b = [0u8; 24];
+    buf.region().read(OFF_WAKE - 8, &mut b);
+    assert_eq!(&b[..], &pattern[OFF_WAKE - 8..OFF_WAKE + 16]);
+    let word = u64::from_le_bytes(pattern[OFF_WAKE..OFF_WAKE + 8].try_into().unwrap());
+    assert_eq!(buf.region().load_u64(OFF_WAKE), word);
+    buf.region().store_u64(OFF_WAKE, 0x1122_3344_5566_7788);
+    buf.region().write(OFF_WAKE + 3, &[0xAB]);
+    let part = buf.region().subregion(64, 32).unwrap();
+    assert_eq!(part.load_u64(OFF_WAKE - 64), 0x1122_3344_AB66_7788);
+    assert!(!part.is_zero());
+    // A commit that finds a waiter bumps the low half; the high half stays.
+    let buf = HeapBuffer::new(HEADER_LEN + 8);
+    let (mut p, _) = Publisher::open(buf.region()).unwrap();
+    buf.region().store_u64(OFF_WAITERS, 1);
+    p.begin().commit();
+    assert_eq!(buf.region().load_u64(OFF_WAKE), 1);
+    p.begin().commit();
+    assert_eq!(buf.region().load_u64(OFF_WAKE), 2);
+}
