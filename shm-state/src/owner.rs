@@ -56,33 +56,41 @@ fn seal_holds(w: &LockWords) -> bool {
 /// True when the lock words name a live holder of the memory `ours`, for
 /// an opener whose own handle is `my_nonce`.
 ///
-/// - This process's own pid: held when another handle of this process
-///   (open, or claiming right now) is on this memory.
-/// - A heap buffer: no other process can reach it.
-/// - The claiming bit (the other words are being written): held when the
-///   pid is a live process (not a thread) that maps this memory
-///   (`/proc/PID/maps`; when that cannot be read, it counts as held).
-/// - Words that fail their check (damage): held when any other live
-///   process maps this memory.
-/// - Otherwise: held when the lock was taken in this memory (device and
-///   inode) on this boot, and the pid is a live process with the recorded
-///   start time.
+/// - A heap buffer: no other process can reach it; held when another
+///   handle of this process is on it.
+/// - The claiming bit (the other words are being written): for this
+///   process's own pid, held when another handle of this process (open, or
+///   claiming right now) is on this memory; for another pid, when it is a
+///   live process (not a thread) that maps this memory (`/proc/PID/maps`;
+///   when that cannot be read, it counts as held).
+/// - Words that fail their seal (damage, any of them, the pid included):
+///   held when another handle of this process or another live process maps
+///   this memory.
+/// - Otherwise, this process's own pid: another handle of this process is
+///   on this memory; another pid: the lock was taken in this memory
+///   (device and inode) on this boot, and the pid is a live process with
+///   the recorded start time.
 pub(crate) fn holds(lock: &LockWords, ours: Identity, claiming: bool, my_nonce: u64) -> bool {
     let pid = lock.pid();
     if pid == 0 {
         return false;
     }
-    if pid == std::process::id() {
+    let mine = pid == std::process::id();
+    if ours.is_private() {
         return another_handle_on(ours, my_nonce);
     }
-    if ours.is_private() {
-        return false;
-    }
     if claiming {
-        return is_process(pid) && maps_memory(pid, ours).unwrap_or(true);
+        return if mine {
+            another_handle_on(ours, my_nonce)
+        } else {
+            is_process(pid) && maps_memory(pid, ours).unwrap_or(true)
+        };
     }
     if !seal_holds(lock) {
-        return mapped_by_another_process(ours);
+        return another_handle_on(ours, my_nonce) || mapped_by_another_process(ours);
+    }
+    if mine {
+        return another_handle_on(ours, my_nonce);
     }
     if lock.boot != boot_id() || lock.dev != ours.dev || lock.ino != ours.ino {
         return false;
@@ -358,18 +366,14 @@ mod tests {
         let fd = shm_fd::SharedFd::create("owner-damage", Default::default()).unwrap();
         let ours = identity_of(&fd);
         // A child that maps the memfd (through its inherited fd).
-        let script = format!(
-            "exec python3 -c 'import mmap,os,time; m=mmap.mmap({}, 4096); time.sleep(30)'",
-            fd.as_raw_fd()
-        );
+        // A child that maps the memfd, opened through this process's fd
+        // (no fd is inherited: other tests start children meanwhile).
         fd.grow_to(4096).unwrap();
-        nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .unwrap();
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", &script])
+        let path = format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd());
+        let mut child = std::process::Command::new("python3")
+            .arg("-c")
+            .arg("import mmap,sys,time\nf=open(sys.argv[1],'r+b')\nm=mmap.mmap(f.fileno(),4096)\ntime.sleep(30)")
+            .arg(&path)
             .spawn()
             .unwrap();
         let pid = child.id();
@@ -392,6 +396,13 @@ mod tests {
         });
         assert!(holds(&live, ours, false, 0));
         for (name, flip) in [
+            (
+                "pid, to this process's own",
+                LockWords {
+                    word: u64::from(std::process::id()),
+                    ..live
+                },
+            ),
             (
                 "pid",
                 LockWords {
