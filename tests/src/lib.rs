@@ -82,6 +82,23 @@ pub fn text(out: &Output) -> (String, String) {
     )
 }
 
+/// CRC-32 (IEEE, as `crc32fast::hash`), bit by bit and independent of the
+/// libraries: enough to forge headers the readers accept.
+pub fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
 /// The first `n` primes, by a sieve independent of the examples' code.
 pub fn first_primes(n: usize) -> Vec<u64> {
     let mut limit = 64usize;

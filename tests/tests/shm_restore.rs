@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 use shm_fd_tests::procs::{Proc, ProcStat, Sweep, children, group_leader_child, poll_for};
-use shm_fd_tests::{OnTerminal, bin, cmd, first_primes, recv_with_fd, run, text};
+use shm_fd_tests::{OnTerminal, bin, cmd, crc32, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
     bin(name).to_str().unwrap().to_owned()
@@ -1039,23 +1039,6 @@ fn a_terminal_hang_up_stops_the_command_and_saves() {
         "{took:?}"
     );
     assert_eq!(count(&snap), 2, "the run's state was saved");
-}
-
-/// CRC32 (IEEE, as `crc32fast::hash`), bit by bit: enough to forge a
-/// header the reader accepts.
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in bytes {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
 }
 
 /// Writes at `path` a sparse snapshot whose header (with a valid CRC)

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use shm_fd_tests::{bin, cmd, first_primes, run, text};
+use shm_fd_tests::{bin, cmd, crc32, first_primes, run, text};
 
 fn b(name: &str) -> String {
     bin(name).to_str().unwrap().to_owned()
@@ -265,21 +265,6 @@ fn kill_9_rounds(flags: &[&str], interval_ms: &str) -> String {
 const PAGE: u64 = 4096;
 /// primes-snapshot's data region: magic, count, next, table at +64.
 const DATA: u64 = PAGE;
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
 
 /// Bytes 0..24 of a valid version 1 shm-snapshot header.
 fn header_bytes() -> [u8; 24] {
