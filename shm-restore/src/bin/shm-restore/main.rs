@@ -45,7 +45,10 @@ memory. SIGTERM, SIGINT, SIGHUP and SIGQUIT are forwarded to the command's
 process group. In the foreground of a terminal, the command's group gets
 the terminal while it runs (Ctrl-C, Ctrl-Z reach it; a stopped command
 stops shm-restore too, as a shell job); a terminal hang-up stops it
-(SIGHUP, then SIGTERM after 5 s, SIGKILL after 10 s). A memfd without data never
+(SIGHUP, then SIGTERM after 5 s, SIGKILL after 10 s). If shm-restore itself
+dies (even by SIGKILL), the command's whole process group is killed with it
+(PR_SET_PDEATHSIG and a group keeper; see docs/supervision.md), so no run
+outlives its wrapper. A memfd without data never
 overwrites a snapshot. A memfd created here (none passed) is uploaded to systemd's fd
 store when NOTIFY_SOCKET is set (a failure is only a warning).
 
