@@ -149,6 +149,7 @@ fn one_flipped_journal_bit_never_half_recovers_an_interrupted_transaction() {
     // intact records follow.
     let first_data = journal + crate::format::RECORD_HEADER as usize;
     assert!(!opens_right_or_refuses(&img, first_data, 0, &before));
+    eprintln!("interrupted journal: {opened} flips opened to the state before, {refused} refused");
     assert!(
         refused > (used - journal) / 2,
         "{opened} opened, {refused} refused"
