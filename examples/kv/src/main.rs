@@ -54,7 +54,7 @@ enum Command {
         /// The key.
         key: String,
     },
-    /// Print every KEY<TAB>VALUE, sorted by key.
+    /// Print every `KEY<TAB>VALUE`, sorted by key.
     List,
 }
 
