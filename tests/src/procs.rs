@@ -68,13 +68,16 @@ pub fn children(parent: i32) -> Vec<ProcStat> {
         .collect()
 }
 
-/// The running child of `parent` that leads its own process group: the
-/// command (or run) a wrapper started, as opposed to the group keeper that
-/// joins the command's group.
-pub fn group_leader_child(parent: i32) -> Option<Proc> {
+/// The running child of `parent` that a wrapper started as its command (or
+/// run): it is in a process group led by another process (the group
+/// keeper, which leads the group the command joins before it runs), not in
+/// its parent's group. The keeper itself leads its group, so it is never
+/// taken for the command.
+pub fn command_child(parent: i32) -> Option<Proc> {
+    let parent_group = ProcStat::read(parent)?.pgrp;
     children(parent)
         .iter()
-        .find(|p| p.pid == p.pgrp)
+        .find(|p| p.pgrp != p.pid && p.pgrp != parent_group)
         .map(Proc::from)
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use shm_fd_tests::procs::{Proc, ProcStat, Sweep, group_leader_child, poll_for};
+use shm_fd_tests::procs::{Proc, ProcStat, Sweep, command_child, poll_for};
 use shm_fd_tests::{OnTerminal, bin, cmd, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
@@ -767,6 +767,40 @@ fn first_line(child: &mut Child) -> String {
     line.trim().to_owned()
 }
 
+/// Prints `pid pgrp ppid keeper-ppid keeper-pgrp` from the command's first
+/// instruction: its own pid and group, its parent (the wrapper), and the
+/// parent and group of its group's leader.
+const GROUP_PROBE: &str = "read -r _ _ _ _ pg _ < /proc/$$/stat; \
+     read -r _ _ _ kp kg _ < /proc/$pg/stat; echo $$ $pg $PPID $kp $kg";
+
+/// Checks [`GROUP_PROBE`]'s output: the command runs, from its start, in a
+/// group led by another child of the wrapper (the keeper).
+fn assert_in_keepers_group(out: &str) {
+    let f: Vec<i32> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    let [pid, pgrp, wrapper, keeper_parent, keeper_group] = f[..] else {
+        panic!("unexpected probe output {out:?}");
+    };
+    assert_ne!(pgrp, pid, "the command leads its own group: {out}");
+    assert_eq!(
+        keeper_parent, wrapper,
+        "the group's leader is not the wrapper's child: {out}"
+    );
+    assert_eq!(
+        keeper_group, pgrp,
+        "the group's leader leads another group: {out}"
+    );
+}
+
+#[test]
+fn a_run_starts_inside_its_keepers_group() {
+    // Issue 9: the keeper used to join the run's group only after the run
+    // had started; a watcher killed in between lost what the run started
+    // meanwhile. Now the keeper leads the group before the run exists.
+    let (code, out, err) = shm_sh(&["--restart", "on-failure"], GROUP_PROBE);
+    assert_eq!(code, 0, "{err}");
+    assert_in_keepers_group(&out);
+}
+
 #[test]
 fn sigkill_of_the_watcher_kills_the_run_and_its_process_group() {
     // Issue 9: `shm-fd --restart` killed with SIGKILL left its run, and what
@@ -791,12 +825,12 @@ fn sigkill_of_the_watcher_kills_the_run_and_its_process_group() {
     });
     sweep.add(sleeper);
     let run = poll_for("the run", Duration::from_secs(10), || {
-        group_leader_child(watcher.id() as i32)
+        command_child(watcher.id() as i32)
     });
     sweep.add(run);
     assert_eq!(
         ProcStat::read(sleeper.pid).map(|s| s.pgrp),
-        Some(run.pid),
+        ProcStat::read(run.pid).map(|s| s.pgrp),
         "the sleep is a grandchild in the run's process group"
     );
     signal(&watcher, Signal::SIGKILL);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use shm_fd_tests::procs::{Proc, ProcStat, Sweep, children, group_leader_child, poll_for};
+use shm_fd_tests::procs::{Proc, ProcStat, Sweep, children, command_child, poll_for};
 use shm_fd_tests::{OnTerminal, bin, cmd, crc32, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
@@ -615,6 +615,30 @@ fn the_command_starts_with_no_blocked_signals_and_sigpipe_not_ignored() {
 }
 
 #[test]
+fn the_command_starts_inside_its_keepers_group() {
+    // Issue 9: see `a_run_starts_inside_its_keepers_group` in shm_fd.rs.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let probe = "read -r _ _ _ _ pg _ < /proc/$$/stat; \
+                 read -r _ _ _ kp kg _ < /proc/$pg/stat; echo $$ $pg $PPID $kp $kg";
+    let (code, out, err) = restore(&["-q", snap.to_str().unwrap()], &["sh", "-c", probe]);
+    assert_eq!(code, 0, "{err}");
+    let f: Vec<i32> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    let [pid, pgrp, wrapper, keeper_parent, keeper_group] = f[..] else {
+        panic!("unexpected probe output {out:?}");
+    };
+    assert_ne!(pgrp, pid, "the command leads its own group: {out}");
+    assert_eq!(
+        keeper_parent, wrapper,
+        "the group's leader is not shm-restore's child: {out}"
+    );
+    assert_eq!(
+        keeper_group, pgrp,
+        "the group's leader leads another group: {out}"
+    );
+}
+
+#[test]
 fn sigkill_of_shm_restore_kills_the_command_and_its_process_group() {
     // Issue 9: `shm-restore S cmd` killed with SIGKILL left the command, and
     // what it started in the background, running.
@@ -640,12 +664,12 @@ fn sigkill_of_shm_restore_kills_the_command_and_its_process_group() {
     });
     sweep.add(sleeper);
     let command = poll_for("the command", Duration::from_secs(10), || {
-        group_leader_child(wrapper.id() as i32)
+        command_child(wrapper.id() as i32)
     });
     sweep.add(command);
     assert_eq!(
         ProcStat::read(sleeper.pid).map(|s| s.pgrp),
-        Some(command.pid),
+        ProcStat::read(command.pid).map(|s| s.pgrp),
         "the sleep is a grandchild in the command's process group"
     );
     kill(Pid::from_raw(wrapper.id() as i32), Signal::SIGKILL).unwrap();
@@ -720,7 +744,7 @@ fn kill_9_of_shm_restore_under_a_watcher_leaves_no_second_writer_and_no_torn_sna
     let mut previous: Vec<Proc> = Vec::new();
     for round in 0..kills {
         let wrapper = poll_for(&format!("run {round}'s shm-restore"), bound, || {
-            group_leader_child(watcher_pid).filter(|p| !previous.contains(p))
+            command_child(watcher_pid).filter(|p| !previous.contains(p))
         });
         // The watcher started this run only once nothing of the last one
         // was left.
@@ -732,7 +756,7 @@ fn kill_9_of_shm_restore_under_a_watcher_leaves_no_second_writer_and_no_torn_sna
             std::fs::read_to_string(&log).unwrap_or_default()
         );
         let bank = poll_for(&format!("run {round}'s bank"), bound, || {
-            group_leader_child(wrapper.pid)
+            command_child(wrapper.pid)
         });
         // Runs shorter than 1 s make the watcher back off (0.1 s, doubling):
         // every third run lives past that, the others die young.

@@ -7,12 +7,19 @@
 //!   dies at once if the wrapper is already gone by then (its parent pid
 //!   is no longer the wrapper's);
 //! - a *group keeper*, a forked copy of the wrapper that never `exec`s,
-//!   sits in the command's process group with `PR_SET_PDEATHSIG` of a
-//!   signal it blocks and waits for; when the wrapper dies it kills the
-//!   whole group (`kill(-pgid, SIGKILL)`), grandchildren included. As a
-//!   member it also keeps the group's id from being reused while it
-//!   waits. When the run ends normally the wrapper kills it by pid and
-//!   reaps it ([`GroupKeeper::stop`]).
+//!   leads a new process group with `PR_SET_PDEATHSIG` of a signal it
+//!   blocks and waits for. The command joins that group before its `exec`,
+//!   so every process of the run is in the keeper's group from its first
+//!   instruction; when the wrapper dies the keeper kills the whole group
+//!   (`kill(-pgid, SIGKILL)`), grandchildren included. As a member it also
+//!   keeps the group's id from being reused while it waits. When the run
+//!   ends normally the wrapper kills it by pid and reaps it
+//!   ([`GroupKeeper::stop`]).
+//!
+//! The keeper leads the group, rather than joining the command's own: a
+//! keeper that joined after the command started would leave a window in
+//! which a wrapper killed after the command's first `fork` lost its
+//! grandchildren.
 //!
 //! `PR_SET_PDEATHSIG` fires when the parent *thread* exits, not the
 //! process: both are started from the main thread, the one that lives as
@@ -23,7 +30,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command};
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
@@ -92,10 +99,9 @@ pub struct GroupKeeper {
 }
 
 impl GroupKeeper {
-    /// Forks a keeper. It waits in this process's group until
-    /// [`GroupKeeper::keep`] moves it into the command's group; a wrapper
-    /// that dies before that is not avenged (its command dies anyway, of
-    /// its own `PR_SET_PDEATHSIG`).
+    /// Forks a keeper, the leader of a new process group ([`GroupKeeper::pgid`])
+    /// for the command to join; when this process dies, the keeper kills
+    /// that group.
     ///
     /// The keeper closes every fd it inherited (it holds no memfd, pipe or
     /// terminal open) and blocks every signal except the one it waits for.
@@ -128,17 +134,34 @@ impl GroupKeeper {
         if pid == -1 {
             return Err(fork_error);
         }
-        Ok(GroupKeeper {
+        let mut keeper = GroupKeeper {
             pid: Some(Pid::from_raw(pid)),
-        })
+        };
+        // The keeper leads a group of its own before anyone can join it.
+        // It makes the same call itself; whichever comes first wins, and
+        // from here on the group exists (classic job-control shells do the
+        // same with their jobs). If this fails, the keeper is of no use.
+        let own = Pid::from_raw(pid);
+        if let Err(e) = nix::unistd::setpgid(own, own) {
+            keeper.stop();
+            return Err(e.into());
+        }
+        Ok(keeper)
     }
 
-    /// Moves the keeper into the process group `pgid` (the command's); from
-    /// then on the wrapper's death kills that group.
-    pub fn keep(&self, pgid: Pid) -> io::Result<()> {
-        let pid = self.pid.ok_or_else(|| io::Error::from(Errno::ESRCH))?;
-        nix::unistd::setpgid(pid, pgid)?;
-        Ok(())
+    /// The id of the keeper's process group (its pid), for the command to
+    /// join; `None` once the keeper is stopped or reaped.
+    pub fn pgid(&self) -> Option<Pid> {
+        self.pid
+    }
+
+    /// Sends `sig` (or, with `None`, only checks) to the keeper's group.
+    /// Refused with `ESRCH` once the keeper is stopped or reaped: only
+    /// while the keeper is an unreaped child is the group id sure not to
+    /// be someone else's.
+    pub fn signal_group(&self, sig: Option<Signal>) -> nix::Result<()> {
+        let pgid = self.pgid().ok_or(Errno::ESRCH)?;
+        nix::sys::signal::killpg(pgid, sig)
     }
 
     /// The keeper's pid, until it is stopped or reaped.
@@ -176,8 +199,8 @@ impl Drop for GroupKeeper {
 /// What [`spawn_group`] could not do.
 #[derive(Debug)]
 pub enum SpawnError {
-    /// The group keeper could not be started or moved into the command's
-    /// group; nothing is left running.
+    /// The group keeper could not be started or could not lead a group of
+    /// its own; nothing is left running.
     Keeper(io::Error),
     /// The command could not be started (not found, not executable, ...).
     Command(io::Error),
@@ -200,28 +223,26 @@ impl std::error::Error for SpawnError {
     }
 }
 
-/// Starts `cmd` in a process group of its own (its pid is the group's id)
-/// tied to this process: the command dies with SIGKILL when this process
-/// dies (`PR_SET_PDEATHSIG`, set before its `exec`; at once if this
-/// process is gone by then), and a [`GroupKeeper`] in its group kills
-/// the rest of the group then. Call it from the main thread.
+/// Starts `cmd` in a new process group tied to this process: the command
+/// dies with SIGKILL when this process dies (`PR_SET_PDEATHSIG`, set
+/// before its `exec`; at once if this process is gone by then), and the
+/// [`GroupKeeper`] that leads the group kills the rest of the group then.
+/// Call it from the main thread.
 ///
-/// The keeper is forked before the command, so a failure to start it
-/// starts nothing. Stop the keeper with [`GroupKeeper::stop`] once the run
-/// has ended and its group is empty but for the keeper.
+/// The group's id is the keeper's pid ([`GroupKeeper::pgid`]), not the
+/// command's: the keeper is forked first and the command joins its group
+/// before it runs, so a failure to start the keeper starts nothing, and
+/// nothing the command starts is ever outside the keeper's reach. Stop the
+/// keeper with [`GroupKeeper::stop`] once the run has ended and its group
+/// is empty but for the keeper.
 pub fn spawn_group(cmd: &mut Command) -> Result<(Child, GroupKeeper), SpawnError> {
     let keeper = GroupKeeper::start().map_err(SpawnError::Keeper)?;
-    let child = die_with_parent(cmd.process_group(0))
+    let pgid = keeper
+        .pgid()
+        .ok_or_else(|| SpawnError::Keeper(io::Error::from(Errno::ESRCH)))?;
+    let child = die_with_parent(cmd.process_group(pgid.as_raw()))
         .spawn()
         .map_err(SpawnError::Command)?;
-    let pgid = Pid::from_raw(child.id() as i32);
-    if let Err(e) = keeper.keep(pgid) {
-        // Unguarded, the run must not go on: end it (the child is not
-        // reaped yet, so its group id is still ours to signal).
-        let _ = killpg(pgid, Signal::SIGKILL);
-        while waitpid(pgid, None) == Err(Errno::EINTR) {}
-        return Err(SpawnError::Keeper(e));
-    }
     Ok((child, keeper))
 }
 
@@ -315,6 +336,8 @@ unsafe fn keeper_main(plan: &KeeperPlan) -> ! {
                 libc::close(fd);
             }
         }
+        // Lead a group of our own (the parent makes the same call).
+        libc::setpgid(0, 0);
         libc::prctl(libc::PR_SET_NAME, KEEPER_NAME.as_ptr() as libc::c_ulong);
         libc::sigaction(KEEPER_SIGNAL, &plan.action, std::ptr::null_mut());
         if libc::prctl(libc::PR_SET_PDEATHSIG, KEEPER_SIGNAL as libc::c_ulong) == -1 {
@@ -325,7 +348,8 @@ unsafe fn keeper_main(plan: &KeeperPlan) -> ! {
             // prctl above is seen too.
             if libc::getppid() != plan.parent {
                 let group = libc::getpgrp();
-                // Still in the wrapper's group: never moved, nothing to keep.
+                // Still in the wrapper's group (the setpgid failed): no
+                // group of our own, nothing to keep.
                 if group != plan.parent_group {
                     libc::kill(-group, libc::SIGKILL);
                 }

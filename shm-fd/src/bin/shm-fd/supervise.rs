@@ -123,11 +123,11 @@ pub(crate) fn run(
         }
         let started = Instant::now();
         let ended = match spawn(args, passed, self_exe) {
-            Ok((pgid, mut keeper)) => {
+            Ok((run, mut keeper)) => {
                 if let Some(t) = &terminal {
-                    t.give_to(pgid);
+                    t.give_to(run.pgid);
                 }
-                let result = watch_run(pgid, &mut keeper, &signals, terminal.as_ref());
+                let result = watch_run(run, &mut keeper, &signals, terminal.as_ref());
                 if let Some(t) = &terminal {
                     t.take_back();
                 }
@@ -217,8 +217,15 @@ pub(crate) fn run(
     }
 }
 
+/// A run's main process and its process group (led by its keeper).
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    pid: Pid,
+    pgid: Pid,
+}
+
 /// Starts a run in a new process group, tied to the watcher's life;
-/// returns the group id (= its pid) and the group's keeper.
+/// returns its main process and group, and the group's keeper.
 ///
 /// Called from the main thread (the watcher's only one): the run's
 /// `PR_SET_PDEATHSIG` fires when the thread that started it ends.
@@ -226,7 +233,7 @@ fn spawn(
     args: &Args,
     passed: &PassedFds,
     self_exe: &Path,
-) -> Result<(Pid, GroupKeeper), SpawnError> {
+) -> Result<(Run, GroupKeeper), SpawnError> {
     let mut cmd = if args.pid {
         // The child's pid is unknown before it starts; a nested `shm-fd
         // --pid` (which reuses the inherited memfd) sets LISTEN_PID to its
@@ -242,10 +249,13 @@ fn spawn(
     };
     passed.configure(&mut cmd, None);
     let (child, keeper) = spawn_group(&mut cmd)?;
-    Ok((Pid::from_raw(child.id() as i32), keeper))
+    let pid = Pid::from_raw(child.id() as i32);
+    // The keeper leads the group until it is stopped, after the run.
+    let pgid = keeper.pgid().unwrap_or(pid);
+    Ok((Run { pid, pgid }, keeper))
 }
 
-/// Waits for the run whose main process (and group) is `pgid` to end,
+/// Waits for `run` (its main process, and its group) to end,
 /// acting on signals meanwhile. The run has ended when its main process
 /// has, its process group is empty but for `keeper`, and the watcher has
 /// no other child left (orphans of the run are re-parented to it); then
@@ -256,7 +266,7 @@ fn spawn(
 /// `shm-restore` dies unannounced, and what it left runs unsupervised
 /// (its command already got SIGKILL from its `PR_SET_PDEATHSIG`).
 fn watch_run(
-    pgid: Pid,
+    run: Run,
     keeper: &mut GroupKeeper,
     signals: &SignalSet,
     terminal: Option<&Terminal>,
@@ -269,8 +279,9 @@ fn watch_run(
     let mut killing = false;
     // Leftover children already sent SIGTERM.
     let mut termed: HashSet<Pid> = HashSet::new();
+    let pgid = run.pgid;
     loop {
-        let seen = reap_all(Some(pgid), terminal.is_some(), Some(keeper))?;
+        let seen = reap_all(Some(run.pid), terminal.is_some(), Some(keeper))?;
         if let Some(e) = seen.ended {
             ended = Some(e);
         } else if seen.stopped
@@ -286,7 +297,7 @@ fn watch_run(
                 "the command's processes ignored SIGTERM for {STOP_GRACE:?}; killing them"
             ));
             killing = true;
-            let _ = killpg(pgid, Signal::SIGKILL);
+            signal_run(run, keeper, ended.is_none(), Some(Signal::SIGKILL));
         }
         if let Some(end) = ended {
             let left = Leftovers::find(pgid, keeper);
@@ -297,14 +308,14 @@ fn watch_run(
                     return Ok((end, mode));
                 }
             } else if killing {
-                left.signal(pgid, Signal::SIGKILL);
+                left.signal(run, keeper, Signal::SIGKILL);
             } else if end == Ended::Killed(Signal::SIGKILL) {
                 warn(format_args!(
                     "the command was killed by SIGKILL; killing the {} it left",
                     left.describe()
                 ));
                 killing = true;
-                left.signal(pgid, Signal::SIGKILL);
+                left.signal(run, keeper, Signal::SIGKILL);
             } else {
                 if kill_at.is_none() {
                     warn(format_args!(
@@ -314,8 +325,8 @@ fn watch_run(
                     // Group members that are not our children are reached
                     // through the group; the keeper blocks SIGTERM. A
                     // stopped process gets its SIGTERM once continued.
-                    let _ = killpg(pgid, Signal::SIGTERM);
-                    let _ = killpg(pgid, Signal::SIGCONT);
+                    signal_run(run, keeper, ended.is_none(), Some(Signal::SIGTERM));
+                    signal_run(run, keeper, ended.is_none(), Some(Signal::SIGCONT));
                     kill_at = Some(Instant::now() + STOP_GRACE);
                 }
                 for &pid in &left.children {
@@ -335,21 +346,33 @@ fn watch_run(
         for sig in signals.wait(timeout)? {
             if FORWARDED.contains(&sig) {
                 // The group may be gone already; then there is no one to tell.
-                let _ = killpg(pgid, Signal::try_from(sig).ok());
+                signal_run(run, keeper, ended.is_none(), Signal::try_from(sig).ok());
                 mode = Mode::Stopping;
                 kill_at.get_or_insert(Instant::now() + STOP_GRACE);
             } else if sig == libc::SIGHUP && terminal.is_some_and(Terminal::hung_up) {
                 // The terminal went away: stop, as a shell's jobs do.
-                let _ = killpg(pgid, Signal::SIGHUP);
+                signal_run(run, keeper, ended.is_none(), Some(Signal::SIGHUP));
                 mode = Mode::Stopping;
                 kill_at.get_or_insert(Instant::now() + STOP_GRACE);
             } else if sig == libc::SIGHUP && mode == Mode::Running {
                 warn(format_args!("SIGHUP: restarting the command"));
-                let _ = killpg(pgid, Signal::SIGTERM);
+                signal_run(run, keeper, ended.is_none(), Some(Signal::SIGTERM));
                 mode = Mode::Reloading;
                 kill_at.get_or_insert(Instant::now() + STOP_GRACE);
             }
         }
+    }
+}
+
+/// Sends `sig` to the run's process group, by its id only while that id
+/// cannot be someone else's: while the group's keeper (its leader) is an
+/// unreaped child, or else, if the keeper was killed, while the run's main
+/// process (a member) is not reaped yet (`main_unreaped`).
+fn signal_run(run: Run, keeper: &GroupKeeper, main_unreaped: bool, sig: Option<Signal>) {
+    if keeper.pgid().is_some() {
+        let _ = keeper.signal_group(sig);
+    } else if main_unreaped {
+        let _ = killpg(run.pgid, sig);
     }
 }
 
@@ -402,11 +425,12 @@ impl Leftovers {
         }
     }
 
-    /// Sends `sig` to the group and to each leftover child, by pid (our
-    /// unreaped children, so no pid can have been reused).
-    fn signal(&self, pgid: Pid, sig: Signal) {
+    /// Sends `sig` to the group (through its keeper, while it is there)
+    /// and to each leftover child, by pid (our unreaped children, so no
+    /// pid can have been reused).
+    fn signal(&self, run: Run, keeper: &GroupKeeper, sig: Signal) {
         if self.group > 0 {
-            let _ = killpg(pgid, sig);
+            signal_run(run, keeper, false, Some(sig));
         }
         for &pid in &self.children {
             let _ = kill(pid, sig);

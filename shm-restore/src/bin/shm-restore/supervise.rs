@@ -22,7 +22,7 @@ use shm_fd::process::{SignalSet, SpawnError, Terminal, exit_code, group_members,
 use shm_fd::{CreateOptions, Handover, ListenEnv, SharedFd};
 use shm_restore::{
     Capture, Captured, DirStorage, LoadOutcome, SaveOutcome, Saver, SnapshotProtocol, StopGroup,
-    now_ns, probe_table,
+    Unpaused, now_ns, probe_table,
 };
 
 use crate::{
@@ -127,7 +127,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     cmd.args(&args.command[1..]);
     passed.configure(&mut cmd, None);
     // In a process group of its own, tied to our life: if shm-restore dies
-    // (kill -9 included), the command gets SIGKILL and a keeper in its
+    // (kill -9 included), the command gets SIGKILL and the keeper leading its
     // group kills the rest of the group. Started from the main thread, the
     // one that lives as long as shm-restore: PR_SET_PDEATHSIG fires when
     // the thread that started the child ends.
@@ -155,8 +155,9 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     ttou.add(Signal::SIGTTOU);
     let _ = sigprocmask(SigmaskHow::SIG_BLOCK, Some(&ttou), None);
     let pid = Pid::from_raw(child.id() as i32);
-    // The command's pid is its group's id (process_group(0)).
-    let pgid = pid;
+    // The command runs in its keeper's group, whose id is the keeper's pid
+    // (the keeper is stopped only after the command has ended).
+    let pgid = keeper.pgid().unwrap_or(pid);
     if let Some(t) = &terminal {
         t.give_to(pgid);
     }
@@ -186,16 +187,19 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     // Final save: the command has exited; members of its group that are
     // still alive are paused for the copy, and the keeper stays with them
     // until it is done (a kill -9 meanwhile still takes them along). With
-    // no one else left the keeper goes first, so the save finds the group
-    // gone and reads the memfd directly.
+    // no one else left the keeper goes first, and the save reads the memfd
+    // directly: it never signals the group id once its keeper is reaped
+    // (that id could be someone else's by then).
     let keeper_pid = keeper.pid().map(Pid::as_raw);
-    if group_members(pgid.as_raw())
+    let saved = if group_members(pgid.as_raw())
         .iter()
         .all(|p| Some(p.pid) == keeper_pid)
     {
         keeper.stop();
-    }
-    let saved = save(args, &mut saver, capture.as_mut(), &memfd, "on exit");
+        save(args, &mut saver, &mut Unpaused, &memfd, "on exit")
+    } else {
+        save(args, &mut saver, capture.as_mut(), &memfd, "on exit")
+    };
     keeper.stop();
     let code = exit_code(status);
     Ok(if !saved && code == 0 {
