@@ -487,6 +487,15 @@ fn waiting_snapshotter_is_woken_by_the_commit() {
             break;
         }
     }
+    // Under Miri only the wait and wake paths themselves are checked (for
+    // undefined behaviour), not that the wake arrived: the commit checks
+    // `waiters` with a relaxed load and no fence, which the protocol
+    // allows to miss a waiter (docs/snapshot-protocol.md, "Sleeping
+    // without polling"; the wait then ends at its slice). On hardware the
+    // window is a store buffer's drain, and a waiter that has slept for
+    // 20 ms is always seen; Miri's weak-memory emulation may show the
+    // commit a stale `waiters` for as long as it likes, and does.
+    #[cfg(not(miri))]
     assert!(
         waits.iter().any(|&w| w < limit),
         "woken by the commit, not by the end of a {:?} slice: {waits:?}",
