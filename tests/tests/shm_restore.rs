@@ -504,8 +504,26 @@ fn bad_environment_and_fds_are_setup_errors() {
     assert_eq!(run(&mut cmd("shm-restore")).status.code(), Some(2));
 }
 
+/// Runs `shm-restore snap command...` as nobody when we are root (root
+/// ignores permissions); `None` when the binaries are not reachable as
+/// nobody here.
+fn restore_unprivileged(snap: &Path, command: &[&str]) -> Option<(i32, String, String)> {
+    let mut c = cmd("shm-restore");
+    c.arg(snap).args(command);
+    if nix::unistd::geteuid().is_root() {
+        c.uid(65534).gid(65534);
+    }
+    let (code, o, e) = result(&run(&mut c));
+    if o.is_empty() && e.contains("Permission denied") && !e.contains("s.snap") {
+        return None;
+    }
+    Some((code, o, e))
+}
+
 #[test]
-fn an_unwritable_directory_fails_the_final_save_with_74() {
+fn an_unwritable_directory_is_refused_before_the_command_starts_with_73() {
+    // Issue 10: the command used to run and the failure came only at the
+    // first save.
     let dir = tempfile::tempdir().unwrap();
     let sub = dir.path().join("ro");
     std::fs::create_dir(&sub).unwrap();
@@ -517,16 +535,64 @@ fn an_unwritable_directory_fails_the_final_save_with_74() {
     mode(&snap, 0o644).unwrap();
     mode(&sub, 0o555).unwrap();
     let before = files(&sub);
-    let mut c = cmd("shm-restore");
-    c.arg(&snap).arg(b("counter"));
-    if nix::unistd::geteuid().is_root() {
-        c.uid(65534).gid(65534); // root ignores permissions
-    }
-    let (code, o, e) = result(&run(&mut c));
+    let marker = dir.path().join("ran");
+    let script = format!("touch {}", marker.display());
+    let outcome = restore_unprivileged(&snap, &["sh", "-c", &script]);
     mode(&sub, 0o755).unwrap();
-    if o.is_empty() && e.contains("Permission denied") && e.contains("counter") {
-        return; // the binaries are not reachable as nobody here
+    let Some((code, o, e)) = outcome else {
+        eprintln!("skipped: the binaries are not reachable as nobody here");
+        return;
+    };
+    assert_eq!(code, 73, "{e}");
+    assert!(o.is_empty(), "{o}");
+    assert!(!marker.exists(), "the command ran");
+    assert_eq!(e.lines().count(), 1, "one line: {e}");
+    assert!(
+        e.contains("s.snap") && e.contains("cannot create files in") && e.contains("ro"),
+        "{e}"
+    );
+    assert_eq!(files(&sub), before, "every file as it was");
+
+    // A directory that does not exist, and a file in the directory's
+    // place: refused the same way, nothing started, nothing created.
+    for (snap, why) in [
+        (dir.path().join("missing/s.snap"), "does not exist"),
+        (snap.join("s.snap"), "is not a directory"),
+    ] {
+        let (code, o, e) = restore(&[snap.to_str().unwrap()], &["sh", "-c", &script]);
+        assert_eq!(code, 73, "{e}");
+        assert!(o.is_empty() && !marker.exists(), "the command ran: {e}");
+        assert_eq!(e.lines().count(), 1, "one line: {e}");
+        assert!(e.contains(why) && e.contains("s.snap"), "{e}");
     }
+    assert!(!dir.path().join("missing").exists());
+}
+
+#[test]
+fn a_directory_that_becomes_unwritable_fails_the_final_save_with_74() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join("rw");
+    std::fs::create_dir(&sub).unwrap();
+    let snap = sub.join("s.snap");
+    counted(&snap, 1);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    mode(dir.path(), 0o755).unwrap();
+    mode(&snap, 0o644).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        // The command runs as nobody and must be able to chmod it.
+        nix::unistd::chown(&sub, Some(65534.into()), Some(65534.into())).unwrap();
+    }
+    let before = files(&sub);
+    // The command counts, then takes the write right away from the
+    // directory before it exits: the final save cannot be made.
+    let script = format!("{} && chmod 555 {}", b("counter"), sub.display());
+    let outcome = restore_unprivileged(&snap, &["sh", "-c", &script]);
+    mode(&sub, 0o755).unwrap();
+    let Some((code, o, e)) = outcome else {
+        eprintln!("skipped: the binaries are not reachable as nobody here");
+        return;
+    };
     assert_eq!(o, "2\n", "{e}");
     assert_eq!(code, 74, "{e}");
     assert!(

@@ -26,6 +26,9 @@ pub(crate) const EXIT_DATA: u8 = 65;
 /// The snapshot cannot be read (permissions, I/O error) or the memfd
 /// cannot take it: nothing started.
 pub(crate) const EXIT_NO_INPUT: u8 = 66;
+/// The snapshot's directory does not exist, is not a directory, or this
+/// process cannot create files in it: nothing started, no file created.
+pub(crate) const EXIT_CANNOT_CREATE: u8 = 73;
 /// The command exited 0 but the final save failed.
 pub(crate) const EXIT_SAVE_FAILED: u8 = 74;
 /// The command cannot be executed.
@@ -68,6 +71,8 @@ Exit status:
                    or larger than --max-size): nothing was started and every
                    file is left as it was
   66               the snapshot cannot be read, or the memfd cannot take it
+  73               SNAPSHOT's directory is missing or files cannot be
+                   created in it: checked before the start, nothing started
   74               the command exited 0 but the final save failed (e.g. the
                    memfd grew past --max-size); every file is as it was
   126              the command cannot be executed

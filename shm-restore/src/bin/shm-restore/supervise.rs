@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::io::{ErrorKind, IsTerminal};
 use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
 use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,8 @@ use shm_restore::{
 };
 
 use crate::{
-    Args, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SAVE_FAILED, EXIT_SETUP, EXIT_USAGE, Failure,
-    SnapshotMode, describe_load, load_failure, warn,
+    Args, EXIT_CANNOT_CREATE, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SAVE_FAILED, EXIT_SETUP,
+    EXIT_USAGE, Failure, SnapshotMode, describe_load, load_failure, warn,
 };
 
 const FORWARDED: [i32; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
@@ -72,6 +73,14 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 
     let (storage, name) = DirStorage::for_snapshot(&args.snapshot)
         .map_err(|e| Failure(EXIT_USAGE, format!("{}: {e}", args.snapshot.display())))?;
+    // Before anything runs: a command whose state could never be saved
+    // must not start (it would find out only at the first save).
+    check_writable_dir(storage.dir()).map_err(|why| {
+        Failure(
+            EXIT_CANNOT_CREATE,
+            format!("{}: {why}", args.snapshot.display()),
+        )
+    })?;
     for stale in shm_restore::remove_stale_temps(storage.dir(), &name) {
         say(
             args,
@@ -207,6 +216,49 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     } else {
         code
     })
+}
+
+/// Checks that snapshot files can be created in `dir`: it exists, is a
+/// directory, and an unnamed file can be made in it (`O_TMPFILE`, which
+/// leaves nothing behind and also catches a read-only file system and
+/// root's missing rights, e.g. on NFS). Where the file system has no
+/// `O_TMPFILE`, `access(W_OK | X_OK)` decides. Returns why not.
+fn check_writable_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let shown = dir.display();
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("cannot save there: {shown} is not a directory")),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Err(format!(
+                "cannot save there: the directory {shown} does not exist"
+            ));
+        }
+        Err(e) => return Err(format!("cannot save there: {shown}: {e}")),
+    }
+    let probe = std::fs::OpenOptions::new()
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match probe {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+            ) =>
+        {
+            nix::unistd::access(
+                dir,
+                nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+            )
+            .map_err(|e| format!("cannot save there: {shown} is not writable: {}", e.desc()))
+        }
+        Err(e) => Err(format!(
+            "cannot save there: cannot create files in {shown}: {e}"
+        )),
+    }
 }
 
 /// The running command and the terminal we may have handed to it.
