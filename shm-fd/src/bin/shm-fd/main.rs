@@ -62,8 +62,10 @@ struct Args {
     pid: bool,
 
     /// Stay as a watcher and run the command again when it exits
-    /// (`always`) or when it fails or crashes (`on-failure`), after a
-    /// growing delay (0.1 s .. 10 s) when it ran less than 1 s. Each run
+    /// (`always`) or when it fails or crashes (`on-failure`). A run of 1 s
+    /// or more is restarted at once; a shorter one after 0.1 s if it
+    /// succeeded, and after a delay that doubles with each fast failure in
+    /// a row (0.1 s, 0.2 s, ... up to 10 s) if it failed. Each run
     /// gets its own process group: SIGTERM, SIGINT and SIGQUIT are
     /// forwarded to it; SIGHUP restarts it (SIGTERM, up to 10 s, SIGKILL;
     /// start again, state kept). A run's leftover processes (its group,

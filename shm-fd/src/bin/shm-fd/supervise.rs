@@ -183,10 +183,15 @@ pub(crate) fn run(
         if when == Restart::OnFailure && ended.success() {
             return Ok(0);
         }
+        // The delay before the next run: none after a run of MIN_UPTIME or
+        // more; FIRST_BACKOFF after a fast success; after fast failures,
+        // FIRST_BACKOFF doubling with each one in a row, up to MAX_BACKOFF.
+        // A long run or a success starts the doubling over.
         let delay = if ran >= MIN_UPTIME {
             backoff = FIRST_BACKOFF;
             Duration::ZERO
         } else if ended.success() {
+            backoff = FIRST_BACKOFF;
             FIRST_BACKOFF
         } else {
             let d = backoff;
