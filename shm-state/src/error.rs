@@ -205,8 +205,9 @@ impl fmt::Display for Error {
             Error::Corrupted(c) => write!(f, "{c}"),
             Error::LayoutMismatch { stored, expected } => write!(
                 f,
-                "state layout mismatch: the region holds {stored}, the program expects \
-                 {expected}; supply a migration (Layout::migrate) or use the matching program"
+                "state layout mismatch: the region holds layout {stored}, the program expects \
+                 layout {expected}; add a migration (Layout::migrate), run the program that \
+                 wrote it, or start from an empty memfd (the region is left untouched)"
             ),
             Error::Downgrade { stored, expected } => write!(
                 f,

@@ -331,6 +331,16 @@ fn layout_mismatch_is_refused_then_migrated() {
     let e = State::<RootV2>::open(Source::heap(bytes.clone()), Layout::new(2)).unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e}");
     assert!(e.to_string().contains("version 1 (root 48 bytes"), "{e}");
+    // Issue 10: found, expected, and what to do.
+    let msg = e.to_string();
+    assert!(
+        msg.contains("holds layout version 1") && msg.contains("expects layout version 2"),
+        "{e}"
+    );
+    assert!(
+        msg.contains("add a migration") && msg.contains("empty memfd"),
+        "{e}"
+    );
     // Same type, other version: refused too.
     let e = State::<Root>::open(Source::heap(bytes.clone()), Layout::new(7)).unwrap_err();
     assert!(matches!(e, Error::LayoutMismatch { .. }), "{e}");

@@ -681,6 +681,80 @@ fn the_command_starts_with_no_blocked_signals_and_sigpipe_not_ignored() {
 }
 
 #[test]
+fn check_says_what_was_found_what_was_expected_and_what_a_start_does() {
+    // Issue 10: `--check` printed "checksums: BAD" and no reason.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    counted(&snap, 1);
+    let good = std::fs::read(&snap).unwrap();
+    let check = |extra: &[&str]| {
+        let (code, o, _) = result(&run(cmd("shm-restore")
+            .args(extra)
+            .arg("--check")
+            .arg(&snap)));
+        (code, o)
+    };
+    let field = |report: &str, name: &str| -> String {
+        report
+            .lines()
+            .find_map(|l| l.trim_start().strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {report}"))
+            .trim()
+            .to_owned()
+    };
+
+    // Damaged (trailing bytes), no .prev: found and expected sizes, and
+    // that a start refuses with 65 and what to do.
+    let mut damaged = good.clone();
+    damaged.extend_from_slice(&[0xAB; 7]);
+    std::fs::write(&snap, &damaged).unwrap();
+    let (code, report) = check(&[]);
+    assert_eq!(code, 1, "{report}");
+    let problem = field(&report, "problem:");
+    assert!(
+        problem.contains(&damaged.len().to_string()) && problem.contains(&good.len().to_string()),
+        "found and expected lengths: {report}"
+    );
+    let start = field(&report, "at start:");
+    assert!(
+        start.contains("exit 65") && start.contains("no ") && start.contains(".prev"),
+        "{report}"
+    );
+
+    // The same with a valid .prev: a start loads it.
+    std::fs::write(with_suffix(&snap, ".prev"), &good).unwrap();
+    let (_, report) = check(&[]);
+    let start = field(&report, "at start:");
+    assert!(
+        start.contains("is valid (generation 1") && start.contains("corrupt"),
+        "{report}"
+    );
+    // And a start does that: the counter goes on from the .prev.
+    assert_eq!(count(&snap), 2);
+
+    // Valid but over --max-size: the size the limit must reach.
+    let (code, report) = check(&["--max-size", "4"]);
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        field(&report, "problem:").contains("more than the maximum 4"),
+        "{report}"
+    );
+    assert!(
+        field(&report, "at start:").contains("raise --max-size to at least 8 bytes"),
+        "{report}"
+    );
+
+    // Missing: nothing to load, nothing checked.
+    std::fs::remove_file(&snap).unwrap();
+    let (_, report) = check(&[]);
+    assert_eq!(field(&report, "checksums:"), "not checked", "{report}");
+    assert!(
+        field(&report, "at start:").contains("empty memfd"),
+        "{report}"
+    );
+}
+
+#[test]
 fn the_command_starts_inside_its_keepers_group() {
     // Issue 9: see `a_run_starts_inside_its_keepers_group` in shm_fd.rs.
     let dir = tempfile::tempdir().unwrap();

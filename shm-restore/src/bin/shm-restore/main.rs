@@ -285,9 +285,20 @@ fn check(path: &Path, max_size: u64) -> u8 {
         Err(Error::TooLarge { max, .. }) => format!(
             "  checksums:      ok\n  size:           BAD, more than the maximum {max} (--max-size)\n"
         ),
+        // Not read (missing, no permission): nothing is known of them.
+        Err(Error::Io { .. }) => "  checksums:      not checked\n".to_owned(),
         Err(_) => "  checksums:      BAD\n".to_owned(),
     }
     .as_str();
+    if let Err(e) = &inspection.verdict {
+        // What was found against what was expected (the error says both),
+        // then what a start would do with it and what the user can do.
+        report += &format!("  problem:        {e}\n");
+        report += &format!(
+            "  at start:       {}\n",
+            what_a_start_does(path, e, max_size)
+        );
+    }
     // A closed stdout (`| head -1`) is not worth a panic.
     let _ = std::io::stdout().lock().write_all(report.as_bytes());
     match inspection.verdict {
@@ -296,6 +307,56 @@ fn check(path: &Path, max_size: u64) -> u8 {
             warn(format_args!("{e}"));
             EXIT_INVALID
         }
+    }
+}
+
+/// For `--check` of a snapshot `path` that failed with `e`: what
+/// `shm-restore` would do with it at a start, and what to do about it.
+fn what_a_start_does(path: &Path, e: &Error, max_size: u64) -> String {
+    let shown = path.display();
+    if let Error::TooLarge { data_len, .. } = e {
+        return format!(
+            "refused (exit 65), every file kept; to load it, raise --max-size to at least \
+             {data_len} bytes"
+        );
+    }
+    if let Error::Io { source, .. } = e
+        && source.kind() == std::io::ErrorKind::NotFound
+    {
+        return "nothing to load: the command starts with an empty memfd, and the first \
+                save creates the file"
+            .to_owned();
+    }
+    if !e.is_unloadable() {
+        return "refused (exit 66), every file kept: fix the access to the file (permissions, \
+                the disk) and check again"
+            .to_owned();
+    }
+    let prev = shm_restore::prev_path(path);
+    let prev_shown = prev.display();
+    let prev_check = shm_restore::inspect(&prev, max_size);
+    match (&prev_check.verdict, &prev_check.header) {
+        (Ok(()), Some(h)) => format!(
+            "{prev_shown} is valid (generation {}, saved at {}): a start loads it and keeps \
+             {shown} as {shown}.corrupt-<time>",
+            h.generation,
+            format_time(h.saved_at_ns)
+        ),
+        (Err(Error::Io { source, .. }), _) if source.kind() == std::io::ErrorKind::NotFound => {
+            format!(
+                "refused (exit 65), every file kept, as there is no {prev_shown} to fall back \
+                 to; put a good copy in its place, or move {shown} away to start from an empty \
+                 memfd"
+            )
+        }
+        (verdict, _) => format!(
+            "refused (exit 65), every file kept: {prev_shown} cannot be loaded either ({}); \
+             put a good copy in its place, or move both away to start from an empty memfd",
+            match verdict {
+                Err(e) => e.to_string(),
+                Ok(()) => "no header".to_owned(),
+            }
+        ),
     }
 }
 
