@@ -75,6 +75,7 @@ const MAX_NEXT_GAP: u64 = 1 << 31;
 #[derive(Parser, Debug)]
 #[command(
     name = "primes-snapshot",
+    version,
     after_help = "Exit codes: 0 done (table printed); 1 the memfd holds damaged or foreign \
                   state (left untouched); 2 usage; 3 no memfd passed (run under shm-fd) or \
                   it cannot be mapped; 4 printing the table failed."

@@ -13,11 +13,31 @@
 use std::io::{BufWriter, Write};
 use std::process::ExitCode;
 
+use clap::Parser;
+
+const AFTER_HELP: &str = "\
+Takes no arguments: the table lives in the shared memfd passed by shm-fd
+(LISTEN_FDS / LISTEN_FDNAMES), e.g.
+  shm-fd watch -n 0.1 ./target/release/primes
+
+Exit codes:
+  0  success
+  1  no memfd passed, the memfd does not hold a primes table, or a
+     system error
+  2  bad command line";
+
+/// No options: clap is here for `--help`, `--version` and refusing
+/// arguments the program would otherwise ignore.
+#[derive(Parser, Debug)]
+#[command(version, about = "Fill a table of primes in the shared memfd, 1000 more per run", after_help = AFTER_HELP)]
+struct Cli {}
+
 const TABLE_BYTES: usize = 1_000_000;
 const SLOTS: usize = TABLE_BYTES / 8;
 const PER_RUN: usize = 1000;
 
 fn main() -> ExitCode {
+    Cli::parse();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -28,8 +48,9 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    // SAFETY: the first thing the program does, before it opens any file:
-    // the fd LISTEN_FDS names was inherited and has no other owner here.
+    // SAFETY: the first thing the program does after parsing its command
+    // line (which opens no file): the fd LISTEN_FDS names was inherited and
+    // has no other owner here.
     let shared = unsafe { shm_fd::SharedFd::from_env(shm_fd::DEFAULT_NAME) }?;
     // SAFETY: under shm-fd one program runs on the memfd at a time and the
     // watcher sealed it against shrinking, so nothing else writes the bytes
