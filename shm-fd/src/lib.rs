@@ -40,8 +40,11 @@
 //! [`Handover::install`] puts the fds on `3, 4, ...` and
 //! [`PassedFds::configure`] sets the variables on a [`std::process::Command`].
 //! [`notify_fd_store`] uploads a new memfd to systemd's fd store.
-//! [`process::spawn_group`] starts a command that dies with its
-//! supervisor, process group and all.
+//! With the `cli` feature (off by default: it brings clap and
+//! signal-hook, which a program that only links the library does not
+//! need), `process::spawn_group` starts a command that dies with its
+//! supervisor, process group and all, and [`process`] has the other
+//! pieces the `shm-fd` and `shm-restore` commands share.
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
@@ -52,6 +55,7 @@ mod notify;
 mod pass;
 pub mod process;
 mod sys;
+#[cfg(feature = "cli")]
 pub mod units;
 
 pub use env::{

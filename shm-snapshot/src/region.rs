@@ -92,7 +92,7 @@ impl<'a> Region<'a> {
     }
 
     /// A region over a whole [`memmap2::MmapRaw`] mapping (such as
-    /// [`shm_fd::SharedFd::map_raw`] returns).
+    /// shm-fd's `SharedFd::map_raw` returns).
     ///
     /// Panics when the mapping cannot be made writable (a read-only fd):
     /// a `Region` can store, and a store into read-only memory would crash.
