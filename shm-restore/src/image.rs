@@ -9,9 +9,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use nix::errno::Errno;
-use nix::unistd::{Whence, lseek};
-
 use crate::format::Chunk;
 use crate::parallel;
 
@@ -267,36 +264,18 @@ fn copy_extents(memfd: &File, extents: &[Extent], bytes: &mut [u8]) -> io::Resul
 }
 
 /// The data extents of `file` (of length `len`), from `SEEK_DATA` /
-/// `SEEK_HOLE`. A file system without hole support reports one extent.
+/// `SEEK_HOLE` ([`shm_snapshot::data_extents`]). A file system without
+/// hole support reports one extent.
 ///
 /// Moves the file offset: pass a private open file description.
 pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<Extent>> {
-    let mut extents = Vec::new();
-    let mut pos = 0u64;
-    while pos < len {
-        let start = match lseek(file, pos as i64, Whence::SeekData) {
-            Ok(s) => s as u64,
-            Err(Errno::ENXIO) => break, // only a hole remains
-            Err(e) => return Err(e.into()),
-        };
-        if start >= len {
-            break;
-        }
-        let end = match lseek(file, start as i64, Whence::SeekHole) {
-            Ok(e) => (e as u64).min(len),
-            Err(Errno::ENXIO) => len, // the file shrank under us
-            Err(e) => return Err(e.into()),
-        };
-        if end <= start {
-            break;
-        }
-        extents.push(Extent {
-            offset: start,
-            len: end - start,
-        });
-        pos = end;
-    }
-    Ok(extents)
+    Ok(shm_snapshot::data_extents(file, len)?
+        .into_iter()
+        .map(|r| Extent {
+            offset: r.start,
+            len: r.end - r.start,
+        })
+        .collect())
 }
 
 /// The chunk table the memfd's current contents would have, computed by

@@ -77,6 +77,8 @@
 #![warn(missing_docs)]
 
 mod error;
+#[cfg(not(loom))]
+mod extents;
 mod futex;
 mod header;
 mod publisher;
@@ -86,6 +88,8 @@ mod sync;
 mod target;
 
 pub use error::Error;
+#[cfg(not(loom))]
+pub use extents::data_extents;
 pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, OFF_WAKE, VERSION};
 #[cfg(not(loom))]
 pub use publisher::MappedRegion;

@@ -106,7 +106,11 @@ impl<'f> SparseCopy<'f> {
 impl CopyTarget for SparseCopy<'_> {
     fn copy_from(&mut self, src: Region<'_>) -> io::Result<()> {
         let len = src.len();
-        let mut extents = data_extents(self.memfd, len)?;
+        // Within `len` (a usize), so every bound converts back.
+        let mut extents: Vec<Range<usize>> = crate::data_extents(self.memfd, len as u64)?
+            .into_iter()
+            .map(|r| r.start as usize..r.end as usize)
+            .collect();
         // The header page is always copied (it is data once written; a
         // blank one is copied as zeros, which is what it holds).
         let head = HEADER_LEN.min(len);
@@ -149,45 +153,4 @@ impl CopyTarget for SparseCopy<'_> {
     fn required_len(&self) -> Option<usize> {
         None
     }
-}
-
-/// The data ranges of `file` within its first `len` bytes.
-#[cfg(not(loom))]
-fn data_extents(file: &std::fs::File, len: usize) -> io::Result<Vec<Range<usize>>> {
-    use std::os::fd::AsRawFd;
-    let fd = file.as_raw_fd();
-    let seek = |offset: usize, whence: libc::c_int| -> io::Result<Option<usize>> {
-        let offset = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflows off_t"))?;
-        // SAFETY: lseek only moves the file offset of `fd`, which `file`
-        // keeps open for the call; no memory is passed.
-        let r = unsafe { libc::lseek(fd, offset, whence) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            // ENXIO: no data (or hole) at or after `offset`.
-            return if e.raw_os_error() == Some(libc::ENXIO) {
-                Ok(None)
-            } else {
-                Err(e)
-            };
-        }
-        Ok(Some(r as usize))
-    };
-    let mut out = Vec::new();
-    let mut at = 0;
-    while at < len {
-        let Some(start) = seek(at, libc::SEEK_DATA)? else {
-            break;
-        };
-        if start >= len {
-            break;
-        }
-        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
-        if end <= start {
-            break;
-        }
-        out.push(start..end);
-        at = end;
-    }
-    Ok(out)
 }

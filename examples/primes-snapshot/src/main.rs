@@ -230,11 +230,14 @@ fn refuse_foreign(shared: &shm_fd::SharedFd) -> Result<(), Failure> {
     }
     // Our own open file description: SEEK_DATA moves its offset.
     let file = shared.reopen().map_err(|e| memfd(&e))?.into_file();
-    let mut at = HEADER_LEN;
-    while at < region.len() {
-        let Some((start, end)) = next_data(&file, at, region.len()).map_err(|e| memfd(&e))? else {
-            break;
-        };
+    let extents = shm_snapshot::data_extents(&file, region.len() as u64).map_err(|e| memfd(&e))?;
+    for extent in extents {
+        // Within the region's length, so both ends fit a usize.
+        let (start, end) = (extent.start as usize, extent.end as usize);
+        let start = start.max(HEADER_LEN);
+        if start >= end {
+            continue;
+        }
         // Extents are page-aligned; round to words to read whole cells.
         let from = start & !7;
         let to = end.next_multiple_of(8).min(region.len());
@@ -242,29 +245,8 @@ fn refuse_foreign(shared: &shm_fd::SharedFd) -> Result<(), Failure> {
         if !part.is_zero() {
             return Err(foreign());
         }
-        at = end;
     }
     Ok(())
-}
-
-/// The next data extent of `file` at or after `at`, cut at `len`.
-fn next_data(file: &std::fs::File, at: usize, len: usize) -> nix::Result<Option<(usize, usize)>> {
-    use nix::unistd::{Whence, lseek};
-    let off = |n: usize| nix::libc::off_t::try_from(n).map_err(|_| nix::errno::Errno::EOVERFLOW);
-    let start = match lseek(file, off(at)?, Whence::SeekData) {
-        Ok(s) => s as usize,
-        Err(nix::errno::Errno::ENXIO) => return Ok(None), // no data after `at`
-        Err(e) => return Err(e),
-    };
-    if start >= len {
-        return Ok(None);
-    }
-    let end = match lseek(file, off(start)?, Whence::SeekHole) {
-        Ok(e) => (e as usize).min(len),
-        Err(nix::errno::Errno::ENXIO) => len,
-        Err(e) => return Err(e),
-    };
-    Ok(Some((start, end.max(start + 1).min(len))))
 }
 
 /// The checked progress fields.
