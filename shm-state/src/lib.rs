@@ -89,16 +89,20 @@
 #![warn(missing_docs)]
 
 mod cell;
+mod check;
 mod error;
 mod format;
 mod handle;
 mod journal;
+mod layout;
 mod lock;
 mod log;
 mod map;
 mod mem;
+mod open;
 mod owner;
 mod snapshot;
+mod source;
 mod state;
 mod tx;
 mod vec;
@@ -110,9 +114,12 @@ mod tests;
 pub use error::{Corruption, Error, Result, StoredLayout};
 pub use format::{CREATING_MAGIC, FORMAT_VERSION, HEADER_LEN, MAGIC};
 pub use handle::{StateCell, StateLog, StateMap, StateVec};
+pub use layout::{Layout, Migrate, OldRoot};
 pub use log::{LogIter, LogMut, LogRef};
 pub use map::{Bytes, Item, MapMut, MapRef};
+pub use open::{OpenReport, Opened};
 pub use snapshot::CommitHook;
-pub use state::{Layout, Migrate, OldRoot, OpenReport, Opened, Source, State, Tx};
+pub use source::Source;
+pub use state::{State, Tx};
 pub use vec::VecMut;
 pub use verify::HeapReport;

@@ -1,0 +1,208 @@
+//! Damaged regions: flipped and random bytes, impossible counts and
+//! sizes, blocks of the wrong kind: an error, never a panic or UB.
+
+use super::*;
+
+#[test]
+fn flipped_header_bits_are_detected() {
+    let img = populated();
+    let mut rng = Rng(0x5eed_1234_abcd_0001);
+    // Every bit of the checksummed and validated header bytes (the lock
+    // words at 0xC8..0x100 are not checked: see docs; the commit word at
+    // 0xC0 carries its own check byte).
+    for byte in (0..4096usize).filter(|b| !(0xC8..0x100).contains(b)) {
+        let bit = rng.below(8);
+        let mut bad = img.clone();
+        bad[byte] ^= 1 << bit;
+        let r = open(bad);
+        assert!(
+            r.is_err(),
+            "flipping bit {bit} of header byte {byte:#x} went unnoticed"
+        );
+    }
+}
+
+#[test]
+fn random_damage_never_panics() {
+    let img = populated();
+    let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+    let mut opened = 0;
+    for _ in 0..3000 {
+        let mut bad = img.clone();
+        for _ in 0..1 + rng.below(8) {
+            let i = rng.below(bad.len() as u64) as usize;
+            bad[i] ^= 1 << rng.below(8);
+        }
+        if rng.below(10) == 0 {
+            let cut = rng.below(bad.len() as u64) as usize;
+            bad.truncate(cut);
+        }
+        if let Ok(s) = open(bad) {
+            opened += 1;
+            // Reading everything either works or reports an error.
+            let _ = dump(&s);
+        }
+    }
+    assert!(opened > 0, "flips in data blocks still open");
+    // Random bytes everywhere.
+    for _ in 0..200 {
+        let len = 64 + rng.below(20_000) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+        assert!(open(bytes).is_err());
+    }
+}
+
+/// `repro -- tombs / len / log / reserve`: counts in a damaged region and
+/// huge requests are errors, not arithmetic overflow panics.
+#[test]
+fn damaged_counts_and_huge_sizes_are_errors_not_panics() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for k in 0..6u64 {
+            m.insert(&k, &k)?;
+        }
+        tx.log(r.log)?.append(b"x")
+    })
+    .unwrap();
+    let img = s.close().unwrap().into_heap().unwrap();
+    let map_hdr = r.map.offset() + 16;
+    // A removal that leaves a tombstone, then the header's count zeroed.
+    let mut with_tomb = None;
+    for k in 0..6u64 {
+        let mut s = open(img.clone()).unwrap();
+        s.transaction(|tx| tx.map(r.map)?.remove(&k)).unwrap();
+        let after = s.close().unwrap().into_heap().unwrap();
+        if get_u64(&after, map_hdr + 8) == 1 {
+            with_tomb = Some((k, after));
+            break;
+        }
+    }
+    let (k, mut bad) = with_tomb.expect("a tombstone");
+    put_u64(&mut bad, map_hdr + 8, 0);
+    let mut s = open(bad).unwrap();
+    let e = s
+        .transaction(|tx| tx.map(r.map)?.insert(&k, &99))
+        .unwrap_err();
+    assert!(e.to_string().contains("tombstone"), "{e}");
+    // Entries in the table, none in the header's count.
+    let mut bad = img.clone();
+    put_u64(&mut bad, map_hdr, 0);
+    let mut s = open(bad).unwrap();
+    let e = s.transaction(|tx| tx.map(r.map)?.remove(&3)).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    // A log whose record count is at its maximum.
+    let mut bad = img.clone();
+    put_u64(&mut bad, r.log.offset() + 16, u64::MAX);
+    let mut s = open(bad).unwrap();
+    let e = s.transaction(|tx| tx.log(r.log)?.append(b"y")).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    // Sizes past the format's largest block.
+    let mut s = open(img).unwrap();
+    for n in [(1u64 << 60) + 1, u64::MAX / 8, u64::MAX] {
+        let e = s
+            .transaction(|tx| {
+                let v = tx.new_vec::<u64>()?;
+                tx.vec(v)?.reserve(n)
+            })
+            .unwrap_err();
+        assert!(matches!(e, Error::TooLarge { .. }), "{n}: {e}");
+    }
+}
+
+/// `repro -- foreign`: a byte-string slot naming another kind of block
+/// cannot free it, and `verify` checks the root pointer.
+#[test]
+fn a_map_slot_cannot_free_a_block_of_another_kind() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.map(r.bmap)?.insert(b"k", b"v").map(|_| ()))
+        .unwrap();
+    let img = s.close().unwrap().into_heap().unwrap();
+    let root_block = get_u64(&img, 0x90);
+    let hdr = r.bmap.offset() + 16;
+    let (cap, table) = (get_u64(&img, hdr + 16), get_u64(&img, hdr + 24));
+    let mut bad = img.clone();
+    for i in 0..cap {
+        let at = table + 16 + i * 24;
+        if get_u64(&img, at) > 1 {
+            put_u64(&mut bad, at + 16, root_block); // the value names the root
+        }
+    }
+    let mut s = open(bad).unwrap();
+    let e = s
+        .transaction(|tx| tx.map(r.bmap)?.remove(b"k"))
+        .unwrap_err();
+    assert!(e.to_string().contains("not a byte string"), "{e}");
+    s.verify().unwrap();
+    assert_eq!(s.root().unwrap().n, 0);
+    // A root pointer naming another block is caught by verify.
+    let root_len = size_of::<Root>() as u64;
+    let other = r.vec.offset();
+    s.core
+        .mem
+        .write("test", crate::format::DY_ROOT, &other.to_le_bytes())
+        .unwrap();
+    let _ = root_len;
+    let e = s.verify().unwrap_err();
+    assert!(e.to_string().contains("root"), "{e}");
+}
+
+/// `repro -- fuzz`: random damage in the heap, then every kind of change:
+/// errors, never a panic (debug builds check every overflow).
+#[test]
+fn random_damage_then_changes_never_panic() {
+    let img = populated();
+    let heap_off = 4096 + (16 << 10);
+    let r = *open(img.clone()).unwrap().root().unwrap();
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let runs = env_count("SHM_STATE_FUZZ", 3000);
+    let mut opened = 0;
+    for _ in 0..runs {
+        let mut bad = img.clone();
+        for _ in 0..1 + rng.below(4) {
+            let i = heap_off + rng.below((bad.len() - heap_off) as u64) as usize;
+            let w = i & !7;
+            match rng.below(3) {
+                0 => bad[i] ^= 1 << rng.below(8),
+                1 => put_u64(&mut bad, w as u64, rng.below(4096)),
+                _ => put_u64(&mut bad, w as u64, u64::MAX),
+            }
+        }
+        let Ok(mut s) = open(bad) else { continue };
+        opened += 1;
+        let k = rng.below(80);
+        let _ = s.transaction(|tx| {
+            let _ = tx.vec(r.vec).and_then(|mut v| {
+                v.push(1)?;
+                v.pop()?;
+                v.set(k, 3)
+            });
+            let _ = tx.map(r.map).and_then(|mut m| {
+                m.insert(&k, &1)?;
+                m.remove(&(k + 1))?;
+                Ok(())
+            });
+            let _ = tx.map(r.bmap).and_then(|mut m| {
+                m.insert(b"k1", b"zz")?;
+                m.remove(format!("k{k}").as_bytes())?;
+                Ok(())
+            });
+            let _ = tx.log(r.log).and_then(|mut l| l.append(b"rec"));
+            let _ = tx.cell_mut(r.cell).map(|c| *c = c.wrapping_add(1));
+            Ok::<_, Error>(())
+        });
+        let _ = s.transaction(|tx| {
+            tx.map(r.bmap)?.clear()?;
+            tx.log(r.log)?.clear()?;
+            tx.map(r.map)?.clear()?;
+            tx.vec(r.vec)?.reserve(100)
+        });
+        let _ = dump(&s);
+    }
+    assert!(
+        opened > runs / 2,
+        "{opened} of {runs} damaged images opened"
+    );
+}

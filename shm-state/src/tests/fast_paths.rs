@@ -1,0 +1,123 @@
+//! Regression tests for the format 2 fast paths (see BENCHMARKS.md,
+//! `## shm-state`): each pins one shortcut to the behaviour it must keep;
+//! and commits published through the snapshot protocol.
+
+use super::*;
+
+#[test]
+fn commits_are_published_through_the_snapshot_protocol() {
+    use shm_snapshot::{Protocol, Region, probe};
+    let fd = shm_fd::SharedFd::create("shm-state-snap", shm_fd::CreateOptions::default()).unwrap();
+    let watcher = fd.try_clone().unwrap();
+    let probe_fd = |fd: &shm_fd::SharedFd| {
+        let map = fd.map_raw(1).unwrap();
+        match probe(Region::from_mmap(&map)).unwrap() {
+            Protocol::Present {
+                generation,
+                updating,
+                ..
+            } => (generation, updating),
+            other => panic!("no protocol header: {other:?}"),
+        }
+    };
+    let layout = || layout().with_snapshot_protocol();
+    // SAFETY: a private memfd, sealed against shrinking.
+    let mut s = State::<Root>::open(unsafe { Source::shared(fd) }, layout()).unwrap();
+    let (g0, updating) = probe_fd(&watcher);
+    assert!(!updating);
+    let r = s
+        .transaction(|tx| {
+            let v = tx.new_vec::<u32>()?;
+            tx.root_mut()?.vec = v;
+            // Inside the transaction the header says "updating".
+            assert!(probe_fd(&watcher).1);
+            let mut vec = tx.vec(v)?;
+            for i in 0..100_000 {
+                vec.push(i)?; // grows the memfd: the publisher follows the remap
+            }
+            Ok::<_, Error>(*tx.root()?)
+        })
+        .unwrap();
+    let (g1, updating) = probe_fd(&watcher);
+    assert!(!updating && g1 == g0 + 1, "{g0} -> {g1}");
+    // A failed transaction leaves the header committed again.
+    let _ = s.transaction(|tx| {
+        tx.vec(r.vec)?.push(1)?;
+        Err::<(), _>(Error::Migration("no".into()))
+    });
+    assert!(!probe_fd(&watcher).1);
+    // A consistent copy of the whole memfd, reopened, holds the committed data.
+    let map = watcher.map_raw(1).unwrap();
+    let region = Region::from_mmap(&map);
+    let mut copy = vec![0u8; region.len()];
+    region.copy_to(&mut copy);
+    drop(s);
+    let s = State::<Root>::open(Source::heap(copy), layout()).unwrap();
+    assert_eq!(s.vec(r.vec).unwrap().len(), 100_000);
+    drop(s);
+    // Reopen the memfd itself; without the protocol it is refused clearly.
+    // SAFETY: as above.
+    let e = State::<Root>::open(
+        unsafe { Source::shared(watcher.try_clone().unwrap()) },
+        self::layout(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::NotAState { .. }), "{e}");
+    // SAFETY: as above.
+    let s = State::<Root>::open(unsafe { Source::shared(watcher) }, layout()).unwrap();
+    assert_eq!(s.report().opened, Opened::Reopened);
+    assert_eq!(s.vec(r.vec).unwrap()[99_999], 99_999);
+}
+
+#[test]
+fn every_line_is_journaled_once_per_transaction() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[7u32; 2000]))
+        .unwrap();
+    let before = dump(&s).unwrap();
+    let e = s
+        .transaction(|tx| {
+            let mut v = tx.vec(r.vec)?;
+            // 40 elements 64 bytes apart, twice: 40 lines, 40 records.
+            for round in 0..2u32 {
+                for i in 0..40u32 {
+                    v.set(u64::from(i) * 16, round * 100 + i)?;
+                }
+            }
+            let (records, _) = crate::journal::scan(tx.core.mem(), 16 << 10, tx.core.seq())?;
+            assert_eq!(records.len(), 40);
+            assert!(records.iter().all(|r| r.len == 64));
+            Err::<(), _>(Error::Migration("roll back".into()))
+        })
+        .unwrap_err();
+    assert!(matches!(e, Error::Migration(_)));
+    assert_eq!(dump(&s).unwrap(), before);
+}
+
+#[test]
+fn a_transaction_that_does_not_allocate_leaves_the_dynamic_header_alone() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[1, 2, 3]))
+        .unwrap();
+    let dynamic = |s: &State<Root>| s.image()[0x80..0xC0].to_vec();
+    let before = dynamic(&s);
+    let seq = s.commits().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.set(1, 5)).unwrap();
+    assert_eq!(dynamic(&s), before, "header line rewritten");
+    assert_eq!(s.commits().unwrap(), seq + 1);
+    // A rolled-back transaction consumes its sequence number too.
+    let _ = s.transaction(|tx| {
+        tx.vec(r.vec)?.set(1, 6)?;
+        Err::<(), _>(Error::Migration("no".into()))
+    });
+    assert_eq!(s.commits().unwrap(), seq + 2);
+    // An allocating one rewrites it, checksum included (reopen checks it).
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[0; 100]))
+        .unwrap();
+    assert_ne!(dynamic(&s), before);
+    let s = reopen(s);
+    assert_eq!(s.vec(r.vec).unwrap()[..3], [1, 5, 3]);
+    assert_eq!(s.vec(r.vec).unwrap().len(), 103);
+}
