@@ -1,0 +1,113 @@
+//! The bridge from the original shm-fd (crates.io `shm-fd` 0.5, issue 10
+//! §4): a program built against the original's library keeps its state
+//! under our `shm-fd`, and our programs run with the fd passed the way the
+//! original `shm-fd` binary passes it. `docs/migrating.md` describes both.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use shm_fd_tests::{bin, cmd, run, text};
+
+fn b(name: &str) -> String {
+    bin(name).to_str().unwrap().to_owned()
+}
+
+/// Runs `shm-fd [args] sh -c script` and returns (code, stdout, stderr).
+fn shm_sh(args: &[&str], script: &str) -> (Option<i32>, String, String) {
+    let out = run(cmd("shm-fd").args(args).args(["sh", "-c", script]));
+    let (o, e) = text(&out);
+    (out.status.code(), o, e)
+}
+
+#[test]
+fn a_program_on_the_original_library_keeps_its_state_under_our_shm_fd() {
+    let (orig, counter) = (b("orig-api-counter"), b("counter"));
+    let (code, out, err) = shm_sh(&[], &format!("{orig}; {orig}; {orig}"));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "1\n2\n3\n", "{err}");
+    // Both libraries find the same memfd, and the same word in it.
+    let (code, out, err) = shm_sh(&[], &format!("{orig}; {counter}; {orig}"));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "1\n2\n3\n", "{err}");
+    // The original's library compares LISTEN_PID with its pid: `--pid`
+    // (shm-fd execs the command, which keeps the pid) passes that check.
+    let out = run(cmd("shm-fd").args(["--pid", &orig]));
+    assert_eq!(text(&out).0, "1\n", "{:?}", text(&out));
+    assert!(out.status.success());
+    // A restart by our watcher keeps the memfd for it too.
+    let (code, out, err) = shm_sh(
+        &["--restart", "on-failure"],
+        &format!("n=$({orig}) && echo $n && [ $n -ge 3 ]"),
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "1\n2\n3\n", "{err}");
+}
+
+/// A memfd as the original `shm-fd` creates it: `memfd_create("persistent",
+/// MFD_ALLOW_SEALING)`, empty, with no seal.
+fn original_memfd() -> OwnedFd {
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    memfd_create(
+        "persistent",
+        MFdFlags::MFD_ALLOW_SEALING | MFdFlags::MFD_CLOEXEC,
+    )
+    .expect("memfd_create")
+}
+
+/// `command` with `memfd` passed exactly as the original `shm-fd` binary
+/// passes its memfd (its `ListenInit::wrap_proc`): on fd 3 without
+/// close-on-exec, `LISTEN_FDS=1`, `LISTEN_FDNAMES=SHM_SHARED_FD`, and
+/// `LISTEN_PID` left as it was (unset here: [`cmd`] removes it).
+fn as_the_original_passes(mut command: Command, memfd: &OwnedFd) -> Command {
+    command
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "SHM_SHARED_FD");
+    let raw = memfd.as_raw_fd();
+    // SAFETY: between fork and exec the hook calls only fcntl and dup2,
+    // which are async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            let done = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if done == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+#[test]
+fn our_counter_runs_with_the_fd_passed_the_way_the_original_passes_it() {
+    // The test holds the memfd, as the original `shm-fd` (or systemd's fd
+    // store) does, and passes it to each run.
+    let memfd = original_memfd();
+    for expected in 1..=3 {
+        let out = run(&mut as_the_original_passes(cmd("counter"), &memfd));
+        let (o, e) = text(&out);
+        assert!(out.status.success(), "run {expected}: {e}");
+        assert_eq!(o, format!("{expected}\n"), "{e}");
+    }
+    // Through a wrapper, as under the original's `shm-fd watch ...`.
+    let c = b("counter");
+    let mut sh = Command::new("sh");
+    sh.args(["-c", &format!("{c}; {c}")])
+        .env_remove("LISTEN_PID");
+    let out = run(&mut as_the_original_passes(sh, &memfd));
+    assert_eq!(text(&out).0, "4\n5\n", "{:?}", text(&out));
+    // Our shm-fd under it reuses that memfd rather than making its own.
+    let out = run(as_the_original_passes(cmd("shm-fd"), &memfd).arg(&c));
+    assert_eq!(text(&out).0, "6\n", "{:?}", text(&out));
+    // The state is in the memfd the "original" holds.
+    let mut word = [0u8; 8];
+    std::fs::File::from(memfd.try_clone().unwrap())
+        .read_exact_at(&mut word, 0)
+        .unwrap();
+    assert_eq!(u64::from_le_bytes(word), 6);
+}
