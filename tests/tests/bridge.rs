@@ -111,3 +111,36 @@ fn our_counter_runs_with_the_fd_passed_the_way_the_original_passes_it() {
         .unwrap();
     assert_eq!(u64::from_le_bytes(word), 6);
 }
+
+/// The primes `primes-snapshot` printed, checked to be the first ones.
+fn printed_primes(out: &std::process::Output) -> usize {
+    let (o, e) = text(out);
+    assert_eq!(out.status.code(), Some(0), "{e}");
+    let printed: Vec<u64> = o.lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(printed, shm_fd_tests::first_primes(printed.len()), "{e}");
+    printed.len()
+}
+
+#[test]
+fn primes_snapshot_takes_the_originals_positional_arguments() {
+    let ps = b("primes-snapshot");
+    // The original's `primes-snapshot <interval_ms> <limit>`.
+    let out = run(cmd("shm-fd").args([&ps, "1", "10000"]));
+    assert!(printed_primes(&out) >= 10000);
+    // The named form keeps working, and mixes with the other positional.
+    let out = run(cmd("shm-fd").args([&ps, "--interval-ms", "1", "--limit", "10000"]));
+    assert!(printed_primes(&out) >= 10000);
+    let out = run(cmd("shm-fd").args([&ps, "1", "--limit", "10000"]));
+    assert!(printed_primes(&out) >= 10000);
+    // A positional with its own named option as well: usage error.
+    for args in [
+        ["1", "--interval-ms", "2"].as_slice(),
+        &["--limit", "5", "1", "7"],
+        &["1", "2", "3"],
+    ] {
+        let out = run(cmd("shm-fd").arg(&ps).args(args));
+        let (o, e) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
+        assert!(o.is_empty() && e.starts_with("error: "), "{args:?}: {e}");
+    }
+}
