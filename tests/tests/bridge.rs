@@ -3,9 +3,11 @@
 //! under our `shm-fd`, and our programs run with the fd passed the way the
 //! original `shm-fd` binary passes it. `docs/migrating.md` describes both.
 
+use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 
 use shm_fd_tests::{bin, cmd, run, text};
@@ -143,4 +145,152 @@ fn primes_snapshot_takes_the_originals_positional_arguments() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {e}");
         assert!(o.is_empty() && e.starts_with("error: "), "{args:?}: {e}");
     }
+}
+
+/// A raw image as the original shm-restore writes it (the memfd's bytes as
+/// a plain file): `data_len` pseudo-random bytes from `seed`, then a hole
+/// of 2 MiB, then 4 bytes at the end.
+fn write_raw(path: &Path, seed: u64, data_len: usize) -> Vec<u8> {
+    let mut state = seed | 1;
+    let mut bytes: Vec<u8> = (0..data_len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    bytes.resize(data_len + (2 << 20), 0);
+    bytes.extend_from_slice(b"tail");
+    let file = std::fs::File::create(path).unwrap();
+    file.write_all_at(&bytes[..data_len], 0).unwrap();
+    file.write_all_at(b"tail", (data_len + (2 << 20)) as u64)
+        .unwrap();
+    bytes
+}
+
+/// The files of `dir` with their bytes.
+fn files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let bytes = std::fs::read(e.path()).unwrap();
+            (e.file_name().into_string().unwrap(), bytes)
+        })
+        .collect()
+}
+
+/// `shm-restore --import-raw RAW SNAP [extra]`: (exit code, stderr).
+fn import(raw: &Path, snap: &Path, extra: &[&str]) -> (Option<i32>, String) {
+    let out = run(cmd("shm-restore")
+        .arg("--import-raw")
+        .arg(raw)
+        .arg(snap)
+        .args(extra));
+    let (o, e) = text(&out);
+    assert!(o.is_empty(), "{o}");
+    (out.status.code(), e)
+}
+
+/// What a program finds in the memfd `shm-restore SNAP` loads.
+fn loaded_bytes(snap: &Path) -> Vec<u8> {
+    let out_file = snap.with_extension("out");
+    let out = run(cmd("shm-restore").arg(snap).args([
+        "sh",
+        "-c",
+        "cat /proc/self/fd/3 > \"$0\"",
+        out_file.to_str().unwrap(),
+    ]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    let bytes = std::fs::read(&out_file).unwrap();
+    std::fs::remove_file(&out_file).unwrap();
+    bytes
+}
+
+#[test]
+fn import_raw_round_trip_keeps_the_bytes_and_leaves_holes_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (raw, snap) = (dir.path().join("state.raw"), dir.path().join("state.snap"));
+    let bytes = write_raw(&raw, 7, 300_000);
+    let (code, err) = import(&raw, &snap, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("imported"), "{err}");
+    let out = run(cmd("shm-restore").arg("--check").arg(&snap));
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}{e}");
+    assert!(o.contains("checksums:      ok"), "{o}");
+    // About 300 KB stored of the 2.3 MB (file system blocks round the
+    // extents): the 2 MiB hole is left out, as a save leaves a memfd's.
+    let size = bytes.len();
+    let stored: u64 = o
+        .split_once(&format!("data size:      {size} bytes ("))
+        .and_then(|(_, rest)| rest.split_once(" stored"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no data size line for {size} bytes: {o}"));
+    assert!((300_004..400_000).contains(&stored), "{o}");
+    assert!(loaded_bytes(&snap) == bytes, "the loaded memfd differs");
+}
+
+#[test]
+fn import_raw_replaces_a_snapshot_only_with_force() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("state.snap");
+    let (raw_a, raw_b) = (dir.path().join("a.raw"), dir.path().join("b.raw"));
+    write_raw(&raw_a, 1, 5000);
+    let b_bytes = write_raw(&raw_b, 2, 7000);
+    assert_eq!(import(&raw_a, &snap, &[]).0, Some(0));
+    let before = files(dir.path());
+
+    let (code, err) = import(&raw_b, &snap, &[]);
+    assert_eq!(code, Some(73), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(snap.to_str().unwrap()), "{err}");
+    assert_eq!(files(dir.path()), before, "refused: every file as it was");
+
+    let (code, err) = import(&raw_b, &snap, &["--force"]);
+    assert_eq!(code, Some(0), "{err}");
+    let after = files(dir.path());
+    // The replaced snapshot is kept as .prev, as a save keeps it; no temp
+    // file is left.
+    assert_eq!(after["state.snap.prev"], before["state.snap"]);
+    assert_eq!(
+        after.keys().collect::<Vec<_>>(),
+        ["a.raw", "b.raw", "state.snap", "state.snap.prev"]
+    );
+    assert!(loaded_bytes(&snap) == b_bytes, "the loaded memfd differs");
+}
+
+#[test]
+fn import_raw_refusals_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("state.snap");
+    let raw = dir.path().join("state.raw");
+    let check = |raw: &Path, extra: &[&str], want: i32, says: &str| {
+        let before = files(dir.path());
+        let (code, err) = import(raw, &snap, extra);
+        assert_eq!(code, Some(want), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(says), "{err}");
+        assert_eq!(files(dir.path()), before, "{err}");
+    };
+    check(&raw, &[], 66, "state.raw: cannot read it: no such file");
+    check(dir.path(), &[], 66, "not a regular file");
+    std::fs::File::create(&raw)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    check(&raw, &[], 65, "holds no data");
+    write_raw(&raw, 3, 1000);
+    check(
+        &raw,
+        &["--max-size", "1M"],
+        65,
+        "more than the maximum 1048576",
+    );
+    // --force belongs to --import-raw.
+    let out = run(cmd("shm-restore").args(["--force"]).arg(&snap).arg("true"));
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(!snap.exists());
 }
