@@ -5,6 +5,7 @@
 //! the working directory), and no `target/` directory on `PATH`: a command
 //! called by its bare name fails with 127. The build and test commands
 //! themselves are not run again; the `watch` demo runs for 3 s.
+//! docs/migrating.md's block runs the same way.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -110,4 +111,29 @@ fn every_shell_block_of_the_readme_runs_as_pasted() {
     // The demo, the primes snapshot pair, restore-v1 and --check, bank and
     // kv: a README with fewer runnable lines lost some.
     assert!(ran >= 8, "only {ran} README lines ran");
+}
+
+#[test]
+fn the_shell_block_of_docs_migrating_md_runs_as_pasted() {
+    let doc =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/migrating.md"))
+            .expect("docs/migrating.md");
+    let blocks = shell_blocks(&doc);
+    assert_eq!(blocks.len(), 1, "docs/migrating.md's ```sh blocks");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut last = String::new();
+    for line in &blocks[0] {
+        let script = adapt(line, bin_dir(), tmp.path()).expect("no cargo line");
+        let out = Command::new("sh")
+            .args(["-c", &script])
+            .current_dir(tmp.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let (o, e) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "line {line:?}: {o}{e}");
+        last = o;
+    }
+    // The doc says what the block ends with: the imported counter, plus one.
+    assert_eq!(last, "42\n");
 }

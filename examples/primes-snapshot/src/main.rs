@@ -38,6 +38,10 @@
 //!   the magic last. Cut before the magic: the fields are a prefix of the
 //!   set-up, which is done again.
 //!
+//! The original primes-snapshot's positional form is accepted too:
+//! `primes-snapshot 1 10000` is `--interval-ms 1 --limit 10000`; a
+//! positional given with its named option as well is a usage error.
+//!
 //! Output, like `primes`: `generated N more primes, total T` on stderr
 //! after each chunk (every chunk with `--verbose`, else at most once a
 //! second); when the table holds `--limit` primes (or is full) every prime
@@ -93,6 +97,28 @@ struct Args {
     /// Report every chunk on stderr (default: at most once a second).
     #[arg(long)]
     verbose: bool,
+    /// --interval-ms, as the original primes-snapshot takes it
+    /// (`primes-snapshot 1 10000`).
+    #[arg(value_name = "INTERVAL_MS", conflicts_with = "interval_ms")]
+    interval_ms_positional: Option<u64>,
+    /// --limit, as the original primes-snapshot takes it.
+    #[arg(value_name = "LIMIT", conflicts_with = "limit")]
+    limit_positional: Option<u64>,
+}
+
+impl Args {
+    /// Parses the command line, the original's positional form folded into
+    /// the named options.
+    fn parse_both_forms() -> Result<Args, clap::Error> {
+        let mut args = Args::try_parse()?;
+        if let Some(ms) = args.interval_ms_positional.take() {
+            args.interval_ms = ms;
+        }
+        if let Some(n) = args.limit_positional.take() {
+            args.limit = Some(n);
+        }
+        Ok(args)
+    }
 }
 
 fn parse_span(s: &str) -> Result<u64, String> {
@@ -110,7 +136,7 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match Args::parse_both_forms() {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use shm_restore::{Error, LoadOutcome, SaveOptions, format_time};
 
+mod import;
 mod supervise;
 
 /// Setup failed: bad `LISTEN_*` variables, an inherited fd that is not a
@@ -69,12 +70,18 @@ Exit status:
                    the range)
   65               no valid snapshot to load (damaged, and no valid .prev;
                    or larger than --max-size): nothing was started and every
-                   file is left as it was
-  66               the snapshot cannot be read, or the memfd cannot take it
+                   file is left as it was; with --import-raw: RAW is larger
+                   than --max-size or holds no data, nothing written
+  66               the snapshot cannot be read, or the memfd cannot take it;
+                   with --import-raw: RAW cannot be read (missing, not a
+                   regular file), nothing written
   73               SNAPSHOT's directory is missing or files cannot be
-                   created in it: checked before the start, nothing started
+                   created in it: checked before the start, nothing started;
+                   with --import-raw: SNAPSHOT exists (and no --force), left
+                   as it was
   74               the command exited 0 but the final save failed (e.g. the
-                   memfd grew past --max-size); every file is as it was
+                   memfd grew past --max-size); every file is as it was;
+                   with --import-raw: the save failed
   126              the command cannot be executed
   127              the command was not found";
 
@@ -129,6 +136,18 @@ pub(crate) struct Args {
     #[arg(long, conflicts_with = "command")]
     pub check: bool,
 
+    /// Turn RAW, a raw image of a memfd (what the original shm-restore
+    /// wrote: the memfd's bytes as a plain file), into the checksummed
+    /// SNAPSHOT, saved as at a command's exit (atomically, holes kept
+    /// out); an existing SNAPSHOT is refused unless --force.
+    #[arg(long, value_name = "RAW", conflicts_with_all = ["command", "check"])]
+    pub import_raw: Option<PathBuf>,
+
+    /// With --import-raw: replace an existing SNAPSHOT (a valid one is
+    /// kept as SNAPSHOT.prev, as a save does).
+    #[arg(long)]
+    pub force: bool,
+
     /// The snapshot file.
     #[arg(value_name = "SNAPSHOT")]
     pub snapshot: PathBuf,
@@ -144,7 +163,7 @@ pub(crate) struct Args {
     /// The command to run, and its arguments.
     #[arg(
         value_name = "COMMAND",
-        required_unless_present = "check",
+        required_unless_present_any = ["check", "import_raw"],
         trailing_var_arg = true,
         num_args = 1..
     )]
@@ -234,6 +253,13 @@ fn parse_args() -> Result<Args, ExitCode> {
             return Err(ExitCode::from(if e.use_stderr() { EXIT_USAGE } else { 0 }));
         }
     };
+    // Checked here: clap's `requires` lets it through with a COMMAND.
+    if args.force && args.import_raw.is_none() {
+        warn(format_args!(
+            "--force replaces a snapshot with --import-raw only (see --help)"
+        ));
+        return Err(ExitCode::from(EXIT_USAGE));
+    }
     args.save_options = SaveOptions::builder()
         .max_data_len(args.max_size)
         .build()
@@ -251,6 +277,15 @@ fn main() -> ExitCode {
     };
     if args.check {
         return ExitCode::from(check(&args.snapshot, args.max_size));
+    }
+    if let Some(raw) = &args.import_raw {
+        return match import::run(&args, raw) {
+            Ok(code) => ExitCode::from(code),
+            Err(Failure(code, message)) => {
+                warn(format_args!("{message}"));
+                ExitCode::from(code)
+            }
+        };
     }
     args.notify_socket = std::env::var_os("NOTIFY_SOCKET");
     match supervise::run(&args) {

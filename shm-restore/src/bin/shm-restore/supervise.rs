@@ -223,7 +223,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
 /// leaves nothing behind and also catches a read-only file system and
 /// root's missing rights, e.g. on NFS). Where the file system has no
 /// `O_TMPFILE`, `access(W_OK | X_OK)` decides. Returns why not.
-fn check_writable_dir(dir: &Path) -> Result<(), String> {
+pub(crate) fn check_writable_dir(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::OpenOptionsExt;
     let shown = dir.display();
     match std::fs::metadata(dir) {
