@@ -108,7 +108,7 @@ impl Header {
     ///
     /// The data size is not compared with a maximum here: a file holding
     /// more than a reader accepts is not damaged (see
-    /// [`crate::read_header`]).
+    /// the snapshot reader's `read_header`).
     pub fn decode(bytes: &[u8], file_len: u64) -> Result<Header, Damage> {
         let n = bytes.len().min(MAGIC.len());
         if bytes[..n] != MAGIC[..n] {

@@ -284,6 +284,7 @@ pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<Extent>> {
 /// Used to tell whether the memfd changed since the last save without
 /// stopping the program: the result need not be consistent, only equal to
 /// the last table if nothing changed. Returns `(size, table)`.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))] // used by the command
 pub fn probe_table(memfd: &File, chunk_size: u32) -> io::Result<(u64, Vec<Chunk>)> {
     let data_len = memfd.metadata()?.len();
     let extents = data_extents(memfd, data_len)?;

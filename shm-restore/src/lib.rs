@@ -36,7 +36,8 @@
 //! let mut saver = Saver::new(storage, &name, SaveOptions::default());
 //! // The program exited: nothing writes the memfd, save it directly.
 //! let captured = Unpaused.capture(&memfd)?;
-//! saver.save_captured(&captured, &memfd, shm_restore::now_ns())?;
+//! let now = std::time::UNIX_EPOCH.elapsed()?.as_nanos() as u64;
+//! saver.save_captured(&captured, &memfd, now)?;
 //! # Ok(()) }
 //! ```
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -52,21 +53,36 @@ mod save;
 mod snapshot;
 mod storage;
 
-pub use capture::{Capture, Captured, SnapshotProtocol, StopGroup, Unpaused, wait_until_stopped};
+// The library's API: load, save (with a consistent copy of a running
+// program's memfd), check, and their options and errors.
+pub use capture::{Capture, Captured, SnapshotProtocol, StopGroup, Unpaused};
 pub use error::{Damage, Error, InvalidOption, Result};
-pub use image::{Extent, Image, data_extents, prefaulted, probe_table, stored_len};
+pub use image::{Extent, Image, prefaulted};
 pub use load::{Fallback, LoadOutcome, restore};
-pub use save::{
-    SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver, move_aside, prev_path,
-    remove_stale_temps,
-};
+pub use save::{SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver};
 pub use snapshot::{
-    DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, file_time, format_time, inspect,
-    read_header, read_snapshot, verify,
+    DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, inspect, read_snapshot, verify,
 };
 pub use storage::{DirStorage, Storage};
 
+// What the `shm-restore` command and the tests use besides: not part of
+// the library's API (hidden, and only with the `cli` feature).
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub use capture::wait_until_stopped;
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub use image::{data_extents, probe_table, stored_len};
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub use save::{move_aside, prev_path, remove_stale_temps};
+#[cfg(feature = "cli")]
+#[doc(hidden)]
+pub use snapshot::{file_time, format_time, read_header};
+
 /// Now, in nanoseconds since the Unix epoch (0 if the clock is before it).
+#[cfg(feature = "cli")]
+#[doc(hidden)]
 pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -402,8 +402,9 @@ impl<S: Storage> Saver<S> {
         self.storage.wait_retired();
     }
 
-    /// True when a memfd of `data_len` bytes with this chunk `table` (see
-    /// [`crate::probe_table`]) holds what was last saved or loaded.
+    /// True when a memfd of `data_len` bytes with this chunk `table` (the
+    /// table [`Image::table`] computes for it) holds what was last saved or
+    /// loaded.
     pub fn is_unchanged(&self, data_len: u64, table: &[Chunk]) -> bool {
         matches!(&self.last, Some((len, t)) if *len == data_len && t == table)
     }
@@ -777,6 +778,7 @@ impl<S: Storage> Saver<S> {
 /// Removes temp files a killed `shm-restore` left next to the snapshot
 /// `name` in `dir` (`.<name>.tmp-<pid>-<n>`, `.<name>.prev-tmp-<pid>-<n>`
 /// of processes that no longer exist). Returns the removed paths.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))] // used by the command
 pub fn remove_stale_temps(dir: &Path, name: &OsStr) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {

@@ -440,6 +440,7 @@ pub fn inspect(path: &Path, max_data_len: u64) -> Inspection {
 }
 
 /// Formats nanoseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))] // used by the command
 pub fn format_time(ns: u64) -> String {
     let secs = ns / 1_000_000_000;
     let ms = (ns / 1_000_000) % 1000;
