@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use shm_fd::{CreateOptions, SharedFd};
-use shm_restore::{Capture, Captured, DirStorage, Image, SaveOptions, Saver, StopGroup};
+use shm_restore::{CaptureMethod, Captured, DirStorage, Image, SaveOptions, Saver, StopGroup};
 
 const MIB: usize = 1 << 20;
 

@@ -35,7 +35,7 @@ pub enum Captured {
         /// What shm-snapshot's protocol said about the copy, when the
         /// capture used it ([`SnapshotProtocol`]); `None` for a plain
         /// stop-the-group copy.
-        protocol: Option<shm_snapshot::Capture>,
+        protocol: Option<shm_snapshot::CaptureOutcome>,
     },
     /// No process is left that could write the memfd: read it directly
     /// ([`crate::Saver::save_memfd`]), without a private copy.
@@ -59,11 +59,11 @@ impl Captured {
 }
 
 /// A way of copying the memfd that yields a state the program had.
-pub trait Capture {
+pub trait CaptureMethod {
     /// Copies `memfd` (a private open file description of it).
     fn capture(&mut self, memfd: &File) -> Result<Captured>;
 
-    /// True when [`Capture::capture`] itself tells an unchanged memfd
+    /// True when [`CaptureMethod::capture`] itself tells an unchanged memfd
     /// ([`Captured::Unchanged`]) without copying it, so a periodic save
     /// needs no change probe of its own first.
     fn detects_unchanged(&self) -> bool {
@@ -80,7 +80,7 @@ pub trait Capture {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Unpaused;
 
-impl Capture for Unpaused {
+impl CaptureMethod for Unpaused {
     fn capture(&mut self, _memfd: &File) -> Result<Captured> {
         Ok(Captured::Quiescent)
     }
@@ -115,7 +115,7 @@ impl Drop for ContinueOnDrop {
     }
 }
 
-impl Capture for StopGroup {
+impl CaptureMethod for StopGroup {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
         let pgid = Pid::from_raw(self.pgid);
         if group_is_gone(pgid) {
@@ -167,7 +167,7 @@ fn group_is_gone(pgid: Pid) -> bool {
 /// shm-snapshot), or one not sealed against shrinking (reading it through a
 /// mapping could then crash this process), is captured exactly as
 /// [`StopGroup`] does; the result says so in
-/// `protocol: Some(Capture::Plain { reason, first })`, `first` being true
+/// `protocol: Some(CaptureOutcome::Plain { reason, first })`, `first` being true
 /// the first time in a row.
 #[derive(Debug)]
 pub struct SnapshotProtocol {
@@ -242,14 +242,14 @@ impl SnapshotProtocol {
             Captured::Copied { image, pause, .. } => Captured::Copied {
                 image,
                 pause,
-                protocol: Some(shm_snapshot::Capture::Plain { reason, first }),
+                protocol: Some(shm_snapshot::CaptureOutcome::Plain { reason, first }),
             },
             other => other,
         })
     }
 }
 
-impl Capture for SnapshotProtocol {
+impl CaptureMethod for SnapshotProtocol {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
         let pgid = Pid::from_raw(self.stop.pgid);
         if group_is_gone(pgid) {
@@ -312,7 +312,7 @@ impl Capture for SnapshotProtocol {
             }
         };
         match &got {
-            shm_snapshot::Capture::Unchanged { generation } => {
+            shm_snapshot::CaptureOutcome::Unchanged { generation } => {
                 self.spare = copy.bytes;
                 self.in_use = true;
                 self.plain = false;
@@ -321,7 +321,7 @@ impl Capture for SnapshotProtocol {
                 });
             }
             // The header turned bad during the tries: copied stopped.
-            shm_snapshot::Capture::Plain { .. } => {
+            shm_snapshot::CaptureOutcome::Plain { .. } => {
                 self.in_use = false;
                 self.plain = true;
             }
@@ -517,7 +517,7 @@ mod tests {
                 Captured::Copied {
                     image,
                     pause: Some(_),
-                    protocol: Some(shm_snapshot::Capture::Plain { reason, first }),
+                    protocol: Some(shm_snapshot::CaptureOutcome::Plain { reason, first }),
                 } => {
                     assert!(reason.contains("not sealed against shrinking"), "{reason}");
                     assert_eq!(&image.to_dense()[8192..], b"data");

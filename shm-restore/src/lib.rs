@@ -10,7 +10,7 @@
 //!   chunk table, and a CRC32 per data chunk so damage is located.
 //! - [`Image`]: a sparse private copy of a memfd (holes are neither copied
 //!   nor written).
-//! - [`Capture`]: how a consistent copy is taken while the program runs
+//! - [`CaptureMethod`]: how a consistent copy is taken while the program runs
 //!   ([`StopGroup`] pauses its process group for the copy only;
 //!   [`SnapshotProtocol`] copies while it runs and keeps the copy when the
 //!   program's shm-snapshot header proves it is a committed state).
@@ -25,7 +25,7 @@
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! use shm_restore::{Capture, DirStorage, SaveOptions, Saver, StopGroup, Unpaused};
+//! use shm_restore::{CaptureMethod, DirStorage, SaveOptions, Saver, StopGroup, Unpaused};
 //! let shared = shm_fd::SharedFd::create("demo", Default::default())?;
 //! // A private open file description: SEEK_DATA moves its offset.
 //! let memfd = shared.reopen()?.into_file();
@@ -55,7 +55,7 @@ mod storage;
 
 // The library's API: load, save (with a consistent copy of a running
 // program's memfd), check, and their options and errors.
-pub use capture::{Capture, Captured, SnapshotProtocol, StopGroup, Unpaused};
+pub use capture::{CaptureMethod, Captured, SnapshotProtocol, StopGroup, Unpaused};
 pub use error::{Damage, Error, InvalidOption, Result};
 pub use image::{Extent, Image, prefaulted};
 pub use load::{Fallback, LoadOutcome, restore};

@@ -444,7 +444,7 @@ impl<S: Storage> Saver<S> {
         )
     }
 
-    /// Saves what a [`Capture`](crate::Capture) returned: the copy, or the
+    /// Saves what a [`CaptureMethod`](crate::CaptureMethod) returned: the copy, or the
     /// quiescent memfd itself.
     pub fn save_captured(
         &mut self,

@@ -16,7 +16,7 @@ use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use shm_fd::{CreateOptions, SharedFd};
-use shm_restore::{Capture, Captured, Image, StopGroup};
+use shm_restore::{CaptureMethod, Captured, Image, StopGroup};
 
 const LEN: usize = 16 << 20;
 const ENV: &str = "TEAR_WRITER_MEMFD";
@@ -172,7 +172,7 @@ fn protocol_writer_child() {
 #[test]
 fn copies_kept_through_the_snapshot_protocol_are_committed_states() {
     use shm_restore::SnapshotProtocol;
-    use shm_snapshot::Capture as Got;
+    use shm_snapshot::CaptureOutcome as Got;
     let shared = SharedFd::create(
         "tear-protocol",
         CreateOptions {

@@ -24,7 +24,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use shm_fd::{CreateOptions, SharedFd};
-use shm_snapshot::{Capture, CopyTarget, DATA_OFFSET, Publisher, Region, Snapshotter, SparseCopy};
+use shm_snapshot::{
+    CaptureOutcome, CopyTarget, DATA_OFFSET, Publisher, Region, Snapshotter, SparseCopy,
+};
 
 const CHILD_ENV: &str = "SHM_SNAPSHOT_BENCH_CHILD";
 const BIG: usize = 256 << 20;
@@ -248,8 +250,8 @@ fn pauses() {
                 })
                 .unwrap();
             let kind = match c {
-                Capture::Consistent { .. } => "consistent",
-                Capture::Stopped { .. } => "fallback stop",
+                CaptureOutcome::Consistent { .. } => "consistent",
+                CaptureOutcome::Stopped { .. } => "fallback stop",
                 _ => "other",
             };
             *kinds.entry(kind).or_insert(0) += 1;

@@ -54,7 +54,7 @@
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let memfd: std::fs::File = unimplemented!();
-//! use shm_snapshot::{Capture, Region, Snapshotter, SparseCopy};
+//! use shm_snapshot::{CaptureOutcome, Region, Snapshotter, SparseCopy};
 //! let map = memmap2::MmapOptions::new().map_raw(&memfd)?;
 //! let mut snapshotter = Snapshotter::new();
 //! let mut copy = SparseCopy::new(&memfd);
@@ -64,7 +64,7 @@
 //!     // continue it (SIGCONT)
 //!     copied
 //! })?;
-//! if let Capture::Unchanged { .. } = got { /* nothing to save */ }
+//! if let CaptureOutcome::Unchanged { .. } = got { /* nothing to save */ }
 //! # Ok(()) }
 //! ```
 //!
@@ -93,10 +93,10 @@ pub use extents::data_extents;
 pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, OFF_WAKE, VERSION};
 #[cfg(not(loom))]
 pub use publisher::MappedRegion;
-pub use publisher::{AsRegion, Opened, OwnedPublisher, Publisher, Update};
+pub use publisher::{AsRegion, OpenedHeader, OwnedPublisher, Publisher, Update};
 pub use region::{HeapBuffer, Region};
 pub use snapshot::{
-    Capture, Outcome, Protocol, Snapshotter, committed_generation, has_protocol, probe,
+    CaptureOutcome, CopyOutcome, Protocol, Snapshotter, committed_generation, has_protocol, probe,
     try_copy_consistent,
 };
 pub use target::CopyTarget;

@@ -34,7 +34,7 @@ pub struct Publisher<'a> {
 /// How [`Publisher::open`] found the header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct Opened {
+pub struct OpenedHeader {
     /// The header was written just now (the memfd's first page was blank).
     pub created: bool,
     /// The last committed generation (0 before the first commit).
@@ -60,7 +60,7 @@ impl<'a> Publisher<'a> {
     /// One `Publisher` per region: two would both believe they own the
     /// sequence word (debug builds catch it at the next
     /// [`Publisher::enter_update`]).
-    pub fn open(region: Region<'a>) -> Result<(Publisher<'a>, Opened), Error> {
+    pub fn open(region: Region<'a>) -> Result<(Publisher<'a>, OpenedHeader), Error> {
         let (header, opened) = take_header(region)?;
         let data = region
             .subregion(DATA_OFFSET, region.len() - DATA_OFFSET)
@@ -75,7 +75,7 @@ impl<'a> Publisher<'a> {
     ///
     /// For a program that wants to refuse foreign state before it grows or
     /// writes the memfd.
-    pub fn check(region: Region<'_>) -> Result<Opened, Error> {
+    pub fn check(region: Region<'_>) -> Result<OpenedHeader, Error> {
         check_header(region)
     }
 
@@ -146,7 +146,7 @@ impl<'a> Update<'_, 'a> {
 /// Takes the header at the start of `region`, writing a fresh one when the
 /// first page is blank: [`Publisher::open`]'s work, shared with
 /// [`OwnedPublisher::open`].
-fn take_header(region: Region<'_>) -> Result<(Header<'_>, Opened), Error> {
+fn take_header(region: Region<'_>) -> Result<(Header<'_>, OpenedHeader), Error> {
     let (header, created) = match header::find(region)? {
         Found::Valid(h) => (h, false),
         Found::Foreign => return Err(Error::ForeignData),
@@ -178,7 +178,7 @@ fn take_header(region: Region<'_>) -> Result<(Header<'_>, Opened), Error> {
     // only cost a wake per commit; the snapshotter sets it again when
     // it sleeps, so it is safe to clear here.
     header.waiters().store(0, Ordering::Relaxed);
-    let opened = Opened {
+    let opened = OpenedHeader {
         created,
         generation: seq / 2,
         interrupted: seq % 2 == 1,
@@ -187,17 +187,17 @@ fn take_header(region: Region<'_>) -> Result<(Header<'_>, Opened), Error> {
 }
 
 /// [`Publisher::check`]'s work, shared with [`OwnedPublisher::check`].
-fn check_header(region: Region<'_>) -> Result<Opened, Error> {
+fn check_header(region: Region<'_>) -> Result<OpenedHeader, Error> {
     match header::find(region)? {
         Found::Foreign => Err(Error::ForeignData),
-        Found::Blank => Ok(Opened {
+        Found::Blank => Ok(OpenedHeader {
             created: true,
             generation: 0,
             interrupted: false,
         }),
         Found::Valid(h) => {
             let seq = h.load_seq(Ordering::Acquire)?;
-            Ok(Opened {
+            Ok(OpenedHeader {
                 created: false,
                 generation: seq / 2,
                 interrupted: seq % 2 == 1,
@@ -326,14 +326,14 @@ pub struct OwnedPublisher<M> {
 
 impl<M: AsRegion> OwnedPublisher<M> {
     /// As [`Publisher::open`], over memory the publisher keeps.
-    pub fn open(mem: M) -> Result<(OwnedPublisher<M>, Opened), Error> {
+    pub fn open(mem: M) -> Result<(OwnedPublisher<M>, OpenedHeader), Error> {
         let (_, opened) = take_header(mem.as_region())?;
         let seq = 2 * opened.generation + u64::from(opened.interrupted);
         Ok((OwnedPublisher { mem, seq }, opened))
     }
 
     /// As [`Publisher::check`].
-    pub fn check(mem: &M) -> Result<Opened, Error> {
+    pub fn check(mem: &M) -> Result<OpenedHeader, Error> {
         check_header(mem.as_region())
     }
 

@@ -61,7 +61,7 @@ pub fn committed_generation(src: Region<'_>) -> Option<u64> {
 /// The result of one optimistic copy ([`try_copy_consistent`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Outcome {
+pub enum CopyOutcome {
     /// The destination holds exactly the data of this committed generation.
     Consistent {
         /// The generation copied.
@@ -101,18 +101,18 @@ pub enum Outcome {
 pub fn try_copy_consistent<T: CopyTarget + ?Sized>(
     src: Region<'_>,
     dst: &mut T,
-) -> Result<Outcome, Error> {
+) -> Result<CopyOutcome, Error> {
     check_len(src, dst)?;
     let header = match header::find(src) {
         Ok(Found::Valid(h)) => h,
         Ok(Found::Blank | Found::Foreign) | Err(Error::TooSmall { .. }) => {
-            return Ok(Outcome::NoProtocol);
+            return Ok(CopyOutcome::NoProtocol);
         }
         Err(e) => return Err(e),
     };
     let before = header.load_seq(Ordering::Acquire)?;
     if before & 1 == 1 {
-        return Ok(Outcome::Updating {
+        return Ok(CopyOutcome::Updating {
             generation: before / 2,
         });
     }
@@ -120,12 +120,12 @@ pub fn try_copy_consistent<T: CopyTarget + ?Sized>(
     fence(Ordering::Acquire);
     let after = u64::from_le(header.seq().load(Ordering::Relaxed));
     if after != before {
-        return Ok(Outcome::Changed { before, after });
+        return Ok(CopyOutcome::Changed { before, after });
     }
     if let Some(h) = dst.header_mut() {
         fix_header(h, before);
     }
-    Ok(Outcome::Consistent {
+    Ok(CopyOutcome::Consistent {
         generation: before / 2,
     })
 }
@@ -197,7 +197,7 @@ fn stop_and_copy<T: CopyTarget + ?Sized>(
 /// What [`Snapshotter::capture`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum Capture {
+pub enum CaptureOutcome {
     /// Nothing was committed since the last kept snapshot (same generation,
     /// same length): nothing was copied and the destination is untouched.
     Unchanged {
@@ -219,7 +219,7 @@ pub enum Capture {
         generation: u64,
         /// The program was stopped inside an update: the copy is the state
         /// a crash at that moment would leave (the program learns it from
-        /// [`crate::Opened::interrupted`] when it is restored).
+        /// [`crate::OpenedHeader::interrupted`] when it is restored).
         in_update: bool,
         /// Optimistic copies attempted before the stop.
         tries: u32,
@@ -305,13 +305,13 @@ impl Snapshotter {
     ///
     /// - No header, or a damaged one (checksum, version, a sequence word
     ///   of 2^63 or more): copies it as it is with the program stopped
-    ///   ([`Capture::Plain`], whose `reason` says which).
+    ///   ([`CaptureOutcome::Plain`], whose `reason` says which).
     /// - Same committed generation and length as the last kept snapshot,
-    ///   not inside an update: copies nothing ([`Capture::Unchanged`]).
+    ///   not inside an update: copies nothing ([`CaptureOutcome::Unchanged`]).
     /// - Otherwise up to `max_tries` optimistic copies, sleeping (futex,
     ///   bounded by `wait`) while the program is inside an update
-    ///   ([`Capture::Consistent`]); then a copy with the program stopped
-    ///   ([`Capture::Stopped`]).
+    ///   ([`CaptureOutcome::Consistent`]); then a copy with the program stopped
+    ///   ([`CaptureOutcome::Stopped`]).
     ///
     /// `stopped` is the fallback: it stops the program (e.g. `SIGSTOP` to
     /// its process group, then waiting until every thread is stopped),
@@ -324,7 +324,7 @@ impl Snapshotter {
         src: Region<'_>,
         dst: &mut T,
         stopped: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
-    ) -> Result<Capture, Error> {
+    ) -> Result<CaptureOutcome, Error> {
         check_len(src, dst)?;
         let header = match header::find(src) {
             Ok(Found::Valid(h)) => h,
@@ -341,7 +341,7 @@ impl Snapshotter {
         };
         self.plain = false;
         if seq & 1 == 0 && self.last == Some((seq / 2, src.len())) {
-            return Ok(Capture::Unchanged {
+            return Ok(CaptureOutcome::Unchanged {
                 generation: seq / 2,
             });
         }
@@ -359,12 +359,12 @@ impl Snapshotter {
                 Err(e) => return Err(e),
             };
             match outcome {
-                Outcome::Consistent { generation } => {
+                CopyOutcome::Consistent { generation } => {
                     self.last = Some((generation, src.len()));
-                    return Ok(Capture::Consistent { generation, tries });
+                    return Ok(CaptureOutcome::Consistent { generation, tries });
                 }
-                Outcome::Updating { .. } | Outcome::Changed { .. } => {}
-                Outcome::NoProtocol => {
+                CopyOutcome::Updating { .. } | CopyOutcome::Changed { .. } => {}
+                CopyOutcome::NoProtocol => {
                     return self.plain(src, dst, "the shm-snapshot header vanished", stopped);
                 }
             }
@@ -384,7 +384,7 @@ impl Snapshotter {
         let generation = seq / 2;
         let in_update = seq & 1 == 1;
         self.last = (!in_update).then_some((generation, src.len()));
-        Ok(Capture::Stopped {
+        Ok(CaptureOutcome::Stopped {
             generation,
             in_update,
             tries,
@@ -397,16 +397,16 @@ impl Snapshotter {
         dst: &mut T,
         reason: &str,
         stopped: impl FnOnce(&mut dyn FnMut() -> io::Result<()>) -> io::Result<()>,
-    ) -> Result<Capture, Error> {
+    ) -> Result<CaptureOutcome, Error> {
         stop_and_copy(src, dst, stopped)?;
         Ok(self.plain_after_copy(reason))
     }
 
-    fn plain_after_copy(&mut self, reason: &str) -> Capture {
+    fn plain_after_copy(&mut self, reason: &str) -> CaptureOutcome {
         let first = !self.plain;
         self.plain = true;
         self.last = None;
-        Capture::Plain {
+        CaptureOutcome::Plain {
             reason: reason.to_owned(),
             first,
         }

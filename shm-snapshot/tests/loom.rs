@@ -7,7 +7,7 @@
 
 use loom::sync::Arc;
 use loom::thread;
-use shm_snapshot::{DATA_OFFSET, HeapBuffer, Outcome, Publisher, try_copy_consistent};
+use shm_snapshot::{CopyOutcome, DATA_OFFSET, HeapBuffer, Publisher, try_copy_consistent};
 
 fn builder() -> loom::model::Builder {
     let mut b = loom::model::Builder::new();
@@ -48,11 +48,11 @@ fn kept_copy_equals_the_commit_it_names() {
         let r = thread::spawn(move || {
             let mut dst = vec![0u8; buf.region().len()];
             match try_copy_consistent(buf.region(), &mut dst).unwrap() {
-                Outcome::Consistent { generation } => {
+                CopyOutcome::Consistent { generation } => {
                     assert_eq!(word(&dst, 0), generation, "first word torn");
                     assert_eq!(word(&dst, 1), generation, "second word torn");
                 }
-                Outcome::Updating { .. } | Outcome::Changed { .. } => {}
+                CopyOutcome::Updating { .. } | CopyOutcome::Changed { .. } => {}
                 other => panic!("header was set up before the writer ran: {other:?}"),
             }
         });
@@ -135,7 +135,7 @@ fn resumed_update_is_not_kept_half_repaired() {
         };
         let reader = thread::spawn(move || {
             let mut dst = vec![0u8; buf.region().len()];
-            if let Outcome::Consistent { generation } =
+            if let CopyOutcome::Consistent { generation } =
                 try_copy_consistent(buf.region(), &mut dst).unwrap()
             {
                 let expect = if generation == 1 { 7 } else { 0 };

@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use shm_fd::{CreateOptions, SharedFd};
-use shm_snapshot::{Capture, DATA_OFFSET, Publisher, Region, Snapshotter, SparseCopy};
+use shm_snapshot::{CaptureOutcome, DATA_OFFSET, Publisher, Region, Snapshotter, SparseCopy};
 
 const CHILD_ENV: &str = "SHM_SNAPSHOT_TEST_WRITER";
 const ACCOUNTS: usize = 256;
@@ -161,11 +161,11 @@ fn snapshots_of_a_running_writer_process_always_add_up() {
             })
             .unwrap();
         let generation = match c {
-            Capture::Consistent { generation, .. } => {
+            CaptureOutcome::Consistent { generation, .. } => {
                 consistent += 1;
                 generation
             }
-            Capture::Stopped {
+            CaptureOutcome::Stopped {
                 generation,
                 in_update: false,
                 ..
@@ -173,14 +173,14 @@ fn snapshots_of_a_running_writer_process_always_add_up() {
                 stopped += 1;
                 generation
             }
-            Capture::Stopped {
+            CaptureOutcome::Stopped {
                 in_update: true, ..
             } => {
                 // A crash-like copy: the protocol says so; not checked.
                 mid_update += 1;
                 continue;
             }
-            Capture::Unchanged { .. } => {
+            CaptureOutcome::Unchanged { .. } => {
                 unchanged += 1;
                 continue;
             }

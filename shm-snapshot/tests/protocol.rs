@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use shm_snapshot::{
-    Capture, DATA_OFFSET, Error, HEADER_LEN, HeapBuffer, OFF_SEQ, OFF_WAITERS, Outcome, Protocol,
-    Publisher, Region, Snapshotter, committed_generation, has_protocol, probe, try_copy_consistent,
+    CaptureOutcome, CopyOutcome, DATA_OFFSET, Error, HEADER_LEN, HeapBuffer, OFF_SEQ, OFF_WAITERS,
+    Protocol, Publisher, Region, Snapshotter, committed_generation, has_protocol, probe,
+    try_copy_consistent,
 };
 
 fn bytes(r: Region<'_>) -> Vec<u8> {
@@ -97,7 +98,7 @@ fn foreign_data_is_refused_and_left_alone() {
     let mut dst = vec![0; buf.region().len()];
     assert_eq!(
         try_copy_consistent(buf.region(), &mut dst).unwrap(),
-        Outcome::NoProtocol
+        CopyOutcome::NoProtocol
     );
 }
 
@@ -141,18 +142,18 @@ fn copy_is_kept_only_outside_updates() {
     // Generation 0 (nothing committed yet) is a consistent state.
     assert_eq!(
         try_copy_consistent(buf.region(), &mut dst).unwrap(),
-        Outcome::Consistent { generation: 0 }
+        CopyOutcome::Consistent { generation: 0 }
     );
     let u = p.begin();
     u.data().store_u64(8, 5);
     assert_eq!(
         try_copy_consistent(buf.region(), &mut dst).unwrap(),
-        Outcome::Updating { generation: 0 }
+        CopyOutcome::Updating { generation: 0 }
     );
     u.commit();
     assert_eq!(
         try_copy_consistent(buf.region(), &mut dst).unwrap(),
-        Outcome::Consistent { generation: 1 }
+        CopyOutcome::Consistent { generation: 1 }
     );
     assert_eq!(dst, bytes(buf.region()));
     let mut short = vec![0; 10];
@@ -197,7 +198,7 @@ fn snapshotter_skips_when_nothing_was_committed() {
     let mut dst = vec![0; buf.region().len()];
     assert_eq!(
         s.capture(buf.region(), &mut dst, no_stop).unwrap(),
-        Capture::Consistent {
+        CaptureOutcome::Consistent {
             generation: 0,
             tries: 1
         }
@@ -205,7 +206,7 @@ fn snapshotter_skips_when_nothing_was_committed() {
     dst.fill(0xAA);
     assert_eq!(
         s.capture(buf.region(), &mut dst, no_stop).unwrap(),
-        Capture::Unchanged { generation: 0 }
+        CaptureOutcome::Unchanged { generation: 0 }
     );
     assert!(
         dst.iter().all(|&b| b == 0xAA),
@@ -216,13 +217,13 @@ fn snapshotter_skips_when_nothing_was_committed() {
     u.commit();
     assert!(matches!(
         s.capture(buf.region(), &mut dst, no_stop).unwrap(),
-        Capture::Consistent { generation: 1, .. }
+        CaptureOutcome::Consistent { generation: 1, .. }
     ));
     assert_eq!(s.last_generation(), Some(1));
     s.forget();
     assert!(matches!(
         s.capture(buf.region(), &mut dst, no_stop).unwrap(),
-        Capture::Consistent { generation: 1, .. }
+        CaptureOutcome::Consistent { generation: 1, .. }
     ));
 }
 
@@ -246,7 +247,7 @@ fn snapshotter_falls_back_to_the_stop_copy() {
         .unwrap();
     assert_eq!(
         c,
-        Capture::Stopped {
+        CaptureOutcome::Stopped {
             generation: 0,
             in_update: true,
             tries: 2
@@ -262,7 +263,7 @@ fn snapshotter_falls_back_to_the_stop_copy() {
     let mut s = Snapshotter::new().max_tries(0);
     assert_eq!(
         s.capture(buf.region(), &mut dst, plain_copy).unwrap(),
-        Capture::Stopped {
+        CaptureOutcome::Stopped {
             generation: 1,
             in_update: false,
             tries: 0
@@ -292,19 +293,19 @@ fn without_header_it_is_plain_mode_said_once() {
     let mut dst = vec![0; buf.region().len()];
     let first = s.capture(buf.region(), &mut dst, plain_copy).unwrap();
     assert!(
-        matches!(first, Capture::Plain { first: true, .. }),
+        matches!(first, CaptureOutcome::Plain { first: true, .. }),
         "{first:?}"
     );
     let again = s.capture(buf.region(), &mut dst, plain_copy).unwrap();
     assert!(
-        matches!(again, Capture::Plain { first: false, .. }),
+        matches!(again, CaptureOutcome::Plain { first: false, .. }),
         "{again:?}"
     );
     // The program sets the protocol up later: from then on it is used.
     Publisher::open(buf.region()).unwrap();
     assert!(matches!(
         s.capture(buf.region(), &mut dst, no_stop).unwrap(),
-        Capture::Consistent { .. }
+        CaptureOutcome::Consistent { .. }
     ));
 }
 
@@ -414,7 +415,7 @@ fn every_kept_snapshot_of_a_busy_writer_verifies() {
     let rounds = if cfg!(miri) { 10 } else { 300 };
     for _ in 0..rounds {
         // Raw optimistic copies: count the ones the protocol rejects.
-        if let Outcome::Changed { .. } = try_copy_consistent(buf.region(), &mut dst).unwrap() {
+        if let CopyOutcome::Changed { .. } = try_copy_consistent(buf.region(), &mut dst).unwrap() {
             torn += 1;
             if verify(&dst).is_err() {
                 broken += 1;
@@ -432,12 +433,12 @@ fn every_kept_snapshot_of_a_busy_writer_verifies() {
             })
             .unwrap();
         match c {
-            Capture::Consistent { .. } => consistent += 1,
-            Capture::Stopped { in_update, .. } => {
+            CaptureOutcome::Consistent { .. } => consistent += 1,
+            CaptureOutcome::Stopped { in_update, .. } => {
                 assert!(!in_update, "the heap stand-in stops between updates");
                 stopped += 1;
             }
-            Capture::Unchanged { .. } => continue,
+            CaptureOutcome::Unchanged { .. } => continue,
             other => panic!("unexpected {other:?}"),
         }
         let count = verify(&dst).unwrap_or_else(|e| panic!("kept snapshot is torn: {e}"));
@@ -636,7 +637,7 @@ fn a_sequence_word_of_2_pow_63_or_more_is_corrupt_everywhere() {
         let c = Snapshotter::new()
             .capture(buf.region(), &mut dst, plain_copy)
             .unwrap();
-        assert!(matches!(c, Capture::Plain { .. }), "{c:?}");
+        assert!(matches!(c, CaptureOutcome::Plain { .. }), "{c:?}");
         assert_eq!(dst, before);
         let g = Snapshotter::new().wait_for_generation(buf.region(), 0, Duration::ZERO);
         assert_eq!(g, None);

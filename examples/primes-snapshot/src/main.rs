@@ -27,7 +27,7 @@
 //!
 //! Order of the stores, so that a stop or crash between any two of them
 //! leaves a state the next start repairs (it learns of it from
-//! shm-snapshot's `Opened::interrupted`):
+//! shm-snapshot's `OpenedHeader::interrupted`):
 //! - a chunk: the new primes past `count`, then `count`, then `next`. Cut
 //!   before `count`: the old state (the extra entries are ignored). Cut
 //!   between `count` and `next`: `next` is at or before the last prime;
@@ -57,7 +57,7 @@ use std::sync::atomic::{Ordering, compiler_fence};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use shm_snapshot::{DATA_OFFSET, HEADER_LEN, Opened, Publisher, Region};
+use shm_snapshot::{DATA_OFFSET, HEADER_LEN, OpenedHeader, Publisher, Region};
 
 const DATA_LEN: usize = 100 << 20;
 const MAGIC: u64 = u64::from_le_bytes(*b"primesnp");
@@ -287,7 +287,7 @@ impl State {
     /// written here). After an interrupted update (`opened.interrupted`)
     /// the fields are repaired (see the store order in the crate docs).
     /// Anything that does not add up is an error, never a panic.
-    fn load(data: Region<'_>, opened: &Opened) -> Result<(State, bool), Failure> {
+    fn load(data: Region<'_>, opened: &OpenedHeader) -> Result<(State, bool), Failure> {
         let magic = data.load_u64(OFF_MAGIC);
         let count = data.load_u64(OFF_COUNT);
         let next = data.load_u64(OFF_NEXT);

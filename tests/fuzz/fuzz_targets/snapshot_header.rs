@@ -12,7 +12,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use shm_fd_fuzz::header_region;
 use shm_snapshot::{
-    Capture, Error, HEADER_LEN, OFF_SEQ, OFF_WAITERS, Outcome, Protocol, Publisher, Region,
+    CaptureOutcome, Error, HEADER_LEN, OFF_SEQ, OFF_WAITERS, CopyOutcome, Protocol, Publisher, Region,
     Snapshotter, committed_generation, has_protocol, probe, try_copy_consistent,
 };
 
@@ -109,12 +109,12 @@ fn check(bytes: &[u8]) {
     let mut dst = vec![0u8; len];
     let outcome = try_copy_consistent(region, &mut dst);
     match (&outcome, present) {
-        (Ok(Outcome::Consistent { generation }), Some((g, false))) => {
+        (Ok(CopyOutcome::Consistent { generation }), Some((g, false))) => {
             assert_eq!(*generation, g);
             assert_eq!(dst, fixed(bytes, seq_of(bytes)));
         }
-        (Ok(Outcome::Updating { generation }), Some((g, true))) => assert_eq!(*generation, g),
-        (Ok(Outcome::NoProtocol), None) => assert!(probed.is_ok()),
+        (Ok(CopyOutcome::Updating { generation }), Some((g, true))) => assert_eq!(*generation, g),
+        (Ok(CopyOutcome::NoProtocol), None) => assert!(probed.is_ok()),
         (Err(e), None) => assert_eq!(
             Some(e.to_string()),
             probed.as_ref().err().map(|p| p.to_string())
@@ -137,7 +137,7 @@ fn check(bytes: &[u8]) {
         .unwrap_or_else(|e| panic!("capture failed: {e}"));
     match (&captured, present) {
         (
-            Capture::Consistent {
+            CaptureOutcome::Consistent {
                 generation,
                 tries: 1,
             },
@@ -147,12 +147,12 @@ fn check(bytes: &[u8]) {
             assert_eq!(copy, fixed(bytes, seq_of(bytes)));
             let again = snapshotter.capture(region, &mut copy, |copy_now| copy_now());
             assert!(
-                matches!(again, Ok(Capture::Unchanged { generation }) if generation == g),
+                matches!(again, Ok(CaptureOutcome::Unchanged { generation }) if generation == g),
                 "{again:?}"
             );
         }
         (
-            Capture::Stopped {
+            CaptureOutcome::Stopped {
                 generation,
                 in_update: true,
                 tries: 2,
@@ -163,7 +163,7 @@ fn check(bytes: &[u8]) {
             assert_eq!(copy, fixed(bytes, seq_of(bytes)));
         }
         (
-            Capture::Plain {
+            CaptureOutcome::Plain {
                 reason,
                 first: true,
             },

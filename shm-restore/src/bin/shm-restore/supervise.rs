@@ -22,8 +22,8 @@ use nix::unistd::Pid;
 use shm_fd::process::{SignalSet, SpawnError, Terminal, exit_code, group_members, spawn_group};
 use shm_fd::{CreateOptions, Handover, ListenEnv, SharedFd};
 use shm_restore::{
-    Capture, Captured, DirStorage, LoadOutcome, SaveOutcome, Saver, SnapshotProtocol, StopGroup,
-    Unpaused, now_ns, probe_table,
+    CaptureMethod, Captured, DirStorage, LoadOutcome, SaveOutcome, Saver, SnapshotProtocol,
+    StopGroup, Unpaused, now_ns, probe_table,
 };
 
 use crate::{
@@ -170,7 +170,7 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     if let Some(t) = &terminal {
         t.give_to(pgid);
     }
-    let mut capture: Box<dyn Capture> = match args.snapshot_mode {
+    let mut capture: Box<dyn CaptureMethod> = match args.snapshot_mode {
         SnapshotMode::Stop => Box::new(StopGroup::new(pgid.as_raw(), args.stop_timeout)),
         SnapshotMode::Protocol => Box::new(SnapshotProtocol::new(pgid.as_raw(), args.stop_timeout)),
     };
@@ -356,7 +356,7 @@ fn supervise(
     job: &mut Job<'_>,
     signals: &SignalSet,
     saver: &mut Saver<DirStorage>,
-    capture: &mut dyn Capture,
+    capture: &mut dyn CaptureMethod,
     memfd: &File,
 ) -> ExitStatus {
     let group = job.pgid;
@@ -441,7 +441,7 @@ fn supervise(
 fn save_if_changed(
     args: &Args,
     saver: &mut Saver<DirStorage>,
-    capture: &mut dyn Capture,
+    capture: &mut dyn CaptureMethod,
     memfd: &File,
 ) {
     if capture.detects_unchanged() {
@@ -461,7 +461,7 @@ fn save_if_changed(
 fn save(
     args: &Args,
     saver: &mut Saver<DirStorage>,
-    capture: &mut dyn Capture,
+    capture: &mut dyn CaptureMethod,
     memfd: &File,
     why: &str,
 ) -> bool {
@@ -477,7 +477,7 @@ fn save(
     };
     if let Captured::Copied {
         protocol:
-            Some(shm_snapshot::Capture::Plain {
+            Some(shm_snapshot::CaptureOutcome::Plain {
                 reason,
                 first: true,
             }),
@@ -553,7 +553,7 @@ fn how_copied(captured: &Captured) -> String {
         .unwrap_or_default();
     match captured {
         Captured::Copied {
-            protocol: Some(shm_snapshot::Capture::Consistent { generation, tries }),
+            protocol: Some(shm_snapshot::CaptureOutcome::Consistent { generation, tries }),
             ..
         } => format!(
             ", committed state {generation} copied while the command ran, {tries} {}",
@@ -561,7 +561,7 @@ fn how_copied(captured: &Captured) -> String {
         ),
         Captured::Copied {
             protocol:
-                Some(shm_snapshot::Capture::Stopped {
+                Some(shm_snapshot::CaptureOutcome::Stopped {
                     generation,
                     in_update,
                     tries,
