@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 use shm_restore::{Error, LoadOutcome, SaveOptions, format_time};
 
+mod progress;
 mod supervise;
 
 /// Setup failed: bad `LISTEN_*` variables, an inherited fd that is not a
