@@ -248,7 +248,7 @@ fn main() {
         drop(previous.take()); // the last run's memfd, outside the clock
         let t = Instant::now();
         let m = memfd("bench-restore");
-        let out = shm_restore::restore(&snap, &m, u64::MAX, 0).unwrap();
+        let out = shm_restore::restore(&snap, &m, u64::MAX, 0, None).unwrap();
         let d = t.elapsed();
         assert!(matches!(out, shm_restore::LoadOutcome::Loaded { .. }));
         previous = Some(m);

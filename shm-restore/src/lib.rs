@@ -18,6 +18,8 @@
 //!   rename, directory fsync) over the [`Storage`] I/O seam.
 //! - [`restore`]: loading with fallback on `.prev`; damaged files are moved
 //!   aside, never deleted or loaded.
+//! - [`Progress`]: how many bytes a long load or save has done, for a
+//!   progress display.
 //! - [`verify`] (the `--check` path) and [`read_snapshot`]: readers of
 //!   untrusted files or bytes; every count and length in a file is bounded
 //!   by the file's size before it sizes an allocation or a loop, so a
@@ -30,7 +32,7 @@
 //! // A private open file description: SEEK_DATA moves its offset.
 //! let memfd = shared.reopen()?.into_file();
 //! let path = std::path::Path::new("state.snap");
-//! shm_restore::restore(path, &memfd, shm_restore::DEFAULT_MAX_DATA_LEN, 0)?;
+//! shm_restore::restore(path, &memfd, shm_restore::DEFAULT_MAX_DATA_LEN, 0, None)?;
 //! // ... run the program ...
 //! let (storage, name) = DirStorage::for_snapshot(path)?;
 //! let mut saver = Saver::new(storage, &name, SaveOptions::default());
@@ -49,6 +51,7 @@ pub mod format;
 mod image;
 mod load;
 mod parallel;
+mod progress;
 mod save;
 mod snapshot;
 mod storage;
@@ -59,6 +62,7 @@ pub use capture::{CaptureMethod, Captured, SnapshotProtocol, StopGroup, Unpaused
 pub use error::{Damage, Error, InvalidOption, Result};
 pub use image::{Extent, Image, prefaulted};
 pub use load::{Fallback, LoadOutcome, restore};
+pub use progress::Progress;
 pub use save::{SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver};
 pub use snapshot::{
     DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, inspect, read_snapshot, verify,

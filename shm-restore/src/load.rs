@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 use crate::format::{Chunk, Header};
+use crate::progress::Progress;
 use crate::save::{move_aside, prev_path};
-use crate::snapshot::{ReadError, copy_into, open_for_reading, verify};
+use crate::snapshot::{ReadError, copy_into, open_for_reading, verify_counting};
 use crate::storage::{DirStorage, Storage};
 
 /// Why the snapshot itself was not loaded and `.prev` was.
@@ -71,12 +72,14 @@ pub enum LoadOutcome {
 /// never by an abort.
 ///
 /// `memfd` should be a private open file description (see
-/// [`shm_fd::SharedFd::reopen`]). `now_ns` names the corrupt file.
+/// [`shm_fd::SharedFd::reopen`]). `now_ns` names the corrupt file. The
+/// bytes read are counted into `progress`, if given (see [`Progress`]).
 pub fn restore(
     snapshot: &Path,
     memfd: &File,
     max_data_len: u64,
     now_ns: u64,
+    progress: Option<&Progress>,
 ) -> Result<LoadOutcome> {
     let len = memfd
         .metadata()
@@ -92,8 +95,8 @@ pub fn restore(
         return Ok(LoadOutcome::LiveKept { len });
     }
     let prev = prev_path(snapshot);
-    let main_problem = match Verified::open(snapshot, max_data_len) {
-        Ok(s) => match load(snapshot.to_owned(), s, memfd) {
+    let main_problem = match Verified::open(snapshot, max_data_len, progress) {
+        Ok(s) => match load(snapshot.to_owned(), s, memfd, progress) {
             // Damaged between the check and the copy: try `.prev` as for
             // any other damage (the memfd was emptied again).
             Err(e) if e.is_corrupt() => e,
@@ -103,7 +106,7 @@ pub fn restore(
         Err(e) => return Err(e),
     };
     let missing = main_problem.is_not_found();
-    match Verified::open(&prev, max_data_len) {
+    match Verified::open(&prev, max_data_len, progress) {
         Ok(s) => {
             let mut fallback = Fallback {
                 problem: main_problem,
@@ -111,7 +114,7 @@ pub fn restore(
                 move_error: None,
             };
             // Load first: if the memfd refuses, nothing has been renamed.
-            let mut outcome = load(prev, s, memfd)?;
+            let mut outcome = load(prev, s, memfd, progress)?;
             if !missing {
                 match DirStorage::for_snapshot(snapshot)
                     .map_err(|e| Error::io("moving aside", snapshot, e))
@@ -163,9 +166,10 @@ struct Verified {
 }
 
 impl Verified {
-    fn open(path: &Path, max_data_len: u64) -> Result<Verified> {
+    fn open(path: &Path, max_data_len: u64, progress: Option<&Progress>) -> Result<Verified> {
         let file = open_for_reading(path).map_err(|e| Error::io("opening", path, e))?;
-        let (header, chunks) = verify(&file, max_data_len).map_err(|e| e.into_error(path))?;
+        let (header, chunks) =
+            verify_counting(&file, max_data_len, progress).map_err(|e| e.into_error(path))?;
         Ok(Verified {
             file,
             header,
@@ -174,13 +178,18 @@ impl Verified {
     }
 }
 
-fn load(path: PathBuf, snapshot: Verified, memfd: &File) -> Result<LoadOutcome> {
+fn load(
+    path: PathBuf,
+    snapshot: Verified,
+    memfd: &File,
+    progress: Option<&Progress>,
+) -> Result<LoadOutcome> {
     let Verified {
         file,
         header,
         chunks,
     } = snapshot;
-    let copied = copy_into(&file, &header, &chunks, memfd);
+    let copied = copy_into(&file, &header, &chunks, memfd, progress);
     if copied.is_err() {
         // Leave no half-loaded state behind: the watcher keeps the memfd,
         // and a later start would take a partial copy for live memory.
@@ -259,19 +268,19 @@ mod tests {
         let path = d.path().join("s.snap");
         let m = memfd();
         assert!(matches!(
-            restore(&path, &m, u64::MAX, 0).unwrap(),
+            restore(&path, &m, u64::MAX, 0, None).unwrap(),
             LoadOutcome::NoSnapshot
         ));
         save(d.path(), b"hello");
         assert!(matches!(
-            restore(&path, &m, u64::MAX, 0).unwrap(),
+            restore(&path, &m, u64::MAX, 0, None).unwrap(),
             LoadOutcome::Loaded { fallback: None, .. }
         ));
         assert_eq!(loaded(&m), b"hello");
         // Non-empty memfd: live wins.
         save(d.path(), b"other");
         assert!(matches!(
-            restore(&path, &m, u64::MAX, 0).unwrap(),
+            restore(&path, &m, u64::MAX, 0, None).unwrap(),
             LoadOutcome::LiveKept { len: 5 }
         ));
         assert_eq!(loaded(&m), b"hello");
@@ -289,12 +298,12 @@ mod tests {
         save(d.path(), &data);
         let good = std::fs::read(&path).unwrap();
         let m = memfd(); // sealed against shrinking, as shm-fd's
-        let verified = Verified::open(&path, u64::MAX).unwrap();
+        let verified = Verified::open(&path, u64::MAX, None).unwrap();
         let mut bad = good.clone();
         let last = bad.len() - 1;
         bad[last] ^= 1;
         std::fs::write(&path, &bad).unwrap();
-        let e = load(path.clone(), verified, &m).unwrap_err();
+        let e = load(path.clone(), verified, &m, None).unwrap_err();
         assert!(e.is_corrupt(), "{e}");
         let len = m.metadata().unwrap().len();
         assert!(
@@ -305,7 +314,7 @@ mod tests {
         // empty memfd is not "live memory").
         std::fs::write(&path, &good).unwrap();
         assert!(matches!(
-            restore(&path, &m, u64::MAX, 0).unwrap(),
+            restore(&path, &m, u64::MAX, 0, None).unwrap(),
             LoadOutcome::Loaded { fallback: None, .. }
         ));
         assert_eq!(loaded(&m), data);
@@ -319,14 +328,18 @@ mod tests {
         save(d.path(), b"new");
         let m = memfd();
         // Damage the main file between its verification and its copy.
-        let verified = Verified::open(&path, u64::MAX).unwrap();
+        let verified = Verified::open(&path, u64::MAX, None).unwrap();
         let mut bytes = std::fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
-        assert!(load(path.clone(), verified, &m).unwrap_err().is_corrupt());
+        assert!(
+            load(path.clone(), verified, &m, None)
+                .unwrap_err()
+                .is_corrupt()
+        );
         // restore() sees the damage at verification now, and uses .prev.
-        let out = restore(&path, &m, u64::MAX, 0).unwrap();
+        let out = restore(&path, &m, u64::MAX, 0, None).unwrap();
         assert!(
             matches!(
                 out,
@@ -341,6 +354,27 @@ mod tests {
     }
 
     #[test]
+    fn a_save_and_a_load_count_every_byte_into_their_progress() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.snap");
+        let data = vec![0x5Au8; 3 << 20];
+        let progress = Progress::new();
+        let mut saver = Saver::new(
+            DirStorage::new(d.path()),
+            OsStr::new("s.snap"),
+            SaveOptions::default(),
+        );
+        saver.set_progress(Some(progress.clone()));
+        saver.save(&Image::from_bytes(data.clone()), 1).unwrap();
+        assert_eq!(progress.get(), (3 << 20, 3 << 20));
+        // A load reads it twice: verified, then copied.
+        let m = memfd();
+        let loaded = Progress::new();
+        restore(&path, &m, u64::MAX, 0, Some(&loaded)).unwrap();
+        assert_eq!(loaded.get(), (6 << 20, 6 << 20));
+    }
+
+    #[test]
     fn damaged_snapshot_falls_back_on_prev_and_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("s.snap");
@@ -351,7 +385,7 @@ mod tests {
         bytes[last] ^= 0x40;
         std::fs::write(&path, &bytes).unwrap();
         let m = memfd();
-        let out = restore(&path, &m, u64::MAX, 1_700_000_000_000_000_000).unwrap();
+        let out = restore(&path, &m, u64::MAX, 1_700_000_000_000_000_000, None).unwrap();
         let LoadOutcome::Loaded {
             fallback: Some(f), ..
         } = out
@@ -377,7 +411,7 @@ mod tests {
         save(d.path(), b"new");
         std::fs::remove_file(&path).unwrap();
         let m = memfd();
-        let out = restore(&path, &m, u64::MAX, 0).unwrap();
+        let out = restore(&path, &m, u64::MAX, 0, None).unwrap();
         assert!(matches!(
             out,
             LoadOutcome::Loaded {
@@ -402,7 +436,7 @@ mod tests {
         std::fs::write(&prev, &p).unwrap();
         let before = files(d.path());
         let m = memfd();
-        let e = restore(&path, &m, u64::MAX, 0).unwrap_err();
+        let e = restore(&path, &m, u64::MAX, 0, None).unwrap_err();
         let msg = e.to_string();
         assert!(
             msg.contains("s.snap is truncated") && msg.contains("s.snap.prev is truncated"),
@@ -414,7 +448,7 @@ mod tests {
 
         // Damaged snapshot and no .prev at all: refused too.
         std::fs::remove_file(&prev).unwrap();
-        let e = restore(&path, &m, u64::MAX, 0).unwrap_err();
+        let e = restore(&path, &m, u64::MAX, 0, None).unwrap_err();
         assert!(e.to_string().contains("no .prev file"), "{e}");
     }
 
@@ -427,7 +461,7 @@ mod tests {
             nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
         )
         .unwrap();
-        let e = restore(&path, &memfd(), u64::MAX, 0).unwrap_err();
+        let e = restore(&path, &memfd(), u64::MAX, 0, None).unwrap_err();
         assert!(
             e.is_corrupt() && e.to_string().contains("is truncated"),
             "{e}"
@@ -451,7 +485,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("s.snap");
         save(d.path(), &[1u8; 10_000]);
-        let e = restore(&path, &memfd(), 9_999, 0).unwrap_err();
+        let e = restore(&path, &memfd(), 9_999, 0, None).unwrap_err();
         assert!(e.to_string().contains("more than the maximum 9999"), "{e}");
     }
 
@@ -466,7 +500,7 @@ mod tests {
         save(d.path(), &[2u8; 10_000]);
         let before = files(d.path());
         let m = memfd();
-        let e = restore(&path, &m, 5_000, 0).unwrap_err();
+        let e = restore(&path, &m, 5_000, 0, None).unwrap_err();
         assert!(
             matches!(
                 &e,
@@ -491,7 +525,7 @@ mod tests {
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.truncate(100);
         std::fs::write(&path, &bytes).unwrap();
-        let e = restore(&path, &m, 50, 0).unwrap_err();
+        let e = restore(&path, &m, 50, 0, None).unwrap_err();
         assert!(
             e.to_string().contains("s.snap is truncated")
                 && e.to_string().contains("s.snap.prev holds 100 bytes"),
@@ -510,7 +544,7 @@ mod tests {
             nix::fcntl::FcntlArg::F_ADD_SEALS(nix::fcntl::SealFlag::F_SEAL_GROW),
         )
         .unwrap();
-        let e = restore(&path, &fd.into_file(), u64::MAX, 0).unwrap_err();
+        let e = restore(&path, &fd.into_file(), u64::MAX, 0, None).unwrap_err();
         assert!(e.to_string().contains("sealed against growing"), "{e}");
     }
 }

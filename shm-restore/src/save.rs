@@ -13,6 +13,7 @@ use crate::error::{Damage, Error, InvalidOption, Result};
 use crate::format::{self, Chunk, DEFAULT_CHUNK_SIZE, HEADER_LEN, Header};
 use crate::image::{Extent, Image, data_extents};
 use crate::parallel;
+use crate::progress::Progress;
 use crate::snapshot::{DEFAULT_MAX_DATA_LEN, ReadError, file_time, read_header, verify};
 use crate::storage::Storage;
 
@@ -336,6 +337,8 @@ pub struct Saver<S: Storage> {
     /// The size and chunk table of the last saved or loaded state.
     last: Option<(u64, Vec<Chunk>)>,
     seq: u64,
+    /// Where saves count the bytes they write.
+    progress: Option<Progress>,
 }
 
 impl<S: Storage> Saver<S> {
@@ -364,7 +367,15 @@ impl<S: Storage> Saver<S> {
             trusted: None,
             last: None,
             seq: 0,
+            progress: None,
         }
+    }
+
+    /// Counts the data bytes the following saves write into `progress`
+    /// (each save begins it again at the bytes it stores); `None` stops
+    /// counting.
+    pub fn set_progress(&mut self, progress: Option<Progress>) {
+        self.progress = progress;
     }
 
     /// Tells the saver which state was loaded into the memfd: a later
@@ -477,6 +488,9 @@ impl<S: Storage> Saver<S> {
         let generation = self.generation.saturating_add(1);
         let chunk_size = self.options.chunk_size;
         let layout = chunk_layout(source.extents(), chunk_size);
+        if let Some(p) = &self.progress {
+            p.begin(layout.iter().map(|&(_, n)| u64::from(n)).sum());
+        }
         let data_offset = format::data_offset_for(layout.len() as u64)
             .filter(|&o| usize::try_from(o).is_ok())
             .ok_or_else(|| {
@@ -705,6 +719,9 @@ impl<S: Storage> Saver<S> {
                 .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
             pos += len;
             i = j;
+            if let Some(p) = &self.progress {
+                p.add(len as u64);
+            }
             if pos - hinted >= WRITEBACK_STEP {
                 self.storage.start_writeback(
                     file,

@@ -9,6 +9,7 @@ use crate::error::{Damage, Error, Result};
 use crate::format::{self, Chunk, HEADER_LEN, Header};
 use crate::image::{Extent, Image};
 use crate::parallel;
+use crate::progress::Progress;
 
 /// The largest snapshot data size loaded (and saved) unless configured
 /// otherwise (`--max-size`): a file declaring more is refused
@@ -278,7 +279,21 @@ pub fn verify<R: ReadAt + Sync + ?Sized>(
     r: &R,
     max_data_len: u64,
 ) -> Result<(Header, Vec<Chunk>), ReadError> {
+    verify_counting(r, max_data_len, None)
+}
+
+/// [`verify`], counting the bytes checked into `progress` for a load:
+/// begins it at twice the bytes stored ([`copy_into`] counts the second
+/// half).
+pub(crate) fn verify_counting<R: ReadAt + Sync + ?Sized>(
+    r: &R,
+    max_data_len: u64,
+    progress: Option<&Progress>,
+) -> Result<(Header, Vec<Chunk>), ReadError> {
     let (header, chunks) = read_header_and_table(r, max_data_len)?;
+    if let Some(p) = progress {
+        p.begin(header.stored_len.saturating_mul(2));
+    }
     let places = file_offsets(&header, &chunks);
     let results = parallel::run_each(split(&header, &chunks), |run| {
         let mut buf = Vec::new();
@@ -291,6 +306,9 @@ pub fn verify<R: ReadAt + Sync + ?Sized>(
             if crc32fast::hash(&buf) != c.crc {
                 bad += 1;
                 first.get_or_insert(i);
+            }
+            if let Some(p) = progress {
+                p.add(u64::from(c.len));
             }
         }
         Ok::<_, io::Error>((bad, first))
@@ -318,12 +336,14 @@ pub fn verify<R: ReadAt + Sync + ?Sized>(
 
 /// Copies a snapshot that [`verify`] accepted into an empty memfd, chunk by
 /// chunk (large files on a few threads), checking each chunk's CRC again
-/// (the file could have changed since). Holes stay holes.
+/// (the file could have changed since). Holes stay holes. Each chunk
+/// copied is counted into `progress`.
 pub fn copy_into<R: ReadAt + Sync + ?Sized>(
     r: &R,
     header: &Header,
     chunks: &[Chunk],
     memfd: &File,
+    progress: Option<&Progress>,
 ) -> Result<(), ReadError> {
     // Grow only: a memfd sealed against shrinking may already be larger
     // (sized, but holding no data).
@@ -348,6 +368,9 @@ pub fn copy_into<R: ReadAt + Sync + ?Sized>(
                 }));
             }
             memfd.write_all_at(&buf, c.offset)?;
+            if let Some(p) = progress {
+                p.add(u64::from(c.len));
+            }
         }
         Ok(())
     });
@@ -734,7 +757,7 @@ mod tests {
         let memfd = shm_fd::SharedFd::create("copy-test", Default::default())
             .unwrap()
             .into_file();
-        copy_into(&file, &header, &chunks, &memfd).unwrap();
+        copy_into(&file, &header, &chunks, &memfd, None).unwrap();
         assert_eq!(Image::read_from(&memfd).unwrap().to_dense(), data);
 
         // The file changed after the verification: the copy sees it.
@@ -743,7 +766,7 @@ mod tests {
         let other = shm_fd::SharedFd::create("copy-test", Default::default())
             .unwrap()
             .into_file();
-        match copy_into(bytes.as_slice(), &header, &chunks, &other) {
+        match copy_into(bytes.as_slice(), &header, &chunks, &other, None) {
             Err(ReadError::Damaged(Damage::ChunkChecksum { index: 25, .. })) => {}
             other => panic!("{other:?}"),
         }

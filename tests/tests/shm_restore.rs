@@ -1388,3 +1388,97 @@ fn zero_and_absurd_durations_and_sizes_are_usage_errors() {
         assert!(started.elapsed() < Duration::from_secs(10));
     }
 }
+
+/// Fills the memfd on fd 3 with `size` of non-zero bytes (`head -c`'s
+/// suffixes), as the command of a save long enough to show progress.
+fn fill_script(size: &str) -> String {
+    format!("yes 0123456789abcdef | head -c {size} > /dev/fd/3")
+}
+
+/// Issue 10: progress is drawn only for a terminal. A save that takes over
+/// a second prints its usual lines when stderr is a pipe, and no progress
+/// line (nothing redrawn with `\r`).
+#[test]
+fn a_long_save_prints_no_progress_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    let (code, _, err) = restore(
+        &[snap.to_str().unwrap()],
+        &["sh", "-c", &fill_script("1536M")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("saved"), "{err}");
+    assert!(
+        !err.contains('\r') && !err.contains("saving") && !err.contains('%'),
+        "{err:?}"
+    );
+}
+
+/// Checks the progress line of an operation that took `took` (an upper
+/// bound, seen from outside) in `shown`: there when it took well over a
+/// second, absent when it took under one (as with fast release binaries).
+fn check_progress(shown: &str, took: Duration, line: &str, then: &str) {
+    let has_line = shown.contains(line);
+    if took > Duration::from_millis(1500) {
+        assert!(has_line, "no {line:?} in {took:?}: {shown:?}");
+        // The line is cleared before the status line that follows it.
+        assert!(shown.contains(&format!("\r\x1b[K{then}")), "{shown:?}");
+    } else if took < Duration::from_millis(900) {
+        assert!(!has_line && !shown.contains('%'), "{took:?}: {shown:?}");
+    }
+}
+
+/// Issue 10: on a terminal, a save and a load that take over a second show
+/// how far they are on one line redrawn in place, cleared at the end; ones
+/// under a second show nothing. (2 GiB takes 2-3 s in a debug build.)
+#[test]
+fn a_long_save_and_load_on_a_terminal_show_progress_and_clear_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("s.snap");
+    // --no-seal: the second command empties the memfd again, so that its
+    // exit saves nothing (no second 2 GiB save in this test's time).
+    let mut c = cmd("shm-restore");
+    c.args(["--no-seal", snap.to_str().unwrap(), "sh", "-c"])
+        .arg(fill_script("2G") + "; echo filled");
+    let mut t = OnTerminal::spawn(c);
+    t.expect("filled");
+    let save_started = Instant::now();
+    t.expect("shm-restore: saved");
+    let took = save_started.elapsed();
+    assert_eq!(t.child.wait().unwrap().code(), Some(0), "{:?}", t.text());
+    check_progress(
+        &t.text(),
+        took,
+        "\rshm-restore: saving ",
+        "shm-restore: saved ",
+    );
+    assert!(t.text().contains(" of 2.0 GiB (") || took < Duration::from_millis(1500));
+
+    let mut c = cmd("shm-restore");
+    c.args([
+        "--no-seal",
+        snap.to_str().unwrap(),
+        "sh",
+        "-c",
+        ": > /dev/fd/3",
+    ]);
+    let started = Instant::now();
+    let mut t = OnTerminal::spawn(c);
+    t.expect("shm-restore: loaded");
+    let took = started.elapsed();
+    assert_eq!(t.child.wait().unwrap().code(), Some(0), "{:?}", t.text());
+    t.expect("left as it was");
+    check_progress(
+        &t.text(),
+        took,
+        "\rshm-restore: loading ",
+        "shm-restore: loaded ",
+    );
+    let shown = t.text();
+    assert!(
+        took < Duration::from_millis(1500)
+            || (shown.contains(": checking, ") || shown.contains(": copying, "))
+                && shown.contains(" of 2.0 GiB ("),
+        "{shown:?}"
+    );
+}

@@ -63,7 +63,7 @@ fn load_state(disk: &DiskImage) -> Result<Vec<u8>, String> {
     let dir = tempfile::tempdir().unwrap();
     materialize(disk, dir.path());
     let m = memfd();
-    match restore(&dir.path().join(NAME), &m, u64::MAX, 0) {
+    match restore(&dir.path().join(NAME), &m, u64::MAX, 0, None) {
         Ok(LoadOutcome::Loaded { .. }) => Ok(Image::read_from(&m).unwrap().to_dense()),
         Ok(other) => Err(format!("{other:?}")),
         Err(e) => Err(e.to_string()),

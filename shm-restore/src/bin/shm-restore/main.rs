@@ -11,6 +11,7 @@ use clap::Parser;
 use shm_restore::{Error, LoadOutcome, SaveOptions, format_time};
 
 mod import;
+mod progress;
 mod supervise;
 
 /// Setup failed: bad `LISTEN_*` variables, an inherited fd that is not a

@@ -26,6 +26,7 @@ use shm_restore::{
     StopGroup, Unpaused, now_ns, probe_table,
 };
 
+use crate::progress::{self, Operation};
 use crate::{
     Args, EXIT_CANNOT_CREATE, EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_SAVE_FAILED, EXIT_SETUP,
     EXIT_USAGE, Failure, SnapshotMode, describe_load, load_failure, warn,
@@ -87,8 +88,22 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
             &format!("removed {}, left by an interrupted save", stale.display()),
         );
     }
-    let outcome = shm_restore::restore(&args.snapshot, &memfd, args.max_size, now_ns())
-        .map_err(load_failure)?;
+    let meter = progress::meter(args.quiet);
+    let outcome = progress::showing(
+        meter.as_ref(),
+        Operation::Load,
+        &format!("loading {}", args.snapshot.display()),
+        || {
+            shm_restore::restore(
+                &args.snapshot,
+                &memfd,
+                args.max_size,
+                now_ns(),
+                meter.as_ref(),
+            )
+        },
+    )
+    .map_err(load_failure)?;
     let (warning, line) = describe_load(&args.snapshot, &outcome);
     if warning {
         warn(format_args!("{line}"));
@@ -489,7 +504,18 @@ fn save(
              saving as in the plain mode"
         ));
     }
-    let outcome = saver.save_captured(&captured, memfd, now_ns());
+    // Progress only for the save the user waits on: while the command
+    // runs it owns the terminal, and a line redrawn in place would
+    // overwrite what it shows.
+    let meter = progress::meter(args.quiet || why != "on exit");
+    saver.set_progress(meter.clone());
+    let outcome = progress::showing(
+        meter.as_ref(),
+        Operation::Save,
+        &format!("saving {path}"),
+        || saver.save_captured(&captured, memfd, now_ns()),
+    );
+    saver.set_progress(None);
     if outcome.is_err() {
         capture.save_failed();
     }
