@@ -64,20 +64,25 @@ fn concurrent_opens_in_threads_admit_exactly_one() {
                 std::thread::spawn(move || {
                     barrier.wait();
                     let r = open_path(&path);
-                    match &r {
+                    // Judged after the second wait: a thread that panicked
+                    // before it would leave the others waiting forever.
+                    let verdict = match &r {
                         Ok(_) => {
                             admitted.fetch_add(1, SeqCst);
+                            Ok(())
                         }
-                        Err(Error::Locked { pid }) => assert_eq!(*pid, std::process::id()),
-                        Err(e) => panic!("round {round}: {e}"),
-                    }
+                        Err(Error::Locked { pid }) if *pid == std::process::id() => Ok(()),
+                        Err(e) => Err(format!("round {round}: {e}")),
+                    };
                     barrier.wait(); // hold it until every thread has tried
                     drop(r);
+                    verdict
                 })
             })
             .collect();
-        for t in threads {
-            t.join().unwrap();
+        let verdicts: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for v in &verdicts {
+            assert!(v.is_ok(), "{verdicts:?}");
         }
         assert_eq!(admitted.load(SeqCst), 1, "round {round}");
         let s = open_path(&path).unwrap();
