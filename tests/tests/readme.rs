@@ -37,9 +37,11 @@ fn adapt(line: &str, bins: &Path, tmp: &Path) -> Option<String> {
     if line.starts_with("cargo ") {
         return None;
     }
+    // `/tmp/` first: the binaries' own path may be under /tmp (a clone
+    // there), and must not be rewritten.
     let line = line
-        .replace("./target/release/", &format!("{}/", bins.display()))
-        .replace("/tmp/", &format!("{}/", tmp.display()));
+        .replace("/tmp/", &format!("{}/", tmp.display()))
+        .replace("./target/release/", &format!("{}/", bins.display()));
     Some(line)
 }
 
