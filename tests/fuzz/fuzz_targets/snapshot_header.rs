@@ -12,8 +12,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use shm_fd_fuzz::header_region;
 use shm_snapshot::{
-    CaptureOutcome, Error, HEADER_LEN, OFF_SEQ, OFF_WAITERS, CopyOutcome, Protocol, Publisher, Region,
-    Snapshotter, committed_generation, has_protocol, probe, try_copy_consistent,
+    CaptureOutcome, CopyOutcome, Error, HEADER_LEN, OFF_SEQ, OFF_WAITERS, Protocol, Publisher,
+    Region, Snapshotter, committed_generation, has_protocol, probe, try_copy_consistent,
 };
 
 /// Region memory of exactly the input's length (so the bytes after the
