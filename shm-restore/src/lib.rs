@@ -63,7 +63,9 @@ pub use error::{Damage, Error, InvalidOption, Result};
 pub use image::{Extent, Image, prefaulted};
 pub use load::{Fallback, LoadOutcome, restore};
 pub use progress::Progress;
-pub use save::{SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver};
+pub use save::{
+    SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver, remove_stale_temps,
+};
 pub use snapshot::{
     DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, inspect, read_snapshot, verify,
 };
@@ -79,7 +81,7 @@ pub use capture::wait_until_stopped;
 pub use image::{data_extents, probe_table, stored_len};
 #[cfg(feature = "cli")]
 #[doc(hidden)]
-pub use save::{move_aside, prev_path, remove_stale_temps};
+pub use save::{move_aside, prev_path};
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub use snapshot::{file_time, format_time, read_header};

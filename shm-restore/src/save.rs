@@ -795,7 +795,6 @@ impl<S: Storage> Saver<S> {
 /// Removes temp files a killed `shm-restore` left next to the snapshot
 /// `name` in `dir` (`.<name>.tmp-<pid>-<n>`, `.<name>.prev-tmp-<pid>-<n>`
 /// of processes that no longer exist). Returns the removed paths.
-#[cfg_attr(not(feature = "cli"), allow(dead_code))] // used by the command
 pub fn remove_stale_temps(dir: &Path, name: &OsStr) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else {

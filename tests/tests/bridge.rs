@@ -289,6 +289,26 @@ fn import_raw_refusals_create_nothing() {
         65,
         "more than the maximum 1048576",
     );
+    // Found in review: a FIFO made the import wait for a writer forever;
+    // one of our own snapshots (the arguments swapped) was imported as
+    // data, its header becoming the program's state.
+    // (In a directory of its own: `files` reads every file it lists.)
+    let fifo_dir = tempfile::tempdir().unwrap();
+    let fifo = fifo_dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    check(&fifo, &[], 66, "not a regular file");
+    let (code, err) = import(&raw, &snap, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let other = dir.path().join("other.snap");
+    let before = files(dir.path());
+    let (code, err) = import(&snap, &other, &[]);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(err.contains("is a shm-restore snapshot already"), "{err}");
+    assert_eq!(files(dir.path()), before, "{err}");
+    let (code, err) = import(&snap, &snap, &["--force"]);
+    assert_eq!(code, Some(65), "{err}");
+    assert_eq!(files(dir.path()), before, "{err}");
+    std::fs::remove_file(&snap).unwrap();
     // --force belongs to --import-raw.
     let out = run(cmd("shm-restore").args(["--force"]).arg(&snap).arg("true"));
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));

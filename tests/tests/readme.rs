@@ -29,6 +29,19 @@ fn shell_blocks(readme: &str) -> Vec<Vec<String>> {
     blocks
 }
 
+/// A shell running a pasted line: bash with `pipefail` where there is one
+/// (so `cmd | tail -n 1` fails when `cmd` does, as a reader would notice),
+/// else sh.
+fn pasted(script: &str) -> Command {
+    let bash = Path::new("/bin/bash").exists() || Path::new("/usr/bin/bash").exists();
+    let mut c = Command::new(if bash { "bash" } else { "sh" });
+    if bash {
+        c.args(["-o", "pipefail"]);
+    }
+    c.args(["-c", script]);
+    c
+}
+
 /// How a README line is run here: `None` for the build and test commands.
 fn adapt(line: &str, bins: &Path, tmp: &Path) -> Option<String> {
     let line = line
@@ -86,8 +99,7 @@ fn every_shell_block_of_the_readme_runs_as_pasted() {
                 script
             };
             let start = Instant::now();
-            let out = Command::new("sh")
-                .args(["-c", &script])
+            let out = pasted(&script)
                 .current_dir(tmp.path())
                 .env("PATH", &path)
                 .stdin(Stdio::null())
@@ -126,8 +138,7 @@ fn the_shell_block_of_docs_migrating_md_runs_as_pasted() {
     let mut last = String::new();
     for line in &blocks[0] {
         let script = adapt(line, bin_dir(), tmp.path()).expect("no cargo line");
-        let out = Command::new("sh")
-            .args(["-c", &script])
+        let out = pasted(&script)
             .current_dir(tmp.path())
             .stdin(Stdio::null())
             .output()

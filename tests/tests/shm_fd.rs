@@ -918,6 +918,45 @@ fn sigkill_of_the_watcher_kills_the_run_and_its_process_group() {
 }
 
 #[test]
+fn without_proc_the_watcher_still_stops_what_a_run_left() {
+    // Found in review: without /proc the watcher stopped the keeper first
+    // and then had no way left to signal the run's group, so a leftover
+    // ran on (a `sleep 20` kept the watcher 20 s). Needs a mount namespace
+    // in which /proc can be unmounted (root); skipped elsewhere.
+    let probe = Command::new("unshare")
+        .args([
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "umount -l /proc",
+        ])
+        .stderr(Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot unmount /proc in a mount namespace here");
+        return;
+    }
+    let script = format!(
+        "umount -l /proc && exec {} --restart on-failure sh -c 'sleep 20 & exit 0'",
+        b("shm-fd")
+    );
+    let start = Instant::now();
+    let out =
+        run(Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]));
+    let (_, e) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{e}");
+    assert!(e.contains("left 1 process; stopping them"), "{e}");
+    // SIGTERM ends the sleep at once; without a signal it lasts 20 s.
+    assert!(
+        start.elapsed() < Duration::from_secs(8),
+        "the leftover was not signalled: {:?} {e}",
+        start.elapsed()
+    );
+}
+
+#[test]
 fn orphans_of_a_run_outside_its_group_are_stopped_before_the_next_run() {
     // A run leaves a process in a session of its own (not in the run's
     // group), re-parented to the watcher when the run exits. The watcher

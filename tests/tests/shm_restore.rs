@@ -176,7 +176,10 @@ fn generation(snap: &Path) -> Option<u64> {
 
 #[test]
 fn sigusr1_and_interval_save_while_the_command_runs() {
-    let script = "echo $$; $COUNTER; $COUNTER; echo ready; exec sleep 1000";
+    // Its process group (field 5 of /proc/self/stat), which the group
+    // keeper leads: not $$.
+    let script = "read -r _ _ _ _ pg _ < /proc/$$/stat; echo $pg; $COUNTER; $COUNTER; echo ready; \
+                  exec sleep 1000";
     for args in [&[][..], &["--interval", "50ms"][..]] {
         let dir = tempfile::tempdir().unwrap();
         let snap = dir.path().join("s.snap");
@@ -553,6 +556,21 @@ fn an_unwritable_directory_is_refused_before_the_command_starts_with_73() {
     );
     assert_eq!(files(&sub), before, "every file as it was");
 
+    // Found in review: a directory that can be written but not read
+    // (d-wx) passed, and every save then failed at the directory's fsync.
+    let wo = dir.path().join("wo");
+    std::fs::create_dir(&wo).unwrap();
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(&wo, Some(65534.into()), Some(65534.into())).unwrap();
+    }
+    mode(&wo, 0o300).unwrap();
+    let outcome = restore_unprivileged(&wo.join("s.snap"), &["sh", "-c", &script]);
+    mode(&wo, 0o755).unwrap();
+    let (code, o, e) = outcome.expect("reachable above");
+    assert_eq!(code, 73, "{e}");
+    assert!(o.is_empty() && !marker.exists(), "the command ran: {e}");
+    assert!(e.contains("cannot open the directory"), "{e}");
+
     // A directory that does not exist, and a file in the directory's
     // place: refused the same way, nothing started, nothing created.
     for (snap, why) in [
@@ -744,10 +762,18 @@ fn check_says_what_was_found_what_was_expected_and_what_a_start_does() {
         "{report}"
     );
 
-    // Missing: nothing to load, nothing checked.
+    // Missing, with a valid .prev: a start loads the .prev (found in
+    // review: --check said "starts with an empty memfd").
     std::fs::remove_file(&snap).unwrap();
     let (_, report) = check(&[]);
     assert_eq!(field(&report, "checksums:"), "not checked", "{report}");
+    assert!(
+        field(&report, "at start:").contains(".prev is valid"),
+        "{report}"
+    );
+    // Missing, and no .prev: nothing to load.
+    std::fs::remove_file(with_suffix(&snap, ".prev")).unwrap();
+    let (_, report) = check(&[]);
     assert!(
         field(&report, "at start:").contains("empty memfd"),
         "{report}"

@@ -370,13 +370,17 @@ fn watch_run(
 }
 
 /// Sends `sig` to the run's process group, by its id only while that id
-/// cannot be someone else's: while the group's keeper (its leader) is an
-/// unreaped child, or else, if the keeper was killed, while the run's main
-/// process (a member) is not reaped yet (`main_unreaped`).
+/// is the run's: while the group's keeper (its leader) is an unreaped
+/// child; or, once the keeper is gone (killed, or stopped because without
+/// /proc it cannot be told from the other members), while the run's main
+/// process (a member) is not reaped yet, or while the group still has
+/// members (a group id is not reused while the group exists; only a group
+/// that empties between the look and the signal, and whose id is taken
+/// again in that instant, could be missed or hit).
 fn signal_run(run: Run, keeper: &GroupKeeper, main_unreaped: bool, sig: Option<Signal>) {
     if keeper.pgid().is_some() {
         let _ = keeper.signal_group(sig);
-    } else if main_unreaped {
+    } else if main_unreaped || !group_is_empty(run.pgid) {
         let _ = killpg(run.pgid, sig);
     }
 }

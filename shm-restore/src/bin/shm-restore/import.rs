@@ -20,6 +20,20 @@ pub(crate) fn run(args: &Args, raw: &Path) -> Result<u8, Failure> {
     // RAW first: when it cannot be read, nothing else is looked at or made.
     let file =
         open_raw(raw).map_err(|why| Failure(EXIT_NO_INPUT, format!("{raw_shown}: {why}")))?;
+    // Already one of our snapshots (the arguments swapped, or the snapshot
+    // itself): its header would become the program's data.
+    let mut head = [0u8; 8];
+    if std::os::unix::fs::FileExt::read_exact_at(&file, &mut head, 0).is_ok()
+        && head == shm_restore::format::MAGIC
+    {
+        return Err(Failure(
+            EXIT_DATA,
+            format!(
+                "{raw_shown} is a shm-restore snapshot already, not a raw memfd image: not \
+                 imported (check the order of the arguments)"
+            ),
+        ));
+    }
     let (storage, name) = DirStorage::for_snapshot(snapshot)
         .map_err(|e| Failure(EXIT_USAGE, format!("{shown}: {e}")))?;
     check_writable_dir(storage.dir())
@@ -82,10 +96,17 @@ pub(crate) fn run(args: &Args, raw: &Path) -> Result<u8, Failure> {
 
 /// Opens RAW for reading, a regular file only (SEEK_DATA and a size).
 fn open_raw(raw: &Path) -> Result<File, String> {
-    let file = File::open(raw).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => "cannot read it: no such file".to_owned(),
-        _ => format!("cannot read it: {e}"),
-    })?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused
+    // below); on a regular file the flag changes nothing.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(raw)
+        .map_err(|e| match e.kind() {
+            ErrorKind::NotFound => "cannot read it: no such file".to_owned(),
+            _ => format!("cannot read it: {e}"),
+        })?;
     let meta = file
         .metadata()
         .map_err(|e| format!("cannot read it: {e}"))?;

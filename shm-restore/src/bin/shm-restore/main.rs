@@ -356,14 +356,9 @@ fn what_a_start_does(path: &Path, e: &Error, max_size: u64) -> String {
              {data_len} bytes"
         );
     }
-    if let Error::Io { source, .. } = e
-        && source.kind() == std::io::ErrorKind::NotFound
-    {
-        return "nothing to load: the command starts with an empty memfd, and the first \
-                save creates the file"
-            .to_owned();
-    }
-    if !e.is_unloadable() {
+    let missing =
+        matches!(e, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound);
+    if !missing && !e.is_unloadable() {
         return "refused (exit 66), every file kept: fix the access to the file (permissions, \
                 the disk) and check again"
             .to_owned();
@@ -371,14 +366,25 @@ fn what_a_start_does(path: &Path, e: &Error, max_size: u64) -> String {
     let prev = shm_restore::prev_path(path);
     let prev_shown = prev.display();
     let prev_check = shm_restore::inspect(&prev, max_size);
+    let prev_missing = matches!(&prev_check.verdict,
+        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound);
     match (&prev_check.verdict, &prev_check.header) {
+        // The load falls back on .prev for a missing snapshot too.
+        (Ok(()), Some(h)) if missing => format!(
+            "{prev_shown} is valid (generation {}, saved at {}): a start loads it",
+            h.generation,
+            format_time(h.saved_at_ns)
+        ),
         (Ok(()), Some(h)) => format!(
             "{prev_shown} is valid (generation {}, saved at {}): a start loads it and keeps \
              {shown} as {shown}.corrupt-<time>",
             h.generation,
             format_time(h.saved_at_ns)
         ),
-        (Err(Error::Io { source, .. }), _) if source.kind() == std::io::ErrorKind::NotFound => {
+        _ if missing && prev_missing => "nothing to load: the command starts with an empty \
+                                          memfd, and the first save creates the file"
+            .to_owned(),
+        _ if prev_missing => {
             format!(
                 "refused (exit 65), every file kept, as there is no {prev_shown} to fall back \
                  to; put a good copy in its place, or move {shown} away to start from an empty \

@@ -215,9 +215,13 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     // directly: it never signals the group id once its keeper is reaped
     // (that id could be someone else's by then).
     let keeper_pid = keeper.pid().map(Pid::as_raw);
-    let saved = if group_members(pgid.as_raw())
-        .iter()
-        .all(|p| Some(p.pid) == keeper_pid)
+    // Without /proc the group cannot be listed: others may be left, and
+    // the group capture pauses them (the keeper with them).
+    let proc_readable = shm_fd::process::ProcStat::read(std::process::id() as i32).is_some();
+    let saved = if proc_readable
+        && group_members(pgid.as_raw())
+            .iter()
+            .all(|p| Some(p.pid) == keeper_pid)
     {
         keeper.stop();
         save(args, &mut saver, &mut Unpaused, &memfd, "on exit")
@@ -250,6 +254,14 @@ pub(crate) fn check_writable_dir(dir: &Path) -> Result<(), String> {
             ));
         }
         Err(e) => return Err(format!("cannot save there: {shown}: {e}")),
+    }
+    // A save fsyncs the directory after its rename, through a descriptor
+    // opened for reading: a directory that can be written but not read
+    // (d-wx) would fail every save at that step.
+    if let Err(e) = std::fs::File::open(dir) {
+        return Err(format!(
+            "cannot save there: cannot open the directory {shown} (a save syncs it): {e}"
+        ));
     }
     let probe = std::fs::OpenOptions::new()
         .write(true)
