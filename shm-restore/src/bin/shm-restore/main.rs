@@ -72,12 +72,14 @@ Exit status:
   65               no valid snapshot to load (damaged, and no valid .prev;
                    or larger than --max-size): nothing was started and every
                    file is left as it was; with --import-raw: RAW is larger
-                   than --max-size or holds no data, nothing written
+                   than --max-size, holds no data or is a snapshot already,
+                   nothing written
   66               the snapshot cannot be read, or the memfd cannot take it;
                    with --import-raw: RAW cannot be read (missing, not a
                    regular file), nothing written
-  73               SNAPSHOT's directory is missing or files cannot be
-                   created in it: checked before the start, nothing started;
+  73               SNAPSHOT's directory is missing, cannot be read, or files
+                   cannot be created in it: checked before the start,
+                   nothing started;
                    with --import-raw: SNAPSHOT exists (and no --force), left
                    as it was
   74               the command exited 0 but the final save failed (e.g. the
