@@ -326,6 +326,32 @@ fn open_path(path: &std::path::Path) -> Result<State<Root>> {
 
 const LOCK_CHILD: &str = "SHM_STATE_LOCK_CHILD";
 
+/// A fresh memfd for one test.
+fn memfd(name: &str) -> shm_fd::SharedFd {
+    shm_fd::SharedFd::create(name, shm_fd::CreateOptions::default()).unwrap()
+}
+
+/// Opens the state in `fd` (through a dup of it).
+fn open_fd(fd: &shm_fd::SharedFd) -> Result<State<Root>> {
+    // SAFETY: a private memfd of this test, sealed against shrinking.
+    State::open(unsafe { Source::shared(fd.try_clone().unwrap()) }, layout())
+}
+
+/// Opens `image` from a temp file with `layout`: the result, and the
+/// file's bytes after the open (a refused open must leave them as given).
+fn open_as_file(image: &[u8], layout: Layout<Root>) -> (Result<State<Root>>, Vec<u8>) {
+    use std::io::{Read, Seek, Write};
+    let mut file = tempfile::tempfile().unwrap();
+    file.write_all(image).unwrap();
+    // SAFETY: a private temp file, never truncated.
+    let source = unsafe { Source::file(file.try_clone().unwrap()) };
+    let r = State::<Root>::open(source, layout);
+    let mut after = Vec::new();
+    file.rewind().unwrap();
+    file.read_to_end(&mut after).unwrap();
+    (r, after)
+}
+
 fn put_u64(img: &mut [u8], off: u64, v: u64) {
     img[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes());
 }

@@ -164,3 +164,27 @@ impl Drop for Sweep {
         }
     }
 }
+
+/// A shell script that prints `pid pgrp ppid keeper-ppid keeper-pgrp` from
+/// a command's first instruction: its own pid and group, its parent (the
+/// wrapper), and the parent and group of its group's leader.
+pub const GROUP_PROBE: &str = "read -r _ _ _ _ pg _ < /proc/$$/stat; \
+     read -r _ _ _ kp kg _ < /proc/$pg/stat; echo $$ $pg $PPID $kp $kg";
+
+/// Checks [`GROUP_PROBE`]'s output: the command runs, from its start, in a
+/// group led by another child of the wrapper (the group keeper).
+pub fn assert_in_keepers_group(out: &str) {
+    let f: Vec<i32> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
+    let [pid, pgrp, wrapper, keeper_parent, keeper_group] = f[..] else {
+        panic!("unexpected probe output {out:?}");
+    };
+    assert_ne!(pgrp, pid, "the command leads its own group: {out}");
+    assert_eq!(
+        keeper_parent, wrapper,
+        "the group's leader is not the wrapper's child: {out}"
+    );
+    assert_eq!(
+        keeper_group, pgrp,
+        "the group's leader leads another group: {out}"
+    );
+}

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use shm_fd_tests::procs::{Proc, ProcStat, Sweep, command_child, poll_for};
+use shm_fd_tests::procs::{
+    GROUP_PROBE, Proc, ProcStat, Sweep, assert_in_keepers_group, command_child, poll_for,
+};
 use shm_fd_tests::{OnTerminal, bin, cmd, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
@@ -837,30 +839,6 @@ fn first_line(child: &mut Child) -> String {
         .unwrap();
     assert!(!line.is_empty(), "no output from {}", child.id());
     line.trim().to_owned()
-}
-
-/// Prints `pid pgrp ppid keeper-ppid keeper-pgrp` from the command's first
-/// instruction: its own pid and group, its parent (the wrapper), and the
-/// parent and group of its group's leader.
-const GROUP_PROBE: &str = "read -r _ _ _ _ pg _ < /proc/$$/stat; \
-     read -r _ _ _ kp kg _ < /proc/$pg/stat; echo $$ $pg $PPID $kp $kg";
-
-/// Checks [`GROUP_PROBE`]'s output: the command runs, from its start, in a
-/// group led by another child of the wrapper (the keeper).
-fn assert_in_keepers_group(out: &str) {
-    let f: Vec<i32> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
-    let [pid, pgrp, wrapper, keeper_parent, keeper_group] = f[..] else {
-        panic!("unexpected probe output {out:?}");
-    };
-    assert_ne!(pgrp, pid, "the command leads its own group: {out}");
-    assert_eq!(
-        keeper_parent, wrapper,
-        "the group's leader is not the wrapper's child: {out}"
-    );
-    assert_eq!(
-        keeper_group, pgrp,
-        "the group's leader leads another group: {out}"
-    );
 }
 
 #[test]

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
-use shm_fd_tests::procs::{Proc, ProcStat, Sweep, children, command_child, poll_for};
+use shm_fd_tests::procs::{
+    GROUP_PROBE, Proc, ProcStat, Sweep, assert_in_keepers_group, children, command_child, poll_for,
+};
 use shm_fd_tests::{OnTerminal, bin, cmd, crc32, first_primes, recv_with_fd, run, text};
 
 fn b(name: &str) -> String {
@@ -523,25 +525,43 @@ fn restore_unprivileged(snap: &Path, command: &[&str]) -> Option<(i32, String, S
     Some((code, o, e))
 }
 
+/// A temp dir holding `sub/s.snap` (one counter run saved), the dir 0755
+/// and the snapshot 0644, so another user can reach them: (dir, sub, snap).
+fn snapshot_in_subdir(sub: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = dir.path().join(sub);
+    std::fs::create_dir(&sub).unwrap();
+    let snap = sub.join("s.snap");
+    counted(&snap, 1);
+    set_mode(dir.path(), 0o755);
+    set_mode(&snap, 0o644);
+    (dir, sub, snap)
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Hands `p` to nobody when we are root, for `restore_unprivileged`
+/// commands that must change it.
+fn give_to_nobody(p: &Path) {
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(p, Some(65534.into()), Some(65534.into())).unwrap();
+    }
+}
+
 #[test]
 fn an_unwritable_directory_is_refused_before_the_command_starts_with_73() {
     // Issue 10: the command used to run and the failure came only at the
     // first save.
-    let dir = tempfile::tempdir().unwrap();
-    let sub = dir.path().join("ro");
-    std::fs::create_dir(&sub).unwrap();
-    let snap = sub.join("s.snap");
-    counted(&snap, 1);
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
-    mode(dir.path(), 0o755).unwrap();
-    mode(&snap, 0o644).unwrap();
-    mode(&sub, 0o555).unwrap();
+    let (dir, sub, snap) = snapshot_in_subdir("ro");
+    set_mode(&sub, 0o555);
     let before = files(&sub);
     let marker = dir.path().join("ran");
     let script = format!("touch {}", marker.display());
     let outcome = restore_unprivileged(&snap, &["sh", "-c", &script]);
-    mode(&sub, 0o755).unwrap();
+    set_mode(&sub, 0o755);
     let Some((code, o, e)) = outcome else {
         eprintln!("skipped: the binaries are not reachable as nobody here");
         return;
@@ -560,12 +580,10 @@ fn an_unwritable_directory_is_refused_before_the_command_starts_with_73() {
     // (d-wx) passed, and every save then failed at the directory's fsync.
     let wo = dir.path().join("wo");
     std::fs::create_dir(&wo).unwrap();
-    if nix::unistd::geteuid().is_root() {
-        nix::unistd::chown(&wo, Some(65534.into()), Some(65534.into())).unwrap();
-    }
-    mode(&wo, 0o300).unwrap();
+    give_to_nobody(&wo);
+    set_mode(&wo, 0o300);
     let outcome = restore_unprivileged(&wo.join("s.snap"), &["sh", "-c", &script]);
-    mode(&wo, 0o755).unwrap();
+    set_mode(&wo, 0o755);
     let (code, o, e) = outcome.expect("reachable above");
     assert_eq!(code, 73, "{e}");
     assert!(o.is_empty() && !marker.exists(), "the command ran: {e}");
@@ -588,25 +606,15 @@ fn an_unwritable_directory_is_refused_before_the_command_starts_with_73() {
 
 #[test]
 fn a_directory_that_becomes_unwritable_fails_the_final_save_with_74() {
-    let dir = tempfile::tempdir().unwrap();
-    let sub = dir.path().join("rw");
-    std::fs::create_dir(&sub).unwrap();
-    let snap = sub.join("s.snap");
-    counted(&snap, 1);
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
-    mode(dir.path(), 0o755).unwrap();
-    mode(&snap, 0o644).unwrap();
-    if nix::unistd::geteuid().is_root() {
-        // The command runs as nobody and must be able to chmod it.
-        nix::unistd::chown(&sub, Some(65534.into()), Some(65534.into())).unwrap();
-    }
+    let (_dir, sub, snap) = snapshot_in_subdir("rw");
+    // The command runs as nobody and must be able to chmod it.
+    give_to_nobody(&sub);
     let before = files(&sub);
     // The command counts, then takes the write right away from the
     // directory before it exits: the final save cannot be made.
     let script = format!("{} && chmod 555 {}", b("counter"), sub.display());
     let outcome = restore_unprivileged(&snap, &["sh", "-c", &script]);
-    mode(&sub, 0o755).unwrap();
+    set_mode(&sub, 0o755);
     let Some((code, o, e)) = outcome else {
         eprintln!("skipped: the binaries are not reachable as nobody here");
         return;
@@ -785,23 +793,9 @@ fn the_command_starts_inside_its_keepers_group() {
     // Issue 9: see `a_run_starts_inside_its_keepers_group` in shm_fd.rs.
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("s.snap");
-    let probe = "read -r _ _ _ _ pg _ < /proc/$$/stat; \
-                 read -r _ _ _ kp kg _ < /proc/$pg/stat; echo $$ $pg $PPID $kp $kg";
-    let (code, out, err) = restore(&["-q", snap.to_str().unwrap()], &["sh", "-c", probe]);
+    let (code, out, err) = restore(&["-q", snap.to_str().unwrap()], &["sh", "-c", GROUP_PROBE]);
     assert_eq!(code, 0, "{err}");
-    let f: Vec<i32> = out.split_whitespace().map(|w| w.parse().unwrap()).collect();
-    let [pid, pgrp, wrapper, keeper_parent, keeper_group] = f[..] else {
-        panic!("unexpected probe output {out:?}");
-    };
-    assert_ne!(pgrp, pid, "the command leads its own group: {out}");
-    assert_eq!(
-        keeper_parent, wrapper,
-        "the group's leader is not shm-restore's child: {out}"
-    );
-    assert_eq!(
-        keeper_group, pgrp,
-        "the group's leader leads another group: {out}"
-    );
+    assert_in_keepers_group(&out);
 }
 
 #[test]

@@ -159,7 +159,6 @@ fn one_flipped_journal_bit_never_half_recovers_an_interrupted_transaction() {
 /// A refused open leaves the bytes as they were (a file holds them).
 #[test]
 fn a_damaged_commit_word_or_journal_is_refused_and_left_untouched() {
-    use std::io::{Read, Seek, Write};
     let (committed, _) = committed();
     let (interrupted, _) = interrupted();
     let first_data = (crate::format::JOURNAL_OFF + crate::format::RECORD_HEADER) as usize;
@@ -169,15 +168,9 @@ fn a_damaged_commit_word_or_journal_is_refused_and_left_untouched() {
     ] {
         let mut bad = img.clone();
         bad[byte] ^= 1;
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&bad).unwrap();
-        // SAFETY: a private temp file, never truncated.
-        let source = unsafe { Source::file(file.try_clone().unwrap()) };
-        let e = State::<Root>::open(source, layout()).unwrap_err();
+        let (r, after) = open_as_file(&bad, layout());
+        let e = r.unwrap_err();
         assert!(e.is_corruption(), "{name}: {e}");
-        let mut after = Vec::new();
-        file.rewind().unwrap();
-        file.read_to_end(&mut after).unwrap();
         assert!(after == bad, "{name}: the refused open changed the region");
     }
 }
@@ -203,22 +196,15 @@ fn slices_never_cover_the_atomic_words() {
 
 #[test]
 fn a_bad_layout_is_refused_before_anything_is_touched() {
-    use std::io::{Read, Seek, Write};
     let img = fresh().close().unwrap().into_heap().unwrap();
     for (journal, initial) in [(100, 4096), (4096 + 1, 4096), (1 << 20, u64::MAX - 1)] {
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&img).unwrap();
         let layout = Layout::<Root>::new(1)
             .journal_len(journal)
             .initial_len(initial);
         assert!(layout.check().is_err());
-        // SAFETY: a private temp file, never truncated.
-        let source = unsafe { Source::file(file.try_clone().unwrap()) };
-        let e = State::<Root>::open(source, layout).unwrap_err();
+        let (r, after) = open_as_file(&img, layout);
+        let e = r.unwrap_err();
         assert!(e.to_string().contains("journal length"), "{e}");
-        let mut after = Vec::new();
-        file.rewind().unwrap();
-        file.read_to_end(&mut after).unwrap();
         assert!(after == img, "journal {journal}: the refused open wrote");
     }
 }

@@ -8,15 +8,6 @@ use crate::format::{
     LOCK_BOOT, LOCK_CLAIMING, LOCK_DEV, LOCK_INO, LOCK_NONCE, LOCK_PID, LOCK_START,
 };
 
-fn memfd(name: &str) -> shm_fd::SharedFd {
-    shm_fd::SharedFd::create(name, shm_fd::CreateOptions::default()).unwrap()
-}
-
-fn open_fd(fd: &shm_fd::SharedFd) -> Result<State<Root>> {
-    // SAFETY: a private memfd of this test, sealed against shrinking.
-    State::open(unsafe { Source::shared(fd.try_clone().unwrap()) }, layout())
-}
-
 fn file_of(fd: &shm_fd::SharedFd) -> std::fs::File {
     fd.try_clone().unwrap().into_file()
 }

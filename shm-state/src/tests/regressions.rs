@@ -29,11 +29,8 @@ fn own_pid_claiming_leftover_in_a_heap_buffer_is_free() {
 
 #[test]
 fn own_pid_claiming_leftover_in_a_memfd_is_free() {
-    let fd = shm_fd::SharedFd::create("review-claim", shm_fd::CreateOptions::default()).unwrap();
-    // SAFETY: a private memfd of this test.
-    let open_fd =
-        || State::<Root>::open(unsafe { Source::shared(fd.try_clone().unwrap()) }, layout());
-    drop(open_fd().unwrap());
+    let fd = memfd("review-claim");
+    drop(open_fd(&fd).unwrap());
     // What a previous process with this pid left when killed right after
     // its claiming compare-and-swap.
     let word = u64::from(std::process::id()) | LOCK_CLAIMING | (3 << LOCK_COUNT_SHIFT);
@@ -43,7 +40,7 @@ fn own_pid_claiming_leftover_in_a_memfd_is_free() {
         .write_all_at(&word.to_le_bytes(), LOCK_PID)
         .unwrap();
     for attempt in 0..3 {
-        let r = open_fd();
+        let r = open_fd(&fd);
         assert!(
             r.is_ok(),
             "attempt {attempt}: refused although no thread claims it: {}",
@@ -154,7 +151,6 @@ fn exhaustive_tears_of_a_small_transaction() {
 /// transaction did not journal) is refused, but the region was written.
 #[test]
 fn damage_found_after_the_rollback_is_refused_with_the_rollback_written() {
-    use std::io::{Read, Seek, Write};
     let mut s = fresh();
     let r = *s.root().unwrap();
     s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[1u32; 8]))
@@ -185,15 +181,9 @@ fn damage_found_after_the_rollback_is_refused_with_the_rollback_written() {
     ] {
         let mut bad = img.clone();
         bad[byte] ^= 1;
-        let mut file = tempfile::tempfile().unwrap();
-        file.write_all(&bad).unwrap();
-        // SAFETY: a private temp file, never truncated.
-        let source = unsafe { Source::file(file.try_clone().unwrap()) };
-        let e = State::<Root>::open(source, layout()).unwrap_err();
+        let (r, after) = open_as_file(&bad, layout());
+        let e = r.unwrap_err();
         assert!(e.is_corruption(), "{what}: {e}");
-        let mut after = Vec::new();
-        file.rewind().unwrap();
-        file.read_to_end(&mut after).unwrap();
         let changed: Vec<usize> = (0..bad.len()).filter(|&i| after[i] != bad[i]).collect();
         assert!(
             changed.is_empty(),
@@ -276,11 +266,8 @@ fn a_live_claimer_of_a_file_is_held_on_every_filesystem() {
 /// judged held by a live claimer for as long as that thread runs.
 #[test]
 fn a_leftover_claim_naming_one_of_our_thread_ids_is_free() {
-    let fd = shm_fd::SharedFd::create("review-tid", shm_fd::CreateOptions::default()).unwrap();
-    // SAFETY: a private memfd of this test.
-    let open_fd =
-        || State::<Root>::open(unsafe { Source::shared(fd.try_clone().unwrap()) }, layout());
-    drop(open_fd().unwrap());
+    let fd = memfd("review-tid");
+    drop(open_fd(&fd).unwrap());
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
     let t = std::thread::spawn(move || {
@@ -296,7 +283,7 @@ fn a_leftover_claim_naming_one_of_our_thread_ids_is_free() {
         .into_file()
         .write_all_at(&word.to_le_bytes(), LOCK_PID)
         .unwrap();
-    let r = open_fd();
+    let r = open_fd(&fd);
     stop_tx.send(()).unwrap();
     t.join().unwrap();
     assert!(
@@ -313,18 +300,15 @@ fn a_leftover_claim_naming_one_of_our_thread_ids_is_free() {
 #[test]
 fn one_flipped_bit_in_a_live_lock_admits_a_second_writer() {
     use crate::format::LOCK_INO;
-    let fd = shm_fd::SharedFd::create("review-flip", shm_fd::CreateOptions::default()).unwrap();
-    // SAFETY: a private memfd of this test.
-    let open_fd =
-        || State::<Root>::open(unsafe { Source::shared(fd.try_clone().unwrap()) }, layout());
-    let first = open_fd().unwrap();
-    assert!(matches!(open_fd(), Err(Error::Locked { .. })));
+    let fd = memfd("review-flip");
+    let first = open_fd(&fd).unwrap();
+    assert!(matches!(open_fd(&fd), Err(Error::Locked { .. })));
     let f = fd.try_clone().unwrap().into_file();
     let mut b = [0u8; 8];
     f.read_exact_at(&mut b, LOCK_INO).unwrap();
     b[0] ^= 1;
     f.write_all_at(&b, LOCK_INO).unwrap();
-    let second = open_fd();
+    let second = open_fd(&fd);
     assert!(
         second.is_err(),
         "a second writer of the live memfd was admitted: {:?}",
