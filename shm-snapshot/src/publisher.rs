@@ -350,6 +350,21 @@ impl<M: AsRegion> OwnedPublisher<M> {
             .unwrap_or_else(|| panic!("a validated shm-snapshot region shrank"))
     }
 
+    /// Takes up the sequence word as the header holds it now, for
+    /// publishers in several processes that take turns on one region under
+    /// a lock of their own (shm-state's shared states): each, once it holds
+    /// that lock, continues from the last value any of them stored. An
+    /// update left open by a publisher that died stays open (odd), so the
+    /// next [`OwnedPublisher::commit`] ends it. A damaged word (2^63 or
+    /// more) is left to [`OwnedPublisher::enter_update`]'s usual handling:
+    /// this publisher keeps its own value.
+    pub fn resync(&mut self) {
+        let seq = u64::from_le(self.header().seq().load(Ordering::Acquire));
+        if seq < 1 << 63 {
+            self.seq = seq;
+        }
+    }
+
     /// The last committed generation.
     pub fn generation(&self) -> u64 {
         self.seq / 2

@@ -24,7 +24,11 @@ pub(crate) fn check_type<T>(what: &str) -> Result<()> {
 }
 
 fn cell_block<T: Pod>(mem: &Mem, heap: (u64, u64), h: StateCell<T>) -> Result<Block> {
-    let b = Block::expect(mem, heap, h.off()?, Kind::Cell)?;
+    check_cell::<T>(Block::expect(mem, heap, h.off()?, Kind::Cell)?)
+}
+
+/// Checks that a cell block holds a `T`.
+pub(crate) fn check_cell<T: Pod>(b: Block) -> Result<Block> {
     if b.aux != size_of::<T>() as u64 {
         return Err(Error::unsupported(format!(
             "the cell holds {} bytes, the type asked for has {}",

@@ -33,11 +33,10 @@ pub(crate) fn peek(mem: &mut Mem) -> Result<Peek> {
     for off in words * 8..len {
         head[off as usize] = mem.load_u8(off)?;
     }
-    let atomic = TX_WORD as usize..ATOMIC_END as usize;
     if head
         .iter()
         .enumerate()
-        .all(|(i, &b)| b == 0 || atomic.contains(&i))
+        .all(|(i, &b)| b == 0 || touches_atomics(i as u64, 1))
     {
         return Ok(Peek::Blank);
     }
@@ -53,7 +52,7 @@ pub(crate) fn peek(mem: &mut Mem) -> Result<Peek> {
         }
         // The format is written before the final magic and never again.
         let format = u32::from_le_bytes(head[SB_FORMAT as usize..][..4].try_into().expect("4"));
-        if &magic == MAGIC && format != FORMAT_VERSION {
+        if &magic == MAGIC && !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&format) {
             return Err(Error::UnsupportedFormat {
                 found: format,
                 supported: FORMAT_VERSION,
@@ -114,11 +113,14 @@ pub(crate) fn inspect(mem: &Mem) -> Result<Found> {
         return Ok(Found::Existing);
     }
     let tx = mem.load_u64(TX_WORD)?;
+    // The shared line and the peer table may hold this opener's own words.
     let untouched = (tx == 0 || tx == tx_word(0, false))
-        && mem
-            .bytes("header", ATOMIC_END, HEADER_LEN - ATOMIC_END)?
+        && [(ATOMIC_END, SHARED_START), (SHARED_END, PEERS)]
+            .into_iter()
+            .map(|(start, end)| mem.bytes("header", start, end - start))
+            .collect::<Result<Vec<_>>>()?
             .iter()
-            .all(|&b| b == 0)
+            .all(|b| b.iter().all(|&b| b == 0))
         && zero_from(mem, HEADER_LEN)?;
     let blank = magic == [0; 8] && below.iter().all(|&b| b == 0);
     if blank || &magic == CREATING_MAGIC {
@@ -138,16 +140,19 @@ pub(crate) fn inspect(mem: &Mem) -> Result<Found> {
     Err(Error::NotAState { found: magic })
 }
 
-/// Validates the superblock (the geometry, written once at creation);
+/// Validates the superblock (the geometry, written at creation and, by
+/// the journaled opening transaction, when an older format is upgraded);
 /// returns `(journal_len, heap_off)`.
 pub(crate) fn check_superblock(mem: &Mem) -> Result<(u64, u64)> {
-    let format = u32_at(mem, "format version", SB_FORMAT)?;
-    if format != FORMAT_VERSION {
-        return Err(Error::UnsupportedFormat {
-            found: format,
-            supported: FORMAT_VERSION,
-        });
-    }
+    check_superblock_crc(mem)?;
+    superblock_geometry(mem)
+}
+
+/// The superblock's checksum. An open finding a transaction open checks
+/// it after the rollback instead (an upgrade rewrites the superblock in a
+/// transaction, so a crash may leave it half written, with its
+/// before-image in the journal).
+pub(crate) fn check_superblock_crc(mem: &Mem) -> Result<()> {
     let stored_crc = u32_at(mem, "superblock checksum", SB_CRC)?;
     let crc = superblock_crc(mem)?;
     if crc != stored_crc {
@@ -156,6 +161,19 @@ pub(crate) fn check_superblock(mem: &Mem) -> Result<(u64, u64)> {
             SB_CRC,
             format!("stored {stored_crc:#010x}, computed {crc:#010x}"),
         ));
+    }
+    Ok(())
+}
+
+/// The superblock's format and geometry, each checked (not its checksum:
+/// see [`check_superblock_crc`]); returns `(journal_len, heap_off)`.
+pub(crate) fn superblock_geometry(mem: &Mem) -> Result<(u64, u64)> {
+    let format = u32_at(mem, "format version", SB_FORMAT)?;
+    if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&format) {
+        return Err(Error::UnsupportedFormat {
+            found: format,
+            supported: FORMAT_VERSION,
+        });
     }
     let header_len = u32_at(mem, "header length", SB_HEADER_LEN)?;
     let journal_off = u64_at(mem, "journal offset", SB_JOURNAL_OFF)?;
@@ -262,10 +280,9 @@ pub(crate) fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
             ));
         }
     }
-    for (start, end) in [
-        (FREE_HEADS + FREE_SLOTS * 8, PEERS),
-        (PEERS, PEERS + PEER_COUNT * PEER_ENTRY),
-    ] {
+    // The shared line and the peer table are judged, not required zero: a
+    // format 4 region holds zeros there, which read as "free".
+    for (start, end) in [(FREE_HEADS + FREE_SLOTS * 8, SHARED_START), (SHARED_END, PEERS)] {
         check_reserved(mem, start, end)?;
     }
     Ok(layout)

@@ -63,6 +63,12 @@ pub enum Error {
         /// The owner's pid.
         pid: u32,
     },
+    /// Every entry of the peer table names a live process: the state is
+    /// shared by as many processes as it can be ([`SharedState`](crate::SharedState)).
+    PeersFull {
+        /// The table's size (48).
+        max: usize,
+    },
     /// A handle is null: the structure it names was never created.
     NullHandle {
         /// The kind of structure, e.g. `"vec"`.
@@ -192,11 +198,13 @@ impl fmt::Display for Error {
             ),
             Error::UnsupportedFormat { found, supported } if found < supported => write!(
                 f,
-                "the region has format version {found}, this library reads version {supported}: it was written by an earlier build; open it with that build, or start from an empty memfd (left untouched)"
+                "the region has format version {found}, this library reads versions {}..={supported}: it was written by an earlier build; open it with that build, or start from an empty memfd (left untouched)",
+                crate::format::OLDEST_FORMAT
             ),
             Error::UnsupportedFormat { found, supported } => write!(
                 f,
-                "the region has format version {found}, this library reads version {supported}: it was written by a newer build (left untouched)"
+                "the region has format version {found}, this library reads versions {}..={supported}: it was written by a newer build (left untouched)",
+                crate::format::OLDEST_FORMAT
             ),
             Error::Truncated { needed, len } => write!(
                 f,
@@ -221,6 +229,10 @@ impl fmt::Display for Error {
             Error::Locked { pid } => write!(
                 f,
                 "the state is in use by process {pid} (its lock names that live process, in this memory)"
+            ),
+            Error::PeersFull { max } => write!(
+                f,
+                "the state is shared by {max} live processes already, the most its peer table holds; close one first"
             ),
             Error::NullHandle { kind } => {
                 write!(f, "the {kind} handle is null: the {kind} was never created")

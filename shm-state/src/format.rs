@@ -13,7 +13,10 @@ pub const MAGIC: &[u8; 8] = b"SHMSTATE";
 /// created; [`MAGIC`] replaces it once the header is complete.
 pub const CREATING_MAGIC: &[u8; 8] = b"SHMSTNEW";
 /// The format version this library writes and reads.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
+/// The oldest format this library opens: a format 4 region is upgraded to
+/// [`FORMAT_VERSION`] by its first open's (journaled) opening transaction.
+pub const OLDEST_FORMAT: u32 = 4;
 /// The header's size: one page at the start of the region.
 pub const HEADER_LEN: u64 = 4096;
 
@@ -127,12 +130,50 @@ pub(crate) const FREE_HEADS: u64 = 0x100;
 /// Number of free-list heads (classes `MIN_CLASS..=MAX_CLASS` are used).
 pub(crate) const FREE_SLOTS: u64 = 64;
 
-/// Reserved peer table for several processes sharing one state (formats 1
-/// to 3 keep it zero).
+// The shared line (format 5): words other processes change while a state
+// is shared, only ever accessed atomically (never journaled, never sliced).
+/// The writer lock: a 32-bit futex word (bits 0..30 the holder's robust
+/// thread id, bit 30 the kernel's "owner died", bit 31 "waiters"); bytes
+/// 0x304..0x308 are zero and never accessed.
+pub(crate) const WLOCK: u64 = 0x300;
+/// The writer lock's holder: bits 0..32 its thread id (as in `WLOCK`),
+/// bits 32..40 its peer slot + 1 (0: not shared, an exclusive holder).
+pub(crate) const WLOCK_HOLDER: u64 = 0x308;
+/// Readers asleep waiting for an open transaction to end (a count).
+pub(crate) const READ_WAITERS: u64 = 0x310;
+/// Start and end of the shared line.
+pub(crate) const SHARED_START: u64 = 0x300;
+pub(crate) const SHARED_END: u64 = 0x340;
+/// `WLOCK` bits (the kernel's robust-futex bits).
+pub(crate) const WLOCK_TID: u32 = 0x3FFF_FFFF;
+pub(crate) const WLOCK_OWNER_DIED: u32 = 0x4000_0000;
+pub(crate) const WLOCK_WAITERS: u32 = 0x8000_0000;
+
+/// The peer table (format 5): one entry per process sharing the state.
 pub(crate) const PEERS: u64 = 0x400;
-/// Peer table entry size and count (reserved).
+/// Peer table entry size and count: 48 entries of 64 bytes, each the seven
+/// identity words of the lock (`LOCK_PID..ATOMIC_END`, same layout) and the
+/// peer's robust-list entry.
 pub(crate) const PEER_ENTRY: u64 = 64;
 pub(crate) const PEER_COUNT: u64 = 48;
+/// Offset of the robust-list entry in a peer entry (a pointer in the
+/// peer's own address space, meaningless to anyone else).
+pub(crate) const PEER_ROBUST: u64 = 56;
+
+/// True when `off..off + len` touches a word other processes access
+/// atomically: the commit and lock words, the shared line, the peer table.
+#[inline(always)]
+pub(crate) fn touches_atomics(off: u64, len: u64) -> bool {
+    off < HEADER_LEN
+        && len != 0
+        && [
+            (TX_WORD, ATOMIC_END),
+            (SHARED_START, SHARED_END),
+            (PEERS, PEERS + PEER_COUNT * PEER_ENTRY),
+        ]
+        .iter()
+        .any(|&(start, end)| off < end && off.saturating_add(len) > start)
+}
 
 /// The journal starts right after the header.
 pub(crate) const JOURNAL_OFF: u64 = HEADER_LEN;
@@ -324,11 +365,28 @@ impl Block {
     /// known kind and class, ending at or before the heap top.
     #[inline(always)]
     pub(crate) fn read(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Block> {
+        Block::check_offset(heap, off)?;
+        let h = mem.bytes("block header", off, BLOCK_HEADER)?;
+        Block::decode(heap, off, h.try_into().expect("16"))
+    }
+
+    /// Checks that `off` may be a block of the heap `heap`: 16-aligned,
+    /// inside it.
+    #[inline(always)]
+    pub(crate) fn check_offset(heap: (u64, u64), off: u64) -> Result<()> {
         let (heap_off, heap_top) = heap;
         if off < heap_off || off >= heap_top || !off.is_multiple_of(16) {
             return Err(bad_block_offset(off, heap));
         }
-        let h = mem.bytes("block header", off, BLOCK_HEADER)?;
+        Ok(())
+    }
+
+    /// Validates the header `h` of the block at `off` (an offset that
+    /// passed [`Block::check_offset`]): a known kind and class, ending at
+    /// or before the heap top.
+    #[inline(always)]
+    pub(crate) fn decode(heap: (u64, u64), off: u64, h: &[u8; 16]) -> Result<Block> {
+        let heap_top = heap.1;
         let kind_raw = u32::from_le_bytes(h[0..4].try_into().expect("4"));
         let class = u32::from_le_bytes(h[4..8].try_into().expect("4"));
         let aux = u64::from_le_bytes(h[8..16].try_into().expect("8"));
@@ -356,11 +414,16 @@ impl Block {
     /// Like [`Block::read`], and checks the kind.
     #[inline(always)]
     pub(crate) fn expect(mem: &Mem, heap: (u64, u64), off: u64, kind: Kind) -> Result<Block> {
-        let b = Block::read(mem, heap, off)?;
-        if b.kind != kind {
-            return Err(wrong_kind(b, kind));
+        Block::read(mem, heap, off)?.of_kind(kind)
+    }
+
+    /// Checks the kind of a decoded block.
+    #[inline(always)]
+    pub(crate) fn of_kind(self, kind: Kind) -> Result<Block> {
+        if self.kind != kind {
+            return Err(wrong_kind(self, kind));
         }
-        Ok(b)
+        Ok(self)
     }
 
     /// Checks that the payload holds at least `len` bytes.

@@ -15,7 +15,7 @@
 //! possibly written): see [`append`] and [`recovery_records`].
 
 use crate::error::{Error, Result};
-use crate::format::{FREE_HEADS, JOURNAL_OFF, RECORD_HEADER, TX_WORD, tx_word};
+use crate::format::{JOURNAL_OFF, RECORD_HEADER, TX_WORD, touches_atomics, tx_word};
 use crate::mem::Mem;
 
 /// One valid record found by [`scan`].
@@ -169,12 +169,12 @@ fn entry_at(mem: &Mem, journal_len: u64, seq: u64, pos: u64) -> Result<Entry> {
         ));
     };
     let overlaps = |start: u64, stop: u64| target < stop && end > start;
-    if overlaps(TX_WORD, FREE_HEADS) || overlaps(JOURNAL_OFF, JOURNAL_OFF + journal_len) {
+    if touches_atomics(target, end - target) || overlaps(JOURNAL_OFF, JOURNAL_OFF + journal_len) {
         return Err(Error::corrupt(
             "journal record",
             at,
             format!(
-                "before-image for offset {target:#x} overlaps the commit/lock words or the journal"
+                "before-image for offset {target:#x} overlaps the commit/lock words, the shared line, the peer table or the journal"
             ),
         ));
     }

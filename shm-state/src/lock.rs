@@ -83,7 +83,7 @@ pub(crate) struct LockCells<'m, W> {
 impl<W: Word> LockCells<'_, W> {
     /// The identity words, with `word` as the lock word (read by the
     /// caller, with acquire ordering, before these).
-    fn read(&self, word: u64) -> LockWords {
+    pub(crate) fn read(&self, word: u64) -> LockWords {
         LockWords {
             word,
             start: self.start.load(Ordering::Acquire),

@@ -28,6 +28,8 @@ mod sealed {
 pub trait Item: sealed::Sealed + 'static {
     /// What lookups take and return a reference to: `T` or `[u8]`.
     type Borrowed: ?Sized;
+    /// What a shared state's reads return (a copy): `T` or `Vec<u8>`.
+    type Owned;
     #[doc(hidden)]
     const KIND: u32;
     #[doc(hidden)]
@@ -38,6 +40,8 @@ pub trait Item: sealed::Sealed + 'static {
     fn as_bytes(v: &Self::Borrowed) -> &[u8];
     #[doc(hidden)]
     fn from_bytes(b: &[u8]) -> Option<&Self::Borrowed>;
+    #[doc(hidden)]
+    fn owned(b: &[u8]) -> Option<Self::Owned>;
 }
 
 /// Marks a byte-string key or value in a [`StateMap`].
@@ -45,11 +49,12 @@ pub trait Item: sealed::Sealed + 'static {
 pub struct Bytes;
 
 const POD: u32 = 1;
-const BYTES: u32 = 2;
+pub(crate) const BYTES: u32 = 2;
 
 impl<T: Pod> sealed::Sealed for T {}
 impl<T: Pod> Item for T {
     type Borrowed = T;
+    type Owned = T;
     const KIND: u32 = POD;
     const SIZE: u32 = size_of::<T>() as u32;
     const ALIGN: u32 = align_of::<T>() as u32;
@@ -59,11 +64,15 @@ impl<T: Pod> Item for T {
     fn from_bytes(b: &[u8]) -> Option<&T> {
         bytemuck::try_from_bytes(b).ok()
     }
+    fn owned(b: &[u8]) -> Option<T> {
+        bytemuck::try_pod_read_unaligned(b).ok()
+    }
 }
 
 impl sealed::Sealed for Bytes {}
 impl Item for Bytes {
     type Borrowed = [u8];
+    type Owned = Vec<u8>;
     const KIND: u32 = BYTES;
     const SIZE: u32 = 0;
     const ALIGN: u32 = 1;
@@ -73,10 +82,13 @@ impl Item for Bytes {
     fn from_bytes(b: &[u8]) -> Option<&[u8]> {
         Some(b)
     }
+    fn owned(b: &[u8]) -> Option<Vec<u8>> {
+        Some(b.to_vec())
+    }
 }
 
 /// The width of an item's field in a slot.
-fn field<I: Item>() -> u64 {
+pub(crate) fn field<I: Item>() -> u64 {
     if I::KIND == BYTES {
         8
     } else {
@@ -84,13 +96,13 @@ fn field<I: Item>() -> u64 {
     }
 }
 
-fn slot_size<K: Item, V: Item>() -> u64 {
+pub(crate) fn slot_size<K: Item, V: Item>() -> u64 {
     8 + field::<K>() + field::<V>()
 }
 
-const EMPTY: u64 = 0;
-const DELETED: u64 = 1;
-const TAG_BIT: u64 = 1 << 63;
+pub(crate) const EMPTY: u64 = 0;
+pub(crate) const DELETED: u64 = 1;
+pub(crate) const TAG_BIT: u64 = 1 << 63;
 
 /// A fast, stable (same in every process and run) 64-bit hash.
 pub(crate) fn hash(bytes: &[u8]) -> u64 {
@@ -116,17 +128,22 @@ pub(crate) fn hash(bytes: &[u8]) -> u64 {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Header {
-    at: u64,
-    len: u64,
-    tombs: u64,
-    cap: u64,
-    table: u64,
+pub(crate) struct Header {
+    pub(crate) at: u64,
+    pub(crate) len: u64,
+    pub(crate) tombs: u64,
+    pub(crate) cap: u64,
+    pub(crate) table: u64,
 }
 
 impl Header {
-    fn slots(&self) -> u64 {
+    pub(crate) fn slots(&self) -> u64 {
         self.table + BLOCK_HEADER
+    }
+
+    /// The table's size in bytes (checked not to overflow when decoded).
+    pub(crate) fn table_bytes<K: Item, V: Item>(&self) -> u64 {
+        self.cap * slot_size::<K, V>()
     }
 
     /// The table's bytes, `cap` slots (empty when there is no table). The
@@ -172,11 +189,20 @@ fn check_item<I: Item>(what: &str) -> Result<()> {
 
 /// Reads and validates a map's header block and its table block.
 fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
+    let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
+    let raw = mem.bytes("map header", b.payload(), MAP_HEADER)?;
+    let h = decode_header::<K, V>(raw.try_into().expect("48"), b.payload())?;
+    if h.cap != 0 {
+        Block::expect(mem, heap, h.table, Kind::MapTable)?.need(h.table_bytes::<K, V>())?;
+    }
+    Ok(h)
+}
+
+/// Validates a map header's fields (`raw`, read from the payload at `at`)
+/// against the item types; the table block is the caller's to check.
+pub(crate) fn decode_header<K: Item, V: Item>(raw: &[u8; 48], at: u64) -> Result<Header> {
     check_item::<K>("key")?;
     check_item::<V>("value")?;
-    let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
-    let at = b.payload();
-    let raw = mem.bytes("map header", at, MAP_HEADER)?;
     let word = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().expect("8"));
     let half = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4"));
     let (len, tombs, cap, table) = (word(0), word(8), word(16), word(24));
@@ -209,10 +235,8 @@ fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Hea
                 "{len} entries and {tombs} tombstones in {cap} slots"
             )));
         }
-        let bytes = cap
-            .checked_mul(slot_size::<K, V>())
+        cap.checked_mul(slot_size::<K, V>())
             .ok_or_else(|| bad(format!("capacity {cap} overflows")))?;
-        Block::expect(mem, heap, table, Kind::MapTable)?.need(bytes)?;
     }
     Ok(Header {
         at,

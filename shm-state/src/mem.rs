@@ -35,7 +35,7 @@ use shm_fd::SharedFd;
 use shm_snapshot::{AsRegion, HeapBuffer, MappedRegion};
 
 use crate::error::{Error, Result};
-use crate::format::{ATOMIC_END, TX_WORD};
+use crate::format::{ATOMIC_END, HEADER_LEN, PEERS, SHARED_END, SHARED_START, TX_WORD, touches_atomics};
 
 /// Where a region lives, as far as the lock is concerned: the device and
 /// inode of its memfd or file (`fstat`), or `(0, random)` for a heap
@@ -367,6 +367,40 @@ impl Mem {
         }
     }
 
+    /// A mapping of its own of the region's first page (the header), for a
+    /// shared state's writer lock and peer table: it never moves when the
+    /// region is remapped, so the kernel's robust list and other threads
+    /// can keep its addresses. `None` for a heap buffer.
+    pub(crate) fn map_header(&self) -> Result<Option<MmapRaw>> {
+        let fd = match &self.backing {
+            Backing::Heap(_) => return Ok(None),
+            Backing::Shared { fd, .. } => fd.as_fd(),
+            Backing::File { file, .. } => file.as_fd(),
+        };
+        MmapOptions::new()
+            .offset(self.base as u64)
+            .len(HEADER_LEN as usize)
+            .map_raw(&fd)
+            .map(Some)
+            .map_err(|e| Error::io("mmap of the header page", e))
+    }
+
+    /// The region as a [`shm_snapshot::Region`]: atomic access only, for
+    /// reading while other processes write (a shared state's readers).
+    ///
+    /// # Safety
+    ///
+    /// While the returned region lives, this process must not reach the
+    /// memory other than through it (no slice from [`Mem::bytes`] and the
+    /// like, no other handle on the same memory).
+    pub(crate) unsafe fn shared_region(&self) -> shm_snapshot::Region<'_> {
+        // SAFETY: `ptr` is valid for reads and writes of `len` bytes while
+        // `self` is borrowed (module docs) and 8-aligned (a mapping at a
+        // page offset, or a Vec of 64-aligned lines); the caller promises
+        // that this process accesses it only atomically meanwhile.
+        unsafe { shm_snapshot::Region::from_raw_parts(self.ptr, self.len) }
+    }
+
     /// A heap backing's protocol page, if no publisher took it.
     pub(crate) fn take_heap_prefix(&mut self) -> Option<HeapBuffer> {
         self.heap_prefix.take()
@@ -394,7 +428,7 @@ impl Mem {
     #[inline(always)]
     fn slice_range(&self, what: &'static str, off: u64, len: u64) -> Result<(usize, usize)> {
         let r = self.range(what, off, len)?;
-        if off < ATOMIC_END && off + len > TX_WORD {
+        if touches_atomics(off, len) {
             return Err(overlaps_atomics(what, off, len));
         }
         Ok(r)
@@ -661,21 +695,29 @@ impl Mem {
     pub(crate) fn to_vec(&self) -> Vec<u8> {
         let len = self.len as u64;
         let mut v = Vec::with_capacity(self.len);
-        let cut = len.min(TX_WORD);
-        if let Ok(b) = self.bytes("region", 0, cut) {
-            v.extend_from_slice(b);
+        let mut off = 0;
+        // Plain bytes up to each atomic range, then that range word by word.
+        for (start, end) in [(TX_WORD, ATOMIC_END), (SHARED_START, SHARED_END), (PEERS, HEADER_LEN)] {
+            let cut = len.min(start);
+            if off < cut
+                && let Ok(b) = self.bytes("region", off, cut - off)
+            {
+                v.extend_from_slice(b);
+            }
+            off = cut.max(off);
+            while off < end && off + 8 <= len {
+                let w = self.load_u64(off).unwrap_or(0);
+                v.extend_from_slice(&w.to_le_bytes());
+                off += 8;
+            }
+            while off < end.min(len) {
+                v.push(self.load_u8(off).unwrap_or(0));
+                off += 1;
+            }
         }
-        let mut off = cut;
-        while off < ATOMIC_END && off + 8 <= len {
-            let w = self.load_u64(off).unwrap_or(0);
-            v.extend_from_slice(&w.to_le_bytes());
-            off += 8;
-        }
-        while off < ATOMIC_END.min(len) {
-            v.push(self.load_u8(off).unwrap_or(0));
-            off += 1;
-        }
-        if let Ok(rest) = self.bytes("region", off, len - off) {
+        if off < len
+            && let Ok(rest) = self.bytes("region", off, len - off)
+        {
             v.extend_from_slice(rest);
         }
         v
@@ -720,7 +762,9 @@ fn overlaps_atomics(what: &'static str, off: u64, len: u64) -> Error {
     Error::corrupt(
         what,
         off,
-        format!("{len} bytes at this offset overlap the commit and lock words"),
+        format!(
+            "{len} bytes at this offset overlap the commit and lock words, the shared line or the peer table"
+        ),
     )
 }
 

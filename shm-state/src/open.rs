@@ -2,7 +2,9 @@
 //! and preparing a state for use (recovery, migration), reported as an
 //! [`OpenReport`].
 
-use crate::check::{Found, check_dynamic, check_superblock, inspect};
+use crate::check::{
+    Found, check_dynamic, check_superblock, check_superblock_crc, inspect, superblock_geometry,
+};
 use crate::error::{Error, Result, StoredLayout};
 use crate::format::*;
 use crate::journal;
@@ -55,6 +57,9 @@ pub struct OpenReport {
     pub took_over_from: Option<u32>,
     /// The layout migrated from, if a migration ran.
     pub migrated_from: Option<StoredLayout>,
+    /// The region's format before this open upgraded it (4: see
+    /// `docs/state-format.md`, *Format history*).
+    pub upgraded_from: Option<u32>,
 }
 
 impl fmt::Display for OpenReport {
@@ -62,6 +67,9 @@ impl fmt::Display for OpenReport {
         write!(f, "{}, generation {}", self.opened, self.generation)?;
         if let Some(from) = self.migrated_from {
             write!(f, ", migrated from {from}")?;
+        }
+        if let Some(format) = self.upgraded_from {
+            write!(f, ", upgraded from format {format}")?;
         }
         Ok(())
     }
@@ -155,6 +163,65 @@ pub(crate) fn lock(mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)> {
     Ok((claim, mine.nonce, took_over))
 }
 
+/// What an open does around its common steps: how it takes the open lock,
+/// what it checks holding it, and what it undoes or finishes after.
+pub(crate) trait OpenHooks {
+    /// Takes the open lock (see [`lock`]).
+    fn lock(&mut self, mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)>;
+    /// Holding the open lock, before the region is read for the open. On
+    /// an error, undoes its own work.
+    fn locked(&mut self, mem: &Mem, nonce: u64) -> Result<()>;
+    /// The open failed after [`OpenHooks::locked`].
+    fn failed(&mut self, mem: &Mem);
+    /// The open succeeded (the opening transaction committed).
+    fn opened(&mut self, mem: &Mem);
+}
+
+/// An exclusive open ([`State::open`](crate::State::open)): the open lock
+/// is the state's lock for as long as the handle lives, and is refused
+/// while a live process shares the state.
+#[derive(Debug, Default)]
+pub(crate) struct Exclusive {
+    page: Option<crate::shared::page::SharedPage>,
+    nonce: u64,
+}
+
+impl OpenHooks for Exclusive {
+    fn lock(&mut self, mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)> {
+        lock(mem, nonce)
+    }
+
+    fn locked(&mut self, mem: &Mem, nonce: u64) -> Result<()> {
+        let Some(map) = mem.map_header()? else {
+            return Ok(()); // a heap buffer: no other process can share it
+        };
+        let page = crate::shared::page::SharedPage::new(map)?;
+        // Pairs with the fence after a peer's registration: either the
+        // peer sees this lock, or this sees its entry.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(&(_, pid)) =
+            crate::shared::peers::live_peers(&page, mem.identity(), nonce).first()
+        {
+            return Err(Error::Locked { pid });
+        }
+        self.page = Some(page);
+        self.nonce = nonce;
+        Ok(())
+    }
+
+    fn failed(&mut self, _mem: &Mem) {}
+
+    fn opened(&mut self, mem: &Mem) {
+        // No live peer (checked under the lock): entries and a writer lock
+        // left by dead ones are stale. Cleared only now, so that a refused
+        // open leaves the region as it was.
+        if let Some(page) = self.page.take() {
+            crate::shared::peers::reclaim_dead(&page, mem.identity(), self.nonce);
+            page.wlock().store(0, Ordering::Release);
+        }
+    }
+}
+
 /// Puts the lock words back as they were found (see [`lock::unlock`]).
 pub(crate) fn unlock(mem: &Mem, claim: Claim) {
     if let Ok(cells) = lock_cells(mem) {
@@ -196,8 +263,14 @@ pub(crate) fn prepare(
     let recovery = match inspect(mem)? {
         Found::Fresh => None,
         Found::Existing => {
-            let geometry = check_superblock(mem)?;
             let (seq, open) = read_tx_word(mem.load_u64(TX_WORD)?)?;
+            // An interrupted upgrade may have left the superblock half
+            // rewritten: its checksum is checked after the rollback.
+            let geometry = if open {
+                superblock_geometry(mem)?
+            } else {
+                check_superblock(mem)?
+            };
             let open_seq = u64_at(mem, "open sequence", DY_OPEN_SEQ)?;
             if seq < open_seq {
                 return Err(Error::corrupt(
@@ -240,21 +313,11 @@ pub(crate) fn prepare(
             (geometry, Opened::Reopened, stored)
         }
         Some((geometry, seq, Some(records))) => {
-            // What the rollback overwrites, kept so that damage found after
-            // it (in header lines the interrupted transaction did not
-            // journal) leaves the region exactly as it was found.
-            let found = journal::current_images(mem, &records)?;
-            publisher.begin_update();
-            journal::apply_rollback(mem, &records, seq)?;
-            let checked = check_dynamic(mem, geometry.1);
-            if checked.is_err() {
-                journal::undo_rollback(mem, &records, &found, seq)?;
-            }
-            publisher.commit();
+            let stored = rollback_checked(mem, &records, seq, geometry.1, &mut publisher)?;
             let opened = Opened::Recovered {
                 records: records.len(),
             };
-            (geometry, opened, checked?)
+            (geometry, opened, stored)
         }
     };
     Ok(Prepared {
@@ -264,4 +327,46 @@ pub(crate) fn prepare(
         opened,
         publisher,
     })
+}
+
+/// Rolls back the interrupted transaction `seq` (its `records`, already
+/// validated) inside an update of `publisher`, then checks the dynamic
+/// header; damage found then (in header lines the interrupted transaction
+/// did not journal) undoes the rollback, so the region is left exactly as
+/// it was found.
+fn rollback_checked(
+    mem: &mut Mem,
+    records: &[journal::Record],
+    seq: u64,
+    heap_off: u64,
+    publisher: &mut Publisher,
+) -> Result<StoredLayout> {
+    let found = journal::current_images(mem, records)?;
+    publisher.begin_update();
+    journal::apply_rollback(mem, records, seq)?;
+    let checked = check_superblock_crc(mem).and_then(|()| check_dynamic(mem, heap_off));
+    if checked.is_err() {
+        journal::undo_rollback(mem, records, &found, seq)?;
+    }
+    publisher.commit();
+    checked
+}
+
+/// Recovery outside an open: a shared state's writer that took the writer
+/// lock from a holder that died. If the commit word says a transaction is
+/// open, its journal is checked and rolled back (see [`prepare`]); returns
+/// the number of records written back, `None` when nothing was open.
+pub(crate) fn recover(
+    mem: &mut Mem,
+    journal_len: u64,
+    heap_off: u64,
+    publisher: &mut Publisher,
+) -> Result<Option<usize>> {
+    let (seq, open) = read_tx_word(mem.load_u64(TX_WORD)?)?;
+    if !open {
+        return Ok(None);
+    }
+    let records = journal::recovery_records(mem, journal_len, seq)?;
+    rollback_checked(mem, &records, seq, heap_off, publisher)?;
+    Ok(Some(records.len()))
 }

@@ -229,8 +229,18 @@ pub(crate) fn unregister_handle(nonce: u64) {
     }
 }
 
+/// Whether `nonce` (the low 48 bits of a nonce word) is a handle of this
+/// process on `ours`, open or claiming.
+pub(crate) fn is_handle_on(nonce: u64, ours: Identity) -> bool {
+    let guard = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
+    guard
+        .as_ref()
+        .and_then(|h| h.get(&(nonce & NONCE_MASK)))
+        .is_some_and(|&id| id == ours)
+}
+
 /// Whether a handle of this process other than `except` is on `ours`.
-fn another_handle_on(ours: Identity, except: u64) -> bool {
+pub(crate) fn another_handle_on(ours: Identity, except: u64) -> bool {
     let guard = HANDLES.lock().unwrap_or_else(|e| e.into_inner());
     guard
         .as_ref()

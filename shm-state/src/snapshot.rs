@@ -67,6 +67,14 @@ impl Publisher {
         }
     }
 
+    /// Continues from the protocol header's sequence word as another
+    /// process left it (a shared state's writer, holding the writer lock).
+    pub(crate) fn resync(&mut self) {
+        if let Publisher::Protocol(p) = self {
+            p.resync();
+        }
+    }
+
     pub(crate) fn commit(&mut self) {
         match self {
             Publisher::None => {}

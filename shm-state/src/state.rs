@@ -6,7 +6,7 @@ use crate::format::*;
 use crate::layout::{Layout, OldRoot, root_layout};
 use crate::lock::{Claim, LockWords};
 use crate::mem::{Backing, HeaderPage, Mem};
-use crate::open::{OpenReport, Opened, Prepared, lock, prepare, release_lock, unlock};
+use crate::open::{Exclusive, OpenHooks, OpenReport, Opened, Prepared, prepare, release_lock, unlock};
 use crate::owner;
 use crate::snapshot::Publisher;
 use crate::source::{Source, SourceKind, first_page};
@@ -55,6 +55,19 @@ impl<R: Pod> State<R> {
     /// [`Error::Downgrade`]). Anything else (foreign data, a damaged
     /// header) is an error and the region is left as it was.
     pub fn open(source: Source, mut layout: Layout<R>) -> Result<State<R>> {
+        let (mem, expected) = Self::map_source(source, &mut layout)?;
+        let nonce = owner::register_handle(mem.identity());
+        let result = Self::open_locked(mem, nonce, expected, &mut layout, &mut Exclusive::default());
+        if result.is_err() {
+            owner::unregister_handle(nonce);
+        }
+        result
+    }
+
+    /// The steps of an open before any lock: the layout checked, the
+    /// backing mapped, its header looked at read-only (foreign data and
+    /// unknown formats refused), a blank region grown to hold the header.
+    pub(crate) fn map_source(source: Source, layout: &mut Layout<R>) -> Result<(Mem, StoredLayout)> {
         let expected = root_layout::<R>(layout.version)?;
         let base = if layout.snapshot_protocol {
             shm_snapshot::DATA_OFFSET
@@ -85,23 +98,27 @@ impl<R: Pod> State<R> {
             // Room for the lock words (growing never shrinks the backing).
             mem.grow_blank(HEADER_LEN)?;
         }
-        let nonce = owner::register_handle(mem.identity());
-        let result = Self::open_locked(mem, nonce, expected, &mut layout);
-        if result.is_err() {
-            owner::unregister_handle(nonce);
-        }
-        result
+        Ok((mem, expected))
     }
 
-    fn open_locked(
+    /// The steps of an open from the lock on: `hooks` takes the lock and
+    /// adds what the mode (exclusive or shared) needs around the common
+    /// steps (see `docs/state-format.md`, *Open*).
+    pub(crate) fn open_locked(
         mut mem: Mem,
         nonce: u64,
         expected: StoredLayout,
         layout: &mut Layout<R>,
+        hooks: &mut impl OpenHooks,
     ) -> Result<State<R>> {
-        let (claim, lock_nonce, took_over_from) = lock(&mem, nonce)?;
+        let (claim, lock_nonce, took_over_from) = hooks.lock(&mem, nonce)?;
+        if let Err(e) = hooks.locked(&mem, nonce) {
+            unlock(&mem, claim);
+            return Err(e);
+        }
         // Until the state handle exists, a failure puts the lock words back.
-        let refuse = |mem: &Mem, e: Error| {
+        let refuse = |mem: &Mem, hooks: &mut dyn OpenHooks, e: Error| {
+            hooks.failed(mem);
             unlock(mem, claim);
             Err(e)
         };
@@ -113,16 +130,16 @@ impl<R: Pod> State<R> {
             publisher,
         } = match prepare(&mut mem, layout, expected) {
             Ok(p) => p,
-            Err(e) => return refuse(&mem, e),
+            Err(e) => return refuse(&mem, hooks, e),
         };
         let migrate = if stored == expected {
             None
         } else if stored.version > expected.version {
-            return refuse(&mem, Error::Downgrade { stored, expected });
+            return refuse(&mem, hooks, Error::Downgrade { stored, expected });
         } else {
             match layout.migrate.take() {
                 Some(m) => Some(m),
-                None => return refuse(&mem, Error::LayoutMismatch { stored, expected }),
+                None => return refuse(&mem, hooks, Error::LayoutMismatch { stored, expected }),
             }
         };
         let previous_pid = u32_at(&mem, "last opener", DY_LAST_PID).unwrap_or(0);
@@ -138,6 +155,7 @@ impl<R: Pod> State<R> {
                 previous_pid,
                 took_over_from,
                 migrated_from: None,
+                upgraded_from: None,
             },
             _root: PhantomData,
         };
@@ -147,7 +165,7 @@ impl<R: Pod> State<R> {
             Opened::Reopened => 2,
             Opened::Recovered { .. } => 3,
         };
-        let generation = state.transaction(|tx| {
+        let opening = state.transaction(|tx| {
             let generation = u64_at(tx.core.mem(), "generation", DY_GENERATION)?.wrapping_add(1);
             tx.core.write_u64("generation", DY_GENERATION, generation)?;
             let seq = tx.core.seq();
@@ -157,6 +175,16 @@ impl<R: Pod> State<R> {
             last[(DY_LAST_OPEN - DY_LAST_PID) as usize..]
                 .copy_from_slice(&opened_code.to_le_bytes());
             tx.core.write("last opener", DY_LAST_PID, &last)?;
+            // An older format's superblock is rewritten in this journaled
+            // transaction: a crash rolls the upgrade back with the rest.
+            let format = u32_at(tx.core.mem(), "format version", SB_FORMAT)?;
+            if format < FORMAT_VERSION {
+                tx.core
+                    .write("format version", SB_FORMAT, &FORMAT_VERSION.to_le_bytes())?;
+                let crc = superblock_crc(tx.core.mem())?;
+                tx.core
+                    .write("superblock checksum", SB_CRC, &crc.to_le_bytes())?;
+            }
             if let Some(migrate) = migrate {
                 let old = tx.replace_root(stored, expected)?;
                 migrate(tx, &old)?;
@@ -166,12 +194,23 @@ impl<R: Pod> State<R> {
                     .alloc(Kind::Root, u64::from(expected.root_size), true)?;
                 tx.core.write_u64("root offset", DY_ROOT, root.off)?;
             }
-            Ok::<_, Error>(generation)
-        })?;
+            Ok::<_, Error>((generation, format))
+        });
+        let (generation, format) = match opening {
+            Ok(v) => v,
+            Err(e) => {
+                hooks.failed(&state.core.mem);
+                return Err(e);
+            }
+        };
+        hooks.opened(&state.core.mem);
         state.restore_lock = None;
         state.report.generation = generation;
         if stored != expected {
             state.report.migrated_from = Some(stored);
+        }
+        if format < FORMAT_VERSION {
+            state.report.upgraded_from = Some(format);
         }
         Ok(state)
     }
@@ -272,6 +311,36 @@ impl<R: Pod> State<R> {
 }
 
 impl<R> State<R> {
+    /// A handle on no memory, holding nothing (to move a state out of a
+    /// value that is dropped).
+    pub(crate) fn placeholder() -> State<R> {
+        State {
+            core: Core::new(Mem::empty(), 0, 0, Publisher::default()),
+            nonce: 0,
+            held: 0,
+            lock_nonce: 0,
+            restore_lock: None,
+            report: OpenReport {
+                opened: Opened::Reopened,
+                generation: 0,
+                previous_pid: 0,
+                took_over_from: None,
+                migrated_from: None,
+                upgraded_from: None,
+            },
+            _root: PhantomData,
+        }
+    }
+
+    /// Releases the open lock (a shared state, once opened) but keeps the
+    /// handle registered: the handle goes on without the lock.
+    pub(crate) fn release_open_lock(&mut self) {
+        if self.nonce != 0 && self.restore_lock.is_none() {
+            release_lock(&self.core.mem, self.held, self.lock_nonce);
+            self.held = 0;
+        }
+    }
+
     fn release(&mut self) {
         if self.nonce == 0 {
             return;

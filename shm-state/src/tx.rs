@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{Ordering, compiler_fence};
+use std::sync::atomic::{Ordering, compiler_fence, fence};
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -195,7 +195,10 @@ impl<'a> TxCore<'a> {
         }
         core.publisher.begin_update();
         core.mem.store_word(TX_WORD, tx_word(seq, true))?;
-        compiler_fence(Ordering::SeqCst);
+        // The open word is visible before any write of the transaction: a
+        // reader in another process (a shared state's, a snapshotter) that
+        // sees one of the writes sees the word open, or a later one.
+        fence(Ordering::Release);
         Ok(TxCore {
             core,
             seq,
@@ -262,11 +265,11 @@ impl<'a> TxCore<'a> {
         if len == 0 || off >= self.start_top {
             return Ok(());
         }
-        if off < FREE_HEADS && end > TX_WORD && off < HEADER_LEN {
+        if touches_atomics(off, end - off) {
             return Err(Error::corrupt(
                 "write target",
                 off,
-                "a journaled write may not touch the commit and lock words",
+                "a journaled write may not touch the commit and lock words, the shared line or the peer table",
             ));
         }
         if let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()

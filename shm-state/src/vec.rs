@@ -10,28 +10,37 @@ use bytemuck::Pod;
 
 use crate::cell::check_type;
 use crate::error::{Error, Result};
-use crate::format::{Block, Kind, VEC_HEADER, u32_at, u64_at};
+use crate::format::{Block, Kind, VEC_HEADER};
 use crate::handle::StateVec;
 use crate::mem::Mem;
 use crate::state::{State, Tx};
 use crate::tx::TxCore;
 
 #[derive(Debug, Clone, Copy)]
-struct Header {
-    at: u64,
-    len: u64,
-    cap: u64,
-    data: u64,
+pub(crate) struct Header {
+    pub(crate) at: u64,
+    pub(crate) len: u64,
+    pub(crate) cap: u64,
+    pub(crate) data: u64,
 }
 
 fn header<T>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
     let b = Block::expect(mem, heap, off, Kind::Vec)?.need(VEC_HEADER)?;
-    let at = b.payload();
-    let len = u64_at(mem, "vec length", at)?;
-    let cap = u64_at(mem, "vec capacity", at + 8)?;
-    let data = u64_at(mem, "vec data", at + 16)?;
-    let size = u32_at(mem, "vec element size", at + 24)?;
-    let align = u32_at(mem, "vec element align", at + 28)?;
+    let raw = mem.bytes("vec header", b.payload(), VEC_HEADER)?;
+    let h = decode_header::<T>(raw.try_into().expect("32"), b.payload())?;
+    if h.cap != 0 {
+        Block::expect(mem, heap, h.data, Kind::VecData)?.need(h.cap * size_of::<T>() as u64)?;
+    }
+    Ok(h)
+}
+
+/// Validates a vec header's fields (`raw`, read from the payload at `at`)
+/// against the element type; the data block is the caller's to check.
+pub(crate) fn decode_header<T>(raw: &[u8; 32], at: u64) -> Result<Header> {
+    let word = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().expect("8"));
+    let half = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4"));
+    let (len, cap, data) = (word(0), word(8), word(16));
+    let (size, align) = (half(24), half(28));
     if u64::from(size) != size_of::<T>() as u64 || align as usize != align_of::<T>() {
         return Err(Error::unsupported(format!(
             "the vec holds elements of {size} bytes (align {align}), the type asked for has {} (align {})",
@@ -55,10 +64,8 @@ fn header<T>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
             ));
         }
     } else {
-        let bytes = cap
-            .checked_mul(u64::from(size))
+        cap.checked_mul(u64::from(size))
             .ok_or_else(|| Error::corrupt("vec header", at, format!("capacity {cap} overflows")))?;
-        Block::expect(mem, heap, data, Kind::VecData)?.need(bytes)?;
     }
     Ok(Header { at, len, cap, data })
 }

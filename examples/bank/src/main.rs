@@ -1,6 +1,8 @@
 //! `bank`: accounts in a shm-state vector, moved between by random
 //! transfers, one transaction each. Whatever kills it, `bank check` finds
-//! the total unchanged.
+//! the total unchanged. Any number of `bank run`s and `bank check`s may
+//! share one state at once (a [`SharedState`]): transfers take turns under
+//! the writer lock, and `check` reads the balances without any lock.
 
 use std::fs::OpenOptions;
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use clap::{Parser, Subcommand};
-use shm_state::{Layout, Source, State, StateCell, StateLog, StateMap, StateVec};
+use shm_state::{Layout, SharedState, Source, State, StateCell, StateLog, StateMap, StateVec};
 
 const AFTER_HELP: &str = "\
 The state lives in the shared memfd passed by a watcher (`shm-fd bank ...`,
@@ -23,9 +25,12 @@ Exit codes:
      message says which)
   2  bad command line
   3  the state cannot be used: no memfd passed, not a bank (or not
-     initialized, or already initialized), damaged (`init`, `run`), locked
-     by a live process, a transfer total that would overflow 64 bits, or a
-     system error";
+     initialized, or already initialized), damaged (`init`, `run`), held
+     by a live process that does not share it, shared by 48 processes
+     already, a transfer total that would overflow 64 bits, or a system
+     error
+
+Many `bank run` and `bank check` processes may use one state at once.";
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Random transfers between accounts, each one transaction", after_help = AFTER_HELP)]
@@ -101,7 +106,7 @@ impl<E: std::fmt::Display> From<E> for Fail {
 }
 
 /// Opens the bank's state; a damaged one fails with exit code `on_damage`.
-fn open(cli: &Cli, on_damage: u8) -> Result<State<Bank>, Fail> {
+fn open(cli: &Cli, on_damage: u8) -> Result<SharedState<Bank>, Fail> {
     let source = match &cli.file {
         Some(path) => {
             let file = OpenOptions::new()
@@ -111,26 +116,29 @@ fn open(cli: &Cli, on_damage: u8) -> Result<State<Bank>, Fail> {
                 .truncate(false)
                 .open(path)
                 .map_err(|e| Fail(3, format!("{}: {e}", path.display())))?;
-            // SAFETY: the file is the bank's own; shm-state's lock word keeps
-            // a second bank out, and nothing truncates it.
+            // SAFETY: the file is the bank's own, shared only with other
+            // banks (shm-state's writer lock orders their writes), and
+            // nothing truncates it.
             unsafe { Source::file(file) }
         }
         None => {
             // SAFETY: opened once, before the program opens any file of its
             // own: the fd LISTEN_FDS names was inherited and has no owner.
             let fd = unsafe { shm_fd::SharedFd::from_env(&cli.name) }?;
-            // SAFETY: the watcher passed the memfd to this program alone and
-            // sealed it against shrinking; shm-state's lock word keeps a
-            // second bank out.
+            // SAFETY: the watcher passed the memfd to banks only and sealed
+            // it against shrinking; shm-state's writer lock orders their
+            // writes.
             unsafe { Source::shared(fd) }
         }
     };
-    State::open(source, Layout::new(1).with_snapshot_protocol())
+    SharedState::open(source, Layout::new(1).with_snapshot_protocol())
         .map_err(with_damage_code(on_damage))
 }
 
-fn initialized(state: &State<Bank>, on_damage: u8) -> Result<Bank, Fail> {
-    let bank = *state.root().map_err(with_damage_code(on_damage))?;
+fn initialized(state: &mut SharedState<Bank>, on_damage: u8) -> Result<Bank, Fail> {
+    let bank = state
+        .read(|v| v.root())
+        .map_err(with_damage_code(on_damage))?;
     if bank.accounts.is_null() {
         return Err(Fail(
             3,
@@ -151,14 +159,15 @@ fn init(cli: &Cli, accounts: u32, balance: u64) -> Result<(), Fail> {
         ));
     }
     let mut state = open(cli, 3)?;
-    if !state.root()?.accounts.is_null() {
-        let n = state.vec(state.root()?.accounts)?.len();
-        return Err(Fail(
-            3,
-            format!("the bank is already initialized ({n} accounts)"),
-        ));
-    }
     state.transaction(|tx| {
+        let root = *tx.root()?;
+        if !root.accounts.is_null() {
+            let n = tx.vec(root.accounts)?.len()?;
+            return Err(Fail(
+                3,
+                format!("the bank is already initialized ({n} accounts)"),
+            ));
+        }
         let accounts_vec = tx.new_vec()?;
         let mut v = tx.vec(accounts_vec)?;
         v.reserve(u64::from(accounts))?;
@@ -172,7 +181,7 @@ fn init(cli: &Cli, accounts: u32, balance: u64) -> Result<(), Fail> {
             runs: tx.new_log()?,
             initial: balance,
         };
-        tx.set_root(bank)
+        Ok(tx.set_root(bank)?)
     })?;
     println!("initialized {accounts} accounts of {balance}");
     Ok(())
@@ -207,8 +216,8 @@ fn run(cli: &Cli, seconds: Option<f64>, limit: Option<u64>, seed: Option<u64>) -
     };
     let mut state = open(cli, 3)?;
     eprintln!("bank: {}", state.report());
-    let bank = initialized(&state, 3)?;
-    let n = state.vec(bank.accounts)?.len() as u64;
+    let bank = initialized(&mut state, 3)?;
+    let n = state.read(|v| v.vec_len(bank.accounts))?;
     let generation = state.report().generation;
     state.transaction(|tx| {
         let record = format!("generation {generation} pid {}", std::process::id());
@@ -285,16 +294,49 @@ fn with_damage_code(code: u8) -> impl Fn(shm_state::Error) -> Fail {
     }
 }
 
-/// Checks every invariant; returns the failures.
+/// Checks every invariant; returns the failures. The balances are read
+/// twice: without any lock (a [`shm_state::View`]: another bank may be
+/// committing transfers meanwhile, and the read must still see a
+/// committed state), and with the rest under the writer lock.
 fn check(cli: &Cli) -> Result<bool, Fail> {
-    let state = open(cli, 1)?;
+    let mut state = open(cli, 1)?;
     eprintln!("bank: {}", state.report());
-    let bank = initialized(&state, 1)?;
+    let bank = initialized(&mut state, 1)?;
     let mut problems = Vec::new();
+    let expected_total = |n: u64| u128::from(n) * u128::from(bank.initial);
+    let unlocked = state.read(|v| v.vec(bank.accounts)).map_err(damaged)?;
+    let unlocked_total: u128 = unlocked.iter().map(|&b| u128::from(b)).sum();
+    if unlocked_total != expected_total(unlocked.len() as u64) {
+        problems.push(format!(
+            "read without the lock: total is {unlocked_total}, expected {}",
+            expected_total(unlocked.len() as u64)
+        ));
+    }
+    let peers = state.peers().len();
+    let summary = state
+        .with_lock(|state| check_locked(state, &bank, &mut problems))
+        .map_err(damaged)?
+        .map_err(damaged)?;
+    println!(
+        "{summary}, generation {}, {peers} peers",
+        state.report().generation
+    );
+    for p in &problems {
+        eprintln!("bank check: {p}");
+    }
+    Ok(problems.is_empty())
+}
+
+/// The checks under the writer lock; returns the summary line.
+fn check_locked(
+    state: &State<Bank>,
+    bank: &Bank,
+    problems: &mut Vec<String>,
+) -> Result<String, shm_state::Error> {
     if let Err(e) = state.verify() {
         problems.push(format!("heap: {e}"));
     }
-    let accounts = state.vec(bank.accounts).map_err(damaged)?;
+    let accounts = state.vec(bank.accounts)?;
     let n = accounts.len() as u64;
     let total: u128 = accounts.iter().map(|&b| u128::from(b)).sum();
     let expected = u128::from(n) * u128::from(bank.initial);
@@ -304,40 +346,35 @@ fn check(cli: &Cli) -> Result<bool, Fail> {
             bank.initial
         ));
     }
-    let activity = state.map(bank.activity).map_err(damaged)?;
+    let activity = state.map(bank.activity)?;
     if let Err(e) = activity.verify() {
         problems.push(format!("activity map: {e}"));
     }
     let mut involvements = 0u64;
     for entry in activity.iter() {
-        let (&account, &count) = entry.map_err(damaged)?;
+        let (&account, &count) = entry?;
         if account >= n {
             problems.push(format!("activity names account {account} of {n}"));
         }
         involvements += count;
     }
-    let stats = *state.cell(bank.stats).map_err(damaged)?;
+    let stats = *state.cell(bank.stats)?;
     if involvements != 2 * stats.transfers {
         problems.push(format!(
             "{} transfers recorded but accounts took part in {involvements} (expected twice as many)",
             stats.transfers
         ));
     }
-    let runs = state.log(bank.runs).map_err(damaged)?;
+    let runs = state.log(bank.runs)?;
     if let Err(e) = runs.verify() {
         problems.push(format!("run log: {e}"));
     }
-    println!(
-        "total {total} ({n} accounts x {}), {} transfers, {} runs, generation {}",
+    Ok(format!(
+        "total {total} ({n} accounts x {}), {} transfers, {} runs",
         bank.initial,
         stats.transfers,
         runs.len(),
-        state.report().generation
-    );
-    for p in &problems {
-        eprintln!("bank check: {p}");
-    }
-    Ok(problems.is_empty())
+    ))
 }
 
 fn main() -> ExitCode {

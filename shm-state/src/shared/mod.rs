@@ -1,0 +1,531 @@
+//! Many processes, one state: [`SharedState`].
+//!
+//! Several processes open the same memfd (or file) with
+//! [`SharedState::open`]. Each registers in the region's peer table
+//! (`peers`); writers take turns under the writer lock (`wlock`), a futex
+//! word the kernel releases for a holder that dies (`sys::Robust`); readers
+//! take no lock at all: they copy what they read through a [`View`] and
+//! keep it only if the commit word did not move meanwhile (a seqlock over
+//! the commit word every transaction already stores). The design, its
+//! guarantees and its costs: `docs/state-format.md`, *Sharing a state*.
+
+pub(crate) mod page;
+pub(crate) mod peers;
+mod sys;
+mod view;
+pub(crate) mod wlock;
+
+use std::fmt;
+use std::sync::atomic::{Ordering, fence};
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::layout::Layout;
+use crate::lock::{Claim, LockWords};
+use crate::mem::{Identity, Mem};
+use crate::open::{self, OpenHooks, OpenReport};
+use crate::owner;
+use crate::source::Source;
+use crate::state::{State, Tx};
+
+use page::SharedPage;
+use wlock::Taken;
+
+pub use view::{MapView, View};
+
+/// How long an opener waits for another opener of the same state (which
+/// holds the open lock only while it opens) before it gives up.
+const OPEN_WAIT: Duration = Duration::from_secs(30);
+/// How long a waiter sleeps on the writer lock before it looks at the
+/// holder again (the kernel wakes it at once when the holder dies; this
+/// bounds the wait when it cannot: a copied region, no robust lists).
+const LOCK_NAP: Duration = Duration::from_millis(20);
+/// How long a reader sleeps on an open transaction before it looks again.
+const READ_NAP: Duration = Duration::from_millis(10);
+/// Optimistic reads that saw a commit before a read takes the writer lock
+/// (so that a stream of writers cannot starve a reader).
+const OPTIMISTIC_READS: u32 = 16;
+
+/// A state several processes use at once.
+///
+/// Every process opens the memfd (or file) with [`SharedState::open`].
+/// [`SharedState::transaction`] runs one transaction at a time across all
+/// of them, under a writer lock in the region; [`SharedState::read`] reads
+/// without any lock and returns copies, never a half-done transaction.
+/// A process that dies holding the writer lock (kill -9 at any
+/// instruction) has its transaction rolled back by the next writer or
+/// reader, which goes on.
+///
+/// One handle per process and state: a second open of the same memory in
+/// one process is refused ([`Error::Locked`]); threads share the handle
+/// (behind a `Mutex`). A handle is not carried across `fork`.
+///
+/// A state is shared or exclusive, not both at once: [`State::open`] is
+/// refused while a live process shares the state, and
+/// [`SharedState::open`] while a [`State`] holds it.
+pub struct SharedState<R> {
+    state: State<R>,
+    /// Dropped (its thread joined) before `page` is unmapped.
+    robust: Option<sys::Robust>,
+    page: SharedPage,
+    entry: peers::Entry,
+    tid: u32,
+    pid: u32,
+    ours: Identity,
+    nonce: u64,
+    stats: Stats,
+}
+
+/// Counters of one handle's reads and transactions (for tests and
+/// benchmarks).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Reads that saw a commit while they ran, and ran again.
+    pub read_retries: u64,
+    /// Reads that ended under the writer lock (after
+    /// too many retries).
+    pub locked_reads: u64,
+    /// Interrupted transactions of dead writers this handle rolled back.
+    pub recoveries: u64,
+}
+
+impl<R> fmt::Debug for SharedState<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedState")
+            .field("state", &self.state)
+            .field("slot", &self.entry.slot)
+            .field("tid", &self.tid)
+            .finish()
+    }
+}
+
+/// The writer lock's view of the peers, for a waiter.
+struct Waiter<'p> {
+    page: &'p SharedPage,
+    slot: usize,
+    ours: Identity,
+    nonce: u64,
+}
+
+impl wlock::Wait for Waiter<'_> {
+    fn sleep(&mut self, seen: u32) {
+        sys::wait(self.page.wlock(), seen, LOCK_NAP);
+    }
+
+    /// The holder is dead when the peer entry the lock's holder word names
+    /// is (the holder word is stored right after the lock is taken, so it
+    /// is judged only when it names the thread in the lock); before that
+    /// store, only when no other peer lives at all (a copied region).
+    fn holder_dead(&mut self, seen: u32) -> bool {
+        let tid = wlock::holder(seen);
+        let h = self.page.u64(WLOCK_HOLDER).load(Ordering::Acquire);
+        let slot = (h >> 32) as usize;
+        if h as u32 == tid && (1..=peers::MAX_PEERS).contains(&slot) {
+            let slot = slot - 1;
+            // Our own entry names no one else: a dead process's leftover.
+            return slot == self.slot
+                || peers::live(self.page, slot, self.ours, self.nonce).is_none();
+        }
+        peers::live_peers(self.page, self.ours, self.nonce)
+            .iter()
+            .all(|&(s, _)| s == self.slot)
+    }
+}
+
+fn acquire_writer(page: &SharedPage, tid: u32, slot: usize, ours: Identity, nonce: u64) -> Taken {
+    let mut waiter = Waiter {
+        page,
+        slot,
+        ours,
+        nonce,
+    };
+    let taken = wlock::acquire(page.wlock(), tid, &mut waiter);
+    page.u64(WLOCK_HOLDER)
+        .store(((slot as u64 + 1) << 32) | u64::from(tid), Ordering::Release);
+    taken
+}
+
+/// Releases the writer lock and wakes who waits: one writer, every reader.
+fn release_writer(page: &SharedPage, died: bool) {
+    if wlock::release(page.wlock(), died) {
+        sys::wake(page.wlock(), 1);
+    }
+    // The release above is a SeqCst swap, so this load cannot be ordered
+    // before the commit; a reader increments the count before it checks
+    // the commit word (see `SharedState::wait_for_commit`).
+    if page.u64(READ_WAITERS).load(Ordering::SeqCst) != 0 {
+        sys::wake(page.u32(TX_WORD), i32::MAX);
+    }
+}
+
+/// The open of a shared state: the open lock is waited for while another
+/// peer opens, and the writer lock is held for the open's own steps
+/// (recovery, creation, migration, the opening transaction).
+struct SharedOpen<'p> {
+    page: &'p SharedPage,
+    slot: usize,
+    tid: u32,
+    taken: Option<Taken>,
+}
+
+impl OpenHooks for SharedOpen<'_> {
+    fn lock(&mut self, mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)> {
+        let deadline = Instant::now() + OPEN_WAIT;
+        let mut nap = Duration::from_micros(100);
+        loop {
+            match open::lock(mem, nonce) {
+                Err(Error::Locked { pid })
+                    if Instant::now() < deadline
+                        && peers::live_peers(self.page, mem.identity(), nonce)
+                            .iter()
+                            .any(|&(_, p)| p == pid) =>
+                {
+                    // Another peer is opening: it holds the lock briefly.
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(Duration::from_millis(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn locked(&mut self, mem: &Mem, nonce: u64) -> Result<()> {
+        self.taken = Some(acquire_writer(
+            self.page,
+            self.tid,
+            self.slot,
+            mem.identity(),
+            nonce,
+        ));
+        Ok(())
+    }
+
+    fn failed(&mut self, _mem: &Mem) {
+        if let Some(taken) = self.taken.take() {
+            release_writer(self.page, taken == Taken::OwnerDied);
+        }
+    }
+
+    fn opened(&mut self, _mem: &Mem) {}
+}
+
+impl<R: Pod> SharedState<R> {
+    /// Opens (or creates) the state in `source` for sharing with other
+    /// processes that open the same memfd or file this way.
+    ///
+    /// As [`State::open`] (creation, recovery, migration, validation), and:
+    /// the process is registered in the region's peer table (a dead
+    /// peer's entry is taken over; [`Error::PeersFull`] when 48 live
+    /// processes share it already), and the open waits for other peers'
+    /// opens and for a running transaction. A heap buffer cannot be
+    /// shared ([`Error::UnsupportedType`]).
+    pub fn open(source: Source, mut layout: Layout<R>) -> Result<SharedState<R>> {
+        let (mem, expected) = State::map_source(source, &mut layout)?;
+        let Some(map) = mem.map_header()? else {
+            return Err(Error::unsupported(
+                "a heap buffer cannot be shared between processes; open a memfd or a file",
+            ));
+        };
+        let page = SharedPage::new(map)?;
+        let ours = mem.identity();
+        let nonce = owner::register_handle(ours);
+        let opened = (|| {
+            if owner::another_handle_on(ours, nonce) {
+                return Err(Error::Locked {
+                    pid: std::process::id(),
+                });
+            }
+            let mine = owner::sealed(LockWords {
+                word: u64::from(std::process::id()),
+                start: owner::own_start_time(),
+                nonce,
+                boot: owner::boot_id(),
+                dev: ours.dev,
+                ino: ours.ino,
+            });
+            let entry = peers::register(&page, ours, nonce, &mine)?;
+            let robust = sys::Robust::start(page.peer_robust(entry.slot), page.wlock()).ok();
+            let tid = robust.as_ref().map_or_else(sys::gettid, |r| r.tid());
+            let mut hooks = SharedOpen {
+                page: &page,
+                slot: entry.slot,
+                tid,
+                taken: None,
+            };
+            match State::open_locked(mem, nonce, expected, &mut layout, &mut hooks) {
+                Ok(state) => Ok((state, robust, entry, tid)),
+                Err(e) => {
+                    drop(robust);
+                    peers::release(&page, entry);
+                    Err(e)
+                }
+            }
+        })();
+        let (mut state, robust, entry, tid) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                owner::unregister_handle(nonce);
+                return Err(e);
+            }
+        };
+        release_writer(&page, false);
+        state.release_open_lock();
+        Ok(SharedState {
+            state,
+            robust,
+            page,
+            entry,
+            tid,
+            pid: std::process::id(),
+            ours,
+            nonce,
+            stats: Stats::default(),
+        })
+    }
+
+    /// What the open did (see [`State::report`]).
+    pub fn report(&self) -> &OpenReport {
+        self.state.report()
+    }
+
+    /// This handle's entry in the peer table (0..48).
+    pub fn slot(&self) -> usize {
+        self.entry.slot
+    }
+
+    /// Whether the kernel releases this process's writer lock if it dies
+    /// (robust futexes); without them, a dead holder is found by its
+    /// identity when a waiter looks (every 20 ms).
+    pub fn is_robust(&self) -> bool {
+        self.robust.is_some()
+    }
+
+    /// Counters of this handle's reads and recoveries.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// The region's size as this handle maps it.
+    pub fn region_len(&self) -> u64 {
+        self.state.region_len()
+    }
+
+    /// The pids of the live processes sharing the state (this one
+    /// included); entries of dead peers are freed on the way.
+    pub fn peers(&self) -> Vec<u32> {
+        peers::reclaim_dead(&self.page, self.ours, self.nonce);
+        peers::live_peers(&self.page, self.ours, self.nonce)
+            .into_iter()
+            .map(|(_, pid)| pid)
+            .collect()
+    }
+
+    fn check_fork(&self) -> Result<()> {
+        if std::process::id() != self.pid {
+            return Err(Error::unsupported(
+                "a shared state's handle was opened by the parent of this process (fork); open the state again",
+            ));
+        }
+        Ok(())
+    }
+
+    fn lock(&mut self) -> Taken {
+        acquire_writer(&self.page, self.tid, self.entry.slot, self.ours, self.nonce)
+    }
+
+    /// Holding the writer lock: follows the region if another writer grew
+    /// it, continues the snapshot protocol's sequence, and rolls back the
+    /// transaction of a writer that died in it.
+    fn take_over(&mut self, taken: Taken) -> Result<()> {
+        let core = &mut self.state.core;
+        let top = core.mem.load_u64(DY_HEAP_TOP)?;
+        if taken == Taken::OwnerDied || top > core.mem.len() {
+            core.mem.refresh()?;
+        }
+        core.publisher.resync();
+        if open::recover(
+            &mut core.mem,
+            core.journal_len,
+            core.heap_off,
+            &mut core.publisher,
+        )?
+        .is_some()
+        {
+            self.stats.recoveries += 1;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` as one transaction under the writer lock (see
+    /// [`State::transaction`]): waits while another process writes, and
+    /// first rolls back the transaction of a writer that died.
+    pub fn transaction<T, E: From<Error>>(
+        &mut self,
+        f: impl FnOnce(&mut Tx<'_, R>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.check_fork()?;
+        let taken = self.lock();
+        if let Err(e) = self.take_over(taken) {
+            release_writer(&self.page, true);
+            return Err(e.into());
+        }
+        let result = self.state.transaction(f);
+        // A rollback that failed left its journal for the next writer.
+        release_writer(&self.page, self.state.core.poisoned);
+        result
+    }
+
+    /// Reads the state without the writer lock: `f` gets a [`View`] of the
+    /// last committed state and returns copies of what it needs.
+    ///
+    /// `f` may run more than once: a run during which another process
+    /// committed is thrown away (after 16 such runs, `f` runs once more
+    /// under the writer lock). An error from a run that saw no commit is
+    /// returned (damaged memory); an error from a torn run is not.
+    pub fn read<T>(&mut self, mut f: impl FnMut(&View<'_, R>) -> Result<T>) -> Result<T> {
+        self.check_fork()?;
+        let mut retries = 0;
+        loop {
+            let before = self.page.u64(TX_WORD).load(Ordering::Acquire);
+            let (_, open) = read_tx_word(before)?;
+            if open {
+                self.wait_for_commit(before)?;
+                continue;
+            }
+            let Some(result) = self.read_once(&mut f)? else {
+                continue; // the region grew: mapped again
+            };
+            fence(Ordering::Acquire);
+            if self.page.u64(TX_WORD).load(Ordering::Relaxed) == before {
+                return result;
+            }
+            self.stats.read_retries += 1;
+            retries += 1;
+            if retries >= OPTIMISTIC_READS {
+                return self.read_locked(f);
+            }
+        }
+    }
+
+    /// One run of `f` over the region as it is; `None` when the heap top
+    /// lies past this mapping (the region was remapped: run again).
+    fn read_once<T>(
+        &mut self,
+        f: &mut impl FnMut(&View<'_, R>) -> Result<T>,
+    ) -> Result<Option<Result<T>>> {
+        let heap_off = self.state.core.heap_off;
+        let len = self.state.core.mem.len();
+        // SAFETY: while a region lives, this process touches the memory
+        // only through it: the handle is borrowed mutably, no slice of the
+        // region is alive (transactions and views of this handle need
+        // `&mut self`), and no other handle of this process is on this
+        // memory (`SharedState::open` refuses a second one).
+        let region = unsafe { self.state.core.mem.shared_region() };
+        let top = region.load_u64(DY_HEAP_TOP as usize);
+        if top > len {
+            // Another writer grew the region (or the word is torn: then
+            // the next look at the commit word sends us round again).
+            self.state.core.mem.refresh()?;
+            return Ok(if top > self.state.core.mem.len() {
+                Some(Err(Error::corrupt(
+                    "heap top",
+                    DY_HEAP_TOP,
+                    format!("{top:#x} lies past the end of the region"),
+                )))
+            } else {
+                None
+            });
+        }
+        // SAFETY: as above.
+        let region = unsafe { self.state.core.mem.shared_region() };
+        let view = View::new(region, (heap_off, top));
+        Ok(Some(f(&view)))
+    }
+
+    /// `f` under the writer lock: no writer can run, so one run is
+    /// consistent.
+    fn read_locked<T>(&mut self, mut f: impl FnMut(&View<'_, R>) -> Result<T>) -> Result<T> {
+        let taken = self.lock();
+        let result = self.take_over(taken).and_then(|()| loop {
+            if let Some(r) = self.read_once(&mut f)? {
+                break r;
+            }
+        });
+        release_writer(&self.page, result.is_err() && taken == Taken::OwnerDied);
+        self.stats.locked_reads += 1;
+        result
+    }
+
+    /// Runs `f` on the state under the writer lock, with the whole read
+    /// API of [`State`] (slices and references into the region, `verify`,
+    /// logs): no other process writes while the lock is held. For reads
+    /// that need more than a [`View`] offers, or a check of everything;
+    /// it makes writers wait, so keep it short.
+    pub fn with_lock<T>(&mut self, f: impl FnOnce(&State<R>) -> T) -> Result<T> {
+        self.check_fork()?;
+        let taken = self.lock();
+        let result = self.take_over(taken).map(|()| f(&self.state));
+        release_writer(&self.page, result.is_err() && taken == Taken::OwnerDied);
+        result
+    }
+
+    /// Waits until the commit word is no longer `open_word` (a transaction
+    /// in progress): spins briefly, then sleeps on the commit word; a
+    /// writer found dead is rolled back here, under the writer lock.
+    fn wait_for_commit(&mut self, open_word: u64) -> Result<()> {
+        let word = self.page.u64(TX_WORD);
+        for _ in 0..64 {
+            std::hint::spin_loop();
+            if word.load(Ordering::Acquire) != open_word {
+                return Ok(());
+            }
+        }
+        let v = self.page.wlock().load(Ordering::Acquire);
+        let mut waiter = Waiter {
+            page: &self.page,
+            slot: self.entry.slot,
+            ours: self.ours,
+            nonce: self.nonce,
+        };
+        if wlock::holder(v) == 0 || wlock::Wait::holder_dead(&mut waiter, v) {
+            // No live writer, yet a transaction is open: its writer died.
+            let taken = self.lock();
+            let result = self.take_over(taken);
+            release_writer(&self.page, result.is_err());
+            return result;
+        }
+        let waiters = self.page.u64(READ_WAITERS);
+        waiters.fetch_add(1, Ordering::SeqCst);
+        if word.load(Ordering::SeqCst) == open_word {
+            sys::wait(self.page.u32(TX_WORD), open_word as u32, READ_NAP);
+        }
+        waiters.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Leaves the peer table and gives the source back.
+    pub fn close(mut self) -> Result<Source> {
+        self.leave();
+        let state = std::mem::replace(&mut self.state, State::placeholder());
+        state.close()
+    }
+}
+
+impl<R> SharedState<R> {
+    fn leave(&mut self) {
+        if self.nonce != 0 {
+            peers::release(&self.page, self.entry);
+            drop(self.robust.take());
+            self.nonce = 0;
+        }
+    }
+}
+
+impl<R> Drop for SharedState<R> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}

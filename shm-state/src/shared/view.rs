@@ -1,0 +1,294 @@
+//! Reading a shared state without the writer lock: a [`View`] copies what
+//! it reads out of the region through a [`Region`] (atomic loads, never a
+//! reference into memory another process writes), and checks every
+//! offset, length and count it reads before using it, since a writer may
+//! be changing those bytes as they are read. Whether what was read is a
+//! committed state is decided after the read, by the commit word
+//! (`SharedState::read`): a torn read is thrown away and done again.
+
+use std::marker::PhantomData;
+
+use bytemuck::Pod;
+use shm_snapshot::Region;
+
+use crate::cell::check_cell;
+use crate::error::{Error, Result};
+use crate::format::{
+    BLOCK_HEADER, Block, DY_ROOT, Kind, MAP_HEADER, VEC_HEADER, touches_atomics,
+};
+use crate::handle::{StateCell, StateMap, StateVec};
+use crate::map::{self, BYTES, DELETED, EMPTY, Item, TAG_BIT, field, slot_size};
+use crate::vec;
+
+/// A consistent read of a shared state, inside [`SharedState::read`]
+/// (crate::SharedState::read): every value is returned as a copy.
+///
+/// A view is valid only inside the closure it is passed to; what it
+/// returns is kept only if no transaction committed meanwhile (otherwise
+/// the closure runs again), so the closure should only read.
+pub struct View<'a, R> {
+    region: Region<'a>,
+    heap: (u64, u64),
+    _root: PhantomData<fn() -> R>,
+}
+
+impl<R> std::fmt::Debug for View<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("View").field("heap", &self.heap).finish()
+    }
+}
+
+/// Copies `buf.len()` bytes at `off`, after checking the range against
+/// the region (and that it is not one of the atomic words).
+fn read_into(region: &Region<'_>, what: &'static str, off: u64, buf: &mut [u8]) -> Result<()> {
+    let len = buf.len() as u64;
+    let end = off.checked_add(len);
+    if end.is_none_or(|e| e > region.len() as u64) || touches_atomics(off, len) {
+        return Err(Error::corrupt(
+            what,
+            off,
+            format!(
+                "{len} bytes at this offset are not in the readable region ({} bytes)",
+                region.len()
+            ),
+        ));
+    }
+    region.read(off as usize, buf);
+    Ok(())
+}
+
+fn read_u64(region: &Region<'_>, what: &'static str, off: u64) -> Result<u64> {
+    let mut b = [0u8; 8];
+    read_into(region, what, off, &mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Reads and validates the block at `off`.
+fn block(region: &Region<'_>, heap: (u64, u64), off: u64, kind: Kind) -> Result<Block> {
+    Block::check_offset(heap, off)?;
+    let mut h = [0u8; BLOCK_HEADER as usize];
+    read_into(region, "block header", off, &mut h)?;
+    Block::decode(heap, off, &h)?.of_kind(kind)
+}
+
+/// A buffer of `len` bytes for a copy, refusing sizes that could not be in
+/// the region (a length read while a writer changed it).
+fn buffer(region: &Region<'_>, what: &'static str, at: u64, len: u64) -> Result<Vec<u8>> {
+    if len > region.len() as u64 {
+        return Err(Error::corrupt(
+            what,
+            at,
+            format!("{len} bytes, more than the region"),
+        ));
+    }
+    let mut v = Vec::new();
+    v.try_reserve_exact(len as usize).map_err(|_| Error::TooLarge { what, len })?;
+    v.resize(len as usize, 0);
+    Ok(v)
+}
+
+impl<'a, R: Pod> View<'a, R> {
+    pub(crate) fn new(region: Region<'a>, heap: (u64, u64)) -> View<'a, R> {
+        View {
+            region,
+            heap,
+            _root: PhantomData,
+        }
+    }
+
+    /// A copy of the root.
+    pub fn root(&self) -> Result<R> {
+        let off = read_u64(&self.region, "root offset", DY_ROOT)?;
+        if off == 0 {
+            return Err(Error::NullHandle { kind: "root" });
+        }
+        let b = block(&self.region, self.heap, off, Kind::Root)?.need(size_of::<R>() as u64)?;
+        let mut bytes = vec![0u8; size_of::<R>()];
+        read_into(&self.region, "root", b.payload(), &mut bytes)?;
+        bytemuck::try_pod_read_unaligned(&bytes)
+            .map_err(|e| Error::corrupt("root", b.payload(), format!("{e:?}")))
+    }
+
+    /// A copy of the value in a cell.
+    pub fn cell<T: Pod>(&self, h: StateCell<T>) -> Result<T> {
+        crate::cell::check_type::<T>("cell")?;
+        let b = check_cell::<T>(block(&self.region, self.heap, h.off()?, Kind::Cell)?)?;
+        let mut bytes = vec![0u8; size_of::<T>()];
+        read_into(&self.region, "cell", b.payload(), &mut bytes)?;
+        bytemuck::try_pod_read_unaligned(&bytes)
+            .map_err(|e| Error::corrupt("cell", b.payload(), format!("{e:?}")))
+    }
+
+    fn vec_header<T: Pod>(&self, h: StateVec<T>) -> Result<vec::Header> {
+        let b = block(&self.region, self.heap, h.off()?, Kind::Vec)?.need(VEC_HEADER)?;
+        let mut raw = [0u8; VEC_HEADER as usize];
+        read_into(&self.region, "vec header", b.payload(), &mut raw)?;
+        let hd = vec::decode_header::<T>(&raw, b.payload())?;
+        if hd.cap != 0 {
+            block(&self.region, self.heap, hd.data, Kind::VecData)?
+                .need(hd.cap * size_of::<T>() as u64)?;
+        }
+        Ok(hd)
+    }
+
+    /// The length of a vector.
+    pub fn vec_len<T: Pod>(&self, h: StateVec<T>) -> Result<u64> {
+        Ok(self.vec_header(h)?.len)
+    }
+
+    /// A copy of element `i` of a vector (`None` past its end).
+    pub fn vec_get<T: Pod>(&self, h: StateVec<T>, i: u64) -> Result<Option<T>> {
+        let hd = self.vec_header(h)?;
+        if i >= hd.len {
+            return Ok(None);
+        }
+        let size = size_of::<T>() as u64;
+        let at = hd.data + BLOCK_HEADER + i * size;
+        let mut bytes = vec![0u8; size as usize];
+        read_into(&self.region, "vec element", at, &mut bytes)?;
+        Ok(bytemuck::try_pod_read_unaligned(&bytes).ok())
+    }
+
+    /// A copy of a whole vector.
+    pub fn vec<T: Pod>(&self, h: StateVec<T>) -> Result<Vec<T>> {
+        let hd = self.vec_header(h)?;
+        let at = hd.data + BLOCK_HEADER;
+        let bytes_len = hd.len * size_of::<T>() as u64;
+        let mut bytes = buffer(&self.region, "vec data", at, bytes_len)?;
+        if hd.len != 0 {
+            read_into(&self.region, "vec data", at, &mut bytes)?;
+        }
+        Ok(bytes
+            .chunks_exact(size_of::<T>().max(1))
+            .filter_map(|c| bytemuck::try_pod_read_unaligned(c).ok())
+            .collect())
+    }
+
+    /// A map, its header and table checked.
+    pub fn map<K: Item, V: Item>(&self, h: StateMap<K, V>) -> Result<MapView<'a, K, V>> {
+        let b = block(&self.region, self.heap, h.off()?, Kind::Map)?.need(MAP_HEADER)?;
+        let mut raw = [0u8; MAP_HEADER as usize];
+        read_into(&self.region, "map header", b.payload(), &mut raw)?;
+        let hd = map::decode_header::<K, V>(&raw, b.payload())?;
+        if hd.cap != 0 {
+            block(&self.region, self.heap, hd.table, Kind::MapTable)?
+                .need(hd.table_bytes::<K, V>())?;
+        }
+        Ok(MapView {
+            region: self.region,
+            heap: self.heap,
+            h: hd,
+            _t: PhantomData,
+        })
+    }
+}
+
+/// A map inside a [`View`]: lookups return copies.
+pub struct MapView<'a, K, V> {
+    region: Region<'a>,
+    heap: (u64, u64),
+    h: map::Header,
+    _t: PhantomData<(K, V)>,
+}
+
+impl<K, V> std::fmt::Debug for MapView<'_, K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MapView")
+            .field("len", &self.h.len)
+            .field("cap", &self.h.cap)
+            .finish()
+    }
+}
+
+impl<K: Item, V: Item> MapView<'_, K, V> {
+    /// The number of entries.
+    pub fn len(&self) -> u64 {
+        self.h.len
+    }
+
+    /// True when the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.h.len == 0
+    }
+
+    /// The bytes of the item field at `at` (a region offset): a POD item
+    /// copied from the slot, or the byte string its offset names.
+    fn item<I: Item>(&self, slot: &[u8], at: usize) -> Result<Vec<u8>> {
+        if I::KIND == BYTES {
+            let off = u64::from_le_bytes(slot[at..at + 8].try_into().expect("8"));
+            let b = block(&self.region, self.heap, off, Kind::Bytes)?;
+            let b = b.need(b.aux)?;
+            let mut bytes = buffer(&self.region, "byte string", b.payload(), b.aux)?;
+            read_into(&self.region, "byte string", b.payload(), &mut bytes)?;
+            Ok(bytes)
+        } else {
+            Ok(slot[at..at + I::SIZE as usize].to_vec())
+        }
+    }
+
+    /// Slot `i`, copied into `slot`.
+    fn slot(&self, i: u64, slot: &mut [u8]) -> Result<()> {
+        let at = self.h.slots() + i * slot.len() as u64;
+        read_into(&self.region, "map slot", at, slot)
+    }
+
+    /// A copy of the value for `key`.
+    pub fn get(&self, key: &K::Borrowed) -> Result<Option<V::Owned>> {
+        if self.h.cap == 0 {
+            return Ok(None);
+        }
+        let kb = K::as_bytes(key);
+        let tag = map::hash(kb) | TAG_BIT;
+        let size = slot_size::<K, V>() as usize;
+        let mut slot = vec![0u8; size];
+        let mask = self.h.cap - 1;
+        let mut i = tag & mask;
+        // At most one pass over the table, however the slots change.
+        for _ in 0..self.h.cap {
+            self.slot(i, &mut slot)?;
+            let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
+            if t == EMPTY {
+                return Ok(None);
+            }
+            if t != DELETED && t == tag && self.item::<K>(&slot, 8)? == kb {
+                let value = self.item::<V>(&slot, 8 + field::<K>() as usize)?;
+                return V::owned(&value)
+                    .map(Some)
+                    .ok_or_else(|| Error::corrupt("map slot", self.h.slots(), "unreadable value"));
+            }
+            i = (i + 1) & mask;
+        }
+        Ok(None)
+    }
+
+    /// True when `key` is present.
+    pub fn contains_key(&self, key: &K::Borrowed) -> Result<bool> {
+        Ok(self.get(key)?.is_some())
+    }
+
+    /// Copies of every entry, in table order.
+    pub fn entries(&self) -> Result<Vec<(K::Owned, V::Owned)>> {
+        let size = slot_size::<K, V>() as usize;
+        let mut slot = vec![0u8; size];
+        let mut out = Vec::new();
+        for i in 0..self.h.cap {
+            self.slot(i, &mut slot)?;
+            let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
+            if t == EMPTY || t == DELETED {
+                continue;
+            }
+            let k = self.item::<K>(&slot, 8)?;
+            let v = self.item::<V>(&slot, 8 + field::<K>() as usize)?;
+            let bad = || Error::corrupt("map slot", self.h.slots() + i * size as u64, "unreadable item");
+            out.push((K::owned(&k).ok_or_else(bad)?, V::owned(&v).ok_or_else(bad)?));
+            if out.len() as u64 > self.h.len {
+                return Err(Error::corrupt(
+                    "map header",
+                    self.h.at,
+                    format!("the table holds more than its {} entries", self.h.len),
+                ));
+            }
+        }
+        Ok(out)
+    }
+}
