@@ -1,4 +1,7 @@
 //! `kv`: a persistent key-value tool over a shm-state map of byte strings.
+//! Any number of `kv` processes may use one state at once (a
+//! [`SharedState`]): `set` and `del` take turns under the writer lock,
+//! `get` and `list` read without any lock.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -7,7 +10,7 @@ use std::process::ExitCode;
 
 use bytemuck::{Pod, Zeroable};
 use clap::{Parser, Subcommand};
-use shm_state::{Bytes, Layout, Source, State, StateMap};
+use shm_state::{Bytes, Layout, SharedState, Source, StateMap};
 
 const AFTER_HELP: &str = "\
 The state lives in the shared memfd passed by a watcher, e.g.
@@ -20,7 +23,10 @@ Exit codes:
   1  `get` / `del`: no such key
   2  bad command line
   3  the state cannot be used: no memfd passed, not a kv state, damaged,
-     locked by a live process, or a system error";
+     held by a live process that does not share it, shared by 48
+     processes already, or a system error
+
+Many kv processes may use one state at once.";
 
 #[derive(Parser, Debug)]
 #[command(version, about = "A persistent key-value store in shared memory", after_help = AFTER_HELP)]
@@ -73,7 +79,7 @@ impl<E: std::fmt::Display> From<E> for Fail {
     }
 }
 
-fn open(cli: &Cli) -> Result<State<Root>, Fail> {
+fn open(cli: &Cli) -> Result<(SharedState<Root>, StateMap<Bytes, Bytes>), Fail> {
     let source = match &cli.file {
         Some(path) => {
             let file = OpenOptions::new()
@@ -83,40 +89,46 @@ fn open(cli: &Cli) -> Result<State<Root>, Fail> {
                 .truncate(false)
                 .open(path)
                 .map_err(|e| Fail(3, format!("{}: {e}", path.display())))?;
-            // SAFETY: the file is kv's own; shm-state's lock word keeps a
-            // second kv out, and nothing truncates it.
+            // SAFETY: the file is kv's own, shared only with other kv
+            // processes (the writer lock orders their writes), and nothing
+            // truncates it.
             unsafe { Source::file(file) }
         }
         None => {
             // SAFETY: opened once, before the program opens any file of its
             // own: the fd LISTEN_FDS names was inherited and has no owner.
             let fd = unsafe { shm_fd::SharedFd::from_env(&cli.name) }?;
-            // SAFETY: the watcher passed the memfd to this program and sealed
-            // it against shrinking; the lock word keeps a second kv out.
+            // SAFETY: the watcher passed the memfd to kv processes and
+            // sealed it against shrinking; the writer lock orders their
+            // writes.
             unsafe { Source::shared(fd) }
         }
     };
-    let mut state = State::<Root>::open(source, Layout::new(1).with_snapshot_protocol())?;
-    if state.root()?.entries.is_null() {
-        state.transaction(|tx| {
-            let entries = tx.new_map()?;
-            tx.set_root(Root { entries })
+    let mut state = SharedState::<Root>::open(source, Layout::new(1).with_snapshot_protocol())?;
+    let mut entries = state.read(|v| v.root())?.entries;
+    if entries.is_null() {
+        // Another kv may be creating it too: decided under the lock.
+        entries = state.transaction(|tx| {
+            if tx.root()?.entries.is_null() {
+                let entries = tx.new_map()?;
+                tx.set_root(Root { entries })?;
+            }
+            Ok::<_, shm_state::Error>(tx.root()?.entries)
         })?;
     }
-    Ok(state)
+    Ok((state, entries))
 }
 
 fn run(cli: &Cli) -> Result<u8, Fail> {
-    let mut state = open(cli)?;
-    let entries = state.root()?.entries;
+    let (mut state, entries) = open(cli)?;
     let mut out = std::io::stdout().lock();
     match &cli.command {
         Command::Set { key, value } => {
             state.transaction(|tx| tx.map(entries)?.insert(key.as_bytes(), value.as_bytes()))?;
         }
-        Command::Get { key } => match state.map(entries)?.get(key.as_bytes())? {
+        Command::Get { key } => match state.read(|v| v.map(entries)?.get(key.as_bytes()))? {
             Some(v) => {
-                out.write_all(v)?;
+                out.write_all(&v)?;
                 out.write_all(b"\n")?;
             }
             None => return Err(Fail(1, format!("no such key: {key}"))),
@@ -127,13 +139,12 @@ fn run(cli: &Cli) -> Result<u8, Fail> {
             }
         }
         Command::List => {
-            let map = state.map(entries)?;
-            let mut all = map.iter().collect::<Result<Vec<_>, _>>()?;
+            let mut all = state.read(|v| v.map(entries)?.entries())?;
             all.sort();
             for (k, v) in all {
-                out.write_all(k)?;
+                out.write_all(&k)?;
                 out.write_all(b"\t")?;
-                out.write_all(v)?;
+                out.write_all(&v)?;
                 out.write_all(b"\n")?;
             }
         }

@@ -177,15 +177,23 @@ impl OpenHooks for SharedOpen<'_> {
         let mut nap = Duration::from_micros(100);
         loop {
             match open::lock(mem, nonce) {
-                Err(Error::Locked { pid })
-                    if Instant::now() < deadline
-                        && peers::live_peers(self.page, mem.identity(), nonce)
-                            .iter()
-                            .any(|&(_, p)| p == pid) =>
-                {
-                    // Another peer is opening: it holds the lock briefly.
-                    std::thread::sleep(nap);
-                    nap = (nap * 2).min(Duration::from_millis(5));
+                Err(Error::Locked { pid }) if Instant::now() < deadline => {
+                    let opening = peers::live_peers(self.page, mem.identity(), nonce)
+                        .iter()
+                        .any(|&(_, p)| p == pid);
+                    // Refused only for a holder that is no peer (an
+                    // exclusive State) and still holds the lock after the
+                    // look at the peers (a peer that finished its open and
+                    // left meanwhile is not one).
+                    let still = mem.load_u64(LOCK_PID)? & 0xFFFF_FFFF == u64::from(pid);
+                    if !opening && still {
+                        return Err(Error::Locked { pid });
+                    }
+                    if opening {
+                        // Another peer is opening: it holds the lock briefly.
+                        std::thread::sleep(nap);
+                        nap = (nap * 2).min(Duration::from_millis(5));
+                    }
                 }
                 other => return other,
             }
