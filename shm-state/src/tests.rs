@@ -372,3 +372,4 @@ mod miri;
 mod opening;
 mod protocol_page;
 mod regressions;
+mod shared;

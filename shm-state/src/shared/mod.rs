@@ -169,6 +169,9 @@ struct SharedOpen<'p> {
     slot: usize,
     tid: u32,
     taken: Option<Taken>,
+    /// The writer lock and its holder record as found: put back when the
+    /// open is refused, so that the region is left as it was.
+    before: (u32, u64),
 }
 
 impl OpenHooks for SharedOpen<'_> {
@@ -201,6 +204,10 @@ impl OpenHooks for SharedOpen<'_> {
     }
 
     fn locked(&mut self, mem: &Mem, nonce: u64) -> Result<()> {
+        self.before = (
+            self.page.wlock().load(Ordering::Acquire),
+            self.page.u64(WLOCK_HOLDER).load(Ordering::Acquire),
+        );
         self.taken = Some(acquire_writer(
             self.page,
             self.tid,
@@ -212,7 +219,21 @@ impl OpenHooks for SharedOpen<'_> {
     }
 
     fn failed(&mut self, _mem: &Mem) {
-        if let Some(taken) = self.taken.take() {
+        let Some(taken) = self.taken.take() else {
+            return;
+        };
+        let (wlock, holder) = self.before;
+        self.page.u64(WLOCK_HOLDER).store(holder, Ordering::Release);
+        // The lock word as found, unless someone sleeps on it now (then it
+        // is released as usual, and they are woken).
+        let word = self.page.wlock();
+        let now = word.load(Ordering::Acquire);
+        if wlock::holder(wlock) != 0
+            || now & WLOCK_WAITERS != 0
+            || word
+                .compare_exchange(now, wlock, Ordering::SeqCst, Ordering::Relaxed)
+                .is_err()
+        {
             release_writer(self.page, taken == Taken::OwnerDied);
         }
     }
@@ -262,12 +283,13 @@ impl<R: Pod> SharedState<R> {
                 slot: entry.slot,
                 tid,
                 taken: None,
+                before: (0, 0),
             };
             match State::open_locked(mem, nonce, expected, &mut layout, &mut hooks) {
                 Ok(state) => Ok((state, robust, entry, tid)),
                 Err(e) => {
                     drop(robust);
-                    peers::release(&page, entry);
+                    peers::put_back(&page, entry);
                     Err(e)
                 }
             }

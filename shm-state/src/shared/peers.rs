@@ -24,6 +24,10 @@ pub(crate) struct Entry {
     pub slot: usize,
     pub held: u64,
     pub nonce: u64,
+    /// The entry's words as found, and its robust word: put back when the
+    /// open is refused, so that the region is left as it was.
+    previous: LockWords,
+    robust_before: u64,
 }
 
 /// The pid entry `slot` names if it is a live peer of the memory `ours`
@@ -67,9 +71,12 @@ pub(crate) fn register(
     let me = std::process::id();
     for slot in 0..MAX_PEERS {
         let cells = page.peer(slot);
-        if let Ok((Claim { held, .. }, _)) = lock::claim(&cells, me, mine, |found, claiming| {
-            owner::holds(found, ours, claiming, my_nonce)
-        }) {
+        let robust_before = page.peer_robust(slot).load(Ordering::Acquire);
+        if let Ok((Claim { held, previous }, _)) =
+            lock::claim(&cells, me, mine, |found, _| {
+                judge(found, found.word, ours, my_nonce)
+            })
+        {
             // Whoever takes the open lock after this sees the entry (an
             // exclusive opener then refuses): see `SharedState::open`.
             fence(Ordering::SeqCst);
@@ -77,6 +84,8 @@ pub(crate) fn register(
                 slot,
                 held,
                 nonce: mine.nonce,
+                previous,
+                robust_before,
             });
         }
     }
@@ -86,6 +95,20 @@ pub(crate) fn register(
 /// Gives an entry back (if it is still ours).
 pub(crate) fn release(page: &SharedPage, entry: Entry) {
     lock::release(&page.peer(entry.slot), entry.held, entry.nonce);
+}
+
+/// Gives back the entry of a refused open: its words as they were found
+/// (see `lock::unlock`), the robust word too.
+pub(crate) fn put_back(page: &SharedPage, entry: Entry) {
+    page.peer_robust(entry.slot)
+        .store(entry.robust_before, Ordering::Release);
+    lock::unlock(
+        &page.peer(entry.slot),
+        Claim {
+            previous: entry.previous,
+            held: entry.held,
+        },
+    );
 }
 
 /// Frees the entries of dead peers (each by compare-and-swap from the word

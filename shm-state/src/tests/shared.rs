@@ -1,0 +1,400 @@
+//! Shared states with real processes: this test binary runs itself as the
+//! other peers (`shared_child`, which does nothing unless `SHARED_CHILD`
+//! names a role). Every child gets `PR_SET_PDEATHSIG`, is killed by pid
+//! only, and is reaped.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::shared::wlock;
+
+const SHARED_CHILD: &str = "SHM_STATE_SHARED_CHILD";
+
+fn open_shared(path: &Path) -> Result<SharedState<Root>> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    // SAFETY: a file in a private temp dir, shared only by this test's
+    // processes through SharedState, never truncated.
+    SharedState::open(unsafe { Source::file(f) }, layout())
+}
+
+/// Creates every structure of the root (in a fresh state).
+fn init(s: &mut SharedState<Root>) {
+    s.transaction(|tx| {
+        if !tx.root()?.vec.is_null() {
+            return Ok(());
+        }
+        let r = Root {
+            n: 0,
+            cell: tx.new_cell(0u64)?,
+            vec: tx.new_vec()?,
+            map: tx.new_map()?,
+            bmap: tx.new_map()?,
+            log: tx.new_log()?,
+        };
+        tx.set_root(r)?;
+        let mut v = tx.vec(r.vec)?;
+        for _ in 0..64 {
+            v.push(0)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+}
+
+/// Sets every element of the vec, the cell and map[0] to `n`: one
+/// transaction, many lines.
+fn set_all(tx: &mut Tx<'_, Root>, n: u64) -> Result<()> {
+    let r = *tx.root()?;
+    let mut v = tx.vec(r.vec)?;
+    for i in 0..v.len()? {
+        v.set(i, n as u32)?;
+    }
+    tx.set_cell(r.cell, n)?;
+    tx.map(r.map)?.insert(&0, &n)?;
+    Ok(())
+}
+
+/// A child process running this binary as `role` on `path`; its stdout is
+/// piped. It dies with this process.
+fn child(role: &str, path: &Path) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "tests::shared::shared_child", "--nocapture", "-q"])
+        .env(SHARED_CHILD, format!("{role}|{}", path.display()))
+        .stdout(Stdio::piped());
+    // SAFETY: prctl is async-signal-safe; it only sets this child's
+    // parent-death signal.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    cmd.spawn().unwrap()
+}
+
+/// Waits (at most 30 s) for the child to print `line`.
+fn expect_line(kid: &mut Child, line: &str) {
+    let out = kid.stdout.as_mut().unwrap();
+    let mut reader = BufReader::new(out);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = String::new();
+    while Instant::now() < deadline {
+        got.clear();
+        if reader.read_line(&mut got).unwrap() == 0 {
+            panic!("the child ended before printing {line:?}");
+        }
+        if got.trim() == line {
+            return;
+        }
+    }
+    panic!("no {line:?} from the child within 30 s");
+}
+
+fn kill9(kid: &mut Child) {
+    kid.kill().unwrap(); // SIGKILL, by pid
+    kid.wait().unwrap();
+}
+
+/// The other peers (does nothing unless a test below runs this binary with
+/// `SHARED_CHILD` set).
+#[test]
+fn shared_child() {
+    let Ok(arg) = std::env::var(SHARED_CHILD) else {
+        return;
+    };
+    let (role, path) = arg.split_once('|').unwrap();
+    let mut s = open_shared(Path::new(path)).unwrap();
+    init(&mut s);
+    match role {
+        // Holds a handle until killed.
+        "hold" => {
+            println!("open");
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        // Dies inside a transaction, half of it written.
+        "die-in-tx" => {
+            let _ = s.transaction(|tx| {
+                let r = *tx.root()?;
+                tx.vec(r.vec)?.set(0, 7777)?;
+                tx.set_cell(r.cell, 7777)?;
+                println!("inside");
+                std::thread::sleep(Duration::from_secs(60));
+                Ok::<_, Error>(())
+            });
+        }
+        // Commits set_all(n) for n = 1, 2, ... as fast as it can, for the
+        // seconds in SHM_STATE_RACE_SECS (default 10).
+        "writer" => {
+            let secs = env_count("SHM_STATE_RACE_SECS", 10);
+            let end = Instant::now() + Duration::from_secs(secs);
+            println!("writing");
+            let mut n = 0u64;
+            while Instant::now() < end {
+                n += 1;
+                s.transaction(|tx| set_all(tx, n)).unwrap();
+            }
+            println!("wrote {n}");
+        }
+        // Pushes 200 000 elements, one transaction of 100 each: the
+        // region grows under the readers.
+        "grower" => {
+            println!("growing");
+            let r = s.read(|v| v.root()).unwrap();
+            for batch in 0..2_000u32 {
+                s.transaction(|tx| {
+                    let mut v = tx.vec(r.vec)?;
+                    let base = v.len()?;
+                    for i in 0..100 {
+                        v.push((base + i) as u32)?;
+                    }
+                    tx.map(r.map)?.insert(&u64::from(batch), &(base + 100))
+                })
+                .unwrap();
+            }
+            println!("grown");
+        }
+        other => panic!("unknown role {other}"),
+    }
+    drop(s);
+    std::process::exit(0);
+}
+
+#[test]
+fn a_heap_buffer_cannot_be_shared_and_a_second_handle_in_one_process_is_refused() {
+    let e = SharedState::<Root>::open(Source::heap(Vec::new()), layout()).unwrap_err();
+    assert!(e.to_string().contains("cannot be shared"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let s = open_shared(&path).unwrap();
+    match open_shared(&path) {
+        Err(Error::Locked { pid }) => assert_eq!(pid, std::process::id()),
+        other => panic!("a second handle: {other:?}"),
+    }
+    // Nor an exclusive one while this process shares it.
+    match open_path(&path) {
+        Err(Error::Locked { pid }) => assert_eq!(pid, std::process::id()),
+        other => panic!("an exclusive handle: {other:?}"),
+    }
+    assert_eq!(s.peers(), vec![std::process::id()]);
+    drop(s);
+    // Closed: the state opens exclusively, and shared again after.
+    drop(open_path(&path).unwrap());
+    let s = open_shared(&path).unwrap();
+    assert_eq!(s.report().generation, 3);
+}
+
+#[test]
+fn exclusive_and_shared_exclude_each_other_across_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut kid = child("hold", &path);
+    expect_line(&mut kid, "open");
+    match open_path(&path) {
+        Err(Error::Locked { pid }) => assert_eq!(pid, kid.id()),
+        other => panic!("an exclusive open beside a live peer: {other:?}"),
+    }
+    // A second sharer is fine and sees both.
+    let s = open_shared(&path).unwrap();
+    let mut peers = s.peers();
+    peers.sort();
+    let mut want = vec![kid.id(), std::process::id()];
+    want.sort();
+    assert_eq!(peers, want);
+    drop(s);
+    kill9(&mut kid);
+    // The dead peer's entry does not keep an exclusive opener out, and an
+    // exclusive holder keeps a sharer out.
+    let held = open_path(&path).unwrap();
+    match open_shared(&path) {
+        Err(Error::Locked { .. }) => {}
+        other => panic!("a sharer beside an exclusive holder: {other:?}"),
+    }
+    drop(held);
+}
+
+#[test]
+fn dead_peers_are_found_and_their_entries_reclaimed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut kids: Vec<Child> = (0..3).map(|_| child("hold", &path)).collect();
+    for k in &mut kids {
+        expect_line(k, "open");
+    }
+    let s = open_shared(&path).unwrap();
+    assert_eq!(s.peers().len(), 4);
+    let mut dead = kids.remove(1);
+    let dead_pid = dead.id();
+    kill9(&mut dead);
+    let peers = s.peers();
+    assert_eq!(peers.len(), 3, "{peers:?}");
+    assert!(!peers.contains(&dead_pid));
+    for mut k in kids {
+        kill9(&mut k);
+    }
+    assert_eq!(s.peers(), vec![std::process::id()]);
+}
+
+/// Reads the shared line's writer lock word from the file.
+fn wlock_word(path: &Path) -> u32 {
+    let bytes = std::fs::read(path).unwrap();
+    u32::from_le_bytes(bytes[0x300..0x304].try_into().unwrap())
+}
+
+#[test]
+fn a_writer_killed_inside_a_transaction_is_rolled_back_by_the_next_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    s.transaction(|tx| set_all(tx, 5)).unwrap();
+    let mut kid = child("die-in-tx", &path);
+    expect_line(&mut kid, "inside");
+    // The child holds the writer lock, its transaction half written.
+    assert_ne!(wlock::holder(wlock_word(&path)), 0);
+    kill9(&mut kid);
+    if s.is_robust() {
+        // The kernel marked the lock at the child's death.
+        let w = wlock_word(&path);
+        assert_eq!(wlock::holder(w), 0, "{w:#x}");
+        assert_ne!(w & crate::format::WLOCK_OWNER_DIED, 0, "{w:#x}");
+    }
+    // A reader does not see the half-written transaction: it rolls it back
+    // (under the writer lock) and reads the committed state.
+    let r = s.read(|v| v.root()).unwrap();
+    let (vec, cell) = s.read(|v| Ok((v.vec(r.vec)?, v.cell(r.cell)?))).unwrap();
+    assert!(vec.iter().all(|&x| x == 5), "{vec:?}");
+    assert_eq!(cell, 5);
+    // The next writer goes on.
+    s.transaction(|tx| set_all(tx, 6)).unwrap();
+    assert_eq!(s.stats().recoveries, 1, "{:?}", s.stats());
+    let vec = s.read(|v| v.vec(r.vec)).unwrap();
+    assert!(vec.iter().all(|&x| x == 6), "{vec:?}");
+    drop(s);
+    open_path(&path).unwrap().verify().unwrap();
+}
+
+#[test]
+fn a_writer_blocked_behind_a_dying_holder_goes_on_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    let mut kid = child("die-in-tx", &path);
+    expect_line(&mut kid, "inside");
+    let pid = kid.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        kid.kill().unwrap();
+        kid.wait().unwrap();
+        Instant::now()
+    });
+    // Blocks on the lock until the child dies, then recovers and commits.
+    let started = Instant::now();
+    s.transaction(|tx| set_all(tx, 9)).unwrap();
+    let committed = Instant::now();
+    let killed = killer.join().unwrap();
+    assert!(
+        committed >= started + Duration::from_millis(250),
+        "the transaction did not wait for the holder (pid {pid})"
+    );
+    eprintln!(
+        "from the holder's reaped death to the next commit: {:?} (robust: {})",
+        committed.saturating_duration_since(killed),
+        s.is_robust()
+    );
+    assert_eq!(s.stats().recoveries, 1);
+    let r = s.read(|v| v.root()).unwrap();
+    assert_eq!(s.read(|v| v.cell(r.cell)).unwrap(), 9);
+}
+
+#[test]
+fn a_reader_racing_a_writer_never_sees_a_torn_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    let r = s.read(|v| v.root()).unwrap();
+    let mut kid = child("writer", &path);
+    expect_line(&mut kid, "writing");
+    let (mut reads, mut last) = (0u64, 0u64);
+    while kid.try_wait().unwrap().is_none() {
+        let (vec, cell, m) = s
+            .read(|v| Ok((v.vec(r.vec)?, v.cell(r.cell)?, v.map(r.map)?.get(&0)?)))
+            .unwrap();
+        // One transaction sets all of them: any mix is a torn read.
+        assert!(
+            vec.iter().all(|&x| u64::from(x) == cell) && m.unwrap_or(0) == cell,
+            "torn read: cell {cell}, map {m:?}, vec {vec:?}"
+        );
+        assert!(cell >= last, "went back from {last} to {cell}");
+        last = cell;
+        reads += 1;
+    }
+    let out = kid.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let stats = s.stats();
+    eprintln!(
+        "{reads} reads, last value {last}, {stats:?}, {}",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert!(reads > 100 && last > 100, "{reads} reads, last {last}");
+    assert!(
+        stats.read_retries > 0,
+        "no read ever raced a commit: the test proves nothing ({stats:?})"
+    );
+}
+
+#[test]
+fn a_reader_follows_the_region_as_a_writer_grows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    let r = s.read(|v| v.root()).unwrap();
+    let first_len = s.region_len();
+    let mut kid = child("grower", &path);
+    expect_line(&mut kid, "growing");
+    let mut reads = 0u64;
+    loop {
+        let done = kid.try_wait().unwrap().is_some();
+        let (len, last) = s
+            .read(|v| {
+                let len = v.vec_len(r.vec)?;
+                Ok((len, v.vec_get(r.vec, len - 1)?))
+            })
+            .unwrap();
+        // The elements past the first 64 are their own index.
+        if len > 64 {
+            assert_eq!(last, Some((len - 1) as u32), "len {len}");
+        }
+        reads += 1;
+        if done {
+            assert_eq!(len, 64 + 200_000);
+            break;
+        }
+    }
+    assert!(kid.wait().unwrap().success());
+    assert!(
+        s.region_len() > 4 * first_len,
+        "the region did not grow: {first_len} -> {}",
+        s.region_len()
+    );
+    let whole = s.read(|v| v.vec(r.vec)).unwrap();
+    assert!(
+        whole.iter().enumerate().skip(64).all(|(i, &x)| x as usize == i),
+        "the elements are not their indexes"
+    );
+    eprintln!("{reads} reads while the region grew to {} bytes", s.region_len());
+}
