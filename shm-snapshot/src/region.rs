@@ -72,6 +72,7 @@ impl<'a> Region<'a> {
     ///   `&mut [u8]` or plain pointer reads and writes. Other processes are
     ///   outside Rust's model and may do as they like.
     #[cfg(not(loom))]
+    #[inline]
     pub unsafe fn from_raw_parts(ptr: *mut u8, len: usize) -> Region<'a> {
         debug_assert!((ptr as usize) & 7 == 0, "region pointer not 8-aligned");
         let words = len / 8;
@@ -161,6 +162,7 @@ impl<'a> Region<'a> {
     }
 
     /// The length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.words.len() * 8 + self.tail.len()
     }
@@ -215,6 +217,7 @@ impl<'a> Region<'a> {
     }
 
     /// Loads word `i` (relaxed), half by half when it is the narrow one.
+    #[inline]
     fn load_word(&self, i: usize) -> u64 {
         #[cfg(not(loom))]
         if Some(i) == self.narrow {
@@ -255,6 +258,7 @@ impl<'a> Region<'a> {
     }
 
     /// Loads the little-endian `u64` at `offset` (a multiple of 8).
+    #[inline]
     pub fn load_u64(&self, offset: usize) -> u64 {
         self.check_word(offset);
         u64::from_le(self.load_word(offset / 8))
@@ -266,6 +270,7 @@ impl<'a> Region<'a> {
         self.store_word(offset / 8, value.to_le());
     }
 
+    #[inline]
     fn check_word(&self, offset: usize) {
         assert!(offset & 7 == 0, "offset {offset} is not 8-aligned");
         assert!(
@@ -276,8 +281,21 @@ impl<'a> Region<'a> {
     }
 
     /// Copies the bytes at `offset..offset + buf.len()` into `buf`.
+    #[inline]
     pub fn read(&self, offset: usize, buf: &mut [u8]) {
         self.check_range(offset, buf.len());
+        // Whole, aligned words clear of the narrow one: one load each.
+        let (first, n) = (offset / 8, buf.len() / 8);
+        if offset % 8 == 0
+            && buf.len() % 8 == 0
+            && first + n <= self.words.len()
+            && self.narrow.is_none_or(|w| w < first || w >= first + n)
+        {
+            for (chunk, word) in buf.chunks_exact_mut(8).zip(&self.words[first..first + n]) {
+                chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_ne_bytes());
+            }
+            return;
+        }
         let mut i = 0;
         while i < buf.len() {
             let at = offset + i;
@@ -373,6 +391,7 @@ impl<'a> Region<'a> {
             && self.tail.iter().all(|t| t.load(Ordering::Relaxed) == 0)
     }
 
+    #[inline]
     fn check_range(&self, offset: usize, len: usize) {
         match offset.checked_add(len) {
             Some(end) if end <= self.len() => {}
@@ -399,6 +418,7 @@ impl<'a> Region<'a> {
 /// the protocol's futex word ([`crate::OFF_WAKE`]) when the region reaches
 /// it. Every region this process makes over a memfd starts at the memfd's
 /// start (or is a part of one), so they all agree on it.
+#[inline]
 fn narrow_word(words: usize) -> Option<usize> {
     let i = crate::header::OFF_WAKE / 8;
     (i < words).then_some(i)

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use shm_fd::{CreateOptions, SharedFd};
-use shm_state::{Layout, Opened, Source, State, StateMap, StateVec};
+use shm_state::{Layout, Opened, SharedState, Source, State, StateMap, StateVec};
 
 #[derive(Clone, Copy, Pod, Zeroable)]
 #[repr(C)]
@@ -538,6 +538,87 @@ fn open_and_recover(gib: u64) {
     );
 }
 
+/// One process: a [`SharedState`] against the exclusive [`State`] on the
+/// same work, so that the cost of sharing when nobody else is there (the
+/// writer lock's compare-and-swap and swap, the reader's seqlock and
+/// copies) is a ratio measured in the same run.
+fn shared_vs_exclusive(n: u64) {
+    let ks = keys(n);
+    let mut exclusive = open(memfd());
+    // SAFETY: a private memfd of this benchmark, sealed against shrinking.
+    let mut shared = SharedState::<Root>::open(unsafe { Source::shared(memfd()) }, Layout::new(1))
+        .expect("open");
+    let map = shared
+        .transaction(|tx| {
+            let map = tx.new_map()?;
+            let big = tx.new_vec()?;
+            tx.set_root(Root { map, big })?;
+            Ok::<_, shm_state::Error>(map)
+        })
+        .unwrap();
+    let ex_map = exclusive.root().unwrap().map;
+    let ex_insert = time(n, || {
+        for &k in &ks {
+            exclusive
+                .transaction(|tx| tx.map(ex_map)?.insert(&k, &k))
+                .unwrap();
+        }
+    });
+    let sh_insert = time(n, || {
+        for &k in &ks {
+            shared
+                .transaction(|tx| tx.map(map)?.insert(&k, &k))
+                .unwrap();
+        }
+    });
+    let ex_get = time(n, || {
+        let m = exclusive.map(ex_map).unwrap();
+        for &k in &ks {
+            std::hint::black_box(m.get(&k).unwrap());
+        }
+    });
+    let ex_get_each = time(n, || {
+        for &k in &ks {
+            std::hint::black_box(*exclusive.map(ex_map).unwrap().get(&k).unwrap().unwrap());
+        }
+    });
+    let sh_get = time(n, || {
+        for &k in &ks {
+            std::hint::black_box(shared.read(|v| v.map(map)?.get(&k)).unwrap());
+        }
+    });
+    print(
+        "shared state, one process (ratio: against the exclusive State)",
+        &[
+            Row {
+                name: "exclusive: one-insert transaction".into(),
+                per_op: ex_insert,
+                baseline: None,
+            },
+            Row {
+                name: "shared: one-insert transaction (writer lock)".into(),
+                per_op: sh_insert,
+                baseline: Some(ex_insert),
+            },
+            Row {
+                name: "exclusive: get (one map view for all gets)".into(),
+                per_op: ex_get,
+                baseline: None,
+            },
+            Row {
+                name: "exclusive: get (a map view per get)".into(),
+                per_op: ex_get_each,
+                baseline: None,
+            },
+            Row {
+                name: "shared: get (a read per get: seqlock + copy)".into(),
+                per_op: sh_get,
+                baseline: Some(ex_get_each),
+            },
+        ],
+    );
+}
+
 fn main() {
     // `cargo test --benches` runs benches with --bench absent: keep it quick.
     let quick = !std::env::args().any(|a| a == "--bench");
@@ -565,6 +646,7 @@ fn main() {
         },
     );
     vs_serialise(n);
+    shared_vs_exclusive(n);
     vs_sqlite(n);
     if gib > 0 {
         open_and_recover(gib);

@@ -282,7 +282,10 @@ pub(crate) fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
     }
     // The shared line and the peer table are judged, not required zero: a
     // format 4 region holds zeros there, which read as "free".
-    for (start, end) in [(FREE_HEADS + FREE_SLOTS * 8, SHARED_START), (SHARED_END, PEERS)] {
+    for (start, end) in [
+        (FREE_HEADS + FREE_SLOTS * 8, SHARED_START),
+        (SHARED_END, PEERS),
+    ] {
         check_reserved(mem, start, end)?;
     }
     Ok(layout)

@@ -6,7 +6,9 @@ use crate::format::*;
 use crate::layout::{Layout, OldRoot, root_layout};
 use crate::lock::{Claim, LockWords};
 use crate::mem::{Backing, HeaderPage, Mem};
-use crate::open::{Exclusive, OpenHooks, OpenReport, Opened, Prepared, prepare, release_lock, unlock};
+use crate::open::{
+    Exclusive, OpenHooks, OpenReport, Opened, Prepared, prepare, release_lock, unlock,
+};
 use crate::owner;
 use crate::snapshot::Publisher;
 use crate::source::{Source, SourceKind, first_page};
@@ -57,7 +59,8 @@ impl<R: Pod> State<R> {
     pub fn open(source: Source, mut layout: Layout<R>) -> Result<State<R>> {
         let (mem, expected) = Self::map_source(source, &mut layout)?;
         let nonce = owner::register_handle(mem.identity());
-        let result = Self::open_locked(mem, nonce, expected, &mut layout, &mut Exclusive::default());
+        let result =
+            Self::open_locked(mem, nonce, expected, &mut layout, &mut Exclusive::default());
         if result.is_err() {
             owner::unregister_handle(nonce);
         }
@@ -67,7 +70,10 @@ impl<R: Pod> State<R> {
     /// The steps of an open before any lock: the layout checked, the
     /// backing mapped, its header looked at read-only (foreign data and
     /// unknown formats refused), a blank region grown to hold the header.
-    pub(crate) fn map_source(source: Source, layout: &mut Layout<R>) -> Result<(Mem, StoredLayout)> {
+    pub(crate) fn map_source(
+        source: Source,
+        layout: &mut Layout<R>,
+    ) -> Result<(Mem, StoredLayout)> {
         let expected = root_layout::<R>(layout.version)?;
         let base = if layout.snapshot_protocol {
             shm_snapshot::DATA_OFFSET

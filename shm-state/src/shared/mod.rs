@@ -73,7 +73,9 @@ pub struct SharedState<R> {
     page: SharedPage,
     entry: peers::Entry,
     tid: u32,
-    pid: u32,
+    /// `sys::forks()` when opened: a handle used in a forked child is
+    /// refused (its robust thread and its peer entry are the parent's).
+    forks: u64,
     ours: Identity,
     nonce: u64,
     stats: Stats,
@@ -143,8 +145,10 @@ fn acquire_writer(page: &SharedPage, tid: u32, slot: usize, ours: Identity, nonc
         nonce,
     };
     let taken = wlock::acquire(page.wlock(), tid, &mut waiter);
-    page.u64(WLOCK_HOLDER)
-        .store(((slot as u64 + 1) << 32) | u64::from(tid), Ordering::Release);
+    page.u64(WLOCK_HOLDER).store(
+        ((slot as u64 + 1) << 32) | u64::from(tid),
+        Ordering::Release,
+    );
     taken
 }
 
@@ -309,7 +313,7 @@ impl<R: Pod> SharedState<R> {
             page,
             entry,
             tid,
-            pid: std::process::id(),
+            forks: sys::forks(),
             ours,
             nonce,
             stats: Stats::default(),
@@ -354,7 +358,7 @@ impl<R: Pod> SharedState<R> {
     }
 
     fn check_fork(&self) -> Result<()> {
-        if std::process::id() != self.pid {
+        if sys::forks() != self.forks {
             return Err(Error::unsupported(
                 "a shared state's handle was opened by the parent of this process (fork); open the state again",
             ));
@@ -479,9 +483,11 @@ impl<R: Pod> SharedState<R> {
     /// consistent.
     fn read_locked<T>(&mut self, mut f: impl FnMut(&View<'_, R>) -> Result<T>) -> Result<T> {
         let taken = self.lock();
-        let result = self.take_over(taken).and_then(|()| loop {
-            if let Some(r) = self.read_once(&mut f)? {
-                break r;
+        let result = self.take_over(taken).and_then(|()| {
+            loop {
+                if let Some(r) = self.read_once(&mut f)? {
+                    break r;
+                }
             }
         });
         release_writer(&self.page, result.is_err() && taken == Taken::OwnerDied);

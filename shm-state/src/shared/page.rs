@@ -26,7 +26,10 @@ impl SharedPage {
 
     /// The 8-byte word at `off`: one of the format's constant offsets.
     pub(crate) fn u64(&self, off: u64) -> &AtomicU64 {
-        assert!(off.is_multiple_of(8) && off + 8 <= HEADER_LEN, "word {off:#x}");
+        assert!(
+            off.is_multiple_of(8) && off + 8 <= HEADER_LEN,
+            "word {off:#x}"
+        );
         // SAFETY: the mapping is at least HEADER_LEN bytes (checked in
         // `new`), page-aligned, and lives as long as `self`; `off` is an
         // 8-aligned offset inside it (asserted). The words reached here
@@ -38,7 +41,10 @@ impl SharedPage {
     /// The 4-byte word at `off` (the writer lock, the commit word's low
     /// half as a futex key).
     pub(crate) fn u32(&self, off: u64) -> &AtomicU32 {
-        assert!(off.is_multiple_of(4) && off + 4 <= HEADER_LEN, "word {off:#x}");
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= HEADER_LEN,
+            "word {off:#x}"
+        );
         // SAFETY: as in `u64`, for a 4-aligned 4-byte word.
         unsafe { AtomicU32::from_ptr(self.map.as_mut_ptr().add(off as usize).cast()) }
     }

@@ -72,11 +72,9 @@ pub(crate) fn register(
     for slot in 0..MAX_PEERS {
         let cells = page.peer(slot);
         let robust_before = page.peer_robust(slot).load(Ordering::Acquire);
-        if let Ok((Claim { held, previous }, _)) =
-            lock::claim(&cells, me, mine, |found, _| {
-                judge(found, found.word, ours, my_nonce)
-            })
-        {
+        if let Ok((Claim { held, previous }, _)) = lock::claim(&cells, me, mine, |found, _| {
+            judge(found, found.word, ours, my_nonce)
+        }) {
             // Whoever takes the open lock after this sees the entry (an
             // exclusive opener then refuses): see `SharedState::open`.
             fence(Ordering::SeqCst);

@@ -20,6 +20,7 @@
 //! process's address space, meaningless to anyone else, in memory only this
 //! peer writes.
 
+use std::sync::Once;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -189,3 +190,23 @@ pub(crate) fn gettid() -> u32 {
     // SAFETY: gettid has no preconditions.
     unsafe { libc::gettid() as u32 }
 }
+
+/// How many times this process is a forked child of a process that used
+/// this library: a handle remembers the count it was opened with, so a
+/// handle carried across `fork` is caught with one load instead of a
+/// `getpid` per transaction.
+pub(crate) fn forks() -> u64 {
+    static REGISTER: Once = Once::new();
+    REGISTER.call_once(|| {
+        extern "C" fn in_child() {
+            FORKS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the handler only increments an atomic (async-signal-
+        // safe, as a handler run in a forked child must be); registering
+        // it has no other precondition.
+        unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
+    });
+    FORKS.load(Ordering::Relaxed)
+}
+
+static FORKS: AtomicU64 = AtomicU64::new(0);

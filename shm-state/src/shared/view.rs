@@ -13,9 +13,7 @@ use shm_snapshot::Region;
 
 use crate::cell::check_cell;
 use crate::error::{Error, Result};
-use crate::format::{
-    BLOCK_HEADER, Block, DY_ROOT, Kind, MAP_HEADER, VEC_HEADER, touches_atomics,
-};
+use crate::format::{BLOCK_HEADER, Block, DY_ROOT, Kind, MAP_HEADER, VEC_HEADER, touches_atomics};
 use crate::handle::{StateCell, StateMap, StateVec};
 use crate::map::{self, BYTES, DELETED, EMPTY, Item, TAG_BIT, field, slot_size};
 use crate::vec;
@@ -82,7 +80,8 @@ fn buffer(region: &Region<'_>, what: &'static str, at: u64, len: u64) -> Result<
         ));
     }
     let mut v = Vec::new();
-    v.try_reserve_exact(len as usize).map_err(|_| Error::TooLarge { what, len })?;
+    v.try_reserve_exact(len as usize)
+        .map_err(|_| Error::TooLarge { what, len })?;
     v.resize(len as usize, 0);
     Ok(v)
 }
@@ -211,19 +210,33 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         self.h.len == 0
     }
 
-    /// The bytes of the item field at `at` (a region offset): a POD item
-    /// copied from the slot, or the byte string its offset names.
-    fn item<I: Item>(&self, slot: &[u8], at: usize) -> Result<Vec<u8>> {
-        if I::KIND == BYTES {
-            let off = u64::from_le_bytes(slot[at..at + 8].try_into().expect("8"));
-            let b = block(&self.region, self.heap, off, Kind::Bytes)?;
-            let b = b.need(b.aux)?;
-            let mut bytes = buffer(&self.region, "byte string", b.payload(), b.aux)?;
-            read_into(&self.region, "byte string", b.payload(), &mut bytes)?;
-            Ok(bytes)
+    /// The byte string a slot's field at `at` names (a `Bytes` item).
+    fn byte_string(&self, slot: &[u8], at: usize) -> Result<Vec<u8>> {
+        let off = u64::from_le_bytes(slot[at..at + 8].try_into().expect("8"));
+        let b = block(&self.region, self.heap, off, Kind::Bytes)?;
+        let b = b.need(b.aux)?;
+        let mut bytes = buffer(&self.region, "byte string", b.payload(), b.aux)?;
+        read_into(&self.region, "byte string", b.payload(), &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// A copy of the item in a slot's field at `at`.
+    fn item<I: Item>(&self, slot: &[u8], at: usize) -> Result<I::Owned> {
+        let owned = if I::KIND == BYTES {
+            I::owned(&self.byte_string(slot, at)?)
         } else {
-            Ok(slot[at..at + I::SIZE as usize].to_vec())
-        }
+            I::owned(&slot[at..at + I::SIZE as usize])
+        };
+        owned.ok_or_else(|| Error::corrupt("map slot", self.h.slots(), "unreadable item"))
+    }
+
+    /// Whether the key in a slot's field at 8 is `key`.
+    fn same_key(&self, slot: &[u8], key: &[u8]) -> Result<bool> {
+        Ok(if K::KIND == BYTES {
+            self.byte_string(slot, 8)? == key
+        } else {
+            slot[8..8 + K::SIZE as usize] == *key
+        })
     }
 
     /// Slot `i`, copied into `slot`.
@@ -240,21 +253,26 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         let kb = K::as_bytes(key);
         let tag = map::hash(kb) | TAG_BIT;
         let size = slot_size::<K, V>() as usize;
-        let mut slot = vec![0u8; size];
+        // Small slots (most maps) are copied to the stack.
+        let mut small = [0u8; 128];
+        let mut large = Vec::new();
+        let slot: &mut [u8] = if size <= small.len() {
+            &mut small[..size]
+        } else {
+            large.resize(size, 0);
+            &mut large
+        };
         let mask = self.h.cap - 1;
         let mut i = tag & mask;
         // At most one pass over the table, however the slots change.
         for _ in 0..self.h.cap {
-            self.slot(i, &mut slot)?;
+            self.slot(i, slot)?;
             let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
             if t == EMPTY {
                 return Ok(None);
             }
-            if t != DELETED && t == tag && self.item::<K>(&slot, 8)? == kb {
-                let value = self.item::<V>(&slot, 8 + field::<K>() as usize)?;
-                return V::owned(&value)
-                    .map(Some)
-                    .ok_or_else(|| Error::corrupt("map slot", self.h.slots(), "unreadable value"));
+            if t == tag && self.same_key(slot, kb)? {
+                return Ok(Some(self.item::<V>(slot, 8 + field::<K>() as usize)?));
             }
             i = (i + 1) & mask;
         }
@@ -279,8 +297,7 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
             }
             let k = self.item::<K>(&slot, 8)?;
             let v = self.item::<V>(&slot, 8 + field::<K>() as usize)?;
-            let bad = || Error::corrupt("map slot", self.h.slots() + i * size as u64, "unreadable item");
-            out.push((K::owned(&k).ok_or_else(bad)?, V::owned(&v).ok_or_else(bad)?));
+            out.push((k, v));
             if out.len() as u64 > self.h.len {
                 return Err(Error::corrupt(
                     "map header",

@@ -94,7 +94,11 @@ pub(crate) fn acquire<W: Word32>(word: &W, tid: u32, wait: &mut impl Wait) -> Ta
     let mut seen = word.load(Ordering::Acquire);
     loop {
         if seen & WLOCK_TID == 0 {
-            let waiters = if slept { WLOCK_WAITERS } else { seen & WLOCK_WAITERS };
+            let waiters = if slept {
+                WLOCK_WAITERS
+            } else {
+                seen & WLOCK_WAITERS
+            };
             match word.compare_exchange(seen, tid | waiters, Ordering::Acquire, Ordering::Acquire) {
                 Ok(_) if seen & WLOCK_OWNER_DIED != 0 => return Taken::OwnerDied,
                 Ok(_) => return Taken::Clean,
@@ -187,7 +191,8 @@ mod model {
             let inside = Arc::new(AtomicUsize::new(0));
             let deaths_seen = Arc::new(AtomicUsize::new(0));
             let run = |tid: u32, dies: bool| {
-                let (word, inside, deaths_seen) = (word.clone(), inside.clone(), deaths_seen.clone());
+                let (word, inside, deaths_seen) =
+                    (word.clone(), inside.clone(), deaths_seen.clone());
                 thread::spawn(move || {
                     if acquire(&*word, tid, &mut Yield) == Taken::OwnerDied {
                         deaths_seen.fetch_add(1, SeqCst);

@@ -11,8 +11,8 @@ fn flipped_header_bits_are_detected() {
     // words at 0xC8..0x100, the shared line 0x300..0x340 and the peer table
     // 0x400.. are judged, not checked: see docs; the commit word at 0xC0
     // carries its own check byte).
-    for byte in (0..0x400usize)
-        .filter(|b| !(0xC8..0x100).contains(b) && !(0x300..0x340).contains(b))
+    for byte in
+        (0..0x400usize).filter(|b| !(0xC8..0x100).contains(b) && !(0x300..0x340).contains(b))
     {
         let bit = rng.below(8);
         let mut bad = img.clone();

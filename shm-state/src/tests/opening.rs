@@ -202,7 +202,11 @@ fn a_format_4_region_is_upgraded_by_its_first_open_and_a_crash_rolls_the_upgrade
     let old = img.clone();
     let value = |s: &State<Root>| {
         let r = *s.root().unwrap();
-        s.map(r.bmap).unwrap().get(b"k").unwrap().map(<[u8]>::to_vec)
+        s.map(r.bmap)
+            .unwrap()
+            .get(b"k")
+            .unwrap()
+            .map(<[u8]>::to_vec)
     };
 
     let s = open(img).unwrap();

@@ -68,9 +68,14 @@ fn set_all(tx: &mut Tx<'_, Root>, n: u64) -> Result<()> {
 /// piped. It dies with this process.
 fn child(role: &str, path: &Path) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args(["--exact", "tests::shared::shared_child", "--nocapture", "-q"])
-        .env(SHARED_CHILD, format!("{role}|{}", path.display()))
-        .stdout(Stdio::piped());
+    cmd.args([
+        "--exact",
+        "tests::shared::shared_child",
+        "--nocapture",
+        "-q",
+    ])
+    .env(SHARED_CHILD, format!("{role}|{}", path.display()))
+    .stdout(Stdio::piped());
     // SAFETY: prctl is async-signal-safe; it only sets this child's
     // parent-death signal.
     unsafe {
@@ -393,8 +398,15 @@ fn a_reader_follows_the_region_as_a_writer_grows_it() {
     );
     let whole = s.read(|v| v.vec(r.vec)).unwrap();
     assert!(
-        whole.iter().enumerate().skip(64).all(|(i, &x)| x as usize == i),
+        whole
+            .iter()
+            .enumerate()
+            .skip(64)
+            .all(|(i, &x)| x as usize == i),
         "the elements are not their indexes"
     );
-    eprintln!("{reads} reads while the region grew to {} bytes", s.region_len());
+    eprintln!(
+        "{reads} reads while the region grew to {} bytes",
+        s.region_len()
+    );
 }
