@@ -15,6 +15,10 @@ use crate::shared::wlock;
 const SHARED_CHILD: &str = "SHM_STATE_SHARED_CHILD";
 
 fn open_shared(path: &Path) -> Result<SharedState<Root>> {
+    open_shared_with(path, layout())
+}
+
+fn open_shared_with(path: &Path, layout: Layout<Root>) -> Result<SharedState<Root>> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -24,7 +28,7 @@ fn open_shared(path: &Path) -> Result<SharedState<Root>> {
         .unwrap();
     // SAFETY: a file in a private temp dir, shared only by this test's
     // processes through SharedState, never truncated.
-    SharedState::open(unsafe { Source::file(f) }, layout())
+    SharedState::open(unsafe { Source::file(f) }, layout)
 }
 
 /// Creates every structure of the root (in a fresh state).
@@ -120,7 +124,11 @@ fn shared_child() {
         return;
     };
     let (role, path) = arg.split_once('|').unwrap();
-    let mut s = open_shared(Path::new(path)).unwrap();
+    let mut s = if role == "published" {
+        open_shared_with(Path::new(path), layout().with_snapshot_protocol()).unwrap()
+    } else {
+        open_shared(Path::new(path)).unwrap()
+    };
     init(&mut s);
     match role {
         // Holds a handle until killed.
@@ -169,6 +177,13 @@ fn shared_child() {
                 .unwrap();
             }
             println!("grown");
+        }
+        // 100 transactions through the snapshot protocol.
+        "published" => {
+            for n in 0..100 {
+                s.transaction(|tx| set_all(tx, n)).unwrap();
+            }
+            println!("published");
         }
         other => panic!("unknown role {other}"),
     }
@@ -409,4 +424,31 @@ fn a_reader_follows_the_region_as_a_writer_grows_it() {
         "{reads} reads while the region grew to {} bytes",
         s.region_len()
     );
+}
+
+/// The snapshot protocol's sequence word (shm-snapshot's header, offset 64
+/// of the first page).
+fn protocol_seq(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    u64::from_le_bytes(bytes[64..72].try_into().unwrap())
+}
+
+#[test]
+fn writers_in_turn_continue_the_snapshot_protocols_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared_with(&path, layout().with_snapshot_protocol()).unwrap();
+    init(&mut s);
+    let mut kid = child("published", &path);
+    expect_line(&mut kid, "published");
+    assert!(kid.wait().unwrap().success());
+    let after_child = protocol_seq(&path);
+    assert_eq!(after_child % 2, 0, "left inside an update: {after_child}");
+    for n in 0..100 {
+        s.transaction(|tx| set_all(tx, n)).unwrap();
+    }
+    // Each of our commits is one generation more than the child's last:
+    // a writer that went on from its own stale count would store values
+    // the child already used (a snapshotter could keep a torn copy).
+    assert_eq!(protocol_seq(&path), after_child + 200);
 }
