@@ -366,31 +366,18 @@ impl<R: Pod> SharedState<R> {
         Ok(())
     }
 
-    fn lock(&mut self) -> Taken {
-        acquire_writer(&self.page, self.tid, self.entry.slot, self.ours, self.nonce)
-    }
-
-    /// Holding the writer lock: follows the region if another writer grew
-    /// it, continues the snapshot protocol's sequence, and rolls back the
-    /// transaction of a writer that died in it.
-    fn take_over(&mut self, taken: Taken) -> Result<()> {
-        let core = &mut self.state.core;
-        let top = core.mem.load_u64(DY_HEAP_TOP)?;
-        if taken == Taken::OwnerDied || top > core.mem.len() {
-            core.mem.refresh()?;
-        }
-        core.publisher.resync();
-        if open::recover(
-            &mut core.mem,
-            core.journal_len,
-            core.heap_off,
-            &mut core.publisher,
-        )?
-        .is_some()
-        {
-            self.stats.recoveries += 1;
-        }
-        Ok(())
+    /// Takes the writer lock and gets the region ready (see [`take_over`]):
+    /// the lock is released when the guard is dropped, a panic included.
+    fn hold(&mut self) -> Result<Held<'_, R>> {
+        let taken = acquire_writer(&self.page, self.tid, self.entry.slot, self.ours, self.nonce);
+        let mut held = Held {
+            page: &self.page,
+            state: &mut self.state,
+            failed: true,
+        };
+        take_over(held.state, &mut self.stats, taken)?;
+        held.failed = false;
+        Ok(held)
     }
 
     /// Runs `f` as one transaction under the writer lock (see
@@ -401,15 +388,8 @@ impl<R: Pod> SharedState<R> {
         f: impl FnOnce(&mut Tx<'_, R>) -> Result<T, E>,
     ) -> Result<T, E> {
         self.check_fork()?;
-        let taken = self.lock();
-        if let Err(e) = self.take_over(taken) {
-            release_writer(&self.page, true);
-            return Err(e.into());
-        }
-        let result = self.state.transaction(f);
-        // A rollback that failed left its journal for the next writer.
-        release_writer(&self.page, self.state.core.poisoned);
-        result
+        let held = self.hold()?;
+        held.state.transaction(f)
     }
 
     /// Reads the state without the writer lock: `f` gets a [`View`] of the
@@ -429,7 +409,7 @@ impl<R: Pod> SharedState<R> {
                 self.wait_for_commit(before)?;
                 continue;
             }
-            let Some(result) = self.read_once(&mut f)? else {
+            let Some(result) = Self::read_once(&mut self.state, &mut f)? else {
                 continue; // the region grew: mapped again
             };
             fence(Ordering::Acquire);
@@ -447,23 +427,23 @@ impl<R: Pod> SharedState<R> {
     /// One run of `f` over the region as it is; `None` when the heap top
     /// lies past this mapping (the region was remapped: run again).
     fn read_once<T>(
-        &mut self,
+        state: &mut State<R>,
         f: &mut impl FnMut(&View<'_, R>) -> Result<T>,
     ) -> Result<Option<Result<T>>> {
-        let heap_off = self.state.core.heap_off;
-        let len = self.state.core.mem.len();
+        let heap_off = state.core.heap_off;
+        let len = state.core.mem.len();
         // SAFETY: while a region lives, this process touches the memory
         // only through it: the handle is borrowed mutably, no slice of the
         // region is alive (transactions and views of this handle need
         // `&mut self`), and no other handle of this process is on this
         // memory (`SharedState::open` refuses a second one).
-        let region = unsafe { self.state.core.mem.shared_region() };
+        let region = unsafe { state.core.mem.shared_region() };
         let top = region.load_u64(DY_HEAP_TOP as usize);
         if top > len {
             // Another writer grew the region (or the word is torn: then
             // the next look at the commit word sends us round again).
-            self.state.core.mem.refresh()?;
-            return Ok(if top > self.state.core.mem.len() {
+            state.core.mem.refresh()?;
+            return Ok(if top > state.core.mem.len() {
                 Some(Err(Error::corrupt(
                     "heap top",
                     DY_HEAP_TOP,
@@ -474,7 +454,7 @@ impl<R: Pod> SharedState<R> {
             });
         }
         // SAFETY: as above.
-        let region = unsafe { self.state.core.mem.shared_region() };
+        let region = unsafe { state.core.mem.shared_region() };
         let view = View::new(region, (heap_off, top));
         Ok(Some(f(&view)))
     }
@@ -482,15 +462,13 @@ impl<R: Pod> SharedState<R> {
     /// `f` under the writer lock: no writer can run, so one run is
     /// consistent.
     fn read_locked<T>(&mut self, mut f: impl FnMut(&View<'_, R>) -> Result<T>) -> Result<T> {
-        let taken = self.lock();
-        let result = self.take_over(taken).and_then(|()| {
-            loop {
-                if let Some(r) = self.read_once(&mut f)? {
-                    break r;
-                }
+        let held = self.hold()?;
+        let result = loop {
+            if let Some(r) = Self::read_once(held.state, &mut f)? {
+                break r;
             }
-        });
-        release_writer(&self.page, result.is_err() && taken == Taken::OwnerDied);
+        };
+        drop(held);
         self.stats.locked_reads += 1;
         result
     }
@@ -502,10 +480,8 @@ impl<R: Pod> SharedState<R> {
     /// it makes writers wait, so keep it short.
     pub fn with_lock<T>(&mut self, f: impl FnOnce(&State<R>) -> T) -> Result<T> {
         self.check_fork()?;
-        let taken = self.lock();
-        let result = self.take_over(taken).map(|()| f(&self.state));
-        release_writer(&self.page, result.is_err() && taken == Taken::OwnerDied);
-        result
+        let held = self.hold()?;
+        Ok(f(held.state))
     }
 
     /// Waits until the commit word is no longer `open_word` (a transaction
@@ -528,10 +504,8 @@ impl<R: Pod> SharedState<R> {
         };
         if wlock::holder(v) == 0 || wlock::Wait::holder_dead(&mut waiter, v) {
             // No live writer, yet a transaction is open: its writer died.
-            let taken = self.lock();
-            let result = self.take_over(taken);
-            release_writer(&self.page, result.is_err());
-            return result;
+            // Taking the lock rolls its transaction back.
+            return self.hold().map(drop);
         }
         let waiters = self.page.u64(READ_WAITERS);
         waiters.fetch_add(1, Ordering::SeqCst);
@@ -548,6 +522,46 @@ impl<R: Pod> SharedState<R> {
         let state = std::mem::replace(&mut self.state, State::placeholder());
         state.close()
     }
+}
+
+/// The writer lock, held, with the state it guards: released when
+/// dropped, so that a panic in a transaction's closure (rolled back by the
+/// transaction) never leaves the lock held by a live process. Released
+/// marked "owner died" when the region was left needing a recovery (a
+/// failed take-over, a rollback that failed).
+struct Held<'h, R> {
+    page: &'h SharedPage,
+    state: &'h mut State<R>,
+    failed: bool,
+}
+
+impl<R> Drop for Held<'_, R> {
+    fn drop(&mut self) {
+        release_writer(self.page, self.failed || self.state.core.poisoned);
+    }
+}
+
+/// Holding the writer lock: follows the region if another writer grew
+/// it, continues the snapshot protocol's sequence, and rolls back the
+/// transaction of a writer that died in it.
+fn take_over<R>(state: &mut State<R>, stats: &mut Stats, taken: Taken) -> Result<()> {
+    let core = &mut state.core;
+    let top = core.mem.load_u64(DY_HEAP_TOP)?;
+    if taken == Taken::OwnerDied || top > core.mem.len() {
+        core.mem.refresh()?;
+    }
+    core.publisher.resync();
+    if open::recover(
+        &mut core.mem,
+        core.journal_len,
+        core.heap_off,
+        &mut core.publisher,
+    )?
+    .is_some()
+    {
+        stats.recoveries += 1;
+    }
+    Ok(())
 }
 
 impl<R> SharedState<R> {

@@ -178,6 +178,11 @@ fn shared_child() {
             }
             println!("grown");
         }
+        // One transaction.
+        "one" => {
+            s.transaction(|tx| set_all(tx, 99)).unwrap();
+            println!("one");
+        }
         // 100 transactions through the snapshot protocol.
         "published" => {
             for n in 0..100 {
@@ -451,4 +456,30 @@ fn writers_in_turn_continue_the_snapshot_protocols_sequence() {
     // a writer that went on from its own stale count would store values
     // the child already used (a snapshotter could keep a torn copy).
     assert_eq!(protocol_seq(&path), after_child + 200);
+}
+
+#[test]
+fn a_panic_in_a_transaction_rolls_it_back_and_releases_the_writer_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    s.transaction(|tx| set_all(tx, 3)).unwrap();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = s.transaction(|tx| {
+            set_all(tx, 4)?;
+            panic!("in the closure");
+            #[allow(unreachable_code)]
+            Ok::<_, Error>(())
+        });
+    }));
+    assert!(caught.is_err());
+    assert_eq!(wlock_word(&path), 0, "the writer lock is still held");
+    // Another process writes, and the panicked transaction left nothing.
+    let r = s.read(|v| v.root()).unwrap();
+    assert_eq!(s.read(|v| v.cell(r.cell)).unwrap(), 3);
+    let mut kid = child("one", &path);
+    expect_line(&mut kid, "one");
+    assert!(kid.wait().unwrap().success());
+    assert_eq!(s.read(|v| v.cell(r.cell)).unwrap(), 99);
 }
