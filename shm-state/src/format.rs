@@ -151,14 +151,11 @@ pub(crate) const WLOCK_WAITERS: u32 = 0x8000_0000;
 
 /// The peer table (format 5): one entry per process sharing the state.
 pub(crate) const PEERS: u64 = 0x400;
-/// Peer table entry size and count: 48 entries of 64 bytes, each the seven
-/// identity words of the lock (`LOCK_PID..ATOMIC_END`, same layout) and the
-/// peer's robust-list entry.
-pub(crate) const PEER_ENTRY: u64 = 64;
-pub(crate) const PEER_COUNT: u64 = 48;
-/// Offset of the robust-list entry in a peer entry (a pointer in the
-/// peer's own address space, meaningless to anyone else).
-pub(crate) const PEER_ROBUST: u64 = 56;
+/// Peer table entry size and count: 64 entries of 48 bytes, each the lock's
+/// identity words (`LOCK_PID..ATOMIC_END`, same meaning) with the boot id's
+/// two words folded into one: word, start, nonce, boot, dev, ino.
+pub(crate) const PEER_ENTRY: u64 = 48;
+pub(crate) const PEER_COUNT: u64 = 64;
 
 /// True when `off..off + len` touches a word other processes access
 /// atomically: the commit and lock words, the shared line, the peer table.

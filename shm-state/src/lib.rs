@@ -119,7 +119,7 @@ pub use layout::{Layout, Migrate, OldRoot};
 pub use log::{LogIter, LogMut, LogRef};
 pub use map::{Bytes, Item, MapMut, MapRef};
 pub use open::{OpenReport, Opened};
-pub use shared::{MapView, SharedState, Stats as SharedStats, View};
+pub use shared::{MAX_PEERS, MapView, SharedState, Stats as SharedStats, View};
 pub use snapshot::CommitHook;
 pub use source::Source;
 pub use state::{State, Tx};

@@ -75,7 +75,10 @@ pub(crate) struct LockCells<'m, W> {
     pub word: &'m W,
     pub start: &'m W,
     pub nonce: &'m W,
-    pub boot: [&'m W; 2],
+    /// The boot id's two words; a peer entry keeps one (the two folded,
+    /// see `shared::peers`), and has no second cell.
+    pub boot: &'m W,
+    pub boot_hi: Option<&'m W>,
     pub dev: &'m W,
     pub ino: &'m W,
 }
@@ -89,8 +92,8 @@ impl<W: Word> LockCells<'_, W> {
             start: self.start.load(Ordering::Acquire),
             nonce: self.nonce.load(Ordering::Acquire),
             boot: [
-                self.boot[0].load(Ordering::Acquire),
-                self.boot[1].load(Ordering::Acquire),
+                self.boot.load(Ordering::Acquire),
+                self.boot_hi.map_or(0, |w| w.load(Ordering::Acquire)),
             ],
             dev: self.dev.load(Ordering::Acquire),
             ino: self.ino.load(Ordering::Acquire),
@@ -101,8 +104,10 @@ impl<W: Word> LockCells<'_, W> {
     fn write(&self, w: &LockWords) {
         self.start.store(w.start, Ordering::Relaxed);
         self.nonce.store(w.nonce, Ordering::Relaxed);
-        self.boot[0].store(w.boot[0], Ordering::Relaxed);
-        self.boot[1].store(w.boot[1], Ordering::Relaxed);
+        self.boot.store(w.boot[0], Ordering::Relaxed);
+        if let Some(hi) = self.boot_hi {
+            hi.store(w.boot[1], Ordering::Relaxed);
+        }
         self.dev.store(w.dev, Ordering::Relaxed);
         self.ino.store(w.ino, Ordering::Relaxed);
     }
@@ -232,7 +237,8 @@ mod model {
                 word: &self.word,
                 start: &self.start,
                 nonce: &self.nonce,
-                boot: [&self.boot[0], &self.boot[1]],
+                boot: &self.boot[0],
+                boot_hi: Some(&self.boot[1]),
                 dev: &self.dev,
                 ino: &self.ino,
             }

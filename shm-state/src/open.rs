@@ -133,7 +133,8 @@ pub(crate) fn lock_cells(mem: &Mem) -> Result<LockCells<'_, AtomicU64>> {
         word: mem.atomic_u64(LOCK_PID)?,
         start: mem.atomic_u64(LOCK_START)?,
         nonce: mem.atomic_u64(LOCK_NONCE)?,
-        boot: [mem.atomic_u64(LOCK_BOOT)?, mem.atomic_u64(LOCK_BOOT + 8)?],
+        boot: mem.atomic_u64(LOCK_BOOT)?,
+        boot_hi: Some(mem.atomic_u64(LOCK_BOOT + 8)?),
         dev: mem.atomic_u64(LOCK_DEV)?,
         ino: mem.atomic_u64(LOCK_INO)?,
     })

@@ -71,6 +71,18 @@ fn seal_holds(w: &LockWords) -> bool {
 ///   (device and inode) on this boot, and the pid is a live process with
 ///   the recorded start time.
 pub(crate) fn holds(lock: &LockWords, ours: Identity, claiming: bool, my_nonce: u64) -> bool {
+    holds_on_boot(lock, ours, claiming, my_nonce, boot_id())
+}
+
+/// [`holds`] for words that record this boot as `boot` (a peer entry
+/// keeps the boot id's two words folded into one: see `shared::peers`).
+pub(crate) fn holds_on_boot(
+    lock: &LockWords,
+    ours: Identity,
+    claiming: bool,
+    my_nonce: u64,
+    boot: [u64; 2],
+) -> bool {
     let pid = lock.pid();
     if pid == 0 {
         return false;
@@ -92,7 +104,7 @@ pub(crate) fn holds(lock: &LockWords, ours: Identity, claiming: bool, my_nonce: 
     if mine {
         return another_handle_on(ours, my_nonce);
     }
-    if lock.boot != boot_id() || lock.dev != ours.dev || lock.ino != ours.ino {
+    if lock.boot != boot || lock.dev != ours.dev || lock.ino != ours.ino {
         return false;
     }
     holder_alive(pid, lock.start)

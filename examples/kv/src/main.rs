@@ -23,7 +23,7 @@ Exit codes:
   1  `get` / `del`: no such key
   2  bad command line
   3  the state cannot be used: no memfd passed, not a kv state, damaged,
-     held by a live process that does not share it, shared by 48
+     held by a live process that does not share it, shared by 64
      processes already, or a system error
 
 Many kv processes may use one state at once.";

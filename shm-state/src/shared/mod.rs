@@ -34,6 +34,7 @@ use crate::state::{State, Tx};
 use page::SharedPage;
 use wlock::Taken;
 
+pub use peers::MAX_PEERS;
 pub use view::{MapView, View};
 
 /// How long an opener waits for another opener of the same state (which
@@ -251,7 +252,7 @@ impl<R: Pod> SharedState<R> {
     ///
     /// As [`State::open`] (creation, recovery, migration, validation), and:
     /// the process is registered in the region's peer table (a dead
-    /// peer's entry is taken over; [`Error::PeersFull`] when 48 live
+    /// peer's entry is taken over; [`Error::PeersFull`] when 64 live
     /// processes share it already), and the open waits for other peers'
     /// opens and for a running transaction. A heap buffer cannot be
     /// shared ([`Error::UnsupportedType`]).
@@ -275,12 +276,12 @@ impl<R: Pod> SharedState<R> {
                 word: u64::from(std::process::id()),
                 start: owner::own_start_time(),
                 nonce,
-                boot: owner::boot_id(),
+                boot: peers::boot(),
                 dev: ours.dev,
                 ino: ours.ino,
             });
             let entry = peers::register(&page, ours, nonce, &mine)?;
-            let robust = sys::Robust::start(page.peer_robust(entry.slot), page.wlock()).ok();
+            let robust = sys::Robust::start(page.wlock()).ok();
             let tid = robust.as_ref().map_or_else(sys::gettid, |r| r.tid());
             let mut hooks = SharedOpen {
                 page: &page,
@@ -325,7 +326,7 @@ impl<R: Pod> SharedState<R> {
         self.state.report()
     }
 
-    /// This handle's entry in the peer table (0..48).
+    /// This handle's entry in the peer table (0..64).
     pub fn slot(&self) -> usize {
         self.entry.slot
     }

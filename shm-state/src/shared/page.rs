@@ -54,21 +54,18 @@ impl SharedPage {
         self.u32(WLOCK)
     }
 
-    /// The cells of peer entry `slot` (the lock's seven identity words).
+    /// The cells of peer entry `slot` (the lock's identity words, the boot
+    /// id in one word).
     pub(crate) fn peer(&self, slot: usize) -> LockCells<'_, AtomicU64> {
         let at = PEERS + slot as u64 * PEER_ENTRY;
         LockCells {
             word: self.u64(at),
             start: self.u64(at + 8),
             nonce: self.u64(at + 16),
-            boot: [self.u64(at + 24), self.u64(at + 32)],
-            dev: self.u64(at + 40),
-            ino: self.u64(at + 48),
+            boot: self.u64(at + 24),
+            boot_hi: None,
+            dev: self.u64(at + 32),
+            ino: self.u64(at + 40),
         }
-    }
-
-    /// Peer entry `slot`'s robust-list word.
-    pub(crate) fn peer_robust(&self, slot: usize) -> &AtomicU64 {
-        self.u64(PEERS + slot as u64 * PEER_ENTRY + PEER_ROBUST)
     }
 }

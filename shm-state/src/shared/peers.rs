@@ -14,7 +14,7 @@ use crate::owner;
 use crate::shared::page::SharedPage;
 
 /// The number of entries: the most processes that share one state.
-pub(crate) const MAX_PEERS: usize = PEER_COUNT as usize;
+pub const MAX_PEERS: usize = PEER_COUNT as usize;
 
 const PID_MASK: u64 = 0xFFFF_FFFF;
 
@@ -24,10 +24,9 @@ pub(crate) struct Entry {
     pub slot: usize,
     pub held: u64,
     pub nonce: u64,
-    /// The entry's words as found, and its robust word: put back when the
-    /// open is refused, so that the region is left as it was.
+    /// The entry's words as found: put back when the open is refused, so
+    /// that the region is left as it was.
     previous: LockWords,
-    robust_before: u64,
 }
 
 /// The pid entry `slot` names if it is a live peer of the memory `ours`
@@ -49,7 +48,15 @@ fn judge(found: &LockWords, word: u64, ours: Identity, my_nonce: u64) -> bool {
     if found.pid() == std::process::id() && word & LOCK_CLAIMING == 0 {
         return owner::is_handle_on(found.nonce, ours);
     }
-    owner::holds(found, ours, word & LOCK_CLAIMING != 0, my_nonce)
+    owner::holds_on_boot(found, ours, word & LOCK_CLAIMING != 0, my_nonce, boot())
+}
+
+/// This boot's id as a peer entry records it: its two words folded into
+/// one (a peer entry has room for 6 words; the fold of two random 64-bit
+/// words is as unlikely to repeat on another boot as either).
+pub(crate) fn boot() -> [u64; 2] {
+    let [lo, hi] = owner::boot_id();
+    [lo ^ hi, 0]
 }
 
 /// Every live peer: `(slot, pid)`.
@@ -71,7 +78,6 @@ pub(crate) fn register(
     let me = std::process::id();
     for slot in 0..MAX_PEERS {
         let cells = page.peer(slot);
-        let robust_before = page.peer_robust(slot).load(Ordering::Acquire);
         if let Ok((Claim { held, previous }, _)) = lock::claim(&cells, me, mine, |found, _| {
             judge(found, found.word, ours, my_nonce)
         }) {
@@ -83,7 +89,6 @@ pub(crate) fn register(
                 held,
                 nonce: mine.nonce,
                 previous,
-                robust_before,
             });
         }
     }
@@ -96,10 +101,8 @@ pub(crate) fn release(page: &SharedPage, entry: Entry) {
 }
 
 /// Gives back the entry of a refused open: its words as they were found
-/// (see `lock::unlock`), the robust word too.
+/// (see `lock::unlock`).
 pub(crate) fn put_back(page: &SharedPage, entry: Entry) {
-    page.peer_robust(entry.slot)
-        .store(entry.robust_before, Ordering::Release);
     lock::unlock(
         &page.peer(entry.slot),
         Claim {

@@ -15,10 +15,9 @@
 //! list here belongs to a thread of our own ([`Robust`]), which does nothing
 //! but sleep: that thread's id is what the writer lock records, and its
 //! exit (the process dying, or the handle closing) is what the kernel
-//! watches. The list's one entry is the peer's own word in the header page
-//! (`PEER_ROBUST`), which points back to the head: a pointer in this
-//! process's address space, meaningless to anyone else, in memory only this
-//! peer writes.
+//! watches. The list's one entry lives in that thread's own memory, with
+//! `futex_offset` pointing from it to the writer lock in this process's
+//! mapping of the header page (which never moves).
 
 use std::sync::Once;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -90,13 +89,12 @@ pub(crate) struct Robust {
 }
 
 impl Robust {
-    /// Starts the thread. `entry` is the peer's robust word and `lock` the
-    /// writer lock, both in one mapping that outlives the returned value
-    /// (the caller drops it, which joins the thread, before unmapping).
-    /// Fails when the kernel has no robust lists (`ENOSYS`); the writer
-    /// lock then falls back on judging holders by their identity.
-    pub(crate) fn start(entry: &AtomicU64, lock: &AtomicU32) -> std::io::Result<Robust> {
-        let entry_addr = entry.as_ptr() as usize;
+    /// Starts the thread. `lock` is the writer lock, in a mapping that
+    /// outlives the returned value (the caller drops it, which joins the
+    /// thread, before unmapping). Fails when the kernel has no robust lists
+    /// (`ENOSYS`); the writer lock then falls back on judging holders by
+    /// their identity.
+    pub(crate) fn start(lock: &AtomicU32) -> std::io::Result<Robust> {
         let lock_addr = lock.as_ptr() as usize;
         let (ready_tx, ready_rx) = mpsc::channel::<std::io::Result<u32>>();
         let (stop_tx, stop_rx) = mpsc::channel::<()>();
@@ -104,23 +102,23 @@ impl Robust {
             .name("shm-state-robust".into())
             .stack_size(64 * 1024)
             .spawn(move || {
+                // The list: head -> entry -> head. The entry's futex word
+                // is at `entry + futex_offset`: the writer lock.
+                let entry = Box::new(AtomicU64::new(0));
+                let entry_addr = &*entry as *const AtomicU64 as usize;
                 let head = Box::new(RobustListHead {
                     list: entry_addr,
-                    futex_offset: lock_addr as libc::c_long - entry_addr as libc::c_long,
+                    futex_offset: (lock_addr as libc::c_long).wrapping_sub(entry_addr as libc::c_long),
                     list_op_pending: 0,
                 });
                 let head_addr = &*head as *const RobustListHead as usize;
-                // SAFETY: `entry_addr` is the address of a live `AtomicU64`
-                // (the caller's mapping outlives this thread); storing
-                // through the atomic is how every access to it is made.
-                let entry = unsafe { AtomicU64::from_ptr(entry_addr as *mut u64) };
-                // The entry's `next` is the head: a list of one entry.
                 entry.store(head_addr as u64, Ordering::Release);
-                // SAFETY: `head` is a valid `robust_list_head` that lives
-                // until this thread returns (it is dropped after the last
-                // line, and the kernel reads it only at this thread's exit,
-                // after which nothing of ours runs on it); the length is
-                // the struct's size, as the syscall requires.
+                // SAFETY: `head` and `entry` are a valid robust list that
+                // lives until this thread returns (both are dropped after
+                // the list is unregistered below; if the process dies first,
+                // the kernel reads them at this thread's exit, while they
+                // still exist); the length is the struct's size, as the
+                // syscall requires.
                 let rc = unsafe {
                     libc::syscall(
                         libc::SYS_set_robust_list,
@@ -129,8 +127,7 @@ impl Robust {
                     )
                 };
                 let result = if rc == 0 {
-                    // SAFETY: gettid has no preconditions.
-                    Ok(unsafe { libc::gettid() } as u32)
+                    Ok(gettid())
                 } else {
                     Err(std::io::Error::last_os_error())
                 };
@@ -139,10 +136,10 @@ impl Robust {
                 if ok {
                     // Sleep until the handle closes (or the process dies).
                     let _ = stop_rx.recv();
-                    // Leave the list empty before the head goes: the
-                    // kernel never reads a freed head.
-                    // SAFETY: as above; a null head with the right size
-                    // is accepted and unregisters the list.
+                    // Unregister before the list goes: the kernel never
+                    // reads a freed head.
+                    // SAFETY: a null head with the right size is accepted
+                    // and unregisters the list.
                     unsafe {
                         libc::syscall(
                             libc::SYS_set_robust_list,
@@ -152,6 +149,7 @@ impl Robust {
                     }
                 }
                 drop(head);
+                drop(entry);
             })?;
         match ready_rx.recv() {
             Ok(Ok(tid)) => Ok(Robust {

@@ -159,69 +159,177 @@ pub(crate) fn holder(word: u32) -> u32 {
 
 /// The protocol under loom: threads take the lock, check that they are
 /// alone, and release it, or "die" holding it (the kernel's robust-list
-/// marking done by hand); every waiter gets the lock in the end.
+/// marking done by hand, or a peer's judgement); every waiter gets the
+/// lock in the end (a waiter that can wait forever makes loom report a
+/// deadlock or exceed its branch bound).
 #[cfg(all(test, shm_state_loom))]
 mod model {
+    use loom::cell::UnsafeCell;
     use loom::sync::Arc;
-    use loom::sync::atomic::{AtomicU32, AtomicUsize, Ordering::SeqCst};
+    use loom::sync::atomic::{AtomicU32, Ordering::SeqCst};
     use loom::thread;
 
     use super::*;
 
-    struct Yield;
-    impl Wait for Yield {
+    /// Sleeps by yielding; `dead` is a holder the kernel could not mark (a
+    /// copied region), which waiters judge dead (0: none).
+    struct Waiter {
+        dead: u32,
+    }
+
+    impl Wait for Waiter {
         fn sleep(&mut self, _seen: u32) {
             loom::thread::yield_now();
         }
-        fn holder_dead(&mut self, _seen: u32) -> bool {
-            false
+        fn holder_dead(&mut self, seen: u32) -> bool {
+            self.dead != 0 && holder(seen) == self.dead
         }
     }
 
-    fn model(f: impl Fn() + Sync + Send + 'static) {
+    /// The kernel at the exit of a thread that holds the lock
+    /// (`handle_futex_death`): a compare-and-swap loop from the word as it
+    /// is to "owner died", keeping the waiters bit, the holder bits gone.
+    /// (A load and a plain store, as this model first did, drops a waiters
+    /// bit set in between; loom then lets that waiter read its own word
+    /// forever and fails on its branch bound.)
+    fn die(word: &AtomicU32, tid: u32) {
+        let mut v = word.load(SeqCst);
+        loop {
+            assert_eq!(holder(v), tid, "dying without the lock: {v:#x}");
+            let died = WLOCK_OWNER_DIED | (v & WLOCK_WAITERS);
+            match word.compare_exchange(v, died, SeqCst, SeqCst) {
+                Ok(_) => return,
+                Err(now) => v = now,
+            }
+        }
+    }
+
+    /// What the lock protects, in a loom cell: an access not ordered after
+    /// the previous holder's (two holders at once, or a lock that does not
+    /// synchronize) is a causality violation loom reports.
+    #[derive(Default)]
+    struct Protected {
+        /// Holders so far.
+        holders: u32,
+        /// The last holder died holding the lock.
+        died: bool,
+        /// Holders that took the lock as `Taken::OwnerDied`.
+        deaths_seen: u32,
+    }
+
+    struct Shared {
+        word: AtomicU32,
+        protected: UnsafeCell<Protected>,
+    }
+
+    impl Shared {
+        fn new(word: u32) -> Arc<Shared> {
+            Arc::new(Shared {
+                word: AtomicU32::new(word),
+                protected: UnsafeCell::new(Protected::default()),
+            })
+        }
+
+        /// Takes the lock; the death of the holder before, and only that,
+        /// is seen; then releases it, or dies holding it.
+        fn hold(&self, tid: u32, dies: bool, dead: u32) {
+            let taken = acquire(&self.word, tid, &mut Waiter { dead });
+            self.protected.with_mut(|p| {
+                // SAFETY: a loom cell; loom checks that no other access
+                // races with this one (the lock's job).
+                let p = unsafe { &mut *p };
+                assert_eq!(
+                    taken == Taken::OwnerDied,
+                    p.died,
+                    "tid {tid} took the lock {taken:?} after a holder that {}",
+                    if p.died { "died" } else { "released it" }
+                );
+                p.holders += 1;
+                p.deaths_seen += u32::from(taken == Taken::OwnerDied);
+                p.died = dies;
+            });
+            if dies {
+                die(&self.word, tid);
+            } else {
+                release(&self.word, false);
+            }
+        }
+
+        /// After every thread: the lock is free, and the one death was seen
+        /// by the holder after it, or is still marked for the next one.
+        fn check_end(&self, holders: u32) {
+            let v = self.word.load(SeqCst);
+            assert_eq!(holder(v), 0, "the lock is still held: {v:#x}");
+            // SAFETY: every thread is joined.
+            let p = self.protected.with(|p| unsafe { &*p });
+            assert_eq!(p.holders, holders);
+            assert_eq!(v & WLOCK_OWNER_DIED != 0, p.died, "word {v:#x}");
+            assert_eq!(p.deaths_seen + u32::from(p.died), 1, "deaths seen");
+        }
+    }
+
+    fn model(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
         let mut builder = loom::model::Builder::new();
-        builder.preemption_bound.get_or_insert(3);
+        builder.preemption_bound.get_or_insert(preemptions);
         builder.check(f);
     }
 
     #[test]
     fn one_holder_at_a_time_and_a_death_is_seen_by_the_next() {
-        model(|| {
-            let word = Arc::new(AtomicU32::new(0));
-            let inside = Arc::new(AtomicUsize::new(0));
-            let deaths_seen = Arc::new(AtomicUsize::new(0));
-            let run = |tid: u32, dies: bool| {
-                let (word, inside, deaths_seen) =
-                    (word.clone(), inside.clone(), deaths_seen.clone());
-                thread::spawn(move || {
-                    if acquire(&*word, tid, &mut Yield) == Taken::OwnerDied {
-                        deaths_seen.fetch_add(1, SeqCst);
-                    }
-                    assert_eq!(inside.fetch_add(1, SeqCst), 0, "two holders");
-                    inside.fetch_sub(1, SeqCst);
-                    if dies {
-                        // The kernel at the thread's exit: holder bits
-                        // gone, owner died, waiters kept.
-                        let v = word.load(SeqCst);
-                        assert_eq!(holder(v), tid);
-                        word.store(WLOCK_OWNER_DIED | (v & WLOCK_WAITERS), SeqCst);
-                    } else {
-                        release(&*word, false);
-                    }
-                })
+        model(3, || {
+            let shared = Shared::new(0);
+            let dying = {
+                let shared = shared.clone();
+                thread::spawn(move || shared.hold(1, true, 0))
             };
-            let a = run(1, true);
-            let b = run(2, false);
-            a.join().unwrap();
-            b.join().unwrap();
-            let v = word.load(SeqCst);
-            assert_eq!(holder(v), 0);
-            // The death was seen by the one who came after it, or is still
-            // marked for the next.
-            assert!(
-                deaths_seen.load(SeqCst) == 1 || v & WLOCK_OWNER_DIED != 0,
-                "a death went unnoticed: {v:#x}"
-            );
+            shared.hold(2, false, 0);
+            dying.join().unwrap();
+            shared.check_end(2);
+        });
+    }
+
+    /// Three threads (the main one is the third): one dies holding the
+    /// lock (marked by the kernel), two take and release it. Preemption
+    /// bound 2: bound 3 takes minutes for three threads.
+    #[test]
+    fn three_threads_one_dies_the_next_holder_sees_it() {
+        model(2, || {
+            let shared = Shared::new(0);
+            let spawn = |tid: u32, dies: bool| {
+                let shared = shared.clone();
+                thread::spawn(move || shared.hold(tid, dies, 0))
+            };
+            let dying = spawn(1, true);
+            let other = spawn(2, false);
+            shared.hold(3, false, 0);
+            dying.join().unwrap();
+            other.join().unwrap();
+            shared.check_end(3);
+        });
+    }
+
+    /// A holder the kernel could not mark (tid 9, dead, in a copied
+    /// region): two waiters judge it dead and race to mark the word; one
+    /// takes the lock as `OwnerDied`, the other after it cleanly.
+    #[test]
+    fn a_holder_judged_dead_is_taken_over_once() {
+        model(3, || {
+            let shared = Shared::new(9);
+            shared.protected.with_mut(|p| {
+                // SAFETY: no other thread yet.
+                unsafe { (*p).died = true };
+            });
+            let other = {
+                let shared = shared.clone();
+                thread::spawn(move || shared.hold(2, false, 9))
+            };
+            shared.hold(1, false, 9);
+            other.join().unwrap();
+            let v = shared.word.load(SeqCst);
+            assert_eq!(v, 0, "word {v:#x}");
+            // SAFETY: every thread is joined.
+            let p = shared.protected.with(|p| unsafe { &*p });
+            assert_eq!((p.holders, p.deaths_seen, p.died), (2, 1, false));
         });
     }
 }
