@@ -286,8 +286,8 @@ impl<'a> Region<'a> {
         self.check_range(offset, buf.len());
         // Whole, aligned words clear of the narrow one: one load each.
         let (first, n) = (offset / 8, buf.len() / 8);
-        if offset % 8 == 0
-            && buf.len() % 8 == 0
+        if offset.is_multiple_of(8)
+            && buf.len().is_multiple_of(8)
             && first + n <= self.words.len()
             && self.narrow.is_none_or(|w| w < first || w >= first + n)
         {

@@ -315,7 +315,6 @@ fn check(cli: &Cli) -> Result<bool, Fail> {
     let peers = state.peers().len();
     let summary = state
         .with_lock(|state| check_locked(state, &bank, &mut problems))
-        .map_err(damaged)?
         .map_err(damaged)?;
     println!(
         "{summary}, generation {}, {peers} peers",

@@ -745,7 +745,6 @@ fn run(args: &RunArgs) -> Result<bool, Fail> {
         SharedState::<Root>::open(source, Layout::new(1)).map_err(with_damage_code(1))?;
     let checked = state
         .with_lock(|s| check(s, &reports))
-        .map_err(with_damage_code(1))?
         .map_err(with_damage_code(1))?;
     state.close()?;
     match checked.problems.split_first() {

@@ -400,7 +400,10 @@ impl<R: Pod> SharedState<R> {
     /// committed is thrown away (after 16 such runs, `f` runs once more
     /// under the writer lock). An error from a run that saw no commit is
     /// returned (damaged memory); an error from a torn run is not.
-    pub fn read<T>(&mut self, mut f: impl FnMut(&View<'_, R>) -> Result<T>) -> Result<T> {
+    pub fn read<T, E: From<Error>>(
+        &mut self,
+        mut f: impl FnMut(&View<'_, R>) -> Result<T, E>,
+    ) -> Result<T, E> {
         self.check_fork()?;
         let mut retries = 0;
         loop {
@@ -427,10 +430,10 @@ impl<R: Pod> SharedState<R> {
 
     /// One run of `f` over the region as it is; `None` when the heap top
     /// lies past this mapping (the region was remapped: run again).
-    fn read_once<T>(
+    fn read_once<T, E: From<Error>>(
         state: &mut State<R>,
-        f: &mut impl FnMut(&View<'_, R>) -> Result<T>,
-    ) -> Result<Option<Result<T>>> {
+        f: &mut impl FnMut(&View<'_, R>) -> Result<T, E>,
+    ) -> Result<Option<Result<T, E>>> {
         let heap_off = state.core.heap_off;
         let len = state.core.mem.len();
         // SAFETY: while a region lives, this process touches the memory
@@ -449,7 +452,8 @@ impl<R: Pod> SharedState<R> {
                     "heap top",
                     DY_HEAP_TOP,
                     format!("{top:#x} lies past the end of the region"),
-                )))
+                )
+                .into()))
             } else {
                 None
             });
@@ -462,7 +466,10 @@ impl<R: Pod> SharedState<R> {
 
     /// `f` under the writer lock: no writer can run, so one run is
     /// consistent.
-    fn read_locked<T>(&mut self, mut f: impl FnMut(&View<'_, R>) -> Result<T>) -> Result<T> {
+    fn read_locked<T, E: From<Error>>(
+        &mut self,
+        mut f: impl FnMut(&View<'_, R>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let held = self.hold()?;
         let result = loop {
             if let Some(r) = Self::read_once(held.state, &mut f)? {
@@ -479,10 +486,13 @@ impl<R: Pod> SharedState<R> {
     /// logs): no other process writes while the lock is held. For reads
     /// that need more than a [`View`] offers, or a check of everything;
     /// it makes writers wait, so keep it short.
-    pub fn with_lock<T>(&mut self, f: impl FnOnce(&State<R>) -> T) -> Result<T> {
+    pub fn with_lock<T, E: From<Error>>(
+        &mut self,
+        f: impl FnOnce(&State<R>) -> Result<T, E>,
+    ) -> Result<T, E> {
         self.check_fork()?;
         let held = self.hold()?;
-        Ok(f(held.state))
+        f(held.state)
     }
 
     /// Waits until the commit word is no longer `open_word` (a transaction

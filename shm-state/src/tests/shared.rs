@@ -298,7 +298,9 @@ fn a_writer_killed_inside_a_transaction_is_rolled_back_by_the_next_writer() {
     // A reader does not see the half-written transaction: it rolls it back
     // (under the writer lock) and reads the committed state.
     let r = s.read(|v| v.root()).unwrap();
-    let (vec, cell) = s.read(|v| Ok((v.vec(r.vec)?, v.cell(r.cell)?))).unwrap();
+    let (vec, cell) = s
+        .read(|v| Ok::<_, Error>((v.vec(r.vec)?, v.cell(r.cell)?)))
+        .unwrap();
     assert!(vec.iter().all(|&x| x == 5), "{vec:?}");
     assert_eq!(cell, 5);
     // The next writer goes on.
@@ -356,7 +358,7 @@ fn a_reader_racing_a_writer_never_sees_a_torn_state() {
     let (mut reads, mut last) = (0u64, 0u64);
     while kid.try_wait().unwrap().is_none() {
         let (vec, cell, m) = s
-            .read(|v| Ok((v.vec(r.vec)?, v.cell(r.cell)?, v.map(r.map)?.get(&0)?)))
+            .read(|v| Ok::<_, Error>((v.vec(r.vec)?, v.cell(r.cell)?, v.map(r.map)?.get(&0)?)))
             .unwrap();
         // One transaction sets all of them: any mix is a torn read.
         assert!(
@@ -397,7 +399,7 @@ fn a_reader_follows_the_region_as_a_writer_grows_it() {
         let (len, last) = s
             .read(|v| {
                 let len = v.vec_len(r.vec)?;
-                Ok((len, v.vec_get(r.vec, len - 1)?))
+                Ok::<_, Error>((len, v.vec_get(r.vec, len - 1)?))
             })
             .unwrap();
         // The elements past the first 64 are their own index.
