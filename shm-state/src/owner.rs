@@ -210,7 +210,7 @@ fn holder_alive(pid: u32, start: u64) -> bool {
     }
 }
 
-fn pid_exists(pid: u32) -> bool {
+pub(crate) fn pid_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

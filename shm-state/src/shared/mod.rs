@@ -111,17 +111,24 @@ struct Waiter<'p> {
     slot: usize,
     ours: Identity,
     nonce: u64,
+    /// The last sleep ended with the word unchanged (it timed out): the
+    /// holder has held the lock for a while, and is judged in full.
+    stale: bool,
 }
 
 impl wlock::Wait for Waiter<'_> {
     fn sleep(&mut self, seen: u32) {
         sys::wait(self.page.wlock(), seen, LOCK_NAP);
+        self.stale = self.page.wlock().load(Ordering::Acquire) == seen;
     }
 
     /// The holder is dead when the peer entry the lock's holder word names
     /// is (the holder word is stored right after the lock is taken, so it
     /// is judged only when it names the thread in the lock); before that
     /// store, only when no other peer lives at all (a copied region).
+    /// Until a sleep timed out, only what costs no `/proc` read is looked
+    /// at (a free entry, a pid the kernel does not know): a death the
+    /// kernel sees is marked in the word anyway.
     fn holder_dead(&mut self, seen: u32) -> bool {
         let tid = wlock::holder(seen);
         let h = self.page.u64(WLOCK_HOLDER).load(Ordering::Acquire);
@@ -130,11 +137,13 @@ impl wlock::Wait for Waiter<'_> {
             let slot = slot - 1;
             // Our own entry names no one else: a dead process's leftover.
             return slot == self.slot
-                || peers::live(self.page, slot, self.ours, self.nonce).is_none();
+                || !peers::maybe_live(self.page, slot)
+                || (self.stale && peers::live(self.page, slot, self.ours, self.nonce).is_none());
         }
-        peers::live_peers(self.page, self.ours, self.nonce)
-            .iter()
-            .all(|&(s, _)| s == self.slot)
+        self.stale
+            && peers::live_peers(self.page, self.ours, self.nonce)
+                .iter()
+                .all(|&(s, _)| s == self.slot)
     }
 }
 
@@ -144,6 +153,7 @@ fn acquire_writer(page: &SharedPage, tid: u32, slot: usize, ours: Identity, nonc
         slot,
         ours,
         nonce,
+        stale: false,
     };
     let taken = wlock::acquire(page.wlock(), tid, &mut waiter);
     page.u64(WLOCK_HOLDER).store(
@@ -506,16 +516,9 @@ impl<R: Pod> SharedState<R> {
                 return Ok(());
             }
         }
-        let v = self.page.wlock().load(Ordering::Acquire);
-        let mut waiter = Waiter {
-            page: &self.page,
-            slot: self.entry.slot,
-            ours: self.ours,
-            nonce: self.nonce,
-        };
-        if wlock::holder(v) == 0 || wlock::Wait::holder_dead(&mut waiter, v) {
-            // No live writer, yet a transaction is open: its writer died.
-            // Taking the lock rolls its transaction back.
+        // A transaction is open but no one holds the lock: its writer died
+        // (the kernel cleared its id). Taking the lock rolls it back.
+        if wlock::holder(self.page.wlock().load(Ordering::Acquire)) == 0 {
             return self.hold().map(drop);
         }
         let waiters = self.page.u64(READ_WAITERS);
@@ -524,6 +527,21 @@ impl<R: Pod> SharedState<R> {
             sys::wait(self.page.u32(TX_WORD), open_word as u32, READ_NAP);
         }
         waiters.fetch_sub(1, Ordering::SeqCst);
+        // Still open after the nap: judge the holder (the kernel marks a
+        // death it sees; this is for what it cannot see).
+        let v = self.page.wlock().load(Ordering::Acquire);
+        if word.load(Ordering::Acquire) == open_word {
+            let mut waiter = Waiter {
+                page: &self.page,
+                slot: self.entry.slot,
+                ours: self.ours,
+                nonce: self.nonce,
+                stale: true,
+            };
+            if wlock::holder(v) == 0 || wlock::Wait::holder_dead(&mut waiter, v) {
+                return self.hold().map(drop);
+            }
+        }
         Ok(())
     }
 
