@@ -74,6 +74,58 @@ pub fn run(cmd: &mut Command) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
 }
 
+/// Runs `cmd` as [`run`] does, but for at most `bound`: a command still
+/// running then is killed (SIGKILL, by its pid) and reaped, and the test
+/// fails naming it instead of hanging. Stdin is null.
+pub fn run_within(cmd: &mut Command, bound: Duration) -> Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    // Drained by threads, so that a command printing more than a pipe
+    // holds is not blocked by the wait below.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let err = drain(Box::new(child.stderr.take().unwrap()));
+    let deadline = Instant::now() + bound;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waitpid") {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            // Not reaped yet: the pid is still this child's.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} still ran after {bound:?}; killed");
+        }
+        sleep(Duration::from_millis(2));
+    };
+    // A process the command left behind may hold the pipes open: waited
+    // for within the same bound.
+    let left = || deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
+    let (stdout, stderr) = match (out.recv_timeout(left()), err.recv_timeout(left())) {
+        (Ok(o), Ok(e)) => (o, e),
+        _ => panic!("{cmd:?} exited ({status}), but its output did not end within {bound:?}"),
+    };
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
 /// Stdout and stderr of `out` as text, for assertions and messages.
 pub fn text(out: &Output) -> (String, String) {
     (

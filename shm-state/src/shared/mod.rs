@@ -193,24 +193,26 @@ impl OpenHooks for SharedOpen<'_> {
     fn lock(&mut self, mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)> {
         let deadline = Instant::now() + OPEN_WAIT;
         let mut nap = Duration::from_micros(100);
+        // The holder last judged not to be a peer: refused only when the
+        // next try names it again (it may have died, or finished its open
+        // and left, between the try and the look at the peers).
+        let mut not_a_peer = None;
         loop {
             match open::lock(mem, nonce) {
                 Err(Error::Locked { pid }) if Instant::now() < deadline => {
                     let opening = peers::live_peers(self.page, mem.identity(), nonce)
                         .iter()
                         .any(|&(_, p)| p == pid);
-                    // Refused only for a holder that is no peer (an
-                    // exclusive State) and still holds the lock after the
-                    // look at the peers (a peer that finished its open and
-                    // left meanwhile is not one).
-                    let still = mem.load_u64(LOCK_PID)? & 0xFFFF_FFFF == u64::from(pid);
-                    if !opening && still {
-                        return Err(Error::Locked { pid });
-                    }
                     if opening {
                         // Another peer is opening: it holds the lock briefly.
+                        not_a_peer = None;
                         std::thread::sleep(nap);
                         nap = (nap * 2).min(Duration::from_millis(5));
+                    } else if not_a_peer == Some(pid) {
+                        // An exclusive State holds it.
+                        return Err(Error::Locked { pid });
+                    } else {
+                        not_a_peer = Some(pid);
                     }
                 }
                 other => return other,
