@@ -22,6 +22,33 @@ pub(crate) enum Peek {
 /// other formats and truncated regions are refused here, before anything
 /// is written.
 pub(crate) fn peek(mem: &mut Mem) -> Result<Peek> {
+    // The magic is read first and the rest after it, so a creation that
+    // begins in between looks like data under a zero magic: a look that
+    // finds that is taken again (a creation stores its magic within
+    // microseconds), and refused only when a look a moment later agrees.
+    let mut tries = 0;
+    loop {
+        match peek_once(mem) {
+            Err(e) if tries < 3 && read_under_a_zero_magic(&e) => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether `e` is what a look finds when it read a zero magic: foreign
+/// data, or a header whose magic alone is gone.
+fn read_under_a_zero_magic(e: &Error) -> bool {
+    match e {
+        Error::NotAState { found } => *found == [0; 8],
+        Error::Corrupted(c) => c.what == "magic",
+        _ => false,
+    }
+}
+
+fn peek_once(mem: &mut Mem) -> Result<Peek> {
     mem.refresh()?;
     let len = mem.len().min(HEADER_LEN);
     let mut head = vec![0u8; len as usize];

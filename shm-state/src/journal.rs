@@ -196,19 +196,23 @@ fn entry_at(mem: &Mem, journal_len: u64, seq: u64, pos: u64) -> Result<Entry> {
 pub(crate) fn recovery_records(mem: &Mem, journal_len: u64, seq: u64) -> Result<Vec<Record>> {
     let (records, stop) = scan(mem, journal_len, seq)?;
     let mut claimed: Option<u64> = None;
-    let mut pos = stop;
-    while pos + RECORD_HEADER <= journal_len {
-        let rseq = u64::from_le_bytes(
-            mem.bytes("journal record", JOURNAL_OFF + pos + 8, 8)?
-                .try_into()
-                .expect("8"),
-        );
-        if rseq == seq
-            && let Ok(Entry::End(c)) = entry_at(mem, journal_len, seq, pos)
+    // Every 8-aligned position from `stop` on, over one slice of the rest
+    // of the journal: a marker starts with its tag and holds `seq` at +8;
+    // only those are decoded. (The whole journal is looked at, so a marker
+    // past damage is found; one pass costs ~1 ns per 8 bytes.)
+    let rest = journal_len.saturating_sub(stop);
+    let tail = mem.bytes("journal", JOURNAL_OFF + stop, rest)?;
+    let tag = END_MARKER.to_le_bytes();
+    let seq_bytes = seq.to_le_bytes();
+    let mut at = 0usize;
+    while at as u64 + RECORD_HEADER <= rest {
+        if tail[at..at + 4] == tag
+            && tail[at + 8..at + 16] == seq_bytes
+            && let Ok(Entry::End(c)) = entry_at(mem, journal_len, seq, stop + at as u64)
         {
             claimed = claimed.max(Some(c));
         }
-        pos += 8;
+        at += 8;
     }
     match claimed {
         Some(c) if stop < c => Err(Error::corrupt(
@@ -274,7 +278,9 @@ pub(crate) fn undo_rollback(
     seq: u64,
 ) -> Result<()> {
     mem.store_word(TX_WORD, tx_word(seq, true))?;
-    std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
+    // As at a transaction's start: a reader of a shared state that sees any
+    // write below sees the word open again.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
     let mut at = 0usize;
     for r in records {
         let len = r.len as usize;

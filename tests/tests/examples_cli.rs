@@ -5,7 +5,14 @@
 
 use shm_fd_tests::{cmd, run, text};
 
-const EXAMPLES: [&str; 6] = ["primes", "counter", "bank", "kv", "primes-snapshot", "clients"];
+const EXAMPLES: [&str; 6] = [
+    "primes",
+    "counter",
+    "bank",
+    "kv",
+    "primes-snapshot",
+    "clients",
+];
 
 /// The workspace's version: every crate takes `workspace.package.version`,
 /// this one included.

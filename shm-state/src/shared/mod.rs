@@ -11,12 +11,14 @@
 
 pub(crate) mod page;
 pub(crate) mod peers;
+pub(crate) mod seqlock;
 mod sys;
 mod view;
 pub(crate) mod wlock;
 
+use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
@@ -80,6 +82,8 @@ pub struct SharedState<R> {
     ours: Identity,
     nonce: u64,
     stats: Stats,
+    /// The last map header a read validated (see `view::MapCache`).
+    map_cache: Cell<Option<view::MapCache>>,
 }
 
 /// Counters of one handle's reads and transactions (for tests and
@@ -330,6 +334,7 @@ impl<R: Pod> SharedState<R> {
             ours,
             nonce,
             stats: Stats::default(),
+            map_cache: Cell::new(None),
         })
     }
 
@@ -419,17 +424,26 @@ impl<R: Pod> SharedState<R> {
         self.check_fork()?;
         let mut retries = 0;
         loop {
-            let before = self.page.u64(TX_WORD).load(Ordering::Acquire);
-            let (_, open) = read_tx_word(before)?;
-            if open {
-                self.wait_for_commit(before)?;
-                continue;
-            }
-            let Some(result) = Self::read_once(&mut self.state, &mut f)? else {
+            // The seqlock (`seqlock.rs`, checked under loom): an acquire load
+            // of a committed word, the copy, an acquire fence and the same
+            // word again.
+            let ticket = match seqlock::read_begin(self.page.u64(TX_WORD)) {
+                Ok(ticket) => {
+                    read_tx_word(ticket.word())?;
+                    ticket
+                }
+                Err(open) => {
+                    read_tx_word(open)?;
+                    self.wait_for_commit(open)?;
+                    continue;
+                }
+            };
+            let Some(result) =
+                Self::read_once(&mut self.state, &self.map_cache, ticket.word(), &mut f)?
+            else {
                 continue; // the region grew: mapped again
             };
-            fence(Ordering::Acquire);
-            if self.page.u64(TX_WORD).load(Ordering::Relaxed) == before {
+            if seqlock::read_end(self.page.u64(TX_WORD), ticket) {
                 return result;
             }
             self.stats.read_retries += 1;
@@ -444,6 +458,8 @@ impl<R: Pod> SharedState<R> {
     /// lies past this mapping (the region was remapped: run again).
     fn read_once<T, E: From<Error>>(
         state: &mut State<R>,
+        cache: &Cell<Option<view::MapCache>>,
+        word: u64,
         f: &mut impl FnMut(&View<'_, R>) -> Result<T, E>,
     ) -> Result<Option<Result<T, E>>> {
         let heap_off = state.core.heap_off;
@@ -472,7 +488,7 @@ impl<R: Pod> SharedState<R> {
         }
         // SAFETY: as above.
         let region = unsafe { state.core.mem.shared_region() };
-        let view = View::new(region, (heap_off, top));
+        let view = View::new(region, (heap_off, top), word, cache);
         Ok(Some(f(&view)))
     }
 
@@ -483,8 +499,12 @@ impl<R: Pod> SharedState<R> {
         mut f: impl FnMut(&View<'_, R>) -> Result<T, E>,
     ) -> Result<T, E> {
         let held = self.hold()?;
+        // Nothing changes while the lock is held (a cache of its own: the
+        // handle's is borrowed with it).
+        let word = held.state.core.mem.load_u64(TX_WORD)?;
+        let cache = Cell::new(None);
         let result = loop {
-            if let Some(r) = Self::read_once(held.state, &mut f)? {
+            if let Some(r) = Self::read_once(held.state, &cache, word, &mut f)? {
                 break r;
             }
         };

@@ -108,7 +108,8 @@ impl Robust {
                 let entry_addr = &*entry as *const AtomicU64 as usize;
                 let head = Box::new(RobustListHead {
                     list: entry_addr,
-                    futex_offset: (lock_addr as libc::c_long).wrapping_sub(entry_addr as libc::c_long),
+                    futex_offset: (lock_addr as libc::c_long)
+                        .wrapping_sub(entry_addr as libc::c_long),
                     list_op_pending: 0,
                 });
                 let head_addr = &*head as *const RobustListHead as usize;

@@ -6,6 +6,7 @@
 //! committed state is decided after the read, by the commit word
 //! (`SharedState::read`): a torn read is thrown away and done again.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 
 use bytemuck::Pod;
@@ -18,8 +19,9 @@ use crate::handle::{StateCell, StateMap, StateVec};
 use crate::map::{self, BYTES, DELETED, EMPTY, Item, TAG_BIT, field, slot_size};
 use crate::vec;
 
-/// A consistent read of a shared state, inside [`SharedState::read`]
-/// (crate::SharedState::read): every value is returned as a copy.
+/// A consistent read of a shared state, inside
+/// [`SharedState::read`](crate::SharedState::read): every value is
+/// returned as a copy.
 ///
 /// A view is valid only inside the closure it is passed to; what it
 /// returns is kept only if no transaction committed meanwhile (otherwise
@@ -27,7 +29,24 @@ use crate::vec;
 pub struct View<'a, R> {
     region: Region<'a>,
     heap: (u64, u64),
+    /// The committed commit word this view reads under.
+    word: u64,
+    /// The last map header this handle validated, and under which word.
+    cache: &'a Cell<Option<MapCache>>,
     _root: PhantomData<fn() -> R>,
+}
+
+/// A map header validated under a committed word: while the word is the
+/// same, no transaction ran, so the header and its table block are what
+/// they were (the word never takes a value twice: every transaction, rolled
+/// back or not, consumes a sequence number). Read under a word that turned
+/// out torn, the entry is keyed by a word that never comes back.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct MapCache {
+    word: u64,
+    off: u64,
+    kinds: [u32; 4],
+    header: map::Header,
 }
 
 impl<R> std::fmt::Debug for View<'_, R> {
@@ -87,10 +106,17 @@ fn buffer(region: &Region<'_>, what: &'static str, at: u64, len: u64) -> Result<
 }
 
 impl<'a, R: Pod> View<'a, R> {
-    pub(crate) fn new(region: Region<'a>, heap: (u64, u64)) -> View<'a, R> {
+    pub(crate) fn new(
+        region: Region<'a>,
+        heap: (u64, u64),
+        word: u64,
+        cache: &'a Cell<Option<MapCache>>,
+    ) -> View<'a, R> {
         View {
             region,
             heap,
+            word,
+            cache,
             _root: PhantomData,
         }
     }
@@ -163,9 +189,34 @@ impl<'a, R: Pod> View<'a, R> {
             .collect())
     }
 
-    /// A map, its header and table checked.
+    /// A map, its header and table checked (once per committed state: a
+    /// view under the same commit as the last check reuses it).
     pub fn map<K: Item, V: Item>(&self, h: StateMap<K, V>) -> Result<MapView<'a, K, V>> {
-        let b = block(&self.region, self.heap, h.off()?, Kind::Map)?.need(MAP_HEADER)?;
+        let off = h.off()?;
+        let kinds = [K::KIND, K::SIZE, V::KIND, V::SIZE];
+        let hd = match self.cache.get() {
+            Some(c) if c.word == self.word && c.off == off && c.kinds == kinds => c.header,
+            _ => {
+                let hd = self.map_header::<K, V>(off)?;
+                self.cache.set(Some(MapCache {
+                    word: self.word,
+                    off,
+                    kinds,
+                    header: hd,
+                }));
+                hd
+            }
+        };
+        Ok(MapView {
+            region: self.region,
+            heap: self.heap,
+            h: hd,
+            _t: PhantomData,
+        })
+    }
+
+    fn map_header<K: Item, V: Item>(&self, off: u64) -> Result<map::Header> {
+        let b = block(&self.region, self.heap, off, Kind::Map)?.need(MAP_HEADER)?;
         let mut raw = [0u8; MAP_HEADER as usize];
         read_into(&self.region, "map header", b.payload(), &mut raw)?;
         let hd = map::decode_header::<K, V>(&raw, b.payload())?;
@@ -173,12 +224,7 @@ impl<'a, R: Pod> View<'a, R> {
             block(&self.region, self.heap, hd.table, Kind::MapTable)?
                 .need(hd.table_bytes::<K, V>())?;
         }
-        Ok(MapView {
-            region: self.region,
-            heap: self.heap,
-            h: hd,
-            _t: PhantomData,
-        })
+        Ok(hd)
     }
 }
 

@@ -67,11 +67,16 @@ pub(crate) enum Taken {
     OwnerDied,
 }
 
-/// What a waiter does between looks at the word: sleep while it holds
-/// `seen` (a futex wait with a timeout), and judge whether the holder `seen`
-/// names is dead (a holder the kernel could not mark: a copied or restored
-/// region, a kernel without robust lists).
+/// What a waiter does between looks at the word: spin once (a spin-loop
+/// hint; the loom model yields instead, and only its waiter calls into
+/// loom, so the real code runs under `--cfg shm_state_loom` too), sleep
+/// while it holds `seen` (a futex wait with a timeout), and judge whether
+/// the holder `seen` names is dead (a holder the kernel could not mark: a
+/// copied or restored region, a kernel without robust lists).
 pub(crate) trait Wait {
+    fn spin(&mut self) {
+        std::hint::spin_loop();
+    }
     fn sleep(&mut self, seen: u32);
     fn holder_dead(&mut self, seen: u32) -> bool;
 }
@@ -110,9 +115,7 @@ pub(crate) fn acquire<W: Word32>(word: &W, tid: u32, wait: &mut impl Wait) -> Ta
         }
         if spins < SPINS {
             spins += 1;
-            std::hint::spin_loop();
-            #[cfg(shm_state_loom)]
-            loom::thread::yield_now();
+            wait.spin();
             seen = word.load(Ordering::Acquire);
             continue;
         }
@@ -159,48 +162,60 @@ pub(crate) fn holder(word: u32) -> u32 {
 
 /// The protocol under loom: threads take the lock, check that they are
 /// alone, and release it, or "die" holding it (the kernel's robust-list
-/// marking done by hand, or a peer's judgement); every waiter gets the
-/// lock in the end (a waiter that can wait forever makes loom report a
-/// deadlock or exceed its branch bound).
+/// marking done by hand, or a peer's judgement). Sleeping is a futex
+/// without the timeout the real sleep has, so a lost wake-up leaves a
+/// waiter asleep for good, which loom reports as a deadlock (and a waiter
+/// that spins for good exceeds its branch bound).
 #[cfg(all(test, shm_state_loom))]
 mod model {
     use loom::cell::UnsafeCell;
-    use loom::sync::Arc;
     use loom::sync::atomic::{AtomicU32, Ordering::SeqCst};
+    use loom::sync::{Arc, Condvar, Mutex};
     use loom::thread;
 
     use super::*;
 
-    /// Sleeps by yielding; `dead` is a holder the kernel could not mark (a
-    /// copied region), which waiters judge dead (0: none).
-    struct Waiter {
+    /// FUTEX_WAIT and FUTEX_WAKE on the lock word: the kernel compares the
+    /// word and queues the sleeper under one lock (the hash bucket's),
+    /// which a waker takes too, so a wake after the word changed finds the
+    /// sleeper queued, or the sleeper saw the change and did not sleep.
+    #[derive(Default)]
+    struct Futex {
+        bucket: Mutex<()>,
+        sleepers: Condvar,
+    }
+
+    impl Futex {
+        fn wait(&self, word: &AtomicU32, expected: u32) {
+            let queued = self.bucket.lock().unwrap();
+            if word.load(SeqCst) == expected {
+                drop(self.sleepers.wait(queued).unwrap());
+            }
+        }
+
+        fn wake_one(&self) {
+            let _bucket = self.bucket.lock().unwrap();
+            self.sleepers.notify_one();
+        }
+    }
+
+    /// A waiter of the model: sleeps on the futex; `dead` is a holder the
+    /// kernel could not mark (a copied region), which waiters judge dead
+    /// (0: none).
+    struct Waiter<'s> {
+        shared: &'s Shared,
         dead: u32,
     }
 
-    impl Wait for Waiter {
-        fn sleep(&mut self, _seen: u32) {
-            loom::thread::yield_now();
+    impl Wait for Waiter<'_> {
+        fn spin(&mut self) {
+            thread::yield_now();
+        }
+        fn sleep(&mut self, seen: u32) {
+            self.shared.futex.wait(&self.shared.word, seen);
         }
         fn holder_dead(&mut self, seen: u32) -> bool {
             self.dead != 0 && holder(seen) == self.dead
-        }
-    }
-
-    /// The kernel at the exit of a thread that holds the lock
-    /// (`handle_futex_death`): a compare-and-swap loop from the word as it
-    /// is to "owner died", keeping the waiters bit, the holder bits gone.
-    /// (A load and a plain store, as this model first did, drops a waiters
-    /// bit set in between; loom then lets that waiter read its own word
-    /// forever and fails on its branch bound.)
-    fn die(word: &AtomicU32, tid: u32) {
-        let mut v = word.load(SeqCst);
-        loop {
-            assert_eq!(holder(v), tid, "dying without the lock: {v:#x}");
-            let died = WLOCK_OWNER_DIED | (v & WLOCK_WAITERS);
-            match word.compare_exchange(v, died, SeqCst, SeqCst) {
-                Ok(_) => return,
-                Err(now) => v = now,
-            }
         }
     }
 
@@ -219,6 +234,7 @@ mod model {
 
     struct Shared {
         word: AtomicU32,
+        futex: Futex,
         protected: UnsafeCell<Protected>,
     }
 
@@ -226,14 +242,17 @@ mod model {
         fn new(word: u32) -> Arc<Shared> {
             Arc::new(Shared {
                 word: AtomicU32::new(word),
+                futex: Futex::default(),
                 protected: UnsafeCell::new(Protected::default()),
             })
         }
 
-        /// Takes the lock; the death of the holder before, and only that,
-        /// is seen; then releases it, or dies holding it.
+        /// Takes the lock, checks that the death of the holder before, and
+        /// only that, is seen; then releases the lock (waking a sleeper if
+        /// the waiters bit says so, as `release_writer` does), or dies
+        /// holding it.
         fn hold(&self, tid: u32, dies: bool, dead: u32) {
-            let taken = acquire(&self.word, tid, &mut Waiter { dead });
+            let taken = acquire(&self.word, tid, &mut Waiter { shared: self, dead });
             self.protected.with_mut(|p| {
                 // SAFETY: a loom cell; loom checks that no other access
                 // races with this one (the lock's job).
@@ -249,14 +268,36 @@ mod model {
                 p.died = dies;
             });
             if dies {
-                die(&self.word, tid);
-            } else {
-                release(&self.word, false);
+                self.die(tid);
+            } else if release(&self.word, false) {
+                self.futex.wake_one();
             }
         }
 
-        /// After every thread: the lock is free, and the one death was seen
-        /// by the holder after it, or is still marked for the next one.
+        /// The kernel at the exit of a thread that holds the lock
+        /// (`handle_futex_death`): a compare-and-swap loop from the word as
+        /// it is to "owner died", keeping the waiters bit, the holder bits
+        /// gone; then one sleeper is woken if the bit was set. (A load and
+        /// a plain store, as this model first did, drops a waiters bit set
+        /// in between.)
+        fn die(&self, tid: u32) {
+            let mut v = self.word.load(SeqCst);
+            loop {
+                assert_eq!(holder(v), tid, "dying without the lock: {v:#x}");
+                let died = WLOCK_OWNER_DIED | (v & WLOCK_WAITERS);
+                match self.word.compare_exchange(v, died, SeqCst, SeqCst) {
+                    Ok(_) => break,
+                    Err(now) => v = now,
+                }
+            }
+            if v & WLOCK_WAITERS != 0 {
+                self.futex.wake_one();
+            }
+        }
+
+        /// After every thread: the lock is free, every thread held it, and
+        /// the one death was seen by the holder after it, or is still
+        /// marked for the next one.
         fn check_end(&self, holders: u32) {
             let v = self.word.load(SeqCst);
             assert_eq!(holder(v), 0, "the lock is still held: {v:#x}");
@@ -268,15 +309,20 @@ mod model {
         }
     }
 
-    fn model(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
+    /// Loom with a preemption bound (unless `LOOM_MAX_PREEMPTIONS` sets
+    /// one), or none: two threads are explored whole in milliseconds; three
+    /// take a second with a bound of 3 (23,000 executions), seven with 4.
+    fn model(preemptions: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
         let mut builder = loom::model::Builder::new();
-        builder.preemption_bound.get_or_insert(preemptions);
+        if let Some(bound) = preemptions {
+            builder.preemption_bound.get_or_insert(bound);
+        }
         builder.check(f);
     }
 
     #[test]
     fn one_holder_at_a_time_and_a_death_is_seen_by_the_next() {
-        model(3, || {
+        model(None, || {
             let shared = Shared::new(0);
             let dying = {
                 let shared = shared.clone();
@@ -289,11 +335,12 @@ mod model {
     }
 
     /// Three threads (the main one is the third): one dies holding the
-    /// lock (marked by the kernel), two take and release it. Preemption
-    /// bound 2: bound 3 takes minutes for three threads.
+    /// lock (marked by the kernel), two take and release it. Only with two
+    /// waiters can a wake-up be lost to a waiter that, woken, takes the
+    /// lock without setting the waiters bit again; preemption bound 3.
     #[test]
     fn three_threads_one_dies_the_next_holder_sees_it() {
-        model(2, || {
+        model(Some(3), || {
             let shared = Shared::new(0);
             let spawn = |tid: u32, dies: bool| {
                 let shared = shared.clone();
@@ -313,7 +360,7 @@ mod model {
     /// takes the lock as `OwnerDied`, the other after it cleanly.
     #[test]
     fn a_holder_judged_dead_is_taken_over_once() {
-        model(3, || {
+        model(None, || {
             let shared = Shared::new(9);
             shared.protected.with_mut(|p| {
                 // SAFETY: no other thread yet.
