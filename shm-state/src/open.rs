@@ -176,6 +176,11 @@ pub(crate) trait OpenHooks {
     fn failed(&mut self, mem: &Mem);
     /// The open succeeded (the opening transaction committed).
     fn opened(&mut self, mem: &Mem);
+    /// The stored layout differs and a migration would run: refused when
+    /// the migration cannot be done now.
+    fn may_migrate(&mut self, _mem: &Mem) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// An exclusive open ([`State::open`](crate::State::open)): the open lock
@@ -219,6 +224,8 @@ impl OpenHooks for Exclusive {
         if let Some(page) = self.page.take() {
             crate::shared::peers::reclaim_dead(&page, mem.identity(), self.nonce);
             page.wlock().store(0, Ordering::Release);
+            // A reader killed while counted left the count up for good.
+            page.u64(READ_WAITERS).store(0, Ordering::Release);
         }
     }
 }

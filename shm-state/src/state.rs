@@ -144,7 +144,10 @@ impl<R: Pod> State<R> {
             return refuse(&mem, hooks, Error::Downgrade { stored, expected });
         } else {
             match layout.migrate.take() {
-                Some(m) => Some(m),
+                Some(m) => match hooks.may_migrate(&mem) {
+                    Ok(()) => Some(m),
+                    Err(e) => return refuse(&mem, hooks, e),
+                },
                 None => return refuse(&mem, hooks, Error::LayoutMismatch { stored, expected }),
             }
         };

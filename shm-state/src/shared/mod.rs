@@ -126,28 +126,29 @@ impl wlock::Wait for Waiter<'_> {
         self.stale = self.page.wlock().load(Ordering::Acquire) == seen;
     }
 
-    /// The holder is dead when the peer entry the lock's holder word names
-    /// is (the holder word is stored right after the lock is taken, so it
-    /// is judged only when it names the thread in the lock); before that
-    /// store, only when no other peer lives at all (a copied region).
-    /// Until a sleep timed out, only what costs no `/proc` read is looked
-    /// at (a free entry, a pid the kernel does not know): a death the
-    /// kernel sees is marked in the word anyway.
+    /// The holder (a thread id) is dead when no thread has its id (a
+    /// signal-0 `kill`, no `/proc`), or, once a sleep timed out with the
+    /// word unchanged, when the peer entry the lock's holder record names
+    /// is dead (its identity: a copied or restored region names threads of
+    /// other memory) or, before the holder stored that record, when no
+    /// other peer lives at all. A death the kernel sees is marked in the
+    /// word anyway: this is for what it cannot see.
     fn holder_dead(&mut self, seen: u32) -> bool {
         let tid = wlock::holder(seen);
+        if !owner::pid_exists(tid) {
+            return true;
+        }
+        if !self.stale {
+            return false;
+        }
         let h = self.page.u64(WLOCK_HOLDER).load(Ordering::Acquire);
         let slot = (h >> 32) as usize;
-        if h as u32 == tid && (1..=peers::MAX_PEERS).contains(&slot) {
-            let slot = slot - 1;
-            // Our own entry names no one else: a dead process's leftover.
-            return slot == self.slot
-                || !peers::maybe_live(self.page, slot)
-                || (self.stale && peers::live(self.page, slot, self.ours, self.nonce).is_none());
+        if h as u32 == tid && (1..=peers::MAX_PEERS).contains(&slot) && slot - 1 != self.slot {
+            return peers::live(self.page, slot - 1, self.ours, self.nonce).is_none();
         }
-        self.stale
-            && peers::live_peers(self.page, self.ours, self.nonce)
-                .iter()
-                .all(|&(s, _)| s == self.slot)
+        peers::live_peers(self.page, self.ours, self.nonce)
+            .iter()
+            .all(|&(s, _)| s == self.slot)
     }
 }
 
@@ -172,9 +173,11 @@ fn release_writer(page: &SharedPage, died: bool) {
     if wlock::release(page.wlock(), died) {
         sys::wake(page.wlock(), 1);
     }
-    // The release above is a SeqCst swap, so this load cannot be ordered
-    // before the commit; a reader increments the count before it checks
-    // the commit word (see `SharedState::wait_for_commit`).
+    // A reader increments the count before it checks the commit word
+    // (see `SharedState::wait_for_commit`); the fence keeps this load
+    // after the commit store, so one of the two sees the other (a missed
+    // wake would cost the reader one 10 ms nap).
+    std::sync::atomic::fence(Ordering::SeqCst);
     if page.u64(READ_WAITERS).load(Ordering::SeqCst) != 0 {
         sys::wake(page.u32(TX_WORD), i32::MAX);
     }
@@ -183,14 +186,48 @@ fn release_writer(page: &SharedPage, died: bool) {
 /// The open of a shared state: the open lock is waited for while another
 /// peer opens, and the writer lock is held for the open's own steps
 /// (recovery, creation, migration, the opening transaction).
+/// A peer entry registered by an open that has not succeeded yet: put
+/// back when dropped (an error or a panic), unless kept.
+struct Registered<'p> {
+    page: &'p SharedPage,
+    entry: Option<peers::Entry>,
+}
+
+impl Registered<'_> {
+    fn keep(mut self) {
+        self.entry = None;
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            peers::put_back(self.page, entry);
+        }
+    }
+}
+
 struct SharedOpen<'p> {
     page: &'p SharedPage,
     slot: usize,
     tid: u32,
+    ours: Identity,
+    nonce: u64,
     taken: Option<Taken>,
     /// The writer lock and its holder record as found: put back when the
     /// open is refused, so that the region is left as it was.
     before: (u32, u64),
+}
+
+/// A panic while the open holds the writer lock (in a migration, a commit
+/// hook) releases it, marked owner-died: the region may hold half of the
+/// opening transaction, which the next writer rolls back.
+impl Drop for SharedOpen<'_> {
+    fn drop(&mut self) {
+        if self.taken.take().is_some() {
+            release_writer(self.page, true);
+        }
+    }
 }
 
 impl OpenHooks for SharedOpen<'_> {
@@ -216,7 +253,10 @@ impl OpenHooks for SharedOpen<'_> {
                         // An exclusive State holds it.
                         return Err(Error::Locked { pid });
                     } else {
+                        // Looked again after a moment: an exclusive opener
+                        // that is being refused holds it only that long.
                         not_a_peer = Some(pid);
+                        std::thread::sleep(Duration::from_millis(5));
                     }
                 }
                 other => return other,
@@ -260,6 +300,22 @@ impl OpenHooks for SharedOpen<'_> {
     }
 
     fn opened(&mut self, _mem: &Mem) {}
+
+    fn may_migrate(&mut self, _mem: &Mem) -> Result<()> {
+        let others: Vec<u32> = peers::live_peers(self.page, self.ours, self.nonce)
+            .into_iter()
+            .filter(|&(slot, _)| slot != self.slot)
+            .map(|(_, pid)| pid)
+            .collect();
+        match others.first() {
+            // The others read the root as the old layout.
+            Some(&pid) => Err(Error::unsupported(format!(
+                "the state's layout needs a migration, but {} other process(es) share it (process {pid} among them) and read the old layout; migrate when it is the only one",
+                others.len()
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl<R: Pod> SharedState<R> {
@@ -297,6 +353,12 @@ impl<R: Pod> SharedState<R> {
                 ino: ours.ino,
             });
             let entry = peers::register(&page, ours, nonce, &mine)?;
+            // From here until the open succeeds, an error or a panic (a
+            // migration's, a commit hook's) puts the entry back.
+            let registered = Registered {
+                page: &page,
+                entry: Some(entry),
+            };
             let robust = sys::Robust::start(page.wlock()).ok();
             let tid = robust.as_ref().map_or_else(sys::gettid, |r| r.tid());
             let mut hooks = SharedOpen {
@@ -305,15 +367,16 @@ impl<R: Pod> SharedState<R> {
                 tid,
                 taken: None,
                 before: (0, 0),
+                ours,
+                nonce,
             };
-            match State::open_locked(mem, nonce, expected, &mut layout, &mut hooks) {
-                Ok(state) => Ok((state, robust, entry, tid)),
-                Err(e) => {
-                    drop(robust);
-                    peers::put_back(&page, entry);
-                    Err(e)
-                }
-            }
+            let state = State::open_locked(mem, nonce, expected, &mut layout, &mut hooks)?;
+            // Opened: the writer lock goes as usual (the hooks' drop would
+            // release it marked owner-died, as after a panic).
+            hooks.taken = None;
+            release_writer(&page, false);
+            registered.keep();
+            Ok((state, robust, entry, tid))
         })();
         let (mut state, robust, entry, tid) = match opened {
             Ok(v) => v,
@@ -322,7 +385,6 @@ impl<R: Pod> SharedState<R> {
                 return Err(e);
             }
         };
-        release_writer(&page, false);
         state.release_open_lock();
         Ok(SharedState {
             state,
@@ -617,11 +679,20 @@ fn take_over<R>(state: &mut State<R>, stats: &mut Stats, taken: Taken) -> Result
 
 impl<R> SharedState<R> {
     fn leave(&mut self) {
-        if self.nonce != 0 {
-            peers::release(&self.page, self.entry);
-            drop(self.robust.take());
-            self.nonce = 0;
+        if self.nonce == 0 {
+            return;
         }
+        self.nonce = 0;
+        if sys::forks() != self.forks {
+            // A copy of the handle in a forked child: the entry is the
+            // parent's, and the robust thread does not exist here (joining
+            // it would touch the parent's thread records). Both are left
+            // alone.
+            std::mem::forget(self.robust.take());
+            return;
+        }
+        peers::release(&self.page, self.entry);
+        drop(self.robust.take());
     }
 }
 

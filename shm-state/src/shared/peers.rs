@@ -59,14 +59,6 @@ pub(crate) fn boot() -> [u64; 2] {
     [lo ^ hi, 0]
 }
 
-/// A cheap look at entry `slot`: false when it is free or names a pid
-/// the kernel does not know (dead for sure); true otherwise, which [`live`]
-/// must confirm (the pid may have been reused, the entry copied).
-pub(crate) fn maybe_live(page: &SharedPage, slot: usize) -> bool {
-    let pid = (page.peer(slot).word.load(Ordering::Acquire) & PID_MASK) as u32;
-    pid != 0 && (pid == std::process::id() || owner::pid_exists(pid))
-}
-
 /// Every live peer: `(slot, pid)`.
 pub(crate) fn live_peers(page: &SharedPage, ours: Identity, my_nonce: u64) -> Vec<(usize, u32)> {
     (0..MAX_PEERS)

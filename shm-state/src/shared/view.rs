@@ -211,6 +211,7 @@ impl<'a, R: Pod> View<'a, R> {
             region: self.region,
             heap: self.heap,
             h: hd,
+            copied: Cell::new(0),
             _t: PhantomData,
         })
     }
@@ -233,6 +234,8 @@ pub struct MapView<'a, K, V> {
     region: Region<'a>,
     heap: (u64, u64),
     h: map::Header,
+    /// Bytes of byte strings copied so far (bounded in `entries`).
+    copied: Cell<u64>,
     _t: PhantomData<(K, V)>,
 }
 
@@ -263,6 +266,7 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         let b = b.need(b.aux)?;
         let mut bytes = buffer(&self.region, "byte string", b.payload(), b.aux)?;
         read_into(&self.region, "byte string", b.payload(), &mut bytes)?;
+        self.copied.set(self.copied.get().saturating_add(b.aux));
         Ok(bytes)
     }
 
@@ -276,13 +280,18 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         owned.ok_or_else(|| Error::corrupt("map slot", self.h.slots(), "unreadable item"))
     }
 
-    /// Whether the key in a slot's field at 8 is `key`.
+    /// Whether the key in a slot's field at 8 is `key` (a byte string of
+    /// another length is not copied).
     fn same_key(&self, slot: &[u8], key: &[u8]) -> Result<bool> {
-        Ok(if K::KIND == BYTES {
-            self.byte_string(slot, 8)? == key
-        } else {
-            slot[8..8 + K::SIZE as usize] == *key
-        })
+        if K::KIND != BYTES {
+            return Ok(slot[8..8 + K::SIZE as usize] == *key);
+        }
+        let off = u64::from_le_bytes(slot[8..16].try_into().expect("8"));
+        let b = block(&self.region, self.heap, off, Kind::Bytes)?;
+        if b.aux != key.len() as u64 {
+            return Ok(false);
+        }
+        Ok(self.byte_string(slot, 8)? == key)
     }
 
     /// Slot `i`, copied into `slot`.
@@ -335,6 +344,10 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         let size = slot_size::<K, V>() as usize;
         let mut slot = vec![0u8; size];
         let mut out = Vec::new();
+        // What a committed state can hold: the heap. A run that copies
+        // more is reading bytes a writer is changing, and stops.
+        let bound = self.heap.1 - self.heap.0;
+        let mut copied = 0u64;
         for i in 0..self.h.cap {
             self.slot(i, &mut slot)?;
             let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
@@ -343,6 +356,14 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
             }
             let k = self.item::<K>(&slot, 8)?;
             let v = self.item::<V>(&slot, 8 + field::<K>() as usize)?;
+            copied += slot.len() as u64;
+            if copied + self.copied.get() > bound.saturating_mul(2) {
+                return Err(Error::corrupt(
+                    "map table",
+                    self.h.slots(),
+                    "its entries hold more than the heap",
+                ));
+            }
             out.push((k, v));
             if out.len() as u64 > self.h.len {
                 return Err(Error::corrupt(

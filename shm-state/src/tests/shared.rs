@@ -178,6 +178,35 @@ fn shared_child() {
             }
             println!("grown");
         }
+        // Forks; the child drops its copy of the handle and exits; then
+        // this process's entry must still be live.
+        "fork-drop" => {
+            // SAFETY: the child only drops the copied handle (which, in a
+            // forked child, touches no lock and no thread: `leave`) and
+            // exits without running destructors or atexit handlers.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork failed");
+            if pid == 0 {
+                drop(s);
+                // SAFETY: _exit ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            let mut status = 0;
+            // SAFETY: waits for the child just forked, by its pid.
+            let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(rc, pid);
+            let me = std::process::id();
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 && s.peers().contains(&me)
+            {
+                println!("entry kept");
+            } else {
+                println!(
+                    "entry lost (child status {status:#x}, peers {:?})",
+                    s.peers()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(60));
+        }
         // One transaction.
         "one" => {
             s.transaction(|tx| set_all(tx, 99)).unwrap();
@@ -484,4 +513,61 @@ fn a_panic_in_a_transaction_rolls_it_back_and_releases_the_writer_lock() {
     expect_line(&mut kid, "one");
     assert!(kid.wait().unwrap().success());
     assert_eq!(s.read(|v| v.cell(r.cell)).unwrap(), 99);
+}
+
+#[test]
+fn a_handle_dropped_in_a_forked_child_leaves_the_parents_entry_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut kid = child("fork-drop", &path);
+    expect_line(&mut kid, "entry kept");
+    // The parent still counts as a peer: an exclusive opener is refused.
+    match open_path(&path) {
+        Err(Error::Locked { pid }) => assert_eq!(pid, kid.id()),
+        other => panic!("an exclusive open beside the forking peer: {other:?}"),
+    }
+    kill9(&mut kid);
+}
+
+#[test]
+fn a_panicking_migration_releases_the_writer_lock_and_the_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    drop(s);
+    let panicked = std::panic::catch_unwind(|| {
+        let layout = Layout::<Root>::new(2)
+            .journal_len(16 << 10)
+            .initial_len(4096)
+            .migrate(|_, _| panic!("in the migration"));
+        let _ = open_shared_with(&path, layout);
+    });
+    assert!(panicked.is_err());
+    let w = wlock_word(&path);
+    assert_eq!(wlock::holder(w), 0, "the writer lock is still held: {w:#x}");
+    // The entry went back, and the opening transaction (rolled back as
+    // the panic unwound) left nothing: the next open is the second.
+    let s = open_shared(&path).unwrap();
+    assert_eq!(s.peers(), vec![std::process::id()]);
+    assert_eq!(s.report().generation, 2, "{}", s.report());
+}
+
+#[test]
+fn a_migration_waits_until_no_other_process_shares_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut kid = child("hold", &path);
+    expect_line(&mut kid, "open");
+    let v2 = || {
+        Layout::<Root>::new(2)
+            .journal_len(16 << 10)
+            .initial_len(4096)
+            .migrate(|_, _| Ok(()))
+    };
+    let e = open_shared_with(&path, v2()).unwrap_err();
+    assert!(e.to_string().contains("other process(es) share it"), "{e}");
+    kill9(&mut kid);
+    let s = open_shared_with(&path, v2()).unwrap();
+    assert!(s.report().migrated_from.is_some(), "{}", s.report());
 }
