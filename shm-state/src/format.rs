@@ -201,6 +201,7 @@ pub(crate) enum Kind {
     Bytes = KIND_BASE | 8,
     Log = KIND_BASE | 9,
     LogChunk = KIND_BASE | 10,
+    Ring = KIND_BASE | 11,
 }
 
 impl Kind {
@@ -216,6 +217,7 @@ impl Kind {
             8 => Kind::Bytes,
             9 => Kind::Log,
             10 => Kind::LogChunk,
+            11 => Kind::Ring,
             _ => return None,
         })
     }
@@ -232,6 +234,7 @@ impl Kind {
             Kind::Bytes => "byte string",
             Kind::Log => "log header",
             Kind::LogChunk => "log chunk",
+            Kind::Ring => "ring",
         }
     }
 }

@@ -90,3 +90,8 @@ handle!(
     /// An append-only log of byte records.
     StateLog<>, "log"
 );
+handle!(
+    /// A ring of variable-length frames between a producer and a consumer
+    /// (see [`RingMut`](crate::RingMut)).
+    StateRing<>, "ring"
+);

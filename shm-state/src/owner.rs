@@ -201,6 +201,10 @@ pub(crate) fn own_start_time() -> u64 {
 
 /// True when another process `pid` is alive with the start time `start`
 /// (0: unknown, any live process with the pid).
+pub(crate) fn is_alive(pid: u32, start: u64) -> bool {
+    holder_alive(pid, start)
+}
+
 fn holder_alive(pid: u32, start: u64) -> bool {
     match start_time(pid) {
         Some(now) => is_process(pid) && (start == 0 || now == start),

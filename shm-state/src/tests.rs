@@ -372,4 +372,5 @@ mod miri;
 mod opening;
 mod protocol_page;
 mod regressions;
+mod ring;
 mod shared;

@@ -364,6 +364,12 @@ impl<'a> TxCore<'a> {
         self.core.mem.write(what, off, data)
     }
 
+    /// Whether this transaction journaled the line holding `off` already
+    /// (it changed something there).
+    pub(crate) fn journaled(&self, off: u64) -> bool {
+        self.core.logged.contains(off / LINE)
+    }
+
     pub(crate) fn write_u64(&mut self, what: &'static str, off: u64, v: u64) -> Result<()> {
         self.write(what, off, &v.to_le_bytes())
     }

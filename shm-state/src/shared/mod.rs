@@ -37,7 +37,7 @@ use page::SharedPage;
 use wlock::Taken;
 
 pub use peers::MAX_PEERS;
-pub use view::{MapView, View};
+pub use view::{MapView, RingView, View};
 
 /// How long an opener waits for another opener of the same state (which
 /// holds the open lock only while it opens) before it gives up.
@@ -587,6 +587,31 @@ impl<R: Pod> SharedState<R> {
         self.check_fork()?;
         let held = self.hold()?;
         f(held.state)
+    }
+
+    /// Sleeps until another process commits a transaction (any: a wake
+    /// names no structure), or `timeout` passes, whichever is first. For
+    /// waiting on a condition a [`View`] can see (a ring that is empty or
+    /// full): check it with [`SharedState::read`], then call this with the
+    /// time left, and check again. The sleep is a futex wait on the commit
+    /// word; a committing writer wakes sleepers only when there are some
+    /// (no system call per transaction otherwise).
+    pub fn wait_for_commit_after(&mut self, seen: u64, timeout: Duration) -> Result<()> {
+        self.check_fork()?;
+        let word = self.page.u64(TX_WORD);
+        let waiters = self.page.u64(READ_WAITERS);
+        waiters.fetch_add(1, Ordering::SeqCst);
+        if word.load(Ordering::SeqCst) == seen {
+            sys::wait(self.page.u32(TX_WORD), seen as u32, timeout);
+        }
+        waiters.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// The commit word now: what [`SharedState::wait_for_commit_after`]
+    /// waits to see change.
+    pub fn commit_word(&self) -> u64 {
+        self.page.u64(TX_WORD).load(Ordering::Acquire)
     }
 
     /// Waits until the commit word is no longer `open_word` (a transaction

@@ -15,8 +15,9 @@ use shm_snapshot::Region;
 use crate::cell::check_cell;
 use crate::error::{Error, Result};
 use crate::format::{BLOCK_HEADER, Block, DY_ROOT, Kind, MAP_HEADER, VEC_HEADER, touches_atomics};
-use crate::handle::{StateCell, StateMap, StateVec};
+use crate::handle::{StateCell, StateMap, StateRing, StateVec};
 use crate::map::{self, BYTES, DELETED, EMPTY, Item, TAG_BIT, field, slot_size};
+use crate::ring;
 use crate::vec;
 
 /// A consistent read of a shared state, inside
@@ -226,6 +227,58 @@ impl<'a, R: Pod> View<'a, R> {
                 .need(hd.table_bytes::<K, V>())?;
         }
         Ok(hd)
+    }
+}
+
+impl<'a, R: Pod> View<'a, R> {
+    /// A ring's state: its frames, its bytes and who is attached.
+    pub fn ring(&self, h: StateRing) -> Result<RingView> {
+        let b = block(&self.region, self.heap, h.off()?, Kind::Ring)?;
+        let hd = ring::header_via(b, |off, buf| {
+            read_into(&self.region, "ring header", off, buf)
+        })?;
+        Ok(RingView { h: hd })
+    }
+}
+
+/// A ring's state as a [`View`] read it.
+#[derive(Debug, Clone, Copy)]
+pub struct RingView {
+    h: ring::Header,
+}
+
+impl RingView {
+    /// Frames in the ring.
+    pub fn len(&self) -> u64 {
+        self.h.frames
+    }
+
+    /// True when the ring holds no frame.
+    pub fn is_empty(&self) -> bool {
+        self.h.frames == 0
+    }
+
+    /// Bytes free for frames (headers and padding included).
+    pub fn free_bytes(&self) -> u64 {
+        self.h.cap - (self.h.tail - self.h.head)
+    }
+
+    /// The largest frame the ring takes.
+    pub fn max_frame(&self) -> u32 {
+        self.h.max_frame
+    }
+
+    /// Whether the process recorded as the producer
+    /// ([`RingMut::attach`](crate::RingMut::attach)) is alive: false when
+    /// none is recorded or it died (a copied or restored state's
+    /// producer, from another boot, counts as gone too).
+    pub fn producer_alive(&self) -> bool {
+        ring::alive(self.h.producer.0, self.h.producer.1)
+    }
+
+    /// Whether the process recorded as the consumer is alive.
+    pub fn consumer_alive(&self) -> bool {
+        ring::alive(self.h.consumer.0, self.h.consumer.1)
     }
 }
 
