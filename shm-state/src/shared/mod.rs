@@ -14,6 +14,7 @@ pub(crate) mod peers;
 pub(crate) mod seqlock;
 mod sys;
 mod view;
+mod wake;
 pub(crate) mod wlock;
 
 use std::cell::Cell;
@@ -173,14 +174,10 @@ fn release_writer(page: &SharedPage, died: bool) {
     if wlock::release(page.wlock(), died) {
         sys::wake(page.wlock(), 1);
     }
-    // A reader increments the count before it checks the commit word
-    // (see `SharedState::wait_for_commit`); the fence keeps this load
-    // after the commit store, so one of the two sees the other (a missed
-    // wake would cost the reader one 10 ms nap).
-    std::sync::atomic::fence(Ordering::SeqCst);
-    if page.u64(READ_WAITERS).load(Ordering::SeqCst) != 0 {
-        sys::wake(page.u32(TX_WORD), i32::MAX);
-    }
+    // Sleepers on the commit word (`wake.rs`: no wake-up lost).
+    wake::notify(page.u64(READ_WAITERS), || {
+        sys::wake(page.u32(TX_WORD), i32::MAX)
+    });
 }
 
 /// The open of a shared state: the open lock is waited for while another
@@ -598,13 +595,10 @@ impl<R: Pod> SharedState<R> {
     /// (no system call per transaction otherwise).
     pub fn wait_for_commit_after(&mut self, seen: u64, timeout: Duration) -> Result<()> {
         self.check_fork()?;
-        let word = self.page.u64(TX_WORD);
-        let waiters = self.page.u64(READ_WAITERS);
-        waiters.fetch_add(1, Ordering::SeqCst);
-        if word.load(Ordering::SeqCst) == seen {
-            sys::wait(self.page.u32(TX_WORD), seen as u32, timeout);
-        }
-        waiters.fetch_sub(1, Ordering::SeqCst);
+        let page = &self.page;
+        wake::sleep_unless_changed(page.u64(TX_WORD), page.u64(READ_WAITERS), seen, || {
+            sys::wait(page.u32(TX_WORD), seen as u32, timeout)
+        });
         Ok(())
     }
 
@@ -630,12 +624,10 @@ impl<R: Pod> SharedState<R> {
         if wlock::holder(self.page.wlock().load(Ordering::Acquire)) == 0 {
             return self.hold().map(drop);
         }
-        let waiters = self.page.u64(READ_WAITERS);
-        waiters.fetch_add(1, Ordering::SeqCst);
-        if word.load(Ordering::SeqCst) == open_word {
-            sys::wait(self.page.u32(TX_WORD), open_word as u32, READ_NAP);
-        }
-        waiters.fetch_sub(1, Ordering::SeqCst);
+        let page = &self.page;
+        wake::sleep_unless_changed(word, page.u64(READ_WAITERS), open_word, || {
+            sys::wait(page.u32(TX_WORD), open_word as u32, READ_NAP)
+        });
         // Still open after the nap: judge the holder (the kernel marks a
         // death it sees; this is for what it cannot see).
         let v = self.page.wlock().load(Ordering::Acquire);

@@ -1,0 +1,145 @@
+//! The sleep/wake handshake between a process waiting for a commit (a
+//! reader that met an open transaction, a ring's consumer or producer
+//! waiting for the other side) and the committing writer: the sleeper
+//! counts itself in `read_waiters` before it looks at the commit word one
+//! last time and sleeps on it (a futex wait, which sleeps only while the
+//! word still holds what the sleeper saw); the writer, after its commit
+//! store, reads the count with a read-modify-write (adding 0), and wakes
+//! the sleepers only when there are some — no system call per commit
+//! otherwise. The two read-modify-writes of the count are ordered one
+//! after the other: if the writer's comes first, the sleeper's increment
+//! reads it and acquires the commit store before it looks at the word;
+//! if the sleeper's comes first, the writer sees the count. So no wake-up
+//! is lost (checked under loom: `shared::wake::model`; a fence and a plain
+//! load would do under the C++ model too, but loom checks SeqCst fences
+//! only as acquire-release, and the read-modify-write costs no more than
+//! the fence on x86). The real sleeps have a timeout too.
+//!
+//! Generic over the cells, so that the model runs the same code on loom's
+//! atomics.
+
+use std::sync::atomic::Ordering;
+
+use crate::shared::seqlock::SeqWord;
+
+/// A counter cell (`read_waiters`).
+pub(crate) trait Counter {
+    fn fetch_add(&self, v: u64, order: Ordering) -> u64;
+    fn fetch_sub(&self, v: u64, order: Ordering) -> u64;
+}
+
+macro_rules! impl_counter {
+    ($t:ty) => {
+        impl Counter for $t {
+            fn fetch_add(&self, v: u64, order: Ordering) -> u64 {
+                <$t>::fetch_add(self, v, order)
+            }
+            fn fetch_sub(&self, v: u64, order: Ordering) -> u64 {
+                <$t>::fetch_sub(self, v, order)
+            }
+        }
+    };
+}
+
+impl_counter!(std::sync::atomic::AtomicU64);
+#[cfg(shm_state_loom)]
+impl_counter!(loom::sync::atomic::AtomicU64);
+
+/// The sleeper's side: counted in `waiters`, sleeps (`sleep`, a futex wait
+/// that sleeps only while `word` is still `seen`) unless `word` moved.
+pub(crate) fn sleep_unless_changed<W: SeqWord, C: Counter>(
+    word: &W,
+    waiters: &C,
+    seen: u64,
+    sleep: impl FnOnce(),
+) {
+    waiters.fetch_add(1, Ordering::SeqCst);
+    if word.load(Ordering::SeqCst) == seen {
+        sleep();
+    }
+    waiters.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// The writer's side, after its commit store: wakes the sleepers (`wake`)
+/// if any are counted.
+pub(crate) fn notify<C: Counter>(waiters: &C, wake: impl FnOnce()) {
+    if waiters.fetch_add(0, Ordering::AcqRel) != 0 {
+        wake();
+    }
+}
+
+/// The handshake under loom: a writer commits (a release store of the
+/// word, then `notify`), a sleeper waits for a word other than the one it
+/// saw. The futex stand-in has no timeout, so a lost wake-up leaves the
+/// sleeper asleep for good: loom reports a deadlock. (A writer that reads
+/// the count with a plain load instead is kept as `should_panic`.)
+#[cfg(all(test, shm_state_loom))]
+mod model {
+    use loom::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    use loom::sync::{Arc, Condvar, Mutex};
+    use loom::thread;
+
+    use super::*;
+
+    /// FUTEX_WAIT / FUTEX_WAKE: compare and queue under the bucket's lock,
+    /// which a waker takes too.
+    #[derive(Default)]
+    struct Futex {
+        bucket: Mutex<()>,
+        sleepers: Condvar,
+    }
+
+    impl Futex {
+        fn wait(&self, word: &AtomicU64, expected: u64) {
+            let queued = self.bucket.lock().unwrap();
+            if word.load(SeqCst) == expected {
+                drop(self.sleepers.wait(queued).unwrap());
+            }
+        }
+        fn wake_all(&self) {
+            let _bucket = self.bucket.lock().unwrap();
+            self.sleepers.notify_all();
+        }
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        word: AtomicU64,
+        waiters: AtomicU64,
+        futex: Futex,
+    }
+
+    fn run(rmw: bool) {
+        loom::model(move || {
+            let s = Arc::new(Shared::default());
+            let writer = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    s.word.store(2, Ordering::Release);
+                    if rmw {
+                        notify(&s.waiters, || s.futex.wake_all());
+                    } else if s.waiters.load(SeqCst) != 0 {
+                        s.futex.wake_all();
+                    }
+                })
+            };
+            // The sleeper saw word 0 (an open transaction, an empty ring)
+            // and waits until it moves.
+            while s.word.load(Ordering::Acquire) == 0 {
+                sleep_unless_changed(&s.word, &s.waiters, 0, || s.futex.wait(&s.word, 0));
+            }
+            writer.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_commit_always_wakes_a_sleeper_that_saw_the_old_word() {
+        run(true);
+    }
+
+    #[test]
+    #[should_panic]
+    fn with_a_plain_load_of_the_count_a_wake_up_can_be_lost() {
+        run(false);
+    }
+}
