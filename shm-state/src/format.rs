@@ -202,6 +202,7 @@ pub(crate) enum Kind {
     Log = KIND_BASE | 9,
     LogChunk = KIND_BASE | 10,
     Ring = KIND_BASE | 11,
+    Published = KIND_BASE | 12,
 }
 
 impl Kind {
@@ -218,6 +219,7 @@ impl Kind {
             9 => Kind::Log,
             10 => Kind::LogChunk,
             11 => Kind::Ring,
+            12 => Kind::Published,
             _ => return None,
         })
     }
@@ -235,6 +237,7 @@ impl Kind {
             Kind::Log => "log header",
             Kind::LogChunk => "log chunk",
             Kind::Ring => "ring",
+            Kind::Published => "published value",
         }
     }
 }

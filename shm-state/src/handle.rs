@@ -95,3 +95,8 @@ handle!(
     /// (see [`RingMut`](crate::RingMut)).
     StateRing<>, "ring"
 );
+handle!(
+    /// A value one writer publishes and many read without waiting (see
+    /// [`SharedState::publish`](crate::SharedState::publish)).
+    StatePublished<>, "published value"
+);

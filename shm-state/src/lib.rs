@@ -101,6 +101,7 @@ mod map;
 mod mem;
 mod open;
 mod owner;
+mod published;
 mod ring;
 mod shared;
 mod snapshot;
@@ -115,7 +116,7 @@ mod tests;
 
 pub use error::{Corruption, Error, Result, StoredLayout};
 pub use format::{CREATING_MAGIC, FORMAT_VERSION, HEADER_LEN, MAGIC, OLDEST_FORMAT};
-pub use handle::{StateCell, StateLog, StateMap, StateRing, StateVec};
+pub use handle::{StateCell, StateLog, StateMap, StatePublished, StateRing, StateVec};
 pub use layout::{Layout, Migrate, OldRoot};
 pub use log::{LogIter, LogMut, LogRef};
 pub use map::{Bytes, Item, MapMut, MapRef};

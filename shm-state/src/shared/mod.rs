@@ -26,6 +26,7 @@ use bytemuck::Pod;
 
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::handle::StatePublished;
 use crate::layout::Layout;
 use crate::lock::{Claim, LockWords};
 use crate::mem::{Identity, Mem};
@@ -602,6 +603,52 @@ impl<R: Pod> SharedState<R> {
         Ok(())
     }
 
+    /// Publishes `bytes` as the next version of a published value (see
+    /// [`Tx::new_published`]); returns the version (1 for the first).
+    /// Publishers take turns under the writer lock, but the value's slots
+    /// are not journaled: readers ([`SharedState::read_published`]) never
+    /// wait for a publish, and a publisher killed in one leaves the last
+    /// version readable.
+    pub fn publish(&mut self, h: StatePublished, bytes: &[u8]) -> Result<u64> {
+        self.check_fork()?;
+        let held = self.hold()?;
+        let mem = &held.state.core.mem;
+        let heap = held.state.core.heap()?;
+        // SAFETY: the writer lock is held and the handle borrowed mutably:
+        // no slice of the region is alive in this process while the
+        // region is used (see `read_once`).
+        let region = unsafe { mem.shared_region() };
+        let g = published_geometry(&region, heap, h)?;
+        crate::published::publish(&region, g, bytes)
+    }
+
+    /// The latest complete version of a published value and its bytes
+    /// (`None` before the first publish), without any lock: never torn,
+    /// never waiting for a publisher (a read retries only when publishes
+    /// complete while it copies).
+    pub fn read_published(&mut self, h: StatePublished) -> Result<Option<(u64, Vec<u8>)>> {
+        self.check_fork()?;
+        let heap_off = self.state.core.heap_off;
+        for _ in 0..2 {
+            let len = self.state.core.mem.len();
+            // SAFETY: as in `read_once`: the handle is borrowed mutably and
+            // no other handle of this process is on this memory.
+            let region = unsafe { self.state.core.mem.shared_region() };
+            let top = region.load_u64(DY_HEAP_TOP as usize);
+            if top > len {
+                self.state.core.mem.refresh()?;
+                continue;
+            }
+            let g = published_geometry(&region, (heap_off, top), h)?;
+            return crate::published::read_latest(&region, g, 64);
+        }
+        Err(Error::corrupt(
+            "heap top",
+            DY_HEAP_TOP,
+            "lies past the end of the region",
+        ))
+    }
+
     /// The commit word now: what [`SharedState::wait_for_commit_after`]
     /// waits to see change.
     pub fn commit_word(&self) -> u64 {
@@ -669,6 +716,18 @@ impl<R> Drop for Held<'_, R> {
     fn drop(&mut self) {
         release_writer(self.page, self.failed || self.state.core.poisoned);
     }
+}
+
+/// A published value's block and geometry, read through `region` (its
+/// block and largest length never change once created).
+fn published_geometry(
+    region: &shm_snapshot::Region<'_>,
+    heap: (u64, u64),
+    h: StatePublished,
+) -> Result<crate::published::Geometry> {
+    let b = view::block(region, heap, h.off()?, Kind::Published)?;
+    let max_len = view::read_u64(region, "published value", b.payload())?;
+    crate::published::geometry(b, max_len)
 }
 
 /// Holding the writer lock: follows the region if another writer grew

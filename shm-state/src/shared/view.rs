@@ -75,14 +75,14 @@ fn read_into(region: &Region<'_>, what: &'static str, off: u64, buf: &mut [u8]) 
     Ok(())
 }
 
-fn read_u64(region: &Region<'_>, what: &'static str, off: u64) -> Result<u64> {
+pub(crate) fn read_u64(region: &Region<'_>, what: &'static str, off: u64) -> Result<u64> {
     let mut b = [0u8; 8];
     read_into(region, what, off, &mut b)?;
     Ok(u64::from_le_bytes(b))
 }
 
 /// Reads and validates the block at `off`.
-fn block(region: &Region<'_>, heap: (u64, u64), off: u64, kind: Kind) -> Result<Block> {
+pub(crate) fn block(region: &Region<'_>, heap: (u64, u64), off: u64, kind: Kind) -> Result<Block> {
     Block::check_offset(heap, off)?;
     let mut h = [0u8; BLOCK_HEADER as usize];
     read_into(region, "block header", off, &mut h)?;

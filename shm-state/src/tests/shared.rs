@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::StatePublished;
 use crate::shared::wlock;
 
 const SHARED_CHILD: &str = "SHM_STATE_SHARED_CHILD";
@@ -206,6 +207,17 @@ fn shared_child() {
                 );
             }
             std::thread::sleep(Duration::from_secs(60));
+        }
+        // Publishes versions until killed: version v's bytes are v as text,
+        // repeated to a length that varies with v.
+        "publisher" => {
+            let h = StatePublished::from_off(s.read(|v| v.root()).unwrap().n);
+            println!("publishing");
+            loop {
+                let next = s.read_published(h).unwrap().map_or(1, |(v, _)| v + 1);
+                let got = s.publish(h, &published_bytes(next)).unwrap();
+                assert_eq!(got, next);
+            }
         }
         // One transaction.
         "one" => {
@@ -570,4 +582,57 @@ fn a_migration_waits_until_no_other_process_shares_the_state() {
     kill9(&mut kid);
     let s = open_shared_with(&path, v2()).unwrap();
     assert!(s.report().migrated_from.is_some(), "{}", s.report());
+}
+
+/// What version `v` of the published value holds.
+fn published_bytes(v: u64) -> Vec<u8> {
+    v.to_string().repeat(1 + (v % 50) as usize).into_bytes()
+}
+
+#[test]
+fn published_values_are_read_whole_while_a_writer_publishes_and_after_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    let h = s
+        .transaction(|tx| {
+            let h = tx.new_published(4096)?;
+            tx.root_mut()?.n = h.offset();
+            Ok::<_, Error>(h)
+        })
+        .unwrap();
+    assert_eq!(s.read_published(h).unwrap(), None);
+    assert_eq!(s.publish(h, b"first").unwrap(), 1);
+    assert_eq!(s.read_published(h).unwrap(), Some((1, b"first".to_vec())));
+    let e = s.publish(h, &[0u8; 4097]).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+
+    let mut kid = child("publisher", &path);
+    expect_line(&mut kid, "publishing");
+    let (mut reads, mut last) = (0u64, 1u64);
+    let end = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < end {
+        let (v, bytes) = s.read_published(h).unwrap().unwrap();
+        assert!(v >= last, "went back from {last} to {v}");
+        if v > 1 {
+            assert_eq!(bytes, published_bytes(v), "version {v} is torn");
+        }
+        last = v;
+        reads += 1;
+    }
+    // Killed at a random instruction, likely inside a publish: the last
+    // complete version stays readable, whole.
+    kill9(&mut kid);
+    let (v, bytes) = s.read_published(h).unwrap().unwrap();
+    assert!(v >= last);
+    assert_eq!(bytes, published_bytes(v));
+    eprintln!("{reads} reads while the child published up to version {v}");
+    assert!(last > 100, "the child published only {last} versions");
+    // A new publisher goes on from there.
+    assert_eq!(s.publish(h, &published_bytes(v + 1)).unwrap(), v + 1);
+    assert_eq!(
+        s.read_published(h).unwrap(),
+        Some((v + 1, published_bytes(v + 1)))
+    );
 }
