@@ -14,9 +14,12 @@
 //! and checks the CRC; a slot that changed under it means a newer version
 //! is complete in the other slot, which it reads instead. The slots are
 //! not journaled: a writer killed in a publish leaves that slot odd and
-//! the other holding the last version (what readers keep reading); a
-//! snapshot copied mid-publish restores the same way. No reader writes
-//! anything, so a reader's death never blocks the writer.
+//! the other holding the last version (what readers keep reading). A
+//! publish is an update of the snapshot protocol (when the state uses it),
+//! so a snapshot copied while one runs is not kept as consistent; a slot
+//! whose bytes fail their checksum anyway (damage) is skipped for the
+//! other. No reader writes anything, so a reader's death never blocks
+//! the writer.
 //!
 //! Readers retry only when the writer completes publishes while they copy
 //! (lock-free; wait-free while publishes are rarer than reads).
@@ -102,18 +105,26 @@ pub(crate) fn read_latest(
         }
         Ok(region.load_u64(off as usize))
     };
+    let mut avoid: Option<usize> = None;
+    let mut damaged = 0;
     for _ in 0..tries {
         let seqs = [load(g.slots[0])?, load(g.slots[1])?];
         fence(Ordering::Acquire);
         // The complete slot with the larger sequence.
-        let pick = match (
-            seqs[0] % 2 == 0 && seqs[0] != 0,
-            seqs[1] % 2 == 0 && seqs[1] != 0,
-        ) {
-            (false, false) => return Ok(None),
+        let complete = |s: u64| s.is_multiple_of(2) && s != 0;
+        let pick = match (complete(seqs[0]), complete(seqs[1])) {
+            // Nothing published yet (at most the first publish running).
+            (false, false) if seqs[0] == 0 || seqs[1] == 0 => return Ok(None),
+            // Both odd: two loads taken while two publishes ran; look again.
+            (false, false) => continue,
             (true, false) => 0,
             (false, true) => 1,
             (true, true) => usize::from(seqs[1] > seqs[0]),
+        };
+        // A slot whose bytes failed their checksum: the other, if complete.
+        let pick = match avoid {
+            Some(bad) if bad == pick && complete(seqs[1 - pick]) => 1 - pick,
+            _ => pick,
         };
         let at = g.slots[pick];
         let len = load(at + 8)?;
@@ -143,11 +154,18 @@ pub(crate) fn read_latest(
             continue; // rewritten while copied: a newer one is complete
         }
         if crc32fast::hash(&bytes) != crc {
-            return Err(Error::corrupt(
-                "published value",
-                at,
-                "the bytes fail their checksum",
-            ));
+            // Damage (or a slot torn in a copy of the memory): the other
+            // slot, if complete, holds the version before.
+            damaged += 1;
+            if damaged > 2 {
+                return Err(Error::corrupt(
+                    "published value",
+                    at,
+                    "the bytes of both versions fail their checksums",
+                ));
+            }
+            avoid = Some(pick);
+            continue;
         }
         return Ok(Some((seqs[pick] / 2, bytes)));
     }
@@ -188,6 +206,13 @@ pub(crate) fn publish(region: &Region<'_>, g: Geometry, bytes: &[u8]) -> Result<
         Some(i) => (1 - i, seqs[i] / 2 + 1),
         None => (0, seqs[0].max(seqs[1]) / 2 + 1),
     };
+    if version >= 1 << 62 {
+        return Err(Error::corrupt(
+            "published value",
+            g.slots[target],
+            format!("version {version} is past any count (damaged memory)"),
+        ));
+    }
     let at = g.slots[target] as usize;
     region.store_u64(at, 2 * version - 1);
     fence(Ordering::Release);

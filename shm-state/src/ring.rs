@@ -99,6 +99,7 @@ pub(crate) fn decode_header(raw: &[u8; 64], at: u64, capacity: u64) -> Result<He
         )));
     }
     if h.head > h.tail
+        || h.tail > u64::MAX - 2 * h.cap
         || h.tail - h.head > h.cap
         || !h.head.is_multiple_of(8)
         || !h.tail.is_multiple_of(8)
@@ -255,13 +256,35 @@ impl RingMut<'_, '_> {
         let need = FRAME_HEADER + padded(len);
         let pos = h.tail % h.cap;
         let skip = if need > h.cap - pos { h.cap - pos } else { 0 };
-        if h.tail - h.head + skip + need > h.cap {
-            return Ok(false);
-        }
         // Space past the committed tail is unreachable after a rollback,
         // unless this transaction moved the head (then the space may hold
         // frames a rollback brings back): journaled then.
         let journal = self.tx.journaled(h.at);
+        if h.frames == 0 && skip != 0 {
+            // An empty ring starts the frame at the next lap, head and
+            // tail together (no wrap marker): a frame of up to `max_frame`
+            // always fits an empty ring, wherever its position.
+            let base = h.tail + skip;
+            let mut buf = Vec::with_capacity(need as usize);
+            buf.extend_from_slice(&(len as u32).to_le_bytes());
+            buf.extend_from_slice(&((len as u32) ^ CHECK).to_le_bytes());
+            buf.extend_from_slice(frame);
+            buf.resize(need as usize, 0);
+            if journal {
+                self.tx.write("ring frame", h.data(), &buf)?;
+            } else {
+                self.tx.write_tail("ring frame", h.data(), &buf)?;
+            }
+            let mut w = [0u8; 24];
+            w[..8].copy_from_slice(&base.to_le_bytes());
+            w[8..16].copy_from_slice(&(base + need).to_le_bytes());
+            w[16..].copy_from_slice(&1u64.to_le_bytes());
+            self.tx.write("ring header", h.at, &w)?;
+            return Ok(true);
+        }
+        if h.tail - h.head + skip + need > h.cap {
+            return Ok(false);
+        }
         let write = |tx: &mut TxCore<'_>, what, off, bytes: &[u8]| {
             if journal {
                 tx.write(what, off, bytes)

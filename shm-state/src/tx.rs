@@ -287,7 +287,6 @@ impl<'a> TxCore<'a> {
             }
             let run_start = line;
             while line <= last && !self.core.logged.contains(line) {
-                self.core.logged.insert(line);
                 line += 1;
             }
             let start = run_start * LINE;
@@ -300,6 +299,12 @@ impl<'a> TxCore<'a> {
                 start,
                 stop - start,
             )?;
+            // Marked only once their before-image is in: a failed append
+            // (a full journal) leaves them unjournaled, and a later write
+            // in this transaction journals them then.
+            for l in run_start..line {
+                self.core.logged.insert(l);
+            }
         }
         compiler_fence(Ordering::SeqCst);
         Ok(())

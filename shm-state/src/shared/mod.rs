@@ -619,7 +619,12 @@ impl<R: Pod> SharedState<R> {
         // region is used (see `read_once`).
         let region = unsafe { mem.shared_region() };
         let g = published_geometry(&region, heap, h)?;
-        crate::published::publish(&region, g, bytes)
+        // An update of the snapshot protocol, like a transaction: a
+        // snapshot copied meanwhile is not kept as consistent.
+        held.state.core.publisher.begin_update();
+        let version = crate::published::publish(&region, g, bytes);
+        held.state.core.publisher.commit();
+        version
     }
 
     /// The latest complete version of a published value and its bytes

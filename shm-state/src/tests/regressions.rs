@@ -316,3 +316,41 @@ fn one_flipped_bit_in_a_live_lock_admits_a_second_writer() {
     );
     drop(first);
 }
+
+/// A write whose journal record did not fit (a clean `JournalFull`, which
+/// leaves the transaction free to go on) must not mark its lines as
+/// journaled: a later write to them in the same transaction is journaled
+/// then, and a rollback restores it.
+#[test]
+fn lines_whose_record_did_not_fit_are_journaled_by_the_next_write() {
+    let layout = || {
+        Layout::<Root>::new(1)
+            .journal_len(4096)
+            .initial_len(1 << 16)
+    };
+    let mut s = State::<Root>::open(Source::heap(Vec::new()), layout()).unwrap();
+    let v = s
+        .transaction(|tx| {
+            let v = tx.new_vec::<u32>()?;
+            tx.vec(v)?.extend_from_slice(&[7u32; 4000])?;
+            tx.root_mut()?.vec = v;
+            Ok::<_, Error>(v)
+        })
+        .unwrap();
+    let data = s.vec(v).unwrap().as_ptr() as usize;
+    let base = s.core.mem.bytes("region", 0, 8).unwrap().as_ptr() as usize;
+    let off = (data - base) as u64;
+    let r = s.transaction(|tx| {
+        // 16 000 bytes of lines: more than the 4 KiB journal holds.
+        let e = tx.core.write("test", off, &[1u8; 16_000]).unwrap_err();
+        assert!(matches!(e, Error::JournalFull { .. }), "{e}");
+        // The same line again, small: journaled now.
+        tx.core.write("test", off, &[2u8; 8])?;
+        Err::<(), _>(Error::unsupported("roll it back"))
+    });
+    assert!(r.is_err());
+    assert!(
+        s.vec(v).unwrap().iter().all(|&x| x == 7),
+        "the rollback left bytes of the aborted transaction"
+    );
+}

@@ -203,3 +203,24 @@ fn a_crash_at_any_write_of_a_pop_and_a_push_with_their_state_is_all_or_nothing()
     assert!(points > 3, "{points} crash points");
     assert_ne!(Some(&before), after.as_ref());
 }
+
+#[test]
+fn an_empty_ring_takes_its_largest_frame_wherever_its_position() {
+    for first in (0..=48).step_by(8) {
+        let (mut s, ring) = with_ring(64, 56);
+        assert!(
+            s.transaction(|tx| tx.ring(ring)?.push(&vec![1u8; first]))
+                .unwrap()
+        );
+        assert!(s.transaction(|tx| tx.ring(ring)?.pop()).unwrap().is_some());
+        // Empty, at position 8 + first: the largest frame still fits.
+        let big = frame(7, 56);
+        assert!(
+            s.transaction(|tx| tx.ring(ring)?.push(&big)).unwrap(),
+            "after a frame of {first} bytes"
+        );
+        let s = reopen(s);
+        let mut s = s;
+        assert_eq!(contents(&mut s).unwrap(), vec![big]);
+    }
+}

@@ -636,3 +636,39 @@ fn published_values_are_read_whole_while_a_writer_publishes_and_after_it_dies() 
         Some((v + 1, published_bytes(v + 1)))
     );
 }
+
+#[test]
+fn a_published_version_whose_bytes_are_damaged_gives_way_to_the_one_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    let h = s
+        .transaction(|tx| {
+            let h = tx.new_published(64)?;
+            tx.root_mut()?.n = h.offset();
+            Ok::<_, Error>(h)
+        })
+        .unwrap();
+    assert_eq!(s.publish(h, b"version one").unwrap(), 1);
+    assert_eq!(s.publish(h, b"version two").unwrap(), 2);
+    drop(s);
+    // Version 2 is in the second slot: flip a bit of its bytes.
+    let slot2 = h.offset() + 16 + 16 + (32 + 64) + 32;
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[slot2 as usize] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut s = open_shared(&path).unwrap();
+    assert_eq!(
+        s.read_published(h).unwrap(),
+        Some((1, b"version one".to_vec()))
+    );
+    // Damage both: an error, not a guess.
+    drop(s);
+    let slot1 = h.offset() + 16 + 16 + 32;
+    bytes[slot1 as usize] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut s = open_shared(&path).unwrap();
+    let e = s.read_published(h).unwrap_err();
+    assert!(e.to_string().contains("checksum"), "{e}");
+}
