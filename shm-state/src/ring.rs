@@ -30,8 +30,9 @@
 //! marker (`len = 0xFFFFFFFF`, with its check) fills the rest and the frame
 //! starts at offset 0. Frame bytes are written unjournaled (they lie past
 //! the committed tail, where a rollback leaves them unreachable), except
-//! in a transaction that already moved the head (their space may be a
-//! frame the rollback brings back).
+//! where they reach the space of frames the same transaction popped
+//! (logical offsets from the committed head plus `cap` on), which a
+//! rollback brings back.
 
 use bytemuck::Pod;
 
@@ -195,7 +196,10 @@ impl<'s, R: Pod> Tx<'s, R> {
     /// A ring, to push to or pop from in this transaction.
     pub fn ring(&mut self, h: StateRing) -> Result<RingMut<'_, 's>> {
         let off = h.off()?;
-        header(self.core.mem(), self.core.heap()?, off)?;
+        let hd = header(self.core.mem(), self.core.heap()?, off)?;
+        // Remembered at the first look in this transaction: the committed
+        // head, which decides which frame bytes may skip the journal.
+        self.core.ring_head_at_start(off, hd.head);
         Ok(RingMut {
             tx: &mut self.core,
             off,
@@ -256,15 +260,18 @@ impl RingMut<'_, '_> {
         let need = FRAME_HEADER + padded(len);
         let pos = h.tail % h.cap;
         let skip = if need > h.cap - pos { h.cap - pos } else { 0 };
-        // Space past the committed tail is unreachable after a rollback,
-        // unless this transaction moved the head (then the space may hold
-        // frames a rollback brings back): journaled then.
-        let journal = self.tx.journaled(h.at);
+        // Bytes past the tail are unreachable after a rollback unless they
+        // reach the space of frames this transaction popped (from the
+        // committed head on, a lap later), which a rollback brings back:
+        // journaled then.
+        let start_head = self.tx.ring_head_at_start(self.off, h.head);
+        let journal = h.tail + skip + need > start_head + h.cap;
         if h.frames == 0 && skip != 0 {
             // An empty ring starts the frame at the next lap, head and
             // tail together (no wrap marker): a frame of up to `max_frame`
             // always fits an empty ring, wherever its position.
             let base = h.tail + skip;
+            let journal = base + need > start_head + h.cap;
             let mut buf = Vec::with_capacity(need as usize);
             buf.extend_from_slice(&(len as u32).to_le_bytes());
             buf.extend_from_slice(&((len as u32) ^ CHECK).to_le_bytes());

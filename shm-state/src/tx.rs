@@ -92,6 +92,9 @@ pub(crate) struct Core {
     logged: LineSet,
     fresh: BTreeMap<u64, u64>,
     pending_free: Vec<u64>,
+    /// Rings this transaction touched, with their head as it found them
+    /// (the committed head): `(ring block, head)`.
+    ring_heads: Vec<(u64, u64)>,
     /// The same offsets (divided by 16), for the double-free check: a big
     /// clear frees tens of thousands of blocks.
     pending_set: HashSet<u64, BuildHasherDefault<LineHasher>>,
@@ -108,6 +111,7 @@ impl Core {
             logged: LineSet::default(),
             fresh: BTreeMap::new(),
             pending_free: Vec::new(),
+            ring_heads: Vec::new(),
             pending_set: HashSet::default(),
         }
     }
@@ -188,6 +192,7 @@ impl<'a> TxCore<'a> {
         core.logged.clear();
         core.fresh.clear();
         core.pending_free.clear();
+        core.ring_heads.clear();
         if core.pending_set.capacity() > SPILL_KEEP {
             core.pending_set = HashSet::default();
         } else {
@@ -369,10 +374,16 @@ impl<'a> TxCore<'a> {
         self.core.mem.write(what, off, data)
     }
 
-    /// Whether this transaction journaled the line holding `off` already
-    /// (it changed something there).
-    pub(crate) fn journaled(&self, off: u64) -> bool {
-        self.core.logged.contains(off / LINE)
+    /// The head of the ring at `ring` as this transaction first saw it
+    /// (the committed head): `head` now if this is the first look.
+    pub(crate) fn ring_head_at_start(&mut self, ring: u64, head: u64) -> u64 {
+        match self.core.ring_heads.iter().find(|(r, _)| *r == ring) {
+            Some(&(_, h)) => h,
+            None => {
+                self.core.ring_heads.push((ring, head));
+                head
+            }
+        }
     }
 
     pub(crate) fn write_u64(&mut self, what: &'static str, off: u64, v: u64) -> Result<()> {

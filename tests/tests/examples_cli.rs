@@ -5,13 +5,14 @@
 
 use shm_fd_tests::{cmd, run, text};
 
-const EXAMPLES: [&str; 6] = [
+const EXAMPLES: [&str; 7] = [
     "primes",
     "counter",
     "bank",
     "kv",
     "primes-snapshot",
     "clients",
+    "queue",
 ];
 
 /// The workspace's version: every crate takes `workspace.package.version`,

@@ -36,8 +36,14 @@ use nix::unistd::Pid;
 
 /// The signal a keeper gets when the wrapper dies. It is blocked in the
 /// keeper except while it waits, and a keeper that gets it from anyone
-/// else (its parent pid unchanged) ignores it.
-const KEEPER_SIGNAL: libc::c_int = libc::SIGUSR2;
+/// else (its parent pid unchanged; shm-restore continuing the group after
+/// a stop-mode save) ignores it. SIGCONT, because its sending continues a
+/// stopped keeper, whatever the mask: a wrapper killed right after it
+/// stopped the group (a stop-mode save) leaves a stopped keeper, and when
+/// the group's members had not all stopped yet as it became orphaned, the
+/// kernel continues nobody — a keeper waiting for SIGUSR2 then stayed
+/// stopped, with its group, for good.
+const KEEPER_SIGNAL: libc::c_int = libc::SIGCONT;
 
 /// The keeper's name in `ps` (`/proc/PID/comm`, at most 15 bytes).
 const KEEPER_NAME: &[u8] = b"shm-fd-keeper\0";

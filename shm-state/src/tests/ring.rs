@@ -224,3 +224,25 @@ fn an_empty_ring_takes_its_largest_frame_wherever_its_position() {
         assert_eq!(contents(&mut s).unwrap(), vec![big]);
     }
 }
+
+#[test]
+fn many_pushes_in_one_transaction_do_not_fill_the_journal() {
+    // 16 KiB of journal (the tests' layout), 40 KiB of frames in one
+    // transaction: frame bytes past the committed tail are not journaled.
+    let (mut s, ring) = with_ring(64 << 10, 2048);
+    s.transaction(|tx| {
+        let mut r = tx.ring(ring)?;
+        for n in 0..40 {
+            assert!(r.push(&frame(n, 1024))?);
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let got = contents(&mut s).unwrap();
+    assert_eq!(got.len(), 40);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(n, f)| *f == frame(n as u64, 1024))
+    );
+}
