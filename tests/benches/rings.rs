@@ -64,13 +64,13 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use shm_fd::{CreateOptions, Handover, PassedFds, SharedFd};
+use shm_fd_tests::die_with_parent;
 use shm_state::{Layout, SharedState, Source, StateRing, View};
 
 /// The environment variable that makes this executable a child; its value
@@ -378,33 +378,6 @@ impl Drop for Kid {
         }
         let _ = self.child.wait();
     }
-}
-
-/// Makes the child `cmd` starts die with SIGKILL when the thread that
-/// spawns it ends (`PR_SET_PDEATHSIG`; every child is spawned from the
-/// main thread, which ends with the bench), or at once if the bench is
-/// already gone when the child gets to set that up.
-fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    let hook = move || {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number takes no
-        // pointer and only sets this (child) process's own attribute.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: getppid, getpid and kill are plain system calls on
-        // integers, async-signal-safe as the time after fork requires.
-        unsafe {
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: between fork and exec the hook makes only async-signal-safe
-    // system calls (prctl, getppid, getpid, kill) and allocates nothing
-    // (last_os_error builds an io::Error from the errno, without memory).
-    unsafe { cmd.pre_exec(hook) };
 }
 
 fn say(line: &str) {

@@ -325,6 +325,80 @@ impl OnTerminal {
     }
 }
 
+/// A count from the environment variable `var` (a test's or bench's knob
+/// for a longer run), `default` when unset or not a number.
+pub fn env_count(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small xorshift generator for the random choices of the kill tests.
+#[derive(Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded from the environment variable `var` if set, else from the
+    /// clock; the seed is printed (`{label}: {var}=N`) so a failed run can
+    /// be replayed.
+    pub fn seeded(var: &str, label: &str) -> Rng {
+        let seed = std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("{label}: {var}={seed}");
+        Rng(seed)
+    }
+
+    /// An independent generator derived from this one and `salt` (one per
+    /// thread of a test, each replayable from the printed seed).
+    pub fn fork(&self, salt: u64) -> Rng {
+        Rng(self.0 ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Makes the child `cmd` starts die with SIGKILL when the thread that
+/// spawns it ends (`PR_SET_PDEATHSIG`; spawn from the main thread, which
+/// lives as long as the process), or at once if this process is already
+/// gone when the child gets to set that up.
+pub fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    let hook = move || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number takes no
+        // pointer and only sets this (child) process's own attribute.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: getppid, getpid and kill are plain system calls on
+        // integers, async-signal-safe as the time after fork requires.
+        unsafe {
+            if libc::getppid() != parent {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: between fork and exec the hook makes only async-signal-safe
+    // system calls (prctl, getppid, getpid, kill) and allocates nothing
+    // (last_os_error builds an io::Error from the errno, without memory).
+    unsafe { cmd.pre_exec(hook) };
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

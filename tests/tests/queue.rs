@@ -46,7 +46,7 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use shm_fd_tests::procs::Proc;
-use shm_fd_tests::{bin, cmd, run_within, text};
+use shm_fd_tests::{Rng, bin, cmd, env_count, run_within, text};
 use shm_state::{Layout, RingView, SharedState, Source, StateRing};
 
 /// The longest any single wait may take before the test fails.
@@ -76,41 +76,6 @@ struct Root {
     first_problem: u64,
     first_expected: u64,
     first_got: u64,
-}
-
-fn env_count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A small xorshift generator seeded from the clock (printed for replay)
-/// or from `QUEUE_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("QUEUE_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("{test}: QUEUE_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// CPU time (user + system, every thread) of process `pid` so far.
@@ -545,7 +510,7 @@ impl Side {
 fn producer_and_consumer_killed_at_random_deliver_every_number_once_in_order() {
     let n = env_count("QUEUE_NUMBERS", 20_000) as u64;
     let kills = env_count("QUEUE_KILLS", 1000);
-    let mut rng = Rng::new("queue kills");
+    let mut rng = Rng::seeded("QUEUE_SEED", "queue kills");
     let start = Instant::now();
     let mut q = Queue::new();
     let mut sides = [Side::new(&q, "produce", n), Side::new(&q, "consume", n)];
@@ -750,7 +715,7 @@ fn check_snapshot(snap: &Path, what: &str) -> [u64; 4] {
 fn producer_and_consumer_restored_from_snapshots_after_power_losses_deliver_every_number_once() {
     let losses = env_count("QUEUE_RESTORES", 6);
     let n = (env_count("QUEUE_NUMBERS", 20_000) as u64 * 2).max(losses as u64 * 2000);
-    let mut rng = Rng::new("queue restores");
+    let mut rng = Rng::seeded("QUEUE_SEED", "queue restores");
     let start = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("queue.snap");

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use shm_fd_tests::{bin, cmd};
+use shm_fd_tests::{Rng, bin, cmd, env_count};
 
 /// The longest any single wait may take (a process to end, a line to
 /// appear) before the test fails: far above what any step needs, even on
@@ -50,41 +50,6 @@ const WLOCK: u64 = HEADER + 0x300;
 /// The writer lock's holder record: slot + 1 in bits 32..64, thread id.
 const WLOCK_HOLDER: u64 = HEADER + 0x308;
 const WLOCK_TID: u64 = 0x3FFF_FFFF;
-
-fn env_count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A small xorshift generator seeded from the clock (printed for replay)
-/// or from `SHARED_STATE_SEED`.
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = std::env::var("SHARED_STATE_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("{test}: SHARED_STATE_SEED={seed}");
-        Rng(seed)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
 
 /// The state of process `pid` (field 3 of /proc/PID/stat), if it exists.
 fn proc_state(pid: u32) -> Option<char> {
@@ -581,7 +546,7 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
     const RUNS: usize = 8;
     const TOTAL: &str = "total 100000 (100 accounts x 1000), ";
     let kills = env_count("SHARED_STATE_KILLS", 1000);
-    let mut rng = Rng::new("eight_banks");
+    let mut rng = Rng::seeded("SHARED_STATE_SEED", "eight_banks");
     let start = Instant::now();
     let sh = Shared::memfd();
     sh.run_ok("bank", &["init", "--accounts", "100", "--balance", "1000"]);
@@ -771,7 +736,7 @@ fn sixty_four_kv_processes_at_once_lose_nothing() {
 #[test]
 fn a_full_peer_table_refuses_the_next_sharer_until_one_dies() {
     const PEERS: usize = 64;
-    let mut rng = Rng::new("a_full_peer_table");
+    let mut rng = Rng::seeded("SHARED_STATE_SEED", "a_full_peer_table");
     let sh = Shared::memfd();
     sh.run_ok("bank", &["init", "--accounts", "4", "--balance", "100"]);
     // A sharer that holds its peer entry and nothing else.
@@ -837,7 +802,7 @@ fn big_value(i: usize) -> String {
 fn growth_under_readers(sh: &Shared, test: &str) {
     const READERS: u64 = 3;
     let keys = env_count("SHARED_STATE_BIG_KEYS", 120);
-    let rng = Rng::new(test);
+    let rng = Rng::seeded("SHARED_STATE_SEED", test);
     let done = AtomicUsize::new(0);
     let writing = AtomicBool::new(true);
     let start_len = sh.len();
@@ -845,7 +810,7 @@ fn growth_under_readers(sh: &Shared, test: &str) {
     let reads = std::thread::scope(|s| {
         let readers: Vec<_> = (0..READERS)
             .map(|r| {
-                let mut rng = Rng(rng.0 ^ (r + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                let mut rng = rng.fork(r + 1);
                 let (done, writing) = (&done, &writing);
                 s.spawn(move || {
                     let (mut gets, mut lists, mut during) = (0usize, 0usize, 0usize);

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use shm_fd_tests::{bin, cmd, run, run_within, text};
+use shm_fd_tests::{Rng, bin, cmd, env_count, run, run_within, text};
 
 /// The longest a `bank` or `kv` of these tests may take before the test
 /// fails instead of hanging (a deadlock), far above what they need.
@@ -23,38 +23,6 @@ fn b(name: &str) -> String {
     bin(name).to_str().unwrap().to_owned()
 }
 
-fn env_count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A small xorshift generator seeded from the clock (printed for replay).
-struct Rng(u64);
-impl Rng {
-    fn new() -> Rng {
-        let seed = std::env::var("SHM_STATE_SEED")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_nanos() as u64
-                    | 1
-            });
-        eprintln!("SHM_STATE_SEED={seed}");
-        Rng(seed)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
@@ -62,7 +30,7 @@ fn count(haystack: &str, needle: &str) -> usize {
 #[test]
 fn bank_run_killed_hundreds_of_times_keeps_its_total() {
     let kills = env_count("SHM_STATE_KILLS", 300);
-    let mut rng = Rng::new();
+    let mut rng = Rng::seeded("SHM_STATE_SEED", "shm_state");
     // Kill after 0..30 ms: some during start-up, most inside the transfer loop.
     let delays: Vec<String> = (0..kills)
         .map(|_| format!("0.{:03}", rng.below(30)))
@@ -122,7 +90,7 @@ fn children(pid: u32) -> Vec<i32> {
 #[test]
 fn bank_snapshots_taken_while_it_runs_restore_to_a_committed_state() {
     let rounds = env_count("SHM_STATE_RESTORES", 15);
-    let mut rng = Rng::new();
+    let mut rng = Rng::seeded("SHM_STATE_SEED", "shm_state");
     let dir = tempfile::tempdir().unwrap();
     let snap = dir.path().join("bank.snap");
     let out = run(cmd("shm-restore").arg(&snap).args([
