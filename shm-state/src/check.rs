@@ -142,12 +142,10 @@ pub(crate) fn inspect(mem: &Mem) -> Result<Found> {
     let tx = mem.load_u64(TX_WORD)?;
     // The shared line and the peer table may hold this opener's own words.
     let untouched = (tx == 0 || tx == tx_word(0, false))
-        && [(ATOMIC_END, SHARED_START), (SHARED_END, PEERS)]
-            .into_iter()
-            .map(|(start, end)| mem.bytes("header", start, end - start))
-            .collect::<Result<Vec<_>>>()?
+        && mem
+            .bytes("header", ATOMIC_END, SHARED_START - ATOMIC_END)?
             .iter()
-            .all(|b| b.iter().all(|&b| b == 0))
+            .all(|&b| b == 0)
         && zero_from(mem, HEADER_LEN)?;
     let blank = magic == [0; 8] && below.iter().all(|&b| b == 0);
     if blank || &magic == CREATING_MAGIC {
@@ -307,13 +305,11 @@ pub(crate) fn check_dynamic(mem: &Mem, heap_off: u64) -> Result<StoredLayout> {
             ));
         }
     }
-    // The shared line and the peer table are judged, not required zero: a
-    // format 4 region holds zeros there, which read as "free".
-    for (start, end) in [
-        (FREE_HEADS + FREE_SLOTS * 8, SHARED_START),
-        (SHARED_END, PEERS),
-    ] {
-        check_reserved(mem, start, end)?;
-    }
+    // The shared line and the peer table (0x300..0x1000, entries 64..68
+    // at 0x340 included) are judged, not required zero: a format 4 region
+    // holds zeros there, which read as "free", and a peer of this build
+    // may take an entry at 0x340 before its open upgrades a format 5
+    // region.
+    check_reserved(mem, FREE_HEADS + FREE_SLOTS * 8, SHARED_START)?;
     Ok(layout)
 }

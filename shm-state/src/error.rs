@@ -66,7 +66,7 @@ pub enum Error {
     /// Every entry of the peer table names a live process: the state is
     /// shared by as many processes as it can be ([`SharedState`](crate::SharedState)).
     PeersFull {
-        /// The table's size ([`MAX_PEERS`](crate::MAX_PEERS), 64).
+        /// The table's size ([`MAX_PEERS`](crate::MAX_PEERS), 68).
         max: usize,
     },
     /// A handle is null: the structure it names was never created.

@@ -13,9 +13,10 @@ pub const MAGIC: &[u8; 8] = b"SHMSTATE";
 /// created; [`MAGIC`] replaces it once the header is complete.
 pub const CREATING_MAGIC: &[u8; 8] = b"SHMSTNEW";
 /// The format version this library writes and reads.
-pub const FORMAT_VERSION: u32 = 5;
-/// The oldest format this library opens: a format 4 region is upgraded to
-/// [`FORMAT_VERSION`] by its first open's (journaled) opening transaction.
+pub const FORMAT_VERSION: u32 = 6;
+/// The oldest format this library opens: a format 4 or 5 region is upgraded
+/// to [`FORMAT_VERSION`] by its first open's (journaled) opening
+/// transaction.
 pub const OLDEST_FORMAT: u32 = 4;
 /// The header's size: one page at the start of the region.
 pub const HEADER_LEN: u64 = 4096;
@@ -141,9 +142,9 @@ pub(crate) const WLOCK: u64 = 0x300;
 pub(crate) const WLOCK_HOLDER: u64 = 0x308;
 /// Readers asleep waiting for an open transaction to end (a count).
 pub(crate) const READ_WAITERS: u64 = 0x310;
-/// Start and end of the shared line.
+/// The start of the shared line (it ends at 0x340, where the peer table
+/// begins: `0x300..HEADER_LEN` is only ever accessed atomically).
 pub(crate) const SHARED_START: u64 = 0x300;
-pub(crate) const SHARED_END: u64 = 0x340;
 /// `WLOCK` bits (the kernel's robust-futex bits).
 pub(crate) const WLOCK_TID: u32 = 0x3FFF_FFFF;
 pub(crate) const WLOCK_OWNER_DIED: u32 = 0x4000_0000;
@@ -151,25 +152,35 @@ pub(crate) const WLOCK_WAITERS: u32 = 0x8000_0000;
 
 /// The peer table (format 5): one entry per process sharing the state.
 pub(crate) const PEERS: u64 = 0x400;
-/// Peer table entry size and count: 64 entries of 48 bytes, each the lock's
-/// identity words (`LOCK_PID..ATOMIC_END`, same meaning) with the boot id's
-/// two words folded into one: word, start, nonce, boot, dev, ino.
+/// Peer table entry size: each entry is the lock's identity words
+/// (`LOCK_PID..ATOMIC_END`, same meaning) with the boot id's two words
+/// folded into one: word, start, nonce, boot, dev, ino.
 pub(crate) const PEER_ENTRY: u64 = 48;
-pub(crate) const PEER_COUNT: u64 = 64;
+/// Entries `0..64` lie at `PEERS` (format 5 on); format 6 adds entries
+/// `64..68` at `PEERS_MORE`, the 192 bytes that were reserved before them.
+pub(crate) const PEER_COUNT: u64 = 68;
+pub(crate) const PEERS_MORE: u64 = 0x340;
+
+/// The offset of peer entry `slot` (`slot < PEER_COUNT`).
+#[inline]
+pub(crate) const fn peer_at(slot: u64) -> u64 {
+    if slot < 64 {
+        PEERS + slot * PEER_ENTRY
+    } else {
+        PEERS_MORE + (slot - 64) * PEER_ENTRY
+    }
+}
 
 /// True when `off..off + len` touches a word other processes access
-/// atomically: the commit and lock words, the shared line, the peer table.
+/// atomically: the commit and lock words, the shared line and the peer
+/// table (together `0x300..0x1000`).
 #[inline(always)]
 pub(crate) fn touches_atomics(off: u64, len: u64) -> bool {
     off < HEADER_LEN
         && len != 0
-        && [
-            (TX_WORD, ATOMIC_END),
-            (SHARED_START, SHARED_END),
-            (PEERS, PEERS + PEER_COUNT * PEER_ENTRY),
-        ]
-        .iter()
-        .any(|&(start, end)| off < end && off.saturating_add(len) > start)
+        && [(TX_WORD, ATOMIC_END), (SHARED_START, HEADER_LEN)]
+            .iter()
+            .any(|&(start, end)| off < end && off.saturating_add(len) > start)
 }
 
 /// The journal starts right after the header.

@@ -35,9 +35,7 @@ use shm_fd::SharedFd;
 use shm_snapshot::{AsRegion, HeapBuffer, MappedRegion};
 
 use crate::error::{Error, Result};
-use crate::format::{
-    ATOMIC_END, HEADER_LEN, PEERS, SHARED_END, SHARED_START, TX_WORD, touches_atomics,
-};
+use crate::format::{ATOMIC_END, HEADER_LEN, SHARED_START, TX_WORD, touches_atomics};
 
 /// Where a region lives, as far as the lock is concerned: the device and
 /// inode of its memfd or file (`fstat`), or `(0, random)` for a heap
@@ -699,11 +697,7 @@ impl Mem {
         let mut v = Vec::with_capacity(self.len);
         let mut off = 0;
         // Plain bytes up to each atomic range, then that range word by word.
-        for (start, end) in [
-            (TX_WORD, ATOMIC_END),
-            (SHARED_START, SHARED_END),
-            (PEERS, HEADER_LEN),
-        ] {
+        for (start, end) in [(TX_WORD, ATOMIC_END), (SHARED_START, HEADER_LEN)] {
             let cut = len.min(start);
             if off < cut
                 && let Ok(b) = self.bytes("region", off, cut - off)

@@ -726,8 +726,9 @@ fn sixty_four_kv_processes_at_once_lose_nothing() {
     assert_eq!(list, format!("same\t{got}\n"));
 }
 
-/// Issue 11, 3: a full peer table. As many processes as it holds (64,
-/// bank's help says; issue 11 first asked for 48) share a state: `bank
+/// Issue 11, 3: a full peer table. As many processes as it holds
+/// (`shm_state::MAX_PEERS`, 68 since format 6, bank's help says; issue 11
+/// first asked for 48) share a state: `bank
 /// run`s, each stopped once it works, outside the writer lock, so that
 /// they cost no CPU. The next opener is refused (exit 3, the message names
 /// the limit); once one of the sharers is SIGKILLed, a new opener gets its
@@ -735,7 +736,7 @@ fn sixty_four_kv_processes_at_once_lose_nothing() {
 /// new sharer in it the table is full again.
 #[test]
 fn a_full_peer_table_refuses_the_next_sharer_until_one_dies() {
-    const PEERS: usize = 64;
+    const PEERS: usize = shm_state::MAX_PEERS;
     let mut rng = Rng::seeded("SHARED_STATE_SEED", "a_full_peer_table");
     let sh = Shared::memfd();
     sh.run_ok("bank", &["init", "--accounts", "4", "--balance", "100"]);

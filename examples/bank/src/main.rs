@@ -26,7 +26,7 @@ Exit codes:
   2  bad command line
   3  the state cannot be used: no memfd passed, not a bank (or not
      initialized, or already initialized), damaged (`init`, `run`), held
-     by a live process that does not share it, shared by 64 processes
+     by a live process that does not share it, shared by 68 processes
      already, a transfer total that would overflow 64 bits, or a system
      error
 

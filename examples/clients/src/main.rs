@@ -41,7 +41,7 @@ the clients, lets them run for --seconds, then prints one line
 and the result of the final check: the heap and the map verify, and
 every client's keys hold the values of its last inserts.
 
-At most 64 clients: a shared state's peer table holds 64 processes (the
+At most 68 clients: a shared state's peer table holds 68 processes (the
 parent leaves it while the clients run). The clients die with the parent.
 
 Exit codes:

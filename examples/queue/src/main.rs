@@ -71,7 +71,7 @@ Exit codes:
   2  bad command line
   3  no progress for --timeout seconds, or the state cannot be used: no
      memfd passed, not a queue, damaged (`produce`, `consume`), held by a
-     live process that does not share it, shared by 64 processes
+     live process that does not share it, shared by 68 processes
      already, or a system error";
 
 #[derive(Parser, Debug)]

@@ -322,7 +322,7 @@ impl<R: Pod> SharedState<R> {
     ///
     /// As [`State::open`] (creation, recovery, migration, validation), and:
     /// the process is registered in the region's peer table (a dead
-    /// peer's entry is taken over; [`Error::PeersFull`] when 64 live
+    /// peer's entry is taken over; [`Error::PeersFull`] when 68 live
     /// processes share it already), and the open waits for other peers'
     /// opens and for a running transaction. A heap buffer cannot be
     /// shared ([`Error::UnsupportedType`]).

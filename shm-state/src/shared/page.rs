@@ -57,7 +57,7 @@ impl SharedPage {
     /// The cells of peer entry `slot` (the lock's identity words, the boot
     /// id in one word).
     pub(crate) fn peer(&self, slot: usize) -> LockCells<'_, AtomicU64> {
-        let at = PEERS + slot as u64 * PEER_ENTRY;
+        let at = peer_at(slot as u64);
         LockCells {
             word: self.u64(at),
             start: self.u64(at + 8),

@@ -186,17 +186,25 @@ fn regions_of_formats_1_to_3_are_refused_and_left_untouched() {
 }
 
 #[test]
-fn a_format_4_region_is_upgraded_by_its_first_open_and_a_crash_rolls_the_upgrade_back() {
+fn regions_of_formats_4_and_5_are_upgraded_by_their_first_open_and_a_crash_rolls_the_upgrade_back()
+{
+    for from in [4u32, 5] {
+        upgrade_from(from);
+    }
+}
+
+fn upgrade_from(from: u32) {
     use crate::format::{SB_CRC, SB_FORMAT};
-    // A format 4 region: the same bytes but the format field (format 5
-    // changed no byte of a region outside the shared line and the peer
-    // table, which format 4 keeps zero).
+    // A format 4 or 5 region: the same bytes but the format field (formats
+    // 5 and 6 changed no byte of a region outside the shared line and the
+    // peer table, which format 4 keeps zero, and entries 64..68, which
+    // format 5 keeps zero).
     let mut s = fresh();
     let r = *s.root().unwrap();
     s.transaction(|tx| tx.map(r.bmap)?.insert(b"k", b"seven").map(|_| ()))
         .unwrap();
     let mut img = s.close().unwrap().into_heap().unwrap();
-    img[SB_FORMAT as usize..][..4].copy_from_slice(&4u32.to_le_bytes());
+    img[SB_FORMAT as usize..][..4].copy_from_slice(&from.to_le_bytes());
     let crc = crc32fast::hash(&img[..SB_CRC as usize]);
     img[SB_CRC as usize..][..4].copy_from_slice(&crc.to_le_bytes());
     let old = img.clone();
@@ -210,9 +218,11 @@ fn a_format_4_region_is_upgraded_by_its_first_open_and_a_crash_rolls_the_upgrade
     };
 
     let s = open(img).unwrap();
-    assert_eq!(s.report().upgraded_from, Some(4));
+    assert_eq!(s.report().upgraded_from, Some(from));
     assert!(
-        s.report().to_string().contains("upgraded from format 4"),
+        s.report()
+            .to_string()
+            .contains(&format!("upgraded from format {from}")),
         "{}",
         s.report()
     );
@@ -234,8 +244,12 @@ fn a_format_4_region_is_upgraded_by_its_first_open_and_a_crash_rolls_the_upgrade
             break;
         };
         points += 1;
-        let s = open(torn).unwrap_or_else(|e| panic!("crash at write {n}: {e}"));
-        assert_eq!(value(&s), Some(b"seven".to_vec()), "crash at write {n}");
+        let s = open(torn).unwrap_or_else(|e| panic!("format {from}, crash at write {n}: {e}"));
+        assert_eq!(
+            value(&s),
+            Some(b"seven".to_vec()),
+            "format {from}, crash at write {n}"
+        );
     }
     assert!(points > 5, "{points} crash points");
 }
