@@ -69,6 +69,25 @@ pub enum Error {
         /// The table's size ([`MAX_PEERS`](crate::MAX_PEERS), 68).
         max: usize,
     },
+    /// The other end of a ring is gone: the process recorded there
+    /// ([`RingMut::attach`](crate::RingMut::attach)) died or ended, and the
+    /// ring is empty (for a consumer) or full (for a producer), so a wait
+    /// would never end. A new process attaching at that end carries on.
+    PeerGone {
+        /// The end that is gone.
+        end: crate::RingEnd,
+        /// The pid it recorded.
+        pid: u32,
+    },
+    /// A wait ([`SharedState::pop_wait`](crate::SharedState::pop_wait),
+    /// [`SharedState::push_wait`](crate::SharedState::push_wait)) ran out
+    /// its timeout.
+    TimedOut {
+        /// What it waited for, and who was attached at the other end.
+        waiting_for: String,
+        /// The timeout.
+        after: std::time::Duration,
+    },
     /// A handle is null: the structure it names was never created.
     NullHandle {
         /// The kind of structure, e.g. `"vec"`.
@@ -234,6 +253,13 @@ impl fmt::Display for Error {
                 f,
                 "the state is shared by {max} live processes already, the most its peer table holds; close one first"
             ),
+            Error::PeerGone { end, pid } => write!(
+                f,
+                "the ring's {end} (process {pid}) is gone: it died or ended, and nothing more comes until another {end} attaches"
+            ),
+            Error::TimedOut { waiting_for, after } => {
+                write!(f, "timed out after {after:?} waiting for {waiting_for}")
+            }
             Error::NullHandle { kind } => {
                 write!(f, "the {kind} handle is null: the {kind} was never created")
             }

@@ -121,7 +121,7 @@ pub use layout::{Layout, Migrate, OldRoot};
 pub use log::{LogIter, LogMut, LogRef};
 pub use map::{Bytes, Item, MapMut, MapRef};
 pub use open::{OpenReport, Opened};
-pub use ring::RingMut;
+pub use ring::{RingEnd, RingMut};
 pub use shared::{MAX_PEERS, MapView, RingView, SharedState, Stats as SharedStats, View};
 pub use snapshot::CommitHook;
 pub use source::Source;

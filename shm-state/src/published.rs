@@ -90,15 +90,48 @@ impl<'s, R: Pod> Tx<'s, R> {
     }
 }
 
-/// Reads the latest complete version: `(version, bytes)`, or `None` when
-/// nothing was published. Bounded: after `tries` slots that changed while
-/// being copied (a writer publishing faster than this reads) it gives up
-/// with an error that says so.
+/// Where a read copies a version's bytes.
+pub(crate) trait Sink {
+    /// A buffer of exactly `len` bytes (a version's length, at most the
+    /// value's largest), or the error a version of that length is for
+    /// this sink.
+    fn buffer(&mut self, len: u64) -> Result<&mut [u8]>;
+}
+
+impl Sink for Vec<u8> {
+    fn buffer(&mut self, len: u64) -> Result<&mut [u8]> {
+        self.resize(len as usize, 0);
+        Ok(self)
+    }
+}
+
+/// A value of a POD type: only a version of exactly its size is read.
+pub(crate) struct Exact<'a>(pub(crate) &'a mut [u8]);
+
+impl Sink for Exact<'_> {
+    fn buffer(&mut self, len: u64) -> Result<&mut [u8]> {
+        if len != self.0.len() as u64 {
+            return Err(Error::UnsupportedType {
+                problem: format!(
+                    "the published value's latest version holds {len} bytes, not the {} of the type asked for",
+                    self.0.len()
+                ),
+            });
+        }
+        Ok(self.0)
+    }
+}
+
+/// Reads the latest complete version into `out` and returns its number,
+/// or `None` when nothing was published. Bounded: after `tries` slots that
+/// changed while being copied (a writer publishing faster than this
+/// reads) it gives up with an error that says so.
 pub(crate) fn read_latest(
     region: &Region<'_>,
     g: Geometry,
     tries: u32,
-) -> Result<Option<(u64, Vec<u8>)>> {
+    out: &mut impl Sink,
+) -> Result<Option<u64>> {
     let load = |off: u64| -> Result<u64> {
         if off.checked_add(8).is_none_or(|e| e > region.len() as u64) {
             return Err(Error::corrupt("published value", off, "past the region"));
@@ -140,7 +173,6 @@ pub(crate) fn read_latest(
                 format!("length {len} exceeds the largest {}", g.max_len),
             ));
         }
-        let mut bytes = vec![0u8; len as usize];
         let data = at + SLOT_HEAD;
         if data
             .checked_add(len)
@@ -148,12 +180,18 @@ pub(crate) fn read_latest(
         {
             return Err(Error::corrupt("published value", at, "past the region"));
         }
-        region.read(data as usize, &mut bytes);
+        let bytes = match out.buffer(len) {
+            Ok(b) => b,
+            // A length read from a slot being rewritten: look again.
+            Err(_) if load(at)? != seqs[pick] => continue,
+            Err(e) => return Err(e),
+        };
+        region.read(data as usize, bytes);
         fence(Ordering::Acquire);
         if load(at)? != seqs[pick] {
             continue; // rewritten while copied: a newer one is complete
         }
-        if crc32fast::hash(&bytes) != crc {
+        if crc32fast::hash(bytes) != crc {
             // Damage (or a slot torn in a copy of the memory): the other
             // slot, if complete, holds the version before.
             damaged += 1;
@@ -167,7 +205,7 @@ pub(crate) fn read_latest(
             avoid = Some(pick);
             continue;
         }
-        return Ok(Some((seqs[pick] / 2, bytes)));
+        return Ok(Some(seqs[pick] / 2));
     }
     Err(Error::unsupported(format!(
         "the published value changed under {tries} reads in a row (the writer publishes faster than this reads)"

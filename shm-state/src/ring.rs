@@ -156,6 +156,35 @@ pub(crate) fn frame_at(h: &Header, head: u64, fh: [u8; 8]) -> Result<Option<(u64
     Ok(Some((u64::from(len), need)))
 }
 
+/// Where a frame of `len` bytes (at most the largest frame) would go:
+/// `Some(skip)`, the bytes a wrap marker fills before it (0: none), or
+/// `None` when the ring has no room for it now. An empty ring takes any
+/// frame: it starts at the next lap, head and tail together.
+pub(crate) fn room_for(h: &Header, len: u64) -> Option<u64> {
+    let need = FRAME_HEADER + padded(len);
+    let pos = h.tail % h.cap;
+    let skip = if need > h.cap - pos { h.cap - pos } else { 0 };
+    (h.frames == 0 || h.tail - h.head + skip + need <= h.cap).then_some(skip)
+}
+
+/// Which end of a ring a process works ([`RingMut::attach`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RingEnd {
+    /// The end that pushes frames.
+    Producer,
+    /// The end that pops them.
+    Consumer,
+}
+
+impl std::fmt::Display for RingEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RingEnd::Producer => "producer",
+            RingEnd::Consumer => "consumer",
+        })
+    }
+}
+
 /// Validates a creation's sizes: the data bytes (rounded up to 8) and the
 /// largest frame.
 fn sizes(capacity: u64, max_frame: u32) -> Result<u64> {
@@ -259,7 +288,9 @@ impl RingMut<'_, '_> {
         }
         let need = FRAME_HEADER + padded(len);
         let pos = h.tail % h.cap;
-        let skip = if need > h.cap - pos { h.cap - pos } else { 0 };
+        let Some(skip) = room_for(&h, len) else {
+            return Ok(false);
+        };
         // Bytes past the tail are unreachable after a rollback unless they
         // reach the space of frames this transaction popped (from the
         // committed head on, a lap later), which a rollback brings back:
@@ -288,9 +319,6 @@ impl RingMut<'_, '_> {
             w[16..].copy_from_slice(&1u64.to_le_bytes());
             self.tx.write("ring header", h.at, &w)?;
             return Ok(true);
-        }
-        if h.tail - h.head + skip + need > h.cap {
-            return Ok(false);
         }
         let write = |tx: &mut TxCore<'_>, what, off, bytes: &[u8]| {
             if journal {
@@ -372,18 +400,17 @@ impl RingMut<'_, '_> {
         ))
     }
 
-    /// Records this process as the ring's producer (`consumer`: false) or
-    /// consumer (true), so that the other side can tell when it is gone
-    /// ([`crate::RingView::producer_alive`]).
-    pub fn attach(&mut self, consumer: bool) -> Result<()> {
+    /// Records this process as the ring's producer or consumer (replacing
+    /// the one recorded), so that the other end can tell when it is gone
+    /// ([`crate::RingView::producer_alive`], [`Error::PeerGone`]).
+    pub fn attach(&mut self, end: RingEnd) -> Result<()> {
         self.op(|r| {
             let h = r.header()?;
             let pid = std::process::id();
             let start = crate::owner::own_start_time();
-            let (pid_at, start_at) = if consumer {
-                (h.at + 44, h.at + 56)
-            } else {
-                (h.at + 40, h.at + 48)
+            let (pid_at, start_at) = match end {
+                RingEnd::Consumer => (h.at + 44, h.at + 56),
+                RingEnd::Producer => (h.at + 40, h.at + 48),
             };
             r.tx.write("ring peer", pid_at, &pid.to_le_bytes())?;
             r.tx.write_u64("ring peer", start_at, start)

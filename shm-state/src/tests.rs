@@ -361,6 +361,7 @@ fn get_u64(img: &[u8], off: u64) -> u64 {
 }
 
 mod behaviour;
+mod channels;
 mod concurrency;
 mod corruption;
 mod crash;

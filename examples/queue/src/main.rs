@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use clap::{Parser, Subcommand};
-use shm_state::{Layout, RingView, SharedState, Source, StateRing};
+use shm_state::{Layout, RingEnd, RingView, SharedState, Source, StateRing};
 
 /// The ring's data bytes.
 const RING_BYTES: u64 = 64 * 1024;
@@ -287,7 +287,7 @@ fn produce(cli: &Cli, count: u64, seconds: f64) -> Result<(), Fail> {
     let timeout = timeout(seconds)?;
     let (mut state, ring) = open(cli, 3)?;
     state
-        .transaction(|tx| tx.ring(ring)?.attach(false))
+        .transaction(|tx| tx.ring(ring)?.attach(RingEnd::Producer))
         .map_err(with_damage_code(3))?;
     // After a push that did not fit (a frame that meets the end of the
     // ring needs the rest of the lap too), the free bytes to wait for:
@@ -391,7 +391,7 @@ fn consume(cli: &Cli, count: u64, seconds: f64) -> Result<bool, Fail> {
     let timeout = timeout(seconds)?;
     let (mut state, ring) = open(cli, 3)?;
     state
-        .transaction(|tx| tx.ring(ring)?.attach(true))
+        .transaction(|tx| tx.ring(ring)?.attach(RingEnd::Consumer))
         .map_err(with_damage_code(3))?;
     let root = loop {
         let look = wait_for(&mut state, ring, timeout, |root, view| {

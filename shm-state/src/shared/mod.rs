@@ -11,6 +11,7 @@
 
 pub(crate) mod page;
 pub(crate) mod peers;
+mod rings;
 pub(crate) mod seqlock;
 mod sys;
 mod view;
@@ -627,11 +628,55 @@ impl<R: Pod> SharedState<R> {
         version
     }
 
+    /// Publishes a POD value as the next version (its bytes, see
+    /// [`SharedState::publish`]); read it back with
+    /// [`SharedState::read_published_value`].
+    pub fn publish_value<T: Pod>(&mut self, h: StatePublished, value: &T) -> Result<u64> {
+        self.publish(h, bytemuck::bytes_of(value))
+    }
+
     /// The latest complete version of a published value and its bytes
     /// (`None` before the first publish), without any lock: never torn,
     /// never waiting for a publisher (a read retries only when publishes
     /// complete while it copies).
     pub fn read_published(&mut self, h: StatePublished) -> Result<Option<(u64, Vec<u8>)>> {
+        let mut bytes = Vec::new();
+        Ok(self
+            .read_published_into(h, &mut bytes)?
+            .map(|version| (version, bytes)))
+    }
+
+    /// As [`SharedState::read_published`], into `bytes` (resized to the
+    /// version's length; reused, no allocation once it is large enough):
+    /// the version, or `None` (and `bytes` unspecified) before the first
+    /// publish.
+    pub fn read_published_into(
+        &mut self,
+        h: StatePublished,
+        bytes: &mut Vec<u8>,
+    ) -> Result<Option<u64>> {
+        self.read_published_with(h, bytes)
+    }
+
+    /// The latest complete version of a published POD value
+    /// ([`SharedState::publish_value`]): as
+    /// [`SharedState::read_published`], copied straight into a `T`. A
+    /// version of another length than `T`'s is
+    /// [`Error::UnsupportedType`].
+    pub fn read_published_value<T: Pod>(&mut self, h: StatePublished) -> Result<Option<(u64, T)>> {
+        let mut value = T::zeroed();
+        let version = self.read_published_with(
+            h,
+            &mut crate::published::Exact(bytemuck::bytes_of_mut(&mut value)),
+        )?;
+        Ok(version.map(|v| (v, value)))
+    }
+
+    fn read_published_with(
+        &mut self,
+        h: StatePublished,
+        out: &mut impl crate::published::Sink,
+    ) -> Result<Option<u64>> {
         self.check_fork()?;
         let heap_off = self.state.core.heap_off;
         for _ in 0..2 {
@@ -645,7 +690,7 @@ impl<R: Pod> SharedState<R> {
                 continue;
             }
             let g = published_geometry(&region, (heap_off, top), h)?;
-            return crate::published::read_latest(&region, g, 64);
+            return crate::published::read_latest(&region, g, 64, out);
         }
         Err(Error::corrupt(
             "heap top",

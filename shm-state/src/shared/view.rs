@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::format::{BLOCK_HEADER, Block, DY_ROOT, Kind, MAP_HEADER, VEC_HEADER, touches_atomics};
 use crate::handle::{StateCell, StateMap, StateRing, StateVec};
 use crate::map::{self, BYTES, DELETED, EMPTY, Item, TAG_BIT, field, slot_size};
-use crate::ring;
+use crate::ring::{self, RingEnd};
 use crate::vec;
 
 /// A consistent read of a shared state, inside
@@ -279,6 +279,29 @@ impl RingView {
     /// Whether the process recorded as the consumer is alive.
     pub fn consumer_alive(&self) -> bool {
         ring::alive(self.h.consumer.0, self.h.consumer.1)
+    }
+
+    /// The pid recorded at `end` (`None`: no process ever attached there).
+    pub fn attached(&self, end: RingEnd) -> Option<u32> {
+        let pid = match end {
+            RingEnd::Producer => self.h.producer.0,
+            RingEnd::Consumer => self.h.consumer.0,
+        };
+        (pid != 0).then_some(pid)
+    }
+
+    /// Whether the process recorded at `end` is alive.
+    pub fn alive(&self, end: RingEnd) -> bool {
+        match end {
+            RingEnd::Producer => self.producer_alive(),
+            RingEnd::Consumer => self.consumer_alive(),
+        }
+    }
+
+    /// Whether a frame of `len` bytes fits now (a push would take it):
+    /// false for a frame longer than the largest.
+    pub fn fits(&self, len: usize) -> bool {
+        len as u64 <= u64::from(self.h.max_frame) && ring::room_for(&self.h, len as u64).is_some()
     }
 }
 

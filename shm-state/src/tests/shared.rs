@@ -15,7 +15,7 @@ use crate::shared::wlock;
 
 const SHARED_CHILD: &str = "SHM_STATE_SHARED_CHILD";
 
-fn open_shared(path: &Path) -> Result<SharedState<Root>> {
+pub(super) fn open_shared(path: &Path) -> Result<SharedState<Root>> {
     open_shared_with(path, layout())
 }
 
@@ -33,7 +33,7 @@ fn open_shared_with(path: &Path, layout: Layout<Root>) -> Result<SharedState<Roo
 }
 
 /// Creates every structure of the root (in a fresh state).
-fn init(s: &mut SharedState<Root>) {
+pub(super) fn init(s: &mut SharedState<Root>) {
     s.transaction(|tx| {
         if !tx.root()?.vec.is_null() {
             return Ok(());
@@ -71,7 +71,7 @@ fn set_all(tx: &mut Tx<'_, Root>, n: u64) -> Result<()> {
 
 /// A child process running this binary as `role` on `path`; its stdout is
 /// piped. It dies with this process.
-fn child(role: &str, path: &Path) -> Child {
+pub(super) fn child(role: &str, path: &Path) -> Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
@@ -95,7 +95,7 @@ fn child(role: &str, path: &Path) -> Child {
 }
 
 /// Waits (at most 30 s) for the child to print `line`.
-fn expect_line(kid: &mut Child, line: &str) {
+pub(super) fn expect_line(kid: &mut Child, line: &str) {
     let out = kid.stdout.as_mut().unwrap();
     let mut reader = BufReader::new(out);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -112,7 +112,7 @@ fn expect_line(kid: &mut Child, line: &str) {
     panic!("no {line:?} from the child within 30 s");
 }
 
-fn kill9(kid: &mut Child) {
+pub(super) fn kill9(kid: &mut Child) {
     kid.kill().unwrap(); // SIGKILL, by pid
     kid.wait().unwrap();
 }
@@ -231,7 +231,7 @@ fn shared_child() {
             }
             println!("published");
         }
-        other => panic!("unknown role {other}"),
+        other => super::channels::role(other, &mut s),
     }
     drop(s);
     std::process::exit(0);

@@ -1,0 +1,232 @@
+//! Pushing to and popping from a ring shared by two processes: each in a
+//! transaction together with the caller's own change (exactly once, see
+//! `crate::ring`), and, for the `_wait` calls, sleeping while the ring is
+//! full or empty.
+//!
+//! A waiter looks at the ring through a lock-free read ([`View`]), spins
+//! briefly on the commit word, then sleeps on it (`wait_for_commit_after`:
+//! a futex wait that a committing writer wakes only when someone sleeps,
+//! so no system call per message while no one waits). Every
+//! [`PEER_NAP`] it wakes by itself to judge the other end, whose death
+//! commits nothing and so wakes no one: a producer (consumer) recorded
+//! with [`RingMut::attach`](crate::RingMut::attach) that is no longer alive
+//! while the ring is empty (full) ends the wait with [`Error::PeerGone`].
+
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+
+use crate::error::{Error, Result};
+use crate::handle::StateRing;
+use crate::ring::RingEnd;
+use crate::shared::{RingView, SharedState};
+use crate::state::Tx;
+
+/// How long a waiter spins on the commit word before it sleeps: a reply
+/// that comes within it costs no futex wake-up on either side.
+const SPIN: Duration = Duration::from_micros(20);
+/// The longest sleep between two judgements of the other end.
+const PEER_NAP: Duration = Duration::from_millis(50);
+
+/// What a wait waits for.
+#[derive(Clone, Copy)]
+enum Want {
+    /// A frame to pop (the consumer's wait).
+    Frame,
+    /// Room for a frame of this many bytes (the producer's wait).
+    Room(usize),
+}
+
+impl Want {
+    fn ready(self, v: &RingView) -> bool {
+        match self {
+            Want::Frame => !v.is_empty(),
+            Want::Room(len) => v.fits(len),
+        }
+    }
+
+    /// The end whose work ends the wait.
+    fn other(self) -> RingEnd {
+        match self {
+            Want::Frame => RingEnd::Producer,
+            Want::Room(_) => RingEnd::Consumer,
+        }
+    }
+
+    fn describe(self, v: &RingView) -> String {
+        let what = match self {
+            Want::Frame => "a frame in the ring".to_string(),
+            Want::Room(len) => format!(
+                "room for a frame of {len} bytes in the ring ({} bytes free)",
+                v.free_bytes()
+            ),
+        };
+        let end = self.other();
+        match v.attached(end) {
+            None => format!("{what} (no {end} ever attached)"),
+            Some(pid) => format!("{what} ({end}: process {pid}, alive)"),
+        }
+    }
+}
+
+impl<R: Pod> SharedState<R> {
+    /// Pops the oldest frame of `ring` and runs `effect` with it, in one
+    /// transaction: a crash anywhere (kill -9 included) leaves both done
+    /// or neither, and an error from `effect` rolls both back (the frame
+    /// stays). `Ok(None)`, with nothing committed, when the ring is empty.
+    pub fn try_pop<T, E: From<Error>>(
+        &mut self,
+        ring: StateRing,
+        effect: impl FnOnce(&mut Tx<'_, R>, Vec<u8>) -> Result<T, E>,
+    ) -> Result<Option<T>, E> {
+        if self.read(|v| v.ring(ring))?.is_empty() {
+            return Ok(None);
+        }
+        self.transaction(|tx| {
+            let Some(frame) = tx.ring(ring)?.pop()? else {
+                return Ok(None);
+            };
+            effect(tx, frame).map(Some)
+        })
+    }
+
+    /// As [`SharedState::try_pop`], waiting while the ring is empty: for
+    /// at most `timeout` ([`Error::TimedOut`]), and only while the producer
+    /// may still push ([`Error::PeerGone`] once the process recorded as the
+    /// producer is gone and the ring is empty; while none ever attached,
+    /// one may still come). Frames a dead producer pushed are still popped.
+    pub fn pop_wait<T, E: From<Error>>(
+        &mut self,
+        ring: StateRing,
+        timeout: Duration,
+        effect: impl FnOnce(&mut Tx<'_, R>, Vec<u8>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut effect = Some(effect);
+        loop {
+            self.wait_ring(ring, Want::Frame, timeout, deadline)?;
+            let popped = self.transaction(|tx| {
+                let Some(frame) = tx.ring(ring)?.pop()? else {
+                    // Taken meanwhile (a second consumer): wait again.
+                    return Ok(None);
+                };
+                let effect = effect
+                    .take()
+                    .expect("runs once: only a popped frame takes it");
+                effect(tx, frame).map(Some)
+            })?;
+            if let Some(t) = popped {
+                return Ok(t);
+            }
+        }
+    }
+
+    /// Pushes `frame` to `ring` and runs `effect`, in one transaction (both
+    /// or neither, as for [`SharedState::try_pop`]). `Ok(None)`, with
+    /// nothing committed, when the ring has no room for the frame now; a
+    /// frame longer than the ring's largest is [`Error::TooLarge`].
+    pub fn try_push<T, E: From<Error>>(
+        &mut self,
+        ring: StateRing,
+        frame: &[u8],
+        effect: impl FnOnce(&mut Tx<'_, R>) -> Result<T, E>,
+    ) -> Result<Option<T>, E> {
+        let v = self.read(|v| v.ring(ring))?;
+        if frame.len() as u64 <= u64::from(v.max_frame()) && !v.fits(frame.len()) {
+            return Ok(None);
+        }
+        self.transaction(|tx| {
+            // Pushed first: a ring without room changes nothing.
+            if !tx.ring(ring)?.push(frame)? {
+                return Ok(None);
+            }
+            effect(tx).map(Some)
+        })
+    }
+
+    /// As [`SharedState::try_push`], waiting while the ring has no room:
+    /// for at most `timeout` ([`Error::TimedOut`]), and only while the
+    /// consumer may still pop ([`Error::PeerGone`] once the process
+    /// recorded as the consumer is gone and the frame does not fit).
+    pub fn push_wait<T, E: From<Error>>(
+        &mut self,
+        ring: StateRing,
+        frame: &[u8],
+        timeout: Duration,
+        effect: impl FnOnce(&mut Tx<'_, R>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut effect = Some(effect);
+        loop {
+            let max = self.read(|v| v.ring(ring))?.max_frame();
+            if frame.len() as u64 > u64::from(max) {
+                return Err(Error::TooLarge {
+                    what: "ring frame",
+                    len: frame.len() as u64,
+                }
+                .into());
+            }
+            self.wait_ring(ring, Want::Room(frame.len()), timeout, deadline)?;
+            let pushed = self.transaction(|tx| {
+                if !tx.ring(ring)?.push(frame)? {
+                    return Ok(None);
+                }
+                let effect = effect.take().expect("runs once: only a push takes it");
+                effect(tx).map(Some)
+            })?;
+            if let Some(t) = pushed {
+                return Ok(t);
+            }
+        }
+    }
+
+    /// Records this process at `end` of `ring` (a transaction of its own;
+    /// inside one, [`RingMut::attach`](crate::RingMut::attach)).
+    pub fn attach(&mut self, ring: StateRing, end: RingEnd) -> Result<()> {
+        self.transaction(|tx| tx.ring(ring)?.attach(end))
+    }
+
+    /// Returns once `want` holds for `ring`; errors when `deadline` (from
+    /// `timeout`; `None`: never) passes first or the other end is gone.
+    fn wait_ring(
+        &mut self,
+        ring: StateRing,
+        want: Want,
+        timeout: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<()> {
+        let spin_until = Instant::now() + SPIN;
+        let mut spins = 0u32;
+        loop {
+            let seen = self.commit_word();
+            let v = self.read(|v| v.ring(ring))?;
+            if want.ready(&v) {
+                return Ok(());
+            }
+            let end = want.other();
+            if let Some(pid) = v.attached(end)
+                && !v.alive(end)
+            {
+                return Err(Error::PeerGone { end, pid });
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(Error::TimedOut {
+                    waiting_for: want.describe(&v),
+                    after: timeout,
+                });
+            }
+            if now < spin_until {
+                // Spin until the next commit (any), a bounded while.
+                while self.commit_word() == seen && spins % 64 != 63 {
+                    std::hint::spin_loop();
+                    spins += 1;
+                }
+                spins += 1;
+                continue;
+            }
+            let nap = deadline.map_or(PEER_NAP, |d| (d - now).min(PEER_NAP));
+            self.wait_for_commit_after(seen, nap)?;
+        }
+    }
+}
