@@ -95,6 +95,43 @@ impl<R: Pod> SharedState<R> {
     /// may still push ([`Error::PeerGone`] once the process recorded as the
     /// producer is gone and the ring is empty; while none ever attached,
     /// one may still come). Frames a dead producer pushed are still popped.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytemuck::{Pod, Zeroable};
+    /// use shm_state::{Error, Layout, RingEnd, SharedState, Source, StateRing};
+    ///
+    /// #[derive(Clone, Copy, Pod, Zeroable)]
+    /// #[repr(C)]
+    /// struct Root {
+    ///     jobs: StateRing,
+    ///     done: u64,
+    /// }
+    ///
+    /// # fn main() -> Result<(), Error> {
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let file = std::fs::File::options().read(true).write(true).create(true)
+    /// #     .truncate(false).open(dir.path().join("state")).unwrap();
+    /// // SAFETY: the file is shared only through SharedState, never truncated.
+    /// let mut state = SharedState::<Root>::open(unsafe { Source::file(file) }, Layout::new(1))?;
+    /// let jobs = state.transaction(|tx| {
+    ///     let jobs = tx.new_ring(64 * 1024, 1024)?;
+    ///     tx.root_mut()?.jobs = jobs;
+    ///     Ok::<_, Error>(jobs)
+    /// })?;
+    /// // The producer (usually another process): a frame pushed.
+    /// state.push_wait(jobs, b"job 1", Duration::from_secs(1), |_| Ok::<_, Error>(()))?;
+    /// // The consumer: the frame taken and its effect applied, one transaction.
+    /// state.attach(jobs, RingEnd::Consumer)?;
+    /// let job = state.pop_wait(jobs, Duration::from_secs(1), |tx, frame| {
+    ///     tx.root_mut()?.done += 1;
+    ///     Ok::<_, Error>(frame)
+    /// })?;
+    /// assert_eq!(job, b"job 1");
+    /// assert_eq!(state.read(|v| v.root())?.done, 1);
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn pop_wait<T, E: From<Error>>(
         &mut self,
         ring: StateRing,
