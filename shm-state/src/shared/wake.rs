@@ -107,6 +107,8 @@ mod model {
         word: AtomicU64,
         waiters: AtomicU64,
         futex: Futex,
+        /// A ring's tail (the `ring` models).
+        tail: AtomicU64,
     }
 
     fn run(rmw: bool) {
@@ -135,6 +137,51 @@ mod model {
     #[test]
     fn a_commit_always_wakes_a_sleeper_that_saw_the_old_word() {
         run(true);
+    }
+
+    /// A ring's waiter (`shared::rings`, `SharedState::pop_wait`): it takes
+    /// the commit word, then looks at the ring (the tail, here), and sleeps
+    /// unless the word moved; the producer moves the tail inside its
+    /// transaction (the word open, then committed) and notifies. With the
+    /// word taken before the look, a push that lands after the look moves
+    /// the word and the sleep does not happen. (Taken after the look, the
+    /// push can land in between and the waiter sleeps on a word that never
+    /// moves again: loom finds that deadlock, `ring(false)`, but its
+    /// clean-up after a deadlock in this model aborts the test process, so
+    /// it is not kept as a `should_panic` test.)
+    fn ring(word_first: bool) {
+        loom::model(move || {
+            let s = Arc::new(Shared::default());
+            let producer = {
+                let s = s.clone();
+                thread::spawn(move || {
+                    s.word.store(1, Ordering::Release); // open
+                    s.tail.store(8, Ordering::Relaxed);
+                    s.word.store(2, Ordering::Release); // committed
+                    notify(&s.waiters, || s.futex.wake_all());
+                })
+            };
+            loop {
+                let (seen, pushed) = if word_first {
+                    let seen = s.word.load(Ordering::Acquire);
+                    (seen, s.tail.load(Ordering::Acquire) != 0)
+                } else {
+                    let pushed = s.tail.load(Ordering::Acquire) != 0;
+                    (s.word.load(Ordering::Acquire), pushed)
+                };
+                // A tail that moved: a frame to pop.
+                if pushed {
+                    break;
+                }
+                sleep_unless_changed(&s.word, &s.waiters, seen, || s.futex.wait(&s.word, seen));
+            }
+            producer.join().unwrap();
+        });
+    }
+
+    #[test]
+    fn a_ring_waiter_that_takes_the_word_before_its_look_never_misses_a_push() {
+        ring(true);
     }
 
     #[test]
