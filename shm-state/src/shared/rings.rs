@@ -234,6 +234,9 @@ impl<R: Pod> SharedState<R> {
     ) -> Result<()> {
         let spin_until = Instant::now() + SPIN;
         let mut spins = 0u32;
+        // The other end is judged (two `/proc` reads) at the first look and
+        // then once per PEER_NAP, not at every look.
+        let mut judge_at = Instant::now();
         loop {
             let seen = self.commit_word();
             let v = self.read(|v| v.ring(ring))?;
@@ -241,12 +244,15 @@ impl<R: Pod> SharedState<R> {
                 return Ok(());
             }
             let end = want.other();
-            if let Some(pid) = v.attached(end)
-                && !v.alive(end)
-            {
-                return Err(Error::PeerGone { end, pid });
-            }
             let now = Instant::now();
+            if now >= judge_at {
+                judge_at = now + PEER_NAP;
+                if let Some(pid) = v.attached(end)
+                    && !v.alive(end)
+                {
+                    return Err(Error::PeerGone { end, pid });
+                }
+            }
             if deadline.is_some_and(|d| now >= d) {
                 return Err(Error::TimedOut {
                     waiting_for: want.describe(&v),
@@ -263,6 +269,7 @@ impl<R: Pod> SharedState<R> {
                 continue;
             }
             let nap = deadline.map_or(PEER_NAP, |d| (d - now).min(PEER_NAP));
+            let nap = nap.min(judge_at.saturating_duration_since(now));
             self.wait_for_commit_after(seen, nap)?;
         }
     }
