@@ -142,6 +142,10 @@ pub(crate) const WLOCK: u64 = 0x300;
 pub(crate) const WLOCK_HOLDER: u64 = 0x308;
 /// Readers asleep waiting for an open transaction to end (a count).
 pub(crate) const READ_WAITERS: u64 = 0x310;
+/// Ring waiters asleep on a ring's head or tail (a count, format 6): a
+/// writer whose transaction touched a ring wakes those words only when it
+/// is not 0.
+pub(crate) const RING_WAITERS: u64 = 0x318;
 /// The start of the shared line (it ends at 0x340, where the peer table
 /// begins: `0x300..HEADER_LEN` is only ever accessed atomically).
 pub(crate) const SHARED_START: u64 = 0x300;

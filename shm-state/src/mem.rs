@@ -28,7 +28,7 @@
 
 use std::fs::File;
 use std::os::fd::AsFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use memmap2::{MmapOptions, MmapRaw};
 use shm_fd::SharedFd;
@@ -539,6 +539,20 @@ impl Mem {
         // words are read this way only while no `&mut` slice of them exists
         // (`&self`).
         Ok(unsafe { AtomicU64::from_ptr(self.ptr.add(o).cast::<u64>()) })
+    }
+
+    /// The 4-byte word at `off` as an atomic (a futex word: the low half of
+    /// a ring's head or tail, see `shared::rings`).
+    #[inline]
+    pub(crate) fn atomic_u32(&self, off: u64) -> Result<&AtomicU32> {
+        let (o, _) = self.range("atomic word", off, 4)?;
+        if !o.is_multiple_of(4) {
+            return Err(Error::corrupt("atomic word", off, "not 4-byte aligned"));
+        }
+        // SAFETY: as in `atomic_u64`, for 4 bytes in the region, 4-aligned
+        // (both checked), read or written only atomically by this process
+        // while `self` is borrowed shared (no `&mut` slice of them exists).
+        Ok(unsafe { AtomicU32::from_ptr(self.ptr.add(o).cast::<u32>()) })
     }
 
     /// An atomic (acquire) load of the little-endian word at `off`.

@@ -226,6 +226,7 @@ impl OpenHooks for Exclusive {
             page.wlock().store(0, Ordering::Release);
             // A reader killed while counted left the count up for good.
             page.u64(READ_WAITERS).store(0, Ordering::Release);
+            page.u64(RING_WAITERS).store(0, Ordering::Release);
         }
     }
 }

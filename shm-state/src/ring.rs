@@ -228,7 +228,7 @@ impl<'s, R: Pod> Tx<'s, R> {
         let hd = header(self.core.mem(), self.core.heap()?, off)?;
         // Remembered at the first look in this transaction: the committed
         // head, which decides which frame bytes may skip the journal.
-        self.core.ring_head_at_start(off, hd.head);
+        self.core.ring_head_at_start(off, hd.head, hd.tail);
         Ok(RingMut {
             tx: &mut self.core,
             off,
@@ -295,7 +295,7 @@ impl RingMut<'_, '_> {
         // reach the space of frames this transaction popped (from the
         // committed head on, a lap later), which a rollback brings back:
         // journaled then.
-        let start_head = self.tx.ring_head_at_start(self.off, h.head);
+        let start_head = self.tx.ring_head_at_start(self.off, h.head, h.tail);
         let journal = h.tail + skip + need > start_head + h.cap;
         if h.frames == 0 && skip != 0 {
             // An empty ring starts the frame at the next lap, head and

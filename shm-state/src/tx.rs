@@ -92,9 +92,9 @@ pub(crate) struct Core {
     logged: LineSet,
     fresh: BTreeMap<u64, u64>,
     pending_free: Vec<u64>,
-    /// Rings this transaction touched, with their head as it found them
-    /// (the committed head): `(ring block, head)`.
-    ring_heads: Vec<(u64, u64)>,
+    /// Rings this transaction touched, with their head and tail as it
+    /// found them (the committed ones): `(ring block, head, tail)`.
+    ring_heads: Vec<(u64, u64, u64)>,
     /// The same offsets (divided by 16), for the double-free check: a big
     /// clear frees tens of thousands of blocks.
     pending_set: HashSet<u64, BuildHasherDefault<LineHasher>>,
@@ -114,6 +114,17 @@ impl Core {
             ring_heads: Vec::new(),
             pending_set: HashSet::default(),
         }
+    }
+
+    /// The rings the last transaction touched (their block offsets, head
+    /// and tail as it found them), to wake their waiters once it is over.
+    pub(crate) fn rings_touched(&self) -> &[(u64, u64, u64)] {
+        &self.ring_heads
+    }
+
+    /// Forgets them (woken).
+    pub(crate) fn clear_rings_touched(&mut self) {
+        self.ring_heads.clear();
     }
 
     /// The heap's bounds `(heap_off, heap_top)`, the top read and checked.
@@ -375,12 +386,13 @@ impl<'a> TxCore<'a> {
     }
 
     /// The head of the ring at `ring` as this transaction first saw it
-    /// (the committed head): `head` now if this is the first look.
-    pub(crate) fn ring_head_at_start(&mut self, ring: u64, head: u64) -> u64 {
-        match self.core.ring_heads.iter().find(|(r, _)| *r == ring) {
-            Some(&(_, h)) => h,
+    /// (the committed head): `head` now if this is the first look, which
+    /// also records `tail`.
+    pub(crate) fn ring_head_at_start(&mut self, ring: u64, head: u64, tail: u64) -> u64 {
+        match self.core.ring_heads.iter().find(|(r, _, _)| *r == ring) {
+            Some(&(_, h, _)) => h,
             None => {
-                self.core.ring_heads.push((ring, head));
+                self.core.ring_heads.push((ring, head, tail));
                 head
             }
         }

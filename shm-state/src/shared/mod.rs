@@ -92,6 +92,7 @@ pub struct SharedState<R> {
 /// Counters of one handle's reads and transactions (for tests and
 /// benchmarks).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Stats {
     /// Reads that saw a commit while they ran, and ran again.
     pub read_retries: u64,
@@ -100,6 +101,11 @@ pub struct Stats {
     pub locked_reads: u64,
     /// Interrupted transactions of dead writers this handle rolled back.
     pub recoveries: u64,
+    /// Sleeps of the waiting ring calls on a ring's head or tail.
+    pub ring_sleeps: u64,
+    /// Those that ran out their nap (at most 50 ms) instead of being woken
+    /// by a move of the word (or finding it moved).
+    pub ring_naps: u64,
 }
 
 impl<R> fmt::Debug for SharedState<R> {
@@ -599,7 +605,7 @@ impl<R: Pod> SharedState<R> {
         self.check_fork()?;
         let page = &self.page;
         wake::sleep_unless_changed(page.u64(TX_WORD), page.u64(READ_WAITERS), seen, || {
-            sys::wait(page.u32(TX_WORD), seen as u32, timeout)
+            sys::wait(page.u32(TX_WORD), seen as u32, timeout);
         });
         Ok(())
     }
@@ -723,7 +729,7 @@ impl<R: Pod> SharedState<R> {
         }
         let page = &self.page;
         wake::sleep_unless_changed(word, page.u64(READ_WAITERS), open_word, || {
-            sys::wait(page.u32(TX_WORD), open_word as u32, READ_NAP)
+            sys::wait(page.u32(TX_WORD), open_word as u32, READ_NAP);
         });
         // Still open after the nap: judge the holder (the kernel marks a
         // death it sees; this is for what it cannot see).
@@ -765,6 +771,28 @@ struct Held<'h, R> {
 impl<R> Drop for Held<'_, R> {
     fn drop(&mut self) {
         release_writer(self.page, self.failed || self.state.core.poisoned);
+        // The rings the transaction touched: their waiters sleep on the
+        // head's or the tail's low half (`rings.rs`), woken when it moved
+        // and some ring has a waiter (`wake.rs`: no wake-up lost).
+        let core = &mut self.state.core;
+        let mem = &core.mem;
+        let moved = |&(ring, head, tail): &(u64, u64, u64)| {
+            let at = ring + BLOCK_HEADER;
+            [(at, head), (at + 8, tail)]
+                .into_iter()
+                .filter(|&(off, was)| mem.load_u64(off).is_ok_and(|now| now != was))
+        };
+        let rings = core.rings_touched();
+        if rings.iter().flat_map(moved).next().is_some() {
+            wake::notify(self.page.u64(RING_WAITERS), || {
+                for (off, _) in rings.iter().flat_map(moved) {
+                    if let Ok(word) = mem.atomic_u32(off) {
+                        sys::wake(word, i32::MAX);
+                    }
+                }
+            });
+        }
+        core.clear_rings_touched();
     }
 }
 

@@ -4,22 +4,28 @@
 //! full or empty.
 //!
 //! A waiter looks at the ring through a lock-free read ([`View`]), spins
-//! briefly on the commit word, then sleeps on it (`wait_for_commit_after`:
-//! a futex wait that a committing writer wakes only when someone sleeps,
-//! so no system call per message while no one waits). Every
-//! [`PEER_NAP`] it wakes by itself to judge the other end, whose death
-//! commits nothing and so wakes no one: a producer (consumer) recorded
+//! briefly on the commit word, then sleeps on the ring's tail (a consumer)
+//! or head (a producer): a futex wait on the word's low half, counted in
+//! `ring_waiters`, which the writer of a transaction that moved that word
+//! wakes once the transaction is over, and only when some ring waiter is
+//! counted (`Held`'s drop; the handshake is `wake.rs`'s, checked under
+//! loom). So no system call per message while no one waits, and commits
+//! elsewhere wake no ring waiter. Every [`PEER_NAP`] it wakes by itself
+//! to judge the other end, whose death commits nothing and so wakes no
+//! one: a producer (consumer) recorded
 //! with [`RingMut::attach`](crate::RingMut::attach) that is no longer alive
 //! while the ring is empty (full) ends the wait with [`Error::PeerGone`].
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
 
 use crate::error::{Error, Result};
+use crate::format::RING_WAITERS;
 use crate::handle::StateRing;
 use crate::ring::RingEnd;
-use crate::shared::{RingView, SharedState};
+use crate::shared::{RingView, SharedState, sys, wake};
 use crate::state::Tx;
 
 /// How long a waiter spins on the commit word before it sleeps: a reply
@@ -270,7 +276,34 @@ impl<R: Pod> SharedState<R> {
             }
             let nap = deadline.map_or(PEER_NAP, |d| (d - now).min(PEER_NAP));
             let nap = nap.min(judge_at.saturating_duration_since(now));
-            self.wait_for_commit_after(seen, nap)?;
+            self.sleep_on_ring(&v, want, nap)?;
         }
+    }
+
+    /// Sleeps (at most `nap`) unless the ring's tail (`Want::Frame`: a
+    /// push moves it) or head (`Want::Room`: a pop moves it) moved since
+    /// the look `v`: a futex wait on the word's low half, counted in
+    /// `ring_waiters` so that the writer of a transaction that touched a
+    /// ring wakes it (`Held`'s drop), and only it: commits elsewhere do
+    /// not wake this waiter. (The low half repeats only after 4 GiB went
+    /// through the ring between the look and the sleep; the nap bounds
+    /// even that.)
+    fn sleep_on_ring(&mut self, v: &RingView, want: Want, nap: Duration) -> Result<()> {
+        self.check_fork()?;
+        let h = v.header();
+        let (off, seen) = match want {
+            Want::Frame => (h.at + 8, h.tail as u32),
+            Want::Room(_) => (h.at, h.head as u32),
+        };
+        let word = self.state.core.mem.atomic_u32(off)?;
+        let mut timed_out = false;
+        wake::sleep_unless(
+            self.page.u64(RING_WAITERS),
+            || word.load(Ordering::SeqCst) != seen,
+            || timed_out = sys::wait(word, seen, nap),
+        );
+        self.stats.ring_sleeps += 1;
+        self.stats.ring_naps += u64::from(timed_out);
+        Ok(())
     }
 }

@@ -28,8 +28,8 @@ use std::time::Duration;
 /// Sleeps while the 4-byte word at `word` holds `expected`, until a wake,
 /// a signal or `timeout`. Shared (not `FUTEX_PRIVATE`): the word is in a
 /// memfd or file mapped by other processes. Every outcome means "look
-/// again", so nothing is returned.
-pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+/// again"; true when the sleep ran out `timeout` (for statistics).
+pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) -> bool {
     let ts = libc::timespec {
         tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
         tv_nsec: timeout.subsec_nanos() as libc::c_long,
@@ -37,7 +37,7 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     // SAFETY: `word` is a live, 4-aligned `AtomicU32`; FUTEX_WAIT reads it
     // atomically and compares it with `expected`, and writes no memory;
     // `ts` outlives the call.
-    unsafe {
+    let rc = unsafe {
         libc::syscall(
             libc::SYS_futex,
             word.as_ptr(),
@@ -46,8 +46,9 @@ pub(crate) fn wait(word: &AtomicU32, expected: u32, timeout: Duration) {
             &ts as *const libc::timespec,
             std::ptr::null::<u32>(),
             0u32,
-        );
-    }
+        )
+    };
+    rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ETIMEDOUT)
 }
 
 /// Wakes up to `n` sleepers on `word` (in any process).

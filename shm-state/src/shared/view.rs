@@ -298,6 +298,11 @@ impl RingView {
         }
     }
 
+    /// The header as read (for the waiting calls, `shared::rings`).
+    pub(crate) fn header(&self) -> &ring::Header {
+        &self.h
+    }
+
     /// Whether a frame of `len` bytes fits now (a push would take it):
     /// false for a frame longer than the largest.
     pub fn fits(&self, len: usize) -> bool {

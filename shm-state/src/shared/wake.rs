@@ -53,8 +53,19 @@ pub(crate) fn sleep_unless_changed<W: SeqWord, C: Counter>(
     seen: u64,
     sleep: impl FnOnce(),
 ) {
+    sleep_unless(waiters, || word.load(Ordering::SeqCst) != seen, sleep);
+}
+
+/// The same handshake for any word: counted in `waiters`, sleeps unless
+/// `changed` says the word moved since the look (a ring's waiter and its
+/// head or tail, `shared::rings`).
+pub(crate) fn sleep_unless<C: Counter>(
+    waiters: &C,
+    changed: impl FnOnce() -> bool,
+    sleep: impl FnOnce(),
+) {
     waiters.fetch_add(1, Ordering::SeqCst);
-    if word.load(Ordering::SeqCst) == seen {
+    if !changed() {
         sleep();
     }
     waiters.fetch_sub(1, Ordering::SeqCst);
@@ -139,18 +150,16 @@ mod model {
         run(true);
     }
 
-    /// A ring's waiter (`shared::rings`, `SharedState::pop_wait`): it takes
-    /// the commit word, then looks at the ring (the tail, here), and sleeps
-    /// unless the word moved; the producer moves the tail inside its
-    /// transaction (the word open, then committed) and notifies. With the
-    /// word taken before the look, a push that lands after the look moves
-    /// the word and the sleep does not happen. (Taken after the look, the
-    /// push can land in between and the waiter sleeps on a word that never
-    /// moves again: loom finds that deadlock, `ring(false)`, but its
-    /// clean-up after a deadlock in this model aborts the test process, so
-    /// it is not kept as a `should_panic` test.)
-    fn ring(word_first: bool) {
-        loom::model(move || {
+    /// A ring's waiter (`shared::rings`, `SharedState::pop_wait`): it looks
+    /// at the ring's tail and, finding no frame, sleeps on the tail word
+    /// unless it moved (`sleep_unless`, counted in `ring_waiters`); the
+    /// producer moves the tail inside its transaction (the commit word
+    /// open, the tail, the commit word committed) and then, the
+    /// transaction over, wakes the tail word if any ring waiter is counted
+    /// (`notify`). No push is slept through: the futex stand-in has no
+    /// timeout, so a lost wake-up is a deadlock loom reports.
+    fn ring() {
+        loom::model(|| {
             let s = Arc::new(Shared::default());
             let producer = {
                 let s = s.clone();
@@ -162,26 +171,24 @@ mod model {
                 })
             };
             loop {
-                let (seen, pushed) = if word_first {
-                    let seen = s.word.load(Ordering::Acquire);
-                    (seen, s.tail.load(Ordering::Acquire) != 0)
-                } else {
-                    let pushed = s.tail.load(Ordering::Acquire) != 0;
-                    (s.word.load(Ordering::Acquire), pushed)
-                };
+                let seen = s.tail.load(Ordering::Acquire);
                 // A tail that moved: a frame to pop.
-                if pushed {
+                if seen != 0 {
                     break;
                 }
-                sleep_unless_changed(&s.word, &s.waiters, seen, || s.futex.wait(&s.word, seen));
+                sleep_unless(
+                    &s.waiters,
+                    || s.tail.load(SeqCst) != seen,
+                    || s.futex.wait(&s.tail, seen),
+                );
             }
             producer.join().unwrap();
         });
     }
 
     #[test]
-    fn a_ring_waiter_that_takes_the_word_before_its_look_never_misses_a_push() {
-        ring(true);
+    fn a_ring_waiter_asleep_on_the_tail_never_misses_a_push() {
+        ring();
     }
 
     #[test]

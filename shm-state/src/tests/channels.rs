@@ -72,6 +72,29 @@ pub(super) fn role(role: &str, s: &mut SharedState<Root>) {
             }
             println!("pushed");
         }
+        // Pushes 100 frames, one every 2 ms (the consumer sleeps between
+        // them), then ends.
+        "ring-slow-producer" => {
+            s.attach(ring, RingEnd::Producer).unwrap();
+            println!("attached");
+            for n in 1..=100 {
+                std::thread::sleep(Duration::from_millis(2));
+                s.push_wait(ring, &frame(n), Duration::from_secs(30), |_| {
+                    Ok::<_, Error>(())
+                })
+                .unwrap();
+            }
+        }
+        // Commits a transaction that touches no ring every millisecond
+        // until killed.
+        "ticker" => {
+            let r = s.read(|v| v.root()).unwrap();
+            println!("ticking");
+            for n in 1.. {
+                s.transaction(|tx| tx.set_cell(r.cell, n)).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         // Attaches at one end and holds it, doing nothing.
         "ring-idle-producer" | "ring-idle-consumer" => {
             let end = if role == "ring-idle-producer" {
@@ -344,4 +367,69 @@ fn a_pod_value_is_published_and_read_back_whole() {
     let mut buf = Vec::with_capacity(64);
     assert_eq!(s.read_published_into(h, &mut buf).unwrap(), Some(100));
     assert_eq!(buf.len(), 24);
+}
+
+#[test]
+fn a_push_wakes_the_sleeping_consumer_and_other_commits_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let (mut s, ring) = with_ring(&path);
+    s.attach(ring, RingEnd::Consumer).unwrap();
+    let mut kid = child("ring-slow-producer", &path);
+    expect_line(&mut kid, "attached");
+    let before = s.stats();
+    for n in 1..=100 {
+        let f = s
+            .pop_wait(ring, Duration::from_secs(30), |_, f| Ok::<_, Error>(f))
+            .unwrap();
+        assert_eq!(f, frame(n));
+    }
+    assert_eq!(kid.wait().unwrap().code(), Some(0));
+    let after = s.stats();
+    let (sleeps, naps) = (
+        after.ring_sleeps - before.ring_sleeps,
+        after.ring_naps - before.ring_naps,
+    );
+    eprintln!("100 frames 2 ms apart: {sleeps} sleeps on the tail, {naps} ran out their nap");
+    // Each frame comes 2 ms after the last, far past the 20 µs spin: the
+    // consumer sleeps for most of them, and the push wakes it (a sleep
+    // that runs out its nap, up to 50 ms, is a wake-up the push did not
+    // make).
+    assert!(sleeps >= 50, "{sleeps} sleeps for 100 frames 2 ms apart");
+    assert!(
+        naps * 4 <= sleeps,
+        "{naps} of {sleeps} sleeps were not woken by a push"
+    );
+
+    // Commits that do not move the tail (a vector's, a cell's, a map's)
+    // wake no one asleep on it: beside a live, idle producer, a consumer of
+    // the empty ring sleeps through the commits of a writer in another
+    // process (one a millisecond), each of its sleeps running out its nap.
+    let mut idle = child("ring-idle-producer", &path);
+    expect_line(&mut idle, "attached");
+    let mut writer = child("ticker", &path);
+    expect_line(&mut writer, "ticking");
+    let (before, word) = (s.stats(), s.commit_word());
+    let e = s
+        .pop_wait(ring, Duration::from_millis(300), |_, f| Ok::<_, Error>(f))
+        .unwrap_err();
+    let commits = (s.commit_word() & ((1 << 56) - 1)) / 2 - (word & ((1 << 56) - 1)) / 2;
+    kill9(&mut writer);
+    kill9(&mut idle);
+    assert!(matches!(e, Error::TimedOut { .. }), "{e}");
+    let after = s.stats();
+    let sleeps = after.ring_sleeps - before.ring_sleeps;
+    let naps = after.ring_naps - before.ring_naps;
+    eprintln!(
+        "300 ms beside a writer ({commits} commits): {sleeps} sleeps, {naps} ran out their nap"
+    );
+    assert!(
+        commits >= 20,
+        "the writer committed only {commits} times in 300 ms"
+    );
+    assert!(sleeps >= 3, "{sleeps} sleeps in 300 ms");
+    assert!(
+        sleeps <= naps + 2,
+        "{sleeps} sleeps, only {naps} ran out their nap: other commits woke the waiter"
+    );
 }
