@@ -324,6 +324,19 @@ impl<'a> Region<'a> {
     /// between.
     pub fn write(&self, offset: usize, bytes: &[u8]) {
         self.check_range(offset, bytes.len());
+        // Whole, aligned words clear of the narrow one: one store each.
+        let (first, n) = (offset / 8, bytes.len() / 8);
+        if offset.is_multiple_of(8)
+            && bytes.len().is_multiple_of(8)
+            && first + n <= self.words.len()
+            && self.narrow.is_none_or(|w| w < first || w >= first + n)
+        {
+            for (chunk, word) in bytes.chunks_exact(8).zip(&self.words[first..first + n]) {
+                let v = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+                word.store(v, Ordering::Relaxed);
+            }
+            return;
+        }
         let mut i = 0;
         while i < bytes.len() {
             let at = offset + i;

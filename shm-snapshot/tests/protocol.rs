@@ -907,6 +907,15 @@ fn the_wake_word_reads_and_writes_like_any_other_bytes() {
     assert_eq!(&b[..], &pattern[OFF_WAKE - 8..OFF_WAKE + 16]);
     let word = u64::from_le_bytes(pattern[OFF_WAKE..OFF_WAKE + 8].try_into().unwrap());
     assert_eq!(buf.region().load_u64(OFF_WAKE), word);
+    // Whole aligned words, over the narrow word and clear of it (the
+    // write's fast path), read back.
+    let words: Vec<u8> = (0..64u8).map(|i| i ^ 0x5A).collect();
+    for at in [OFF_WAKE - 8, OFF_WAKE - 32, OFF_WAKE + 8, 64] {
+        buf.region().write(at, &words[..40]);
+        let mut back = [0u8; 40];
+        buf.region().read(at, &mut back);
+        assert_eq!(&back[..], &words[..40], "40 bytes at {at}");
+    }
     buf.region().store_u64(OFF_WAKE, 0x1122_3344_5566_7788);
     buf.region().write(OFF_WAKE + 3, &[0xAB]);
     let part = buf.region().subregion(64, 32).unwrap();
