@@ -22,7 +22,9 @@
 //! the writer.
 //!
 //! Readers retry only when the writer completes publishes while they copy
-//! (lock-free; wait-free while publishes are rarer than reads).
+//! (lock-free; wait-free while publishes are rarer than reads); after 64
+//! retries in a row a reader reads under the writer lock, where no publish
+//! runs, instead of failing.
 
 use std::sync::atomic::{Ordering, fence};
 
@@ -122,16 +124,26 @@ impl Sink for Exact<'_> {
     }
 }
 
-/// Reads the latest complete version into `out` and returns its number,
-/// or `None` when nothing was published. Bounded: after `tries` slots that
-/// changed while being copied (a writer publishing faster than this
-/// reads) it gives up with an error that says so.
+/// What a bounded read found.
+pub(crate) enum Latest {
+    /// The latest complete version's number (copied into the sink), or
+    /// `None` when nothing was published.
+    Read(Option<u64>),
+    /// Every try saw its slot rewritten while it copied (a writer
+    /// publishing faster than this reads): the caller reads again under
+    /// the writer lock, where no publish runs.
+    Contended,
+}
+
+/// Reads the latest complete version into `out`. Bounded: after `tries`
+/// slots that changed while being copied it returns
+/// [`Latest::Contended`].
 pub(crate) fn read_latest(
     region: &Region<'_>,
     g: Geometry,
     tries: u32,
     out: &mut impl Sink,
-) -> Result<Option<u64>> {
+) -> Result<Latest> {
     let load = |off: u64| -> Result<u64> {
         if off.checked_add(8).is_none_or(|e| e > region.len() as u64) {
             return Err(Error::corrupt("published value", off, "past the region"));
@@ -147,7 +159,7 @@ pub(crate) fn read_latest(
         let complete = |s: u64| s.is_multiple_of(2) && s != 0;
         let pick = match (complete(seqs[0]), complete(seqs[1])) {
             // Nothing published yet (at most the first publish running).
-            (false, false) if seqs[0] == 0 || seqs[1] == 0 => return Ok(None),
+            (false, false) if seqs[0] == 0 || seqs[1] == 0 => return Ok(Latest::Read(None)),
             // Both odd: two loads taken while two publishes ran; look again.
             (false, false) => continue,
             (true, false) => 0,
@@ -205,11 +217,9 @@ pub(crate) fn read_latest(
             avoid = Some(pick);
             continue;
         }
-        return Ok(Some(seqs[pick] / 2));
+        return Ok(Latest::Read(Some(seqs[pick] / 2)));
     }
-    Err(Error::unsupported(format!(
-        "the published value changed under {tries} reads in a row (the writer publishes faster than this reads)"
-    )))
+    Ok(Latest::Contended)
 }
 
 /// Publishes `bytes` as the next version (the caller is the only writer:

@@ -87,6 +87,14 @@ pub struct SharedState<R> {
     stats: Stats,
     /// The last map header a read validated (see `view::MapCache`).
     map_cache: Cell<Option<view::MapCache>>,
+    /// The last published value read: its block offset and geometry,
+    /// validated once (a published value's block never moves, grows or
+    /// is freed once created). Every read still checks each access
+    /// against the region.
+    published_cache: Option<(u64, crate::published::Geometry)>,
+    /// Lock-free tries of a published read before it reads under the
+    /// writer lock (64; tests set fewer).
+    published_tries: u32,
 }
 
 /// Counters of one handle's reads and transactions (for tests and
@@ -402,6 +410,8 @@ impl<R: Pod> SharedState<R> {
             nonce,
             stats: Stats::default(),
             map_cache: Cell::new(None),
+            published_cache: None,
+            published_tries: 64,
         })
     }
 
@@ -643,8 +653,10 @@ impl<R: Pod> SharedState<R> {
 
     /// The latest complete version of a published value and its bytes
     /// (`None` before the first publish), without any lock: never torn,
-    /// never waiting for a publisher (a read retries only when publishes
-    /// complete while it copies).
+    /// never waiting for a publisher while publishes are rarer than its
+    /// copies (a read retries when one completes while it copies; after
+    /// 64 such retries in a row it reads under the writer lock, where no
+    /// publish runs).
     pub fn read_published(&mut self, h: StatePublished) -> Result<Option<(u64, Vec<u8>)>> {
         let mut bytes = Vec::new();
         Ok(self
@@ -671,11 +683,22 @@ impl<R: Pod> SharedState<R> {
     /// [`Error::UnsupportedType`].
     pub fn read_published_value<T: Pod>(&mut self, h: StatePublished) -> Result<Option<(u64, T)>> {
         let mut value = T::zeroed();
-        let version = self.read_published_with(
-            h,
-            &mut crate::published::Exact(bytemuck::bytes_of_mut(&mut value)),
-        )?;
+        let version = self.read_published_value_into(h, &mut value)?;
         Ok(version.map(|v| (v, value)))
+    }
+
+    /// As [`SharedState::read_published_value`], into `value` (no copy of
+    /// a `T` on the way out: for a large `T`, reuse one): the version, or
+    /// `None` (and `value` unspecified) before the first publish.
+    pub fn read_published_value_into<T: Pod>(
+        &mut self,
+        h: StatePublished,
+        value: &mut T,
+    ) -> Result<Option<u64>> {
+        self.read_published_with(
+            h,
+            &mut crate::published::Exact(bytemuck::bytes_of_mut(value)),
+        )
     }
 
     fn read_published_with(
@@ -695,14 +718,46 @@ impl<R: Pod> SharedState<R> {
                 self.state.core.mem.refresh()?;
                 continue;
             }
-            let g = published_geometry(&region, (heap_off, top), h)?;
-            return crate::published::read_latest(&region, g, 64, out);
+            let off = h.off()?;
+            let g = match self.published_cache {
+                Some((at, g)) if at == off => g,
+                _ => {
+                    let g = published_geometry(&region, (heap_off, top), h)?;
+                    self.published_cache = Some((off, g));
+                    g
+                }
+            };
+            return match crate::published::read_latest(&region, g, self.published_tries, out)? {
+                crate::published::Latest::Read(version) => Ok(version),
+                // A writer publishing faster than this copies: read under
+                // the writer lock, where no publish runs (a reader that
+                // dies holding it is taken over like any holder).
+                crate::published::Latest::Contended => {
+                    let held = self.hold()?;
+                    // SAFETY: as above; the writer lock is held too.
+                    let region = unsafe { held.state.core.mem.shared_region() };
+                    match crate::published::read_latest(&region, g, 1, out)? {
+                        crate::published::Latest::Read(version) => Ok(version),
+                        crate::published::Latest::Contended => Err(Error::corrupt(
+                            "published value",
+                            g.slots[0],
+                            "its slots change while the writer lock is held (damaged memory, or a writer that does not take the lock)",
+                        )),
+                    }
+                }
+            };
         }
         Err(Error::corrupt(
             "heap top",
             DY_HEAP_TOP,
             "lies past the end of the region",
         ))
+    }
+
+    /// Sets the lock-free tries of a published read (tests).
+    #[cfg(test)]
+    pub(crate) fn set_published_tries(&mut self, tries: u32) {
+        self.published_tries = tries;
     }
 
     /// The commit word now: what [`SharedState::wait_for_commit_after`]

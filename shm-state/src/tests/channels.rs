@@ -433,3 +433,18 @@ fn a_push_wakes_the_sleeping_consumer_and_other_commits_do_not() {
         "{sleeps} sleeps, only {naps} ran out their nap: other commits woke the waiter"
     );
 }
+
+#[test]
+fn a_published_read_that_keeps_losing_the_race_reads_under_the_writer_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let mut s = open_shared(&path).unwrap();
+    init(&mut s);
+    let h: StatePublished = s.transaction(|tx| tx.new_published(64)).unwrap();
+    s.publish(h, b"one").unwrap();
+    // No lock-free try at all: every read is the locked one.
+    s.set_published_tries(0);
+    assert_eq!(s.read_published(h).unwrap(), Some((1, b"one".to_vec())));
+    s.publish(h, b"two").unwrap();
+    assert_eq!(s.read_published(h).unwrap(), Some((2, b"two".to_vec())));
+}
