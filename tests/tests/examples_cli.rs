@@ -5,7 +5,7 @@
 
 use shm_fd_tests::{cmd, run, text};
 
-const EXAMPLES: [&str; 7] = [
+const EXAMPLES: [&str; 8] = [
     "primes",
     "counter",
     "bank",
@@ -13,6 +13,7 @@ const EXAMPLES: [&str; 7] = [
     "primes-snapshot",
     "clients",
     "queue",
+    "rpc",
 ];
 
 /// The workspace's version: every crate takes `workspace.package.version`,
