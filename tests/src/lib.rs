@@ -10,9 +10,10 @@
 
 pub mod procs;
 
-use std::os::unix::process::CommandExt;
+use std::os::fd::RawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
@@ -79,7 +80,6 @@ pub fn run(cmd: &mut Command) -> Output {
 /// fails naming it instead of hanging. Stdin is null.
 pub fn run_within(cmd: &mut Command, bound: Duration) -> Output {
     use std::io::Read;
-    use std::process::Stdio;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -399,6 +399,344 @@ pub fn die_with_parent(cmd: &mut Command) {
     unsafe { cmd.pre_exec(hook) };
 }
 
+/// The longest a [`Kid`] waits unless told otherwise: for its end after
+/// a SIGKILL ([`Kid::kill`]) or a successful end ([`Kid::success`]), to
+/// stop ([`Kid::stop`]), for a line on its stderr
+/// ([`Kid::wait_for_stderr`]). Far above what any step needs, even on two
+/// cores shared with the rest of the suite.
+pub const BOUND: Duration = Duration::from_secs(60);
+
+/// Whether `status` is a death by SIGKILL.
+pub fn killed(status: ExitStatus) -> bool {
+    status.signal() == Some(libc::SIGKILL)
+}
+
+/// The state of process `pid` (field 3 of `/proc/PID/stat`: `R`, `S`,
+/// `T`, `Z`, ...), if it exists.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
+}
+
+/// What a process is doing, for a failure message: each thread's state
+/// and kernel wait channel (`pid N is gone` once it is reaped).
+pub fn describe(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("pid {pid} is gone");
+    };
+    let mut threads = Vec::new();
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().into_owned();
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let state = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+            .unwrap_or('?');
+        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
+        threads.push(format!("tid {tid} {state} in {wchan}"));
+    }
+    threads.join("; ")
+}
+
+/// CPU time (user + system, every thread) of process `pid` so far; panics
+/// if it is gone.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    // Fields 14 and 15 (utime, stime); `rest` starts at field 3.
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|w| w.parse().unwrap())
+        .collect();
+    // SAFETY: sysconf reads a constant of the system.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis((f[0] + f[1]) * 1000 / tick)
+}
+
+/// Puts `fd` on fd 3 of the child `cmd` starts (close-on-exec cleared),
+/// as `shm-fd` passes its memfd.
+fn on_fd_3(cmd: &mut Command, fd: RawFd) {
+    let hook = move || {
+        // SAFETY: fcntl and dup2 are async-signal-safe system calls on
+        // integers; nothing is allocated between fork and exec.
+        let failed = unsafe {
+            if fd == 3 {
+                // Already on 3: only close-on-exec to clear.
+                libc::fcntl(3, libc::F_SETFD, 0) == -1
+            } else {
+                libc::dup2(fd, 3) == -1
+            }
+        };
+        if failed {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    // SAFETY: between fork and exec the hook makes only async-signal-safe
+    // system calls (fcntl or dup2) and allocates nothing.
+    unsafe { cmd.pre_exec(hook) };
+}
+
+/// A process a test started: its own child, with stdout and stderr in
+/// files, SIGKILLed when the thread that started it ends
+/// ([`die_with_parent`]). Signals go to its pid only while it is not
+/// reaped (so the pid is still its); dropping it kills (SIGKILL) and reaps
+/// it. Every wait is bounded and fails the test saying its label and pid,
+/// what it was doing ([`describe`]), the test's own context for it
+/// ([`Kid::with_context`]) and its stderr.
+pub struct Kid {
+    child: Child,
+    label: String,
+    out: PathBuf,
+    err: PathBuf,
+    status: Option<ExitStatus>,
+    started: Instant,
+    context: Option<Box<dyn Fn() -> String + Send + Sync>>,
+}
+
+impl std::fmt::Debug for Kid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Kid")
+            .field("label", &self.label)
+            .field("pid", &self.child.id())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Kid {
+    /// Starts `cmd` with stdin null, output in `dir/LABEL.out` and
+    /// `dir/LABEL.err`, SIGKILL when the starting thread ends, and `memfd`
+    /// (if any) on fd 3 as `shm-fd` passes it.
+    pub fn start(cmd: Command, label: impl Into<String>, dir: &Path, memfd: Option<RawFd>) -> Kid {
+        Kid::start_with_stdin(cmd, label, dir, Stdio::null(), memfd)
+    }
+
+    /// [`Kid::start`] with stdin `stdin`.
+    pub fn start_with_stdin(
+        mut cmd: Command,
+        label: impl Into<String>,
+        dir: &Path,
+        stdin: Stdio,
+        memfd: Option<RawFd>,
+    ) -> Kid {
+        let label = label.into();
+        let out = dir.join(format!("{label}.out"));
+        let err = dir.join(format!("{label}.err"));
+        let file = |path: &Path| {
+            std::fs::File::create(path)
+                .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()))
+        };
+        cmd.stdin(stdin).stdout(file(&out)).stderr(file(&err));
+        die_with_parent(&mut cmd);
+        if let Some(fd) = memfd {
+            on_fd_3(&mut cmd, fd);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
+        Kid {
+            child,
+            label,
+            out,
+            err,
+            status: None,
+            started: Instant::now(),
+            context: None,
+        }
+    }
+
+    /// Adds `context` to every failure message about it (called when the
+    /// message is made: e.g. the lock words of the memory it works on).
+    pub fn with_context(mut self, context: impl Fn() -> String + Send + Sync + 'static) -> Kid {
+        self.context = Some(Box::new(context));
+        self
+    }
+
+    /// Its label (the name of its output files).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Its exit status if it has ended (reaped on the way).
+    pub fn poll(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().expect("waitpid");
+        }
+        self.status
+    }
+
+    /// A failure message: `LABEL (pid N) WHAT, T after its start:` what
+    /// it is doing, the context, its stderr.
+    fn failure(&self, what: &str) -> String {
+        let context = self
+            .context
+            .as_ref()
+            .map_or_else(String::new, |c| c() + "; ");
+        format!(
+            "{} (pid {}) {what}, {:?} after its start: {}; {context}stderr: {}",
+            self.label,
+            self.pid(),
+            self.started.elapsed(),
+            describe(self.pid()),
+            self.stderr()
+        )
+    }
+
+    /// Waits for it to end, at most `bound` (`Duration::ZERO`: fails at
+    /// once if it still runs); else fails the test, saying what it was
+    /// doing.
+    pub fn wait(&mut self, bound: Duration) -> ExitStatus {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(status) = self.poll() {
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!("{}", self.failure(&format!("still runs after {bound:?}")));
+            }
+            sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// SIGKILL (by pid, unless it ended already) and reap (waiting at
+    /// most [`BOUND`]); returns how it ended.
+    pub fn kill(&mut self) -> ExitStatus {
+        if self.poll().is_none() {
+            // Not reaped: the pid is still this child's.
+            let _ = self.child.kill();
+        }
+        self.wait(BOUND)
+    }
+
+    /// Sends SIGSTOP (by pid) and waits (at most [`BOUND`]) until it is
+    /// stopped; false if it had ended or ends meanwhile (then it is a
+    /// zombie, or reaped).
+    pub fn stop(&mut self) -> bool {
+        if self.poll().is_some() {
+            return false;
+        }
+        // SAFETY: kill(2) on the pid of a child not reaped yet.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGSTOP) };
+        let deadline = Instant::now() + BOUND;
+        loop {
+            match proc_state(self.pid()) {
+                Some('T' | 't') => return true,
+                Some('Z' | 'X') | None => return false,
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                panic!("{}", self.failure("did not stop"));
+            }
+            sleep(Duration::from_micros(100));
+        }
+    }
+
+    /// Sends SIGCONT (by pid) unless it has ended; false if it had.
+    pub fn resume(&mut self) -> bool {
+        if self.poll().is_some() {
+            return false;
+        }
+        // SAFETY: kill(2) on the pid of a child not reaped yet.
+        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGCONT) };
+        true
+    }
+
+    /// Waits (at most [`BOUND`]) until its stderr contains `want`; fails
+    /// the test if it ends first or never prints it.
+    pub fn wait_for_stderr(&mut self, want: &str) {
+        let deadline = Instant::now() + BOUND;
+        while !self.stderr().contains(want) {
+            if let Some(status) = self.poll() {
+                // It may have printed it just before it ended.
+                assert!(
+                    self.stderr().contains(want),
+                    "{} ended ({status}) before it printed {want:?}: {}",
+                    self.label,
+                    self.stderr()
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("{}", self.failure(&format!("did not print {want:?}")));
+            }
+            sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The CPU time it uses in the next `d` ([`cpu_time`]); fails the
+    /// test if it has ended by then.
+    pub fn cpu_during(&mut self, d: Duration) -> Duration {
+        let before = cpu_time(self.pid());
+        sleep(d);
+        let after = cpu_time(self.pid());
+        assert!(
+            self.poll().is_none(),
+            "{} ended: {}",
+            self.label,
+            self.stderr()
+        );
+        after - before
+    }
+
+    /// Waits (at most [`BOUND`]) and checks that it exited 0 and did not
+    /// panic (no `panicked` on stderr); returns its stdout and stderr.
+    pub fn success(&mut self) -> (String, String) {
+        self.success_with("no panic", |_, e| !e.contains("panicked"))
+    }
+
+    /// Waits (at most [`BOUND`]) and checks that it exited 0 and that
+    /// `ok(stdout, stderr)` holds, else fails the test saying `expected`,
+    /// its status, stdout and stderr; returns its stdout and stderr.
+    pub fn success_with(
+        &mut self,
+        expected: &str,
+        ok: impl FnOnce(&str, &str) -> bool,
+    ) -> (String, String) {
+        let status = self.wait(BOUND);
+        let (o, e) = (self.stdout(), self.stderr());
+        assert!(
+            status.success() && ok(&o, &e),
+            "{} (pid {}): {status}, expected {expected}\nstdout: {o}\nstderr: {e}",
+            self.label,
+            self.pid()
+        );
+        (o, e)
+    }
+
+    /// What it has written to stdout so far.
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    /// What it has written to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        if self.poll().is_none() {
+            // Not reaped: the pid is still this child's.
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -408,5 +746,34 @@ mod tests {
             [2, 3, 5, 7, 11, 13, 17, 19, 23, 29]
         );
         assert_eq!(super::first_primes(125_000)[124_999], 1_655_131);
+    }
+
+    /// A [`Kid`](super::Kid) that outlives its wait fails the test naming
+    /// itself, its pid and the test's context; one killed dies by
+    /// SIGKILL, is reaped, and is not signalled again.
+    #[test]
+    fn a_kid_is_bounded_killed_by_pid_and_reaped() {
+        use super::{Kid, killed};
+        use std::process::Command;
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo up >&2; exec sleep 600"]);
+        let mut kid = Kid::start(c, "sleeper", dir.path(), None).with_context(|| "ctx".into());
+        kid.wait_for_stderr("up\n");
+        assert!(kid.stop() && kid.resume());
+        let pid = kid.pid();
+        let hung = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            kid.wait(Duration::ZERO);
+        }))
+        .unwrap_err();
+        let msg = hung.downcast_ref::<String>().unwrap();
+        assert!(
+            msg.starts_with(&format!("sleeper (pid {pid}) still runs after 0ns, "))
+                && msg.ends_with("; ctx; stderr: up\n"),
+            "{msg}"
+        );
+        assert!(killed(kid.kill()));
+        assert!(killed(kid.kill()) && !kid.stop() && !kid.resume());
     }
 }

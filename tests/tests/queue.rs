@@ -36,21 +36,18 @@
 //! default 6), `QUEUE_SEED=N` to replay a run's random choices.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use shm_fd_tests::procs::Proc;
-use shm_fd_tests::{Rng, bin, cmd, env_count, run_within, text};
+use shm_fd_tests::{BOUND, Kid, Rng, bin, cmd, env_count, killed, run_within, text};
 use shm_state::{Layout, RingView, SharedState, Source, StateRing};
 
-/// The longest any single wait may take before the test fails.
-const BOUND: Duration = Duration::from_secs(60);
 /// `--timeout` of the sides in the long tests: a side that waits this
 /// long for its peer fails the test (exit 3) instead of hanging.
 const SIDE_TIMEOUT: &str = "30";
@@ -78,169 +75,18 @@ struct Root {
     first_got: u64,
 }
 
-/// CPU time (user + system, every thread) of process `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    // Fields 14 and 15 (utime, stime); `rest` starts at field 3.
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|w| w.parse().unwrap())
-        .collect();
-    // SAFETY: sysconf reads a constant of the system.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis((f[0] + f[1]) * 1000 / tick)
+/// How the queue tests judge a process that should succeed.
+trait SuccessPrinting {
+    /// Waits (at most [`BOUND`]) and checks that it exited 0, printed
+    /// `want` and did not panic.
+    fn success_printing(&mut self, want: &str);
 }
 
-/// What a process is doing, for a failure message: each thread's state
-/// and kernel wait channel.
-fn describe(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return format!("pid {pid} is gone");
-    };
-    let mut threads = Vec::new();
-    for t in tasks.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let state = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].trim_start().chars().next())
-            .unwrap_or('?');
-        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
-        threads.push(format!("tid {tid} {state} in {wchan}"));
-    }
-    threads.join("; ")
-}
-
-/// A process the test started: its own child, with stdout and stderr in
-/// files. Dropping it kills (SIGKILL, by pid: it is not reaped yet, so the
-/// pid is still its) and reaps it.
-struct Kid {
-    child: Child,
-    label: String,
-    out: PathBuf,
-    err: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Kid {
-    /// Starts `c` with output in `dir/label.{out,err}`, stdin null,
-    /// SIGKILL when the starting thread ends, and `memfd` (if any) on fd
-    /// 3 as `shm-fd` passes it.
-    fn start(mut c: Command, label: String, dir: &Path, memfd: Option<RawFd>) -> Kid {
-        let out = dir.join(format!("{label}.out"));
-        let err = dir.join(format!("{label}.err"));
-        c.stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        let setup = move || {
-            // SAFETY: prctl, fcntl and dup2 are async-signal-safe system
-            // calls on integers; nothing is allocated between fork and exec.
-            let failed = unsafe {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
-                    || match memfd {
-                        None => false,
-                        Some(3) => libc::fcntl(3, libc::F_SETFD, 0) == -1,
-                        Some(fd) => libc::dup2(fd, 3) == -1,
-                    }
-            };
-            if failed {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY: `setup` only makes async-signal-safe system calls.
-        unsafe { c.pre_exec(setup) };
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
-        Kid {
-            child,
-            label,
-            out,
-            err,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its exit status if it has ended (reaped on the way).
-    fn poll(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waitpid");
-        }
-        self.status
-    }
-
-    /// Waits for it to end, at most `bound`; else fails the test, saying
-    /// what it was doing.
-    fn wait(&mut self, bound: Duration) -> ExitStatus {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.poll() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} (pid {}) still runs after {bound:?}: {}; stderr: {}",
-                self.label,
-                self.pid(),
-                describe(self.pid()),
-                self.stderr()
-            );
-            sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// SIGKILL (by pid, unless it ended already) and reap; returns how it
-    /// ended.
-    fn kill(&mut self) -> ExitStatus {
-        if self.poll().is_none() {
-            // Not reaped: the pid is still this child's.
-            let _ = self.child.kill();
-        }
-        self.wait(BOUND)
-    }
-
-    /// SIGSTOP or SIGCONT (by pid: not reaped yet).
-    fn signal(&mut self, sig: i32) {
-        assert!(self.poll().is_none(), "{} ended", self.label);
-        // SAFETY: kill(2) on the pid of a child not reaped yet.
-        unsafe { libc::kill(self.pid() as i32, sig) };
-    }
-
-    /// Waits (bounded) and checks that it exited 0 and printed `want`.
-    fn success(&mut self, want: &str) {
-        let status = self.wait(BOUND);
-        let (o, e) = (self.stdout(), self.stderr());
-        assert!(
-            status.success() && o.contains(want) && !e.contains("panicked"),
-            "{} (pid {}): {status}, expected {want:?}\nstdout: {o}\nstderr: {e}",
-            self.label,
-            self.pid()
-        );
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        if self.poll().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl SuccessPrinting for Kid {
+    fn success_printing(&mut self, want: &str) {
+        self.success_with(&format!("{want:?}"), |o, e| {
+            o.contains(want) && !e.contains("panicked")
+        });
     }
 }
 
@@ -262,7 +108,7 @@ impl Queue {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cmd("shm-fd");
         c.arg("sleep").arg("3600");
-        let holder = Kid::start(c, "holder".into(), dir.path(), None);
+        let holder = Kid::start(c, "holder", dir.path(), None);
         let pid = holder.pid();
         // shm-fd execs the command once the memfd is on fd 3 and sealed.
         let deadline = Instant::now() + BOUND;
@@ -331,16 +177,15 @@ impl Queue {
     fn stop_outside_the_lock(&self, kid: &mut Kid) {
         let deadline = Instant::now() + BOUND;
         loop {
-            kid.signal(libc::SIGSTOP);
-            wait_stopped(kid.pid());
+            assert!(kid.stop(), "{} ended", kid.label());
             if !self.lock_held_by(kid.pid()) {
                 return;
             }
-            kid.signal(libc::SIGCONT);
+            assert!(kid.resume(), "{} ended", kid.label());
             assert!(
                 Instant::now() < deadline,
                 "{} always holds the lock",
-                kid.label
+                kid.label()
             );
             sleep(Duration::from_micros(100));
         }
@@ -406,32 +251,10 @@ impl Queue {
         );
         assert!(self.ring().unwrap().is_empty());
         let mut check = self.start(&["check"]);
-        check.success(&format!(
+        check.success_printing(&format!(
             "sent {n}, received {n}, last {n}, 0 in the ring\n"
         ));
     }
-}
-
-/// Waits (bounded) until process `pid` is stopped.
-fn wait_stopped(pid: u32) {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        let state = stat[stat.rfind(')').unwrap() + 1..]
-            .trim_start()
-            .chars()
-            .next();
-        if matches!(state, Some('T' | 't')) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{pid} did not stop: {stat}");
-        sleep(Duration::from_micros(100));
-    }
-}
-
-/// Whether `status` is a death by SIGKILL.
-fn killed(status: ExitStatus) -> bool {
-    status.signal() == Some(libc::SIGKILL)
 }
 
 /// One side of the queue in the kill test.
@@ -488,7 +311,7 @@ impl Side {
         assert!(
             status.success() && o == want,
             "{} (pid {}) ended with {status}, expected {want:?}\nstdout: {o}\nstderr: {e}",
-            kid.label,
+            kid.label(),
             kid.pid()
         );
         self.done = true;
@@ -797,7 +620,7 @@ echo "sides $p $c"
             sleep(Duration::from_millis(1));
         }
         if last {
-            kid.success("sides 0 0\n");
+            kid.success_printing("sides 0 0\n");
             let o = kid.stdout();
             assert!(
                 o.contains(&format!("produced {n}\n")) && o.contains(&format!("received {n}\n")),
@@ -927,20 +750,6 @@ echo "sides $p $c"
     );
 }
 
-/// Runs `kid` for `d` and returns the CPU time it used meanwhile.
-fn cpu_during(kid: &mut Kid, d: Duration) -> Duration {
-    let before = cpu_time(kid.pid());
-    sleep(d);
-    let after = cpu_time(kid.pid());
-    assert!(
-        kid.poll().is_none(),
-        "{} ended: {}",
-        kid.label,
-        kid.stderr()
-    );
-    after - before
-}
-
 /// Waiting costs no CPU: a consumer on an empty ring, then a producer on a
 /// full one (no consumer attached), each sleeping for a second, use well
 /// under 50 ms of CPU (user + system) in it; each goes on when its peer
@@ -952,10 +761,10 @@ fn a_consumer_on_an_empty_ring_and_a_producer_on_a_full_one_wait_without_cpu() {
     let mut c = q.start(&["consume", "--count", "100", "--timeout", SIDE_TIMEOUT]);
     assert!(q.wait_until(BOUND, |_, ring| ring.is_some_and(|r| r.consumer_alive())));
     sleep(Duration::from_millis(100));
-    let consumer = cpu_during(&mut c, Duration::from_secs(1));
+    let consumer = c.cpu_during(Duration::from_secs(1));
     let mut p = q.start(&["produce", "--count", "100", "--timeout", SIDE_TIMEOUT]);
-    p.success("produced 100\n");
-    c.success("received 100\n");
+    p.success_printing("produced 100\n");
+    c.success_printing("received 100\n");
 
     let mut p = q.start(&["produce", "--count", "10000", "--timeout", SIDE_TIMEOUT]);
     // Full: the producer stopped sending, far from its count.
@@ -969,10 +778,10 @@ fn a_consumer_on_an_empty_ring_and_a_producer_on_a_full_one_wait_without_cpu() {
         stuck
     });
     assert!(full && sent < 10_000, "the producer sent {sent}");
-    let producer = cpu_during(&mut p, Duration::from_secs(1));
+    let producer = p.cpu_during(Duration::from_secs(1));
     let mut c = q.start(&["consume", "--count", "10000", "--timeout", SIDE_TIMEOUT]);
-    p.success("produced 10000\n");
-    c.success("received 10000\n");
+    p.success_printing("produced 10000\n");
+    c.success_printing("received 10000\n");
     q.assert_complete(10_000);
     eprintln!(
         "queue waits: CPU in 1 s: consumer on an empty ring {consumer:?}, producer on a full ring ({sent} frames) {producer:?}"
@@ -988,7 +797,7 @@ fn gives_up(kid: &mut Kid, want: &str, within: Duration) {
     assert!(
         status.code() == Some(3) && e.contains(want),
         "{}: {status}, expected exit 3 and {want:?}: {e}",
-        kid.label
+        kid.label()
     );
 }
 
@@ -1036,8 +845,8 @@ fn a_waiting_consumer_sees_its_producer_gone_and_carries_on_with_a_new_one() {
     sleep(Duration::from_millis(200));
     assert!(c3.poll().is_none(), "{}", c3.stderr());
     let mut p2 = q.start(&["produce", "--count", &t, "--timeout", SIDE_TIMEOUT]);
-    p2.success(&format!("produced {target}\n"));
-    c3.success(&format!("received {target}\n"));
+    p2.success_printing(&format!("produced {target}\n"));
+    c3.success_printing(&format!("received {target}\n"));
     q.assert_complete(target);
 }
 
@@ -1082,8 +891,8 @@ fn a_waiting_producer_sees_its_consumer_gone_and_carries_on_with_a_new_one() {
     sleep(Duration::from_millis(200));
     assert!(p3.poll().is_none(), "{}", p3.stderr());
     let mut c2 = q.start(&["consume", "--count", &t, "--timeout", SIDE_TIMEOUT]);
-    p3.success(&format!("produced {target}\n"));
-    c2.success(&format!("received {target}\n"));
+    p3.success_printing(&format!("produced {target}\n"));
+    c2.success_printing(&format!("received {target}\n"));
     q.assert_complete(target);
 }
 

@@ -29,20 +29,16 @@
 //! replay a run's random choices.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::os::fd::AsRawFd;
+use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
-use shm_fd_tests::{Rng, cmd, die_with_parent, env_count, run_within, text};
+use shm_fd_tests::{BOUND, Kid, Rng, cmd, cpu_time, env_count, killed, run_within, text};
 use shm_state::{Layout, SharedState, Source, StateMap, StateRing, StateVec};
 
-/// The longest any single wait may take before the test fails.
-const BOUND: Duration = Duration::from_secs(60);
 /// Clients in the kill tests.
 const CLIENTS: u64 = 8;
 
@@ -93,130 +89,19 @@ fn sum_after(n: u64) -> u64 {
     (1..=n).filter(|i| i % 4 != 0).sum()
 }
 
-/// Whether `status` is a death by SIGKILL.
-fn killed(status: ExitStatus) -> bool {
-    status.signal() == Some(libc::SIGKILL)
+/// How the rpc tests judge a process that should succeed.
+trait SuccessStarting {
+    /// Waits (at most [`BOUND`]) and checks that it exited 0 with stdout
+    /// starting with `want`, stderr empty; returns stdout.
+    fn success_starting(&mut self, want: &str) -> String;
 }
 
-/// A process the test started: its own child, with stdout and stderr in
-/// files. Dropping it kills (SIGKILL, by pid: it is not reaped yet, so the
-/// pid is still its) and reaps it.
-struct Kid {
-    child: Child,
-    label: String,
-    out: PathBuf,
-    err: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Kid {
-    /// Starts `c` with output in `dir/label.{out,err}`, stdin null,
-    /// SIGKILL when the starting thread ends, and `memfd` on fd 3 as
-    /// `shm-fd` passes it.
-    fn start(mut c: Command, label: String, dir: &Path, memfd: RawFd) -> Kid {
-        let out = dir.join(format!("{label}.out"));
-        let err = dir.join(format!("{label}.err"));
-        c.stdin(Stdio::null())
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        die_with_parent(&mut c);
-        let on_fd_3 = move || {
-            // SAFETY: fcntl and dup2 are async-signal-safe system calls on
-            // integers; nothing is allocated between fork and exec.
-            let failed = unsafe {
-                if memfd == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0) == -1
-                } else {
-                    libc::dup2(memfd, 3) == -1
-                }
-            };
-            if failed {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY: `on_fd_3` only makes async-signal-safe system calls.
-        unsafe { c.pre_exec(on_fd_3) };
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
-        Kid {
-            child,
-            label,
-            out,
-            err,
-            status: None,
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its exit status if it has ended (reaped on the way).
-    fn poll(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waitpid");
-        }
-        self.status
-    }
-
-    /// Waits for it to end, at most `bound`; else fails the test.
-    fn wait(&mut self, bound: Duration) -> ExitStatus {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.poll() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} (pid {}) still runs after {bound:?}; stderr: {}",
-                self.label,
-                self.pid(),
-                self.stderr()
-            );
-            sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// SIGKILL (by pid, unless it ended already) and reap; how it ended.
-    fn kill(&mut self) -> ExitStatus {
-        if self.poll().is_none() {
-            // Not reaped: the pid is still this child's.
-            let _ = self.child.kill();
-        }
-        self.wait(BOUND)
-    }
-
-    /// Checks that it exited 0 with stdout starting with `want`, stderr
-    /// empty; returns stdout.
-    fn success(&mut self, want: &str) -> String {
-        let status = self.wait(BOUND);
-        let (o, e) = (self.stdout(), self.stderr());
-        assert!(
-            status.success() && o.starts_with(want) && e.is_empty(),
-            "{} (pid {}): {status}, expected {want:?}\nstdout: {o}\nstderr: {e}",
-            self.label,
-            self.pid()
-        );
+impl SuccessStarting for Kid {
+    fn success_starting(&mut self, want: &str) -> String {
+        let (o, _) = self.success_with(&format!("{want:?} first, an empty stderr"), |o, e| {
+            o.starts_with(want) && e.is_empty()
+        });
         o
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        if self.poll().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
     }
 }
 
@@ -254,7 +139,7 @@ impl Rpc {
         };
         let n = clients.to_string();
         rpc.start(&["init", "--clients", &n])
-            .success(&format!("set up for {clients} clients\n"));
+            .success_starting(&format!("set up for {clients} clients\n"));
         assert_eq!(rpc.root().clients, clients);
         rpc
     }
@@ -267,7 +152,7 @@ impl Rpc {
         c.env("LISTEN_FDS", "1")
             .env("LISTEN_FDNAMES", shm_fd::DEFAULT_NAME)
             .args(args);
-        Kid::start(c, label, self.dir.path(), self.mem.as_raw_fd())
+        Kid::start(c, label, self.dir.path(), Some(self.mem.as_raw_fd()))
     }
 
     /// Starts client `k`, sending until requests 1..=`requests` are
@@ -291,7 +176,7 @@ impl Rpc {
             assert!(
                 killed(status),
                 "{} ended by itself ({status}): {}",
-                c.label,
+                c.label(),
                 c.stderr()
             );
         }
@@ -300,7 +185,7 @@ impl Rpc {
             *c = self.client(k as u64, Some(count));
         }
         for c in clients.iter_mut() {
-            c.success(&format!("answered {count} ("));
+            c.success_starting(&format!("answered {count} ("));
         }
         count
     }
@@ -395,7 +280,7 @@ impl Rpc {
         }
         assert_eq!(root.served, taken);
         let total = requests * slots.len() as u64;
-        self.start(&["check"]).success(&format!(
+        self.start(&["check"]).success_starting(&format!(
             "{} clients: {total} sent, {total} answered; 0 requests and 0 responses in flight\n",
             slots.len()
         ));
@@ -403,8 +288,9 @@ impl Rpc {
 
     /// Stops the server (`rpc stop`) and checks that it exits 0.
     fn stop(&mut self, server: &mut Kid) {
-        self.start(&["stop"]).success("stopped: server process ");
-        server.success("serving ");
+        self.start(&["stop"])
+            .success_starting("stopped: server process ");
+        server.success_starting("serving ");
         assert!(server.stdout().contains("\nserved "), "{}", server.stdout());
     }
 }
@@ -579,7 +465,7 @@ fn clients_killed_at_random_and_restarted_get_every_answer_once() {
         assert!(
             killed(status),
             "{} ended by itself ({status}): {}",
-            clients[k].label,
+            clients[k].label(),
             clients[k].stderr()
         );
         let s = rpc.slots()[k];
@@ -609,36 +495,6 @@ fn clients_killed_at_random_and_restarted_get_every_answer_once() {
     );
 }
 
-/// CPU time (user + system, every thread) of process `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 1..];
-    // Fields 14 and 15 (utime, stime); `rest` starts at field 3.
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .map(|w| w.parse().unwrap())
-        .collect();
-    // SAFETY: sysconf reads a constant of the system.
-    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
-    Duration::from_millis((f[0] + f[1]) * 1000 / tick)
-}
-
-/// The CPU time `kid` uses in the next `d` (it must still run then).
-fn cpu_during(kid: &mut Kid, d: Duration) -> Duration {
-    let before = cpu_time(kid.pid());
-    sleep(d);
-    let after = cpu_time(kid.pid());
-    assert!(
-        kid.poll().is_none(),
-        "{} ended: {}",
-        kid.label,
-        kid.stderr()
-    );
-    after - before
-}
-
 /// Waiting costs no CPU: a server with no request to serve, and clients
 /// whose server was killed while they wait for an answer, each use well
 /// under 100 ms of CPU in a second (a busy loop would use all of it); the
@@ -650,7 +506,7 @@ fn an_idle_server_and_clients_whose_server_is_gone_wait_without_cpu() {
     let mut server = rpc.start(&["serve"]);
     assert!(rpc.wait_until(BOUND, |r, _| r.servers == 1));
     sleep(Duration::from_millis(100));
-    let idle = cpu_during(&mut server, Duration::from_secs(1));
+    let idle = server.cpu_during(Duration::from_secs(1));
     let mut clients: Vec<Kid> = (0..2).map(|k| rpc.client(k, None)).collect();
     assert!(rpc.wait_until(BOUND, |_, s| s.iter().all(|s| s.answered >= 10)));
     assert!(killed(server.kill()));
@@ -663,7 +519,7 @@ fn an_idle_server_and_clients_whose_server_is_gone_wait_without_cpu() {
         .iter_mut()
         .zip(before)
         .map(|(c, b)| {
-            assert!(c.poll().is_none(), "{} ended: {}", c.label, c.stderr());
+            assert!(c.poll().is_none(), "{} ended: {}", c.label(), c.stderr());
             cpu_time(c.pid()) - b
         })
         .collect();

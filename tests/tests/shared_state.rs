@@ -23,21 +23,17 @@
 //! `SHARED_STATE_SEED=N` replays a run's random choices (printed first).
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use shm_fd_tests::{Rng, bin, cmd, env_count};
-
-/// The longest any single wait may take (a process to end, a line to
-/// appear) before the test fails: far above what any step needs, even on
-/// two cores shared with the rest of the suite.
-const BOUND: Duration = Duration::from_secs(60);
+use shm_fd_tests::{BOUND, Kid, Rng, bin, cmd, describe, env_count};
 
 /// The region starts after shm-snapshot's header page (the examples use
 /// the snapshot protocol); offsets below are shm-state's header
@@ -51,228 +47,13 @@ const WLOCK: u64 = HEADER + 0x300;
 const WLOCK_HOLDER: u64 = HEADER + 0x308;
 const WLOCK_TID: u64 = 0x3FFF_FFFF;
 
-/// The state of process `pid` (field 3 of /proc/PID/stat), if it exists.
-fn proc_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..].trim_start().chars().next()
-}
-
-/// What a process is doing, for a failure message: each thread's state
-/// and kernel wait channel.
-fn describe(pid: u32) -> String {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return format!("pid {pid} is gone");
-    };
-    let mut threads = Vec::new();
-    for t in tasks.flatten() {
-        let tid = t.file_name().to_string_lossy().into_owned();
-        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-        let state = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].trim_start().chars().next())
-            .unwrap_or('?');
-        let wchan = std::fs::read_to_string(t.path().join("wchan")).unwrap_or_default();
-        threads.push(format!("tid {tid} {state} in {wchan}"));
-    }
-    threads.join("; ")
-}
-
-/// A process the test started: its own child, with stdout and stderr in
-/// files. Dropping it kills (SIGKILL, by pid: it is not reaped yet, so the
-/// pid is still its) and reaps it.
-struct Kid {
-    child: Child,
-    label: String,
-    out: PathBuf,
-    err: PathBuf,
-    status: Option<ExitStatus>,
-    started: Instant,
-}
-
-impl Kid {
-    /// Starts `c` with stdin `stdin`, output in `dir/label.{out,err}`,
-    /// SIGKILL when the starting thread ends, and `memfd` (if any) on fd
-    /// 3 as `shm-fd` passes it.
-    fn start(mut c: Command, label: String, dir: &Path, stdin: Stdio, memfd: Option<RawFd>) -> Kid {
-        let out = dir.join(format!("{label}.out"));
-        let err = dir.join(format!("{label}.err"));
-        c.stdin(stdin)
-            .stdout(File::create(&out).unwrap())
-            .stderr(File::create(&err).unwrap());
-        let setup = move || {
-            // SAFETY: prctl, fcntl and dup2 are async-signal-safe system
-            // calls on integers; nothing is allocated between fork and exec.
-            let failed = unsafe {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
-                    || match memfd {
-                        None => false,
-                        // Already on 3: only close-on-exec to clear.
-                        Some(3) => libc::fcntl(3, libc::F_SETFD, 0) == -1,
-                        Some(fd) => libc::dup2(fd, 3) == -1,
-                    }
-            };
-            if failed {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        // SAFETY: `setup` only makes async-signal-safe system calls.
-        unsafe { c.pre_exec(setup) };
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {label}: {e}"));
-        Kid {
-            child,
-            label,
-            out,
-            err,
-            status: None,
-            started: Instant::now(),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Its exit status if it has ended (reaped on the way).
-    fn poll(&mut self) -> Option<ExitStatus> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().expect("waitpid");
-        }
-        self.status
-    }
-
-    /// Waits for it to end, at most `bound`; else fails the test, saying
-    /// what it and the region's lock were doing (`region`).
-    fn wait(&mut self, bound: Duration, region: &Shared) -> ExitStatus {
-        let deadline = Instant::now() + bound;
-        loop {
-            if let Some(status) = self.poll() {
-                return status;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{} (pid {}) still runs {:?} after its start: a deadlock? {}; {}; stderr: {}",
-                    self.label,
-                    self.pid(),
-                    self.started.elapsed(),
-                    describe(self.pid()),
-                    region.describe(),
-                    self.stderr()
-                );
-            }
-            sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Waits (as [`Kid::wait`]) and checks that it succeeded; returns its
-    /// stdout and stderr.
-    fn success(&mut self, region: &Shared) -> (String, String) {
-        let status = self.wait(BOUND, region);
-        let (o, e) = (self.stdout(), self.stderr());
-        assert!(
-            status.success() && !e.contains("panicked"),
-            "{} (pid {}): {status}\nstdout: {o}\nstderr: {e}",
-            self.label,
-            self.pid()
-        );
-        (o, e)
-    }
-
-    /// Sends SIGSTOP and waits until it is stopped; false if it ended
-    /// meanwhile (then it is a zombie, or reaped).
-    fn stop(&mut self) -> bool {
-        if self.poll().is_some() {
-            return false;
-        }
-        // SAFETY: kill(2) on the pid of a child not reaped yet.
-        unsafe { libc::kill(self.pid() as i32, libc::SIGSTOP) };
-        let deadline = Instant::now() + BOUND;
-        loop {
-            match proc_state(self.pid()) {
-                Some('T' | 't') => return true,
-                Some('Z' | 'X') | None => return false,
-                _ => {}
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} (pid {}) did not stop",
-                self.label,
-                self.pid()
-            );
-            sleep(Duration::from_micros(200));
-        }
-    }
-
-    fn resume(&mut self) {
-        if self.poll().is_none() {
-            // SAFETY: kill(2) on the pid of a child not reaped yet.
-            unsafe { libc::kill(self.pid() as i32, libc::SIGCONT) };
-        }
-    }
-
-    /// SIGKILL (by pid) and reap; returns how it ended.
-    fn kill(&mut self, region: &Shared) -> ExitStatus {
-        if self.poll().is_none() {
-            // Not reaped: the pid is still this child's.
-            let _ = self.child.kill();
-        }
-        self.wait(BOUND, region)
-    }
-
-    /// Waits until its stderr contains `want`; fails the test if it ends
-    /// first or never prints it.
-    fn wait_for_stderr(&mut self, want: &str, region: &Shared) {
-        let deadline = Instant::now() + BOUND;
-        while !self.stderr().contains(want) {
-            if let Some(status) = self.poll() {
-                // It may have printed it just before it ended.
-                assert!(
-                    self.stderr().contains(want),
-                    "{} ended ({status}) before it printed {want:?}: {}",
-                    self.label,
-                    self.stderr()
-                );
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} (pid {}) did not print {want:?}: {}; {}; stderr: {}",
-                self.label,
-                self.pid(),
-                describe(self.pid()),
-                region.describe(),
-                self.stderr()
-            );
-            sleep(Duration::from_millis(2));
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.out).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.err).unwrap_or_default()
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        if self.poll().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// One state that the test's processes share: a memfd created by a real
 /// `shm-fd`, or a file.
 struct Shared {
     /// The memory, open in the test: passed on (memfd) and read for the
-    /// lock words of failure messages and statistics.
-    mem: File,
+    /// lock words of failure messages (each [`Kid`]'s context holds it
+    /// too) and statistics.
+    mem: Arc<File>,
     /// `Some` for a file (passed as `--file`), `None` for the memfd.
     file: Option<PathBuf>,
     /// `shm-fd cat`: holds the memfd until the test ends (its stdin is a
@@ -289,7 +70,7 @@ impl Shared {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cmd("shm-fd");
         c.arg("cat");
-        let holder = Kid::start(c, "holder".into(), dir.path(), Stdio::piped(), None);
+        let holder = Kid::start_with_stdin(c, "holder", dir.path(), Stdio::piped(), None);
         let pid = holder.pid();
         // shm-fd execs cat once the memfd is on fd 3 and sealed.
         let deadline = Instant::now() + BOUND;
@@ -317,7 +98,7 @@ impl Shared {
             .open(format!("/proc/{pid}/fd/3"))
             .unwrap();
         Shared {
-            mem,
+            mem: Arc::new(mem),
             file: None,
             _holder: Some(holder),
             started: AtomicUsize::new(0),
@@ -337,7 +118,7 @@ impl Shared {
             .open(&path)
             .unwrap();
         Shared {
-            mem,
+            mem: Arc::new(mem),
             file: Some(path),
             _holder: None,
             started: AtomicUsize::new(0),
@@ -386,21 +167,19 @@ impl Shared {
         c.args(args);
         let stdin = gate.map_or_else(Stdio::null, Gate::stdin);
         let memfd = self.file.is_none().then(|| self.mem.as_raw_fd());
-        Kid::start(c, label, self.dir.path(), stdin, memfd)
+        let mem = Arc::clone(&self.mem);
+        Kid::start_with_stdin(c, label, self.dir.path(), stdin, memfd)
+            .with_context(move || describe_region(&mem))
     }
 
     /// Runs `name args...` on the state and checks that it succeeded.
     fn run_ok(&self, name: &str, args: &[&str]) -> (String, String) {
-        self.start(name, args).success(self)
+        self.start(name, args).success()
     }
 
     /// A word of the region (0 if the region is shorter).
     fn word(&self, off: u64, len: usize) -> u64 {
-        let mut b = [0u8; 8];
-        match self.mem.read_exact_at(&mut b[..len], off) {
-            Ok(()) => u64::from_le_bytes(b),
-            Err(_) => 0,
-        }
+        word(&self.mem, off, len)
     }
 
     /// Whether the writer lock is held by a thread of process `pid` (when
@@ -419,17 +198,26 @@ impl Shared {
     fn len(&self) -> u64 {
         self.mem.metadata().unwrap().len()
     }
+}
 
-    /// The lock words, for a failure message.
-    fn describe(&self) -> String {
-        format!(
-            "region of {} bytes: writer lock {:#x}, holder {:#x}, commit word {:#x}",
-            self.len(),
-            self.word(WLOCK, 4),
-            self.word(WLOCK_HOLDER, 8),
-            self.word(TX_WORD, 8)
-        )
+/// A word of the region in `mem` (0 if the region is shorter).
+fn word(mem: &File, off: u64, len: usize) -> u64 {
+    let mut b = [0u8; 8];
+    match mem.read_exact_at(&mut b[..len], off) {
+        Ok(()) => u64::from_le_bytes(b),
+        Err(_) => 0,
     }
+}
+
+/// The lock words of the region in `mem`, for a failure message.
+fn describe_region(mem: &File) -> String {
+    format!(
+        "region of {} bytes: writer lock {:#x}, holder {:#x}, commit word {:#x}",
+        mem.metadata().map_or(0, |m| m.len()),
+        word(mem, WLOCK, 4),
+        word(mem, WLOCK_HOLDER, 8),
+        word(mem, TX_WORD, 8)
+    )
 }
 
 /// Many processes that start their program at once: each waits on one
@@ -502,8 +290,8 @@ fn start_run(sh: &Shared, rng: &mut Rng) -> Run {
 
 /// A bank that ended by itself (a run, or a check) must have succeeded.
 /// `killed`: the pids the test killed so far, and when, for the message.
-fn bank_ended(kid: &mut Kid, killed: &[(u32, Instant)], region: &Shared) -> (String, String) {
-    let status = kid.wait(BOUND, region);
+fn bank_ended(kid: &mut Kid, killed: &[(u32, Instant)]) -> (String, String) {
+    let status = kid.wait(BOUND);
     let (o, e) = (kid.stdout(), kid.stderr());
     let named = e
         .split("in use by process ")
@@ -514,8 +302,8 @@ fn bank_ended(kid: &mut Kid, killed: &[(u32, Instant)], region: &Shared) -> (Str
             Some((_, at)) => format!(
                 " (the test SIGKILLed {pid} {:?} ago; {} had started {:?} ago)",
                 at.elapsed(),
-                kid.label,
-                kid.started.elapsed()
+                kid.label(),
+                kid.started().elapsed()
             ),
             None => format!(" ({pid} was not killed by the test: {})", describe(pid)),
         }
@@ -523,16 +311,16 @@ fn bank_ended(kid: &mut Kid, killed: &[(u32, Instant)], region: &Shared) -> (Str
     assert!(
         status.success() && !e.contains("panicked"),
         "{} (pid {}) ended with {status}: {o}{e}{about}",
-        kid.label,
+        kid.label(),
         kid.pid()
     );
     (o, e)
 }
 
 /// A run that ended by itself must have succeeded.
-fn ended_run(run: &mut Run, killed: &[(u32, Instant)], region: &Shared) {
-    let (_, e) = bank_ended(&mut run.kid, killed, region);
-    assert!(e.contains(" transfers\n"), "{}: {e}", run.kid.label);
+fn ended_run(run: &mut Run, killed: &[(u32, Instant)]) {
+    let (_, e) = bank_ended(&mut run.kid, killed);
+    assert!(e.contains(" transfers\n"), "{}: {e}", run.kid.label());
 }
 
 /// Issue 11, 1: eight `bank run`s at once on one memfd (created by
@@ -558,12 +346,12 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
     let mut killed_pids: Vec<(u32, Instant)> = Vec::new();
     let check_done =
         |kid: &mut Kid, killed: &[(u32, Instant)], last: &mut u64, checked: &mut usize| {
-            let (o, e) = bank_ended(kid, killed, &sh);
+            let (o, e) = bank_ended(kid, killed);
             let (transfers, _, peers) = bank_line(&o, TOTAL);
             assert!(
                 (1..=(RUNS + 3) as u64).contains(&peers),
                 "{}: {o}",
-                kid.label
+                kid.label()
             );
             *last = (*last).max(transfers);
             *checked += 1;
@@ -574,14 +362,14 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
         // Runs that ended by themselves.
         for run in runs.iter_mut() {
             if run.kid.poll().is_some() {
-                ended_run(run, &killed_pids, &sh);
+                ended_run(run, &killed_pids);
                 recovered += count(&run.kid.stderr(), "bank: recovered");
                 ended += 1;
                 *run = start_run(&sh, &mut rng);
             } else {
                 let bound = Duration::from_secs_f64(run.seconds) + BOUND;
-                if run.kid.started.elapsed() > bound {
-                    run.kid.wait(Duration::ZERO, &sh);
+                if run.kid.started().elapsed() > bound {
+                    run.kid.wait(Duration::ZERO);
                 }
             }
         }
@@ -596,7 +384,7 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
         } else {
             (false, false)
         };
-        let status = victim.kid.kill(&sh);
+        let status = victim.kid.kill();
         if status.signal() == Some(libc::SIGKILL) {
             killed_pids.push((pid, Instant::now()));
             killed += 1;
@@ -605,7 +393,7 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
             recovered += count(&victim.kid.stderr(), "bank: recovered");
         } else {
             // It ended just before the kill.
-            ended_run(victim, &killed_pids, &sh);
+            ended_run(victim, &killed_pids);
             ended += 1;
         }
         *victim = start_run(&sh, &mut rng);
@@ -619,8 +407,8 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
                 let mut kid = checks.swap_remove(i);
                 recovered += check_done(&mut kid, &killed_pids, &mut last_transfers, &mut checked);
             } else {
-                if checks[i].started.elapsed() > BOUND {
-                    checks[i].wait(Duration::ZERO, &sh);
+                if checks[i].started().elapsed() > BOUND {
+                    checks[i].wait(Duration::ZERO);
                 }
                 i += 1;
             }
@@ -629,8 +417,8 @@ fn eight_banks_killed_at_random_while_checks_run_keep_the_total() {
     // Every run left ends by itself, every check too.
     for run in runs.iter_mut() {
         let bound = Duration::from_secs_f64(run.seconds) + BOUND;
-        run.kid.wait(bound, &sh);
-        ended_run(run, &killed_pids, &sh);
+        run.kid.wait(bound);
+        ended_run(run, &killed_pids);
         ended += 1;
     }
     for kid in checks.iter_mut() {
@@ -693,14 +481,14 @@ fn sixty_four_kv_processes_at_once_lose_nothing() {
             .collect();
         gate.open();
         for kid in kids.iter_mut() {
-            kid.success(&sh);
+            kid.success();
         }
         kids
     };
     at_once(&|i| vec!["set".into(), keys[i].clone(), values[i].clone()]);
     let gets = at_once(&|i| vec!["get".into(), keys[i].clone()]);
     for (i, kid) in gets.iter().enumerate() {
-        assert_eq!(kid.stdout(), format!("{}\n", values[i]), "{}", kid.label);
+        assert_eq!(kid.stdout(), format!("{}\n", values[i]), "{}", kid.label());
     }
     let (list, _) = sh.run_ok("kv", &["list"]);
     let mut want: Vec<String> = (0..N)
@@ -717,7 +505,7 @@ fn sixty_four_kv_processes_at_once_lose_nothing() {
         .collect();
     gate.open();
     for kid in kids.iter_mut() {
-        kid.success(&sh);
+        kid.success();
     }
     let (got, _) = sh.run_ok("kv", &["get", "same"]);
     let got = got.strip_suffix('\n').unwrap_or(&got).to_owned();
@@ -743,9 +531,9 @@ fn a_full_peer_table_refuses_the_next_sharer_until_one_dies() {
     // A sharer that holds its peer entry and nothing else.
     let sharer = || {
         let mut kid = sh.start("bank", &["run", "--seconds", "600"]);
-        kid.wait_for_stderr("bank: ", &sh);
+        kid.wait_for_stderr("bank: ");
         loop {
-            assert!(kid.stop(), "{} ended: {}", kid.label, kid.stderr());
+            assert!(kid.stop(), "{} ended: {}", kid.label(), kid.stderr());
             if !sh.lock_held_by(kid.pid()) {
                 return kid;
             }
@@ -756,7 +544,7 @@ fn a_full_peer_table_refuses_the_next_sharer_until_one_dies() {
     let mut sharers: Vec<Kid> = (0..PEERS).map(|_| sharer()).collect();
     let refused = |what: &[&str]| {
         let mut kid = sh.start("bank", what);
-        let status = kid.wait(BOUND, &sh);
+        let status = kid.wait(BOUND);
         let e = kid.stderr();
         assert_eq!(status.code(), Some(3), "{what:?} with {PEERS} sharers: {e}");
         assert!(
@@ -769,7 +557,7 @@ fn a_full_peer_table_refuses_the_next_sharer_until_one_dies() {
     refused(&["run", "--transfers", "1"]);
     // One dies: its entry is free for the next opener.
     let dead = rng.below(PEERS as u64) as usize;
-    let status = sharers[dead].kill(&sh);
+    let status = sharers[dead].kill();
     assert_eq!(status.signal(), Some(libc::SIGKILL));
     let (o, _) = sh.run_ok("bank", &["check"]);
     let (_, _, peers) = bank_line(&o, "total 400 (4 accounts x 100), ");
@@ -779,7 +567,7 @@ fn a_full_peer_table_refuses_the_next_sharer_until_one_dies() {
     refused(&["check"]);
     // All dead: the next opener is alone.
     for kid in sharers.iter_mut() {
-        kid.kill(&sh);
+        kid.kill();
     }
     let (o, _) = sh.run_ok("bank", &["check"]);
     assert_eq!(bank_line(&o, "total 400 ").2, 1, "{o}");
@@ -826,25 +614,30 @@ fn growth_under_readers(sh: &Shared, test: &str) {
                         }
                         if rng.below(4) == 0 {
                             let mut kid = sh.start("kv", &["list"]);
-                            let (o, _) = kid.success(sh);
+                            let (o, _) = kid.success();
                             let mut seen = 0;
                             for line in o.lines() {
                                 let (k, v) = line.split_once('\t').expect("key<TAB>value");
                                 let i: usize = k.strip_prefix("big-").unwrap().parse().unwrap();
-                                assert!(v == big_value(i), "{}: value of {k} differs", kid.label);
+                                assert!(v == big_value(i), "{}: value of {k} differs", kid.label());
                                 seen += usize::from(i < finished);
                             }
-                            assert_eq!(seen, finished, "{}: a finished key is missing", kid.label);
+                            assert_eq!(
+                                seen,
+                                finished,
+                                "{}: a finished key is missing",
+                                kid.label()
+                            );
                             lists += 1;
                         } else {
                             let i = rng.below(finished as u64) as usize;
                             let key = format!("big-{i}");
                             let mut kid = sh.start("kv", &["get", &key]);
-                            let (o, _) = kid.success(sh);
+                            let (o, _) = kid.success();
                             assert!(
                                 o.strip_suffix('\n') == Some(&big_value(i)),
                                 "{}: kv get {key} returned {} bytes, not its value",
-                                kid.label,
+                                kid.label(),
                                 o.len()
                             );
                             gets += 1;
