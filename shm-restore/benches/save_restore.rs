@@ -12,6 +12,10 @@
 //! (for ours) happen outside the clock. `BENCH_DIR` picks the directory
 //! for snapshot files (default: the system temp dir); `BENCH_IDLE_SECS`
 //! the idle measurement (default 10); `BENCH_VERBOSE=1` prints every run.
+//!
+//! `BENCH_ONLY=stop` runs only the pause of `--snapshot stop` mode at
+//! 16 MiB, 256 MiB, 1 GiB and on a fragmented memfd (`BENCH_STOP_RUNS`
+//! captures each, default 20; p50 and p100), and what the pause is made of.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -155,6 +159,10 @@ fn row(what: &str, bytes: usize, ours: Stats, base_what: &str, base: Stats) {
 }
 
 fn main() {
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("stop") {
+        stop_pauses();
+        return;
+    }
     let base: PathBuf = std::env::var_os("BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir);
@@ -386,6 +394,118 @@ fn main() {
         ms(quiet)
     );
 }
+
+/// The pause of `--snapshot stop` mode ([`StopGroup`]) on a command that
+/// sleeps: dense memfds of 16 MiB, 256 MiB and 1 GiB (every page filled)
+/// and a 256 MiB one holding 128 MiB in every other page (32768 extents).
+/// Each row: `BENCH_STOP_RUNS` captures (default 20), the pause the capture
+/// reports (SIGSTOP to SIGCONT) at p50 and p100, and the whole capture
+/// (extent search, buffer, pause) at p50.
+fn stop_pauses() {
+    let runs = env_num("BENCH_STOP_RUNS", 20).max(1);
+    let mut sleeper = Command::new("sleep")
+        .arg("1000")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let pgid = sleeper.id() as i32;
+    let mut stop = StopGroup::new(pgid, Duration::from_secs(5));
+    println!("stop mode pause, {runs} captures per row, the command sleeps\n");
+    println!("| memfd | data | extents | pause p50 | pause p100 | whole capture p50 |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    let cases = [
+        ("16 MiB", 16 * MIB, false),
+        ("256 MiB", 256 * MIB, false),
+        ("1 GiB", 1024 * MIB, false),
+        ("256 MiB, every other page", 256 * MIB, true),
+    ];
+    for (name, len, fragmented) in cases {
+        let m = memfd("bench-stop");
+        if fragmented {
+            m.set_len(len as u64).unwrap();
+            let page = pattern(4096, 5);
+            for p in (0..len / 4096).step_by(2) {
+                m.write_all_at(&page, (p * 4096) as u64).unwrap();
+            }
+        } else {
+            let chunk = pattern(len.min(64 * MIB), 6);
+            for off in (0..len).step_by(chunk.len()) {
+                m.write_all_at(&chunk, off as u64).unwrap();
+            }
+        }
+        let extents = shm_restore::data_extents(&m, len as u64).unwrap();
+        let data = shm_restore::stored_len(&extents);
+        let (mut pauses, mut wholes) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let t = Instant::now();
+            let got = stop.capture(&m).unwrap();
+            wholes.push(t.elapsed());
+            pauses.push(got.pause().unwrap());
+            assert!(matches!(got, Captured::Copied { .. }));
+            drop(got); // freeing the copy: outside the clock
+        }
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            let each: Vec<String> = pauses.iter().map(|d| format!("{:.1}", ms(*d))).collect();
+            eprintln!("{name} pauses (ms): {}", each.join(" "));
+        }
+        let (p, w) = (Stats::of(pauses), Stats::of(wholes));
+        println!(
+            "| {name} | {} MiB | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
+            data >> 20,
+            extents.len(),
+            ms(p.median),
+            ms(p.max),
+            ms(w.median)
+        );
+        // BEGIN after-only
+        stop_breakdown(pgid, &m, runs);
+        // END after-only
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+// BEGIN after-only
+/// What a stop-mode pause of `m` is made of: stopping the group and
+/// waiting until it is stopped, with no copy; the extent search made
+/// before the stop; the re-check of its holes made in it; the copy.
+/// Medians of `runs`.
+fn stop_breakdown(pgid: i32, m: &File, runs: usize) {
+    use nix::sys::signal::{Signal, killpg};
+    let group = nix::unistd::Pid::from_raw(pgid);
+    let len = m.metadata().unwrap().len();
+    let (mut stops, mut searches, mut rechecks, mut copies) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        stops.push(timed(|| {
+            killpg(group, Signal::SIGSTOP).unwrap();
+            shm_restore::wait_until_stopped(pgid, Duration::from_secs(5)).unwrap();
+            killpg(group, Signal::SIGCONT).unwrap();
+        }));
+        let mut searched = Vec::new();
+        searches.push(timed(|| {
+            searched = shm_restore::data_extents(m, len).unwrap();
+        }));
+        rechecks.push(timed(|| {
+            shm_restore::data_extents_since(m, len, &searched).unwrap();
+        }));
+        let buf = shm_restore::prefaulted(shm_restore::stored_len(&searched) as usize).unwrap();
+        let mut image = None;
+        copies.push(timed(|| {
+            image = Some(Image::read_searched(m, &searched, buf).unwrap());
+        }));
+    }
+    let med = |v: Vec<Duration>| ms(Stats::of(v).median);
+    println!(
+        "|  … of which: stop + wait until stopped + SIGCONT {:.2} ms; re-check of the holes {:.2} ms \
+         (the search before the stop: {:.2} ms); re-check + copy {:.1} ms | | | | | |",
+        med(stops),
+        med(rechecks),
+        med(searches),
+        med(copies)
+    );
+}
+// END after-only
 
 /// CPU time used so far by `pid` (all threads), from /proc/PID/schedstat.
 fn cpu_ns(pid: u32) -> u64 {

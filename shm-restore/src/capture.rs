@@ -16,9 +16,13 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use shm_snapshot::{CopyTarget, Region};
 
 use crate::error::{Error, Result};
-use crate::image::{Extent, Image, data_extents, prefaulted, stored_len};
+use crate::image::{
+    Extent, Image, data_extents, data_extents_since, prefaulted, push_merged, read_extents,
+    stored_len,
+};
 
 /// The result of a capture: a consistent private copy, or the news that
 /// nothing writes the memfd any more (so a save may read it directly), or
@@ -117,13 +121,24 @@ impl Drop for ContinueOnDrop {
 
 impl CaptureMethod for StopGroup {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
+        self.capture_with(memfd, || {})
+    }
+}
+
+impl StopGroup {
+    /// [`CaptureMethod::capture`], calling `stopped` once the group is
+    /// stopped, before the copy (tests write into the memfd there, as the
+    /// program could have just before the stop).
+    fn capture_with(&mut self, memfd: &File, stopped: impl FnOnce()) -> Result<Captured> {
         let pgid = Pid::from_raw(self.pgid);
         if group_is_gone(pgid) {
             return Unpaused.capture(memfd);
         }
-        // Before the pause: a buffer of about the right size with its pages
-        // faulted in, so the pause is the copy alone.
-        let size = usize::try_from(data_size(memfd)?).unwrap_or(usize::MAX);
+        // Before the pause: the extent search, and a buffer of about the
+        // right size with its pages faulted in, so the pause is the copy
+        // and a re-check of the holes alone.
+        let searched = search(memfd)?;
+        let size = usize::try_from(stored_len(&searched)).unwrap_or(usize::MAX);
         let buf = prefaulted(size).map_err(|e| Error::io("copying", "the memfd", e))?;
         let start = Instant::now();
         match killpg(pgid, Signal::SIGSTOP) {
@@ -139,8 +154,11 @@ impl CaptureMethod for StopGroup {
         }
         let cont = ContinueOnDrop(pgid);
         wait_until_stopped(self.pgid, self.timeout)?;
-        let image =
-            Image::read_into(memfd, buf).map_err(|e| Error::io("copying", "the memfd", e))?;
+        stopped();
+        // The extents found before the stop, plus whatever holes among them
+        // the program filled since: the memfd as it is now.
+        let image = Image::read_searched(memfd, &searched, buf)
+            .map_err(|e| Error::io("copying", "the memfd", e))?;
         drop(cont);
         Ok(Captured::Copied {
             image,
@@ -285,11 +303,20 @@ impl CaptureMethod for SnapshotProtocol {
             return self.plain(memfd, reason);
         }
 
-        let mut copy = shm_snapshot::SparseCopy::new(memfd);
-        copy.bytes = std::mem::take(&mut self.spare);
+        let plan = StopPlan::default();
+        let mut copy = ProtocolCopy {
+            sparse: shm_snapshot::SparseCopy::new(memfd),
+            memfd,
+            plan: &plan,
+        };
+        copy.sparse.bytes = std::mem::take(&mut self.spare);
+        plan.have.set(copy.sparse.bytes.len());
         let pause = Cell::new(None);
         let (pgid_raw, timeout) = (self.stop.pgid, self.stop.timeout);
         let got = self.snapshotter.capture(region, &mut copy, |copy_now| {
+            // Before the stop: the extent search, and a buffer faulted in
+            // if the copy's own is too small (see `ProtocolCopy`).
+            plan.prepare(memfd, region.len() as u64)?;
             let start = Instant::now();
             match killpg(pgid, Signal::SIGSTOP) {
                 Ok(()) => {}
@@ -304,6 +331,7 @@ impl CaptureMethod for SnapshotProtocol {
             pause.set(Some(start.elapsed()));
             copied
         });
+        let copy = copy.sparse;
         let got = match got {
             Ok(g) => g,
             Err(e) => {
@@ -358,11 +386,107 @@ impl CaptureMethod for SnapshotProtocol {
     }
 }
 
-/// How many data bytes (holes excluded) the memfd holds now.
-fn data_size(memfd: &File) -> Result<u64> {
+/// What the protocol's fallback prepares before it stops the group, for
+/// the copy it makes in the stop.
+#[derive(Default)]
+struct StopPlan {
+    /// The memfd's data extents, found just before the stop.
+    searched: Cell<Option<Vec<Extent>>>,
+    /// A buffer faulted in before the stop, when the copy's own is smaller.
+    buf: Cell<Option<Vec<u8>>>,
+    /// The length of the copy's own buffer (faulted in up to there).
+    have: Cell<usize>,
+    /// The copy's old buffer when `buf` replaced it: freed after the stop.
+    old: Cell<Vec<u8>>,
+}
+
+impl StopPlan {
+    /// Searches the extents of the memfd's first `len` bytes and makes sure
+    /// a buffer of their size (and the header page's) is faulted in.
+    fn prepare(&self, memfd: &File, len: u64) -> io::Result<()> {
+        let searched = data_extents(memfd, len)?;
+        let need = stored_len(&searched).saturating_add(shm_snapshot::HEADER_LEN as u64);
+        let need = usize::try_from(need).unwrap_or(usize::MAX);
+        if need > self.have.get() {
+            self.buf.set(Some(prefaulted(need)?));
+        }
+        self.searched.set(Some(searched));
+        Ok(())
+    }
+}
+
+/// The protocol mode's copy: a [`shm_snapshot::SparseCopy`] for the
+/// optimistic tries (searching the extents in each try costs no pause);
+/// the copy in the fallback's stop instead takes the extents its
+/// [`StopPlan`] searched just before the stop, re-checks the holes between
+/// them ([`data_extents_since`]), and reads into a buffer faulted in before.
+struct ProtocolCopy<'f> {
+    sparse: shm_snapshot::SparseCopy<'f>,
+    memfd: &'f File,
+    plan: &'f StopPlan,
+}
+
+impl CopyTarget for ProtocolCopy<'_> {
+    fn copy_from(&mut self, src: Region<'_>) -> io::Result<()> {
+        let Some(searched) = self.plan.searched.take() else {
+            self.sparse.copy_from(src)?;
+            self.plan.have.set(self.sparse.bytes.len());
+            return Ok(());
+        };
+        let len = src.len() as u64;
+        let extents = with_header_page(data_extents_since(self.memfd, len, &searched)?, len);
+        let buf = match self.plan.buf.take() {
+            Some(buf) => {
+                self.plan.old.set(std::mem::take(&mut self.sparse.bytes));
+                buf
+            }
+            None => std::mem::take(&mut self.sparse.bytes),
+        };
+        // The group is stopped: reading the memfd is as exact as reading
+        // the mapping, and runs on a few threads.
+        self.sparse.bytes = read_extents(self.memfd, &extents, buf)?;
+        self.sparse.len = src.len();
+        // Within `len` (a usize), so every bound converts back.
+        self.sparse.extents = extents
+            .iter()
+            .map(|e| e.offset as usize..(e.offset + e.len) as usize)
+            .collect();
+        self.plan.have.set(self.sparse.bytes.len());
+        Ok(())
+    }
+
+    fn header_mut(&mut self) -> Option<&mut [u8]> {
+        self.sparse.header_mut()
+    }
+
+    fn required_len(&self) -> Option<usize> {
+        None
+    }
+}
+
+/// `extents` with the header page (the first [`shm_snapshot::HEADER_LEN`]
+/// bytes, or all of a shorter memfd) always in the first one, as
+/// [`shm_snapshot::SparseCopy`] keeps it: a blank header page is copied as
+/// the zeros it holds.
+fn with_header_page(extents: Vec<Extent>, len: u64) -> Vec<Extent> {
+    let head = (shm_snapshot::HEADER_LEN as u64).min(len);
+    if head == 0 {
+        return extents;
+    }
+    let mut out = Vec::with_capacity(extents.len() + 1);
+    push_merged(&mut out, 0, head);
+    for e in extents {
+        push_merged(&mut out, e.offset, e.offset + e.len);
+    }
+    out
+}
+
+/// The memfd's data extents now (searched while the program runs, to be
+/// re-checked with [`data_extents_since`] once it is stopped).
+fn search(memfd: &File) -> Result<Vec<Extent>> {
     let fail = |e| Error::io("reading", "the memfd", e);
     let len = memfd.metadata().map_err(fail)?.len();
-    Ok(stored_len(&data_extents(memfd, len).map_err(fail)?))
+    data_extents(memfd, len).map_err(fail)
 }
 
 /// Waits until every thread of every process in group `pgid` is stopped
@@ -535,6 +659,102 @@ mod tests {
             capture.capture(&unsealed).unwrap(),
             Captured::Quiescent
         ));
+    }
+
+    /// A memfd of 64 pages with data in pages 1, 3 and 40 (each filled
+    /// with its page number).
+    fn fragmented_memfd(name: &str) -> File {
+        use std::os::unix::fs::FileExt;
+        let memfd = shm_fd::SharedFd::create(name, Default::default())
+            .unwrap()
+            .into_file();
+        memfd.set_len(64 * 4096).unwrap();
+        for p in [1u64, 3, 40] {
+            memfd.write_all_at(&[p as u8; 4096], p * 4096).unwrap();
+        }
+        memfd
+    }
+
+    /// What the program writes between the extent search and the stop:
+    /// data into two holes (one between extents, one after the last) and
+    /// a page punched out of an extent.
+    fn write_after_the_search(memfd: &File) {
+        use std::os::unix::fs::FileExt;
+        memfd.write_all_at(&[0xA2; 4096], 2 * 4096).unwrap();
+        memfd.write_all_at(&[0xB0; 100], 50 * 4096 + 7).unwrap();
+        nix::fcntl::fallocate(
+            memfd,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            3 * 4096,
+            4096,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_hole_written_between_the_extent_search_and_the_stop_is_copied() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        let memfd = fragmented_memfd("cap-hole-filled");
+        let mut capture = StopGroup::new(pgid, Duration::from_secs(5));
+        // The write lands after the search (made before the stop) and
+        // before the copy, as a program's last write before the stop can.
+        let got = capture
+            .capture_with(&memfd, || {
+                assert_eq!(progress(pgid), Progress::Stopped);
+                write_after_the_search(&memfd);
+            })
+            .unwrap();
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        child.wait().unwrap();
+        let Captured::Copied { image, .. } = got else {
+            panic!("{got:?}")
+        };
+        let now = Image::read_from(&memfd).unwrap();
+        assert_eq!(image.to_dense(), now.to_dense(), "the copy is torn");
+        assert_eq!(image.to_dense()[2 * 4096], 0xA2);
+        assert_eq!(image.to_dense()[3 * 4096], 0, "the punched page");
+    }
+
+    #[test]
+    fn the_protocol_stop_copy_rechecks_the_extents_searched_before_it() {
+        let memfd = fragmented_memfd("cap-plan");
+        let map = memmap2::MmapOptions::new()
+            .len(64 * 4096)
+            .map_raw(&memfd)
+            .unwrap();
+        let region = Region::try_from_mmap(&map).unwrap();
+        let plan = StopPlan::default();
+        let mut copy = ProtocolCopy {
+            sparse: shm_snapshot::SparseCopy::new(&memfd),
+            memfd: &memfd,
+            plan: &plan,
+        };
+        plan.prepare(&memfd, region.len() as u64).unwrap();
+        write_after_the_search(&memfd);
+        copy.copy_from(region).unwrap();
+        assert!(copy.header_mut().is_some(), "the header page is copied");
+        let copy = copy.sparse;
+        let extents = copy
+            .extents
+            .iter()
+            .map(|r| Extent {
+                offset: r.start as u64,
+                len: (r.end - r.start) as u64,
+            })
+            .collect();
+        let image = Image::from_parts(copy.len as u64, extents, copy.bytes).unwrap();
+        let now = Image::read_from(&memfd).unwrap();
+        assert_eq!(image.to_dense(), now.to_dense(), "the copy is torn");
+        assert_eq!(image.extents()[0].offset, 0);
+        // The plan was used up: the next copy (a try) searches afresh.
+        assert!(plan.searched.take().is_none());
     }
 
     #[test]

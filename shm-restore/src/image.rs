@@ -96,13 +96,24 @@ impl Image {
     pub fn read_into(memfd: &File, buf: Vec<u8>) -> io::Result<Image> {
         let data_len = memfd.metadata()?.len();
         let extents = data_extents(memfd, data_len)?;
-        let total = usize::try_from(stored_len(&extents))
-            .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "memfd data too large"))?;
-        let mut bytes = buf;
-        // Shrinking writes nothing; growing zeroes only the new part.
-        bytes.truncate(total);
-        grow_zeroed(&mut bytes, total)?;
-        copy_extents(memfd, &extents, &mut bytes)?;
+        let bytes = read_extents(memfd, &extents, buf)?;
+        Ok(Image {
+            data_len,
+            extents,
+            bytes,
+        })
+    }
+
+    /// As [`Image::read_into`], with the extent search done earlier:
+    /// `searched` are the memfd's data extents found before (e.g. before the
+    /// program was stopped). They are checked again for what changed since
+    /// ([`data_extents_since`]), which costs one `lseek` per hole between
+    /// them instead of two per extent, so the copy is of the memfd as it is
+    /// now. Only exact while nothing writes the memfd during the call.
+    pub fn read_searched(memfd: &File, searched: &[Extent], buf: Vec<u8>) -> io::Result<Image> {
+        let data_len = memfd.metadata()?.len();
+        let extents = data_extents_since(memfd, data_len, searched)?;
+        let bytes = read_extents(memfd, &extents, buf)?;
         Ok(Image {
             data_len,
             extents,
@@ -227,6 +238,21 @@ fn out_of_memory(len: usize) -> io::Error {
     )
 }
 
+/// Reads the data `extents` of `memfd` into `buf`, sized to exactly their
+/// length (its memory reused, and its contents overwritten, not zeroed
+/// first: a [`prefaulted`] buffer of the right size costs no page fault and
+/// no `memset`).
+pub(crate) fn read_extents(memfd: &File, extents: &[Extent], buf: Vec<u8>) -> io::Result<Vec<u8>> {
+    let total = usize::try_from(stored_len(extents))
+        .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "memfd data too large"))?;
+    let mut bytes = buf;
+    // Shrinking writes nothing; growing zeroes only the new part.
+    bytes.truncate(total);
+    grow_zeroed(&mut bytes, total)?;
+    copy_extents(memfd, extents, &mut bytes)?;
+    Ok(bytes)
+}
+
 /// Reads the data `extents` of `memfd` into `bytes` (which holds exactly
 /// their length), in pieces split over a few threads when large.
 fn copy_extents(memfd: &File, extents: &[Extent], bytes: &mut [u8]) -> io::Result<()> {
@@ -276,6 +302,104 @@ pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<Extent>> {
             len: r.end - r.start,
         })
         .collect())
+}
+
+/// The data extents of `file` (of length `len`) now, given `earlier`, its
+/// data extents found at some moment before (sorted and disjoint, as
+/// [`data_extents`] returns them).
+///
+/// Every earlier extent is kept (cut at `len`), and each hole between them
+/// (and after the last, up to `len`) is searched again: one `SEEK_DATA`
+/// from the hole's start, plus a `SEEK_HOLE` for each run of data found in
+/// it. That is exact, because of what a memfd can do in between:
+/// - a hole written since is data now, and the search of that hole finds it;
+/// - data never turns into a hole by itself; a page the program punched
+///   out (`fallocate`) reads as zeros, so copying it as an extent still
+///   copies what the memfd holds;
+/// - a memfd that grew has a longer last hole, searched up to `len`; one
+///   that shrank has its extents cut at `len`.
+///
+/// So the extents returned cover every byte that is data when the call
+/// runs, and whatever else they cover reads as zeros: a copy made of them
+/// while nothing writes the memfd equals the memfd at that moment, in
+/// contents. When nothing changed it costs one `lseek` per hole, where a
+/// fresh search costs two per extent.
+///
+/// Moves the file offset: pass a private open file description.
+pub fn data_extents_since(file: &File, len: u64, earlier: &[Extent]) -> io::Result<Vec<Extent>> {
+    let mut out = Vec::with_capacity(earlier.len() + 1);
+    let mut at = 0u64;
+    for e in earlier {
+        let start = e.offset.max(at);
+        if start >= len {
+            break;
+        }
+        let end = e.offset.saturating_add(e.len).min(len);
+        data_in_hole(file, at..start, len, &mut out)?;
+        if end > start {
+            push_merged(&mut out, start, end);
+        }
+        at = at.max(end);
+    }
+    data_in_hole(file, at..len, len, &mut out)?;
+    Ok(out)
+}
+
+/// Appends to `out` the data `file` (of length `len`) holds within `hole`.
+fn data_in_hole(
+    file: &File,
+    hole: std::ops::Range<u64>,
+    len: u64,
+    out: &mut Vec<Extent>,
+) -> io::Result<()> {
+    let mut from = hole.start;
+    while from < hole.end {
+        let Some(start) = seek(file, from, nix::unistd::Whence::SeekData)? else {
+            break; // no data from `from` to the end of the file
+        };
+        if start >= hole.end {
+            break;
+        }
+        let end = seek(file, start, nix::unistd::Whence::SeekHole)?
+            .unwrap_or(len)
+            .min(hole.end);
+        if end <= start {
+            // Only possible while something changes the file: a page
+            // between the two seeks turned into a hole again. Search on
+            // from the next byte rather than loop.
+            from = start + 1;
+            continue;
+        }
+        push_merged(out, start, end);
+        from = end;
+    }
+    Ok(())
+}
+
+/// `lseek(file, offset, whence)`; `None` when there is no data (or hole)
+/// at or after `offset` (`ENXIO`).
+fn seek(file: &File, offset: u64, whence: nix::unistd::Whence) -> io::Result<Option<u64>> {
+    let offset = libc::off_t::try_from(offset)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflows off_t"))?;
+    match nix::unistd::lseek(file, offset, whence) {
+        Ok(at) => Ok(Some(at as u64)),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Appends `start..end` to `out`, joined with the last extent when they
+/// touch.
+pub(crate) fn push_merged(out: &mut Vec<Extent>, start: u64, end: u64) {
+    match out.last_mut() {
+        Some(last) if last.offset + last.len >= start => {
+            last.len = last.len.max(end - last.offset);
+        }
+        _ => out.push(Extent {
+            offset: start,
+            len: end - start,
+        }),
+    }
 }
 
 /// The chunk table the memfd's current contents would have, computed by
@@ -363,6 +487,107 @@ mod tests {
             }
         }
         assert!(prefaulted(10_000).unwrap().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn extents_searched_earlier_are_rechecked_for_what_changed_since() {
+        let page = 4096u64;
+        let f = memfd();
+        f.set_len(64 * page).unwrap();
+        for p in [4, 5, 20, 40] {
+            f.write_all_at(&[p as u8; 4096], p * page).unwrap();
+        }
+        let earlier = data_extents(&f, 64 * page).unwrap();
+        assert_eq!(earlier.len(), 3);
+        // Nothing changed: the same extents.
+        assert_eq!(
+            data_extents_since(&f, 64 * page, &earlier).unwrap(),
+            earlier
+        );
+
+        // Since the search: data in the first hole, in the middle of one,
+        // right after an extent, in the last one, past the old end; and a
+        // page punched out of an extent.
+        for p in [0, 12, 13, 21, 63, 70] {
+            f.write_all_at(&[0xA0 + p as u8; 4096], p * page).unwrap();
+        }
+        nix::fcntl::fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            (5 * page) as i64,
+            page as i64,
+        )
+        .unwrap();
+        let len = f.metadata().unwrap().len();
+        let now = Image::read_from(&f).unwrap();
+        let rechecked = Image::read_searched(&f, &earlier, Vec::new()).unwrap();
+        assert_eq!(rechecked.data_len(), len);
+        assert_eq!(rechecked.to_dense(), now.to_dense());
+        // Every extent found now is inside one of the re-checked ones; the
+        // punched page is still covered (it reads as the zeros it holds).
+        for e in now.extents() {
+            assert!(
+                rechecked
+                    .extents()
+                    .iter()
+                    .any(|r| r.offset <= e.offset && e.offset + e.len <= r.offset + r.len),
+                "{e:?} missing from {:?}",
+                rechecked.extents()
+            );
+        }
+        assert_eq!(
+            rechecked.extents(),
+            [
+                Extent {
+                    offset: 0,
+                    len: page
+                },
+                Extent {
+                    offset: 4 * page,
+                    len: 2 * page
+                },
+                Extent {
+                    offset: 12 * page,
+                    len: 2 * page
+                },
+                Extent {
+                    offset: 20 * page,
+                    len: 2 * page
+                },
+                Extent {
+                    offset: 40 * page,
+                    len: page
+                },
+                Extent {
+                    offset: 63 * page,
+                    len: page
+                },
+                Extent {
+                    offset: 70 * page,
+                    len: page
+                },
+            ]
+        );
+        // The teeth: the earlier extents alone miss the new pages.
+        let stale = read_extents(&f, &earlier, Vec::new()).unwrap();
+        assert_ne!(stale.len(), rechecked.bytes().len());
+
+        // A shorter length cuts the earlier extents.
+        let cut = data_extents_since(&f, 4 * page + 10, &earlier).unwrap();
+        assert_eq!(
+            cut,
+            [
+                Extent {
+                    offset: 0,
+                    len: page
+                },
+                Extent {
+                    offset: 4 * page,
+                    len: 10
+                }
+            ]
+        );
     }
 
     #[test]

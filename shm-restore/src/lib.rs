@@ -78,7 +78,7 @@ pub use storage::{DirStorage, Storage};
 pub use capture::wait_until_stopped;
 #[cfg(feature = "cli")]
 #[doc(hidden)]
-pub use image::{data_extents, probe_table, stored_len};
+pub use image::{data_extents, data_extents_since, probe_table, stored_len};
 #[cfg(feature = "cli")]
 #[doc(hidden)]
 pub use save::{move_aside, prev_path};
