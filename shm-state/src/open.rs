@@ -181,6 +181,13 @@ pub(crate) trait OpenHooks {
     fn may_migrate(&mut self, _mem: &Mem) -> Result<()> {
         Ok(())
     }
+    /// The region is of the older format `from`: whether the opening
+    /// transaction may upgrade it to [`FORMAT_VERSION`] now (a shared
+    /// open does not upgrade a format 5 region while another process,
+    /// perhaps of a format 5 build, shares it).
+    fn may_upgrade(&mut self, _mem: &Mem, _from: u32) -> bool {
+        true
+    }
 }
 
 /// An exclusive open ([`State::open`](crate::State::open)): the open lock

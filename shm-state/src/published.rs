@@ -176,6 +176,7 @@ pub(crate) fn read_latest(
         let crc = load(at + 16)? as u32;
         if len > g.max_len {
             // Torn (the slot is being rewritten) or damaged: decided below.
+            fence(Ordering::Acquire);
             if load(at)? != seqs[pick] {
                 continue;
             }
@@ -195,7 +196,14 @@ pub(crate) fn read_latest(
         let bytes = match out.buffer(len) {
             Ok(b) => b,
             // A length read from a slot being rewritten: look again.
-            Err(_) if load(at)? != seqs[pick] => continue,
+            Err(_)
+                if {
+                    fence(Ordering::Acquire);
+                    load(at)? != seqs[pick]
+                } =>
+            {
+                continue;
+            }
             Err(e) => return Err(e),
         };
         region.read(data as usize, bytes);

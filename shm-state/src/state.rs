@@ -174,6 +174,17 @@ impl<R: Pod> State<R> {
             Opened::Reopened => 2,
             Opened::Recovered { .. } => 3,
         };
+        // An older format is upgraded by this transaction, unless the
+        // hooks say not now (see `OpenHooks::may_upgrade`).
+        let stored_format = match u32_at(&state.core.mem, "format version", SB_FORMAT) {
+            Ok(f) => f,
+            Err(e) => {
+                hooks.failed(&state.core.mem);
+                return Err(e);
+            }
+        };
+        let upgrade =
+            stored_format < FORMAT_VERSION && hooks.may_upgrade(&state.core.mem, stored_format);
         let opening = state.transaction(|tx| {
             let generation = u64_at(tx.core.mem(), "generation", DY_GENERATION)?.wrapping_add(1);
             tx.core.write_u64("generation", DY_GENERATION, generation)?;
@@ -187,7 +198,7 @@ impl<R: Pod> State<R> {
             // An older format's superblock is rewritten in this journaled
             // transaction: a crash rolls the upgrade back with the rest.
             let format = u32_at(tx.core.mem(), "format version", SB_FORMAT)?;
-            if format < FORMAT_VERSION {
+            if upgrade && format < FORMAT_VERSION {
                 tx.core
                     .write("format version", SB_FORMAT, &FORMAT_VERSION.to_le_bytes())?;
                 let crc = superblock_crc(tx.core.mem())?;
@@ -218,7 +229,7 @@ impl<R: Pod> State<R> {
         if stored != expected {
             state.report.migrated_from = Some(stored);
         }
-        if format < FORMAT_VERSION {
+        if upgrade && format < FORMAT_VERSION {
             state.report.upgraded_from = Some(format);
         }
         Ok(state)

@@ -20,7 +20,7 @@ pub(crate) mod wlock;
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
@@ -243,6 +243,17 @@ impl Drop for SharedOpen<'_> {
     }
 }
 
+impl SharedOpen<'_> {
+    /// The pids of the other live peers.
+    fn others(&self) -> Vec<u32> {
+        peers::live_peers(self.page, self.ours, self.nonce)
+            .into_iter()
+            .filter(|&(slot, _)| slot != self.slot)
+            .map(|(_, pid)| pid)
+            .collect()
+    }
+}
+
 impl OpenHooks for SharedOpen<'_> {
     fn lock(&mut self, mem: &Mem, nonce: u64) -> Result<(Claim, u64, Option<u32>)> {
         let deadline = Instant::now() + OPEN_WAIT;
@@ -312,14 +323,26 @@ impl OpenHooks for SharedOpen<'_> {
         }
     }
 
-    fn opened(&mut self, _mem: &Mem) {}
+    fn opened(&mut self, _mem: &Mem) {
+        // No other live peer: no one can be asleep counted in the wait
+        // counts (a waiter is a peer), so counts a killed waiter left up
+        // are reset (they only cost writers spare wake-ups).
+        if self.others().is_empty() {
+            self.page.u64(READ_WAITERS).store(0, Ordering::Release);
+            self.page.u64(RING_WAITERS).store(0, Ordering::Release);
+        }
+    }
+
+    /// A format 5 region stays format 5 while another process shares it:
+    /// that process may be of a format 5 build, which does not know the
+    /// peer entries 64..68 or `ring_waiters` (a format 4 region has no
+    /// sharers of an older build: format 4 builds only open exclusively).
+    fn may_upgrade(&mut self, _mem: &Mem, from: u32) -> bool {
+        from < 5 || self.others().is_empty()
+    }
 
     fn may_migrate(&mut self, _mem: &Mem) -> Result<()> {
-        let others: Vec<u32> = peers::live_peers(self.page, self.ours, self.nonce)
-            .into_iter()
-            .filter(|&(slot, _)| slot != self.slot)
-            .map(|(_, pid)| pid)
-            .collect();
+        let others = self.others();
         match others.first() {
             // The others read the root as the old layout.
             Some(&pid) => Err(Error::unsupported(format!(
@@ -365,7 +388,13 @@ impl<R: Pod> SharedState<R> {
                 dev: ours.dev,
                 ino: ours.ino,
             });
-            let entry = peers::register(&page, ours, nonce, &mine)?;
+            // A format 5 region (one a format 5 build may share) offers the
+            // 64 entries of format 5 only; its upgrade waits for an open
+            // that finds no other peer (`may_upgrade`). The format is read
+            // before the open lock: an upgrade meanwhile only makes this
+            // opener keep to 64.
+            let format = page.u32(SB_FORMAT).load(Ordering::Acquire);
+            let entry = peers::register(&page, ours, nonce, &mine, peers::slots_for(format))?;
             // From here until the open succeeds, an error or a panic (a
             // migration's, a commit hook's) puts the entry back.
             let registered = Registered {
@@ -420,7 +449,7 @@ impl<R: Pod> SharedState<R> {
         self.state.report()
     }
 
-    /// This handle's entry in the peer table (0..64).
+    /// This handle's entry in the peer table (below [`MAX_PEERS`]).
     pub fn slot(&self) -> usize {
         self.entry.slot
     }
@@ -722,8 +751,18 @@ impl<R: Pod> SharedState<R> {
             let g = match self.published_cache {
                 Some((at, g)) if at == off => g,
                 _ => {
+                    // Kept for later reads only if validated under one
+                    // committed commit word (the block is not one a
+                    // transaction still open could roll back).
+                    let word = self.page.u64(TX_WORD);
+                    let before = word.load(Ordering::Acquire);
                     let g = published_geometry(&region, (heap_off, top), h)?;
-                    self.published_cache = Some((off, g));
+                    fence(Ordering::Acquire);
+                    if read_tx_word(before).is_ok_and(|(_, open)| !open)
+                        && word.load(Ordering::Acquire) == before
+                    {
+                        self.published_cache = Some((off, g));
+                    }
                     g
                 }
             };
@@ -736,7 +775,8 @@ impl<R: Pod> SharedState<R> {
                     let held = self.hold()?;
                     // SAFETY: as above; the writer lock is held too.
                     let region = unsafe { held.state.core.mem.shared_region() };
-                    match crate::published::read_latest(&region, g, 1, out)? {
+                    // Tries enough to step past one damaged slot.
+                    match crate::published::read_latest(&region, g, 4, out)? {
                         crate::published::Latest::Read(version) => Ok(version),
                         crate::published::Latest::Contended => Err(Error::corrupt(
                             "published value",

@@ -66,17 +66,27 @@ pub(crate) fn live_peers(page: &SharedPage, ours: Identity, my_nonce: u64) -> Ve
         .collect()
 }
 
-/// Takes a free entry, or the entry of a dead peer, for this process
-/// (identity words `mine`, see `owner::sealed`). Fails with
-/// [`Error::PeersFull`] when every entry names a live peer.
+/// The entries an opener may take in a region of format `format`: all of
+/// them from format 6 on; in a format 5 region only the 64 its builds
+/// know (entries 64..68 are reserved bytes there, which a format 5 build
+/// requires zero and does not judge).
+pub(crate) fn slots_for(format: u32) -> usize {
+    if format >= 6 { MAX_PEERS } else { 64 }
+}
+
+/// Takes a free entry, or the entry of a dead peer, among the first
+/// `slots`, for this process (identity words `mine`, see
+/// `owner::sealed`). Fails with [`Error::PeersFull`] when every one of
+/// them names a live peer.
 pub(crate) fn register(
     page: &SharedPage,
     ours: Identity,
     my_nonce: u64,
     mine: &LockWords,
+    slots: usize,
 ) -> Result<Entry> {
     let me = std::process::id();
-    for slot in 0..MAX_PEERS {
+    for slot in 0..slots.min(MAX_PEERS) {
         let cells = page.peer(slot);
         if let Ok((Claim { held, previous }, _)) = lock::claim(&cells, me, mine, |found, _| {
             judge(found, found.word, ours, my_nonce)
@@ -92,7 +102,9 @@ pub(crate) fn register(
             });
         }
     }
-    Err(Error::PeersFull { max: MAX_PEERS })
+    Err(Error::PeersFull {
+        max: slots.min(MAX_PEERS),
+    })
 }
 
 /// Gives an entry back (if it is still ours).

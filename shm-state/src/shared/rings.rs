@@ -256,7 +256,18 @@ impl<R: Pod> SharedState<R> {
                 if let Some(pid) = v.attached(end)
                     && !v.alive(end)
                 {
-                    return Err(Error::PeerGone { end, pid });
+                    // The end may have pushed (popped) and ended after the
+                    // look above: a dead process commits nothing more, so
+                    // a look now settles it. Gone only if still not ready
+                    // and no other process attached meanwhile.
+                    let again = self.read(|v| v.ring(ring))?;
+                    if want.ready(&again) {
+                        return Ok(());
+                    }
+                    if again.attached(end) == Some(pid) {
+                        return Err(Error::PeerGone { end, pid });
+                    }
+                    continue;
                 }
             }
             if deadline.is_some_and(|d| now >= d) {

@@ -527,6 +527,60 @@ fn a_panic_in_a_transaction_rolls_it_back_and_releases_the_writer_lock() {
     assert_eq!(s.read(|v| v.cell(r.cell)).unwrap(), 99);
 }
 
+/// Sets the region's format field (and the superblock checksum) in the
+/// file, as a format `format` build left it.
+fn set_format(path: &Path, format: u32) {
+    use crate::format::{SB_CRC, SB_FORMAT};
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut head = vec![0u8; SB_CRC as usize];
+    f.read_exact_at(&mut head, 0).unwrap();
+    head[SB_FORMAT as usize..][..4].copy_from_slice(&format.to_le_bytes());
+    f.write_all_at(&head[SB_FORMAT as usize..][..4], SB_FORMAT)
+        .unwrap();
+    f.write_all_at(&crc32fast::hash(&head).to_le_bytes(), SB_CRC)
+        .unwrap();
+}
+
+fn format_of(path: &Path) -> u32 {
+    let b = std::fs::read(path).unwrap();
+    u32::from_le_bytes(b[8..12].try_into().unwrap())
+}
+
+#[test]
+fn a_format_5_region_is_upgraded_only_by_an_open_that_finds_no_other_peer() {
+    assert_eq!(crate::shared::peers::slots_for(5), 64);
+    assert_eq!(crate::shared::peers::slots_for(6), crate::MAX_PEERS);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    drop(open_shared(&path).unwrap());
+    // Another process shares the region, which says format 5 (as if that
+    // process were of a format 5 build: it opened, then the field was set
+    // back; it never touches the superblock again).
+    let mut kid = child("hold", &path);
+    expect_line(&mut kid, "open");
+    set_format(&path, 5);
+    let s = open_shared(&path).unwrap();
+    assert_eq!(
+        s.report().upgraded_from,
+        None,
+        "upgraded beside another peer"
+    );
+    assert!(s.slot() < 64, "an entry of format 6 in a format 5 region");
+    assert_eq!(format_of(&path), 5);
+    drop(s);
+    // Alone: the next open upgrades it.
+    kill9(&mut kid);
+    let s = open_shared(&path).unwrap();
+    assert_eq!(s.report().upgraded_from, Some(5));
+    drop(s);
+    assert_eq!(format_of(&path), crate::FORMAT_VERSION);
+}
+
 #[test]
 fn a_handle_dropped_in_a_forked_child_leaves_the_parents_entry_alone() {
     let dir = tempfile::tempdir().unwrap();
