@@ -92,6 +92,18 @@ impl<'s, R: Pod> Tx<'s, R> {
     }
 }
 
+impl<R: Pod> Tx<'_, R> {
+    /// Frees a published value, when the transaction commits. Its handle
+    /// (and copies) must not be used again: a read through a stale handle
+    /// gets an error (until the block is reused).
+    pub fn free_published(&mut self, h: StatePublished) -> Result<()> {
+        let off = h.off()?;
+        let heap = self.core.heap()?;
+        Block::expect(self.core.mem(), heap, off, Kind::Published)?;
+        self.core.free(off, Kind::Published)
+    }
+}
+
 /// Where a read copies a version's bytes.
 pub(crate) trait Sink {
     /// A buffer of exactly `len` bytes (a version's length, at most the

@@ -400,6 +400,18 @@ impl RingMut<'_, '_> {
         ))
     }
 
+    /// Frees the ring and the frames in it, when the transaction commits.
+    /// Its handle (and copies) must not be used again: a process waiting
+    /// on it ([`SharedState::pop_wait`](crate::SharedState::pop_wait))
+    /// wakes within its 50 ms nap and gets an error, as does any later
+    /// look through a stale handle (until the block is reused).
+    pub fn free(mut self) -> Result<()> {
+        self.op(|r| {
+            r.header()?;
+            r.tx.free(r.off, Kind::Ring)
+        })
+    }
+
     /// Records this process as the ring's producer or consumer (replacing
     /// the one recorded), so that the other end can tell when it is gone
     /// ([`crate::RingView::producer_alive`], [`Error::PeerGone`]).

@@ -91,7 +91,7 @@ pub struct SharedState<R> {
     /// validated once (a published value's block never moves, grows or
     /// is freed once created). Every read still checks each access
     /// against the region.
-    published_cache: Option<(u64, crate::published::Geometry)>,
+    published_cache: Option<(u64, u64, crate::published::Geometry)>,
     /// Lock-free tries of a published read before it reads under the
     /// writer lock (64; tests set fewer).
     published_tries: u32,
@@ -748,8 +748,12 @@ impl<R: Pod> SharedState<R> {
                 continue;
             }
             let off = h.off()?;
+            // The block header's first word (kind and class), checked on
+            // every read: a freed (or reused) block is noticed.
+            let head = (off < top && off % 8 == 0 && off + 8 <= len)
+                .then(|| region.load_u64(off as usize));
             let g = match self.published_cache {
-                Some((at, g)) if at == off => g,
+                Some((at, word, g)) if at == off && head == Some(word) => g,
                 _ => {
                     // Kept for later reads only if validated under one
                     // committed commit word (the block is not one a
@@ -761,7 +765,9 @@ impl<R: Pod> SharedState<R> {
                     if read_tx_word(before).is_ok_and(|(_, open)| !open)
                         && word.load(Ordering::Acquire) == before
                     {
-                        self.published_cache = Some((off, g));
+                        if let Some(word) = head {
+                            self.published_cache = Some((off, word, g));
+                        }
                     }
                     g
                 }

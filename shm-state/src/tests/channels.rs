@@ -448,3 +448,51 @@ fn a_published_read_that_keeps_losing_the_race_reads_under_the_writer_lock() {
     s.publish(h, b"two").unwrap();
     assert_eq!(s.read_published(h).unwrap(), Some((2, b"two".to_vec())));
 }
+
+#[test]
+fn a_freed_ring_and_a_freed_published_value_give_their_blocks_back_and_errors_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state");
+    let (mut s, ring) = with_ring(&path);
+    let p: StatePublished = s.transaction(|tx| tx.new_published(64)).unwrap();
+    s.push_wait(ring, b"left in the ring", Duration::from_secs(1), |_| {
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    s.publish(p, b"one").unwrap();
+    // The read caches the published value's geometry.
+    assert_eq!(s.read_published(p).unwrap(), Some((1, b"one".to_vec())));
+    let live = |s: &mut SharedState<Root>| s.with_lock(|st| st.verify()).unwrap().live_blocks;
+    let before = live(&mut s);
+
+    // A free in a transaction that fails is rolled back with it.
+    let e = s
+        .transaction(|tx| {
+            tx.ring(ring)?.free()?;
+            tx.free_published(p)?;
+            Err::<(), _>(Error::unsupported("rolled back"))
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("rolled back"), "{e}");
+    assert_eq!(live(&mut s), before);
+    assert_eq!(s.read(|v| v.ring(ring)).unwrap().len(), 1);
+    assert_eq!(s.read_published(p).unwrap(), Some((1, b"one".to_vec())));
+
+    s.transaction(|tx| {
+        tx.ring(ring)?.free()?;
+        tx.free_published(p)
+    })
+    .unwrap();
+    assert_eq!(live(&mut s), before - 2, "two blocks given back");
+    // Stale handles: errors, not frames or versions (the cached geometry
+    // is checked against the block header on every read).
+    let e = s.read(|v| v.ring(ring)).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    let e = s.try_pop(ring, |_, f| Ok::<_, Error>(f)).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    let e = s.read_published(p).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    // Freed twice: refused.
+    let e = s.transaction(|tx| tx.free_published(p)).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+}
