@@ -107,7 +107,7 @@ impl Image {
     /// As [`Image::read_into`], with the extent search done earlier:
     /// `searched` are the memfd's data extents found before (e.g. before the
     /// program was stopped). They are checked again for what changed since
-    /// ([`data_extents_since`]), which costs one `lseek` per hole between
+    /// (`data_extents_since`), which costs one `lseek` per hole between
     /// them instead of two per extent, so the copy is of the memfd as it is
     /// now. Only exact while nothing writes the memfd during the call.
     pub fn read_searched(memfd: &File, searched: &[Extent], buf: Vec<u8>) -> io::Result<Image> {

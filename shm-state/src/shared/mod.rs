@@ -764,10 +764,9 @@ impl<R: Pod> SharedState<R> {
                     fence(Ordering::Acquire);
                     if read_tx_word(before).is_ok_and(|(_, open)| !open)
                         && word.load(Ordering::Acquire) == before
+                        && let Some(word) = head
                     {
-                        if let Some(word) = head {
-                            self.published_cache = Some((off, word, g));
-                        }
+                        self.published_cache = Some((off, word, g));
                     }
                     g
                 }
