@@ -305,87 +305,22 @@ pub fn data_extents(file: &File, len: u64) -> io::Result<Vec<Extent>> {
 }
 
 /// The data extents of `file` (of length `len`) now, given `earlier`, its
-/// data extents found at some moment before (sorted and disjoint, as
-/// [`data_extents`] returns them).
-///
-/// Every earlier extent is kept (cut at `len`), and each hole between them
-/// (and after the last, up to `len`) is searched again: one `SEEK_DATA`
-/// from the hole's start, plus a `SEEK_HOLE` for each run of data found in
-/// it. That is exact, because of what a memfd can do in between:
-/// - a hole written since is data now, and the search of that hole finds it;
-/// - data never turns into a hole by itself; a page the program punched
-///   out (`fallocate`) reads as zeros, so copying it as an extent still
-///   copies what the memfd holds;
-/// - a memfd that grew has a longer last hole, searched up to `len`; one
-///   that shrank has its extents cut at `len`.
-///
-/// So the extents returned cover every byte that is data when the call
-/// runs, and whatever else they cover reads as zeros: a copy made of them
-/// while nothing writes the memfd equals the memfd at that moment, in
-/// contents. When nothing changed it costs one `lseek` per hole, where a
-/// fresh search costs two per extent.
-///
+/// data extents found at some moment before: the earlier ones kept and the
+/// holes between them searched again
+/// ([`shm_snapshot::data_extents_since`], which says why that is exact).
 /// Moves the file offset: pass a private open file description.
 pub fn data_extents_since(file: &File, len: u64, earlier: &[Extent]) -> io::Result<Vec<Extent>> {
-    let mut out = Vec::with_capacity(earlier.len() + 1);
-    let mut at = 0u64;
-    for e in earlier {
-        let start = e.offset.max(at);
-        if start >= len {
-            break;
-        }
-        let end = e.offset.saturating_add(e.len).min(len);
-        data_in_hole(file, at..start, len, &mut out)?;
-        if end > start {
-            push_merged(&mut out, start, end);
-        }
-        at = at.max(end);
-    }
-    data_in_hole(file, at..len, len, &mut out)?;
-    Ok(out)
-}
-
-/// Appends to `out` the data `file` (of length `len`) holds within `hole`.
-fn data_in_hole(
-    file: &File,
-    hole: std::ops::Range<u64>,
-    len: u64,
-    out: &mut Vec<Extent>,
-) -> io::Result<()> {
-    let mut from = hole.start;
-    while from < hole.end {
-        let Some(start) = seek(file, from, nix::unistd::Whence::SeekData)? else {
-            break; // no data from `from` to the end of the file
-        };
-        if start >= hole.end {
-            break;
-        }
-        let end = seek(file, start, nix::unistd::Whence::SeekHole)?
-            .unwrap_or(len)
-            .min(hole.end);
-        if end <= start {
-            // Only possible while something changes the file: a page
-            // between the two seeks turned into a hole again. Search on
-            // from the next byte rather than loop.
-            from = start + 1;
-            continue;
-        }
-        push_merged(out, start, end);
-        from = end;
-    }
-    Ok(())
-}
-
-/// `lseek(file, offset, whence)`; `None` when there is no data (or hole)
-/// at or after `offset` (`ENXIO`).
-fn seek(file: &File, offset: u64, whence: nix::unistd::Whence) -> io::Result<Option<u64>> {
-    let offset = libc::off_t::try_from(offset)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset overflows off_t"))?;
-    match nix::unistd::lseek(file, offset, whence) {
-        Ok(at) => Ok(Some(at as u64)),
-        Err(nix::errno::Errno::ENXIO) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
+    let earlier: Vec<_> = earlier
+        .iter()
+        .map(|e| e.offset..e.offset.saturating_add(e.len))
+        .collect();
+    Ok(shm_snapshot::data_extents_since(file, len, &earlier)?
+        .into_iter()
+        .map(|r| Extent {
+            offset: r.start,
+            len: r.end - r.start,
+        })
+        .collect())
 }
 
 /// Appends `start..end` to `out`, joined with the last extent when they

@@ -89,7 +89,7 @@ mod target;
 
 pub use error::Error;
 #[cfg(not(loom))]
-pub use extents::data_extents;
+pub use extents::{data_extents, data_extents_since};
 pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, OFF_WAKE, VERSION};
 #[cfg(not(loom))]
 pub use publisher::MappedRegion;
