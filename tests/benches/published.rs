@@ -85,6 +85,7 @@ use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use shm_fd::{CreateOptions, Handover, PassedFds, SharedFd};
+use shm_fd_tests::bench::{env_or as env, load_average, machine, median, ns, rate, ratio_range};
 use shm_fd_tests::die_with_parent;
 use shm_state::{Layout, SharedState, Source, StatePublished};
 
@@ -373,32 +374,6 @@ impl Config {
     fn warm(&self) -> u64 {
         if self.quick { 50 } else { WARM }
     }
-}
-
-fn env<T: std::str::FromStr>(var: &str, default: T) -> T {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".into())
-}
-
-fn machine() -> String {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .and_then(|l| l.split(':').nth(1))
-        .unwrap_or("?")
-        .trim()
-        .to_owned();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} cores ({model})")
 }
 
 // -------------------------------------------------------------- timing
@@ -1243,53 +1218,4 @@ fn main() {
         cross_reads(&mut b);
     }
     println!("\nload average at the end: {}", load_average());
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// The median of `ratios` and their range: `1.52x (1.33-1.60)`.
-fn ratio_range(ratios: &[f64]) -> String {
-    if ratios.is_empty() {
-        return "-".to_owned();
-    }
-    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ratios.iter().copied().fold(0.0, f64::max);
-    let m = median(ratios.to_vec());
-    let f = |x: f64| {
-        if x >= 10.0 {
-            format!("{x:.0}")
-        } else {
-            format!("{x:.2}")
-        }
-    };
-    if ratios.len() == 1 {
-        format!("{}x", f(m))
-    } else {
-        format!("{}x ({}-{})", f(m), f(lo), f(hi))
-    }
-}
-
-/// `x` per second, readable: `3.21 M`, `45.6 k`.
-fn rate(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.2} M", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.1} k", x / 1e3)
-    } else {
-        format!("{x:.0}")
-    }
-}
-
-/// Nanoseconds, readable: `850 ns`, `12.3 µs`.
-fn ns(x: f64) -> String {
-    if x >= 1e6 {
-        format!("{:.2} ms", x / 1e6)
-    } else if x >= 1e3 {
-        format!("{:.2} µs", x / 1e3)
-    } else {
-        format!("{x:.0} ns")
-    }
 }

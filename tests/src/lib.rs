@@ -8,6 +8,7 @@
 //! `target/<profile>/`.
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod procs;
 
 use std::os::fd::RawFd;
@@ -328,10 +329,7 @@ impl OnTerminal {
 /// A count from the environment variable `var` (a test's or bench's knob
 /// for a longer run), `default` when unset or not a number.
 pub fn env_count(var: &str, default: usize) -> usize {
-    std::env::var(var)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    bench::env_or(var, default)
 }
 
 /// A small xorshift generator for the random choices of the kill tests.
