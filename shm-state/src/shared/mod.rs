@@ -9,6 +9,8 @@
 //! the commit word every transaction already stores). The design, its
 //! guarantees and its costs: `docs/state-format.md`, *Sharing a state*.
 
+#[cfg(all(test, shm_state_loom))]
+mod loom_futex;
 pub(crate) mod page;
 pub(crate) mod peers;
 mod rings;

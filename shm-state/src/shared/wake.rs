@@ -86,32 +86,12 @@ pub(crate) fn notify<C: Counter>(waiters: &C, wake: impl FnOnce()) {
 /// the count with a plain load instead is kept as `should_panic`.)
 #[cfg(all(test, shm_state_loom))]
 mod model {
+    use loom::sync::Arc;
     use loom::sync::atomic::{AtomicU64, Ordering::SeqCst};
-    use loom::sync::{Arc, Condvar, Mutex};
     use loom::thread;
 
     use super::*;
-
-    /// FUTEX_WAIT / FUTEX_WAKE: compare and queue under the bucket's lock,
-    /// which a waker takes too.
-    #[derive(Default)]
-    struct Futex {
-        bucket: Mutex<()>,
-        sleepers: Condvar,
-    }
-
-    impl Futex {
-        fn wait(&self, word: &AtomicU64, expected: u64) {
-            let queued = self.bucket.lock().unwrap();
-            if word.load(SeqCst) == expected {
-                drop(self.sleepers.wait(queued).unwrap());
-            }
-        }
-        fn wake_all(&self) {
-            let _bucket = self.bucket.lock().unwrap();
-            self.sleepers.notify_all();
-        }
-    }
+    use crate::shared::loom_futex::Futex;
 
     #[derive(Default)]
     struct Shared {
@@ -139,7 +119,9 @@ mod model {
             // The sleeper saw word 0 (an open transaction, an empty ring)
             // and waits until it moves.
             while s.word.load(Ordering::Acquire) == 0 {
-                sleep_unless_changed(&s.word, &s.waiters, 0, || s.futex.wait(&s.word, 0));
+                sleep_unless_changed(&s.word, &s.waiters, 0, || {
+                    s.futex.wait(|| s.word.load(SeqCst) != 0)
+                });
             }
             writer.join().unwrap();
         });
@@ -179,7 +161,7 @@ mod model {
                 sleep_unless(
                     &s.waiters,
                     || s.tail.load(SeqCst) != seen,
-                    || s.futex.wait(&s.tail, seen),
+                    || s.futex.wait(|| s.tail.load(SeqCst) != seen),
                 );
             }
             producer.join().unwrap();

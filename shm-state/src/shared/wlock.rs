@@ -169,35 +169,12 @@ pub(crate) fn holder(word: u32) -> u32 {
 #[cfg(all(test, shm_state_loom))]
 mod model {
     use loom::cell::UnsafeCell;
+    use loom::sync::Arc;
     use loom::sync::atomic::{AtomicU32, Ordering::SeqCst};
-    use loom::sync::{Arc, Condvar, Mutex};
     use loom::thread;
 
     use super::*;
-
-    /// FUTEX_WAIT and FUTEX_WAKE on the lock word: the kernel compares the
-    /// word and queues the sleeper under one lock (the hash bucket's),
-    /// which a waker takes too, so a wake after the word changed finds the
-    /// sleeper queued, or the sleeper saw the change and did not sleep.
-    #[derive(Default)]
-    struct Futex {
-        bucket: Mutex<()>,
-        sleepers: Condvar,
-    }
-
-    impl Futex {
-        fn wait(&self, word: &AtomicU32, expected: u32) {
-            let queued = self.bucket.lock().unwrap();
-            if word.load(SeqCst) == expected {
-                drop(self.sleepers.wait(queued).unwrap());
-            }
-        }
-
-        fn wake_one(&self) {
-            let _bucket = self.bucket.lock().unwrap();
-            self.sleepers.notify_one();
-        }
-    }
+    use crate::shared::loom_futex::Futex;
 
     /// A waiter of the model: sleeps on the futex; `dead` is a holder the
     /// kernel could not mark (a copied region), which waiters judge dead
@@ -212,7 +189,9 @@ mod model {
             thread::yield_now();
         }
         fn sleep(&mut self, seen: u32) {
-            self.shared.futex.wait(&self.shared.word, seen);
+            self.shared
+                .futex
+                .wait(|| self.shared.word.load(SeqCst) != seen);
         }
         fn holder_dead(&mut self, seen: u32) -> bool {
             self.dead != 0 && holder(seen) == self.dead
