@@ -1,5 +1,6 @@
 //! Processes: finding them through `/proc` ([`ProcStat`], always
-//! available; shm-state judges its lock with it), and, with the `cli`
+//! available; shm-state judges its lock with it), tying a child to its
+//! parent's life ([`die_with_parent`], always available), and, with the `cli`
 //! feature, the pieces every supervisor here needs: starting a command
 //! tied to the supervisor's life (`spawn_group`: it dies when the
 //! supervisor dies, and so does its whole process group), waiting for
@@ -14,6 +15,7 @@ mod signals;
 mod stat;
 #[cfg(feature = "cli")]
 mod terminal;
+mod tie;
 
 #[cfg(feature = "cli")]
 pub use keeper::{GroupKeeper, SpawnError, on_main_thread, spawn_group};
@@ -22,6 +24,7 @@ pub use signals::SignalSet;
 pub use stat::{ProcStat, group_members, is_running, processes};
 #[cfg(feature = "cli")]
 pub use terminal::Terminal;
+pub use tie::die_with_parent;
 
 #[cfg(feature = "cli")]
 /// The exit code a supervisor reports for a child that ended with `status`:

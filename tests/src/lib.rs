@@ -371,31 +371,9 @@ impl Rng {
 }
 
 /// Makes the child `cmd` starts die with SIGKILL when the thread that
-/// spawns it ends (`PR_SET_PDEATHSIG`; spawn from the main thread, which
-/// lives as long as the process), or at once if this process is already
-/// gone when the child gets to set that up.
-pub fn die_with_parent(cmd: &mut Command) {
-    let parent = std::process::id() as libc::pid_t;
-    let hook = move || {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number takes no
-        // pointer and only sets this (child) process's own attribute.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: getppid, getpid and kill are plain system calls on
-        // integers, async-signal-safe as the time after fork requires.
-        unsafe {
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: between fork and exec the hook makes only async-signal-safe
-    // system calls (prctl, getppid, getpid, kill) and allocates nothing
-    // (last_os_error builds an io::Error from the errno, without memory).
-    unsafe { cmd.pre_exec(hook) };
-}
+/// spawns it ends (spawn from the main thread, which lives as long as the
+/// process), or at once if this process is already gone: shm-fd's.
+pub use shm_fd::process::die_with_parent;
 
 /// The longest a [`Kid`] waits unless told otherwise: for its end after
 /// a SIGKILL ([`Kid::kill`]) or a successful end ([`Kid::success`]), to

@@ -24,13 +24,14 @@ mod worker;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, ExitCode, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use bytemuck::{Pod, Zeroable};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use shm_fd::process::die_with_parent;
 use shm_fd::{CreateOptions, Handover, SharedFd};
 use shm_state::{Layout, SharedState, Source, State, StateMap};
 
@@ -426,34 +427,6 @@ impl Drop for Clients {
             let _ = c.child.wait();
         }
     }
-}
-
-/// Makes the process `cmd` starts die with SIGKILL when this thread ends
-/// (`PR_SET_PDEATHSIG`), or at once if this process is already gone by the
-/// time it is set. Spawn from the main thread: the signal follows the
-/// thread that started the child.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
-    let hook = move || {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number takes no
-        // pointer and only sets this (child) process's own attribute.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: getppid, getpid and kill are plain system calls on
-        // integers, async-signal-safe as the time between fork and exec
-        // requires. A parent that died before the prctl sends no signal.
-        unsafe {
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: between fork and exec the hook makes only async-signal-safe
-    // system calls (prctl, getppid, getpid, kill) and allocates nothing
-    // (last_os_error builds an io::Error from the errno without memory).
-    unsafe { cmd.pre_exec(hook) }
 }
 
 /// What happened to a client, for messages.

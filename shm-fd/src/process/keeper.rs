@@ -34,6 +34,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
+use super::die_with_parent;
+
 /// The signal a keeper gets when the wrapper dies. It is blocked in the
 /// keeper except while it waits, and a keeper that gets it from anyone
 /// else (its parent pid unchanged; shm-restore continuing the group after
@@ -59,36 +61,6 @@ fn not_main_thread() -> io::Error {
         "a command can only be tied to the wrapper from its main thread \
          (PR_SET_PDEATHSIG follows the thread that started it)",
     )
-}
-
-/// Makes the process `cmd` starts die with SIGKILL when this thread ends
-/// (`PR_SET_PDEATHSIG`), or at once if this process is already gone when
-/// the child gets to set that up.
-///
-/// Call it, and spawn `cmd`, from the main thread: see the module docs.
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    let parent = std::process::id() as libc::pid_t;
-    let hook = move || {
-        // SAFETY: prctl(PR_SET_PDEATHSIG) with a signal number takes no
-        // pointer and only sets this (child) process's own attribute.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        // The parent may have died between the fork and the prctl: then no
-        // signal will ever come, and we are another process's child now.
-        // SAFETY: getppid, getpid and kill are plain system calls on
-        // integers, async-signal-safe as the time after fork requires.
-        unsafe {
-            if libc::getppid() != parent {
-                libc::kill(libc::getpid(), libc::SIGKILL);
-            }
-        }
-        Ok(())
-    };
-    // SAFETY: between fork and exec the hook makes only async-signal-safe
-    // system calls (prctl, getppid, getpid, kill) and allocates nothing
-    // (last_os_error builds an io::Error from the errno, without memory).
-    unsafe { cmd.pre_exec(hook) }
 }
 
 /// A process that kills a command's process group when the wrapper (its
