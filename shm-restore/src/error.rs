@@ -79,6 +79,14 @@ pub enum Damage {
         /// How many bytes the chunk holds.
         len: u32,
     },
+    /// A delta whose chain does not lead to a valid full snapshot: a base
+    /// is missing, is not the file the delta names, or is damaged.
+    BrokenChain {
+        /// The base file's name.
+        base: String,
+        /// What is wrong with it.
+        problem: String,
+    },
 }
 
 impl fmt::Display for Damage {
@@ -87,8 +95,9 @@ impl fmt::Display for Damage {
             Damage::BadMagic => write!(f, "is not a shm-restore snapshot (bad magic bytes)"),
             Damage::UnsupportedVersion { version } => write!(
                 f,
-                "has format version {version}, this shm-restore reads version {}",
-                crate::format::VERSION
+                "has format version {version}, this shm-restore reads versions {} and {}",
+                crate::format::VERSION,
+                crate::format::VERSION_DELTA
             ),
             Damage::HeaderChecksum { stored, computed } => write!(
                 f,
@@ -125,6 +134,9 @@ impl fmt::Display for Damage {
                  (file offset {file_offset}, memfd bytes {memfd_offset}..{})",
                 memfd_offset + u64::from(*len)
             ),
+            Damage::BrokenChain { base, problem } => {
+                write!(f, "is a delta whose base {base} {problem}")
+            }
         }
     }
 }

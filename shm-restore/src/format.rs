@@ -1,5 +1,10 @@
-//! The snapshot file format, version 1: constants, header and chunk table
-//! encoding, and validation. Pure functions over bytes; no I/O.
+//! The snapshot file format: constants, header and chunk table encoding,
+//! and validation. Pure functions over bytes; no I/O.
+//!
+//! Version 1 is a full snapshot; version 2 is a *delta*: the same layout,
+//! whose header names the snapshot it applies to (its base, by generation
+//! and header CRC) and whose table lists whole chunk-sized cells of the
+//! memfd that replace the base's (see [`Base`]).
 //!
 //! `docs/snapshot-format.md` describes the same layout byte by byte; the
 //! constants here and the tables there must agree.
@@ -15,8 +20,14 @@ use crate::error::Damage;
 
 /// The first 8 bytes of every snapshot file.
 pub const MAGIC: [u8; 8] = *b"SHMSNAP\0";
-/// The format version this code writes and reads.
+/// The format version of a full snapshot.
 pub const VERSION: u32 = 1;
+/// The format version of a delta snapshot (see [`Base`]).
+pub const VERSION_DELTA: u32 = 2;
+/// The most deltas a chain may hold above its full snapshot: a delta whose
+/// `depth` is larger is damage. (Writers compact far earlier; see
+/// `SaveOptions::max_chain`.)
+pub const MAX_DEPTH: u32 = 1024;
 /// The size of the header in bytes.
 pub const HEADER_LEN: usize = 128;
 /// The size of one chunk table entry in bytes.
@@ -46,7 +57,35 @@ const OFF_TABLE_OFFSET: usize = 64;
 const OFF_DATA_OFFSET: usize = 72;
 const OFF_TABLE_CRC: usize = 80;
 const OFF_RESERVED: usize = 84;
+// Version 2 only: the base, in the bytes version 1 reserves.
+const OFF_BASE_GENERATION: usize = 84;
+const OFF_BASE_CRC: usize = 92;
+const OFF_DEPTH: usize = 96;
+const OFF_RESERVED_2: usize = 100;
 const OFF_HEADER_CRC: usize = 124;
+
+/// What a delta snapshot (format version 2) applies to.
+///
+/// A delta's memfd is its base's memfd, cut or extended (with zeros) to the
+/// delta's `data_len`, with every cell the delta's table lists replaced by
+/// the stored bytes. A cell is the `chunk_size` bytes at a multiple of
+/// `chunk_size` (the last one ends at `data_len`); each table entry is one
+/// whole cell, stored dense (zeros included).
+///
+/// The base is the snapshot of generation `generation` whose header CRC
+/// (bytes 124..128) is `header_crc`, found next to the delta under the
+/// name `<NAME>.gen-<generation>` (see `shm_restore::base_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Base {
+    /// The base's generation: less than the delta's.
+    pub generation: u64,
+    /// The base's header CRC: names its exact contents, since the header
+    /// covers the table's CRC, which covers every chunk's.
+    pub header_crc: u32,
+    /// How many deltas the chain holds up to this one: 1 when the base is
+    /// a full snapshot, else the base's depth + 1. `1..=MAX_DEPTH`.
+    pub depth: u32,
+}
 
 /// The decoded, validated header of a snapshot file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,9 +106,22 @@ pub struct Header {
     pub data_offset: u64,
     /// CRC32 of the chunk table.
     pub table_crc: u32,
+    /// `Some` for a delta (format version 2): what it applies to.
+    pub base: Option<Base>,
 }
 
 impl Header {
+    /// The header's own CRC32 (bytes 124..128 of its encoding): what a
+    /// delta names its base by.
+    pub fn crc(&self) -> u32 {
+        get_u32(&self.encode(), OFF_HEADER_CRC)
+    }
+
+    /// True for a delta snapshot.
+    pub fn is_delta(&self) -> bool {
+        self.base.is_some()
+    }
+
     /// The file length this header implies.
     pub fn file_len(&self) -> u64 {
         // Checked in `decode`; `new` builds it from an in-memory image.
@@ -80,7 +132,15 @@ impl Header {
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC);
-        put_u32(&mut b, OFF_VERSION, VERSION);
+        put_u32(
+            &mut b,
+            OFF_VERSION,
+            if self.base.is_some() {
+                VERSION_DELTA
+            } else {
+                VERSION
+            },
+        );
         put_u32(&mut b, OFF_HEADER_LEN, HEADER_LEN as u32);
         put_u32(&mut b, OFF_CHUNK_SIZE, self.chunk_size);
         put_u32(&mut b, OFF_FLAGS, 0);
@@ -92,6 +152,11 @@ impl Header {
         put_u64(&mut b, OFF_TABLE_OFFSET, HEADER_LEN as u64);
         put_u64(&mut b, OFF_DATA_OFFSET, self.data_offset);
         put_u32(&mut b, OFF_TABLE_CRC, self.table_crc);
+        if let Some(base) = self.base {
+            put_u64(&mut b, OFF_BASE_GENERATION, base.generation);
+            put_u32(&mut b, OFF_BASE_CRC, base.header_crc);
+            put_u32(&mut b, OFF_DEPTH, base.depth);
+        }
         let crc = crc32fast::hash(&b[..OFF_HEADER_CRC]);
         put_u32(&mut b, OFF_HEADER_CRC, crc);
         b
@@ -121,7 +186,7 @@ impl Header {
             });
         }
         let version = get_u32(bytes, OFF_VERSION);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_DELTA {
             return Err(Damage::UnsupportedVersion { version });
         }
         if bytes.len() < HEADER_LEN || file_len < HEADER_LEN as u64 {
@@ -147,9 +212,40 @@ impl Header {
         if flags != 0 {
             return Err(bad("flags", format!("has unknown bits {flags:#x}")));
         }
-        if bytes[OFF_RESERVED..OFF_HEADER_CRC].iter().any(|&b| b != 0) {
+        let reserved_from = if version == VERSION {
+            OFF_RESERVED
+        } else {
+            OFF_RESERVED_2
+        };
+        if bytes[reserved_from..OFF_HEADER_CRC].iter().any(|&b| b != 0) {
             return Err(bad("reserved", "bytes are not zero".into()));
         }
+        let generation = get_u64(bytes, OFF_GENERATION);
+        let base = if version == VERSION_DELTA {
+            let base = Base {
+                generation: get_u64(bytes, OFF_BASE_GENERATION),
+                header_crc: get_u32(bytes, OFF_BASE_CRC),
+                depth: get_u32(bytes, OFF_DEPTH),
+            };
+            if base.generation == 0 || base.generation >= generation {
+                return Err(bad(
+                    "base_generation",
+                    format!(
+                        "is {}, not in 1..{generation} (before the delta's own)",
+                        base.generation
+                    ),
+                ));
+            }
+            if !(1..=MAX_DEPTH).contains(&base.depth) {
+                return Err(bad(
+                    "depth",
+                    format!("is {}, not in 1..={MAX_DEPTH}", base.depth),
+                ));
+            }
+            Some(base)
+        } else {
+            None
+        };
         let chunk_size = get_u32(bytes, OFF_CHUNK_SIZE);
         if !chunk_size.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&chunk_size)
         {
@@ -227,12 +323,13 @@ impl Header {
         Ok(Header {
             chunk_size,
             data_len,
-            generation: get_u64(bytes, OFF_GENERATION),
+            generation,
             saved_at_ns: get_u64(bytes, OFF_SAVED_AT),
             chunk_count,
             stored_len,
             data_offset,
             table_crc: get_u32(bytes, OFF_TABLE_CRC),
+            base,
         })
     }
 }
@@ -247,6 +344,26 @@ pub struct Chunk {
     pub len: u32,
     /// CRC32 of the bytes.
     pub crc: u32,
+}
+
+/// Splits the memfd bytes `offset..offset + len` at every multiple of
+/// `chunk_size`: the chunks a writer stores for a data extent, each inside
+/// one cell, so that the chunks of a cell can be compared between saves.
+/// Yields `(offset, len)` pairs.
+pub fn split_at_cells(offset: u64, len: u64, chunk_size: u32) -> impl Iterator<Item = (u64, u32)> {
+    let size = u64::from(chunk_size.max(1));
+    let end = offset.saturating_add(len);
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let cell_end = (at / size).saturating_add(1).saturating_mul(size);
+        let n = cell_end.min(end) - at;
+        let here = at;
+        at += n;
+        Some((here, n as u32))
+    })
 }
 
 /// Where the data region starts for a table of `chunk_count` entries, or
@@ -311,6 +428,7 @@ pub struct TableDecoder {
     chunk_count: u64,
     stored_len: u64,
     table_crc: u32,
+    whole_cells: bool,
     index: u64,
     end_of_previous: u64,
     stored: u64,
@@ -326,6 +444,7 @@ impl TableDecoder {
             chunk_count: header.chunk_count,
             stored_len: header.stored_len,
             table_crc: header.table_crc,
+            whole_cells: header.is_delta(),
             index: 0,
             end_of_previous: 0,
             stored: 0,
@@ -382,6 +501,17 @@ impl TableDecoder {
                         chunk.offset, chunk.len, self.data_len
                     ))
                 })?;
+            if self.whole_cells {
+                let size = u64::from(self.chunk_size);
+                let cell_len = size.min(self.data_len - chunk.offset);
+                if !chunk.offset.is_multiple_of(size) || u64::from(chunk.len) != cell_len {
+                    return Err(bad(format!(
+                        "covers {}+{}, not a whole cell of {size} bytes (a delta \
+                         stores whole cells)",
+                        chunk.offset, chunk.len
+                    )));
+                }
+            }
             // Cannot overflow: the chunks lie apart inside data_len.
             self.stored += u64::from(chunk.len);
             if self.stored > self.stored_len {
@@ -459,6 +589,7 @@ mod tests {
             stored_len: chunks.iter().map(|c| u64::from(c.len)).sum(),
             data_offset: data_offset_for(chunks.len() as u64).unwrap(),
             table_crc: crc32fast::hash(&encode_table(chunks)),
+            base: None,
         }
     }
 
@@ -478,6 +609,108 @@ mod tests {
         assert_eq!(b[32..40], 7u64.to_le_bytes());
         assert_eq!(b[72..80], 4096u64.to_le_bytes());
         assert_eq!(Header::decode(&b, 4196), Ok(h));
+    }
+
+    #[test]
+    fn a_delta_header_round_trips_and_its_fields_are_where_the_doc_says() {
+        let cells = [Chunk {
+            offset: 8192,
+            len: 4096,
+            crc: 9,
+        }];
+        let mut h = header(&cells, 3 * 4096);
+        h.base = Some(Base {
+            generation: 6,
+            header_crc: 0xDEAD_BEEF,
+            depth: 3,
+        });
+        let b = h.encode();
+        assert_eq!(b[8..12], 2u32.to_le_bytes());
+        assert_eq!(b[84..92], 6u64.to_le_bytes());
+        assert_eq!(b[92..96], 0xDEAD_BEEFu32.to_le_bytes());
+        assert_eq!(b[96..100], 3u32.to_le_bytes());
+        assert!(b[100..124].iter().all(|&x| x == 0));
+        assert_eq!(Header::decode(&b, 4096 + 4096), Ok(h));
+        assert_eq!(h.crc(), u32::from_le_bytes(b[124..128].try_into().unwrap()));
+        // Every flipped bit is caught, as for version 1.
+        for bit in 0..HEADER_LEN * 8 {
+            let mut c = b;
+            c[bit / 8] ^= 1 << (bit % 8);
+            assert!(Header::decode(&c, 8192).is_err(), "bit {bit}");
+        }
+        // Impossible chain fields, with a matching CRC.
+        for (generation, depth, field) in [
+            (0, 1, "base_generation"),
+            (7, 1, "base_generation"),
+            (8, 1, "base_generation"),
+            (6, 0, "depth"),
+            (6, MAX_DEPTH + 1, "depth"),
+        ] {
+            let mut bad = h;
+            bad.base = Some(Base {
+                generation,
+                header_crc: 1,
+                depth,
+            });
+            match Header::decode(&bad.encode(), 8192) {
+                Err(Damage::BadHeader { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{generation}/{depth}: {other:?}"),
+            }
+        }
+        // Reserved bytes after the chain fields must be zero.
+        let mut r = b;
+        r[110] = 1;
+        let crc = crc32fast::hash(&r[..124]);
+        r[124..].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            Header::decode(&r, 8192),
+            Err(Damage::BadHeader {
+                field: "reserved",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_delta_table_holds_whole_cells_only() {
+        let delta = |chunks: &[Chunk], data_len: u64| {
+            let mut h = header(chunks, data_len);
+            h.base = Some(Base {
+                generation: 1,
+                header_crc: 0,
+                depth: 1,
+            });
+            decode_table(&encode_table(chunks), &h)
+        };
+        let c = |offset, len| Chunk {
+            offset,
+            len,
+            crc: 0,
+        };
+        // Whole cells, the last one cut at data_len.
+        assert!(delta(&[c(0, 4096), c(8192, 100)], 8292).is_ok());
+        for (chunks, len) in [
+            (vec![c(1, 4095)], 8192),   // not at a cell's start
+            (vec![c(0, 4095)], 8192),   // short of the cell
+            (vec![c(4096, 100)], 8192), // short, not the last cell
+            (vec![c(8192, 99)], 8292),  // short of the cut last cell
+        ] {
+            assert!(
+                matches!(delta(&chunks, len), Err(Damage::BadTable { index: 0, .. })),
+                "{chunks:?}"
+            );
+        }
+        // The same chunks are fine in a full snapshot.
+        assert!(decode_table(&encode_table(&[c(1, 4095)]), &header(&[c(1, 4095)], 8192)).is_ok());
+    }
+
+    #[test]
+    fn extents_split_at_cells() {
+        let v: Vec<_> = split_at_cells(4000, 9000, 4096).collect();
+        assert_eq!(v, [(4000, 96), (4096, 4096), (8192, 4096), (12288, 712)]);
+        assert_eq!(split_at_cells(0, 0, 4096).count(), 0);
+        let v: Vec<_> = split_at_cells(u64::MAX - 10, 10, 4096).collect();
+        assert_eq!(v, [(u64::MAX - 10, 10)]);
     }
 
     #[test]
@@ -511,11 +744,18 @@ mod tests {
             Header::decode(b"garbage", 7),
             Err(Damage::BadMagic)
         ));
+        let mut v3 = b;
+        v3[8] = 3;
+        assert!(matches!(
+            Header::decode(&v3, 4096),
+            Err(Damage::UnsupportedVersion { version: 3 })
+        ));
+        // Version 2 with version 1's bytes: the CRC no longer matches.
         let mut v2 = b;
         v2[8] = 2;
         assert!(matches!(
             Header::decode(&v2, 4096),
-            Err(Damage::UnsupportedVersion { version: 2 })
+            Err(Damage::HeaderChecksum { .. })
         ));
         // A huge chunk count with a correct CRC must not overflow.
         let mut huge = h;

@@ -146,19 +146,19 @@ impl Image {
         &self.bytes
     }
 
-    /// Splits the extents into chunks of at most `chunk_size` bytes:
-    /// `(memfd offset, bytes)`, in order.
+    /// Splits the extents into chunks at every multiple of `chunk_size`
+    /// ([`format::split_at_cells`]): `(memfd offset, bytes)`, in order.
+    ///
+    /// [`format::split_at_cells`]: crate::format::split_at_cells
     pub fn chunks(&self, chunk_size: u32) -> impl Iterator<Item = (u64, &[u8])> + '_ {
-        let size = chunk_size.max(1) as u64;
         let mut at = 0usize;
         self.extents.iter().flat_map(move |e| {
             let start = at;
             at += e.len as usize;
             let bytes = &self.bytes[start..at];
-            (0..e.len.div_ceil(size)).map(move |i| {
-                let from = (i * size) as usize;
-                let to = ((i + 1) * size).min(e.len) as usize;
-                (e.offset + i * size, &bytes[from..to])
+            crate::format::split_at_cells(e.offset, e.len, chunk_size).map(move |(offset, n)| {
+                let from = (offset - e.offset) as usize;
+                (offset, &bytes[from..from + n as usize])
             })
         })
     }
@@ -343,7 +343,6 @@ pub(crate) fn push_merged(out: &mut Vec<Extent>, start: u64, end: u64) {
 /// Used to tell whether the memfd changed since the last save without
 /// stopping the program: the result need not be consistent, only equal to
 /// the last table if nothing changed. Returns `(size, table)`.
-#[cfg_attr(not(feature = "cli"), allow(dead_code))] // used by the command
 pub fn probe_table(memfd: &File, chunk_size: u32) -> io::Result<(u64, Vec<Chunk>)> {
     let data_len = memfd.metadata()?.len();
     let extents = data_extents(memfd, data_len)?;
@@ -351,17 +350,14 @@ pub fn probe_table(memfd: &File, chunk_size: u32) -> io::Result<(u64, Vec<Chunk>
     let mut buf = vec![0u8; size.min(data_len) as usize];
     let mut table = Vec::new();
     for e in extents {
-        let mut off = 0;
-        while off < e.len {
-            let n = size.min(e.len - off) as usize;
-            let b = &mut buf[..n];
-            memfd.read_exact_at(b, e.offset + off)?;
+        for (offset, n) in crate::format::split_at_cells(e.offset, e.len, chunk_size) {
+            let b = &mut buf[..n as usize];
+            memfd.read_exact_at(b, offset)?;
             table.push(Chunk {
-                offset: e.offset + off,
-                len: n as u32,
+                offset,
+                len: n,
                 crc: crc32fast::hash(b),
             });
-            off += n as u64;
         }
     }
     Ok((data_len, table))

@@ -46,6 +46,7 @@
 #![warn(missing_docs)]
 
 mod capture;
+mod chain;
 mod error;
 pub mod format;
 mod image;
@@ -59,6 +60,7 @@ mod storage;
 // The library's API: load, save (with a consistent copy of a running
 // program's memfd), check, and their options and errors.
 pub use capture::{CaptureMethod, Captured, SnapshotProtocol, StopGroup, Unpaused};
+pub use chain::{base_name, series_of};
 pub use error::{Damage, Error, InvalidOption, Result};
 pub use image::{Extent, Image, prefaulted};
 pub use load::{Fallback, LoadOutcome, restore};

@@ -5,11 +5,12 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use crate::chain::{Link, copy_chain_into, series_of, verify_chain};
 use crate::error::{Error, Result};
 use crate::format::{Chunk, Header};
 use crate::progress::Progress;
 use crate::save::{move_aside, prev_path};
-use crate::snapshot::{ReadError, copy_into, open_for_reading, verify_counting};
+use crate::snapshot::{ReadError, copy_into};
 use crate::storage::{DirStorage, Storage};
 
 /// Why the snapshot itself was not loaded and `.prev` was.
@@ -43,8 +44,13 @@ pub enum LoadOutcome {
         path: PathBuf,
         /// Its header.
         header: Header,
-        /// Its chunk table.
+        /// The memfd's chunk table after the load: the file's own table
+        /// for a full snapshot; for a delta, computed from the memfd (a
+        /// delta's table lists only the cells it replaces).
         chunks: Vec<Chunk>,
+        /// The headers of the chain loaded, `header` first, down to its
+        /// full snapshot (just `header` for a full snapshot).
+        chain: Vec<Header>,
         /// Set when `.prev` was loaded instead of the snapshot.
         fallback: Option<Box<Fallback>>,
     },
@@ -158,23 +164,26 @@ fn discard(memfd: &File) -> io::Result<()> {
     }
 }
 
-/// A snapshot file whose every checksum was verified.
+/// A snapshot file whose every checksum was verified, with the bases it
+/// applies to when it is a delta (head first).
 struct Verified {
-    file: File,
-    header: Header,
-    chunks: Vec<Chunk>,
+    links: Vec<Link<File>>,
 }
 
 impl Verified {
     fn open(path: &Path, max_data_len: u64, progress: Option<&Progress>) -> Result<Verified> {
-        let file = open_for_reading(path).map_err(|e| Error::io("opening", path, e))?;
-        let (header, chunks) =
-            verify_counting(&file, max_data_len, progress).map_err(|e| e.into_error(path))?;
-        Ok(Verified {
-            file,
-            header,
-            chunks,
-        })
+        let (mut storage, name) =
+            DirStorage::for_snapshot(path).map_err(|e| Error::io("opening", path, e))?;
+        let series = series_of(&name);
+        let links = verify_chain(&mut storage, &series, &name, max_data_len, progress).map_err(
+            |e| match e {
+                ReadError::Io(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Error::io("opening", path, e)
+                }
+                e => e.into_error(path),
+            },
+        )?;
+        Ok(Verified { links })
     }
 }
 
@@ -184,12 +193,12 @@ fn load(
     memfd: &File,
     progress: Option<&Progress>,
 ) -> Result<LoadOutcome> {
-    let Verified {
-        file,
-        header,
-        chunks,
-    } = snapshot;
-    let copied = copy_into(&file, &header, &chunks, memfd, progress);
+    let Verified { links } = snapshot;
+    let header = links[0].header;
+    let copied = match &links[..] {
+        [full] => copy_into(&full.reader, &full.header, &full.chunks, memfd, progress),
+        chain => copy_chain_into(chain, memfd, progress),
+    };
     if copied.is_err() {
         // Leave no half-loaded state behind: the watcher keeps the memfd,
         // and a later start would take a partial copy for live memory.
@@ -211,10 +220,24 @@ fn load(
         ReadError::Io(e) => Error::io("loading the snapshot into the memfd from", &path, e),
         e => e.into_error(&path),
     })?;
+    let chain: Vec<Header> = links.iter().map(|l| l.header).collect();
+    let chunks = if links.len() == 1 {
+        links
+            .into_iter()
+            .next()
+            .map(|l| l.chunks)
+            .unwrap_or_default()
+    } else {
+        drop(links);
+        crate::image::probe_table(memfd, header.chunk_size)
+            .map_err(|e| Error::io("reading back", "the memfd", e))?
+            .1
+    };
     Ok(LoadOutcome::Loaded {
         path,
         header,
         chunks,
+        chain,
         fallback: None,
     })
 }

@@ -45,6 +45,11 @@ impl Progress {
         self.0.total.store(total, Ordering::Relaxed);
     }
 
+    /// The operation under way turns out `bytes` larger.
+    pub(crate) fn extend(&self, bytes: u64) {
+        self.0.total.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     /// `bytes` more are done.
     pub(crate) fn add(&self, bytes: u64) {
         self.0.done.fetch_add(bytes, Ordering::Relaxed);

@@ -38,6 +38,7 @@ pub struct SaveOptions {
     chunk_size: u32,
     write_size: usize,
     max_data_len: u64,
+    max_chain: u32,
 }
 
 impl SaveOptions {
@@ -48,6 +49,8 @@ impl SaveOptions {
     /// The largest `max_data_len` accepted: the largest size a file or a
     /// memfd can have (`off_t`).
     pub const MAX_DATA_LEN: u64 = i64::MAX as u64;
+    /// The default [`SaveOptions::max_chain`].
+    pub const DEFAULT_MAX_CHAIN: u32 = 8;
 
     /// A builder starting from the defaults: 1 MiB chunks
     /// ([`format::DEFAULT_CHUNK_SIZE`]), writes of up to 1 MiB (or one
@@ -57,7 +60,19 @@ impl SaveOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             write_size: None,
             max_data_len: DEFAULT_MAX_DATA_LEN,
+            max_chain: SaveOptions::DEFAULT_MAX_CHAIN,
         }
+    }
+
+    /// The most deltas a chain holds above its full snapshot (0: every
+    /// save is full). A save writes a delta (format version 2: only the
+    /// cells of `chunk_size` bytes that changed since the last save) when
+    /// the saver knows what the snapshot in place holds (it wrote or loaded
+    /// it), the chain is shorter than this, and the chain's deltas
+    /// together stay within half the bytes of its full snapshot; otherwise
+    /// it writes a full snapshot, which ends the chain (compaction).
+    pub fn max_chain(&self) -> u32 {
+        self.max_chain
     }
 
     /// Bytes per checksummed chunk: a power of two in
@@ -86,6 +101,7 @@ impl Default for SaveOptions {
             chunk_size: DEFAULT_CHUNK_SIZE,
             write_size: (1 << 20).max(DEFAULT_CHUNK_SIZE as usize),
             max_data_len: DEFAULT_MAX_DATA_LEN,
+            max_chain: SaveOptions::DEFAULT_MAX_CHAIN,
         }
     }
 }
@@ -98,6 +114,7 @@ pub struct SaveOptionsBuilder {
     chunk_size: u32,
     write_size: Option<usize>,
     max_data_len: u64,
+    max_chain: u32,
 }
 
 impl SaveOptionsBuilder {
@@ -119,6 +136,13 @@ impl SaveOptionsBuilder {
     /// [`SaveOptions::max_data_len`]).
     pub fn max_data_len(mut self, bytes: u64) -> Self {
         self.max_data_len = bytes;
+        self
+    }
+
+    /// The most deltas above a full snapshot (see
+    /// [`SaveOptions::max_chain`]): `0..=`[`format::MAX_DEPTH`].
+    pub fn max_chain(mut self, deltas: u32) -> Self {
+        self.max_chain = deltas;
         self
     }
 
@@ -163,10 +187,18 @@ impl SaveOptionsBuilder {
                 accepted: format!("1..={}", SaveOptions::MAX_DATA_LEN),
             });
         }
+        if self.max_chain > format::MAX_DEPTH {
+            return Err(InvalidOption {
+                option: "max_chain",
+                value: u64::from(self.max_chain),
+                accepted: format!("0..={}", format::MAX_DEPTH),
+            });
+        }
         Ok(SaveOptions {
             chunk_size,
             write_size,
             max_data_len: self.max_data_len,
+            max_chain: self.max_chain,
         })
     }
 }
@@ -182,6 +214,8 @@ pub struct SaveReport {
     pub stored_len: u64,
     /// The snapshot file's length.
     pub file_len: u64,
+    /// `Some` when the save wrote a delta: the snapshot it applies to.
+    pub base: Option<format::Base>,
     /// True when the previous snapshot was kept as `.prev`.
     pub kept_previous: bool,
     /// A damaged file found in the snapshot's place, kept under the name
@@ -306,20 +340,13 @@ impl Source<'_> {
     }
 }
 
-/// The chunks `(memfd offset, length)` of `extents`: each extent split
-/// into pieces of at most `chunk_size` bytes from its start.
+/// The chunks `(memfd offset, length)` of `extents`: each extent split at
+/// every multiple of `chunk_size` ([`format::split_at_cells`]).
 fn chunk_layout(extents: &[Extent], chunk_size: u32) -> Vec<(u64, u32)> {
-    let size = u64::from(chunk_size.max(1));
-    let mut out = Vec::new();
-    for e in extents {
-        let mut off = 0;
-        while off < e.len {
-            let n = size.min(e.len - off);
-            out.push((e.offset + off, n as u32));
-            off += n;
-        }
-    }
-    out
+    extents
+        .iter()
+        .flat_map(|e| format::split_at_cells(e.offset, e.len, chunk_size))
+        .collect()
 }
 
 /// Saves images to one snapshot file through a [`Storage`], keeping track
@@ -336,17 +363,174 @@ pub struct Saver<S: Storage> {
     trusted: Option<u64>,
     /// The size and chunk table of the last saved or loaded state.
     last: Option<(u64, Vec<Chunk>)>,
+    /// The chain the snapshot in place heads, when this saver wrote or
+    /// loaded it: what a delta would apply to.
+    chain: Option<ChainState>,
     seq: u64,
     /// Where saves count the bytes they write.
     progress: Option<Progress>,
 }
 
+/// The snapshot in place as a chain: a full snapshot (`depth` 0) or the
+/// newest delta of a chain.
+#[derive(Debug, Clone, Copy)]
+struct ChainState {
+    /// Its generation.
+    generation: u64,
+    /// Its header CRC.
+    header_crc: u32,
+    /// Deltas in the chain (0 for a full snapshot).
+    depth: u32,
+    /// The bytes the chain's deltas store together.
+    delta_bytes: u64,
+    /// The bytes the chain's full snapshot stores.
+    full_bytes: u64,
+}
+
+impl ChainState {
+    /// The chain `headers` make, head first, down to a full snapshot.
+    fn of(headers: &[Header]) -> Option<ChainState> {
+        let (head, full) = (headers.first()?, headers.last()?);
+        if full.is_delta() {
+            return None;
+        }
+        Some(ChainState {
+            generation: head.generation,
+            header_crc: head.crc(),
+            depth: head.base.map_or(0, |b| b.depth),
+            delta_bytes: headers[..headers.len() - 1]
+                .iter()
+                .map(|h| h.stored_len)
+                .sum(),
+            full_bytes: full.stored_len,
+        })
+    }
+}
+
+/// What a delta save writes: the cells that changed, and the table of the
+/// whole current state (which the next save compares with).
+struct DeltaPlan {
+    /// `(memfd offset, length)` of each changed cell.
+    cells: Vec<(u64, u32)>,
+    /// The current state's chunk table.
+    table: Vec<Chunk>,
+    /// What the delta applies to.
+    base: format::Base,
+}
+
+/// The cells (`(offset, length)`, each a whole cell of `chunk_size` bytes
+/// cut at `data_len`) whose chunks in `now` differ from those in `last`.
+/// Both tables hold chunks that never cross a cell boundary, sorted. A
+/// cell holding the same extents with the same CRCs holds the same bytes
+/// (holes read as zeros in both), whatever the two sizes: past the old
+/// size the base reads as zeros, and cells past the new size are cut.
+fn changed_cells(last: &[Chunk], now: &[Chunk], data_len: u64, chunk_size: u32) -> Vec<(u64, u32)> {
+    let cell = u64::from(chunk_size);
+    let index = |c: &Chunk| c.offset / cell;
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let c = match (now.get(i), last.get(j)) {
+            (None, None) => break,
+            (Some(a), None) => index(a),
+            (None, Some(b)) => index(b),
+            (Some(a), Some(b)) => index(a).min(index(b)),
+        };
+        if c * cell >= data_len {
+            break;
+        }
+        let i_end = i + now[i..].iter().take_while(|x| index(x) == c).count();
+        let j_end = j + last[j..].iter().take_while(|x| index(x) == c).count();
+        if now[i..i_end] != last[j..j_end] {
+            out.push((c * cell, cell.min(data_len - c * cell) as u32));
+        }
+        (i, j) = (i_end, j_end);
+    }
+    out
+}
+
+/// The chunk table of the memfd's `extents` (cell-aligned chunks), read
+/// through one reused buffer.
+fn memfd_table(memfd: &File, extents: &[Extent], chunk_size: u32) -> std::io::Result<Vec<Chunk>> {
+    let mut buf = Vec::new();
+    let mut table = Vec::new();
+    for e in extents {
+        for (offset, n) in format::split_at_cells(e.offset, e.len, chunk_size) {
+            buf.resize(n as usize, 0);
+            memfd.read_exact_at(&mut buf, offset)?;
+            table.push(Chunk {
+                offset,
+                len: n,
+                crc: crc32fast::hash(&buf),
+            });
+        }
+    }
+    Ok(table)
+}
+
+/// Reads any range of an image as the memfd would: holes as zeros.
+struct Dense<'a> {
+    image: &'a Image,
+    /// Where each extent's bytes start in `image.bytes()`.
+    starts: Vec<usize>,
+}
+
+impl<'a> Dense<'a> {
+    fn new(image: &'a Image) -> Dense<'a> {
+        let mut at = 0usize;
+        let starts = image
+            .extents()
+            .iter()
+            .map(|e| {
+                let here = at;
+                at += e.len as usize;
+                here
+            })
+            .collect();
+        Dense { image, starts }
+    }
+
+    /// Fills `out` (zeroed by the caller) with the bytes at `offset`.
+    fn read(&self, offset: u64, out: &mut [u8]) {
+        let end = offset + out.len() as u64;
+        let extents = self.image.extents();
+        // The first extent that ends after `offset`.
+        let first = extents.partition_point(|e| e.offset + e.len <= offset);
+        for (k, e) in extents.iter().enumerate().skip(first) {
+            if e.offset >= end {
+                break;
+            }
+            let from = e.offset.max(offset);
+            let to = (e.offset + e.len).min(end);
+            let src = self.starts[k] + (from - e.offset) as usize;
+            out[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&self.image.bytes()[src..src + (to - from) as usize]);
+        }
+    }
+}
+
+/// True when no chunk of `table` crosses a multiple of `chunk_size` (the
+/// tables this version writes; older ones split extents from their start).
+fn cell_aligned(table: &[Chunk], chunk_size: u32) -> bool {
+    let cell = u64::from(chunk_size);
+    table
+        .iter()
+        .all(|c| c.offset / cell == (c.offset + u64::from(c.len) - 1) / cell)
+}
+
 impl<S: Storage> Saver<S> {
     /// A saver of the snapshot `name` in `storage`. The generation continues
-    /// from the highest found in the snapshot's and `.prev`'s headers.
+    /// from the highest found in the snapshot's and `.prev`'s headers and
+    /// in the names of the series' `.gen-` files.
     pub fn new(mut storage: S, name: &OsStr, options: SaveOptions) -> Saver<S> {
         let prev_name = with_suffix(name, "", ".prev");
-        let mut generation = 0;
+        let mut generation = storage
+            .list()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| crate::chain::generation_of_base(name, n))
+            .max()
+            .unwrap_or(0);
         for n in [name, prev_name.as_os_str()] {
             // Any size: a file above the maximum still counts its saves.
             let header = storage
@@ -366,6 +550,7 @@ impl<S: Storage> Saver<S> {
             generation,
             trusted: None,
             last: None,
+            chain: None,
             seq: 0,
             progress: None,
         }
@@ -378,13 +563,23 @@ impl<S: Storage> Saver<S> {
         self.progress = progress;
     }
 
-    /// Tells the saver which state was loaded into the memfd: a later
-    /// [`Saver::is_unchanged`] compares with it. `in_place` says the file
-    /// now in the snapshot's place is the one loaded (and verified).
-    pub fn note_loaded(&mut self, header: &Header, chunks: &[Chunk], in_place: bool) {
+    /// Tells the saver which state was loaded into the memfd: `chain` is
+    /// the loaded snapshot's header followed by those of its bases (one
+    /// header for a full snapshot), `chunks` the memfd's chunk table after
+    /// the load ([`LoadOutcome::Loaded`]). A later [`Saver::is_unchanged`]
+    /// compares with it. `in_place` says the file now in the snapshot's
+    /// place is the one loaded (and verified): the next save may then be a
+    /// delta on it.
+    ///
+    /// [`LoadOutcome::Loaded`]: crate::LoadOutcome::Loaded
+    pub fn note_loaded(&mut self, chain: &[Header], chunks: &[Chunk], in_place: bool) {
+        let Some(header) = chain.first() else {
+            return;
+        };
         self.generation = self.generation.max(header.generation);
         if in_place {
             self.trusted = Some(header.generation);
+            self.chain = ChainState::of(chain);
         }
         if header.chunk_size == self.options.chunk_size {
             self.last = Some((header.data_len, chunks.to_vec()));
@@ -485,9 +680,20 @@ impl<S: Storage> Saver<S> {
                 max: self.options.max_data_len,
             });
         }
+        let delta = self.plan_delta(&source)?;
+        if let Some(plan) = &delta
+            && plan.cells.is_empty()
+            && self.last.as_ref().map(|l| l.0) == Some(source.data_len())
+        {
+            return Ok(SaveOutcome::SkippedUnchanged);
+        }
         let generation = self.generation.saturating_add(1);
         let chunk_size = self.options.chunk_size;
-        let layout = chunk_layout(source.extents(), chunk_size);
+        let layout = match &delta {
+            Some(plan) => plan.cells.clone(),
+            None => chunk_layout(source.extents(), chunk_size),
+        };
+        let base = delta.as_ref().map(|p| p.base);
         if let Some(p) = &self.progress {
             p.begin(layout.iter().map(|&(_, n)| u64::from(n)).sum());
         }
@@ -500,6 +706,17 @@ impl<S: Storage> Saver<S> {
                     std::io::Error::other("chunk table too large"),
                 )
             })?;
+        let header_for = |table: &[Chunk]| Header {
+            chunk_size,
+            data_len: source.data_len(),
+            generation,
+            saved_at_ns,
+            chunk_count: table.len() as u64,
+            stored_len: table.iter().map(|c| u64::from(c.len)).sum(),
+            data_offset,
+            table_crc: crc32fast::hash(&format::encode_table(table)),
+            base,
+        };
 
         self.seq += 1;
         let pid = std::process::id();
@@ -508,54 +725,233 @@ impl<S: Storage> Saver<S> {
             .storage
             .create_new(&tmp)
             .map_err(|e| Error::io("creating", self.storage.path_of(&tmp), e))?;
-        let written = self.write_temp(&mut file, &tmp, &source, &layout, data_offset, |table| {
+        let front = |table: &[Chunk]| {
             let table_bytes = format::encode_table(table);
-            let header = Header {
-                chunk_size,
-                data_len: source.data_len(),
-                generation,
-                saved_at_ns,
-                chunk_count: table.len() as u64,
-                stored_len: table.iter().map(|c| u64::from(c.len)).sum(),
-                data_offset,
-                table_crc: crc32fast::hash(&table_bytes),
-            };
             let mut front = vec![0u8; data_offset as usize];
-            front[..HEADER_LEN].copy_from_slice(&header.encode());
+            front[..HEADER_LEN].copy_from_slice(&header_for(table).encode());
             front[HEADER_LEN..HEADER_LEN + table_bytes.len()].copy_from_slice(&table_bytes);
             front
-        });
+        };
+        let written = match &delta {
+            Some(_) => self.write_delta(&mut file, &tmp, &source, &layout, data_offset, front),
+            None => self.write_temp(&mut file, &tmp, &source, &layout, data_offset, front),
+        };
         drop(file);
-        let table = match written {
+        let written = match written {
             Ok(t) => t,
             Err(e) => return Err(self.discard(&tmp, e)),
         };
+        let header = header_for(&written);
+        // The state the next save compares with: the whole table, not the
+        // delta's cells.
+        let table = match delta {
+            Some(plan) => plan.table,
+            None => written,
+        };
+        // A delta's base must keep a name of its own once the snapshot's
+        // name moves on, durably before the delta takes its place.
+        if let Some(base) = base
+            && let Err(e) = self.keep_base(base)
+        {
+            return Err(self.discard(&tmp, e));
+        }
         // The old `.prev`, held open so that replacing it does not free its
         // blocks inside the save (see `Storage::retire`).
         let mut old_prev = None;
         let result = match self.link_previous(saved_at_ns, &mut old_prev) {
-            Ok(previous) => self.install(&tmp, &source, table, data_offset, previous),
+            Ok(previous) => self.install(&tmp, &header, table, previous),
             Err(e) => Err(self.discard(&tmp, e)),
         };
         if let Some(file) = old_prev {
             self.storage.retire(file);
         }
+        if result.is_ok() {
+            self.remove_unneeded_bases();
+        }
         result
+    }
+
+    /// Whether this save can be a delta, and what it would hold: the
+    /// snapshot in place must be one this saver wrote or loaded (so the
+    /// last table describes it), with cell-aligned chunks of this chunk
+    /// size, and the chain must stay within its bounds (`max_chain`
+    /// deltas, half its full snapshot's bytes).
+    ///
+    /// Finds the changed cells by comparing each cell's chunks (extents
+    /// and CRCs) with the last table: the current table is computed from
+    /// the source, which reads every data byte once.
+    fn plan_delta(&self, source: &Source<'_>) -> Result<Option<DeltaPlan>> {
+        let chunk_size = self.options.chunk_size;
+        let (Some(chain), Some((_, last))) = (self.chain, &self.last) else {
+            return Ok(None);
+        };
+        if chain.depth >= self.options.max_chain
+            || self.trusted != Some(chain.generation)
+            || !cell_aligned(last, chunk_size)
+        {
+            return Ok(None);
+        }
+        let table = match source {
+            Source::Image(image) => image.table(chunk_size),
+            Source::Memfd { file, extents, .. } => memfd_table(file, extents, chunk_size)
+                .map_err(|e| Error::io("reading", "the memfd", e))?,
+        };
+        let cells = changed_cells(last, &table, source.data_len(), chunk_size);
+        let stored: u64 = cells.iter().map(|&(_, n)| u64::from(n)).sum();
+        if chain.delta_bytes.saturating_add(stored) > chain.full_bytes / 2 {
+            return Ok(None);
+        }
+        Ok(Some(DeltaPlan {
+            cells,
+            table,
+            base: format::Base {
+                generation: chain.generation,
+                header_crc: chain.header_crc,
+                depth: chain.depth + 1,
+            },
+        }))
+    }
+
+    /// Writes a delta's cells, each whole (holes as zeros), with their
+    /// CRCs, then the header and table at offset 0, then fsyncs. Returns
+    /// the delta's table.
+    fn write_delta(
+        &mut self,
+        file: &mut S::File,
+        tmp: &OsStr,
+        source: &Source<'_>,
+        cells: &[(u64, u32)],
+        data_offset: u64,
+        front: impl FnOnce(&[Chunk]) -> Vec<u8>,
+    ) -> Result<Vec<Chunk>> {
+        let dense = match source {
+            Source::Image(image) => Some(Dense::new(image)),
+            Source::Memfd { .. } => None,
+        };
+        let piece_max = self.options.write_size;
+        let mut table = Vec::with_capacity(cells.len());
+        let mut buf = Vec::new();
+        let mut pos = 0u64;
+        let mut i = 0;
+        while i < cells.len() {
+            // Whole cells per write, up to write_size.
+            let mut j = i;
+            let mut len = 0usize;
+            while j < cells.len() && (j == i || len + cells[j].1 as usize <= piece_max) {
+                len += cells[j].1 as usize;
+                j += 1;
+            }
+            buf.clear();
+            buf.resize(len, 0);
+            let mut at = 0;
+            for &(offset, n) in &cells[i..j] {
+                let bytes = &mut buf[at..at + n as usize];
+                match (&dense, source) {
+                    (Some(d), _) => d.read(offset, bytes),
+                    (None, Source::Memfd { file: memfd, .. }) => memfd
+                        .read_exact_at(bytes, offset)
+                        .map_err(|e| Error::io("reading", "the memfd", e))?,
+                    (None, Source::Image(_)) => unreachable!("an image has its dense reader"),
+                }
+                table.push(Chunk {
+                    offset,
+                    len: n,
+                    crc: crc32fast::hash(bytes),
+                });
+                at += n as usize;
+            }
+            self.storage
+                .write_at(file, data_offset + pos, &buf)
+                .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
+            if let Some(p) = &self.progress {
+                p.add(len as u64);
+            }
+            pos += len as u64;
+            i = j;
+        }
+        let front = front(&table);
+        self.storage
+            .write_at(file, 0, &front)
+            .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
+        self.storage
+            .sync_file(file)
+            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))?;
+        Ok(table)
+    }
+
+    /// Gives the snapshot in place, which a delta is about to apply to, its
+    /// chain name `<NAME>.gen-<generation>` (unless a file of that name
+    /// already holds it, by header CRC), and makes that name durable: the
+    /// rename that puts the delta in place must never reach the disk
+    /// before its base's name does.
+    fn keep_base(&mut self, base: format::Base) -> Result<()> {
+        let name = crate::chain::base_name(&self.name, base.generation);
+        let path = self.storage.path_of(&name);
+        let existing = self
+            .storage
+            .open(&name)
+            .map_err(|e| Error::io("opening", &path, e))?;
+        match existing.map(|r| read_header(&r, u64::MAX)) {
+            Some(Ok(h)) if h.generation == base.generation && h.crc() == base.header_crc => {
+                return Ok(());
+            }
+            Some(_) => {
+                // Left by an older series or a crash: not this base.
+                self.storage
+                    .remove(&name)
+                    .map_err(|e| Error::io("removing the stale", &path, e))?;
+            }
+            None => {}
+        }
+        self.storage
+            .link(&self.name, &name)
+            .map_err(|e| Error::io("linking the base of the delta as", &path, e))?;
+        self.storage.sync_dir().map_err(|e| {
+            Error::io(
+                "fsync of the directory (after linking the delta's base)",
+                self.storage.path_of(OsStr::new(".")),
+                e,
+            )
+        })
+    }
+
+    /// Removes the series' `.gen-` files that neither the snapshot's chain
+    /// nor `.prev`'s needs. Best effort, after the save is durable: a file
+    /// left by a crash or an error is removed by a later save.
+    fn remove_unneeded_bases(&mut self) {
+        let mut needed = Vec::new();
+        for n in [self.name.clone(), self.prev_name.clone()] {
+            match crate::chain::chain_generations(&mut self.storage, &self.name, &n) {
+                Ok(g) => needed.extend(g),
+                // Cannot tell what is needed: keep everything.
+                Err(_) => return,
+            }
+        }
+        let Ok(names) = self.storage.list() else {
+            return;
+        };
+        for n in names {
+            if let Some(g) = crate::chain::generation_of_base(&self.name, &n)
+                && !needed.contains(&g)
+            {
+                let _ = self.storage.remove(&n);
+            }
+        }
     }
 
     /// Renames the finished temp file over the snapshot (the commit), then
     /// keeps the previous snapshot as `.prev` and makes the directory
     /// durable. A failed commit drops the name `link_previous` added, so
-    /// every file is as it was.
+    /// every file is as it was. `table` is the whole state's (what the
+    /// next save compares with), `header` the new file's.
     fn install(
         &mut self,
         tmp: &OsStr,
-        source: &Source<'_>,
+        header: &Header,
         table: Vec<Chunk>,
-        data_offset: u64,
         previous: Previous,
     ) -> Result<SaveOutcome> {
-        let generation = self.generation.saturating_add(1);
+        let generation = header.generation;
         if let Err(e) = self.storage.rename(tmp, &self.name) {
             let e = Error::io(
                 "renaming the new snapshot to",
@@ -570,10 +966,20 @@ impl<S: Storage> Saver<S> {
             return Err(self.discard(tmp, e));
         }
         // The new snapshot is in place from here on.
-        let stored_len: u64 = table.iter().map(|c| u64::from(c.len)).sum();
         self.generation = generation;
         self.trusted = Some(generation);
-        self.last = Some((source.data_len(), table));
+        self.last = Some((header.data_len, table));
+        self.chain = match (header.base, self.chain) {
+            (None, _) => ChainState::of(std::slice::from_ref(header)),
+            (Some(base), Some(c)) => Some(ChainState {
+                generation,
+                header_crc: header.crc(),
+                depth: base.depth,
+                delta_bytes: c.delta_bytes + header.stored_len,
+                full_bytes: c.full_bytes,
+            }),
+            (Some(_), None) => None,
+        };
         let mut kept_previous = false;
         let mut moved_corrupt = None;
         let mut not_kept = None;
@@ -607,9 +1013,10 @@ impl<S: Storage> Saver<S> {
         }
         Ok(SaveOutcome::Saved(SaveReport {
             generation,
-            data_len: source.data_len(),
-            stored_len,
-            file_len: data_offset + stored_len,
+            data_len: header.data_len,
+            stored_len: header.stored_len,
+            file_len: header.file_len(),
+            base: header.base,
             kept_previous,
             moved_corrupt,
         }))
@@ -832,5 +1239,7 @@ pub fn remove_stale_temps(dir: &Path, name: &OsStr) -> Vec<PathBuf> {
     removed
 }
 
+#[cfg(test)]
+mod delta_tests;
 #[cfg(test)]
 mod tests;

@@ -290,9 +290,25 @@ pub(crate) fn verify_counting<R: ReadAt + Sync + ?Sized>(
     max_data_len: u64,
     progress: Option<&Progress>,
 ) -> Result<(Header, Vec<Chunk>), ReadError> {
+    verify_inner(r, max_data_len, progress, true)
+}
+
+/// [`verify_counting`]; with `begin` false the file's bytes are added to
+/// the count under way (the next link of a delta chain) instead of
+/// beginning it again.
+pub(crate) fn verify_inner<R: ReadAt + Sync + ?Sized>(
+    r: &R,
+    max_data_len: u64,
+    progress: Option<&Progress>,
+    begin: bool,
+) -> Result<(Header, Vec<Chunk>), ReadError> {
     let (header, chunks) = read_header_and_table(r, max_data_len)?;
     if let Some(p) = progress {
-        p.begin(header.stored_len.saturating_mul(2));
+        if begin {
+            p.begin(header.stored_len.saturating_mul(2));
+        } else {
+            p.extend(header.stored_len.saturating_mul(2));
+        }
     }
     let places = file_offsets(&header, &chunks);
     let results = parallel::run_each(split(&header, &chunks), |run| {
@@ -379,7 +395,7 @@ pub fn copy_into<R: ReadAt + Sync + ?Sized>(
 
 /// Where each chunk's bytes are in the file (validated by `decode_table`:
 /// they add up to `stored_len`, so no sum overflows).
-fn file_offsets(header: &Header, chunks: &[Chunk]) -> Vec<u64> {
+pub(crate) fn file_offsets(header: &Header, chunks: &[Chunk]) -> Vec<u64> {
     let mut at = header.data_offset;
     chunks
         .iter()
@@ -392,7 +408,7 @@ fn file_offsets(header: &Header, chunks: &[Chunk]) -> Vec<u64> {
 }
 
 /// The chunk runs a pass over the file's data uses, one per thread.
-fn split(header: &Header, chunks: &[Chunk]) -> Vec<std::ops::Range<usize>> {
+pub(crate) fn split(header: &Header, chunks: &[Chunk]) -> Vec<std::ops::Range<usize>> {
     let lens: Vec<u64> = chunks.iter().map(|c| u64::from(c.len)).collect();
     parallel::split_even(&lens, parallel::workers(header.stored_len))
 }
@@ -426,29 +442,50 @@ fn check_chunks(header: &Header, chunks: &[Chunk], data: &[u8]) -> Option<Damage
 pub struct Inspection {
     /// The header, when it could be decoded.
     pub header: Option<Header>,
-    /// `Ok` when the whole file is valid and holds at most the maximum;
+    /// For a delta whose chain verified: the headers of its bases, its own
+    /// base first, down to the full snapshot. Empty otherwise.
+    pub bases: Vec<Header>,
+    /// `Ok` when the whole file is valid (for a delta: with every base
+    /// down to its full snapshot) and holds at most the maximum;
     /// [`Error::TooLarge`] when it is valid but holds more (its checksums
     /// were all checked).
     pub verdict: Result<()>,
 }
 
 /// Inspects the snapshot at `path`: decodes what it can and verifies the
-/// rest, for a report.
+/// rest, for a report. A delta is verified with its chain, as a load
+/// would ([`crate::series_of`] names the series its bases belong to).
 pub fn inspect(path: &Path, max_data_len: u64) -> Inspection {
     let file = match open_for_reading(path) {
         Ok(f) => f,
         Err(e) => {
             return Inspection {
                 header: None,
+                bases: Vec::new(),
                 verdict: Err(Error::io("opening", path, e)),
             };
         }
     };
     let header = read_header(&file, u64::MAX).ok();
+    drop(file);
+    let (mut storage, name) = match crate::storage::DirStorage::for_snapshot(path) {
+        Ok(v) => v,
+        Err(e) => {
+            return Inspection {
+                header,
+                bases: Vec::new(),
+                verdict: Err(Error::io("opening", path, e)),
+            };
+        }
+    };
+    let series = crate::chain::series_of(&name);
     // Every checksum is checked whatever the size (verifying allocates
     // nothing by the data size), then the size against the maximum.
-    let verdict = verify(&file, u64::MAX)
-        .and_then(|(h, _)| {
+    let mut bases = Vec::new();
+    let verdict = crate::chain::verify_chain(&mut storage, &series, &name, u64::MAX, None)
+        .and_then(|links| {
+            bases = links[1..].iter().map(|l| l.header).collect();
+            let h = links[0].header;
             if h.data_len > max_data_len {
                 Err(ReadError::TooLarge {
                     data_len: h.data_len,
@@ -459,7 +496,11 @@ pub fn inspect(path: &Path, max_data_len: u64) -> Inspection {
             }
         })
         .map_err(|e| e.into_error(path));
-    Inspection { header, verdict }
+    Inspection {
+        header,
+        bases,
+        verdict,
+    }
 }
 
 /// Formats nanoseconds since the Unix epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -568,6 +609,7 @@ mod tests {
             stored_len,
             data_offset: format::data_offset_for(chunk_count).unwrap(),
             table_crc: crc32fast::hash(&format::encode_table(table)),
+            base: None,
         };
         let mut bytes = header.encode().to_vec();
         bytes.extend(format::encode_table(table));

@@ -41,6 +41,9 @@ pub trait Storage {
     fn open(&mut self, name: &OsStr) -> io::Result<Option<Self::Reader>>;
     /// The path of `name`, for messages.
     fn path_of(&self, name: &OsStr) -> PathBuf;
+    /// The names in the directory (for finding the `.gen-` files of delta
+    /// chains that no snapshot needs any more).
+    fn list(&mut self) -> io::Result<Vec<OsString>>;
 
     /// Starts writing `len` bytes of `file` at `offset` to the disk without
     /// waiting for them. Only a hint that overlaps the disk's work with the
@@ -163,6 +166,12 @@ impl Storage for DirStorage {
         self.dir.join(name)
     }
 
+    fn list(&mut self) -> io::Result<Vec<OsString>> {
+        std::fs::read_dir(&self.dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect()
+    }
+
     fn start_writeback(&mut self, file: &mut File, offset: u64, len: u64) {
         let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
             return;
@@ -202,6 +211,11 @@ impl Drop for DirStorage {
 /// An in-memory file system that models what a machine crash keeps: file
 /// contents become durable at `sync_file`, directory entries at `sync_dir`.
 /// It can crash (or fail once, like a full disk) at the Nth operation.
+///
+/// The directory operations since the last `sync_dir` may reach the disk
+/// in any combination (each one or not, in their order): a protocol that
+/// needs one name durable before another changes must fsync the directory
+/// in between.
 #[cfg(test)]
 pub(crate) mod sim {
     use super::*;
@@ -228,6 +242,8 @@ pub(crate) mod sim {
         inodes: Vec<Inode>,
         dir: BTreeMap<OsString, usize>,
         durable_dir: BTreeMap<OsString, usize>,
+        /// The directory operations since the last `sync_dir`.
+        dir_log: Vec<DirOp>,
         ops: usize,
         fault: Option<(usize, Fault)>,
         crashed: bool,
@@ -235,6 +251,35 @@ pub(crate) mod sim {
         hints: Vec<(usize, u64, u64)>,
         /// The contents of every file handed to `retire`.
         retired: Vec<Vec<u8>>,
+    }
+
+    /// A change to the directory.
+    #[derive(Debug, Clone)]
+    enum DirOp {
+        /// `name` now names the inode (create, link).
+        Insert(OsString, usize),
+        /// `from` renamed over `to`.
+        Rename(OsString, OsString),
+        /// `name` removed.
+        Remove(OsString),
+    }
+
+    impl DirOp {
+        fn apply(&self, dir: &mut BTreeMap<OsString, usize>) {
+            match self {
+                DirOp::Insert(name, id) => {
+                    dir.insert(name.clone(), *id);
+                }
+                DirOp::Rename(from, to) => {
+                    if let Some(id) = dir.remove(from) {
+                        dir.insert(to.clone(), id);
+                    }
+                }
+                DirOp::Remove(name) => {
+                    dir.remove(name);
+                }
+            }
+        }
     }
 
     /// A handle on the simulated disk; clones share it.
@@ -288,13 +333,28 @@ pub(crate) mod sim {
                 .collect()
         }
 
-        /// Every disk a crash now could leave: directory entries durable or
-        /// not, and each file's contents durable or not (the two extremes of
-        /// what the page cache may have written back).
+        /// Every disk a crash now could leave: any combination of the
+        /// directory operations since the last `sync_dir` applied to the
+        /// durable directory, and each file's contents durable or not (the
+        /// two extremes of what the page cache may have written back).
         pub(crate) fn crash_images(&self) -> Vec<DiskImage> {
             let s = self.0.borrow();
             let mut out = Vec::new();
-            for dir in [&s.durable_dir, &s.dir] {
+            let n = s.dir_log.len();
+            assert!(n <= 12, "{n} directory operations without a sync_dir");
+            let dirs: Vec<BTreeMap<OsString, usize>> = (0u32..1 << n)
+                .map(|subset| {
+                    let mut dir = s.durable_dir.clone();
+                    for (i, op) in s.dir_log.iter().enumerate() {
+                        if subset & (1 << i) != 0 {
+                            op.apply(&mut dir);
+                        }
+                    }
+                    dir
+                })
+                .collect();
+            debug_assert!(n > 0 || dirs[0] == s.dir);
+            for dir in &dirs {
                 let ids: Vec<usize> = {
                     let mut v: Vec<usize> = dir.values().copied().collect();
                     v.sort_unstable();
@@ -364,6 +424,7 @@ pub(crate) mod sim {
             let id = s.inodes.len();
             s.inodes.push(Inode::default());
             s.dir.insert(name.to_owned(), id);
+            s.dir_log.push(DirOp::Insert(name.to_owned(), id));
             Ok(id)
         }
 
@@ -395,6 +456,7 @@ pub(crate) mod sim {
                 return Err(io::Error::from(io::ErrorKind::AlreadyExists));
             }
             s.dir.insert(to.to_owned(), id);
+            s.dir_log.push(DirOp::Insert(to.to_owned(), id));
             Ok(())
         }
 
@@ -403,6 +465,8 @@ pub(crate) mod sim {
             let mut s = self.0.borrow_mut();
             let id = s.dir.remove(from).ok_or_else(not_found)?;
             s.dir.insert(to.to_owned(), id);
+            s.dir_log
+                .push(DirOp::Rename(from.to_owned(), to.to_owned()));
             Ok(())
         }
 
@@ -417,6 +481,7 @@ pub(crate) mod sim {
             self.step()?;
             let mut s = self.0.borrow_mut();
             s.dir.remove(name).ok_or_else(not_found)?;
+            s.dir_log.push(DirOp::Remove(name.to_owned()));
             Ok(())
         }
 
@@ -424,6 +489,7 @@ pub(crate) mod sim {
             self.step()?;
             let mut s = self.0.borrow_mut();
             s.durable_dir = s.dir.clone();
+            s.dir_log.clear();
             Ok(())
         }
 
@@ -434,6 +500,10 @@ pub(crate) mod sim {
 
         fn path_of(&self, name: &OsStr) -> PathBuf {
             PathBuf::from("sim").join(name)
+        }
+
+        fn list(&mut self) -> io::Result<Vec<OsString>> {
+            Ok(self.0.borrow().dir.keys().cloned().collect())
         }
 
         // A hint makes nothing durable and is not an operation a crash can

@@ -121,6 +121,14 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = max_size)]
     pub max_size: u64,
 
+    /// Save deltas: after a full snapshot, each save writes only the 1 MiB
+    /// chunks that changed since the last one, up to N deltas in a chain
+    /// (and at most half the full snapshot's bytes), then a full snapshot
+    /// again. 0 writes every save in full (0 to 1024).
+    #[arg(long, value_name = "N", default_value_t = SaveOptions::DEFAULT_MAX_CHAIN,
+          value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub max_chain: u32,
+
     /// How long to wait for the command's process group to stop before a
     /// save made while it runs gives up (10ms to 1h).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = stop_timeout)]
@@ -265,9 +273,10 @@ fn parse_args() -> Result<Args, ExitCode> {
     }
     args.save_options = SaveOptions::builder()
         .max_data_len(args.max_size)
+        .max_chain(args.max_chain)
         .build()
         .map_err(|e| {
-            warn(format_args!("--max-size: {e}"));
+            warn(format_args!("--max-size/--max-chain: {e}"));
             ExitCode::from(EXIT_USAGE)
         })?;
     Ok(args)
@@ -307,13 +316,43 @@ fn check(path: &Path, max_size: u64) -> u8 {
     match &inspection.header {
         Some(h) => {
             report += &format!("{}: shm-restore snapshot\n", path.display());
-            report += &format!("  format version: {}\n", shm_restore::format::VERSION);
+            report += &format!(
+                "  format version: {}\n",
+                if h.is_delta() {
+                    "2 (a delta)"
+                } else {
+                    "1 (a full snapshot)"
+                }
+            );
             report += &format!(
                 "  data size:      {} bytes ({} stored in {} chunks of up to {} bytes)\n",
                 h.data_len, h.stored_len, h.chunk_count, h.chunk_size
             );
             report += &format!("  generation:     {}\n", h.generation);
             report += &format!("  saved at:       {}\n", format_time(h.saved_at_ns));
+            if let Some(base) = h.base {
+                let (_, name) = shm_restore::DirStorage::for_snapshot(path)
+                    .unwrap_or_else(|_| (shm_restore::DirStorage::new("."), path.into()));
+                let series = shm_restore::series_of(&name);
+                report += &format!(
+                    "  applies to:     generation {} ({}), header CRC {:#010x}; the chain \
+                     holds {} delta(s) above a full snapshot\n",
+                    base.generation,
+                    path.with_file_name(shm_restore::base_name(&series, base.generation))
+                        .display(),
+                    base.header_crc,
+                    base.depth
+                );
+                for b in &inspection.bases {
+                    report += &format!(
+                        "  chain:          generation {} {}, {} bytes stored, saved at {}: ok\n",
+                        b.generation,
+                        if b.is_delta() { "delta" } else { "full" },
+                        b.stored_len,
+                        format_time(b.saved_at_ns)
+                    );
+                }
+            }
         }
         None => report += &format!("{}: not readable as a snapshot\n", path.display()),
     }

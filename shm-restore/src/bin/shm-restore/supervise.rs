@@ -112,13 +112,13 @@ pub(crate) fn run(args: &Args) -> Result<u8, Failure> {
     }
     let mut saver = Saver::new(storage, &name, args.save_options);
     if let LoadOutcome::Loaded {
-        header,
+        chain,
         chunks,
         fallback,
         ..
     } = &outcome
     {
-        saver.note_loaded(header, chunks, fallback.is_none());
+        saver.note_loaded(chain, chunks, fallback.is_none());
     }
 
     // A memfd created here (none was passed) goes to systemd's fd store, as
@@ -543,10 +543,16 @@ fn save(
                 say(
                     args,
                     &format!(
-                        "saved {path} {why} (generation {}, {} bytes, {} stored{})",
+                        "saved {path} {why} (generation {}, {} bytes, {} stored{}{})",
                         r.generation,
                         r.data_len,
                         r.stored_len,
+                        r.base
+                            .map(|b| format!(
+                                ", a delta on generation {} ({} in the chain)",
+                                b.generation, b.depth
+                            ))
+                            .unwrap_or_default(),
                         how_copied(&captured)
                     ),
                 );

@@ -1,0 +1,361 @@
+//! Delta chains: reading a snapshot that is a delta (format version 2)
+//! together with the snapshots it applies to, down to a full one.
+//!
+//! A delta names its base by generation and header CRC
+//! ([`format::Base`]); the base is found next to it as
+//! `<NAME>.gen-<generation>` ([`base_name`]), where `NAME` is the
+//! snapshot's name without a `.prev` or `.gen-<n>` suffix ([`series_of`]).
+//! Every link is verified whole (header, table, every chunk's CRC) before
+//! anything is loaded, and a base that is missing, is not the file the
+//! delta names, or is damaged makes the delta damaged
+//! ([`Damage::BrokenChain`]): a load then falls back on `.prev` exactly as
+//! for a damaged full snapshot.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+
+use crate::error::Damage;
+use crate::format::{self, Chunk, Header};
+use crate::parallel;
+use crate::progress::Progress;
+use crate::snapshot::{ReadAt, ReadError, file_offsets, split, verify_inner};
+use crate::storage::Storage;
+
+/// The name under which the snapshot of generation `generation` of the
+/// series `name` is kept while a delta applies to it: `<name>.gen-<generation>`.
+pub fn base_name(name: &OsStr, generation: u64) -> OsString {
+    let mut n = name.to_owned();
+    n.push(format!(".gen-{generation}"));
+    n
+}
+
+/// The series a snapshot file belongs to: its name without a `.prev` or
+/// `.gen-<digits>` suffix (`state.snap.prev` and `state.snap.gen-7` belong
+/// to `state.snap`). Bases are looked up under the series' name.
+pub fn series_of(name: &OsStr) -> OsString {
+    let bytes = name.as_bytes();
+    if let Some(stem) = bytes.strip_suffix(b".prev")
+        && !stem.is_empty()
+    {
+        return OsStr::from_bytes(stem).to_owned();
+    }
+    if let Some(at) = bytes.windows(5).rposition(|w| w == b".gen-") {
+        let digits = &bytes[at + 5..];
+        if at > 0 && !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
+            return OsStr::from_bytes(&bytes[..at]).to_owned();
+        }
+    }
+    name.to_owned()
+}
+
+/// The generation a `<series>.gen-<n>` name holds, if `name` is one.
+pub(crate) fn generation_of_base(series: &OsStr, name: &OsStr) -> Option<u64> {
+    let digits = name
+        .as_encoded_bytes()
+        .strip_prefix(series.as_bytes())?
+        .strip_prefix(b".gen-")?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) || digits[0] == b'0' {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// One verified snapshot of a chain.
+#[derive(Debug)]
+pub(crate) struct Link<R> {
+    /// The file, open.
+    pub reader: R,
+    /// Its header.
+    pub header: Header,
+    /// Its chunk table.
+    pub chunks: Vec<Chunk>,
+}
+
+/// Opens and verifies the snapshot `name` and, when it is a delta, every
+/// base down to its full snapshot, looked up in `storage` under the names
+/// of `series` ([`base_name`]). Returns the links, `name` first.
+///
+/// `name` missing is an I/O error of kind `NotFound`; a base missing,
+/// mismatched (generation, header CRC, depth or chunk size) or damaged is
+/// [`Damage::BrokenChain`]. `max_data_len` bounds `name`'s data size
+/// ([`ReadError::TooLarge`]); a base is read at any size, since only the
+/// part inside `name`'s size is loaded. The bytes checked are counted
+/// into `progress` (each link adds twice its stored bytes to the total,
+/// for the verify and the copy).
+pub(crate) fn verify_chain<S: Storage>(
+    storage: &mut S,
+    series: &OsStr,
+    name: &OsStr,
+    max_data_len: u64,
+    progress: Option<&Progress>,
+) -> Result<Vec<Link<S::Reader>>, ReadError> {
+    let reader = storage
+        .open(name)?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+    let (header, chunks) = verify_inner(&reader, max_data_len, progress, true)?;
+    let mut links = vec![Link {
+        reader,
+        header,
+        chunks,
+    }];
+    let head_chunk_size = header.chunk_size;
+    let mut want = header.base;
+    while let Some(base) = want {
+        let base_file = base_name(series, base.generation);
+        let shown = storage.path_of(&base_file).display().to_string();
+        let broken = |problem: String| {
+            ReadError::Damaged(Damage::BrokenChain {
+                base: shown.clone(),
+                problem,
+            })
+        };
+        let Some(reader) = storage.open(&base_file)? else {
+            return Err(broken("is missing".into()));
+        };
+        let (header, chunks) = match verify_inner(&reader, u64::MAX, progress, false) {
+            Ok(v) => v,
+            Err(ReadError::Damaged(d)) => return Err(broken(d.to_string())),
+            Err(e) => return Err(e),
+        };
+        if header.generation != base.generation || header.crc() != base.header_crc {
+            return Err(broken(format!(
+                "is generation {} with header CRC {:#010x}, the delta applies to generation \
+                 {} with header CRC {:#010x}",
+                header.generation,
+                header.crc(),
+                base.generation,
+                base.header_crc
+            )));
+        }
+        let depth = header.base.map_or(0, |b| b.depth);
+        if depth + 1 != base.depth {
+            return Err(broken(format!(
+                "has {depth} deltas below it, the delta says {}",
+                base.depth - 1
+            )));
+        }
+        if header.is_delta() && header.chunk_size != head_chunk_size {
+            return Err(broken(format!(
+                "has chunk size {}, the chain's deltas {head_chunk_size}",
+                header.chunk_size
+            )));
+        }
+        want = header.base;
+        links.push(Link {
+            reader,
+            header,
+            chunks,
+        });
+    }
+    Ok(links)
+}
+
+/// Copies a verified chain (head first, as [`verify_chain`] returns it)
+/// into an empty memfd: the memfd's size becomes the head's, and every
+/// byte comes from the newest link that holds it. Walking from the head
+/// down, each link contributes the cells no newer link replaced, cut at
+/// the smallest size of it and the links above it (a delta that cut the
+/// memfd shorter dropped the bytes past its end). Every chunk's CRC is
+/// checked again as it is read; all-zero cells of a delta are left as
+/// holes. Each chunk read or passed over is counted into `progress`.
+pub(crate) fn copy_chain_into<R: ReadAt + Sync>(
+    links: &[Link<R>],
+    memfd: &File,
+    progress: Option<&Progress>,
+) -> Result<(), ReadError> {
+    let Some(head) = links.first() else {
+        return Ok(());
+    };
+    let data_len = head.header.data_len;
+    if data_len > memfd.metadata()?.len() {
+        memfd.set_len(data_len)?;
+    }
+    let cell = u64::from(head.header.chunk_size);
+    let mut covered = Cells::new(data_len.div_ceil(cell))?;
+    let mut limit = u64::MAX;
+    let mut buf = Vec::new();
+    for link in links {
+        limit = limit.min(link.header.data_len);
+        let places = file_offsets(&link.header, &link.chunks);
+        if link.header.is_delta() {
+            for (i, c) in link.chunks.iter().enumerate() {
+                let index = c.offset / cell;
+                if c.offset < limit && !covered.get(index) {
+                    covered.set(index);
+                    read_checked(&link.reader, &link.chunks, &places, i, &mut buf)?;
+                    let keep = &buf[..(limit - c.offset).min(u64::from(c.len)) as usize];
+                    if keep.iter().any(|&b| b != 0) {
+                        memfd.write_all_at(keep, c.offset)?;
+                    }
+                }
+                if let Some(p) = progress {
+                    p.add(u64::from(c.len));
+                }
+            }
+        } else {
+            // The full snapshot at the bottom: on a few threads when large.
+            let covered = &covered;
+            let results = parallel::run_each(split(&link.header, &link.chunks), |run| {
+                let mut buf = Vec::new();
+                for i in run {
+                    let c = &link.chunks[i];
+                    let end = (c.offset + u64::from(c.len)).min(limit);
+                    let mut at = c.offset;
+                    let mut read = false;
+                    while at < end {
+                        let index = at / cell;
+                        let piece_end = ((index + 1) * cell).min(end);
+                        if !covered.get(index) {
+                            if !read {
+                                read_checked(&link.reader, &link.chunks, &places, i, &mut buf)?;
+                                read = true;
+                            }
+                            let from = (at - c.offset) as usize;
+                            let to = (piece_end - c.offset) as usize;
+                            memfd.write_all_at(&buf[from..to], at)?;
+                        }
+                        at = piece_end;
+                    }
+                    if let Some(p) = progress {
+                        p.add(u64::from(c.len));
+                    }
+                }
+                Ok::<_, ReadError>(())
+            });
+            results.into_iter().collect::<Result<(), _>>()?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads chunk `i` of a link into `buf` and checks its CRC.
+fn read_checked<R: ReadAt + ?Sized>(
+    r: &R,
+    chunks: &[Chunk],
+    places: &[u64],
+    i: usize,
+    buf: &mut Vec<u8>,
+) -> Result<(), ReadError> {
+    let c = &chunks[i];
+    buf.resize(c.len as usize, 0);
+    r.read_exact_at(buf, places[i])?;
+    if crc32fast::hash(buf) != c.crc {
+        return Err(ReadError::Damaged(Damage::ChunkChecksum {
+            bad: 1,
+            total: chunks.len() as u64,
+            index: i as u64,
+            memfd_offset: c.offset,
+            file_offset: places[i],
+            len: c.len,
+        }));
+    }
+    Ok(())
+}
+
+/// A set of cell indices (one bit each), for cells a newer link replaced.
+struct Cells(Vec<u64>);
+
+impl Cells {
+    fn new(count: u64) -> io::Result<Cells> {
+        let words = usize::try_from(count.div_ceil(64)).unwrap_or(usize::MAX);
+        let mut v = Vec::new();
+        v.try_reserve_exact(words).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("cannot allocate the cell map of {count} cells"),
+            )
+        })?;
+        v.resize(words, 0);
+        Ok(Cells(v))
+    }
+
+    fn get(&self, index: u64) -> bool {
+        self.0
+            .get((index / 64) as usize)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    fn set(&mut self, index: u64) {
+        if let Some(w) = self.0.get_mut((index / 64) as usize) {
+            *w |= 1 << (index % 64);
+        }
+    }
+}
+
+/// The generations of the chain that `name` heads, read from headers only
+/// (no checksums): `name`'s own base, its base's base, ... Used to tell
+/// which `.gen-` files are still needed. Stops at the first file that is
+/// missing or whose header is not a valid delta header.
+pub(crate) fn chain_generations<S: Storage>(
+    storage: &mut S,
+    series: &OsStr,
+    name: &OsStr,
+) -> io::Result<Vec<u64>> {
+    let mut out = Vec::new();
+    let Some(reader) = storage.open(name)? else {
+        return Ok(out);
+    };
+    let mut want = crate::snapshot::read_header(&reader, u64::MAX)
+        .ok()
+        .and_then(|h| h.base);
+    while let Some(base) = want {
+        if out.contains(&base.generation) || out.len() > format::MAX_DEPTH as usize {
+            break;
+        }
+        out.push(base.generation);
+        let Some(reader) = storage.open(&base_name(series, base.generation))? else {
+            break;
+        };
+        want = crate::snapshot::read_header(&reader, u64::MAX)
+            .ok()
+            .and_then(|h| h.base);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_a_series() {
+        let s = OsStr::new("state.snap");
+        assert_eq!(base_name(s, 7), "state.snap.gen-7");
+        assert_eq!(series_of(OsStr::new("state.snap")), "state.snap");
+        assert_eq!(series_of(OsStr::new("state.snap.prev")), "state.snap");
+        assert_eq!(series_of(OsStr::new("state.snap.gen-12")), "state.snap");
+        assert_eq!(series_of(OsStr::new("state.snap.gen-")), "state.snap.gen-");
+        assert_eq!(series_of(OsStr::new("a.gen-x")), "a.gen-x");
+        assert_eq!(series_of(OsStr::new(".prev")), ".prev");
+        assert_eq!(
+            generation_of_base(s, OsStr::new("state.snap.gen-12")),
+            Some(12)
+        );
+        assert_eq!(
+            generation_of_base(s, OsStr::new("state.snap.gen-012")),
+            None
+        );
+        assert_eq!(generation_of_base(s, OsStr::new("state.snap.gen-")), None);
+        assert_eq!(generation_of_base(s, OsStr::new("state.snap.prev")), None);
+        assert_eq!(generation_of_base(s, OsStr::new("other.gen-3")), None);
+        assert_eq!(
+            generation_of_base(s, OsStr::new("state.snap.gen-99999999999999999999999")),
+            None
+        );
+    }
+
+    #[test]
+    fn cells_set_and_get() {
+        let mut c = Cells::new(130).unwrap();
+        assert!(!c.get(129));
+        c.set(129);
+        c.set(0);
+        assert!(c.get(129) && c.get(0) && !c.get(64));
+        // Out of range: never set, never panics.
+        c.set(1 << 40);
+        assert!(!c.get(1 << 40));
+    }
+}
