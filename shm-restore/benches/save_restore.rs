@@ -13,6 +13,11 @@
 //! for snapshot files (default: the system temp dir); `BENCH_IDLE_SECS`
 //! the idle measurement (default 10); `BENCH_VERBOSE=1` prints every run.
 //!
+//! `BENCH_ONLY=delta` runs only the incremental saves: a 1 GiB memfd with
+//! 1 MiB changed since the last save, saved as a delta, against a full
+//! save of the same 1 GiB and a save of a 1 MiB memfd (`BENCH_DELTA_MIB`
+//! sets the size, default 1024).
+//!
 //! `BENCH_ONLY=stop` runs only the pause of `--snapshot stop` mode at
 //! 16 MiB, 256 MiB, 1 GiB and on a fragmented memfd (`BENCH_STOP_RUNS`
 //! captures each, default 20; p50 and p100), and what the pause is made of.
@@ -115,11 +120,13 @@ fn pattern(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// A saver writing full snapshots only (no deltas): the throughput rows
+/// save the same bytes again and again.
 fn saver(dir: &Path) -> Saver<DirStorage> {
     Saver::new(
         DirStorage::new(dir),
         OsStr::new("bench.snap"),
-        SaveOptions::default(),
+        SaveOptions::builder().max_chain(0).build().unwrap(),
     )
 }
 
@@ -161,6 +168,10 @@ fn row(what: &str, bytes: usize, ours: Stats, base_what: &str, base: Stats) {
 fn main() {
     if std::env::var("BENCH_ONLY").as_deref() == Ok("stop") {
         stop_pauses();
+        return;
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("delta") {
+        delta_saves();
         return;
     }
     let base: PathBuf = std::env::var_os("BENCH_DIR")
@@ -516,4 +527,119 @@ fn cpu_ns(pid: u32) -> u64 {
         .unwrap()
         .parse()
         .unwrap()
+}
+
+/// Incremental saves, as the wrapper makes them while the command runs
+/// (`--snapshot stop`: stop the group, copy, continue; then save): a
+/// memfd of `BENCH_DELTA_MIB` MiB (default 1024) in which 1 MiB, at a
+/// different place each run, changed since the last save, saved as a
+/// delta (the default options: the capture computes every chunk's CRC in
+/// the stop and copies only the changed chunks); the same memfd saved in full
+/// (`--max-chain 0`); and a 1 MiB memfd saved in full. Each time is the
+/// whole save: capture, CRCs, write, fsyncs, renames. Interleaved runs.
+fn delta_saves() {
+    let mib = env_num("BENCH_DELTA_MIB", 1024);
+    let len = mib * MIB;
+    let base: PathBuf = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let (d_delta, d_full, d_small) = (
+        tempfile::tempdir_in(&base).unwrap(),
+        tempfile::tempdir_in(&base).unwrap(),
+        tempfile::tempdir_in(&base).unwrap(),
+    );
+    let mut sleeper = Command::new("sleep")
+        .arg("1000")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let mut stop = StopGroup::new(sleeper.id() as i32, Duration::from_secs(5));
+    let big = memfd("bench-delta");
+    let chunk = pattern(64 * MIB, 8);
+    for off in (0..len).step_by(chunk.len()) {
+        let n = chunk.len().min(len - off);
+        big.write_all_at(&chunk[..n], off as u64).unwrap();
+    }
+    let small = memfd("bench-delta-small");
+    small.write_all_at(&pattern(MIB, 9), 0).unwrap();
+    let mut delta_saver = Saver::new(
+        DirStorage::new(d_delta.path()),
+        OsStr::new("bench.snap"),
+        SaveOptions::default(),
+    );
+    let mut full_saver = Saver::new(
+        DirStorage::new(d_full.path()),
+        OsStr::new("bench.snap"),
+        SaveOptions::builder().max_chain(0).build().unwrap(),
+    );
+    let mut small_saver = Saver::new(
+        DirStorage::new(d_small.path()),
+        OsStr::new("bench.snap"),
+        SaveOptions::builder().max_chain(0).build().unwrap(),
+    );
+    let mut capture_and_save = |saver: &mut Saver<DirStorage>, m: &File| {
+        let t = Instant::now();
+        // As the wrapper does: only the changes, when a delta can follow.
+        let captured = match saver.delta_basis() {
+            Some(basis) => stop.capture_changes(m, &basis).unwrap(),
+            None => stop.capture(m).unwrap(),
+        };
+        assert!(
+            matches!(captured, Captured::Copied { .. } | Captured::Changes { .. }),
+            "the sleeper is running"
+        );
+        let out = saver
+            .save_captured(&captured, m, shm_restore::now_ns())
+            .unwrap();
+        let d = t.elapsed();
+        drop(captured);
+        saver.wait_retired();
+        (d, out)
+    };
+    // The first save of the series is full.
+    capture_and_save(&mut delta_saver, &big);
+    let change = pattern(MIB, 10);
+    let mut round = 0u64;
+    let (mut t_delta, mut t_full, mut t_small) = (Vec::new(), Vec::new(), Vec::new());
+    let mut stored = Vec::new();
+    for _ in 0..runs() {
+        round += 1;
+        // 1 MiB changed, at a different place each round (a compaction
+        // comes every 8 rounds, or when the deltas pass half the full:
+        // counted in the figures, as a user would see it).
+        let at = (round * 37 % (len / MIB) as u64) * MIB as u64;
+        big.write_all_at(&change[..MIB - round as usize], at)
+            .unwrap();
+        let (d, out) = capture_and_save(&mut delta_saver, &big);
+        t_delta.push(d);
+        if let shm_restore::SaveOutcome::Saved(r) = out {
+            stored.push((r.stored_len >> 10, r.base.is_some()));
+        }
+        t_full.push(capture_and_save(&mut full_saver, &big).0);
+        small
+            .write_all_at(&change[..MIB - round as usize], 0)
+            .unwrap();
+        t_small.push(capture_and_save(&mut small_saver, &small).0);
+    }
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let (delta, full, small) = (Stats::of(t_delta), Stats::of(t_full), Stats::of(t_small));
+    println!(
+        "incremental saves: {mib} MiB memfd, 1 MiB changed per save, {} runs",
+        runs()
+    );
+    println!("stored per delta run (KiB, delta?): {stored:?}\n");
+    println!("| save | time (median, fastest–slowest) | ratio |");
+    println!("|---|---|---|");
+    println!("| {mib} MiB, 1 MiB changed, delta | {} | |", delta.ms());
+    println!(
+        "| {mib} MiB in full (`--max-chain 0`) | {} | delta / full = {:.3}x |",
+        full.ms(),
+        delta.median.as_secs_f64() / full.median.as_secs_f64()
+    );
+    println!(
+        "| a 1 MiB memfd in full | {} | delta / 1 MiB = {:.1}x |",
+        small.ms(),
+        delta.median.as_secs_f64() / small.median.as_secs_f64()
+    );
 }

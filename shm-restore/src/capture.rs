@@ -18,11 +18,13 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use shm_snapshot::{CopyTarget, Region};
 
+use crate::chain::changed_cells;
 use crate::error::{Error, Result};
 use crate::image::{
-    Extent, Image, data_extents, data_extents_since, prefaulted, push_merged, read_extents,
-    stored_len,
+    Extent, Image, data_extents, data_extents_since, memfd_table, prefaulted, push_merged,
+    read_extents, stored_len,
 };
+use crate::save::{Changes, DeltaBasis};
 
 /// The result of a capture: a consistent private copy, or the news that
 /// nothing writes the memfd any more (so a save may read it directly), or
@@ -50,13 +52,22 @@ pub enum Captured {
         /// The program's committed generation (shm-snapshot).
         generation: u64,
     },
+    /// Only the cells that changed since a [`DeltaBasis`] were copied
+    /// ([`CaptureMethod::capture_changes`]), with the whole state's chunk
+    /// table: what a delta save needs.
+    Changes {
+        /// The copy.
+        changes: Changes,
+        /// How long the program was paused for it, if it was.
+        pause: Option<Duration>,
+    },
 }
 
 impl Captured {
     /// How long the program was paused, if it was.
     pub fn pause(&self) -> Option<Duration> {
         match self {
-            Captured::Copied { pause, .. } => *pause,
+            Captured::Copied { pause, .. } | Captured::Changes { pause, .. } => *pause,
             _ => None,
         }
     }
@@ -77,6 +88,17 @@ pub trait CaptureMethod {
     /// Says that saving the last capture failed: the next capture must
     /// copy even if nothing changed since.
     fn save_failed(&mut self) {}
+
+    /// Captures only what changed since `basis`, the state the snapshot in
+    /// place holds ([`crate::Saver::delta_basis`]), when this method can
+    /// tell that at the instant it captures ([`Captured::Changes`]), or
+    /// everything when more changed than the basis' budget. The default is
+    /// [`CaptureMethod::capture`]: a whole copy, which the saver compares
+    /// with the basis itself.
+    fn capture_changes(&mut self, memfd: &File, basis: &DeltaBasis) -> Result<Captured> {
+        let _ = basis;
+        self.capture(memfd)
+    }
 }
 
 /// For a memfd nothing writes any more (the program has exited): returns
@@ -123,6 +145,14 @@ impl CaptureMethod for StopGroup {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
         self.capture_with(memfd, || {})
     }
+
+    /// In the stop, reads the memfd once through a small buffer per thread
+    /// to compute every chunk's CRC, and copies only the cells whose chunks
+    /// differ from the basis'; no copy of the whole (and no buffer of its
+    /// size) unless more than the basis' budget changed.
+    fn capture_changes(&mut self, memfd: &File, basis: &DeltaBasis) -> Result<Captured> {
+        self.capture_changes_with(memfd, basis, || {})
+    }
 }
 
 impl StopGroup {
@@ -166,6 +196,89 @@ impl StopGroup {
             protocol: None,
         })
     }
+}
+
+impl StopGroup {
+    /// [`CaptureMethod::capture_changes`], calling `stopped` once the group
+    /// is stopped (for tests, as in `capture_with`).
+    fn capture_changes_with(
+        &mut self,
+        memfd: &File,
+        basis: &DeltaBasis,
+        stopped: impl FnOnce(),
+    ) -> Result<Captured> {
+        let pgid = Pid::from_raw(self.pgid);
+        if group_is_gone(pgid) {
+            return Unpaused.capture(memfd);
+        }
+        let searched = search(memfd)?;
+        let start = Instant::now();
+        match killpg(pgid, Signal::SIGSTOP) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Unpaused.capture(memfd),
+            Err(e) => {
+                return Err(Error::io(
+                    "stopping process group",
+                    format!("{}", self.pgid),
+                    e.into(),
+                ));
+            }
+        }
+        let cont = ContinueOnDrop(pgid);
+        wait_until_stopped(self.pgid, self.timeout)?;
+        stopped();
+        let fail = |e| Error::io("copying", "the memfd", e);
+        let data_len = memfd.metadata().map_err(fail)?.len();
+        let extents = data_extents_since(memfd, data_len, &searched).map_err(fail)?;
+        let table = memfd_table(memfd, &extents, basis.chunk_size).map_err(fail)?;
+        let cells = changed_cells(&basis.table, &table, data_len, basis.chunk_size);
+        let changed: u64 = cells.iter().map(|&(_, n)| u64::from(n)).sum();
+        let whole = changed > basis.budget;
+        let kept = if whole {
+            extents
+        } else {
+            cell_extents(&extents, &cells)
+        };
+        let bytes = read_extents(memfd, &kept, Vec::new()).map_err(fail)?;
+        drop(cont);
+        let pause = Some(start.elapsed());
+        let image = Image::from_parts(data_len, kept, bytes)
+            .map_err(|e| Error::io("copying", "the memfd", io::Error::other(e)))?;
+        if whole {
+            return Ok(Captured::Copied {
+                image,
+                pause,
+                protocol: None,
+            });
+        }
+        Ok(Captured::Changes {
+            changes: Changes {
+                basis_generation: basis.generation,
+                data_len,
+                table,
+                cells,
+                image,
+            },
+            pause,
+        })
+    }
+}
+
+/// The parts of the data `extents` inside the `cells` (both sorted).
+fn cell_extents(extents: &[Extent], cells: &[(u64, u32)]) -> Vec<Extent> {
+    let mut out = Vec::new();
+    let mut first = 0;
+    for &(offset, n) in cells {
+        let end = offset + u64::from(n);
+        first += extents[first..].partition_point(|e| e.offset + e.len <= offset);
+        for e in &extents[first..] {
+            if e.offset >= end {
+                break;
+            }
+            push_merged(&mut out, e.offset.max(offset), (e.offset + e.len).min(end));
+        }
+    }
+    out
 }
 
 /// True when no process is left in group `pgid`.
@@ -720,6 +833,90 @@ mod tests {
         assert_eq!(image.to_dense(), now.to_dense(), "the copy is torn");
         assert_eq!(image.to_dense()[2 * 4096], 0xA2);
         assert_eq!(image.to_dense()[3 * 4096], 0, "the punched page");
+    }
+
+    /// A capture of the changes since a save, with the program's writes
+    /// landing between the extent search and the copy, saved as a delta:
+    /// the delta loads to exactly the memfd as it is at the stop. With a
+    /// budget too small, the capture copies everything instead.
+    #[test]
+    fn a_capture_of_the_changes_copies_what_changed_up_to_the_stop() {
+        use crate::load::{LoadOutcome, restore};
+        use crate::save::{SaveOptions, Saver};
+        use crate::storage::DirStorage;
+        use std::ffi::OsStr;
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pgid = child.id() as i32;
+        let memfd = fragmented_memfd("cap-changes");
+        // Pages 4..40 hold data too, so the changes are a small part.
+        for p in 4u64..40 {
+            std::os::unix::fs::FileExt::write_all_at(&memfd, &[p as u8; 4096], p * 4096).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let options = SaveOptions::builder().chunk_size(4096).build().unwrap();
+        let mut saver = Saver::new(DirStorage::new(dir.path()), OsStr::new("s"), options);
+        let mut capture = StopGroup::new(pgid, Duration::from_secs(5));
+        assert!(saver.delta_basis().is_none(), "nothing saved yet");
+        let first = capture.capture(&memfd).unwrap();
+        saver.save_captured(&first, &memfd, 1).unwrap();
+        let basis = saver.delta_basis().expect("a delta can follow");
+        let got = capture
+            .capture_changes_with(&memfd, &basis, || {
+                assert_eq!(progress(pgid), Progress::Stopped);
+                write_after_the_search(&memfd);
+            })
+            .unwrap();
+        let Captured::Changes { changes, pause } = &got else {
+            panic!("{got:?}")
+        };
+        assert!(pause.is_some());
+        // Page 2 (filled), 3 (punched) and 50 (written) changed.
+        assert_eq!(
+            changes.cells(),
+            [(2 * 4096, 4096), (3 * 4096, 4096), (50 * 4096, 4096)]
+        );
+        let outcome = saver.save_captured(&got, &memfd, 2).unwrap();
+        let crate::save::SaveOutcome::Saved(report) = outcome else {
+            panic!("{outcome:?}")
+        };
+        assert_eq!(report.base.map(|b| b.generation), Some(1));
+        assert_eq!(report.stored_len, 3 * 4096);
+        let loaded = shm_fd::SharedFd::create("cap-changes-load", Default::default())
+            .unwrap()
+            .into_file();
+        let out = restore(&dir.path().join("s"), &loaded, u64::MAX, 0, None).unwrap();
+        assert!(matches!(out, LoadOutcome::Loaded { .. }));
+        let now = Image::read_from(&memfd).unwrap().to_dense();
+        assert_eq!(Image::read_from(&loaded).unwrap().to_dense(), now);
+
+        // More changed than the budget: a whole copy, saved in full.
+        let mut small = saver.delta_basis().unwrap();
+        small.budget = 4095;
+        std::os::unix::fs::FileExt::write_all_at(&memfd, b"x", 5 * 4096).unwrap();
+        let got = capture.capture_changes(&memfd, &small).unwrap();
+        let Captured::Copied { image, .. } = &got else {
+            panic!("{got:?}")
+        };
+        assert_eq!(
+            image.to_dense(),
+            Image::read_from(&memfd).unwrap().to_dense()
+        );
+        // A copy of changes made against another basis is refused, and
+        // nothing is written.
+        let stale = capture.capture_changes(&memfd, &basis).unwrap();
+        let e = saver.save_captured(&stale, &memfd, 3).unwrap_err();
+        assert!(e.to_string().contains("generation 1"), "{e}");
+        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+        child.wait().unwrap();
+        assert!(matches!(
+            capture.capture_changes(&memfd, &basis).unwrap(),
+            Captured::Quiescent
+        ));
     }
 
     #[test]

@@ -63,6 +63,51 @@ pub(crate) fn generation_of_base(series: &OsStr, name: &OsStr) -> Option<u64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// The cells (`(offset, length)`, each a whole cell of `chunk_size` bytes
+/// cut at `data_len`) whose chunks in `now` differ from those in `last`.
+/// Both tables hold chunks that never cross a cell boundary, sorted. A
+/// cell holding the same extents with the same CRCs holds the same bytes
+/// (holes read as zeros in both), whatever the two sizes: past the old
+/// size the base reads as zeros, and cells past the new size are cut.
+pub(crate) fn changed_cells(
+    last: &[Chunk],
+    now: &[Chunk],
+    data_len: u64,
+    chunk_size: u32,
+) -> Vec<(u64, u32)> {
+    let cell = u64::from(chunk_size);
+    let index = |c: &Chunk| c.offset / cell;
+    let mut out = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    loop {
+        let c = match (now.get(i), last.get(j)) {
+            (None, None) => break,
+            (Some(a), None) => index(a),
+            (None, Some(b)) => index(b),
+            (Some(a), Some(b)) => index(a).min(index(b)),
+        };
+        if c * cell >= data_len {
+            break;
+        }
+        let i_end = i + now[i..].iter().take_while(|x| index(x) == c).count();
+        let j_end = j + last[j..].iter().take_while(|x| index(x) == c).count();
+        if now[i..i_end] != last[j..j_end] {
+            out.push((c * cell, cell.min(data_len - c * cell) as u32));
+        }
+        (i, j) = (i_end, j_end);
+    }
+    out
+}
+
+/// True when no chunk of `table` crosses a multiple of `chunk_size` (the
+/// tables this version writes; older ones split extents from their start).
+pub(crate) fn cell_aligned(table: &[Chunk], chunk_size: u32) -> bool {
+    let cell = u64::from(chunk_size);
+    table
+        .iter()
+        .all(|c| c.offset / cell == (c.offset + u64::from(c.len) - 1) / cell)
+}
+
 /// One verified snapshot of a chain.
 #[derive(Debug)]
 pub(crate) struct Link<R> {

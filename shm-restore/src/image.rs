@@ -163,15 +163,25 @@ impl Image {
         })
     }
 
-    /// The chunk table for `chunk_size`: each chunk's place, length and CRC.
+    /// The chunk table for `chunk_size`: each chunk's place, length and CRC
+    /// (a large image on a few threads).
     pub fn table(&self, chunk_size: u32) -> Vec<Chunk> {
-        self.chunks(chunk_size)
-            .map(|(offset, bytes)| Chunk {
-                offset,
-                len: bytes.len() as u32,
-                crc: crc32fast::hash(bytes),
-            })
-            .collect()
+        let chunks: Vec<(u64, &[u8])> = self.chunks(chunk_size).collect();
+        let lens: Vec<u64> = chunks.iter().map(|c| c.1.len() as u64).collect();
+        let runs = parallel::split_even(&lens, parallel::workers(self.bytes.len() as u64));
+        parallel::run_each(runs, |run| {
+            chunks[run]
+                .iter()
+                .map(|&(offset, bytes)| Chunk {
+                    offset,
+                    len: bytes.len() as u32,
+                    crc: crc32fast::hash(bytes),
+                })
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .flatten()
+        .collect()
     }
 
     /// Writes the image into an empty memfd: grows it to the image's size
@@ -335,6 +345,41 @@ pub(crate) fn push_merged(out: &mut Vec<Extent>, start: u64, end: u64) {
             len: end - start,
         }),
     }
+}
+
+/// The chunk table of the memfd's data `extents` (chunks split at cells,
+/// [`crate::format::split_at_cells`]), read through a reused buffer per
+/// thread (a few threads for a large memfd): no copy of the whole.
+pub(crate) fn memfd_table(
+    memfd: &File,
+    extents: &[Extent],
+    chunk_size: u32,
+) -> io::Result<Vec<Chunk>> {
+    let pieces: Vec<(u64, u32)> = extents
+        .iter()
+        .flat_map(|e| crate::format::split_at_cells(e.offset, e.len, chunk_size))
+        .collect();
+    let lens: Vec<u64> = pieces.iter().map(|p| u64::from(p.1)).collect();
+    let runs = parallel::split_even(&lens, parallel::workers(stored_len(extents)));
+    let tables = parallel::run_each(runs, |run| {
+        let mut buf = Vec::new();
+        let mut table = Vec::with_capacity(run.len());
+        for &(offset, n) in &pieces[run] {
+            buf.resize(n as usize, 0);
+            memfd.read_exact_at(&mut buf, offset)?;
+            table.push(Chunk {
+                offset,
+                len: n,
+                crc: crc32fast::hash(&buf),
+            });
+        }
+        Ok::<_, io::Error>(table)
+    });
+    let mut table = Vec::with_capacity(pieces.len());
+    for t in tables {
+        table.extend(t?);
+    }
+    Ok(table)
 }
 
 /// The chunk table the memfd's current contents would have, computed by

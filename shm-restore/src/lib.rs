@@ -66,7 +66,8 @@ pub use image::{Extent, Image, prefaulted};
 pub use load::{Fallback, LoadOutcome, restore};
 pub use progress::Progress;
 pub use save::{
-    SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver, remove_stale_temps,
+    Changes, DeltaBasis, SaveOptions, SaveOptionsBuilder, SaveOutcome, SaveReport, Saver,
+    remove_stale_temps,
 };
 pub use snapshot::{
     DEFAULT_MAX_DATA_LEN, Inspection, ReadAt, ReadError, Snapshot, inspect, read_snapshot, verify,

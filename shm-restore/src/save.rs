@@ -9,6 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use crate::capture::Captured;
+use crate::chain::{cell_aligned, changed_cells};
 use crate::error::{Damage, Error, InvalidOption, Result};
 use crate::format::{self, Chunk, DEFAULT_CHUNK_SIZE, HEADER_LEN, Header};
 use crate::image::{Extent, Image, data_extents};
@@ -322,6 +323,8 @@ enum Source<'a> {
         data_len: u64,
         extents: Vec<Extent>,
     },
+    /// A copy of the cells that changed since a delta basis.
+    Changes(&'a Changes),
 }
 
 impl Source<'_> {
@@ -329,14 +332,80 @@ impl Source<'_> {
         match self {
             Source::Image(i) => i.data_len(),
             Source::Memfd { data_len, .. } => *data_len,
+            Source::Changes(c) => c.data_len,
         }
     }
 
+    /// The data extents of the whole state; for [`Source::Changes`], of
+    /// the changed cells only.
     fn extents(&self) -> &[Extent] {
         match self {
             Source::Image(i) => i.extents(),
             Source::Memfd { extents, .. } => extents,
+            Source::Changes(c) => c.image.extents(),
         }
+    }
+
+    /// True when the state holds no data at all.
+    fn is_empty(&self) -> bool {
+        match self {
+            Source::Changes(c) => c.table.is_empty(),
+            _ => self.extents().is_empty(),
+        }
+    }
+}
+
+/// What a capture compares with to copy only the cells that changed since
+/// the snapshot in place ([`Saver::delta_basis`],
+/// [`CaptureMethod::capture_changes`]): that snapshot's generation, its
+/// whole chunk table, and how many bytes a delta may hold before the
+/// chain is compacted instead.
+///
+/// [`CaptureMethod::capture_changes`]: crate::CaptureMethod::capture_changes
+#[derive(Debug, Clone)]
+pub struct DeltaBasis {
+    pub(crate) generation: u64,
+    pub(crate) chunk_size: u32,
+    pub(crate) table: Vec<Chunk>,
+    pub(crate) budget: u64,
+}
+
+impl DeltaBasis {
+    /// The generation of the snapshot the changes are counted from.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The most bytes of changed cells a delta may hold; a capture that
+    /// finds more copies the whole state (the save is then full).
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+}
+
+/// The cells that changed since a [`DeltaBasis`], copied at one instant
+/// with the whole state's chunk table ([`Captured::Changes`]).
+#[derive(Debug)]
+pub struct Changes {
+    pub(crate) basis_generation: u64,
+    pub(crate) data_len: u64,
+    /// The whole state's chunk table.
+    pub(crate) table: Vec<Chunk>,
+    /// `(offset, length)` of each changed cell.
+    pub(crate) cells: Vec<(u64, u32)>,
+    /// The changed cells' data (the rest of the image is holes).
+    pub(crate) image: Image,
+}
+
+impl Changes {
+    /// The memfd's size.
+    pub fn data_len(&self) -> u64 {
+        self.data_len
+    }
+
+    /// `(memfd offset, length)` of each changed cell.
+    pub fn cells(&self) -> &[(u64, u32)] {
+        &self.cells
     }
 }
 
@@ -418,56 +487,6 @@ struct DeltaPlan {
     base: format::Base,
 }
 
-/// The cells (`(offset, length)`, each a whole cell of `chunk_size` bytes
-/// cut at `data_len`) whose chunks in `now` differ from those in `last`.
-/// Both tables hold chunks that never cross a cell boundary, sorted. A
-/// cell holding the same extents with the same CRCs holds the same bytes
-/// (holes read as zeros in both), whatever the two sizes: past the old
-/// size the base reads as zeros, and cells past the new size are cut.
-fn changed_cells(last: &[Chunk], now: &[Chunk], data_len: u64, chunk_size: u32) -> Vec<(u64, u32)> {
-    let cell = u64::from(chunk_size);
-    let index = |c: &Chunk| c.offset / cell;
-    let mut out = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    loop {
-        let c = match (now.get(i), last.get(j)) {
-            (None, None) => break,
-            (Some(a), None) => index(a),
-            (None, Some(b)) => index(b),
-            (Some(a), Some(b)) => index(a).min(index(b)),
-        };
-        if c * cell >= data_len {
-            break;
-        }
-        let i_end = i + now[i..].iter().take_while(|x| index(x) == c).count();
-        let j_end = j + last[j..].iter().take_while(|x| index(x) == c).count();
-        if now[i..i_end] != last[j..j_end] {
-            out.push((c * cell, cell.min(data_len - c * cell) as u32));
-        }
-        (i, j) = (i_end, j_end);
-    }
-    out
-}
-
-/// The chunk table of the memfd's `extents` (cell-aligned chunks), read
-/// through one reused buffer.
-fn memfd_table(memfd: &File, extents: &[Extent], chunk_size: u32) -> std::io::Result<Vec<Chunk>> {
-    let mut buf = Vec::new();
-    let mut table = Vec::new();
-    for e in extents {
-        for (offset, n) in format::split_at_cells(e.offset, e.len, chunk_size) {
-            buf.resize(n as usize, 0);
-            memfd.read_exact_at(&mut buf, offset)?;
-            table.push(Chunk {
-                offset,
-                len: n,
-                crc: crc32fast::hash(&buf),
-            });
-        }
-    }
-    Ok(table)
-}
-
 /// Reads any range of an image as the memfd would: holes as zeros.
 struct Dense<'a> {
     image: &'a Image,
@@ -507,15 +526,6 @@ impl<'a> Dense<'a> {
                 .copy_from_slice(&self.image.bytes()[src..src + (to - from) as usize]);
         }
     }
-}
-
-/// True when no chunk of `table` crosses a multiple of `chunk_size` (the
-/// tables this version writes; older ones split extents from their start).
-fn cell_aligned(table: &[Chunk], chunk_size: u32) -> bool {
-    let cell = u64::from(chunk_size);
-    table
-        .iter()
-        .all(|c| c.offset / cell == (c.offset + u64::from(c.len) - 1) / cell)
 }
 
 impl<S: Storage> Saver<S> {
@@ -661,6 +671,9 @@ impl<S: Storage> Saver<S> {
         match captured {
             Captured::Copied { image, .. } => self.save(image, saved_at_ns),
             Captured::Quiescent => self.save_memfd(memfd, saved_at_ns),
+            Captured::Changes { changes, .. } => {
+                self.save_from(Source::Changes(changes), saved_at_ns)
+            }
             Captured::Unchanged { .. } => Ok(SaveOutcome::SkippedUnchanged),
         }
     }
@@ -669,7 +682,7 @@ impl<S: Storage> Saver<S> {
         // No data at all (size 0, or only holes: a memfd that was sized
         // but never written, or one a failed load punched clean) is never
         // worth replacing a snapshot with.
-        if source.data_len() == 0 || source.extents().is_empty() {
+        if source.data_len() == 0 || source.is_empty() {
             return Ok(SaveOutcome::SkippedEmpty);
         }
         // A snapshot no start would load is not worth replacing one that
@@ -782,23 +795,36 @@ impl<S: Storage> Saver<S> {
     /// the source, which reads every data byte once.
     fn plan_delta(&self, source: &Source<'_>) -> Result<Option<DeltaPlan>> {
         let chunk_size = self.options.chunk_size;
-        let (Some(chain), Some((_, last))) = (self.chain, &self.last) else {
+        let (Some(chain), Some(basis)) = (self.chain, self.basis()) else {
+            if let Source::Changes(c) = source {
+                return Err(self.stale_changes(c));
+            }
             return Ok(None);
         };
-        if chain.depth >= self.options.max_chain
-            || self.trusted != Some(chain.generation)
-            || !cell_aligned(last, chunk_size)
-        {
-            return Ok(None);
-        }
-        let table = match source {
-            Source::Image(image) => image.table(chunk_size),
-            Source::Memfd { file, extents, .. } => memfd_table(file, extents, chunk_size)
-                .map_err(|e| Error::io("reading", "the memfd", e))?,
+        let (table, cells) = match source {
+            Source::Changes(c) => {
+                if c.basis_generation != chain.generation {
+                    return Err(self.stale_changes(c));
+                }
+                (c.table.clone(), c.cells.clone())
+            }
+            Source::Image(image) => {
+                let table = image.table(chunk_size);
+                let cells = changed_cells(basis.1, &table, source.data_len(), chunk_size);
+                (table, cells)
+            }
+            Source::Memfd { file, extents, .. } => {
+                let table = crate::image::memfd_table(file, extents, chunk_size)
+                    .map_err(|e| Error::io("reading", "the memfd", e))?;
+                let cells = changed_cells(basis.1, &table, source.data_len(), chunk_size);
+                (table, cells)
+            }
         };
-        let cells = changed_cells(last, &table, source.data_len(), chunk_size);
         let stored: u64 = cells.iter().map(|&(_, n)| u64::from(n)).sum();
-        if chain.delta_bytes.saturating_add(stored) > chain.full_bytes / 2 {
+        if stored > basis.0 {
+            if let Source::Changes(c) = source {
+                return Err(self.stale_changes(c));
+            }
             return Ok(None);
         }
         Ok(Some(DeltaPlan {
@@ -810,6 +836,47 @@ impl<S: Storage> Saver<S> {
                 depth: chain.depth + 1,
             },
         }))
+    }
+
+    /// When the next save may be a delta: the bytes it may hold before the
+    /// chain is compacted instead, and the table it compares with.
+    fn basis(&self) -> Option<(u64, &[Chunk])> {
+        let chain = self.chain?;
+        let (_, last) = self.last.as_ref()?;
+        if chain.depth >= self.options.max_chain
+            || self.trusted != Some(chain.generation)
+            || !cell_aligned(last, self.options.chunk_size)
+        {
+            return None;
+        }
+        let budget = (chain.full_bytes / 2).checked_sub(chain.delta_bytes)?;
+        Some((budget, last))
+    }
+
+    /// What a capture needs to copy only the cells that changed since the
+    /// snapshot in place ([`crate::CaptureMethod::capture_changes`]); `None`
+    /// when the next save is a full one (no snapshot this saver wrote or
+    /// loaded is in place, the chain is at `max_chain`, or deltas are off).
+    pub fn delta_basis(&self) -> Option<DeltaBasis> {
+        let (budget, table) = self.basis()?;
+        Some(DeltaBasis {
+            generation: self.chain?.generation,
+            chunk_size: self.options.chunk_size,
+            table: table.to_vec(),
+            budget,
+        })
+    }
+
+    fn stale_changes(&self, c: &Changes) -> Error {
+        Error::io(
+            "saving",
+            self.storage.path_of(&self.name),
+            std::io::Error::other(format!(
+                "the capture copied the changes since generation {}, which is not the \
+                 snapshot in place or cannot take a delta any more; capture the whole memfd",
+                c.basis_generation
+            )),
+        )
     }
 
     /// Writes a delta's cells, each whole (holes as zeros), with their
@@ -826,6 +893,7 @@ impl<S: Storage> Saver<S> {
     ) -> Result<Vec<Chunk>> {
         let dense = match source {
             Source::Image(image) => Some(Dense::new(image)),
+            Source::Changes(c) => Some(Dense::new(&c.image)),
             Source::Memfd { .. } => None,
         };
         let piece_max = self.options.write_size;
@@ -851,7 +919,7 @@ impl<S: Storage> Saver<S> {
                     (None, Source::Memfd { file: memfd, .. }) => memfd
                         .read_exact_at(bytes, offset)
                         .map_err(|e| Error::io("reading", "the memfd", e))?,
-                    (None, Source::Image(_)) => unreachable!("an image has its dense reader"),
+                    (None, _) => unreachable!("an image has its dense reader"),
                 }
                 table.push(Chunk {
                     offset,
@@ -1098,6 +1166,15 @@ impl<S: Storage> Saver<S> {
             }
             let piece: &[u8] = match source {
                 Source::Image(image) => &image.bytes()[pos..pos + len],
+                // `plan_delta` never lets a copy of changes through to a
+                // full save.
+                Source::Changes(_) => {
+                    return Err(Error::io(
+                        "saving",
+                        self.storage.path_of(tmp),
+                        std::io::Error::other("a copy of the changes only cannot be saved in full"),
+                    ));
+                }
                 Source::Memfd { file: memfd, .. } => {
                     buf.resize(len, 0);
                     let mut at = 0;

@@ -493,7 +493,13 @@ fn save(
     why: &str,
 ) -> bool {
     let path = args.snapshot.display();
-    let captured = match capture.capture(memfd) {
+    // After a snapshot this saver wrote or loaded, copy only what changed
+    // since (where the capture method can tell).
+    let captured = match saver.delta_basis() {
+        Some(basis) => capture.capture_changes(memfd, &basis),
+        None => capture.capture(memfd),
+    };
+    let captured = match captured {
         Ok(c) => c,
         Err(e) => {
             warn(format_args!(
@@ -570,7 +576,14 @@ fn save(
             if why != "periodic" {
                 say(
                     args,
-                    &format!("nothing committed since the last save: {path} left as it was"),
+                    &format!(
+                        "nothing {} since the last save: {path} left as it was",
+                        if matches!(captured, Captured::Unchanged { .. }) {
+                            "committed"
+                        } else {
+                            "changed"
+                        }
+                    ),
                 );
             }
             true
@@ -619,6 +632,9 @@ fn how_copied(captured: &Captured) -> String {
                 ""
             }
         ),
+        Captured::Changes { changes, .. } => {
+            format!("{pause}, {} changed chunk(s) copied", changes.cells().len())
+        }
         _ => pause,
     }
 }
