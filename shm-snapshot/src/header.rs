@@ -38,6 +38,16 @@ pub const OFF_WAITERS: usize = 72;
 /// snapshotters sleep on with a futex. Only ever accessed in 4-byte halves
 /// (see [`crate::Region`]).
 pub const OFF_WAKE: usize = 80;
+/// The dirty map's control word: 0 while the map is off; `"dmap"` in its
+/// low 4 bytes and the cell shift in the high 4 while it is on (see
+/// [`crate::DirtyMap`]).
+pub const OFF_DIRTY: usize = 128;
+/// The program's scratch range (two words: start and length, memfd
+/// offsets): bytes that mean nothing between updates (see
+/// [`crate::DirtyMap::declare_scratch`]). Zero while the map is off.
+pub const OFF_SCRATCH: usize = 136;
+/// The dirty map's bits, one per cell, to the end of the page.
+pub const OFF_DIRTY_MAP: usize = 1024;
 /// A sequence word at or above this is damage, not a count of steps: it
 /// grows by one per begin or commit, so no program reaches 2^63, and the
 /// bound leaves room to add without overflow.

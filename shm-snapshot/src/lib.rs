@@ -76,6 +76,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+#[cfg(not(loom))]
+mod dirty;
 mod error;
 #[cfg(not(loom))]
 mod extents;
@@ -87,10 +89,15 @@ mod snapshot;
 mod sync;
 mod target;
 
+#[cfg(not(loom))]
+pub use dirty::{DIRTY_CELLS, DIRTY_SHIFT, DirtyCells, DirtyMap, take_dirty};
 pub use error::Error;
 #[cfg(not(loom))]
 pub use extents::{data_extents, data_extents_since};
-pub use header::{DATA_OFFSET, HEADER_LEN, MAGIC, OFF_SEQ, OFF_WAITERS, OFF_WAKE, VERSION};
+pub use header::{
+    DATA_OFFSET, HEADER_LEN, MAGIC, OFF_DIRTY, OFF_DIRTY_MAP, OFF_SCRATCH, OFF_SEQ, OFF_WAITERS,
+    OFF_WAKE, VERSION,
+};
 #[cfg(not(loom))]
 pub use publisher::MappedRegion;
 pub use publisher::{AsRegion, OpenedHeader, OwnedPublisher, Publisher, Update};

@@ -60,8 +60,27 @@ impl<'a> Publisher<'a> {
     /// One `Publisher` per region: two would both believe they own the
     /// sequence word (debug builds catch it at the next
     /// [`Publisher::enter_update`]).
+    ///
+    /// The open turns the header's dirty map off (see
+    /// [`crate::DirtyMap`]): this program is not known to mark its writes.
+    /// One that does opens with [`Publisher::open_marking`].
     pub fn open(region: Region<'a>) -> Result<(Publisher<'a>, OpenedHeader), Error> {
-        let (header, opened) = take_header(region)?;
+        Publisher::open_with(region, false)
+    }
+
+    /// As [`Publisher::open`], for a program that marks every write in the
+    /// dirty map ([`crate::DirtyMap::enable`] after the open, then
+    /// [`crate::DirtyMap::mark`] before each write): a map that is on stays
+    /// on, with its marks.
+    pub fn open_marking(region: Region<'a>) -> Result<(Publisher<'a>, OpenedHeader), Error> {
+        Publisher::open_with(region, true)
+    }
+
+    fn open_with(
+        region: Region<'a>,
+        marking: bool,
+    ) -> Result<(Publisher<'a>, OpenedHeader), Error> {
+        let (header, opened) = take_header(region, marking)?;
         let data = region
             .subregion(DATA_OFFSET, region.len() - DATA_OFFSET)
             .expect("take_header checked the region holds a header");
@@ -146,7 +165,7 @@ impl<'a> Update<'_, 'a> {
 /// Takes the header at the start of `region`, writing a fresh one when the
 /// first page is blank: [`Publisher::open`]'s work, shared with
 /// [`OwnedPublisher::open`].
-fn take_header(region: Region<'_>) -> Result<(Header<'_>, OpenedHeader), Error> {
+fn take_header(region: Region<'_>, marking: bool) -> Result<(Header<'_>, OpenedHeader), Error> {
     let (header, created) = match header::find(region)? {
         Found::Valid(h) => (h, false),
         Found::Foreign => return Err(Error::ForeignData),
@@ -178,6 +197,15 @@ fn take_header(region: Region<'_>) -> Result<(Header<'_>, OpenedHeader), Error> 
     // only cost a wake per commit; the snapshotter sets it again when
     // it sleeps, so it is safe to clear here.
     header.waiters().store(0, Ordering::Relaxed);
+    // A program that marks its writes in the dirty map turns it on again
+    // after the open; one that does not must not leave a map on that a
+    // snapshotter would trust.
+    #[cfg(not(loom))]
+    if !marking {
+        crate::dirty::disable(region);
+    }
+    #[cfg(loom)]
+    let _ = marking;
     let opened = OpenedHeader {
         created,
         generation: seq / 2,
@@ -327,7 +355,16 @@ pub struct OwnedPublisher<M> {
 impl<M: AsRegion> OwnedPublisher<M> {
     /// As [`Publisher::open`], over memory the publisher keeps.
     pub fn open(mem: M) -> Result<(OwnedPublisher<M>, OpenedHeader), Error> {
-        let (_, opened) = take_header(mem.as_region())?;
+        OwnedPublisher::open_with(mem, false)
+    }
+
+    /// As [`Publisher::open_marking`], over memory the publisher keeps.
+    pub fn open_marking(mem: M) -> Result<(OwnedPublisher<M>, OpenedHeader), Error> {
+        OwnedPublisher::open_with(mem, true)
+    }
+
+    fn open_with(mem: M, marking: bool) -> Result<(OwnedPublisher<M>, OpenedHeader), Error> {
+        let (_, opened) = take_header(mem.as_region(), marking)?;
         let seq = 2 * opened.generation + u64::from(opened.interrupted);
         Ok((OwnedPublisher { mem, seq }, opened))
     }
