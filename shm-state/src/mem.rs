@@ -25,6 +25,11 @@
 //!
 //! Before the lock is held, the header is read only with atomic loads
 //! ([`Mem::load_u64`], [`Mem::load_u8`]).
+//!
+//! With the snapshot protocol on a memfd or file, every write through this
+//! module first marks its range in shm-snapshot's dirty map
+//! ([`Mem::enable_dirty_map`]), so that an incremental snapshot reads only
+//! the cells written since the last one.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -207,9 +212,26 @@ pub(crate) struct Mem {
     /// takes them ([`Mem::header_page`]).
     heap_prefix: Option<HeapBuffer>,
     identity: Identity,
+    /// shm-snapshot's dirty map, when writes are marked in it.
+    dirty: Option<Dirty>,
     #[cfg(test)]
     pub crash: Option<CrashPlan>,
 }
+
+/// A mapping of the backing's first page (shm-snapshot's header) held for
+/// the dirty map, and the map's first word in it.
+#[derive(Debug)]
+struct Dirty {
+    _page: MmapRaw,
+    words: *const AtomicU64,
+}
+
+// SAFETY: `words` points into `_page`, a shared mapping owned by the same
+// value: valid wherever the value is, and only ever reached through
+// atomics.
+unsafe impl Send for Dirty {}
+// SAFETY: as above; `&Dirty` allows only atomic operations on the words.
+unsafe impl Sync for Dirty {}
 
 /// Rounds `len` up to whole lines.
 fn lines_for(len: usize) -> usize {
@@ -333,9 +355,94 @@ impl Mem {
             backing,
             heap_prefix: None,
             identity,
+            dirty: None,
             #[cfg(test)]
             crash: None,
         }
+    }
+
+    /// Turns on shm-snapshot's dirty map in the backing's first page (the
+    /// protocol header, which the publisher has opened) and marks every
+    /// write from now on. Nothing for a heap buffer or a region without
+    /// the protocol page.
+    pub(crate) fn enable_dirty_map(&mut self) -> Result<()> {
+        if self.base < shm_snapshot::HEADER_LEN {
+            return Ok(());
+        }
+        let fd = match &self.backing {
+            Backing::Heap(_) => return Ok(()),
+            Backing::Shared { fd, .. } => fd.as_fd(),
+            Backing::File { file, .. } => file.as_fd(),
+        };
+        let page = MmapOptions::new()
+            .len(shm_snapshot::HEADER_LEN)
+            .map_raw(&fd)
+            .map_err(|e| Error::io("mmap of the protocol page", e))?;
+        let region = shm_snapshot::Region::try_from_mmap(&page)
+            .map_err(|e| Error::io("mmap of the protocol page", e))?;
+        if shm_snapshot::DirtyMap::enable(region).is_none() {
+            return Ok(());
+        }
+        // SAFETY: the page is HEADER_LEN bytes, page-aligned, and the map
+        // (`OFF_DIRTY_MAP..HEADER_LEN`) lies inside it, 8-aligned.
+        let words = unsafe { page.as_ptr().add(shm_snapshot::OFF_DIRTY_MAP) }.cast::<AtomicU64>();
+        self.dirty = Some(Dirty { _page: page, words });
+        Ok(())
+    }
+
+    /// Marks the region's bytes `off..off+len` in the dirty map (before
+    /// they are written); cells past the map are not marked (a
+    /// snapshotter reads them).
+    #[inline(always)]
+    fn mark(&self, off: u64, len: u64) {
+        let Some(d) = &self.dirty else {
+            return;
+        };
+        if len == 0 {
+            return;
+        }
+        let at = self.base as u64 + off;
+        let shift = shm_snapshot::DIRTY_SHIFT;
+        let last = (at.saturating_add(len - 1) >> shift).min(shm_snapshot::DIRTY_CELLS - 1);
+        let mut cell = at >> shift;
+        while cell <= last {
+            // SAFETY: `cell < DIRTY_CELLS`, so word `cell / 64` is inside the
+            // map, which `_page` keeps mapped; other processes change these
+            // words too, and this one reaches them only atomically.
+            let word = unsafe { &*d.words.add((cell / 64) as usize) };
+            let bit = 1u64 << (cell % 64);
+            if word.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
+                // Acquire: no later store of this thread (the write being
+                // marked) becomes visible before the bit.
+                word.fetch_or(bit, std::sync::atomic::Ordering::Acquire);
+            }
+            cell += 1;
+        }
+    }
+
+    /// Declares the region's bytes `off..off+len` scratch in the dirty map
+    /// (the undo journal: meaningless between transactions), so a snapshot
+    /// taken between transactions need not copy them again
+    /// ([`shm_snapshot::DirtyMap::declare_scratch`]). Nothing without a
+    /// dirty map.
+    pub(crate) fn declare_scratch(&self, off: u64, len: u64) -> Result<()> {
+        let Some(d) = &self.dirty else {
+            return Ok(());
+        };
+        let region = shm_snapshot::Region::try_from_mmap(&d._page)
+            .map_err(|e| Error::io("mmap of the protocol page", e))?;
+        if let Some(map) = shm_snapshot::DirtyMap::attach(region) {
+            map.declare_scratch(self.base as u64 + off, len);
+        }
+        Ok(())
+    }
+
+    /// Marks `off..off+len` as written for a write that does not go through
+    /// this module (a published value's slots, written through a
+    /// [`shm_snapshot::Region`]).
+    #[inline]
+    pub(crate) fn mark_written(&self, off: u64, len: u64) {
+        self.mark(off, len);
     }
 
     /// Where the region lives (see [`Identity`]).
@@ -469,6 +576,7 @@ impl Mem {
         len: u64,
     ) -> Result<&mut [u8]> {
         let (off, len) = self.slice_range(what, off, len)?;
+        self.mark(off as u64, len as u64);
         // SAFETY: as in `bytes`; `&mut self` makes the slice unique in this
         // process.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) })
@@ -503,6 +611,7 @@ impl Mem {
         }
         let (src, len) = self.slice_range(what, src, len)?;
         let (dst, _) = self.slice_range(what, dst, len as u64)?;
+        self.mark(dst as u64, len as u64);
         // SAFETY: both ranges are inside the region and off the atomic words
         // (checked by `slice_range`), `ptr` is valid for reads and writes of
         // the region while `self` is borrowed mutably (module docs), and
@@ -597,6 +706,7 @@ impl Mem {
                 }
             }
         }
+        self.mark(off, 8);
         self.atomic_u64(off)?
             .store(value, std::sync::atomic::Ordering::Release);
         Ok(())
@@ -635,8 +745,10 @@ impl Mem {
         let crash = self.crash.take();
         let backing = std::mem::replace(&mut self.backing, Backing::Heap(Vec::new()));
         let heap_prefix = self.heap_prefix.take();
+        let dirty = self.dirty.take();
         *self = Self::from_backing(backing, self.base, self.identity);
         self.heap_prefix = heap_prefix;
+        self.dirty = dirty;
         #[cfg(test)]
         {
             self.crash = crash;

@@ -308,7 +308,10 @@ pub(crate) fn prepare(
         }
     };
     let mut publisher = if layout.snapshot_protocol {
-        Publisher::attach_protocol(mem)?
+        let publisher = Publisher::attach_protocol(mem)?;
+        // The open turned the dirty map off; this state marks every write.
+        mem.enable_dirty_map()?;
+        publisher
     } else {
         Publisher::new(layout.commit_hook.take())
     };
@@ -336,6 +339,9 @@ pub(crate) fn prepare(
             (geometry, opened, stored)
         }
     };
+    // The journal means nothing between transactions: a snapshot taken
+    // then may keep an older copy of it.
+    mem.declare_scratch(crate::format::JOURNAL_OFF, journal_len)?;
     Ok(Prepared {
         journal_len,
         heap_off,

@@ -244,6 +244,14 @@ pub(crate) fn read_latest(
 
 /// Publishes `bytes` as the next version (the caller is the only writer:
 /// it holds the writer lock); returns the version.
+/// The bytes a publish may write: both slots, `(offset, length)`.
+pub(crate) fn slots_span(g: Geometry) -> (u64, u64) {
+    let end = g.slots[1]
+        .saturating_add(SLOT_HEAD)
+        .saturating_add(g.max_len);
+    (g.slots[0], end.saturating_sub(g.slots[0]))
+}
+
 pub(crate) fn publish(region: &Region<'_>, g: Geometry, bytes: &[u8]) -> Result<u64> {
     let len = bytes.len() as u64;
     if len > g.max_len {

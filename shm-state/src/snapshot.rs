@@ -45,7 +45,8 @@ impl Publisher {
     /// page before `mem`'s region.
     pub(crate) fn attach_protocol(mem: &mut Mem) -> Result<Publisher> {
         let page = mem.header_page()?;
-        let (p, _opened) = OwnedPublisher::open(page).map_err(Error::Snapshot)?;
+        // This state marks every write in the dirty map (`Mem::mark`).
+        let (p, _opened) = OwnedPublisher::open_marking(page).map_err(Error::Snapshot)?;
         Ok(Publisher::Protocol(p))
     }
 

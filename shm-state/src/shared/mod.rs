@@ -670,6 +670,8 @@ impl<R: Pod> SharedState<R> {
         // An update of the snapshot protocol, like a transaction: a
         // snapshot copied meanwhile is not kept as consistent.
         held.state.core.publisher.begin_update();
+        let (at, len) = crate::published::slots_span(g);
+        mem.mark_written(at, len);
         let version = crate::published::publish(&region, g, bytes);
         held.state.core.publisher.commit();
         version
