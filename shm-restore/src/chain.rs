@@ -219,7 +219,9 @@ pub(crate) fn copy_chain_into<R: ReadAt + Sync>(
         memfd.set_len(data_len)?;
     }
     let cell = u64::from(head.header.chunk_size);
-    let mut covered = Cells::new(data_len.div_ceil(cell))?;
+    // The cells a newer link replaced: as many as the deltas' table
+    // entries (already in memory), whatever the memfd's size.
+    let mut covered = Cells::default();
     let mut limit = u64::MAX;
     let mut buf = Vec::new();
     for link in links {
@@ -300,33 +302,19 @@ fn read_checked<R: ReadAt + ?Sized>(
     Ok(())
 }
 
-/// A set of cell indices (one bit each), for cells a newer link replaced.
-struct Cells(Vec<u64>);
+/// A set of cell indices, for cells a newer link replaced: one entry per
+/// delta table entry at most, so bounded by the tables already read (never
+/// by a size a header declares).
+#[derive(Default)]
+struct Cells(std::collections::BTreeSet<u64>);
 
 impl Cells {
-    fn new(count: u64) -> io::Result<Cells> {
-        let words = usize::try_from(count.div_ceil(64)).unwrap_or(usize::MAX);
-        let mut v = Vec::new();
-        v.try_reserve_exact(words).map_err(|_| {
-            io::Error::new(
-                io::ErrorKind::OutOfMemory,
-                format!("cannot allocate the cell map of {count} cells"),
-            )
-        })?;
-        v.resize(words, 0);
-        Ok(Cells(v))
-    }
-
     fn get(&self, index: u64) -> bool {
-        self.0
-            .get((index / 64) as usize)
-            .is_some_and(|w| w & (1 << (index % 64)) != 0)
+        self.0.contains(&index)
     }
 
     fn set(&mut self, index: u64) {
-        if let Some(w) = self.0.get_mut((index / 64) as usize) {
-            *w |= 1 << (index % 64);
-        }
+        self.0.insert(index);
     }
 }
 
@@ -394,13 +382,11 @@ mod tests {
 
     #[test]
     fn cells_set_and_get() {
-        let mut c = Cells::new(130).unwrap();
+        let mut c = Cells::default();
         assert!(!c.get(129));
         c.set(129);
         c.set(0);
-        assert!(c.get(129) && c.get(0) && !c.get(64));
-        // Out of range: never set, never panics.
         c.set(1 << 40);
-        assert!(!c.get(1 << 40));
+        assert!(c.get(129) && c.get(0) && !c.get(64) && c.get(1 << 40));
     }
 }

@@ -35,8 +35,9 @@ pub const ENTRY_LEN: usize = 16;
 /// The data region starts on a multiple of this.
 pub const DATA_ALIGN: u64 = 4096;
 /// The chunk size `shm-restore` writes: each chunk of at most this many
-/// bytes carries its own CRC32, so damage is located to within 1 MiB.
-pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
+/// bytes carries its own CRC32, so damage is located to within 256 KiB,
+/// and a delta stores the 256 KiB cells that changed.
+pub const DEFAULT_CHUNK_SIZE: u32 = 256 << 10;
 /// The smallest chunk size a file may declare.
 pub const MIN_CHUNK_SIZE: u32 = 4096;
 /// The largest chunk size a file may declare.

@@ -359,8 +359,15 @@ pub(crate) fn memfd_table(
         .iter()
         .flat_map(|e| crate::format::split_at_cells(e.offset, e.len, chunk_size))
         .collect();
+    crcs_of(memfd, &pieces)
+}
+
+/// The chunks `pieces` (`(offset, length)`, in order) of the memfd with
+/// their CRCs, read through a reused buffer per thread (a few threads when
+/// they add up to much).
+pub(crate) fn crcs_of(memfd: &File, pieces: &[(u64, u32)]) -> io::Result<Vec<Chunk>> {
     let lens: Vec<u64> = pieces.iter().map(|p| u64::from(p.1)).collect();
-    let runs = parallel::split_even(&lens, parallel::workers(stored_len(extents)));
+    let runs = parallel::split_even(&lens, parallel::workers(lens.iter().sum()));
     let tables = parallel::run_each(runs, |run| {
         let mut buf = Vec::new();
         let mut table = Vec::with_capacity(run.len());

@@ -53,7 +53,7 @@ impl SaveOptions {
     /// The default [`SaveOptions::max_chain`].
     pub const DEFAULT_MAX_CHAIN: u32 = 8;
 
-    /// A builder starting from the defaults: 1 MiB chunks
+    /// A builder starting from the defaults: 256 KiB chunks
     /// ([`format::DEFAULT_CHUNK_SIZE`]), writes of up to 1 MiB (or one
     /// chunk, if larger), at most [`DEFAULT_MAX_DATA_LEN`] bytes of data.
     pub fn builder() -> SaveOptionsBuilder {
@@ -365,6 +365,7 @@ impl Source<'_> {
 #[derive(Debug, Clone)]
 pub struct DeltaBasis {
     pub(crate) generation: u64,
+    pub(crate) data_len: u64,
     pub(crate) chunk_size: u32,
     pub(crate) table: Vec<Chunk>,
     pub(crate) budget: u64,
@@ -395,6 +396,9 @@ pub struct Changes {
     pub(crate) cells: Vec<(u64, u32)>,
     /// The changed cells' data (the rest of the image is holes).
     pub(crate) image: Image,
+    /// How many cells the program's dirty map marked, when the capture
+    /// used it.
+    pub(crate) marked: Option<u64>,
 }
 
 impl Changes {
@@ -406,6 +410,15 @@ impl Changes {
     /// `(memfd offset, length)` of each changed cell.
     pub fn cells(&self) -> &[(u64, u32)] {
         &self.cells
+    }
+
+    /// When the capture read only the cells the program marked in its
+    /// shm-snapshot dirty map (and the header's, and a few spot checks):
+    /// how many cells of the map were marked. `None` when it read every
+    /// cell (no map, a change of size, or a spot check that found an
+    /// unmarked change).
+    pub fn marked(&self) -> Option<u64> {
+        self.marked
     }
 }
 
@@ -861,6 +874,7 @@ impl<S: Storage> Saver<S> {
         let (budget, table) = self.basis()?;
         Some(DeltaBasis {
             generation: self.chain?.generation,
+            data_len: self.last.as_ref()?.0,
             chunk_size: self.options.chunk_size,
             table: table.to_vec(),
             budget,
@@ -983,11 +997,13 @@ impl<S: Storage> Saver<S> {
         })
     }
 
-    /// Removes the series' `.gen-` files that neither the snapshot's chain
-    /// nor `.prev`'s needs. Best effort, after the save is durable: a file
+    /// Removes the series' `.gen-` files that neither the snapshot (as the
+    /// next delta's base) nor the chains of the snapshot and `.prev` need. Best effort, after the save is durable: a file
     /// left by a crash or an error is removed by a later save.
     fn remove_unneeded_bases(&mut self) {
-        let mut needed = Vec::new();
+        // The snapshot's own chain name (the next delta's base), ...
+        let mut needed = vec![self.generation];
+        // ... and the bases of the snapshot's and `.prev`'s chains.
         for n in [self.name.clone(), self.prev_name.clone()] {
             match crate::chain::chain_generations(&mut self.storage, &self.name, &n) {
                 Ok(g) => needed.extend(g),
@@ -1067,6 +1083,19 @@ impl<S: Storage> Saver<S> {
             },
             Previous::Damaged { link, damage } => {
                 moved_corrupt = Some((self.storage.path_of(&link), damage));
+            }
+        }
+        // The next save may be a delta on this snapshot: its chain name now,
+        // made durable by the directory fsync below, spares that save a
+        // directory fsync of its own (`keep_base` finds the name). Best
+        // effort: without it, `keep_base` links it then.
+        if self.options.max_chain > 0 {
+            let own = crate::chain::base_name(&self.name, generation);
+            if let Err(e) = self.storage.link(&self.name, &own)
+                && e.kind() == std::io::ErrorKind::AlreadyExists
+                && self.storage.remove(&own).is_ok()
+            {
+                let _ = self.storage.link(&self.name, &own);
             }
         }
         self.storage.sync_dir().map_err(|e| {

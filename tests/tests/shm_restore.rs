@@ -939,7 +939,7 @@ fn kill_9_of_shm_restore_under_a_watcher_leaves_no_second_writer_and_no_torn_sna
             sweep.add(*p);
         }
         kill(Pid::from_raw(wrapper.pid), Signal::SIGKILL).unwrap();
-        std::fs::copy(&snap, copies.join(format!("{round}.snap"))).unwrap();
+        copy_series(&snap, &copies.join(format!("{round}")));
         assert!(
             bank.ended_within(bound),
             "round {round}: bank {} outlived its shm-restore",
@@ -947,11 +947,11 @@ fn kill_9_of_shm_restore_under_a_watcher_leaves_no_second_writer_and_no_torn_sna
         );
     }
     signal_and_wait(&mut watcher, bound);
-    std::fs::copy(&snap, copies.join("last.snap")).unwrap();
+    copy_series(&snap, &copies.join("last"));
 
     let mut checked = 0;
     for entry in std::fs::read_dir(&copies).unwrap() {
-        let copy = entry.unwrap().path();
+        let copy = entry.unwrap().path().join(snap.file_name().unwrap());
         let out = run(cmd("shm-restore")
             .arg("-q")
             .arg(&copy)
@@ -1522,4 +1522,37 @@ fn a_long_save_and_load_on_a_terminal_show_progress_and_clear_the_line() {
                 && shown.contains(" of 2.0 GiB ("),
         "{shown:?}"
     );
+}
+
+/// Copies the snapshot `snap` with the files its delta chain needs
+/// (`<name>`, `<name>.prev`, `<name>.gen-*`) into the new directory `to`,
+/// again until the copy verifies: a save running meanwhile can replace the
+/// snapshot and remove a base the copied one named.
+fn copy_series(snap: &Path, to: &Path) {
+    let dir = snap.parent().unwrap();
+    let name = snap.file_name().unwrap().to_string_lossy().into_owned();
+    for attempt in 0..20 {
+        let _ = std::fs::remove_dir_all(to);
+        std::fs::create_dir_all(to).unwrap();
+        // The snapshot first, then the bases it may name.
+        std::fs::copy(snap, to.join(&name)).unwrap();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let file = entry.unwrap().file_name().to_string_lossy().into_owned();
+            if file != name && file.starts_with(&name) && !file.contains("tmp") {
+                // Removed meanwhile: the verify below tells.
+                let _ = std::fs::copy(dir.join(&file), to.join(&file));
+            }
+        }
+        if shm_restore::inspect(&to.join(&name), u64::MAX)
+            .verdict
+            .is_ok()
+        {
+            return;
+        }
+        eprintln!(
+            "copy of {} changed under the copy (try {attempt}), again",
+            snap.display()
+        );
+    }
+    panic!("no consistent copy of {} in 20 tries", snap.display());
 }

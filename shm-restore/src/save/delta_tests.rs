@@ -269,7 +269,12 @@ fn a_chain_is_compacted_when_its_deltas_grow_past_half_the_full() {
     let names = names_in(d.path());
     assert_eq!(
         names,
-        ["state.snap", "state.snap.gen-5", "state.snap.prev"],
+        [
+            "state.snap",
+            "state.snap.gen-5",
+            "state.snap.gen-6",
+            "state.snap.prev"
+        ],
         "{names:?}"
     );
 }
@@ -359,7 +364,30 @@ fn crash_every_step(
     change: impl Fn(&mut Vec<u8>),
     expect_delta: bool,
 ) -> usize {
-    let (sim, mut saver, old) = chain_disk_after(max_chain, more);
+    crash_every_step_of(max_chain, more, false, change, expect_delta)
+}
+
+/// [`crash_every_step`]; with `unnamed`, the snapshot in place has lost
+/// its chain name first (a crash before its save's directory fsync), so a
+/// delta save links it and fsyncs the directory itself.
+fn crash_every_step_of(
+    max_chain: u32,
+    more: usize,
+    unnamed: bool,
+    change: impl Fn(&mut Vec<u8>),
+    expect_delta: bool,
+) -> usize {
+    let disk = |max_chain, more| {
+        let (sim, saver, state) = chain_disk_after(max_chain, more);
+        if unnamed {
+            let mut st = sim.clone();
+            let head = format!("state.snap.gen-{}", saver.generation());
+            st.remove(OsStr::new(&head)).unwrap();
+            st.sync_dir().unwrap();
+        }
+        (sim, saver, state)
+    };
+    let (sim, mut saver, old) = disk(max_chain, more);
     let mut new = old.clone();
     change(&mut new);
     sim.fail_at(usize::MAX, Fault::Crash);
@@ -372,7 +400,7 @@ fn crash_every_step(
     }
     let mut seen_new = false;
     for step in 1..=steps {
-        let (sim, mut saver, _) = chain_disk_after(max_chain, more);
+        let (sim, mut saver, _) = disk(max_chain, more);
         sim.fail_at(step, Fault::Crash);
         let _ = saver.save(&image_of(&new), at);
         for disk in sim.crash_images() {
@@ -393,9 +421,18 @@ fn crash_every_step(
 #[test]
 fn a_crash_at_every_step_of_a_delta_save_loads_old_or_new() {
     let steps = crash_every_step(8, 0, |s| s[50 * CELL + 3] ^= 0x20, true);
-    // create, 1 data write, header, fsync, link the base, directory
-    // fsync, link .prev-tmp, rename, rename, directory fsync.
-    assert_eq!(steps, 10, "the protocol's steps changed: update the docs");
+    // create, 1 data write, header, fsync, link .prev-tmp, rename, rename,
+    // link of the new snapshot's chain name, directory fsync (the base has
+    // its chain name from its own save).
+    assert_eq!(steps, 9, "the protocol's steps changed: update the docs");
+}
+
+#[test]
+fn a_crash_at_every_step_of_a_delta_save_that_names_its_base_loads_old_or_new() {
+    let steps = crash_every_step_of(8, 0, true, |s| s[50 * CELL + 3] ^= 0x20, true);
+    // As above, plus linking the base's chain name and a directory fsync
+    // before the commit.
+    assert_eq!(steps, 11);
 }
 
 #[test]
@@ -403,40 +440,54 @@ fn a_crash_at_every_step_of_a_compaction_loads_old_or_new() {
     // The chain is full (2 deltas): the next save is a full one. The
     // bases stay: `.prev` (generation 3) still needs gen-2 and gen-1.
     let steps = crash_every_step(2, 0, |s| s[50 * CELL + 3] ^= 0x20, false);
-    // create, 60 data writes, header, fsync, link, rename, rename,
-    // directory fsync.
-    assert_eq!(steps, 60 + 7);
+    // create, 60 data writes, header, fsync, link, rename, rename, link
+    // of the chain name, directory fsync, then removing gen-3 (the old
+    // snapshot is `.prev` now; its chain, gen-2 and gen-1, stays).
+    assert_eq!(steps, 60 + 8 + 1);
     // The delta after it on the new full snapshot: `.prev` becomes that
     // full snapshot, and gen-1 and gen-2 are removed at the end.
     let steps = crash_every_step(2, 1, |s| s[50 * CELL + 3] ^= 0x20, true);
-    assert_eq!(steps, 10 + 2);
+    assert_eq!(steps, 9 + 2);
     let (sim, _, _) = chain_disk_after(2, 2);
     let names: Vec<_> = sim.current().into_keys().collect();
-    assert_eq!(names, ["state.snap", "state.snap.gen-4", "state.snap.prev"]);
+    assert_eq!(
+        names,
+        [
+            "state.snap",
+            "state.snap.gen-4",
+            "state.snap.gen-5",
+            "state.snap.prev"
+        ]
+    );
 }
 
 #[test]
 fn a_full_disk_at_every_step_of_a_delta_save_changes_nothing_before_the_commit() {
     let (_, _, old) = chain_disk(8);
-    let steps = 10;
-    let commit = 8;
+    // create, data, header, fsync, link .prev-tmp, rename (the commit),
+    // rename, link of the new snapshot's chain name, directory fsync.
+    let steps = 9;
+    let commit = 6;
+    let own_link = 8;
     for step in 1..=steps {
         let (sim, mut saver, _) = chain_disk(8);
         let before = sim.current();
         let mut new = old.clone();
         new[7] ^= 1;
         sim.fail_at(step, Fault::NoSpace);
-        let e = saver.save(&image_of(&new), 4).unwrap_err();
+        let result = saver.save(&image_of(&new), 4);
         let after = sim.current();
         let state = load_disk(&after).unwrap();
-        if step < commit {
-            // The base's chain name may stay (it names the snapshot in
-            // place, and the next save reuses or removes it).
-            let mut after_files = after.clone();
-            after_files.remove(OsStr::new("state.snap.gen-3"));
-            assert_eq!(after_files, before, "step {step}: {e}");
-            assert_eq!(state, old, "step {step}");
-        } else if step == commit {
+        if step == own_link {
+            // Best effort: the next delta's save links it (and fsyncs).
+            assert!(result.is_ok(), "step {step}: {result:?}");
+            assert!(!after.contains_key(OsStr::new("state.snap.gen-4")));
+            assert_eq!(state, new, "step {step}");
+            continue;
+        }
+        let e = result.unwrap_err();
+        if step <= commit {
+            assert_eq!(after, before, "step {step}: {e}");
             assert_eq!(state, old, "step {step}");
         } else {
             assert_eq!(state, new, "step {step}");

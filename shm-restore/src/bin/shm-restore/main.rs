@@ -121,7 +121,7 @@ pub(crate) struct Args {
     #[arg(long, value_name = "SIZE", default_value = "64G", value_parser = max_size)]
     pub max_size: u64,
 
-    /// Save deltas: after a full snapshot, each save writes only the 1 MiB
+    /// Save deltas: after a full snapshot, each save writes only the 256 KiB
     /// chunks that changed since the last one, up to N deltas in a chain
     /// (and at most half the full snapshot's bytes), then a full snapshot
     /// again. 0 writes every save in full (0 to 1024).

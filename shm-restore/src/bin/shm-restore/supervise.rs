@@ -632,9 +632,14 @@ fn how_copied(captured: &Captured) -> String {
                 ""
             }
         ),
-        Captured::Changes { changes, .. } => {
-            format!("{pause}, {} changed chunk(s) copied", changes.cells().len())
-        }
+        Captured::Changes { changes, .. } => format!(
+            "{pause}, {} changed chunk(s) copied{}",
+            changes.cells().len(),
+            match changes.marked() {
+                Some(n) => format!(", {n} marked in the dirty map"),
+                None => String::new(),
+            }
+        ),
         _ => pause,
     }
 }

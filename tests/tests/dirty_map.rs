@@ -1,0 +1,139 @@
+//! shm-snapshot's dirty map end to end: a shm-state program marks every
+//! write, and a stop-mode save of its changes reads only the marked cells
+//! (plus the first, and a few spot checks), saves a delta that loads to
+//! exactly the memfd; a write the program did not mark is caught by the
+//! spot checks; marks taken by a capture whose save failed count again.
+
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use bytemuck::{Pod, Zeroable};
+use shm_fd::{CreateOptions, SharedFd};
+use shm_fd_tests::Kid;
+use shm_restore::{
+    CaptureMethod, Captured, DirStorage, Image, LoadOutcome, SaveOptions, SaveOutcome, Saver,
+    StopGroup,
+};
+use shm_state::{Layout, Source, State, StateVec};
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Root {
+    v: StateVec<u64>,
+}
+
+const MIB: u64 = 1 << 20;
+/// 48 MiB of u64s.
+const LEN: u64 = 6 << 20;
+
+fn dense(memfd: &std::fs::File) -> Vec<u8> {
+    Image::read_from(memfd).unwrap().to_dense()
+}
+
+fn loads_to(dir: &std::path::Path, want: &[u8]) {
+    let m = SharedFd::create("dirty-load", CreateOptions::default())
+        .unwrap()
+        .into_file();
+    let out = shm_restore::restore(&dir.join("s.snap"), &m, u64::MAX, 0, None).unwrap();
+    assert!(matches!(out, LoadOutcome::Loaded { .. }), "{out:?}");
+    assert!(dense(&m) == want, "the snapshot does not load to the memfd");
+}
+
+#[test]
+fn a_save_of_a_marking_program_reads_only_what_it_marked() {
+    let work = tempfile::tempdir().unwrap();
+    let shared = SharedFd::create("dirty-map", CreateOptions::default()).unwrap();
+    let memfd = shared.reopen().unwrap().into_file();
+    // SAFETY: a memfd of this test; no other process maps it.
+    let source = unsafe { Source::shared(shared) };
+    let mut state = State::<Root>::open(source, Layout::new(1).with_snapshot_protocol()).unwrap();
+    state
+        .transaction(|tx| {
+            let v = tx.new_vec::<u64>()?;
+            let values: Vec<u64> = (0..LEN).map(|i| i * 7 + 1).collect();
+            tx.vec(v)?.extend_from_slice(&values)?;
+            tx.root_mut()?.v = v;
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+    let v = state.root().unwrap().v;
+    // The command whose group a save stops (this test writes only between
+    // the captures).
+    let mut sleep = Command::new("sleep");
+    sleep.arg("60").process_group(0);
+    let mut sleeper = Kid::start(sleep, "sleeper", work.path(), None);
+    let mut stop = StopGroup::new(sleeper.pid() as i32, Duration::from_secs(5));
+    let mut saver = Saver::new(
+        DirStorage::new(work.path()),
+        "s.snap".as_ref(),
+        SaveOptions::default(),
+    );
+    let first = stop.capture(&memfd).unwrap();
+    assert!(matches!(
+        saver.save_captured(&first, &memfd, 1).unwrap(),
+        SaveOutcome::Saved(_)
+    ));
+
+    // One element changed, far into the vector.
+    let far = LEN - 1000;
+    state.transaction(|tx| tx.vec(v)?.set(far, 42)).unwrap();
+    let basis = saver.delta_basis().expect("a delta follows");
+    let got = stop.capture_changes(&memfd, &basis).unwrap();
+    let Captured::Changes { changes, .. } = &got else {
+        panic!("{got:?}")
+    };
+    let marked = changes.marked().expect("the dirty map was used");
+    assert!((1..=4).contains(&marked), "{marked} cells marked");
+    // The first cell (header, journal), and the element's.
+    let cells: Vec<u64> = changes.cells().iter().map(|c| c.0 / MIB).collect();
+    assert!(cells.len() <= 3 && cells[0] == 0, "{cells:?}");
+    let element_cell = *cells.last().unwrap();
+    assert!(element_cell > 40, "{cells:?}");
+    let r = match saver.save_captured(&got, &memfd, 2).unwrap() {
+        SaveOutcome::Saved(r) => r,
+        other => panic!("{other:?}"),
+    };
+    assert!(r.base.is_some());
+    assert!(r.stored_len <= 3 * MIB, "{}", r.stored_len);
+    loads_to(work.path(), &dense(&memfd));
+
+    // A capture whose save fails: its marks count at the next capture.
+    state.transaction(|tx| tx.vec(v)?.set(far, 43)).unwrap();
+    let basis = saver.delta_basis().unwrap();
+    let lost = stop.capture_changes(&memfd, &basis).unwrap();
+    assert!(matches!(lost, Captured::Changes { .. }));
+    stop.save_failed();
+    drop(lost);
+    let again = stop.capture_changes(&memfd, &basis).unwrap();
+    let Captured::Changes { changes, .. } = &again else {
+        panic!("{again:?}")
+    };
+    assert!(changes.marked().is_some());
+    assert!(
+        changes.cells().iter().any(|c| c.0 / MIB == element_cell),
+        "the failed save's marks were lost: {:?}",
+        changes.cells()
+    );
+    saver.save_captured(&again, &memfd, 3).unwrap();
+    loads_to(work.path(), &dense(&memfd));
+
+    // Writes the program did not mark (straight into the memfd, one byte
+    // in every 64 KiB from the eighth MiB on, so in every chunk): the spot
+    // checks find one, and the capture reads every cell.
+    for at in (8 * MIB..LEN * 8).step_by(64 << 10) {
+        memfd.write_all_at(&[0x5A], at + 100).unwrap();
+    }
+    let basis = saver.delta_basis().unwrap();
+    let got = stop.capture_changes(&memfd, &basis).unwrap();
+    match &got {
+        Captured::Changes { changes, .. } => assert_eq!(changes.marked(), None),
+        // More changed than a delta may hold: a whole copy.
+        Captured::Copied { .. } => {}
+        other => panic!("{other:?}"),
+    }
+    saver.save_captured(&got, &memfd, 4).unwrap();
+    loads_to(work.path(), &dense(&memfd));
+    sleeper.kill();
+}
