@@ -11,7 +11,8 @@
 //! The difference of the two totals over 200 000 transactions is the
 //! instruction count of one transaction (setup cancels out). Modes:
 //! `insert` (inserts and removes), `get` (inserts and 5 passes of gets),
-//! `all`.
+//! `all`, and `batch` (6 rounds of the same `n` keys written 1000 per
+//! transaction: fresh inserts, then updates).
 use bytemuck::{Pod, Zeroable};
 use shm_fd::{CreateOptions, SharedFd};
 use shm_state::{Layout, Source, State, StateMap};
@@ -42,6 +43,23 @@ fn main() {
     })
     .unwrap();
     let h = s.root().unwrap().map;
+    if what == "batch" {
+        for round in 0..6u64 {
+            let t = Instant::now();
+            for chunk in ks.chunks(1000) {
+                s.transaction(|tx| {
+                    let mut m = tx.map(h)?;
+                    for &k in chunk {
+                        m.insert(&k, &(k + round))?;
+                    }
+                    Ok::<_, shm_state::Error>(())
+                })
+                .unwrap();
+            }
+            eprintln!("round {round}: batch {:?}", t.elapsed() / n as u32);
+        }
+        return;
+    }
     for round in 0..5 {
         let t = Instant::now();
         for &k in &ks {

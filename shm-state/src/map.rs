@@ -104,7 +104,9 @@ pub(crate) const EMPTY: u64 = 0;
 pub(crate) const DELETED: u64 = 1;
 pub(crate) const TAG_BIT: u64 = 1 << 63;
 
-/// A fast, stable (same in every process and run) 64-bit hash.
+/// A fast, stable (same in every process and run) 64-bit hash. Inlined, so
+/// that a fixed-size key's loop unrolls.
+#[inline]
 pub(crate) fn hash(bytes: &[u8]) -> u64 {
     const P: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut h = (bytes.len() as u64).wrapping_mul(P);
@@ -187,7 +189,10 @@ fn check_item<I: Item>(what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads and validates a map's header block and its table block.
+/// Reads and validates a map's header block and its table block. Inlined
+/// (with [`decode_header`]): a `Result` returned through memory stalls the
+/// caller's read of it on store forwarding.
+#[inline(always)]
 fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
     let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
     let raw = mem.bytes("map header", b.payload(), MAP_HEADER)?;
@@ -200,6 +205,7 @@ fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Hea
 
 /// Validates a map header's fields (`raw`, read from the payload at `at`)
 /// against the item types; the table block is the caller's to check.
+#[inline(always)]
 pub(crate) fn decode_header<K: Item, V: Item>(raw: &[u8; 48], at: u64) -> Result<Header> {
     check_item::<K>("key")?;
     check_item::<V>("value")?;
@@ -351,7 +357,10 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
         self.h.len == 0
     }
 
-    /// The value for `key`, read in place.
+    /// The value for `key`, read in place. Inlined: a caller's loop of
+    /// lookups then overlaps their cache misses, and the `Result` does not
+    /// go through memory.
+    #[inline(always)]
     pub fn get(&self, key: &K::Borrowed) -> Result<Option<&'a V::Borrowed>> {
         let kb = K::as_bytes(key);
         let tag = hash(kb) | TAG_BIT;
@@ -447,6 +456,7 @@ impl<K, V> Copy for MapRef<'_, K, V> {}
 
 impl<R: Pod> State<R> {
     /// A map, for reading in place.
+    #[inline]
     pub fn map<K: Item, V: Item>(&self, h: StateMap<K, V>) -> Result<MapRef<'_, K, V>> {
         let heap = self.core.heap()?;
         let hd = header::<K, V>(&self.core.mem, heap, h.off()?)?;
@@ -473,6 +483,9 @@ impl<'s, R: Pod> Tx<'s, R> {
     /// A map, for reading and changing in this transaction. Its header is
     /// validated here, once: the view is the map's only writer while it
     /// lives and keeps its copy of the header up to date.
+    // Inlined: the view would come back through memory, and the caller's
+    // first wide load of it stall on store forwarding.
+    #[inline(always)]
     pub fn map<K: Item, V: Item>(&mut self, h: StateMap<K, V>) -> Result<MapMut<'_, 's, K, V>> {
         let off = h.off()?;
         let hd = header::<K, V>(self.core.mem(), self.core.heap()?, off)?;

@@ -80,6 +80,63 @@ impl LineSet {
     }
 }
 
+/// The heap ranges a transaction journaled exactly: a write of at most
+/// [`EXACT_MAX`] bytes to heap lines not yet journaled, sharing no line
+/// with another such range, takes a record of just those bytes (32 to 56
+/// bytes instead of a whole line's 88), up to [`EXACT_SLOTS`] of them per
+/// transaction. A later write inside one of these ranges needs no record;
+/// any other write to their lines journals the lines whole. So a line
+/// takes at most one exact record and one whole one, and the rollback,
+/// newest record first, still ends with every byte's oldest before-image.
+#[derive(Debug)]
+struct ExactSet {
+    /// The first `n` are the ranges; the rest are [`UNUSED`].
+    ranges: [(u64, u64); EXACT_SLOTS],
+    n: usize,
+}
+
+/// An unused slot of [`ExactSet::ranges`]: covers nothing.
+const UNUSED: (u64, u64) = (u64::MAX, 0);
+
+impl Default for ExactSet {
+    fn default() -> ExactSet {
+        ExactSet {
+            ranges: [UNUSED; EXACT_SLOTS],
+            n: 0,
+        }
+    }
+}
+
+pub(crate) const EXACT_SLOTS: usize = 8;
+/// The largest write journaled exactly.
+const EXACT_MAX: u64 = 32;
+
+impl ExactSet {
+    /// Whether `off..end` lies inside one of the ranges: every slot
+    /// compared without a branch, as most writes of a big transaction
+    /// ask and are not inside one.
+    #[inline(always)]
+    fn covers(&self, off: u64, end: u64) -> bool {
+        let mut hit = false;
+        for &(s, e) in &self.ranges {
+            hit |= (s <= off) & (end <= e);
+        }
+        hit
+    }
+
+    fn clear(&mut self) {
+        self.ranges[..self.n].fill(UNUSED);
+        self.n = 0;
+    }
+
+    /// Whether one of the ranges shares a line with `first..=last`.
+    fn near(&self, first: u64, last: u64) -> bool {
+        self.ranges[..self.n]
+            .iter()
+            .any(|&(s, e)| s / LINE <= last && first <= (e - 1) / LINE)
+    }
+}
+
 /// An open region: the memory and what was validated about it on open.
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -90,6 +147,9 @@ pub(crate) struct Core {
     pub poisoned: bool,
     // Per-transaction bookkeeping, kept here to reuse the allocations.
     logged: LineSet,
+    /// Small heap ranges journaled exactly (not as whole lines) in the
+    /// open transaction; see [`TxCore::prepare`].
+    exact: ExactSet,
     fresh: BTreeMap<u64, u64>,
     pending_free: Vec<u64>,
     /// Rings this transaction touched, with their head and tail as it
@@ -109,6 +169,7 @@ impl Core {
             publisher,
             poisoned: false,
             logged: LineSet::default(),
+            exact: ExactSet::default(),
             fresh: BTreeMap::new(),
             pending_free: Vec::new(),
             ring_heads: Vec::new(),
@@ -128,6 +189,7 @@ impl Core {
     }
 
     /// The heap's bounds `(heap_off, heap_top)`, the top read and checked.
+    #[inline(always)]
     pub(crate) fn heap(&self) -> Result<(u64, u64)> {
         heap_bounds(&self.mem, self.heap_off)
     }
@@ -141,6 +203,16 @@ pub(crate) fn heap_bounds(mem: &Mem, heap_off: u64) -> Result<(u64, u64)> {
         return Err(bad_heap_top(mem, heap_off, top));
     }
     Ok((heap_off, top))
+}
+
+#[cold]
+#[inline(never)]
+fn bad_write_target(off: u64, len: u64) -> Error {
+    Error::corrupt(
+        "write target",
+        off,
+        format!("{len} bytes run past the region"),
+    )
 }
 
 #[cold]
@@ -178,6 +250,10 @@ pub(crate) struct TxCore<'a> {
 }
 
 impl<'a> TxCore<'a> {
+    // Inlined, as `map::header` is: an `Err` is large, so a `Result`
+    // comes back through memory, and the caller's wide loads of the
+    // callee's narrow stores stall on store forwarding.
+    #[inline(always)]
     pub(crate) fn begin(core: &'a mut Core) -> Result<TxCore<'a>> {
         if core.poisoned {
             return Err(Error::Poisoned);
@@ -201,6 +277,7 @@ impl<'a> TxCore<'a> {
         let seq = last + 1;
         let (_, start_top) = core.heap()?;
         core.logged.clear();
+        core.exact.clear();
         core.fresh.clear();
         core.pending_free.clear();
         core.ring_heads.clear();
@@ -267,34 +344,89 @@ impl<'a> TxCore<'a> {
 
     /// Journals the before-image of `off..off+len` unless the range is
     /// fresh in this transaction, so that the caller may then write it.
+    ///
+    /// Before-images are taken in whole lines, once per line per
+    /// transaction, except for a small write to heap lines not journaled
+    /// yet, which takes a record of just its bytes (see [`ExactSet`]). The
+    /// header below the heap is always journaled in whole lines: the commit
+    /// rewrites the dynamic header's checksum unjournaled when its line was.
+    #[inline]
     pub(crate) fn prepare(&mut self, off: u64, len: u64) -> Result<()> {
-        let end = off
-            .checked_add(len)
-            .filter(|&e| e <= self.core.mem.len())
-            .ok_or_else(|| {
-                Error::corrupt(
-                    "write target",
-                    off,
-                    format!("{len} bytes run past the region"),
-                )
-            })?;
+        self.prepare_as(off, len, EXACT_MAX)
+    }
+
+    /// [`TxCore::prepare`], journaling exactly only writes of at most
+    /// `exact_max` bytes (0: whole lines only).
+    #[inline(always)]
+    fn prepare_as(&mut self, off: u64, len: u64, exact_max: u64) -> Result<()> {
+        let end = match off.checked_add(len) {
+            Some(e) if e <= self.core.mem.len() => e,
+            _ => return Err(bad_write_target(off, len)),
+        };
         if len == 0 || off >= self.start_top {
             return Ok(());
         }
-        if touches_atomics(off, end - off) {
+        if touches_atomics(off, len) {
             return Err(Error::corrupt(
                 "write target",
                 off,
                 "a journaled write may not touch the commit and lock words, the shared line or the peer table",
             ));
         }
-        if let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()
+        if !self.core.fresh.is_empty()
+            && let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()
             && end <= fresh_end
         {
             return Ok(());
         }
         let first = off / LINE;
         let last = (end - 1) / LINE;
+        if len <= exact_max && off >= self.core.heap_off {
+            let logged = &self.core.logged;
+            let first_logged = logged.contains(first);
+            let last_logged = if last == first {
+                first_logged
+            } else {
+                logged.contains(last)
+            };
+            if first_logged && last_logged {
+                return Ok(());
+            }
+            let exact = &self.core.exact;
+            if !first_logged && !last_logged {
+                if exact.covers(off, end) {
+                    return Ok(());
+                }
+                if exact.n < EXACT_SLOTS && !exact.near(first, last) {
+                    self.pos = journal::append(
+                        &mut self.core.mem,
+                        self.core.journal_len,
+                        self.pos,
+                        self.seq,
+                        off,
+                        len,
+                    )?;
+                    // Marked once the before-image is in, as below.
+                    let exact = &mut self.core.exact;
+                    exact.ranges[exact.n] = (off, end);
+                    exact.n += 1;
+                    compiler_fence(Ordering::SeqCst);
+                    return Ok(());
+                }
+            }
+            if first == last {
+                // One line, known not to be journaled: no second look.
+                self.journal_lines(first, first + 1)?;
+                compiler_fence(Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+        self.prepare_lines(first, last)
+    }
+
+    /// Journals the lines `first..=last` that are not journaled yet, a
+    /// run of adjacent ones as one record.
+    fn prepare_lines(&mut self, first: u64, last: u64) -> Result<()> {
         let mut line = first;
         while line <= last {
             if self.core.logged.contains(line) {
@@ -302,27 +434,34 @@ impl<'a> TxCore<'a> {
                 continue;
             }
             let run_start = line;
+            line += 1;
             while line <= last && !self.core.logged.contains(line) {
                 line += 1;
             }
-            let start = run_start * LINE;
-            let stop = (line * LINE).min(self.core.mem.len());
-            self.pos = journal::append(
-                &mut self.core.mem,
-                self.core.journal_len,
-                self.pos,
-                self.seq,
-                start,
-                stop - start,
-            )?;
-            // Marked only once their before-image is in: a failed append
-            // (a full journal) leaves them unjournaled, and a later write
-            // in this transaction journals them then.
-            for l in run_start..line {
-                self.core.logged.insert(l);
-            }
+            self.journal_lines(run_start, line)?;
         }
         compiler_fence(Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Journals the lines `start..end` (none journaled yet) as one record.
+    fn journal_lines(&mut self, start: u64, end: u64) -> Result<()> {
+        let from = start * LINE;
+        let stop = (end * LINE).min(self.core.mem.len());
+        self.pos = journal::append(
+            &mut self.core.mem,
+            self.core.journal_len,
+            self.pos,
+            self.seq,
+            from,
+            stop - from,
+        )?;
+        // Marked only once their before-image is in: a failed append (a
+        // full journal) leaves them unjournaled, and a later write in this
+        // transaction journals them then.
+        for l in start..end {
+            self.core.logged.insert(l);
+        }
         Ok(())
     }
 
@@ -441,6 +580,11 @@ impl<'a> TxCore<'a> {
                 ));
             }
             self.write_u64("free list head", head_off, free_head(next))?;
+            // Its whole line, not just the header: a rollback then puts back
+            // the start of the free block's payload in that line too, so an
+            // aborted allocation of a small block (a refused migration's
+            // root) leaves the region byte for byte as it was.
+            self.prepare_as(b.off, BLOCK_HEADER, 0)?;
             self.write("block header", b.off, &block_header(kind, class, len))?;
             let payload = b.payload();
             self.core.fresh.insert(payload, payload + cap);
@@ -503,7 +647,16 @@ impl<'a> TxCore<'a> {
     /// Makes every change visible at once: applies deferred frees, seals
     /// the dynamic header's checksum (if the transaction changed it) and
     /// stores the commit word.
+    ///
+    /// Inlined down to a call with a pointer: passing the transaction by
+    /// value would copy it with wide loads right after the operations'
+    /// narrow stores to it, which stalls on store forwarding.
+    #[inline(always)]
     pub(crate) fn commit(mut self) -> Result<()> {
+        self.commit_or_abort()
+    }
+
+    fn commit_or_abort(&mut self) -> Result<()> {
         if let Some(first) = self.failed.take() {
             self.abort_inner();
             return Err(Error::Incomplete { first });
@@ -558,6 +711,7 @@ impl<'a> TxCore<'a> {
     }
 
     /// Undoes every change of this transaction.
+    #[inline(always)]
     pub(crate) fn abort(mut self) {
         self.abort_inner();
     }

@@ -79,7 +79,9 @@ fn every_line_is_journaled_once_per_transaction() {
     let e = s
         .transaction(|tx| {
             let mut v = tx.vec(r.vec)?;
-            // 40 elements 64 bytes apart, twice: 40 lines, 40 records.
+            // 40 elements 64 bytes apart, twice: 40 lines, 40 records. The
+            // first writes take records of just their 4 bytes (see
+            // `ExactSet`), the rest whole lines.
             for round in 0..2u32 {
                 for i in 0..40u32 {
                     v.set(u64::from(i) * 16, round * 100 + i)?;
@@ -87,11 +89,71 @@ fn every_line_is_journaled_once_per_transaction() {
             }
             let (records, _) = crate::journal::scan(tx.core.mem(), 16 << 10, tx.core.seq())?;
             assert_eq!(records.len(), 40);
-            assert!(records.iter().all(|r| r.len == 64));
+            let exact = crate::tx::EXACT_SLOTS;
+            assert!(records[..exact].iter().all(|r| r.len == 4));
+            assert!(records[exact..].iter().all(|r| r.len == 64));
             Err::<(), _>(Error::Migration("roll back".into()))
         })
         .unwrap_err();
     assert!(matches!(e, Error::Migration(_)));
+    assert_eq!(dump(&s).unwrap(), before);
+}
+
+#[test]
+fn small_heap_writes_take_exact_records_and_the_rest_of_their_line_is_journaled_whole() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.vec(r.vec)?.extend_from_slice(&[7u32; 64]))
+        .unwrap();
+    let before = dump(&s).unwrap();
+    let e = s
+        .transaction(|tx| {
+            let records = |tx: &Tx<'_, Root>| {
+                crate::journal::scan(tx.core.mem(), 16 << 10, tx.core.seq())
+                    .unwrap()
+                    .0
+            };
+            // Element 1: a 4-byte record; written again, no new one.
+            tx.vec(r.vec)?.set(1, 100)?;
+            tx.vec(r.vec)?.set(1, 101)?;
+            let at = records(tx)[0].target;
+            assert_eq!(records(tx).len(), 1);
+            // Another element of its line: the line is journaled whole,
+            // after element 1 had changed (its exact record keeps the old
+            // value); written again, no new record.
+            let other = if at % 64 < 60 { 2 } else { 0 };
+            let mut v = tx.vec(r.vec)?;
+            v.set(other, 102)?;
+            v.set(other, 103)?;
+            v.set(1, 104)?;
+            let rs = records(tx);
+            assert_eq!(rs.iter().map(|r| r.len).collect::<Vec<_>>(), [4, 64]);
+            assert_eq!(rs[1].target, at / 64 * 64);
+            Err::<(), _>(Error::Migration("roll back".into()))
+        })
+        .unwrap_err();
+    assert!(matches!(e, Error::Migration(_)));
+    assert_eq!(dump(&s).unwrap(), before);
+    // The same after a crash: the open rolls both records back.
+    let mut s = reopen(s);
+    let image = {
+        let mut image = None;
+        let _ = s.transaction(|tx| {
+            tx.vec(r.vec)?.set(1, 100)?;
+            let at = crate::journal::scan(tx.core.mem(), 16 << 10, tx.core.seq())?.0[0].target;
+            let mut v = tx.vec(r.vec)?;
+            v.set(if at % 64 < 60 { 2 } else { 0 }, 102)?;
+            v.set(1, 104)?;
+            image = Some(tx.core.mem().to_vec());
+            Err::<(), _>(Error::Migration("roll back".into()))
+        });
+        image.unwrap()
+    };
+    let s = open(image).unwrap();
+    assert!(matches!(
+        s.report().opened,
+        Opened::Recovered { records: 2 }
+    ));
     assert_eq!(dump(&s).unwrap(), before);
 }
 
