@@ -18,7 +18,10 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use shm_snapshot::{CopyTarget, Region};
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::chain::changed_cells;
+use crate::converge::{Converged, NotConverged};
 use crate::error::{Error, Result};
 use crate::format::{Chunk, split_at_cells};
 use crate::image::{
@@ -400,7 +403,7 @@ fn table_from_marks(
     // The first cell of the map (the header page, and the program's first
     // bytes after it) is always read: commits change it, and taking the
     // marks wrote it (docs/snapshot-protocol.md, *The dirty map*).
-    let header_cells = (1u64 << shm_snapshot::DIRTY_SHIFT).div_ceil(cell);
+    let header_cells = shm_snapshot::ALWAYS_READ.div_ceil(cell);
     // Walk the cells holding data now or in the basis, in order.
     let (mut i, mut j) = (0, 0);
     let mut table: Vec<Option<Chunk>> = Vec::with_capacity(pieces.len());
@@ -520,6 +523,9 @@ pub struct SnapshotProtocol {
     plain: bool,
     /// The bytes of the last copy that was not kept, for the next one.
     spare: Vec<u8>,
+    /// The generation of the last copy made by converging passes (the
+    /// program keeps a dirty map), for telling an unchanged memfd.
+    converged_at: Option<u64>,
 }
 
 impl SnapshotProtocol {
@@ -533,6 +539,7 @@ impl SnapshotProtocol {
             in_use: false,
             plain: false,
             spare: Vec::new(),
+            converged_at: None,
         }
     }
 
@@ -587,8 +594,142 @@ impl SnapshotProtocol {
     }
 }
 
+impl SnapshotProtocol {
+    /// The memfd mapped, when its header is valid: the region, or why a
+    /// plain capture is needed.
+    fn protocol_region(&mut self, memfd: &File) -> std::result::Result<Region<'_>, String> {
+        let len = memfd
+            .metadata()
+            .map_err(|e| format!("reading the memfd: {e}"))?
+            .len();
+        if len < shm_snapshot::HEADER_LEN as u64 {
+            return Err("no shm-snapshot header".into());
+        }
+        self.map(memfd, len)?;
+        let map = self.map.as_ref().ok_or("the memfd is not mapped")?;
+        let region = Region::try_from_mmap(map).map_err(|e| format!("mapping the memfd: {e}"))?;
+        match shm_snapshot::probe(region) {
+            Ok(shm_snapshot::Protocol::Present { .. }) => Ok(region),
+            Ok(_) => Err("no shm-snapshot header".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A copy made by converging passes, without stopping the program
+    /// ([`crate::converge`]), when it keeps shm-snapshot's dirty map:
+    /// `first` the cells to copy in any case. `Ok(None)` when the map is
+    /// off or the passes gave up (their marks are kept for the next
+    /// capture): the caller copies another way.
+    fn converge(
+        &mut self,
+        memfd: &File,
+        chunk_size: u32,
+        first: impl FnOnce(u64) -> io::Result<BTreeSet<u64>>,
+    ) -> Result<Option<Converged>> {
+        let fail = |e| Error::io("copying", "the memfd", e);
+        let pending = self.stop.pending.take();
+        let Ok(region) = self.protocol_region(memfd) else {
+            self.stop.pending = pending;
+            return Ok(None);
+        };
+        let len = memfd.metadata().map_err(fail)?.len();
+        let first = first(len).map_err(fail)?;
+        match crate::converge::converge(memfd, region, chunk_size, &first, pending.as_ref())
+            .map_err(fail)?
+        {
+            Ok(c) => {
+                self.stop.taken = Some(c.taken.clone());
+                self.converged_at = Some(c.generation);
+                self.in_use = true;
+                self.plain = false;
+                Ok(Some(c))
+            }
+            Err(NotConverged::NoMap) => {
+                self.stop.pending = pending;
+                Ok(None)
+            }
+            Err(NotConverged::GaveUp(taken)) => {
+                self.stop.pending = taken;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The committed generation, when it is the one the last converged
+    /// copy holds (nothing to save).
+    fn unchanged_since_converged(&mut self, memfd: &File) -> Option<u64> {
+        let last = self.converged_at?;
+        let region = self.protocol_region(memfd).ok()?;
+        match shm_snapshot::probe(region) {
+            Ok(shm_snapshot::Protocol::Present {
+                generation,
+                updating: false,
+            }) if generation == last => Some(generation),
+            _ => None,
+        }
+    }
+}
+
+/// The cells (indices, `chunk_size` bytes each) holding data in `memfd`.
+fn cells_with_data(memfd: &File, len: u64, chunk_size: u32) -> io::Result<BTreeSet<u64>> {
+    let cell = u64::from(chunk_size);
+    let mut cells = BTreeSet::new();
+    for e in data_extents(memfd, len)? {
+        let (first, last) = (e.offset / cell, (e.offset + e.len - 1) / cell);
+        cells.extend(first..=last);
+    }
+    Ok(cells)
+}
+
+/// An image of the converged cells: each cell holding a non-zero byte is
+/// one extent (dense), the rest holes.
+fn image_of_cells(c: &Converged, chunk_size: u32, only: Option<&[(u64, u32)]>) -> Result<Image> {
+    let cell = u64::from(chunk_size);
+    let mut extents = Vec::new();
+    let mut bytes = Vec::new();
+    for (&index, data) in &c.cells {
+        if let Some(only) = only
+            && only
+                .binary_search_by_key(&(index * cell), |&(o, _)| o)
+                .is_err()
+        {
+            continue;
+        }
+        if data.iter().all(|&b| b == 0) {
+            continue;
+        }
+        push_merged(&mut extents, index * cell, index * cell + data.len() as u64);
+        bytes.extend_from_slice(data);
+    }
+    Image::from_parts(c.data_len, extents, bytes)
+        .map_err(|e| Error::io("copying", "the memfd", io::Error::other(e)))
+}
+
 impl CaptureMethod for SnapshotProtocol {
     fn capture(&mut self, memfd: &File) -> Result<Captured> {
+        let pgid = Pid::from_raw(self.stop.pgid);
+        if group_is_gone(pgid) {
+            return Unpaused.capture(memfd);
+        }
+        if let Some(generation) = self.unchanged_since_converged(memfd) {
+            return Ok(Captured::Unchanged { generation });
+        }
+        // A program that marks its writes: copied without a stop.
+        let chunk_size = crate::format::DEFAULT_CHUNK_SIZE;
+        if let Some(c) = self.converge(memfd, chunk_size, |len| {
+            cells_with_data(memfd, len, chunk_size)
+        })? {
+            let image = image_of_cells(&c, chunk_size, None)?;
+            return Ok(Captured::Copied {
+                image,
+                pause: None,
+                protocol: Some(shm_snapshot::CaptureOutcome::Consistent {
+                    generation: c.generation,
+                    tries: c.passes,
+                }),
+            });
+        }
+        self.converged_at = None;
         let pgid = Pid::from_raw(self.stop.pgid);
         if group_is_gone(pgid) {
             return Unpaused.capture(memfd);
@@ -703,6 +844,83 @@ impl CaptureMethod for SnapshotProtocol {
 
     fn save_failed(&mut self) {
         self.snapshotter.forget();
+        self.converged_at = None;
+        self.stop.save_failed();
+    }
+
+    /// For a program that keeps shm-snapshot's dirty map: converging
+    /// passes over the cells it marked since the basis (no stop), saved as
+    /// a delta. Otherwise a whole copy ([`CaptureMethod::capture`]), which
+    /// the saver compares with the basis.
+    fn capture_changes(&mut self, memfd: &File, basis: &DeltaBasis) -> Result<Captured> {
+        let pgid = Pid::from_raw(self.stop.pgid);
+        if group_is_gone(pgid) {
+            return Unpaused.capture(memfd);
+        }
+        if let Some(generation) = self.unchanged_since_converged(memfd) {
+            return Ok(Captured::Unchanged { generation });
+        }
+        let cs = basis.chunk_size;
+        let Some(c) = self.converge(memfd, cs, |len| {
+            if len == basis.data_len {
+                // The marks since the basis' capture say the rest.
+                Ok(BTreeSet::new())
+            } else {
+                cells_with_data(memfd, len, cs)
+            }
+        })?
+        else {
+            self.converged_at = None;
+            return self.capture(memfd);
+        };
+        let cell = u64::from(cs);
+        // The basis' chunks, with the copied cells' in their place.
+        let mut by_cell: BTreeMap<u64, Vec<Chunk>> = BTreeMap::new();
+        for ch in &basis.table {
+            by_cell.entry(ch.offset / cell).or_default().push(*ch);
+        }
+        for (&index, data) in &c.cells {
+            let now = if data.iter().all(|&b| b == 0) {
+                Vec::new()
+            } else {
+                vec![Chunk {
+                    offset: index * cell,
+                    len: data.len() as u32,
+                    crc: crc32fast::hash(data),
+                }]
+            };
+            by_cell.insert(index, now);
+        }
+        let table: Vec<Chunk> = by_cell
+            .into_iter()
+            .filter(|&(index, _)| index * cell < c.data_len)
+            .flat_map(|(_, chunks)| chunks)
+            .filter(|ch| ch.offset + u64::from(ch.len) <= c.data_len)
+            .collect();
+        let mut cells = changed_cells(&basis.table, &table, c.data_len, cs);
+        // A converged copy is at a commit: the scratch cells stay out.
+        let scratch = c.scratch.clone().filter(|_| c.data_len == basis.data_len);
+        cells.retain(|&(offset, n)| !in_scratch(scratch.as_ref(), offset, u64::from(n)));
+        let changed: u64 = cells.iter().map(|&(_, n)| u64::from(n)).sum();
+        if changed > basis.budget {
+            // The save is a full one: copy everything, the marks taken
+            // counting again.
+            self.stop.save_failed();
+            self.converged_at = None;
+            return self.capture(memfd);
+        }
+        let image = image_of_cells(&c, cs, Some(&cells))?;
+        Ok(Captured::Changes {
+            changes: Changes {
+                basis_generation: basis.generation,
+                data_len: c.data_len,
+                table,
+                cells,
+                image,
+                marked: Some(c.taken.count()),
+            },
+            pause: None,
+        })
     }
 }
 

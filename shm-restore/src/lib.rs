@@ -47,6 +47,7 @@
 
 mod capture;
 mod chain;
+mod converge;
 mod error;
 pub mod format;
 mod image;

@@ -217,6 +217,13 @@ pub struct SaveReport {
     pub file_len: u64,
     /// `Some` when the save wrote a delta: the snapshot it applies to.
     pub base: Option<format::Base>,
+    /// When the delta brought its chain to its bounds and the chain was
+    /// compacted right after: the generation of the full snapshot written
+    /// (of the same state, from the chain's files).
+    pub compacted: Option<u64>,
+    /// When that compaction failed: why (the delta is in place, and the
+    /// next save tries again).
+    pub compaction_failed: Option<String>,
     /// True when the previous snapshot was kept as `.prev`.
     pub kept_previous: bool,
     /// A damaged file found in the snapshot's place, kept under the name
@@ -448,6 +455,8 @@ pub struct Saver<S: Storage> {
     /// The chain the snapshot in place heads, when this saver wrote or
     /// loaded it: what a delta would apply to.
     chain: Option<ChainState>,
+    /// Set while a compaction saves: the save is a full one.
+    full_only: bool,
     seq: u64,
     /// Where saves count the bytes they write.
     progress: Option<Progress>,
@@ -574,6 +583,7 @@ impl<S: Storage> Saver<S> {
             trusted: None,
             last: None,
             chain: None,
+            full_only: false,
             seq: 0,
             progress: None,
         }
@@ -794,6 +804,49 @@ impl<S: Storage> Saver<S> {
         if result.is_ok() {
             self.remove_unneeded_bases();
         }
+        let mut result = result;
+        if let (Ok(SaveOutcome::Saved(report)), Some(chain)) = (&mut result, self.chain)
+            && chain.depth > 0
+            && (chain.depth >= self.options.max_chain || chain.delta_bytes > chain.full_bytes / 2)
+        {
+            // The chain reached its bounds: compacted into a full snapshot
+            // of the same state, read from the chain's files (the program's
+            // memory is not copied again).
+            match self.compact(saved_at_ns) {
+                Ok(SaveOutcome::Saved(full)) => report.compacted = Some(full.generation),
+                Ok(_) => {}
+                Err(e) => report.compaction_failed = Some(e.to_string()),
+            }
+        }
+        result
+    }
+
+    /// Writes the state the snapshot in place holds (a delta chain) as a
+    /// full snapshot: the chain verified and loaded into a private memfd,
+    /// then saved as any full snapshot (the same protocol, so a crash at
+    /// any step leaves this state or the same state as before).
+    fn compact(&mut self, saved_at_ns: u64) -> Result<SaveOutcome> {
+        let path = self.storage.path_of(&self.name);
+        let name = self.name.clone();
+        let links = crate::chain::verify_chain(&mut self.storage, &name, &name, u64::MAX, None)
+            .map_err(|e| e.into_error(&path))?;
+        let fail = |e| Error::io("compacting the chain of", &path, e);
+        let memfd = shm_fd::SharedFd::create(
+            "shm-restore-compact",
+            shm_fd::CreateOptions {
+                size: 0,
+                seal_shrink: false,
+            },
+        )
+        .map_err(|e| fail(std::io::Error::other(e)))?
+        .into_file();
+        crate::chain::copy_chain_into(&links, &memfd, None).map_err(|e| e.into_error(&path))?;
+        drop(links);
+        let image = Image::read_from(&memfd).map_err(fail)?;
+        drop(memfd);
+        self.full_only = true;
+        let result = self.save_from(Source::Image(&image), saved_at_ns);
+        self.full_only = false;
         result
     }
 
@@ -807,6 +860,9 @@ impl<S: Storage> Saver<S> {
     /// and CRCs) with the last table: the current table is computed from
     /// the source, which reads every data byte once.
     fn plan_delta(&self, source: &Source<'_>) -> Result<Option<DeltaPlan>> {
+        if self.full_only {
+            return Ok(None);
+        }
         let chunk_size = self.options.chunk_size;
         let (Some(chain), Some(basis)) = (self.chain, self.basis()) else {
             if let Source::Changes(c) = source {
@@ -856,14 +912,19 @@ impl<S: Storage> Saver<S> {
     fn basis(&self) -> Option<(u64, &[Chunk])> {
         let chain = self.chain?;
         let (_, last) = self.last.as_ref()?;
-        if chain.depth >= self.options.max_chain
+        // A chain at `max_chain` is compacted right after the delta that
+        // reaches it; one that could not be is continued up to the format's
+        // bound.
+        if self.options.max_chain == 0
+            || chain.depth + 1 >= format::MAX_DEPTH
             || self.trusted != Some(chain.generation)
             || !cell_aligned(last, self.options.chunk_size)
         {
             return None;
         }
-        let budget = (chain.full_bytes / 2).checked_sub(chain.delta_bytes)?;
-        Some((budget, last))
+        // A delta of more than half the full snapshot's bytes is written
+        // as a full snapshot instead.
+        Some((chain.full_bytes / 2, last))
     }
 
     /// What a capture needs to copy only the cells that changed since the
@@ -1114,6 +1175,8 @@ impl<S: Storage> Saver<S> {
             stored_len: header.stored_len,
             file_len: header.file_len(),
             base: header.base,
+            compacted: None,
+            compaction_failed: None,
             kept_previous,
             moved_corrupt,
         }))

@@ -795,6 +795,12 @@ fn cell_map_bound(files: &Files, _max: u64) -> usize {
     files.values().map(|b| b.len()).sum::<usize>() * 4
 }
 
+/// A hand-built delta: its name, `data_len`, `chunk_size` and cells
+/// (offset, bytes).
+type HandDelta = (&'static str, u64, u32, Vec<(u64, Vec<u8>)>);
+/// A chain case: its name and the (file, byte, value) edits making it.
+type ChainCase = (&'static str, Vec<(usize, usize, u64)>);
+
 /// Counts of the delta sweep.
 #[derive(Debug, Default)]
 struct Tally {
@@ -1211,7 +1217,7 @@ fn every_mutation_of_a_delta_and_of_its_base_loads_its_chain_falls_back_or_is_re
     let base_crc = get(&base, 124, 4) as u32;
     let generation = get_u64(&delta, 32);
     assert_eq!(generation, 2);
-    let chain_cases: Vec<(&str, Vec<(usize, usize, u64)>)> = vec![
+    let chain_cases: Vec<ChainCase> = vec![
         ("base_generation 0", vec![(84, 8, 0)]),
         ("base_generation = generation", vec![(84, 8, generation)]),
         (
@@ -1292,7 +1298,7 @@ fn every_mutation_of_a_delta_and_of_its_base_loads_its_chain_falls_back_or_is_re
     let cell_of = |state: &[u8], offset: usize, n: usize| state[offset..offset + n].to_vec();
     let mut changed = old.clone();
     changed[CELL..2 * CELL].fill(0x77);
-    let valid: Vec<(&str, u64, u32, Vec<(u64, Vec<u8>)>)> = vec![
+    let valid: Vec<HandDelta> = vec![
         (
             "cells 1 and 16",
             STATE_LEN as u64,
@@ -1376,7 +1382,7 @@ fn every_mutation_of_a_delta_and_of_its_base_loads_its_chain_falls_back_or_is_re
         );
     }
     let cut_last = cell_of(&old, 16 * CELL, 999);
-    let broken: Vec<(&str, u64, u32, Vec<(u64, Vec<u8>)>)> = vec![
+    let broken: Vec<HandDelta> = vec![
         (
             "a cell at 4097",
             STATE_LEN as u64,

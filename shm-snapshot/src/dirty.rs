@@ -19,12 +19,28 @@ use crate::sync::Ordering;
 
 /// The low half of the control word when the map is on: `"dmap"`.
 const DIRTY_MAGIC: u32 = u32::from_le_bytes(*b"dmap");
-/// log2 of the cell size the map marks: 1 MiB cells.
-pub const DIRTY_SHIFT: u32 = 20;
+/// The memfd's first bytes, which a program need not mark: a snapshotter
+/// always reads them (the header page's sequence word changes at every
+/// commit, unmarked).
+pub const ALWAYS_READ: u64 = 1 << 20;
 /// How many cells the map covers: one bit each in the rest of the header
-/// page (24576 cells, the first 24 GiB of the memfd at 1 MiB a cell).
-/// Writes past them are not marked; a snapshotter reads those cells.
+/// page (24576). Writes past them are not marked; a snapshotter reads
+/// those cells.
 pub const DIRTY_CELLS: u64 = ((HEADER_LEN - OFF_DIRTY_MAP) * 8) as u64;
+/// The smallest cell the map marks: 4 KiB (`1 << 12`), for a memfd of up
+/// to 96 MiB.
+pub const MIN_SHIFT: u32 = 12;
+/// The largest cell: 1 GiB (`1 << 30`).
+pub const MAX_SHIFT: u32 = 30;
+
+/// The cell size (log2) the map uses for a memfd of `len` bytes: the
+/// smallest that covers it with [`DIRTY_CELLS`] cells (64 KiB for 1 GiB,
+/// 1 MiB for 24 GiB), at least [`MIN_SHIFT`], at most [`MAX_SHIFT`].
+pub fn shift_for(len: u64) -> u32 {
+    (MIN_SHIFT..MAX_SHIFT)
+        .find(|&s| DIRTY_CELLS << s >= len)
+        .unwrap_or(MAX_SHIFT)
+}
 
 fn control(shift: u32) -> u64 {
     u64::from(DIRTY_MAGIC) | (u64::from(shift) << 32)
@@ -36,23 +52,28 @@ fn control(shift: u32) -> u64 {
 pub struct DirtyMap<'a> {
     page: Region<'a>,
     map: Region<'a>,
+    shift: u32,
 }
 
 impl<'a> DirtyMap<'a> {
     /// Turns the map on in `page`, the first [`HEADER_LEN`] bytes of the
-    /// memfd (a valid header: call it after [`crate::Publisher::open`] or
-    /// [`crate::OwnedPublisher::open`]). When the map was off, every bit
-    /// is set first: what was written meanwhile is unknown. `None` when
-    /// `page` is shorter than a header.
+    /// memfd (a valid header: call it after
+    /// [`crate::Publisher::open_marking`]), with cells sized for a memfd of
+    /// `len` bytes ([`shift_for`]). When the map was off, or had another
+    /// cell size, every bit is set first (what was written meanwhile is
+    /// unknown) and the scratch range cleared. `None` when `page` is
+    /// shorter than a header. Call it again when the memfd grows past the
+    /// cells' cover ([`DirtyMap::covers`]).
     ///
     /// From here on the program must [`DirtyMap::mark`] every range before
     /// it writes it, for as long as it writes the memfd: a snapshotter
     /// trusts the map to tell every cell that changed.
-    pub fn enable(page: Region<'a>) -> Option<DirtyMap<'a>> {
+    pub fn enable(page: Region<'a>, len: u64) -> Option<DirtyMap<'a>> {
         let page = page.subregion(0, HEADER_LEN)?;
         let map = page.subregion(OFF_DIRTY_MAP, HEADER_LEN - OFF_DIRTY_MAP)?;
         let word = page.word(OFF_DIRTY);
-        if word.load(Ordering::Acquire) != control(DIRTY_SHIFT) {
+        let shift = shift_for(len);
+        if word.load(Ordering::Acquire) != control(shift) {
             for i in 0..map.len() / 8 {
                 map.word(i * 8).store(u64::MAX, Ordering::Relaxed);
             }
@@ -61,9 +82,19 @@ impl<'a> DirtyMap<'a> {
             page.word(OFF_SCRATCH).store(0, Ordering::Relaxed);
             // The bits before the control word: a snapshotter that sees the
             // map on sees them set.
-            word.store(control(DIRTY_SHIFT), Ordering::Release);
+            word.store(control(shift), Ordering::Release);
         }
-        Some(DirtyMap { page, map })
+        Some(DirtyMap { page, map, shift })
+    }
+
+    /// Whether the cells cover the memfd's first `len` bytes.
+    pub fn covers(&self, len: u64) -> bool {
+        DIRTY_CELLS << self.shift >= len
+    }
+
+    /// log2 of the cell size.
+    pub fn shift(&self) -> u32 {
+        self.shift
     }
 
     /// The map of `page` as [`DirtyMap::enable`] left it, for marking (it
@@ -72,7 +103,8 @@ impl<'a> DirtyMap<'a> {
     pub fn attach(page: Region<'a>) -> Option<DirtyMap<'a>> {
         let page = page.subregion(0, HEADER_LEN)?;
         let map = page.subregion(OFF_DIRTY_MAP, HEADER_LEN - OFF_DIRTY_MAP)?;
-        Some(DirtyMap { page, map })
+        let shift = shift_of(page.word(OFF_DIRTY).load(Ordering::Acquire))?;
+        Some(DirtyMap { page, map, shift })
     }
 
     /// Declares the memfd bytes `start..start + len` *scratch*: what they
@@ -98,8 +130,8 @@ impl<'a> DirtyMap<'a> {
         if len == 0 {
             return;
         }
-        let first = offset >> DIRTY_SHIFT;
-        let last = (offset.saturating_add(len - 1) >> DIRTY_SHIFT).min(DIRTY_CELLS - 1);
+        let first = offset >> self.shift;
+        let last = (offset.saturating_add(len - 1) >> self.shift).min(DIRTY_CELLS - 1);
         let mut cell = first;
         while cell <= last {
             let word = self.map.word((cell / 64) as usize * 8);
@@ -143,6 +175,11 @@ impl DirtyCells {
         Some(start..start.checked_add(len)?)
     }
 
+    /// log2 of the cell size the marks are in.
+    pub fn shift(&self) -> u32 {
+        self.shift
+    }
+
     /// The number of cells marked.
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -173,14 +210,7 @@ impl DirtyCells {
 /// only if the word is unchanged after it (see `docs/snapshot-protocol.md`).
 pub fn take_dirty(page: Region<'_>) -> Option<DirtyCells> {
     let page = page.subregion(0, HEADER_LEN)?;
-    let control = page.word(OFF_DIRTY).load(Ordering::Acquire);
-    if control as u32 != DIRTY_MAGIC {
-        return None;
-    }
-    let shift = (control >> 32) as u32;
-    if shift != DIRTY_SHIFT {
-        return None;
-    }
+    let shift = shift_of(page.word(OFF_DIRTY).load(Ordering::Acquire))?;
     let map = page.subregion(OFF_DIRTY_MAP, HEADER_LEN - OFF_DIRTY_MAP)?;
     let len = page.word(OFF_SCRATCH + 8).load(Ordering::Acquire);
     let start = page.word(OFF_SCRATCH).load(Ordering::Relaxed);
@@ -193,6 +223,12 @@ pub fn take_dirty(page: Region<'_>) -> Option<DirtyCells> {
         words,
         scratch,
     })
+}
+
+/// The cell shift of a control word that says the map is on.
+fn shift_of(control: u64) -> Option<u32> {
+    let shift = (control >> 32) as u32;
+    (control as u32 == DIRTY_MAGIC && (MIN_SHIFT..=MAX_SHIFT).contains(&shift)).then_some(shift)
 }
 
 /// Turns the map off (an open by a program that does not mark its writes
@@ -214,15 +250,17 @@ mod tests {
         let buf = HeapBuffer::new(HEADER_LEN);
         let page = buf.region();
         assert_eq!(take_dirty(page), None, "off in a fresh page");
-        let map = DirtyMap::enable(page).unwrap();
-        assert_eq!(page.load_u64(OFF_DIRTY), control(DIRTY_SHIFT));
+        const SHIFT: u32 = 20;
+        let map = DirtyMap::enable(page, 24 << 30).unwrap();
+        assert_eq!(map.shift(), SHIFT);
+        assert_eq!(page.load_u64(OFF_DIRTY), control(SHIFT));
         // Enabling a map that was off marks everything.
         let all = take_dirty(page).unwrap();
         assert_eq!(all.count(), DIRTY_CELLS);
         let none = take_dirty(page).unwrap();
         assert_eq!(none.count(), 0);
         assert!(!none.any(0, 1 << 30));
-        assert!(none.any(DIRTY_CELLS << DIRTY_SHIFT, 1), "past the map");
+        assert!(none.any(DIRTY_CELLS << SHIFT, 1), "past the map");
         // Two cells from a range crossing a boundary, one from a byte.
         map.mark((3 << 20) - 1, 2);
         map.mark(70 << 20, 1);
@@ -234,8 +272,17 @@ mod tests {
         assert_eq!(take_dirty(page).unwrap().count(), 0);
         // Enabling again while on keeps the bits.
         map.mark(5 << 20, 1);
-        DirtyMap::enable(page).unwrap();
+        DirtyMap::enable(page, 24 << 30).unwrap();
         assert_eq!(take_dirty(page).unwrap().count(), 1);
+        // Another cell size: everything again.
+        let small = DirtyMap::enable(page, 1 << 20).unwrap();
+        assert_eq!(small.shift(), MIN_SHIFT);
+        assert_eq!(take_dirty(page).unwrap().count(), DIRTY_CELLS);
+        small.mark(8192, 1);
+        let got = take_dirty(page).unwrap();
+        assert!(got.any(8192, 1) && !got.any(4096, 4096) && !got.any(12288, 4096));
+        let map = DirtyMap::enable(page, 24 << 30).unwrap();
+        take_dirty(page);
         // The scratch range goes with the marks; enabling a map that was
         // off clears it.
         assert_eq!(take_dirty(page).unwrap().scratch(), None);
@@ -249,7 +296,7 @@ mod tests {
         // Off: nothing to take; on again: everything.
         disable(page);
         assert_eq!(take_dirty(page), None);
-        DirtyMap::enable(page).unwrap();
+        DirtyMap::enable(page, 24 << 30).unwrap();
         let all = take_dirty(page).unwrap();
         assert_eq!(all.count(), DIRTY_CELLS);
         assert_eq!(all.scratch(), None, "cleared when the map came on");
@@ -259,19 +306,26 @@ mod tests {
     fn a_damaged_control_word_turns_the_map_off() {
         let buf = HeapBuffer::new(HEADER_LEN);
         let page = buf.region();
-        DirtyMap::enable(page).unwrap();
-        page.store_u64(OFF_DIRTY, control(12));
+        DirtyMap::enable(page, 1 << 30).unwrap();
+        page.store_u64(OFF_DIRTY, control(11));
+        assert_eq!(take_dirty(page), None);
+        page.store_u64(OFF_DIRTY, control(31));
         assert_eq!(take_dirty(page), None);
         page.store_u64(OFF_DIRTY, 0x1234);
         assert_eq!(take_dirty(page), None);
-        assert!(DirtyMap::enable(buf.region().subregion(0, 1024).unwrap()).is_none());
+        assert!(DirtyMap::enable(buf.region().subregion(0, 1024).unwrap(), 1).is_none());
+        assert_eq!(
+            (shift_for(0), shift_for(96 << 20), shift_for((96 << 20) + 1)),
+            (12, 12, 13)
+        );
+        assert_eq!((shift_for(1 << 30), shift_for(u64::MAX)), (16, MAX_SHIFT));
     }
 
     #[test]
     fn merged_cells_are_the_union() {
         let buf = HeapBuffer::new(HEADER_LEN);
         let page = buf.region();
-        let map = DirtyMap::enable(page).unwrap();
+        let map = DirtyMap::enable(page, 24 << 30).unwrap();
         take_dirty(page);
         map.mark(1 << 20, 1);
         let mut a = take_dirty(page).unwrap();

@@ -90,7 +90,9 @@ mod sync;
 mod target;
 
 #[cfg(not(loom))]
-pub use dirty::{DIRTY_CELLS, DIRTY_SHIFT, DirtyCells, DirtyMap, take_dirty};
+pub use dirty::{
+    ALWAYS_READ, DIRTY_CELLS, DirtyCells, DirtyMap, MAX_SHIFT, MIN_SHIFT, shift_for, take_dirty,
+};
 pub use error::Error;
 #[cfg(not(loom))]
 pub use extents::{data_extents, data_extents_since};

@@ -224,6 +224,11 @@ pub(crate) struct Mem {
 struct Dirty {
     _page: MmapRaw,
     words: *const AtomicU64,
+    /// log2 of the map's cell size.
+    shift: u32,
+    /// The memfd bytes the cells cover: past them, the map is enabled
+    /// again with larger cells.
+    covers: u64,
 }
 
 // SAFETY: `words` points into `_page`, a shared mapping owned by the same
@@ -380,13 +385,34 @@ impl Mem {
             .map_err(|e| Error::io("mmap of the protocol page", e))?;
         let region = shm_snapshot::Region::try_from_mmap(&page)
             .map_err(|e| Error::io("mmap of the protocol page", e))?;
-        if shm_snapshot::DirtyMap::enable(region).is_none() {
+        let total = self.base as u64 + self.len as u64;
+        let Some(map) = shm_snapshot::DirtyMap::enable(region, total) else {
             return Ok(());
-        }
+        };
+        let shift = map.shift();
         // SAFETY: the page is HEADER_LEN bytes, page-aligned, and the map
         // (`OFF_DIRTY_MAP..HEADER_LEN`) lies inside it, 8-aligned.
         let words = unsafe { page.as_ptr().add(shm_snapshot::OFF_DIRTY_MAP) }.cast::<AtomicU64>();
-        self.dirty = Some(Dirty { _page: page, words });
+        self.dirty = Some(Dirty {
+            _page: page,
+            words,
+            shift,
+            covers: shm_snapshot::DIRTY_CELLS << shift,
+        });
+        Ok(())
+    }
+
+    /// After the region grew: a dirty map whose cells no longer cover it
+    /// is enabled again with larger cells (every bit set: a snapshotter
+    /// reads everything once). Other processes sharing the state take the
+    /// new cells up when they map the grown region, before they write.
+    fn grow_dirty_map(&mut self) -> Result<()> {
+        let total = self.base as u64 + self.len as u64;
+        if self.dirty.as_ref().is_some_and(|d| total > d.covers) {
+            // Replaces the map only once the new one is on: until then the
+            // old cells stay marked (the snapshotter reads past them).
+            self.enable_dirty_map()?;
+        }
         Ok(())
     }
 
@@ -402,7 +428,7 @@ impl Mem {
             return;
         }
         let at = self.base as u64 + off;
-        let shift = shm_snapshot::DIRTY_SHIFT;
+        let shift = d.shift;
         let last = (at.saturating_add(len - 1) >> shift).min(shm_snapshot::DIRTY_CELLS - 1);
         let mut cell = at >> shift;
         while cell <= last {
@@ -749,6 +775,9 @@ impl Mem {
         *self = Self::from_backing(backing, self.base, self.identity);
         self.heap_prefix = heap_prefix;
         self.dirty = dirty;
+        // Best effort: a map that cannot be enabled again is left with
+        // its cells (the snapshotter reads the cells past them).
+        let _ = self.grow_dirty_map();
         #[cfg(test)]
         {
             self.crash = crash;

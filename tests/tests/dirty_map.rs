@@ -137,3 +137,123 @@ fn a_save_of_a_marking_program_reads_only_what_it_marked() {
     loads_to(work.path(), &dense(&memfd));
     sleeper.kill();
 }
+
+/// `--snapshot protocol` with a program that keeps the dirty map: saves
+/// while it commits every millisecond are copied by converging passes, with
+/// no stop, and every one restores to a state it committed (its invariant
+/// holds: element 1 is the sum of the elements from 2 on, and each
+/// transaction adds to 4 elements 8 MiB apart and to that sum).
+#[test]
+fn converging_copies_of_a_program_committing_every_millisecond_are_consistent() {
+    use shm_restore::SnapshotProtocol;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let work = tempfile::tempdir().unwrap();
+    let shared = SharedFd::create("dirty-converge", CreateOptions::default()).unwrap();
+    let memfd = shared.reopen().unwrap().into_file();
+    // SAFETY: a memfd of this test; no other process maps it.
+    let source = unsafe { Source::shared(shared) };
+    let mut state = State::<Root>::open(source, Layout::new(1).with_snapshot_protocol()).unwrap();
+    const N: u64 = 4 << 20; // 32 MiB of u64s
+    state
+        .transaction(|tx| {
+            let v = tx.new_vec::<u64>()?;
+            tx.vec(v)?.reserve(N)?;
+            tx.vec(v)?.extend_from_slice(&vec![1u64; N as usize])?;
+            tx.vec(v)?.set(1, N - 2)?;
+            tx.root_mut()?.v = v;
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+    let v = state.root().unwrap().v;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                state
+                    .transaction(|tx| {
+                        let mut vec = tx.vec(v)?;
+                        for k in 0..4 {
+                            // Four places far apart, each moving through
+                            // a few KiB: a few cells change between saves.
+                            let at = 2 + k * (N / 4) + n % 1024;
+                            let old = *vec.get(at)?.unwrap();
+                            vec.set(at, old + n)?;
+                        }
+                        let sum = *vec.get(1)?.unwrap();
+                        vec.set(1, sum + 4 * n)?;
+                        vec.set(0, n)?;
+                        Ok::<_, shm_state::Error>(())
+                    })
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            n
+        })
+    };
+    let mut sleep = Command::new("sleep");
+    sleep.arg("60").process_group(0);
+    let mut sleeper = Kid::start(sleep, "sleeper", work.path(), None);
+    let mut capture = SnapshotProtocol::new(sleeper.pid() as i32, Duration::from_secs(5));
+    let mut saver = Saver::new(
+        DirStorage::new(work.path()),
+        "s.snap".as_ref(),
+        SaveOptions::builder().max_chain(4).build().unwrap(),
+    );
+    let (mut deltas, mut fulls) = (0, 0);
+    for round in 0..12u64 {
+        std::thread::sleep(Duration::from_millis(20));
+        let got = match saver.delta_basis() {
+            Some(basis) => capture.capture_changes(&memfd, &basis).unwrap(),
+            None => capture.capture(&memfd).unwrap(),
+        };
+        match &got {
+            Captured::Changes { pause, changes, .. } => {
+                assert_eq!(*pause, None, "round {round}: stopped");
+                assert!(changes.marked().is_some());
+                deltas += 1;
+            }
+            Captured::Copied {
+                pause, protocol, ..
+            } => {
+                assert_eq!(*pause, None, "round {round}: stopped ({protocol:?})");
+                assert!(
+                    format!("{protocol:?}").starts_with("Some(Consistent"),
+                    "round {round}: {protocol:?}"
+                );
+                fulls += 1;
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        saver.save_captured(&got, &memfd, round + 1).unwrap();
+        // What the snapshot restores is a state the program committed.
+        let m = SharedFd::create("dirty-converge-load", CreateOptions::default()).unwrap();
+        let file = m.reopen().unwrap().into_file();
+        let out =
+            shm_restore::restore(&work.path().join("s.snap"), &file, u64::MAX, 0, None).unwrap();
+        assert!(matches!(out, LoadOutcome::Loaded { .. }));
+        // SAFETY: a memfd of this test, opened once.
+        let restored = State::<Root>::open(
+            unsafe { Source::shared(m) },
+            Layout::new(1).with_snapshot_protocol(),
+        )
+        .unwrap();
+        let root = restored.root().unwrap().v;
+        let vec = restored.vec(root).unwrap();
+        let sum: u64 = vec[2..].iter().sum();
+        assert_eq!(
+            sum, vec[1],
+            "round {round}: a torn state at count {}",
+            vec[0]
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let commits = writer.join().unwrap();
+    sleeper.kill();
+    assert!(deltas >= 6 && fulls >= 1, "{deltas} deltas, {fulls} full");
+    assert!(commits > 100, "{commits} commits");
+}

@@ -253,26 +253,32 @@ fn a_chain_is_compacted_when_its_deltas_grow_past_half_the_full() {
     let mut saver = Saver::new(DirStorage::new(d.path()), OsStr::new(NAME), options(100));
     let mut state = base_state(); // 60 cells stored
     saver.save(&image_of(&state), 1).unwrap();
-    // Ten cells a save: the third delta would bring the chain to 30 cells
-    // of deltas, past half of the full's 60 (30 is allowed, 40 is not).
+    // Ten cells a save: the fourth delta brings the chain to 40 cells of
+    // deltas, past half of the full's 60, and the same save compacts it
+    // into a full snapshot of the same state (generation 6, from the
+    // chain's files); the next delta applies to that.
     let mut kinds = Vec::new();
     for round in 0..5usize {
         for c in 0..10 {
             state[(20 + c) * CELL + round] ^= 0x55;
         }
         let r = saved(saver.save(&image_of(&state), 2 + round as u64));
-        kinds.push(r.base.map_or(0, |b| b.depth));
+        kinds.push((r.base.map_or(0, |b| b.depth), r.compacted));
+        assert_eq!(r.compaction_failed, None);
         assert_eq!(load_dir(d.path()).unwrap().0, state);
     }
-    assert_eq!(kinds, [1, 2, 3, 0, 1]);
-    // After the compaction only `.prev`'s chain is kept.
+    assert_eq!(
+        kinds,
+        [(1, None), (2, None), (3, None), (4, Some(6)), (1, None)]
+    );
+    // `.prev` is the full snapshot (generation 6), so no old base is kept.
     let names = names_in(d.path());
     assert_eq!(
         names,
         [
             "state.snap",
-            "state.snap.gen-5",
             "state.snap.gen-6",
+            "state.snap.gen-7",
             "state.snap.prev"
         ],
         "{names:?}"
@@ -437,28 +443,37 @@ fn a_crash_at_every_step_of_a_delta_save_that_names_its_base_loads_old_or_new() 
 
 #[test]
 fn a_crash_at_every_step_of_a_compaction_loads_old_or_new() {
-    // The chain is full (2 deltas): the next save is a full one. The
-    // bases stay: `.prev` (generation 3) still needs gen-2 and gen-1.
-    let steps = crash_every_step(2, 0, |s| s[50 * CELL + 3] ^= 0x20, false);
-    // create, 60 data writes, header, fsync, link, rename, rename, link
-    // of the chain name, directory fsync, then removing gen-3 (the old
-    // snapshot is `.prev` now; its chain, gen-2 and gen-1, stays).
-    assert_eq!(steps, 60 + 8 + 1);
-    // The delta after it on the new full snapshot: `.prev` becomes that
-    // full snapshot, and gen-1 and gen-2 are removed at the end.
-    let steps = crash_every_step(2, 1, |s| s[50 * CELL + 3] ^= 0x20, true);
-    assert_eq!(steps, 9 + 2);
-    let (sim, _, _) = chain_disk_after(2, 2);
-    let names: Vec<_> = sim.current().into_keys().collect();
+    // max_chain 3: the fourth save writes the chain's third delta and, in
+    // the same call, compacts the chain into a full snapshot read from its
+    // files. A crash anywhere in either loads the old or the new state.
+    let steps = crash_every_step(3, 0, |s| s[50 * CELL + 3] ^= 0x20, true);
+    // The delta's 9, then the full snapshot's: create, 60 data writes,
+    // header, fsync, link, rename, rename, link of the chain name,
+    // directory fsync, and the removal of bases no chain needs.
+    assert!(steps >= 9 + 60 + 8, "{steps} steps");
+    let (sim, _, _) = chain_disk_after(3, 0);
+    let (_, mut saver, mut state) = chain_disk_after(3, 0);
+    state[50 * CELL + 3] ^= 0x20;
+    let r = saved(saver.save(&image_of(&state), 4));
+    assert_eq!((r.base.map(|b| b.depth), r.compacted), (Some(3), Some(5)));
+    drop(sim);
+    // The delta after it applies to the full snapshot; `.prev` is that
+    // full snapshot, so the old chain's files are gone.
+    state[7 * CELL] ^= 1;
+    let r = saved(saver.save(&image_of(&state), 5));
+    assert_eq!(r.base.map(|b| (b.generation, b.depth)), Some((5, 1)));
+    let disk = saver.storage().current();
+    let names: Vec<_> = disk.keys().cloned().collect();
     assert_eq!(
         names,
         [
             "state.snap",
-            "state.snap.gen-4",
             "state.snap.gen-5",
+            "state.snap.gen-6",
             "state.snap.prev"
         ]
     );
+    assert_eq!(load_disk(&disk).unwrap(), state);
 }
 
 #[test]

@@ -539,6 +539,12 @@ fn save(
     }
     match outcome {
         Ok(SaveOutcome::Saved(r)) => {
+            if let Some(e) = &r.compaction_failed {
+                warn(format_args!(
+                    "save {why}: the delta is in place, but compacting its chain into a full \
+                     snapshot failed: {e}; the next save tries again"
+                ));
+            }
             if let Some((moved, damage)) = &r.moved_corrupt {
                 warn(format_args!(
                     "WARNING: {path} {damage}; kept as {} (not as {path}.prev)",
@@ -555,8 +561,12 @@ fn save(
                         r.stored_len,
                         r.base
                             .map(|b| format!(
-                                ", a delta on generation {} ({} in the chain)",
-                                b.generation, b.depth
+                                ", a delta on generation {} ({} in the chain){}",
+                                b.generation,
+                                b.depth,
+                                r.compacted
+                                    .map(|g| format!(", compacted into full generation {g}"))
+                                    .unwrap_or_default()
                             ))
                             .unwrap_or_default(),
                         how_copied(&captured)
