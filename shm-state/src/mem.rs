@@ -229,6 +229,9 @@ struct Dirty {
     /// The memfd bytes the cells cover: past them, the map is enabled
     /// again with larger cells.
     covers: u64,
+    /// The scratch range declared (region offset, length): declared again
+    /// when the map is enabled again (which clears it).
+    scratch: Option<(u64, u64)>,
 }
 
 // SAFETY: `words` points into `_page`, a shared mapping owned by the same
@@ -393,12 +396,17 @@ impl Mem {
         // SAFETY: the page is HEADER_LEN bytes, page-aligned, and the map
         // (`OFF_DIRTY_MAP..HEADER_LEN`) lies inside it, 8-aligned.
         let words = unsafe { page.as_ptr().add(shm_snapshot::OFF_DIRTY_MAP) }.cast::<AtomicU64>();
+        let scratch = self.dirty.as_ref().and_then(|d| d.scratch);
         self.dirty = Some(Dirty {
             _page: page,
             words,
             shift,
             covers: shm_snapshot::DIRTY_CELLS << shift,
+            scratch: None,
         });
+        if let Some((off, len)) = scratch {
+            self.declare_scratch(off, len)?;
+        }
         Ok(())
     }
 
@@ -451,14 +459,16 @@ impl Mem {
     /// taken between transactions need not copy them again
     /// ([`shm_snapshot::DirtyMap::declare_scratch`]). Nothing without a
     /// dirty map.
-    pub(crate) fn declare_scratch(&self, off: u64, len: u64) -> Result<()> {
-        let Some(d) = &self.dirty else {
+    pub(crate) fn declare_scratch(&mut self, off: u64, len: u64) -> Result<()> {
+        let base = self.base as u64;
+        let Some(d) = &mut self.dirty else {
             return Ok(());
         };
+        d.scratch = Some((off, len));
         let region = shm_snapshot::Region::try_from_mmap(&d._page)
             .map_err(|e| Error::io("mmap of the protocol page", e))?;
         if let Some(map) = shm_snapshot::DirtyMap::attach(region) {
-            map.declare_scratch(self.base as u64 + off, len);
+            map.declare_scratch(base + off, len);
         }
         Ok(())
     }

@@ -257,3 +257,36 @@ fn converging_copies_of_a_program_committing_every_millisecond_are_consistent() 
     assert!(deltas >= 6 && fulls >= 1, "{deltas} deltas, {fulls} full");
     assert!(commits > 100, "{commits} commits");
 }
+
+/// A state that grows past its dirty map's cells turns it on again with
+/// larger cells, and declares its journal scratch again (turning the map
+/// on clears the range).
+#[test]
+fn a_growing_state_keeps_its_map_and_its_scratch_range() {
+    let shared = SharedFd::create("dirty-grow", CreateOptions::default()).unwrap();
+    let memfd = shared.reopen().unwrap().into_file();
+    // SAFETY: a memfd of this test; no other process maps it.
+    let source = unsafe { Source::shared(shared) };
+    let mut state = State::<Root>::open(source, Layout::new(1).with_snapshot_protocol()).unwrap();
+    let page_map = memmap2::MmapOptions::new()
+        .len(4096)
+        .map_raw(&memfd)
+        .unwrap();
+    let page = shm_snapshot::Region::from_mmap(&page_map);
+    let first = shm_snapshot::take_dirty(page).expect("the map is on");
+    let journal = first.scratch().expect("the journal is scratch");
+    assert_eq!(first.shift(), shm_snapshot::MIN_SHIFT);
+    // 128 MiB: past the 96 MiB that 4 KiB cells cover.
+    state
+        .transaction(|tx| {
+            let v = tx.new_vec::<u64>()?;
+            tx.vec(v)?.extend_from_slice(&vec![7u64; 16 << 20])?;
+            tx.root_mut()?.v = v;
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+    let grown = shm_snapshot::take_dirty(page).expect("the map is on");
+    assert!(grown.shift() > shm_snapshot::MIN_SHIFT, "{}", grown.shift());
+    assert_eq!(grown.scratch(), Some(journal));
+    assert_eq!(grown.count(), shm_snapshot::DIRTY_CELLS, "every cell, once");
+}
