@@ -253,11 +253,19 @@ fn import_raw_replaces_a_snapshot_only_with_force() {
     assert_eq!(code, Some(0), "{err}");
     let after = files(dir.path());
     // The replaced snapshot is kept as .prev, as a save keeps it; no temp
-    // file is left.
+    // file is left. The new snapshot also has its chain name (generation
+    // 2), the base of the next save's delta.
     assert_eq!(after["state.snap.prev"], before["state.snap"]);
+    assert_eq!(after["state.snap.gen-2"], after["state.snap"]);
     assert_eq!(
         after.keys().collect::<Vec<_>>(),
-        ["a.raw", "b.raw", "state.snap", "state.snap.prev"]
+        [
+            "a.raw",
+            "b.raw",
+            "state.snap",
+            "state.snap.gen-2",
+            "state.snap.prev"
+        ]
     );
     assert!(loaded_bytes(&snap) == b_bytes, "the loaded memfd differs");
 }
