@@ -366,6 +366,13 @@ fn take_marked(memfd: &File, data_len: u64) -> Option<Marks> {
     match shm_snapshot::probe(page) {
         Ok(shm_snapshot::Protocol::Present { updating, .. }) => {
             let cells = shm_snapshot::take_dirty(page)?;
+            if updating {
+                // Stopped inside an update: it may still write cells it
+                // marked before the stop (a `&mut` handed out, then the
+                // write). Its marks stay for the next capture, which reads
+                // those cells again.
+                shm_snapshot::give_back_dirty(page, &cells);
+            }
             // Between updates the program's scratch bytes mean nothing.
             let scratch = if updating { None } else { cells.scratch() };
             Some(Marks { cells, scratch })
@@ -526,6 +533,9 @@ pub struct SnapshotProtocol {
     /// The generation of the last copy made by converging passes (the
     /// program keeps a dirty map), for telling an unchanged memfd.
     converged_at: Option<u64>,
+    /// Set when converging passes just gave up: the whole copy that
+    /// follows in the same capture does not try them again.
+    gave_up: bool,
 }
 
 impl SnapshotProtocol {
@@ -540,6 +550,7 @@ impl SnapshotProtocol {
             plain: false,
             spare: Vec::new(),
             converged_at: None,
+            gave_up: false,
         }
     }
 
@@ -632,11 +643,14 @@ impl SnapshotProtocol {
             self.stop.pending = pending;
             return Ok(None);
         };
-        let len = memfd.metadata().map_err(fail)?.len();
-        let first = first(len).map_err(fail)?;
-        match crate::converge::converge(memfd, region, chunk_size, &first, pending.as_ref())
-            .map_err(fail)?
-        {
+        let first = match memfd.metadata().and_then(|m| first(m.len())) {
+            Ok(f) => f,
+            Err(e) => {
+                self.stop.pending = pending;
+                return Err(fail(e));
+            }
+        };
+        match crate::converge::converge(memfd, region, chunk_size, &first, pending.as_ref()) {
             Ok(c) => {
                 self.stop.taken = Some(c.taken.clone());
                 self.converged_at = Some(c.generation);
@@ -650,7 +664,13 @@ impl SnapshotProtocol {
             }
             Err(NotConverged::GaveUp(taken)) => {
                 self.stop.pending = taken;
+                self.gave_up = true;
                 Ok(None)
+            }
+            Err(NotConverged::Failed(e, taken)) => {
+                // The marks taken count again at the next capture.
+                self.stop.pending = taken;
+                Err(fail(e))
             }
         }
     }
@@ -714,11 +734,15 @@ impl CaptureMethod for SnapshotProtocol {
         if let Some(generation) = self.unchanged_since_converged(memfd) {
             return Ok(Captured::Unchanged { generation });
         }
-        // A program that marks its writes: copied without a stop.
+        // A program that marks its writes: copied without a stop (unless
+        // the passes of this capture's delta just gave up).
         let chunk_size = crate::format::DEFAULT_CHUNK_SIZE;
-        if let Some(c) = self.converge(memfd, chunk_size, |len| {
-            cells_with_data(memfd, len, chunk_size)
-        })? {
+        let tried = std::mem::take(&mut self.gave_up);
+        if !tried
+            && let Some(c) = self.converge(memfd, chunk_size, |len| {
+                cells_with_data(memfd, len, chunk_size)
+            })?
+        {
             let image = image_of_cells(&c, chunk_size, None)?;
             return Ok(Captured::Copied {
                 image,
@@ -729,6 +753,8 @@ impl CaptureMethod for SnapshotProtocol {
                 }),
             });
         }
+        // Only this capture skips the passes.
+        self.gave_up = false;
         self.converged_at = None;
         let pgid = Pid::from_raw(self.stop.pgid);
         if group_is_gone(pgid) {

@@ -331,9 +331,14 @@ pub(crate) fn chain_generations<S: Storage>(
     let Some(reader) = storage.open(name)? else {
         return Ok(out);
     };
-    let mut want = crate::snapshot::read_header(&reader, u64::MAX)
-        .ok()
-        .and_then(|h| h.base);
+    // A file that cannot be read is an error (the caller then keeps
+    // every base); a damaged header ends the chain.
+    let base_of = |r: &S::Reader| match crate::snapshot::read_header(r, u64::MAX) {
+        Ok(h) => Ok(h.base),
+        Err(ReadError::Io(e)) => Err(e),
+        Err(_) => Ok(None),
+    };
+    let mut want = base_of(&reader)?;
     while let Some(base) = want {
         if out.contains(&base.generation) || out.len() > format::MAX_DEPTH as usize {
             break;
@@ -342,9 +347,7 @@ pub(crate) fn chain_generations<S: Storage>(
         let Some(reader) = storage.open(&base_name(series, base.generation))? else {
             break;
         };
-        want = crate::snapshot::read_header(&reader, u64::MAX)
-            .ok()
-            .and_then(|h| h.base);
+        want = base_of(&reader)?;
     }
     Ok(out)
 }

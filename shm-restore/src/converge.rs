@@ -66,6 +66,9 @@ pub(crate) enum NotConverged {
     /// The size changed, or the passes ran out: the marks taken so far are
     /// given back for the next capture.
     GaveUp(Option<DirtyCells>),
+    /// Reading the memfd failed: the error, and the marks taken so far
+    /// (which count again at the next capture).
+    Failed(io::Error, Option<DirtyCells>),
 }
 
 /// Copies the cells (`chunk_size` bytes each) of `memfd` named by `first`
@@ -79,9 +82,12 @@ pub(crate) fn converge(
     chunk_size: u32,
     first: &BTreeSet<u64>,
     pending: Option<&DirtyCells>,
-) -> io::Result<Result<Converged, NotConverged>> {
+) -> Result<Converged, NotConverged> {
     let cell = u64::from(chunk_size);
-    let data_len = memfd.metadata()?.len();
+    let data_len = match memfd.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return Err(NotConverged::Failed(e, pending.cloned())),
+    };
     let cells_of = |marks: &DirtyCells, out: &mut BTreeSet<u64>| {
         for c in 0..data_len.div_ceil(cell) {
             if marks.any(c * cell, cell) {
@@ -105,11 +111,11 @@ pub(crate) fn converge(
     let mut passes = 0;
     loop {
         if passes >= MAX_PASSES || start.elapsed() > DEADLINE {
-            return Ok(Err(NotConverged::GaveUp(taken)));
+            return Err(NotConverged::GaveUp(taken));
         }
         let seq = page.load_u64(shm_snapshot::OFF_SEQ);
         if seq >= 1 << 63 {
-            return Ok(Err(NotConverged::GaveUp(taken)));
+            return Err(NotConverged::GaveUp(taken));
         }
         fence(Ordering::Acquire);
         if seq % 2 == 1 {
@@ -118,18 +124,22 @@ pub(crate) fn converge(
         }
         passes += 1;
         let Some(marks) = shm_snapshot::take_dirty(page) else {
-            return Ok(match taken {
-                None => Err(NotConverged::NoMap),
-                some => Err(NotConverged::GaveUp(some)),
+            return Err(match taken {
+                None => NotConverged::NoMap,
+                some => NotConverged::GaveUp(some),
             });
         };
-        if memfd.metadata()?.len() != data_len {
+        let len_now = memfd.metadata().map(|m| m.len());
+        if len_now.as_ref().ok() != Some(&data_len) {
             if let Some(t) = &mut taken {
                 t.merge(&marks);
             } else {
                 taken = Some(marks);
             }
-            return Ok(Err(NotConverged::GaveUp(taken)));
+            return Err(match len_now {
+                Err(e) => NotConverged::Failed(e, taken),
+                Ok(_) => NotConverged::GaveUp(taken),
+            });
         }
         let mut todo = std::mem::take(&mut carried);
         cells_of(&marks, &mut todo);
@@ -144,19 +154,21 @@ pub(crate) fn converge(
             let len = cell.min(data_len - from) as usize;
             let buf = copied.entry(c).or_default();
             buf.resize(len, 0);
-            memfd.read_exact_at(buf, from)?;
+            if let Err(e) = memfd.read_exact_at(buf, from) {
+                return Err(NotConverged::Failed(e, taken));
+            }
         }
         // The reads above before the second look at the word.
         fence(Ordering::Acquire);
         if page.load_u64(shm_snapshot::OFF_SEQ) == seq {
-            return Ok(Ok(Converged {
+            return Ok(Converged {
                 data_len,
                 generation: seq / 2,
                 cells: copied,
                 passes,
                 taken: taken.unwrap_or(marks),
                 scratch,
-            }));
+            });
         }
         // An update ran: this pass's marks are carried into the next.
         cells_of(&marks, &mut carried);

@@ -457,6 +457,9 @@ pub struct Saver<S: Storage> {
     chain: Option<ChainState>,
     /// Set while a compaction saves: the save is a full one.
     full_only: bool,
+    /// The generation whose chain name this saver linked and made durable
+    /// (the directory fsync of its save succeeded).
+    named_durably: Option<u64>,
     seq: u64,
     /// Where saves count the bytes they write.
     progress: Option<Progress>,
@@ -584,6 +587,7 @@ impl<S: Storage> Saver<S> {
             last: None,
             chain: None,
             full_only: false,
+            named_durably: None,
             seq: 0,
             progress: None,
         }
@@ -1036,7 +1040,18 @@ impl<S: Storage> Saver<S> {
             .map_err(|e| Error::io("opening", &path, e))?;
         match existing.map(|r| read_header(&r, u64::MAX)) {
             Some(Ok(h)) if h.generation == base.generation && h.crc() == base.header_crc => {
-                return Ok(());
+                if self.named_durably == Some(base.generation) {
+                    return Ok(());
+                }
+                // Linked by a save whose directory fsync this saver did not
+                // see succeed (or by another process): made durable now.
+                return self.storage.sync_dir().map_err(|e| {
+                    Error::io(
+                        "fsync of the directory (before the delta, for its base's name)",
+                        self.storage.path_of(OsStr::new(".")),
+                        e,
+                    )
+                });
             }
             Some(_) => {
                 // Left by an older series or a crash: not this base.
@@ -1150,15 +1165,18 @@ impl<S: Storage> Saver<S> {
         // made durable by the directory fsync below, spares that save a
         // directory fsync of its own (`keep_base` finds the name). Best
         // effort: without it, `keep_base` links it then.
+        let mut own_named = false;
         if self.options.max_chain > 0 {
             let own = crate::chain::base_name(&self.name, generation);
-            if let Err(e) = self.storage.link(&self.name, &own)
-                && e.kind() == std::io::ErrorKind::AlreadyExists
-                && self.storage.remove(&own).is_ok()
-            {
-                let _ = self.storage.link(&self.name, &own);
-            }
+            own_named = match self.storage.link(&self.name, &own) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    self.storage.remove(&own).is_ok() && self.storage.link(&self.name, &own).is_ok()
+                }
+                Err(_) => false,
+            };
         }
+        self.named_durably = None;
         self.storage.sync_dir().map_err(|e| {
             Error::AfterCommit(Box::new(Error::io(
                 "fsync of the directory (the new snapshot may not survive a crash)",
@@ -1166,6 +1184,9 @@ impl<S: Storage> Saver<S> {
                 e,
             )))
         })?;
+        if own_named {
+            self.named_durably = Some(generation);
+        }
         if let Some(e) = not_kept {
             return Err(Error::AfterCommit(Box::new(e)));
         }

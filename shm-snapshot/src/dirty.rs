@@ -225,10 +225,42 @@ pub fn take_dirty(page: Region<'_>) -> Option<DirtyCells> {
     })
 }
 
+/// The cell shift (log2 of the cell size) that a control word (the
+/// little-endian value at [`OFF_DIRTY`]) names, or `None` when it says the
+/// map is off. For a program that marks through its own pointer to the
+/// page: it reads the control word before it marks, so that it marks with
+/// the cells another process may have enabled since.
+pub fn control_shift(control: u64) -> Option<u32> {
+    shift_of(control)
+}
+
 /// The cell shift of a control word that says the map is on.
 fn shift_of(control: u64) -> Option<u32> {
     let shift = (control >> 32) as u32;
     (control as u32 == DIRTY_MAGIC && (MIN_SHIFT..=MAX_SHIFT).contains(&shift)).then_some(shift)
+}
+
+/// Gives marks taken by [`take_dirty`] back to the map in `page` (ORs
+/// them in), when the map is still on with the same cells: for a
+/// snapshotter that took them while the program was inside an update,
+/// which may still write cells it marked before the stop; the next capture
+/// then reads those cells again. Returns whether they were given back.
+pub fn give_back_dirty(page: Region<'_>, cells: &DirtyCells) -> bool {
+    let Some(page) = page.subregion(0, HEADER_LEN) else {
+        return false;
+    };
+    if shift_of(page.word(OFF_DIRTY).load(Ordering::Acquire)) != Some(cells.shift) {
+        return false;
+    }
+    let Some(map) = page.subregion(OFF_DIRTY_MAP, HEADER_LEN - OFF_DIRTY_MAP) else {
+        return false;
+    };
+    for (i, &w) in cells.words.iter().enumerate() {
+        if w != 0 {
+            map.word(i * 8).fetch_or(w, Ordering::AcqRel);
+        }
+    }
+    true
 }
 
 /// Turns the map off (an open by a program that does not mark its writes
@@ -319,6 +351,23 @@ mod tests {
             (12, 12, 13)
         );
         assert_eq!((shift_for(1 << 30), shift_for(u64::MAX)), (16, MAX_SHIFT));
+    }
+
+    #[test]
+    fn marks_given_back_are_taken_again() {
+        let buf = HeapBuffer::new(HEADER_LEN);
+        let page = buf.region();
+        let map = DirtyMap::enable(page, 1 << 30).unwrap();
+        take_dirty(page);
+        map.mark(3 << 16, 1);
+        let taken = take_dirty(page).unwrap();
+        assert_eq!(take_dirty(page).unwrap().count(), 0);
+        assert!(give_back_dirty(page, &taken));
+        let again = take_dirty(page).unwrap();
+        assert_eq!(again, taken);
+        // Not into a map with other cells.
+        DirtyMap::enable(page, 1 << 20).unwrap();
+        assert!(!give_back_dirty(page, &taken));
     }
 
     #[test]

@@ -91,7 +91,8 @@ mod target;
 
 #[cfg(not(loom))]
 pub use dirty::{
-    ALWAYS_READ, DIRTY_CELLS, DirtyCells, DirtyMap, MAX_SHIFT, MIN_SHIFT, shift_for, take_dirty,
+    ALWAYS_READ, DIRTY_CELLS, DirtyCells, DirtyMap, MAX_SHIFT, MIN_SHIFT, control_shift,
+    give_back_dirty, shift_for, take_dirty,
 };
 pub use error::Error;
 #[cfg(not(loom))]

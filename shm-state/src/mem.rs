@@ -224,8 +224,8 @@ pub(crate) struct Mem {
 struct Dirty {
     _page: MmapRaw,
     words: *const AtomicU64,
-    /// log2 of the map's cell size.
-    shift: u32,
+    /// The map's control word (its cell size, or off).
+    control: *const AtomicU64,
     /// The memfd bytes the cells cover: past them, the map is enabled
     /// again with larger cells.
     covers: u64,
@@ -396,11 +396,13 @@ impl Mem {
         // SAFETY: the page is HEADER_LEN bytes, page-aligned, and the map
         // (`OFF_DIRTY_MAP..HEADER_LEN`) lies inside it, 8-aligned.
         let words = unsafe { page.as_ptr().add(shm_snapshot::OFF_DIRTY_MAP) }.cast::<AtomicU64>();
+        // SAFETY: as above, for the 8-aligned control word at OFF_DIRTY.
+        let control = unsafe { page.as_ptr().add(shm_snapshot::OFF_DIRTY) }.cast::<AtomicU64>();
         let scratch = self.dirty.as_ref().and_then(|d| d.scratch);
         self.dirty = Some(Dirty {
             _page: page,
             words,
-            shift,
+            control,
             covers: shm_snapshot::DIRTY_CELLS << shift,
             scratch: None,
         });
@@ -436,7 +438,15 @@ impl Mem {
             return;
         }
         let at = self.base as u64 + off;
-        let shift = d.shift;
+        // The cells as the map says now: another process sharing the state
+        // may have enabled it again with larger ones (it grew the region),
+        // or a program that does not mark may have turned it off.
+        // SAFETY: `control` points into `_page`, kept mapped with `d`;
+        // reached only atomically.
+        let control = unsafe { &*d.control }.load(std::sync::atomic::Ordering::Relaxed);
+        let Some(shift) = shm_snapshot::control_shift(u64::from_le(control)) else {
+            return;
+        };
         let last = (at.saturating_add(len - 1) >> shift).min(shm_snapshot::DIRTY_CELLS - 1);
         let mut cell = at >> shift;
         while cell <= last {

@@ -369,6 +369,10 @@ fn rollback_checked(
     let checked = check_superblock_crc(mem).and_then(|()| check_dynamic(mem, heap_off));
     if checked.is_err() {
         journal::undo_rollback(mem, records, &found, seq)?;
+        // The interrupted transaction is open again and its journal
+        // matters: the update stays open, so a snapshot taken now keeps
+        // the journal (it is scratch only between updates).
+        return checked;
     }
     publisher.commit();
     checked

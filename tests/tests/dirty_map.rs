@@ -290,3 +290,94 @@ fn a_growing_state_keeps_its_map_and_its_scratch_range() {
     assert_eq!(grown.scratch(), Some(journal));
     assert_eq!(grown.count(), shm_snapshot::DIRTY_CELLS, "every cell, once");
 }
+
+/// Set in the child's environment: this binary is then the program of
+/// [`a_write_after_the_stop_inside_an_update_is_saved_by_the_next_delta`].
+const SLOW_WRITER: &str = "SHM_FD_DIRTY_SLOW_WRITER";
+
+/// The child: opens the state on fd 3, takes `&mut` of one far element
+/// (which marks its cell), says so, sleeps, then writes it and commits.
+#[test]
+fn slow_writer_role() {
+    if std::env::var_os(SLOW_WRITER).is_none() {
+        return;
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: the test passes the memfd on fd 3, owned by nothing else.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
+    let shared = SharedFd::adopt(owned, "slow").unwrap();
+    // SAFETY: this process is the state's only user.
+    let source = unsafe { Source::shared(shared) };
+    let mut state = State::<Root>::open(source, Layout::new(1).with_snapshot_protocol()).unwrap();
+    let v = state.root().unwrap().v;
+    state
+        .transaction(|tx| {
+            let mut vec = tx.vec(v)?;
+            let slot = vec.get_mut(LEN - 10)?;
+            eprintln!("marked");
+            std::thread::sleep(Duration::from_millis(600));
+            *slot = 4242;
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+    eprintln!("committed");
+    // Alive, so the next save captures with the dirty map (a group that
+    // is gone is read directly, every chunk compared).
+    std::thread::sleep(Duration::from_secs(20));
+}
+
+/// Review finding: a stop that lands between a mark (a `&mut` handed out)
+/// and the write takes the mark; the write then lands unmarked after the
+/// stop. The snapshotter gives back marks it took inside an update, so the
+/// next delta reads that cell again and holds the write.
+#[test]
+fn a_write_after_the_stop_inside_an_update_is_saved_by_the_next_delta() {
+    let work = tempfile::tempdir().unwrap();
+    let shared = SharedFd::create("dirty-slow", CreateOptions::default()).unwrap();
+    let memfd = shared.reopen().unwrap().into_file();
+    {
+        // SAFETY: the state is set up here, then closed before the child
+        // opens it: one user at a time.
+        let source = unsafe { Source::shared(shared.try_clone().unwrap()) };
+        let mut state =
+            State::<Root>::open(source, Layout::new(1).with_snapshot_protocol()).unwrap();
+        state
+            .transaction(|tx| {
+                let v = tx.new_vec::<u64>()?;
+                tx.vec(v)?.extend_from_slice(&vec![1u64; LEN as usize])?;
+                tx.root_mut()?.v = v;
+                Ok::<_, shm_state::Error>(())
+            })
+            .unwrap();
+    }
+    let mut saver = Saver::new(
+        DirStorage::new(work.path()),
+        "s.snap".as_ref(),
+        SaveOptions::default(),
+    );
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["--exact", "slow_writer_role", "--nocapture"])
+        .env(SLOW_WRITER, "1")
+        .process_group(0);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&shared);
+    let mut child = Kid::start(cmd, "slow-writer", work.path(), Some(fd));
+    let mut stop = StopGroup::new(child.pid() as i32, Duration::from_secs(5));
+    let first = stop.capture(&memfd).unwrap();
+    saver.save_captured(&first, &memfd, 1).unwrap();
+    child.wait_for_stderr("marked");
+    // The stop lands inside the child's transaction, after its mark.
+    let basis = saver.delta_basis().unwrap();
+    let inside = stop.capture_changes(&memfd, &basis).unwrap();
+    saver.save_captured(&inside, &memfd, 2).unwrap();
+    child.wait_for_stderr("committed");
+    let basis = saver.delta_basis().unwrap();
+    let after = stop.capture_changes(&memfd, &basis).unwrap();
+    let Captured::Changes { changes, .. } = &after else {
+        panic!("{after:?}")
+    };
+    assert!(changes.marked().is_some(), "the dirty map was used");
+    saver.save_captured(&after, &memfd, 3).unwrap();
+    child.kill();
+    // The snapshot holds the committed write.
+    loads_to(work.path(), &dense(&memfd));
+}

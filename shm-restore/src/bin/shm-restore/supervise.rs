@@ -502,6 +502,9 @@ fn save(
     let captured = match captured {
         Ok(c) => c,
         Err(e) => {
+            // What the capture took from the program's dirty map counts
+            // again at the next one.
+            capture.save_failed();
             warn(format_args!(
                 "save {why} failed: {e}; {path} left as it was"
             ));
