@@ -197,19 +197,9 @@ impl StopGroup {
         let size = usize::try_from(stored_len(&searched)).unwrap_or(usize::MAX);
         let buf = prefaulted(size).map_err(|e| Error::io("copying", "the memfd", e))?;
         let start = Instant::now();
-        match killpg(pgid, Signal::SIGSTOP) {
-            Ok(()) => {}
-            Err(Errno::ESRCH) => return Unpaused.capture(memfd),
-            Err(e) => {
-                return Err(Error::io(
-                    "stopping process group",
-                    format!("{}", self.pgid),
-                    e.into(),
-                ));
-            }
-        }
-        let cont = ContinueOnDrop(pgid);
-        wait_until_stopped(self.pgid, self.timeout)?;
+        let Some(cont) = self.stop_group()? else {
+            return Unpaused.capture(memfd);
+        };
         stopped();
         // A copy of everything: the program's marks so far are what this
         // copy holds, and its next marks what changed since it.
@@ -228,6 +218,27 @@ impl StopGroup {
 }
 
 impl StopGroup {
+    /// Stops the group and waits until every member is stopped; the group
+    /// is continued when the result is dropped. `None` when the group is
+    /// gone (nothing writes the memfd any more).
+    fn stop_group(&self) -> Result<Option<ContinueOnDrop>> {
+        let pgid = Pid::from_raw(self.pgid);
+        match killpg(pgid, Signal::SIGSTOP) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(None),
+            Err(e) => {
+                return Err(Error::io(
+                    "stopping process group",
+                    format!("{}", self.pgid),
+                    e.into(),
+                ));
+            }
+        }
+        let cont = ContinueOnDrop(pgid);
+        wait_until_stopped(self.pgid, self.timeout)?;
+        Ok(Some(cont))
+    }
+
     /// Takes the program's dirty-map marks (with the group stopped), with
     /// those of captures whose saves failed, and keeps them for
     /// [`CaptureMethod::save_failed`].
@@ -266,19 +277,9 @@ impl StopGroup {
             data_extents_since(memfd, len, &earlier).map_err(fail)?
         };
         let start = Instant::now();
-        match killpg(pgid, Signal::SIGSTOP) {
-            Ok(()) => {}
-            Err(Errno::ESRCH) => return Unpaused.capture(memfd),
-            Err(e) => {
-                return Err(Error::io(
-                    "stopping process group",
-                    format!("{}", self.pgid),
-                    e.into(),
-                ));
-            }
-        }
-        let cont = ContinueOnDrop(pgid);
-        wait_until_stopped(self.pgid, self.timeout)?;
+        let Some(cont) = self.stop_group()? else {
+            return Unpaused.capture(memfd);
+        };
         stopped();
         let fail = |e| Error::io("copying", "the memfd", e);
         let data_len = memfd.metadata().map_err(fail)?.len();

@@ -398,21 +398,7 @@ pub(crate) fn crcs_of(memfd: &File, pieces: &[(u64, u32)]) -> io::Result<Vec<Chu
 pub fn probe_table(memfd: &File, chunk_size: u32) -> io::Result<(u64, Vec<Chunk>)> {
     let data_len = memfd.metadata()?.len();
     let extents = data_extents(memfd, data_len)?;
-    let size = u64::from(chunk_size.max(1));
-    let mut buf = vec![0u8; size.min(data_len) as usize];
-    let mut table = Vec::new();
-    for e in extents {
-        for (offset, n) in crate::format::split_at_cells(e.offset, e.len, chunk_size) {
-            let b = &mut buf[..n as usize];
-            memfd.read_exact_at(b, offset)?;
-            table.push(Chunk {
-                offset,
-                len: n,
-                crc: crc32fast::hash(b),
-            });
-        }
-    }
-    Ok((data_len, table))
+    Ok((data_len, memfd_table(memfd, &extents, chunk_size)?))
 }
 
 #[cfg(test)]

@@ -1082,14 +1082,20 @@ impl<S: Storage> Saver<S> {
             pos += len as u64;
             i = j;
         }
-        let front = front(&table);
+        self.finish_temp(file, tmp, front(&table))?;
+        Ok(table)
+    }
+
+    /// Writes `front` (header, table, padding) at offset 0 of the temp
+    /// file, last (a file cut short before has no valid header), and
+    /// fsyncs it.
+    fn finish_temp(&mut self, file: &mut S::File, tmp: &OsStr, front: Vec<u8>) -> Result<()> {
         self.storage
             .write_at(file, 0, &front)
             .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
         self.storage
             .sync_file(file)
-            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))?;
-        Ok(table)
+            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))
     }
 
     /// Gives the snapshot in place, which a delta is about to apply to, its
@@ -1306,14 +1312,7 @@ impl<S: Storage> Saver<S> {
             }
             _ => self.write_data(file, tmp, source, layout, data_offset, true)?,
         };
-        // The header last: a temp file cut short has no valid header.
-        let front = front(&table);
-        self.storage
-            .write_at(file, 0, &front)
-            .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
-        self.storage
-            .sync_file(file)
-            .map_err(|e| Error::io("fsync of", self.storage.path_of(tmp), e))?;
+        self.finish_temp(file, tmp, front(&table))?;
         Ok(table)
     }
 
