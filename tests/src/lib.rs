@@ -652,6 +652,34 @@ impl Kid {
         }
     }
 
+    /// Waits (at most [`BOUND`]) for a whole line of its stderr that
+    /// starts with `prefix`, ended by its newline, and returns the rest of
+    /// it: a line written in pieces is never read half-way.
+    pub fn wait_for_line(&mut self, prefix: &str) -> String {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            let err = self.stderr();
+            let whole = err.split_inclusive('\n').filter(|l| l.ends_with('\n'));
+            if let Some(rest) = whole.into_iter().find_map(|l| l.strip_prefix(prefix)) {
+                return rest.trim_end_matches('\n').to_string();
+            }
+            if let Some(status) = self.poll() {
+                panic!(
+                    "{} ended ({status}) before it printed a line {prefix:?}...: {}",
+                    self.label,
+                    self.stderr()
+                );
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{}",
+                    self.failure(&format!("did not print a line {prefix:?}..."))
+                );
+            }
+            sleep(Duration::from_millis(2));
+        }
+    }
+
     /// The CPU time it uses in the next `d` ([`cpu_time`]); fails the
     /// test if it has ended by then.
     pub fn cpu_during(&mut self, d: Duration) -> Duration {
