@@ -131,6 +131,9 @@ pub struct StopGroup {
     taken: Option<shm_snapshot::DirtyCells>,
     /// Marks taken by captures whose saves failed.
     pending: Option<shm_snapshot::DirtyCells>,
+    /// The bytes the last capture of changes copied: the next one faults
+    /// in a buffer of that size before it stops the group.
+    copied_last: usize,
 }
 
 impl StopGroup {
@@ -142,6 +145,7 @@ impl StopGroup {
             timeout,
             taken: None,
             pending: None,
+            copied_last: 0,
         }
     }
 }
@@ -276,6 +280,9 @@ impl StopGroup {
             }
             data_extents_since(memfd, len, &earlier).map_err(fail)?
         };
+        // The changed cells' copy goes to a buffer faulted in now, sized
+        // as the last one: the pause does not fault its pages in.
+        let buf = prefaulted(self.copied_last).map_err(|e| Error::io("copying", "the memfd", e))?;
         let start = Instant::now();
         let Some(cont) = self.stop_group()? else {
             return Unpaused.capture(memfd);
@@ -314,8 +321,9 @@ impl StopGroup {
         } else {
             cell_extents(&extents, &cells)
         };
-        let bytes = read_extents(memfd, &kept, Vec::new()).map_err(fail)?;
+        let bytes = read_extents(memfd, &kept, buf).map_err(fail)?;
         drop(cont);
+        self.copied_last = bytes.len();
         let pause = Some(start.elapsed());
         let image = Image::from_parts(data_len, kept, bytes)
             .map_err(|e| Error::io("copying", "the memfd", io::Error::other(e)))?;

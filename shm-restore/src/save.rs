@@ -597,6 +597,19 @@ impl<'a> Dense<'a> {
         Dense { image, starts }
     }
 
+    /// The bytes at `offset..offset + len` when one extent holds them all
+    /// (no hole among them): a slice of the image, no copy.
+    fn slice(&self, offset: u64, len: u64) -> Option<&'a [u8]> {
+        let extents = self.image.extents();
+        let k = extents.partition_point(|e| e.offset + e.len <= offset);
+        let e = extents.get(k)?;
+        if e.offset > offset || offset + len > e.offset + e.len {
+            return None;
+        }
+        let start = self.starts[k] + (offset - e.offset) as usize;
+        self.image.bytes().get(start..start + len as usize)
+    }
+
     /// Fills `out` (zeroed by the caller) with the bytes at `offset`.
     fn read(&self, offset: u64, out: &mut [u8]) {
         let end = offset + out.len() as u64;
@@ -836,7 +849,15 @@ impl<S: Storage> Saver<S> {
             front
         };
         let written = match &delta {
-            Some(_) => self.write_delta(&mut file, &tmp, &source, &layout, data_offset, front),
+            Some(plan) => self.write_delta(
+                &mut file,
+                &tmp,
+                &source,
+                &layout,
+                &plan.table,
+                data_offset,
+                front,
+            ),
             None => self.write_temp(&mut file, &tmp, &source, &layout, data_offset, front),
         };
         drop(file);
@@ -1027,12 +1048,19 @@ impl<S: Storage> Saver<S> {
     /// Writes a delta's cells, each whole (holes as zeros), with their
     /// CRCs, then the header and table at offset 0, then fsyncs. Returns
     /// the delta's table.
+    ///
+    /// `whole` is the state's chunk table (the plan's): for an image, which
+    /// it was computed from, a cell it holds as one chunk keeps that
+    /// chunk's CRC, and cells that lie in one extent of the image are
+    /// written straight from it (no copy, no second CRC).
+    #[allow(clippy::too_many_arguments)]
     fn write_delta(
         &mut self,
         file: &mut S::File,
         tmp: &OsStr,
         source: &Source<'_>,
         cells: &[(u64, u32)],
+        whole: &[Chunk],
         data_offset: u64,
         front: impl FnOnce(&[Chunk]) -> Vec<u8>,
     ) -> Result<Vec<Chunk>> {
@@ -1040,6 +1068,17 @@ impl<S: Storage> Saver<S> {
             Source::Image(image) => Some(Dense::new(image)),
             Source::Changes(c) => Some(Dense::new(&c.image)),
             Source::Memfd { .. } => None,
+        };
+        // The CRC of a cell the table holds whole, as one chunk; only for
+        // an image, whose bytes are the ones the table was computed from
+        // (a memfd is read again here).
+        let known_crc = |offset: u64, n: u32| {
+            dense.as_ref()?;
+            let k = whole.partition_point(|c| c.offset < offset);
+            whole
+                .get(k)
+                .filter(|c| c.offset == offset && c.len == n)
+                .map(|c| c.crc)
         };
         let piece_max = self.options.write_size;
         let mut table = Vec::with_capacity(cells.len());
@@ -1054,27 +1093,52 @@ impl<S: Storage> Saver<S> {
                 len += cells[j].1 as usize;
                 j += 1;
             }
-            buf.clear();
-            buf.resize(len, 0);
+            let first = cells[i].0;
+            let adjacent = cells[i..j]
+                .windows(2)
+                .all(|w| w[0].0 + u64::from(w[0].1) == w[1].0);
+            let direct = dense
+                .as_ref()
+                .filter(|_| adjacent)
+                .and_then(|d| d.slice(first, len as u64));
+            let bytes: &[u8] = match direct {
+                Some(slice) => slice,
+                None => {
+                    buf.clear();
+                    buf.resize(len, 0);
+                    let mut at = 0;
+                    for &(offset, n) in &cells[i..j] {
+                        let out = &mut buf[at..at + n as usize];
+                        match (&dense, source) {
+                            (Some(d), _) => d.read(offset, out),
+                            (None, Source::Memfd { file: memfd, .. }) => memfd
+                                .read_exact_at(out, offset)
+                                .map_err(|e| Error::io("reading", "the memfd", e))?,
+                            (None, _) => unreachable!("an image has its dense reader"),
+                        }
+                        at += n as usize;
+                    }
+                    &buf
+                }
+            };
             let mut at = 0;
             for &(offset, n) in &cells[i..j] {
-                let bytes = &mut buf[at..at + n as usize];
-                match (&dense, source) {
-                    (Some(d), _) => d.read(offset, bytes),
-                    (None, Source::Memfd { file: memfd, .. }) => memfd
-                        .read_exact_at(bytes, offset)
-                        .map_err(|e| Error::io("reading", "the memfd", e))?,
-                    (None, _) => unreachable!("an image has its dense reader"),
-                }
+                let cell = &bytes[at..at + n as usize];
+                let crc = known_crc(offset, n).unwrap_or_else(|| crc32fast::hash(cell));
+                debug_assert_eq!(
+                    crc,
+                    crc32fast::hash(cell),
+                    "the plan's CRC of cell {offset}"
+                );
                 table.push(Chunk {
                     offset,
                     len: n,
-                    crc: crc32fast::hash(bytes),
+                    crc,
                 });
                 at += n as usize;
             }
             self.storage
-                .write_at(file, data_offset + pos, &buf)
+                .write_at(file, data_offset + pos, bytes)
                 .map_err(|e| Error::io("writing", self.storage.path_of(tmp), e))?;
             if let Some(p) = &self.progress {
                 p.add(len as u64);
@@ -1166,7 +1230,14 @@ impl<S: Storage> Saver<S> {
             if let Some(g) = crate::chain::generation_of_base(&self.name, &n)
                 && !needed.contains(&g)
             {
+                // Held open across the unlink and closed on the side: a
+                // compacted chain's full snapshot frees hundreds of MiB,
+                // which the save need not wait for.
+                let held = self.storage.open(&n).ok().flatten();
                 let _ = self.storage.remove(&n);
+                if let Some(file) = held {
+                    self.storage.retire(file);
+                }
             }
         }
     }

@@ -72,7 +72,9 @@ pub trait Storage {
 #[derive(Debug)]
 pub struct DirStorage {
     dir: PathBuf,
-    retiring: Option<JoinHandle<()>>,
+    /// Threads closing retired files (one per file; those that ended are
+    /// reaped at the next retire).
+    retiring: Vec<JoinHandle<()>>,
 }
 
 impl DirStorage {
@@ -80,7 +82,7 @@ impl DirStorage {
     pub fn new(dir: impl Into<PathBuf>) -> DirStorage {
         DirStorage {
             dir: dir.into(),
-            retiring: None,
+            retiring: Vec::new(),
         }
     }
 
@@ -184,19 +186,27 @@ impl Storage for DirStorage {
     }
 
     fn retire(&mut self, file: File) {
-        self.wait_retired();
+        // Files retired one after the other (a compaction's old chain) are
+        // closed side by side: no retire waits for an earlier one.
+        let (done, running) = std::mem::take(&mut self.retiring)
+            .into_iter()
+            .partition(|h| h.is_finished());
+        self.retiring = running;
+        for handle in done {
+            let _ = handle.join();
+        }
         // Without a thread the closure, and the file in it, is dropped
         // (closed) by the failed spawn itself.
         if let Ok(handle) = std::thread::Builder::new()
             .name("shm-restore-close".into())
             .spawn(move || drop(file))
         {
-            self.retiring = Some(handle);
+            self.retiring.push(handle);
         }
     }
 
     fn wait_retired(&mut self) {
-        if let Some(handle) = self.retiring.take() {
+        for handle in self.retiring.drain(..) {
             let _ = handle.join();
         }
     }

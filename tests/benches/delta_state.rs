@@ -8,7 +8,13 @@
 //! ```text
 //! cargo bench -p shm-fd-tests --bench delta_state
 //! BENCH_DELTA_MIB=256 BENCH_RUNS=15 cargo bench -p shm-fd-tests --bench delta_state
+//! BENCH_MODE=protocol cargo bench -p shm-fd-tests --bench delta_state
 //! ```
+//!
+//! `BENCH_MODE=protocol` saves the state as `shm-restore --snapshot
+//! protocol` does instead (a converging copy of the marked cells, no
+//! stop); the 1 MiB memfd, which has no protocol header, is still copied
+//! in a stop.
 //!
 //! The command whose group a save stops is a sleeper: the state is written
 //! by this process, between saves. Each figure is the median of
@@ -26,7 +32,8 @@ use shm_fd::{CreateOptions, SharedFd};
 use shm_fd_tests::Kid;
 use shm_fd_tests::bench::{env_or, load_average, machine};
 use shm_restore::{
-    CaptureMethod, Captured, DirStorage, SaveOptions, SaveOutcome, Saver, StopGroup,
+    CaptureMethod, Captured, DirStorage, SaveOptions, SaveOutcome, Saver, SnapshotProtocol,
+    StopGroup,
 };
 use shm_state::{Layout, Source, State, StateVec};
 
@@ -92,6 +99,15 @@ fn main() {
     sleep.arg("1000").process_group(0);
     let mut sleeper = Kid::start(sleep, "sleeper", work.path(), None);
     let mut stop = StopGroup::new(sleeper.pid() as i32, Duration::from_secs(5));
+    let protocol = std::env::var("BENCH_MODE").is_ok_and(|m| m == "protocol");
+    let mut state_capture: Box<dyn CaptureMethod> = if protocol {
+        Box::new(SnapshotProtocol::new(
+            sleeper.pid() as i32,
+            Duration::from_secs(5),
+        ))
+    } else {
+        Box::new(StopGroup::new(sleeper.pid() as i32, Duration::from_secs(5)))
+    };
     // BENCH_CHUNK_KIB: the chunk (cell) size of both savers, default the
     // library's.
     let chunk: u32 = env_or("BENCH_CHUNK_KIB", SaveOptions::default().chunk_size() >> 10) << 10;
@@ -114,8 +130,12 @@ fn main() {
             .build()
             .unwrap(),
     );
-    println!("chunk size {} KiB", chunk >> 10);
-    let save = |saver: &mut Saver<DirStorage>, stop: &mut StopGroup, m: &std::fs::File| {
+    println!(
+        "chunk size {} KiB; the state saved as --snapshot {}",
+        chunk >> 10,
+        if protocol { "protocol" } else { "stop" }
+    );
+    let save = |saver: &mut Saver<DirStorage>, stop: &mut dyn CaptureMethod, m: &std::fs::File| {
         let t = Instant::now();
         let captured = match saver.delta_basis() {
             Some(basis) => stop.capture_changes(m, &basis).unwrap(),
@@ -143,7 +163,7 @@ fn main() {
         (d, out, marked)
     };
     // The first save is full.
-    save(&mut saver, &mut stop, &memfd);
+    save(&mut saver, &mut *state_capture, &memfd);
     let change: Vec<u64> = (0..(MIB / 8) as u64).map(|i| i ^ 0xA5A5).collect();
     let (mut t_delta, mut t_small, mut shapes) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..runs as u64 {
@@ -158,7 +178,7 @@ fn main() {
                 Ok::<_, shm_state::Error>(())
             })
             .unwrap();
-        let (d, out, marked) = save(&mut saver, &mut stop, &memfd);
+        let (d, out, marked) = save(&mut saver, &mut *state_capture, &memfd);
         t_delta.push(d);
         if let SaveOutcome::Saved(r) = out {
             shapes.push((r.stored_len / MIB as u64, r.base.is_some(), marked));
@@ -178,8 +198,15 @@ fn main() {
     println!("| save | time (median, fastest–slowest) | ratio |");
     println!("|---|---|---|");
     println!(
-        "| {mib} MiB shm-state, 1 MiB changed, delta from the dirty map | {:.1} ms ({:.1}–{:.1}) | |",
-        delta.0, delta.1, delta.2
+        "| {mib} MiB shm-state, 1 MiB changed, delta from the dirty map ({}) | {:.1} ms ({:.1}–{:.1}) | |",
+        if protocol {
+            "converging copy"
+        } else {
+            "in a stop"
+        },
+        delta.0,
+        delta.1,
+        delta.2
     );
     println!(
         "| a 1 MiB memfd in full | {:.1} ms ({:.1}–{:.1}) | delta / 1 MiB = {:.2}x |",

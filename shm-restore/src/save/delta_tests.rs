@@ -628,3 +628,32 @@ fn check_and_inspect_follow_the_chain() {
     let i = crate::inspect(&dir.path().join("state.snap.prev"), u64::MAX);
     assert!(i.verdict.unwrap_err().is_corrupt());
 }
+
+#[test]
+fn the_files_of_a_compacted_chain_are_retired_not_freed_inside_a_save() {
+    let sim = SimStorage::default();
+    let mut saver = Saver::new(sim.clone(), OsStr::new(NAME), options(2));
+    let mut state = base_state();
+    saver.save(&image_of(&state), 1).unwrap();
+    let full = sim.current()[OsStr::new(NAME)].clone();
+    // Two deltas (the second compacts the chain into generation 4)...
+    for round in 0..2usize {
+        state[(20 + round) * CELL] ^= 0x55;
+        saved(saver.save(&image_of(&state), 2 + round as u64));
+    }
+    assert!(sim.current().contains_key(OsStr::new("state.snap.gen-1")));
+    // ... then a delta on generation 4: `.prev` is then generation 4, and
+    // the old chain (generations 1 to 3) is no longer needed.
+    let before = sim.retired().len();
+    state[30 * CELL] ^= 0x55;
+    saved(saver.save(&image_of(&state), 4));
+    assert!(!sim.current().contains_key(OsStr::new("state.snap.gen-1")));
+    // The old full snapshot's last name went, and its file was handed to
+    // `retire` by that save (closed on the side: freeing it is not the
+    // save's work).
+    assert!(
+        sim.retired()[before..].contains(&full),
+        "the old full snapshot was not retired"
+    );
+    assert_eq!(load_disk(&sim.current()).unwrap(), state);
+}
