@@ -19,9 +19,12 @@ use std::os::unix::fs::FileExt;
 
 use crate::error::Damage;
 use crate::format::{self, Chunk, Header};
+use crate::image::Extent;
 use crate::parallel;
 use crate::progress::Progress;
-use crate::snapshot::{ReadAt, ReadError, file_offsets, split, verify_inner};
+use crate::snapshot::{
+    ReadAt, ReadError, file_offsets, read_header_and_table, split, verify_inner,
+};
 use crate::storage::Storage;
 
 /// The name under which the snapshot of generation `generation` of the
@@ -137,10 +140,31 @@ pub(crate) fn verify_chain<S: Storage>(
     max_data_len: u64,
     progress: Option<&Progress>,
 ) -> Result<Vec<Link<S::Reader>>, ReadError> {
+    open_chain(storage, series, name, max_data_len, progress, true)
+}
+
+/// [`verify_chain`], checking each link's header and table but not its
+/// chunks (`check_data` false): for a reader that checks every chunk's
+/// CRC as it reads it ([`Composed`]).
+pub(crate) fn open_chain<S: Storage>(
+    storage: &mut S,
+    series: &OsStr,
+    name: &OsStr,
+    max_data_len: u64,
+    progress: Option<&Progress>,
+    check_data: bool,
+) -> Result<Vec<Link<S::Reader>>, ReadError> {
+    let read = |reader: &S::Reader, max: u64, begin: bool| {
+        if check_data {
+            verify_inner(reader, max, progress, begin)
+        } else {
+            read_header_and_table(reader, max)
+        }
+    };
     let reader = storage
         .open(name)?
         .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-    let (header, chunks) = verify_inner(&reader, max_data_len, progress, true)?;
+    let (header, chunks) = read(&reader, max_data_len, true)?;
     let mut links = vec![Link {
         reader,
         header,
@@ -160,7 +184,7 @@ pub(crate) fn verify_chain<S: Storage>(
         let Some(reader) = storage.open(&base_file)? else {
             return Err(broken("is missing".into()));
         };
-        let (header, chunks) = match verify_inner(&reader, u64::MAX, progress, false) {
+        let (header, chunks) = match read(&reader, u64::MAX, false) {
             Ok(v) => v,
             Err(ReadError::Damaged(d)) => return Err(broken(d.to_string())),
             Err(e) => return Err(e),
@@ -278,6 +302,183 @@ pub(crate) fn copy_chain_into<R: ReadAt + Sync>(
     Ok(())
 }
 
+/// One piece of the state a chain holds, in the memfd's order: bytes
+/// `from..from + len` of chunk `chunk` of link `link`, at memfd offset
+/// `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Piece {
+    pub link: usize,
+    pub chunk: usize,
+    pub from: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// The state a chain (head first, as [`open_chain`] returns it) holds, as
+/// pieces of its links' chunks, read without a copy of the whole: what a
+/// compaction writes as a full snapshot. Each byte comes from the newest
+/// link that holds it, as in [`copy_chain_into`] (cut at the smallest size
+/// of a link and those above it); a delta's cell that is all zeros stays a
+/// piece of zeros (data, not a hole). Every chunk's CRC is checked when a
+/// piece of it is read.
+pub(crate) struct Composed<R> {
+    links: Vec<Link<R>>,
+    /// Each link's chunks' offsets in its file.
+    places: Vec<Vec<u64>>,
+    pieces: Vec<Piece>,
+    extents: Vec<Extent>,
+    data_len: u64,
+    /// The names of the links below the head, for errors.
+    bases: Vec<String>,
+}
+
+impl<R: ReadAt> Composed<R> {
+    /// The pieces of the chain's state, in memfd order, none crossing a
+    /// multiple of `chunk_size` (the chunk size of the snapshot they are
+    /// written to).
+    ///
+    /// `bases` names the links below the head (in order) in what a damaged
+    /// chunk of one of them reports ([`Damage::BrokenChain`]).
+    pub(crate) fn new(links: Vec<Link<R>>, chunk_size: u32, bases: Vec<String>) -> Composed<R> {
+        let out = u64::from(chunk_size.max(1));
+        let data_len = links.first().map_or(0, |l| l.header.data_len);
+        let cell = links.first().map_or(1, |l| u64::from(l.header.chunk_size));
+        let mut covered = Cells::default();
+        let mut limit = u64::MAX;
+        let mut pieces = Vec::new();
+        for (l, link) in links.iter().enumerate() {
+            limit = limit.min(link.header.data_len);
+            let delta = link.header.is_delta();
+            // Cells this link provides: newer links' cells are theirs.
+            let mut mine = Vec::new();
+            for (i, c) in link.chunks.iter().enumerate() {
+                let end = (c.offset + u64::from(c.len)).min(limit);
+                let mut at = c.offset;
+                while at < end {
+                    let index = at / cell;
+                    let piece_end = ((index + 1) * cell).min((at / out + 1) * out).min(end);
+                    if !covered.get(index) {
+                        pieces.push(Piece {
+                            link: l,
+                            chunk: i,
+                            from: (at - c.offset) as u32,
+                            offset: at,
+                            len: (piece_end - at) as u32,
+                        });
+                        if delta {
+                            mine.push(index);
+                        }
+                    }
+                    at = piece_end;
+                }
+            }
+            // A delta's entry is a whole cell: it covers the cell for the
+            // links below it (marked after the walk, so that a full
+            // snapshot's cell split in several chunks keeps them all).
+            for index in mine {
+                covered.set(index);
+            }
+        }
+        pieces.sort_by_key(|p| p.offset);
+        let mut extents: Vec<Extent> = Vec::new();
+        for p in &pieces {
+            match extents.last_mut() {
+                Some(e) if e.offset + e.len == p.offset => e.len += u64::from(p.len),
+                _ => extents.push(Extent {
+                    offset: p.offset,
+                    len: u64::from(p.len),
+                }),
+            }
+        }
+        let places = links
+            .iter()
+            .map(|l| file_offsets(&l.header, &l.chunks))
+            .collect();
+        Composed {
+            links,
+            places,
+            pieces,
+            extents,
+            data_len,
+            bases,
+        }
+    }
+}
+
+/// A chain's state as pieces ([`Composed`], whatever its files' type).
+pub(crate) trait Pieces {
+    /// The state's size (the head's).
+    fn data_len(&self) -> u64;
+
+    /// The state's data extents (the pieces, merged).
+    fn extents(&self) -> &[Extent];
+
+    /// The pieces, in memfd order.
+    fn pieces(&self) -> &[Piece];
+
+    /// Reads piece `i` into `out` (its length) and returns its CRC; a chunk
+    /// whose CRC does not match is [`ReadError::Damaged`].
+    fn read_piece(&self, i: usize, out: &mut [u8], scratch: &mut Vec<u8>)
+    -> Result<u32, ReadError>;
+}
+
+impl<R: ReadAt> Pieces for Composed<R> {
+    fn data_len(&self) -> u64 {
+        self.data_len
+    }
+
+    fn extents(&self) -> &[Extent] {
+        &self.extents
+    }
+
+    fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    /// The chunk's own CRC when the piece is the whole chunk (read straight
+    /// into `out` and checked there); else the chunk is read into
+    /// `scratch` and checked, and the piece's part copied and checksummed.
+    fn read_piece(
+        &self,
+        i: usize,
+        out: &mut [u8],
+        scratch: &mut Vec<u8>,
+    ) -> Result<u32, ReadError> {
+        let p = self.pieces[i];
+        let link = &self.links[p.link];
+        let c = link.chunks[p.chunk];
+        let place = self.places[p.link][p.chunk];
+        let read = if p.from == 0 && p.len == c.len {
+            link.reader
+                .read_exact_at(out, place)
+                .map_err(ReadError::from)
+                .and_then(|()| check_crc(&link.chunks, p.chunk, place, out))
+                .map(|()| c.crc)
+        } else {
+            read_checked(
+                &link.reader,
+                &link.chunks,
+                &self.places[p.link],
+                p.chunk,
+                scratch,
+            )
+            .map(|()| {
+                out.copy_from_slice(&scratch[p.from as usize..(p.from + p.len) as usize]);
+                crc32fast::hash(out)
+            })
+        };
+        match (read, p.link.checked_sub(1).and_then(|b| self.bases.get(b))) {
+            (Err(ReadError::Damaged(d)), Some(base)) => {
+                Err(ReadError::Damaged(Damage::BrokenChain {
+                    base: base.clone(),
+                    problem: d.to_string(),
+                }))
+            }
+            (r, _) => r,
+        }
+    }
+}
+
 /// Reads chunk `i` of a link into `buf` and checks its CRC.
 fn read_checked<R: ReadAt + ?Sized>(
     r: &R,
@@ -289,13 +490,19 @@ fn read_checked<R: ReadAt + ?Sized>(
     let c = &chunks[i];
     buf.resize(c.len as usize, 0);
     r.read_exact_at(buf, places[i])?;
-    if crc32fast::hash(buf) != c.crc {
+    check_crc(chunks, i, places[i], buf)
+}
+
+/// Checks that `bytes`, read from `place`, are chunk `i` by its CRC.
+fn check_crc(chunks: &[Chunk], i: usize, place: u64, bytes: &[u8]) -> Result<(), ReadError> {
+    let c = &chunks[i];
+    if crc32fast::hash(bytes) != c.crc {
         return Err(ReadError::Damaged(Damage::ChunkChecksum {
             bad: 1,
             total: chunks.len() as u64,
             index: i as u64,
             memfd_offset: c.offset,
-            file_offset: places[i],
+            file_offset: place,
             len: c.len,
         }));
     }

@@ -332,6 +332,9 @@ enum Source<'a> {
     },
     /// A copy of the cells that changed since a delta basis.
     Changes(&'a Changes),
+    /// The state a chain of snapshot files holds, read from them (a
+    /// compaction).
+    Chain(&'a dyn crate::chain::Pieces),
 }
 
 impl Source<'_> {
@@ -340,6 +343,7 @@ impl Source<'_> {
             Source::Image(i) => i.data_len(),
             Source::Memfd { data_len, .. } => *data_len,
             Source::Changes(c) => c.data_len,
+            Source::Chain(c) => c.data_len(),
         }
     }
 
@@ -350,6 +354,7 @@ impl Source<'_> {
             Source::Image(i) => i.extents(),
             Source::Memfd { extents, .. } => extents,
             Source::Changes(c) => c.image.extents(),
+            Source::Chain(c) => c.extents(),
         }
     }
 
@@ -805,9 +810,10 @@ impl<S: Storage> Saver<S> {
         }
         let generation = self.generation.saturating_add(1);
         let chunk_size = self.options.chunk_size;
-        let layout = match &delta {
-            Some(plan) => plan.cells.clone(),
-            None => chunk_layout(source.extents(), chunk_size),
+        let layout = match (&delta, &source) {
+            (Some(plan), _) => plan.cells.clone(),
+            (None, Source::Chain(c)) => c.pieces().iter().map(|p| (p.offset, p.len)).collect(),
+            (None, _) => chunk_layout(source.extents(), chunk_size),
         };
         let base = delta.as_ref().map(|p| p.base);
         if let Some(p) = &self.progress {
@@ -910,33 +916,34 @@ impl<S: Storage> Saver<S> {
     }
 
     /// Writes the state the snapshot in place holds (a delta chain) as a
-    /// full snapshot: the chain verified and loaded into a private memfd,
-    /// then saved as any full snapshot (the same protocol, so a crash at
-    /// any step leaves this state or the same state as before).
+    /// full snapshot, saved as any full snapshot (the same protocol, so a
+    /// crash at any step leaves this state or the same state as before).
+    /// The data is read from the chain's files piece by piece (each byte
+    /// from the newest link that holds it, each chunk checked against its
+    /// CRC as it is read) and written as it is read: no copy of the whole
+    /// state in memory. A damaged chunk fails the compaction, and the
+    /// chain stays in place.
     fn compact(&mut self, saved_at_ns: u64) -> Result<SaveOutcome> {
         // The command runs meanwhile: the compaction yields the CPU and the
         // disk to it (this thread and the workers it starts).
         let _background = Background::enter();
         let path = self.storage.path_of(&self.name);
         let name = self.name.clone();
-        let links = crate::chain::verify_chain(&mut self.storage, &name, &name, u64::MAX, None)
-            .map_err(|e| e.into_error(&path))?;
-        let fail = |e| Error::io("compacting the chain of", &path, e);
-        let memfd = shm_fd::SharedFd::create(
-            "shm-restore-compact",
-            shm_fd::CreateOptions {
-                size: 0,
-                seal_shrink: false,
-            },
-        )
-        .map_err(|e| fail(std::io::Error::other(e)))?
-        .into_file();
-        crate::chain::copy_chain_into(&links, &memfd, None).map_err(|e| e.into_error(&path))?;
-        drop(links);
-        let image = Image::read_from(&memfd).map_err(fail)?;
-        drop(memfd);
+        // Headers and tables checked now; each chunk's CRC as it is read.
+        let links =
+            crate::chain::open_chain(&mut self.storage, &name, &name, u64::MAX, None, false)
+                .map_err(|e| e.into_error(&path))?;
+        let bases = links
+            .iter()
+            .skip(1)
+            .map(|l| {
+                let base = crate::chain::base_name(&name, l.header.generation);
+                self.storage.path_of(&base).display().to_string()
+            })
+            .collect();
+        let chain = crate::chain::Composed::new(links, self.options.chunk_size, bases);
         self.full_only = true;
-        let result = self.save_from(Source::Image(&image), saved_at_ns);
+        let result = self.save_from(Source::Chain(&chain), saved_at_ns);
         self.full_only = false;
         result
     }
@@ -973,6 +980,8 @@ impl<S: Storage> Saver<S> {
                 let cells = changed_cells(basis.1, &table, source.data_len(), chunk_size);
                 (table, cells)
             }
+            // A compaction writes a full snapshot.
+            Source::Chain(_) => return Ok(None),
             Source::Memfd { file, extents, .. } => {
                 let table = crate::image::memfd_table(file, extents, chunk_size)
                     .map_err(|e| Error::io("reading", "the memfd", e))?;
@@ -1067,7 +1076,7 @@ impl<S: Storage> Saver<S> {
         let dense = match source {
             Source::Image(image) => Some(Dense::new(image)),
             Source::Changes(c) => Some(Dense::new(&c.image)),
-            Source::Memfd { .. } => None,
+            Source::Memfd { .. } | Source::Chain(_) => None,
         };
         // The CRC of a cell the table holds whole, as one chunk; only for
         // an image, whose bytes are the ones the table was computed from
@@ -1114,6 +1123,13 @@ impl<S: Storage> Saver<S> {
                             (None, Source::Memfd { file: memfd, .. }) => memfd
                                 .read_exact_at(out, offset)
                                 .map_err(|e| Error::io("reading", "the memfd", e))?,
+                            (None, Source::Chain(_)) => {
+                                return Err(Error::io(
+                                    "saving",
+                                    self.storage.path_of(tmp),
+                                    std::io::Error::other("a chain is compacted in full"),
+                                ));
+                            }
                             (None, _) => unreachable!("an image has its dense reader"),
                         }
                         at += n as usize;
@@ -1403,6 +1419,8 @@ impl<S: Storage> Saver<S> {
         let piece_max = self.options.write_size;
         let mut table = Vec::with_capacity(layout.len());
         let mut buf = Vec::new();
+        let mut scratch = Vec::new(); // a chain's chunk, read whole
+        let mut crcs = Vec::new(); // a chain's pieces' CRCs, for one write
         let mut pos = 0usize; // in the data region
         let mut hinted = 0usize; // data before this is being written back
         let mut i = 0;
@@ -1413,6 +1431,7 @@ impl<S: Storage> Saver<S> {
                 len += layout[j].1 as usize;
                 j += 1;
             }
+            crcs.clear();
             let piece: &[u8] = match source {
                 Source::Image(image) => &image.bytes()[pos..pos + len],
                 // `plan_delta` never lets a copy of changes through to a
@@ -1435,11 +1454,29 @@ impl<S: Storage> Saver<S> {
                     }
                     &buf
                 }
+                // The layout is the pieces: each read from its link's file
+                // and checked against its chunk's CRC.
+                Source::Chain(chain) => {
+                    buf.resize(len, 0);
+                    let mut at = 0;
+                    for (k, &(_, n)) in layout.iter().enumerate().take(j).skip(i) {
+                        let crc = chain
+                            .read_piece(k, &mut buf[at..at + n as usize], &mut scratch)
+                            .map_err(|e| e.into_error(&self.storage.path_of(&self.name)))?;
+                        crcs.push(crc);
+                        at += n as usize;
+                    }
+                    &buf
+                }
             };
             let mut at = 0;
-            for &(offset, n) in &layout[i..j] {
+            for (k, &(offset, n)) in layout[i..j].iter().enumerate() {
                 let bytes = &piece[at..at + n as usize];
-                let crc = if with_crcs { crc32fast::hash(bytes) } else { 0 };
+                let crc = match source {
+                    Source::Chain(_) => crcs[k],
+                    _ if with_crcs => crc32fast::hash(bytes),
+                    _ => 0,
+                };
                 table.push(Chunk {
                     offset,
                     len: n,

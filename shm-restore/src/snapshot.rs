@@ -204,7 +204,7 @@ pub fn read_header<R: ReadAt + ?Sized>(r: &R, max_data_len: u64) -> Result<Heade
 /// a sparse file's zeros) is refused at its first bad entry: the memory
 /// and work spent grow with the valid entries actually in the file, never
 /// with the count its header declares.
-fn read_header_and_table<R: ReadAt + ?Sized>(
+pub(crate) fn read_header_and_table<R: ReadAt + ?Sized>(
     r: &R,
     max_data_len: u64,
 ) -> Result<(Header, Vec<Chunk>), ReadError> {
