@@ -18,7 +18,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use shm_snapshot::{CopyTarget, Region};
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use crate::chain::changed_cells;
 use crate::converge::{Converged, NotConverged};
@@ -716,12 +716,23 @@ fn image_of_cells(c: &Converged, chunk_size: u32, only: Option<&[(u64, u32)]>) -
     let cell = u64::from(chunk_size);
     let mut extents = Vec::new();
     let mut bytes = Vec::new();
+    let wanted = |index: u64| {
+        only.is_none_or(|only| {
+            only.binary_search_by_key(&(index * cell), |&(o, _)| o)
+                .is_ok()
+        })
+    };
+    let total: usize = c
+        .cells
+        .iter()
+        .filter(|&(&index, _)| wanted(index))
+        .map(|(_, data)| data.len())
+        .sum();
+    bytes
+        .try_reserve_exact(total)
+        .map_err(|_| Error::io("copying", "the memfd", io::ErrorKind::OutOfMemory.into()))?;
     for (&index, data) in &c.cells {
-        if let Some(only) = only
-            && only
-                .binary_search_by_key(&(index * cell), |&(o, _)| o)
-                .is_err()
-        {
+        if !wanted(index) {
             continue;
         }
         if data.iter().all(|&b| b == 0) {
@@ -909,29 +920,25 @@ impl CaptureMethod for SnapshotProtocol {
             return self.capture(memfd);
         };
         let cell = u64::from(cs);
-        // The basis' chunks, with the copied cells' in their place.
-        let mut by_cell: BTreeMap<u64, Vec<Chunk>> = BTreeMap::new();
-        for ch in &basis.table {
-            by_cell.entry(ch.offset / cell).or_default().push(*ch);
-        }
+        // The basis' chunks, with the copied cells' in their place: both
+        // are in cell order, merged in one pass.
+        let mut table: Vec<Chunk> = Vec::with_capacity(basis.table.len() + c.cells.len());
+        let mut kept = basis.table.iter().peekable();
         for (&index, data) in &c.cells {
-            let now = if data.iter().all(|&b| b == 0) {
-                Vec::new()
-            } else {
-                vec![Chunk {
+            while let Some(ch) = kept.next_if(|ch| ch.offset / cell < index) {
+                table.push(*ch);
+            }
+            while kept.next_if(|ch| ch.offset / cell == index).is_some() {}
+            if data.iter().any(|&b| b != 0) {
+                table.push(Chunk {
                     offset: index * cell,
                     len: data.len() as u32,
                     crc: crc32fast::hash(data),
-                }]
-            };
-            by_cell.insert(index, now);
+                });
+            }
         }
-        let table: Vec<Chunk> = by_cell
-            .into_iter()
-            .filter(|&(index, _)| index * cell < c.data_len)
-            .flat_map(|(_, chunks)| chunks)
-            .filter(|ch| ch.offset + u64::from(ch.len) <= c.data_len)
-            .collect();
+        table.extend(kept);
+        table.retain(|ch| ch.offset + u64::from(ch.len) <= c.data_len);
         let mut cells = changed_cells(&basis.table, &table, c.data_len, cs);
         // A converged copy is at a commit: the scratch cells stay out.
         let scratch = c.scratch.clone().filter(|_| c.data_len == basis.data_len);
