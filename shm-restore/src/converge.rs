@@ -5,7 +5,7 @@
 //!
 //! A pass: load the sequence word (even: no update runs; odd: wait a
 //! little and look again), take the marks, copy the cells they name (with
-//! those the last pass took, the first MiB and the cells past the map),
+//! those the last pass took, the first 64 KiB and the cells past the map),
 //! then load the sequence word again. Unchanged, the copy is the committed
 //! state of that generation:
 //! - a cell copied in this pass was copied after the word was read, and no
@@ -98,7 +98,7 @@ pub(crate) fn converge(
             }
         }
     };
-    // Always copied: the first MiB (the header page, whose sequence word
+    // Always copied: the first 64 KiB (the header page, whose sequence word
     // changes at every commit, unmarked). Cells past the map count as
     // marked (`DirtyCells::any`).
     let always: BTreeSet<u64> = (0..data_len.div_ceil(cell))

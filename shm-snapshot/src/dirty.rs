@@ -21,8 +21,11 @@ use crate::sync::Ordering;
 const DIRTY_MAGIC: u32 = u32::from_le_bytes(*b"dmap");
 /// The memfd's first bytes, which a program need not mark: a snapshotter
 /// always reads them (the header page's sequence word changes at every
-/// commit, unmarked).
-pub const ALWAYS_READ: u64 = 1 << 20;
+/// commit, unmarked, and a program's own header words, such as
+/// shm-state's commit and lock words in the page after it, may be written
+/// without marks too). 64 KiB: enough for those pages, and small enough
+/// that reading it at every capture costs little.
+pub const ALWAYS_READ: u64 = 64 << 10;
 /// How many cells the map covers: one bit each in the rest of the header
 /// page (24576). Writes past them are not marked; a snapshotter reads
 /// those cells.

@@ -2,7 +2,9 @@
 //! write, and a stop-mode save of its changes reads only the marked cells
 //! (plus the first, and a few spot checks), saves a delta that loads to
 //! exactly the memfd; a write the program did not mark is caught by the
-//! spot checks; marks taken by a capture whose save failed count again.
+//! spot checks; marks taken by a capture whose save failed count again;
+//! every byte a shm-state program changes past the first
+//! `shm_snapshot::ALWAYS_READ` bytes lies in a cell it marked.
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
@@ -380,4 +382,186 @@ fn a_write_after_the_stop_inside_an_update_is_saved_by_the_next_delta() {
     child.kill();
     // The snapshot holds the committed write.
     loads_to(work.path(), &dense(&memfd));
+}
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Mixed {
+    map: shm_state::StateMap<u64, u64>,
+    blobs: shm_state::StateMap<u64, shm_state::Bytes>,
+    v: StateVec<u64>,
+    log: shm_state::StateLog,
+    ring: shm_state::StateRing,
+    cells: [shm_state::StateCell<[u64; 4]>; 4],
+}
+
+/// A transaction's error: the library's, or the test's own abort.
+#[derive(Debug)]
+enum Abort {
+    #[allow(dead_code)] // shown by Debug when a transaction fails
+    State(shm_state::Error),
+    Abort,
+}
+
+impl From<shm_state::Error> for Abort {
+    fn from(e: shm_state::Error) -> Abort {
+        Abort::State(e)
+    }
+}
+
+/// The memfd's bytes, whole.
+fn bytes_of(memfd: &std::fs::File) -> Vec<u8> {
+    let len = memfd.metadata().unwrap().len() as usize;
+    let mut out = vec![0u8; len];
+    memfd.read_exact_at(&mut out, 0).unwrap();
+    out
+}
+
+#[test]
+fn every_write_of_a_shm_state_program_past_the_first_cells_is_marked() {
+    // A marking shm-state program's writes of every kind (map inserts,
+    // removes and growth, byte values, a vector pushed, set and cut, a log,
+    // a ring pushed and popped round its end, cells set, transactions
+    // rolled back, a reopen),
+    // compared byte by byte with the memfd before them: every byte that
+    // changed past the first `ALWAYS_READ` bytes lies in a cell the map
+    // marked. A write that skipped its mark would let a delta keep the
+    // chain's old bytes.
+    let shared = SharedFd::create("dirty-marks", CreateOptions::default()).unwrap();
+    let memfd = shared.reopen().unwrap().into_file();
+    let layout = || {
+        Layout::new(1)
+            .with_snapshot_protocol()
+            .journal_len(256 << 10)
+    };
+    // SAFETY: a memfd of this test; no other process maps it.
+    let mut state = State::<Mixed>::open(
+        unsafe { Source::shared(shared.reopen().unwrap()) },
+        layout(),
+    )
+    .unwrap();
+    state
+        .transaction(|tx| {
+            let root = Mixed {
+                map: tx.new_map()?,
+                blobs: tx.new_map()?,
+                v: tx.new_vec()?,
+                log: tx.new_log()?,
+                ring: tx.new_ring(64 << 10, 1024)?,
+                cells: [
+                    tx.new_cell([0; 4])?,
+                    tx.new_cell([1; 4])?,
+                    tx.new_cell([2; 4])?,
+                    tx.new_cell([3; 4])?,
+                ],
+            };
+            *tx.root_mut()? = root;
+            Ok::<_, shm_state::Error>(())
+        })
+        .unwrap();
+    let page_map = memmap2::MmapOptions::new()
+        .len(shm_snapshot::HEADER_LEN)
+        .map_raw(&memfd)
+        .unwrap();
+    let page = shm_snapshot::Region::try_from_mmap(&page_map).unwrap();
+    let mut rng = shm_fd_tests::Rng::seeded("DIRTY_MARKS_SEED", "dirty_marks");
+    let (mut checked, mut changed_cells) = (0u64, 0u64);
+    for round in 0..60u32 {
+        shm_snapshot::take_dirty(page).expect("the map is on");
+        let before = bytes_of(&memfd);
+        let what = rng.below(11);
+        let root = *state.root().unwrap();
+        let result = state.transaction(|tx| -> Result<(), Abort> {
+            for _ in 0..1 + rng.below(40) {
+                let k = rng.below(3000);
+                match what {
+                    0 => {
+                        tx.map(root.map)?.insert(&k, &(k * 3 + u64::from(round)))?;
+                    }
+                    1 => {
+                        tx.map(root.map)?.remove(&k)?;
+                    }
+                    2 => {
+                        let blob = vec![round as u8; 1 + (k % 700) as usize];
+                        tx.map(root.blobs)?.insert(&k, &blob)?;
+                    }
+                    3 => {
+                        tx.map(root.blobs)?.remove(&k)?;
+                    }
+                    4 => {
+                        let mut v = tx.vec(root.v)?;
+                        v.push(k)?;
+                        if !v.is_empty()? {
+                            let i = k % v.len()?;
+                            v.set(i, k + 1)?;
+                        }
+                    }
+                    5 => {
+                        let mut v = tx.vec(root.v)?;
+                        let to = v.len()? / 2;
+                        v.truncate(to)?;
+                    }
+                    6 => {
+                        tx.log(root.log)?.append(&k.to_le_bytes())?;
+                    }
+                    7 => {
+                        let c = root.cells[(k % 4) as usize];
+                        tx.set_cell(c, [k; 4])?;
+                    }
+                    8 => {
+                        let frame = vec![round as u8 | 1; 1 + (k % 1000) as usize];
+                        if !tx.ring(root.ring)?.push(&frame)? {
+                            tx.ring(root.ring)?.pop()?;
+                        }
+                    }
+                    9 => {
+                        tx.ring(root.ring)?.pop()?;
+                    }
+                    _ => {
+                        // Written, then rolled back by the error below.
+                        tx.map(root.map)?.insert(&k, &u64::MAX)?;
+                        tx.vec(root.v)?.push(u64::MAX)?;
+                    }
+                }
+            }
+            if what == 10 {
+                return Err(Abort::Abort);
+            }
+            Ok(())
+        });
+        assert!(
+            matches!((&result, what), (Err(Abort::Abort), 10) | (Ok(()), 0..=9)),
+            "round {round}: {result:?}"
+        );
+        if round % 20 == 19 {
+            // A reopen (a new opening transaction) writes too.
+            drop(state);
+            state = State::<Mixed>::open(
+                // SAFETY: as above; the state before was dropped.
+                unsafe { Source::shared(shared.reopen().unwrap()) },
+                layout(),
+            )
+            .unwrap();
+        }
+        let marks = shm_snapshot::take_dirty(page).expect("the map is on");
+        let after = bytes_of(&memfd);
+        for (at, (&a, b)) in after
+            .iter()
+            .zip(before.iter().chain(std::iter::repeat(&0)))
+            .enumerate()
+        {
+            let at = at as u64;
+            if a != *b && at >= shm_snapshot::ALWAYS_READ {
+                assert!(
+                    marks.any(at, 1),
+                    "round {round} (operation {what}): byte {at:#x} changed ({b:#04x} -> \
+                     {a:#04x}) in a cell the map did not mark"
+                );
+                checked += 1;
+            }
+        }
+        changed_cells += marks.count();
+    }
+    assert!(checked > 10_000, "{checked} changed bytes checked");
+    assert!(changed_cells > 0);
 }
