@@ -1095,10 +1095,17 @@ impl<S: Storage> Saver<S> {
         let mut pos = 0u64;
         let mut i = 0;
         while i < cells.len() {
-            // Whole cells per write, up to write_size.
+            // Whole cells per write, up to write_size; from an image, a run
+            // of adjacent cells per write (so that it can be written
+            // straight from the image).
             let mut j = i;
             let mut len = 0usize;
-            while j < cells.len() && (j == i || len + cells[j].1 as usize <= piece_max) {
+            while j < cells.len()
+                && (j == i
+                    || (len + cells[j].1 as usize <= piece_max
+                        && (dense.is_none()
+                            || cells[j - 1].0 + u64::from(cells[j - 1].1) == cells[j].0)))
+            {
                 len += cells[j].1 as usize;
                 j += 1;
             }

@@ -183,13 +183,14 @@ fn main() {
         if let SaveOutcome::Saved(r) = out {
             shapes.push((r.stored_len / MIB as u64, r.base.is_some(), marked));
         }
+        // The same 1 MiB (the values the transaction wrote), dense: a
+        // state of 1 MiB of data. (Before 2026-12-06 this wrote one byte
+        // per value, 128 KiB of data in a 1 MiB memfd.)
+        let values: Vec<u64> = change.iter().map(|x| x ^ round).collect();
         small
-            .write_all_at(
-                &change.iter().map(|x| (x ^ round) as u8).collect::<Vec<_>>(),
-                0,
-            )
+            .write_all_at(bytemuck::cast_slice(&values), 0)
             .unwrap();
-        small.set_len(MIB as u64).unwrap();
+        assert_eq!(small.metadata().unwrap().len(), MIB as u64);
         t_small.push(save(&mut small_saver, &mut stop, &small).0);
     }
     sleeper.kill();
