@@ -323,7 +323,15 @@ impl StopGroup {
         };
         let bytes = read_extents(memfd, &kept, buf).map_err(fail)?;
         drop(cont);
-        self.copied_last = bytes.len();
+        // A whole copy is no guide to the next delta's (and is held for
+        // the whole save): only a delta's copy, within its budget, is.
+        self.copied_last = if whole {
+            0
+        } else {
+            bytes
+                .len()
+                .min(usize::try_from(basis.budget).unwrap_or(usize::MAX))
+        };
         let pause = Some(start.elapsed());
         let image = Image::from_parts(data_len, kept, bytes)
             .map_err(|e| Error::io("copying", "the memfd", io::Error::other(e)))?;

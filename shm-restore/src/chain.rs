@@ -339,24 +339,65 @@ impl<R: ReadAt> Composed<R> {
     ///
     /// `bases` names the links below the head (in order) in what a damaged
     /// chunk of one of them reports ([`Damage::BrokenChain`]).
-    pub(crate) fn new(links: Vec<Link<R>>, chunk_size: u32, bases: Vec<String>) -> Composed<R> {
+    ///
+    /// Every bound comes from the links' tables (already checked and held
+    /// in memory): the pieces' vector is reserved fallibly for at most
+    /// one piece per table entry and boundary it crosses, and the cell
+    /// arithmetic saturates, so a lying header (a size near `u64::MAX`)
+    /// gives an error, never a wrap or an unbounded loop.
+    pub(crate) fn new(
+        links: Vec<Link<R>>,
+        chunk_size: u32,
+        bases: Vec<String>,
+    ) -> io::Result<Composed<R>> {
         let out = u64::from(chunk_size.max(1));
         let data_len = links.first().map_or(0, |l| l.header.data_len);
-        let cell = links.first().map_or(1, |l| u64::from(l.header.chunk_size));
+        let cell = links
+            .first()
+            .map_or(1, |l| u64::from(l.header.chunk_size.max(1)));
+        // The first multiple of `step` after `at` (u64::MAX past the end).
+        let next = |at: u64, step: u64| {
+            (at / step)
+                .checked_add(1)
+                .and_then(|k| k.checked_mul(step))
+                .unwrap_or(u64::MAX)
+        };
+        let end_of = |c: &Chunk| c.offset.saturating_add(u64::from(c.len));
+        // At most one piece per entry and per boundary (of a cell or of an
+        // output chunk) inside it.
+        let most: u64 = links
+            .iter()
+            .flat_map(|l| l.chunks.iter())
+            .map(|c| {
+                let last = end_of(c).saturating_sub(1).max(c.offset);
+                1u64.saturating_add(last / cell - c.offset / cell)
+                    .saturating_add(last / out - c.offset / out)
+            })
+            .fold(0u64, u64::saturating_add);
+        let mut pieces: Vec<Piece> = Vec::new();
+        usize::try_from(most)
+            .ok()
+            .and_then(|n| pieces.try_reserve_exact(n).ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    format!("the chain's state in {most} pieces does not fit in memory"),
+                )
+            })?;
         let mut covered = Cells::default();
         let mut limit = u64::MAX;
-        let mut pieces = Vec::new();
         for (l, link) in links.iter().enumerate() {
             limit = limit.min(link.header.data_len);
             let delta = link.header.is_delta();
             // Cells this link provides: newer links' cells are theirs.
             let mut mine = Vec::new();
             for (i, c) in link.chunks.iter().enumerate() {
-                let end = (c.offset + u64::from(c.len)).min(limit);
+                let end = end_of(c).min(limit);
                 let mut at = c.offset;
                 while at < end {
                     let index = at / cell;
-                    let piece_end = ((index + 1) * cell).min((at / out + 1) * out).min(end);
+                    // Past `at`: `next` is above it, and so is `end`.
+                    let piece_end = next(at, cell).min(next(at, out)).min(end);
                     if !covered.get(index) {
                         pieces.push(Piece {
                             link: l,
@@ -394,15 +435,23 @@ impl<R: ReadAt> Composed<R> {
             .iter()
             .map(|l| file_offsets(&l.header, &l.chunks))
             .collect();
-        Composed {
+        Ok(Composed {
             links,
             places,
             pieces,
             extents,
             data_len,
             bases,
-        }
+        })
     }
+}
+
+/// The last chunk [`Pieces::read_piece`] read whole (and checked): its link
+/// and index, and its bytes.
+#[derive(Default)]
+pub(crate) struct ChunkBuf {
+    key: Option<(usize, usize)>,
+    bytes: Vec<u8>,
 }
 
 /// A chain's state as pieces ([`Composed`], whatever its files' type).
@@ -417,9 +466,15 @@ pub(crate) trait Pieces {
     fn pieces(&self) -> &[Piece];
 
     /// Reads piece `i` into `out` (its length) and returns its CRC; a chunk
-    /// whose CRC does not match is [`ReadError::Damaged`].
-    fn read_piece(&self, i: usize, out: &mut [u8], scratch: &mut Vec<u8>)
-    -> Result<u32, ReadError>;
+    /// whose CRC does not match is [`ReadError::Damaged`]. `scratch` keeps
+    /// the last chunk read whole for a part of it, so that the pieces of
+    /// one chunk (adjacent, in memfd order) read it once.
+    fn read_piece(
+        &self,
+        i: usize,
+        out: &mut [u8],
+        scratch: &mut ChunkBuf,
+    ) -> Result<u32, ReadError>;
 }
 
 impl<R: ReadAt> Pieces for Composed<R> {
@@ -442,7 +497,7 @@ impl<R: ReadAt> Pieces for Composed<R> {
         &self,
         i: usize,
         out: &mut [u8],
-        scratch: &mut Vec<u8>,
+        scratch: &mut ChunkBuf,
     ) -> Result<u32, ReadError> {
         let p = self.pieces[i];
         let link = &self.links[p.link];
@@ -455,15 +510,22 @@ impl<R: ReadAt> Pieces for Composed<R> {
                 .and_then(|()| check_crc(&link.chunks, p.chunk, place, out))
                 .map(|()| c.crc)
         } else {
-            read_checked(
-                &link.reader,
-                &link.chunks,
-                &self.places[p.link],
-                p.chunk,
-                scratch,
-            )
-            .map(|()| {
-                out.copy_from_slice(&scratch[p.from as usize..(p.from + p.len) as usize]);
+            let key = Some((p.link, p.chunk));
+            let read = if scratch.key == key {
+                Ok(())
+            } else {
+                scratch.key = None;
+                read_checked(
+                    &link.reader,
+                    &link.chunks,
+                    &self.places[p.link],
+                    p.chunk,
+                    &mut scratch.bytes,
+                )
+            };
+            read.map(|()| {
+                scratch.key = key;
+                out.copy_from_slice(&scratch.bytes[p.from as usize..(p.from + p.len) as usize]);
                 crc32fast::hash(out)
             })
         };
@@ -588,6 +650,95 @@ mod tests {
             generation_of_base(s, OsStr::new("state.snap.gen-99999999999999999999999")),
             None
         );
+    }
+
+    /// A full snapshot's link over `data` (no file around it: the chunks'
+    /// bytes at `data_offset` 0 of `data`), for `Composed`.
+    fn full_link(
+        data: Vec<u8>,
+        data_len: u64,
+        chunk_size: u32,
+        chunks: Vec<Chunk>,
+    ) -> Link<Vec<u8>> {
+        Link {
+            header: Header {
+                chunk_size,
+                data_len,
+                generation: 1,
+                saved_at_ns: 0,
+                chunk_count: chunks.len() as u64,
+                stored_len: chunks.iter().map(|c| u64::from(c.len)).sum(),
+                data_offset: 0,
+                table_crc: 0,
+                base: None,
+            },
+            reader: data,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn a_lying_size_near_the_end_of_u64_composes_without_a_wrap() {
+        // A table entry at u64::MAX - 10 (a header that says the state is
+        // that large): the cell arithmetic must not overflow (a debug
+        // panic, a release wrap to 0 and an endless loop before).
+        let data = vec![7u8; 10];
+        let chunk = Chunk {
+            offset: u64::MAX - 10,
+            len: 10,
+            crc: crc32fast::hash(&data),
+        };
+        let c = Composed::new(
+            vec![full_link(data, u64::MAX, 4096, vec![chunk])],
+            4096,
+            Vec::new(),
+        )
+        .unwrap();
+        assert_eq!(c.pieces().len(), 1, "{:?}", c.pieces());
+        assert_eq!(c.pieces()[0].offset, u64::MAX - 10);
+    }
+
+    #[test]
+    fn the_pieces_of_one_chunk_read_it_once() {
+        // A 64 KiB chunk of a full snapshot written with a larger chunk
+        // size than the cells: 16 pieces of 4 KiB, one read of the chunk.
+        struct Counting(Vec<u8>, std::cell::Cell<usize>);
+        impl ReadAt for Counting {
+            fn size(&self) -> io::Result<u64> {
+                Ok(self.0.len() as u64)
+            }
+            fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+                self.1.set(self.1.get() + 1);
+                self.0.as_slice().read_exact_at(buf, offset)
+            }
+        }
+        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let chunk = Chunk {
+            offset: 0,
+            len: 65536,
+            crc: crc32fast::hash(&data),
+        };
+        let link = full_link(Vec::new(), 65536, 65536, vec![chunk]);
+        let link = Link {
+            reader: Counting(data.clone(), std::cell::Cell::new(0)),
+            header: Header {
+                chunk_size: 4096,
+                ..link.header
+            },
+            chunks: link.chunks,
+        };
+        let c = Composed::new(vec![link], 4096, Vec::new()).unwrap();
+        assert_eq!(c.pieces().len(), 16);
+        let mut scratch = ChunkBuf::default();
+        let mut got = Vec::new();
+        for (i, p) in c.pieces().iter().enumerate() {
+            let mut out = vec![0u8; p.len as usize];
+            let crc = c.read_piece(i, &mut out, &mut scratch).unwrap();
+            assert_eq!(crc, crc32fast::hash(&out));
+            got.extend_from_slice(&out);
+        }
+        assert_eq!(got, data);
+        assert_eq!(c.links[0].reader.1.get(), 1, "reads of the chunk");
     }
 
     #[test]

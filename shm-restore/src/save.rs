@@ -930,9 +930,28 @@ impl<S: Storage> Saver<S> {
         let path = self.storage.path_of(&self.name);
         let name = self.name.clone();
         // Headers and tables checked now; each chunk's CRC as it is read.
-        let links =
-            crate::chain::open_chain(&mut self.storage, &name, &name, u64::MAX, None, false)
-                .map_err(|e| e.into_error(&path))?;
+        let links = crate::chain::open_chain(
+            &mut self.storage,
+            &name,
+            &name,
+            self.options.max_data_len,
+            None,
+            false,
+        )
+        .map_err(|e| e.into_error(&path))?;
+        // The file in place must be the delta this save just installed:
+        // a file someone put there since is not compacted.
+        let head = links.first().map(|l| (l.header.generation, l.header.crc()));
+        let installed = self.chain.map(|c| (c.generation, c.header_crc));
+        if head.is_none() || head != installed {
+            return Err(Error::io(
+                "compacting the chain of",
+                &path,
+                std::io::Error::other(
+                    "the file in place is not the delta just saved (replaced meanwhile)",
+                ),
+            ));
+        }
         let bases = links
             .iter()
             .skip(1)
@@ -941,7 +960,8 @@ impl<S: Storage> Saver<S> {
                 self.storage.path_of(&base).display().to_string()
             })
             .collect();
-        let chain = crate::chain::Composed::new(links, self.options.chunk_size, bases);
+        let chain = crate::chain::Composed::new(links, self.options.chunk_size, bases)
+            .map_err(|e| Error::io("compacting the chain of", &path, e))?;
         self.full_only = true;
         let result = self.save_from(Source::Chain(&chain), saved_at_ns);
         self.full_only = false;
@@ -1147,7 +1167,10 @@ impl<S: Storage> Saver<S> {
             let mut at = 0;
             for &(offset, n) in &cells[i..j] {
                 let cell = &bytes[at..at + n as usize];
-                let crc = known_crc(offset, n).unwrap_or_else(|| crc32fast::hash(cell));
+                // The plan's CRC only for bytes straight from the image
+                // (a copy fills holes with zeros the table may not have).
+                let known = direct.and_then(|_| known_crc(offset, n));
+                let crc = known.unwrap_or_else(|| crc32fast::hash(cell));
                 debug_assert_eq!(
                     crc,
                     crc32fast::hash(cell),
@@ -1426,7 +1449,7 @@ impl<S: Storage> Saver<S> {
         let piece_max = self.options.write_size;
         let mut table = Vec::with_capacity(layout.len());
         let mut buf = Vec::new();
-        let mut scratch = Vec::new(); // a chain's chunk, read whole
+        let mut scratch = crate::chain::ChunkBuf::default(); // a chain's chunk, read whole
         let mut crcs = Vec::new(); // a chain's pieces' CRCs, for one write
         let mut pos = 0usize; // in the data region
         let mut hinted = 0usize; // data before this is being written back

@@ -164,12 +164,13 @@ impl Snapshot {
 
 /// Opens a file that should be a snapshot, for reading. Non-blocking, so
 /// that a FIFO (or device) in a snapshot's place is reported as a damaged
-/// snapshot instead of hanging the open or the reads.
+/// snapshot instead of hanging the open or the reads; and never as this
+/// process's controlling terminal (a tty in a snapshot's place).
 pub(crate) fn open_for_reading(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
 }
 
