@@ -565,3 +565,154 @@ fn every_write_of_a_shm_state_program_past_the_first_cells_is_marked() {
     assert!(checked > 10_000, "{checked} changed bytes checked");
     assert!(changed_cells > 0);
 }
+
+#[derive(Clone, Copy, Pod, Zeroable)]
+#[repr(C)]
+struct Shared {
+    map: shm_state::StateMap<u64, shm_state::Bytes>,
+    v: StateVec<u64>,
+    ring: shm_state::StateRing,
+    published: shm_state::StatePublished,
+}
+
+/// Set in the child's environment: this binary is then the writer that
+/// [`a_killed_writer_and_the_rollback_after_it_mark_what_they_write`]
+/// kills.
+const KILLED_WRITER: &str = "SHM_FD_DIRTY_KILLED_WRITER";
+
+fn shared_layout() -> Layout<Shared> {
+    Layout::new(1)
+        .with_snapshot_protocol()
+        .journal_len(256 << 10)
+}
+
+/// The child: opens the shared state on fd 3 and runs transactions (map
+/// inserts of byte values, vector pushes, ring pushes and pops) and
+/// publishes until it is killed.
+#[test]
+fn killed_writer_role() {
+    let Some(seed) = std::env::var_os(KILLED_WRITER) else {
+        return;
+    };
+    use std::os::fd::FromRawFd;
+    // SAFETY: the test passes the memfd on fd 3, owned by nothing else.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
+    let shared = SharedFd::adopt(owned, "killed").unwrap();
+    // SAFETY: every opener of this memfd opens it as a SharedState.
+    let source = unsafe { Source::shared(shared) };
+    let mut state = shm_state::SharedState::<Shared>::open(source, shared_layout()).unwrap();
+    let mut n: u64 = seed.to_string_lossy().parse().unwrap();
+    let mut rng = shm_fd_tests::Rng::seeded("DIRTY_KILLED_WRITER_SEED", "killed_writer");
+    eprintln!("running");
+    loop {
+        n += 1;
+        let root = state
+            .transaction(|tx| Ok::<_, shm_state::Error>(*tx.root()?))
+            .unwrap();
+        state
+            .transaction(|tx| {
+                for _ in 0..1 + rng.below(30) {
+                    let k = rng.below(2000);
+                    match rng.below(4) {
+                        0 => {
+                            let blob = vec![n as u8; 1 + (k % 900) as usize];
+                            tx.map(root.map)?.insert(&k, &blob)?;
+                        }
+                        1 => tx.vec(root.v)?.push(k ^ n)?,
+                        2 => {
+                            if !tx.ring(root.ring)?.push(&k.to_le_bytes())? {
+                                tx.ring(root.ring)?.pop()?;
+                            }
+                        }
+                        _ => {
+                            tx.map(root.map)?.remove(&k)?;
+                        }
+                    }
+                }
+                Ok::<_, shm_state::Error>(())
+            })
+            .unwrap();
+        let value = [n; 16];
+        state.publish_value(root.published, &value).unwrap();
+    }
+}
+
+#[test]
+fn a_killed_writer_and_the_rollback_after_it_mark_what_they_write() {
+    // A child writing a shared state (transactions, a published value) is
+    // killed (SIGKILL) at a random time, often inside a transaction; the
+    // next open rolls that transaction back. Every byte the child and the
+    // rollback changed past the first `ALWAYS_READ` bytes lies in a cell
+    // the map marked: a delta taken after the rollback misses nothing.
+    let work = tempfile::tempdir().unwrap();
+    let shared = SharedFd::create("dirty-killed", CreateOptions::default()).unwrap();
+    let memfd = shared.reopen().unwrap().into_file();
+    let open = || {
+        // SAFETY: every opener of this memfd opens it as a SharedState.
+        let source = unsafe { Source::shared(shared.try_clone().unwrap()) };
+        shm_state::SharedState::<Shared>::open(source, shared_layout()).unwrap()
+    };
+    {
+        let mut state = open();
+        state
+            .transaction(|tx| {
+                let root = Shared {
+                    map: tx.new_map()?,
+                    v: tx.new_vec()?,
+                    ring: tx.new_ring(32 << 10, 64)?,
+                    // 64 KiB a version: the two slots lie in cells of
+                    // their own, which only a publish marks.
+                    published: tx.new_published(64 << 10)?,
+                };
+                *tx.root_mut()? = root;
+                Ok::<_, shm_state::Error>(())
+            })
+            .unwrap();
+    }
+    let page_map = memmap2::MmapOptions::new()
+        .len(shm_snapshot::HEADER_LEN)
+        .map_raw(&memfd)
+        .unwrap();
+    let page = shm_snapshot::Region::try_from_mmap(&page_map).unwrap();
+    let mut rng = shm_fd_tests::Rng::seeded("DIRTY_KILLED_SEED", "dirty_killed");
+    let (mut checked, mut rolled_back) = (0u64, 0usize);
+    for round in 0..10u64 {
+        shm_snapshot::take_dirty(page).expect("the map is on");
+        let before = bytes_of(&memfd);
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "killed_writer_role", "--nocapture"])
+            .env(KILLED_WRITER, (round * 1_000_000).to_string())
+            .process_group(0);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&shared);
+        let mut child = Kid::start(cmd, format!("killed-{round}"), work.path(), Some(fd));
+        child.wait_for_stderr("running");
+        std::thread::sleep(Duration::from_millis(5 + rng.below(60)));
+        child.kill();
+        // The next open finds the dead writer's transaction and rolls it
+        // back (or finds it committed).
+        let state = open();
+        if matches!(state.report().opened, shm_state::Opened::Recovered { .. }) {
+            rolled_back += 1;
+        }
+        drop(state);
+        let marks = shm_snapshot::take_dirty(page).expect("the map is on");
+        let after = bytes_of(&memfd);
+        for (at, (&a, b)) in after
+            .iter()
+            .zip(before.iter().chain(std::iter::repeat(&0)))
+            .enumerate()
+        {
+            let at = at as u64;
+            if a != *b && at >= shm_snapshot::ALWAYS_READ {
+                assert!(
+                    marks.any(at, 1),
+                    "round {round}: byte {at:#x} changed ({b:#04x} -> {a:#04x}) in a cell the \
+                     map did not mark"
+                );
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("dirty_killed: {checked} changed bytes checked, {rolled_back} rollbacks");
+    assert!(checked > 10_000, "{checked} changed bytes checked");
+}
