@@ -7,7 +7,7 @@ use std::sync::atomic::{Ordering, compiler_fence, fence};
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::journal;
+use crate::journal::{self, Journal};
 use crate::mem::Mem;
 use crate::snapshot::Publisher;
 
@@ -143,6 +143,9 @@ pub(crate) struct Core {
     pub publisher: Publisher,
     pub mem: Mem,
     pub journal_len: u64,
+    /// The journal transactions write: the region's format decides (see
+    /// [`Journal::of_format`]); set by the open.
+    pub journal: Journal,
     pub heap_off: u64,
     pub poisoned: bool,
     // Per-transaction bookkeeping, kept here to reuse the allocations.
@@ -165,6 +168,7 @@ impl Core {
         Core {
             mem,
             journal_len,
+            journal: Journal::Legacy,
             heap_off,
             publisher,
             poisoned: false,
@@ -292,10 +296,11 @@ impl<'a> TxCore<'a> {
         // reader in another process (a shared state's, a snapshotter) that
         // sees one of the writes sees the word open, or a later one.
         fence(Ordering::Release);
+        let pos = core.journal.first_pos();
         Ok(TxCore {
             core,
             seq,
-            pos: 0,
+            pos,
             start_top,
             finished: false,
             changes: 0,
@@ -400,6 +405,7 @@ impl<'a> TxCore<'a> {
                 if exact.n < EXACT_SLOTS && !exact.near(first, last) {
                     self.pos = journal::append(
                         &mut self.core.mem,
+                        self.core.journal,
                         self.core.journal_len,
                         self.pos,
                         self.seq,
@@ -450,6 +456,7 @@ impl<'a> TxCore<'a> {
         let stop = (end * LINE).min(self.core.mem.len());
         self.pos = journal::append(
             &mut self.core.mem,
+            self.core.journal,
             self.core.journal_len,
             self.pos,
             self.seq,
@@ -496,6 +503,7 @@ impl<'a> TxCore<'a> {
         }
         self.pos = journal::append(
             &mut self.core.mem,
+            self.core.journal,
             self.core.journal_len,
             self.pos,
             self.seq,
@@ -723,6 +731,7 @@ impl<'a> TxCore<'a> {
         self.finished = true;
         match journal::rollback_own(
             &mut self.core.mem,
+            self.core.journal,
             self.core.journal_len,
             self.seq,
             self.pos,
