@@ -93,17 +93,19 @@ fn word(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8"))
 }
 
-/// A record's check: a hash of transaction `seq` and `covered`, the
-/// record's bytes after the check (`len`, `0`, `target`, the padded data;
-/// a multiple of 8). Four lanes take the words in turn, each step
-/// `h = rotl((h ^ w) * P, 31)`, a bijection of `h` for a given word and of
-/// the word for a given `h`; the lanes are XORed and finalised. So a change
-/// confined to one word (any number of its bits) always changes the check,
-/// and other damage passes with a chance of about 2^-64.
+/// A record's check: a hash of transaction `seq` (its [`TxKey`]) and
+/// `covered`, the record's bytes after the check (`len`, `0`, `target`,
+/// the padded data; a multiple of 8). Four lanes, seeded from `seq`, take
+/// the words in turn, each step `h = rotl((h ^ w) * P, 31)`, a bijection of
+/// `h` for a given word and of the word for a given `h`; the lanes are
+/// combined by XOR (rotated) and one more multiply. So a change confined
+/// to one word (any number of its bits) always changes the check, and
+/// other damage, or a record of another transaction, passes with a chance
+/// of about 2^-64.
 #[inline]
-fn record_check(seq: u64, covered: &[u8]) -> u64 {
+fn record_check(key: &TxKey, covered: &[u8]) -> u64 {
     debug_assert!(covered.len().is_multiple_of(8));
-    let s = fmix(seq ^ CHECK_SALT);
+    let s = key.check_seed;
     let mut h = [s, s ^ P, s ^ CLAIM_SALT, s ^ CHECK_SALT];
     let step = |h: u64, w: u64| (h ^ w).wrapping_mul(P).rotate_left(31);
     let mut chunks = covered.chunks_exact(32);
@@ -115,7 +117,29 @@ fn record_check(seq: u64, covered: &[u8]) -> u64 {
     for (lane, w) in chunks.remainder().chunks_exact(8).enumerate() {
         h[lane] = step(h[lane], word(w, 0));
     }
-    fmix(h[0] ^ h[1].rotate_left(16) ^ h[2].rotate_left(32) ^ h[3].rotate_left(48))
+    let x = h[0] ^ h[1].rotate_left(16) ^ h[2].rotate_left(32) ^ h[3].rotate_left(48);
+    (x ^ (x >> 32)).wrapping_mul(P)
+}
+
+/// What a transaction's records and claims are bound to: its sequence
+/// number, and the two values derived from it, computed once per
+/// transaction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TxKey {
+    pub(crate) seq: u64,
+    check_seed: u64,
+    claim_mask: u32,
+}
+
+impl TxKey {
+    #[inline(always)]
+    pub(crate) fn new(seq: u64) -> TxKey {
+        TxKey {
+            seq,
+            check_seed: (seq ^ CHECK_SALT).wrapping_mul(P),
+            claim_mask: fmix(seq ^ CLAIM_SALT) as u32,
+        }
+    }
 }
 
 /// The bytes a record of `len` data bytes takes.
@@ -123,22 +147,22 @@ pub(crate) fn record_size(len: u64) -> u64 {
     RECORD_HEADER + len.next_multiple_of(8)
 }
 
-/// The claim word: "every record of transaction `seq` before journal
+/// The claim word: "every record of the transaction before journal
 /// position `pos` is complete". Bits 0..32 the position, bits 32..64 the
-/// position XOR the low half of a hash of `seq`: a flipped bit of either
+/// position XOR the low half of a hash of its sequence number: a flipped bit of either
 /// half breaks it, and a claim left by another transaction passes with a
 /// chance of 2^-32.
 #[inline(always)]
-fn claim(seq: u64, pos: u64) -> u64 {
+fn claim(key: &TxKey, pos: u64) -> u64 {
     let pos = pos as u32;
-    let check = pos ^ (fmix(seq ^ CLAIM_SALT) as u32);
+    let check = pos ^ key.claim_mask;
     u64::from(pos) | (u64::from(check) << 32)
 }
 
-/// The position a claim word names, if it is transaction `seq`'s.
-fn read_claim(seq: u64, word: u64) -> Option<u64> {
+/// The position a claim word names, if it is the transaction's.
+fn read_claim(key: &TxKey, word: u64) -> Option<u64> {
     let pos = u64::from(word as u32);
-    (claim(seq, pos) == word).then_some(pos)
+    (claim(key, pos) == word).then_some(pos)
 }
 
 #[cold]
@@ -159,14 +183,14 @@ pub(crate) fn append(
     kind: Journal,
     journal_len: u64,
     pos: u64,
-    seq: u64,
+    key: &TxKey,
     target: u64,
     len: u64,
 ) -> Result<u64> {
     match kind {
-        Journal::Legacy => legacy::append(mem, journal_len, pos, seq, target, len),
-        Journal::Claimed if len <= SMALL => append_small(mem, journal_len, pos, seq, target, len),
-        Journal::Claimed => append_large(mem, journal_len, pos, seq, target, len),
+        Journal::Legacy => legacy::append(mem, journal_len, pos, key.seq, target, len),
+        Journal::Claimed if len <= SMALL => append_small(mem, journal_len, pos, key, target, len),
+        Journal::Claimed => append_large(mem, journal_len, pos, key, target, len),
     }
 }
 
@@ -185,7 +209,7 @@ fn append_small(
     mem: &mut Mem,
     journal_len: u64,
     pos: u64,
-    seq: u64,
+    key: &TxKey,
     target: u64,
     len: u64,
 ) -> Result<u64> {
@@ -198,11 +222,11 @@ fn append_small(
     let n = len as usize;
     buf[24..24 + n].copy_from_slice(mem.bytes("journaled range", target, len)?);
     let size = (end - pos) as usize;
-    let check = record_check(seq, &buf[8..size]);
+    let check = record_check(key, &buf[8..size]);
     buf[..8].copy_from_slice(&check.to_le_bytes());
     mem.write("journal", JOURNAL_OFF + pos, &buf[..size])?;
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-    mem.store_word(JOURNAL_OFF, claim(seq, end))?;
+    mem.store_word(JOURNAL_OFF, claim(key, end))?;
     Ok(end)
 }
 
@@ -212,7 +236,7 @@ fn append_large(
     mem: &mut Mem,
     journal_len: u64,
     pos: u64,
-    seq: u64,
+    key: &TxKey,
     target: u64,
     len: u64,
 ) -> Result<u64> {
@@ -233,17 +257,17 @@ fn append_large(
             &[0u8; 8][..pad as usize],
         )?;
     }
-    let check = record_check(seq, mem.bytes("journal record", at + 8, end - pos - 8)?);
+    let check = record_check(key, mem.bytes("journal record", at + 8, end - pos - 8)?);
     mem.write("journal", at, &check.to_le_bytes())?;
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
-    mem.store_word(JOURNAL_OFF, claim(seq, end))?;
+    mem.store_word(JOURNAL_OFF, claim(key, end))?;
     Ok(end)
 }
 
 /// The record of transaction `seq` at position `pos`, if one is there
 /// intact. A record naming a range outside the region, over the atomic
 /// words or over the journal is corruption, not the end.
-fn record_at(mem: &Mem, journal_len: u64, seq: u64, pos: u64) -> Result<Option<Record>> {
+fn record_at(mem: &Mem, journal_len: u64, key: &TxKey, pos: u64) -> Result<Option<Record>> {
     if pos.saturating_add(RECORD_HEADER) > journal_len {
         return Ok(None);
     }
@@ -257,7 +281,7 @@ fn record_at(mem: &Mem, journal_len: u64, seq: u64, pos: u64) -> Result<Option<R
         return Ok(None);
     }
     let covered = mem.bytes("journal record", at + 8, record_size(len) - 8)?;
-    if record_check(seq, covered) != check {
+    if record_check(key, covered) != check {
         return Ok(None);
     }
     check_target(mem, journal_len, at, target, len)?;
@@ -300,9 +324,10 @@ pub(crate) fn check_target(
 /// The valid records of transaction `seq` from [`JOURNAL_HEAD`], in the
 /// order they were written, and the position where the scan stopped.
 pub(crate) fn scan(mem: &Mem, journal_len: u64, seq: u64) -> Result<(Vec<Record>, u64)> {
+    let key = TxKey::new(seq);
     let mut records = Vec::new();
     let mut pos = JOURNAL_HEAD;
-    while let Some(r) = record_at(mem, journal_len, seq, pos)? {
+    while let Some(r) = record_at(mem, journal_len, &key, pos)? {
         records.push(r);
         pos += record_size(r.len);
     }
@@ -311,7 +336,10 @@ pub(crate) fn scan(mem: &Mem, journal_len: u64, seq: u64) -> Result<(Vec<Record>
 
 /// The claim of transaction `seq` in the journal's head, if it has one.
 fn head_claim(mem: &Mem, seq: u64) -> Result<Option<u64>> {
-    Ok(read_claim(seq, u64_at(mem, "journal claim", JOURNAL_OFF)?))
+    Ok(read_claim(
+        &TxKey::new(seq),
+        u64_at(mem, "journal claim", JOURNAL_OFF)?,
+    ))
 }
 
 /// The records to roll back an interrupted transaction `seq` with, read
@@ -322,7 +350,7 @@ fn head_claim(mem: &Mem, seq: u64) -> Result<Option<u64>> {
 /// at its start decides, and the format field it rewrites may be either).
 pub(crate) fn recovery_records(mem: &Mem, journal_len: u64, seq: u64) -> Result<Vec<Record>> {
     let claimed = head_claim(mem, seq)?;
-    if claimed.is_none() && record_at(mem, journal_len, seq, JOURNAL_HEAD)?.is_none() {
+    if claimed.is_none() && record_at(mem, journal_len, &TxKey::new(seq), JOURNAL_HEAD)?.is_none() {
         return legacy::recovery_records(mem, journal_len, seq);
     }
     let (records, stop) = scan(mem, journal_len, seq)?;

@@ -7,7 +7,7 @@ use std::sync::atomic::{Ordering, compiler_fence, fence};
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::journal::{self, Journal};
+use crate::journal::{self, Journal, TxKey};
 use crate::mem::Mem;
 use crate::snapshot::Publisher;
 
@@ -117,6 +117,9 @@ impl ExactSet {
     /// ask and are not inside one.
     #[inline(always)]
     fn covers(&self, off: u64, end: u64) -> bool {
+        if self.n == 0 {
+            return false;
+        }
         let mut hit = false;
         for &(s, e) in &self.ranges {
             hit |= (s <= off) & (end <= e);
@@ -242,6 +245,8 @@ fn bad_heap_top(mem: &Mem, heap_off: u64, top: u64) -> Error {
 pub(crate) struct TxCore<'a> {
     pub core: &'a mut Core,
     seq: u64,
+    /// What this transaction's journal records are bound to.
+    key: TxKey,
     pos: u64,
     start_top: u64,
     finished: bool,
@@ -300,6 +305,7 @@ impl<'a> TxCore<'a> {
         Ok(TxCore {
             core,
             seq,
+            key: TxKey::new(seq),
             pos,
             start_top,
             finished: false,
@@ -408,7 +414,7 @@ impl<'a> TxCore<'a> {
                         self.core.journal,
                         self.core.journal_len,
                         self.pos,
-                        self.seq,
+                        &self.key,
                         off,
                         len,
                     )?;
@@ -459,7 +465,7 @@ impl<'a> TxCore<'a> {
             self.core.journal,
             self.core.journal_len,
             self.pos,
-            self.seq,
+            &self.key,
             from,
             stop - from,
         )?;
@@ -506,7 +512,7 @@ impl<'a> TxCore<'a> {
             self.core.journal,
             self.core.journal_len,
             self.pos,
-            self.seq,
+            &self.key,
             off,
             len,
         )?;
