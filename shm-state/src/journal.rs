@@ -20,6 +20,10 @@
 
 mod legacy;
 
+/// The reader of formats 4 to 6 alone, as a build of those formats runs it.
+#[cfg(test)]
+pub(crate) use legacy::recovery_records as legacy_recovery_records;
+
 use crate::error::{Error, Result};
 use crate::format::{JOURNAL_OFF, RECORD_HEADER, TX_WORD, touches_atomics, tx_word, u64_at};
 use crate::mem::Mem;
