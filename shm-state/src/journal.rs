@@ -358,8 +358,8 @@ pub(crate) fn recovery_records(mem: &Mem, journal_len: u64, seq: u64) -> Result<
         return legacy::recovery_records(mem, journal_len, seq);
     }
     let (records, stop) = scan(mem, journal_len, seq)?;
-    // Where each record starts: the claim must name one of these or the end.
-    let starts = records.iter().map(|r| r.data - RECORD_HEADER - JOURNAL_OFF);
+    // Where the last record starts: past the claim, only it can be.
+    let last_start = records.last().map(|r| r.data - RECORD_HEADER - JOURNAL_OFF);
     let damaged = |what: String| Err(Error::corrupt("journal", JOURNAL_OFF, what));
     match claimed {
         // No claim of `seq`: only the first record can have been completed
@@ -376,7 +376,7 @@ pub(crate) fn recovery_records(mem: &Mem, journal_len: u64, seq: u64) -> Result<
             JOURNAL_OFF + c
         )),
         // Past the claim: at most the one record completed before its claim.
-        Some(c) if c == stop || starts.clone().last() == Some(c) => Ok(records),
+        Some(c) if c == stop || last_start == Some(c) => Ok(records),
         Some(c) => damaged(format!(
             "the claim names journal position {c:#x}, the records run to {stop:#x}"
         )),

@@ -52,7 +52,14 @@ fn open_keeping_format(bytes: Vec<u8>) -> State<Root> {
     let mut layout = layout();
     let (mem, expected) = State::<Root>::map_source(Source::heap(bytes), &mut layout).unwrap();
     let nonce = crate::owner::register_handle(mem.identity());
-    State::open_locked(mem, nonce, expected, &mut layout, &mut KeepFormat::default()).unwrap()
+    State::open_locked(
+        mem,
+        nonce,
+        expected,
+        &mut layout,
+        &mut KeepFormat::default(),
+    )
+    .unwrap()
 }
 
 fn open_seq(img: &[u8]) -> u64 {
@@ -218,7 +225,10 @@ fn the_claim_tells_a_record_completed_by_a_crash_from_damage() {
     let second = (JOURNAL_OFF + starts[1]) as usize;
     first_only[second + 8] ^= 0x80; // the second record torn
     let s = open(first_only).unwrap();
-    assert!(matches!(s.report().opened, Opened::Recovered { records: 1 }));
+    assert!(matches!(
+        s.report().opened,
+        Opened::Recovered { records: 1 }
+    ));
 
     // A claim naming a position inside a record: refused.
     let mut inside = img.clone();
@@ -249,7 +259,10 @@ fn no_stale_record_of_an_earlier_transaction_is_rolled_back() {
     let img = s.core.mem.crash.take().unwrap().image.unwrap();
     drop(s);
     let s = open(img).unwrap();
-    assert!(matches!(s.report().opened, Opened::Recovered { records: 0 }));
+    assert!(matches!(
+        s.report().opened,
+        Opened::Recovered { records: 0 }
+    ));
     assert_eq!(dump(&s).unwrap(), before);
 }
 
