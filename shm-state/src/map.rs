@@ -256,6 +256,7 @@ pub(crate) fn decode_header<K: Item, V: Item>(raw: &[u8; 48], at: u64) -> Result
 /// Reads the item field at byte `at` of `table` (whose first slot is at
 /// region offset `slots`): a POD item in place, or the byte string its
 /// offset names.
+#[inline(always)]
 fn item<'m, I: Item>(
     mem: &'m Mem,
     heap: (u64, u64),
@@ -284,7 +285,9 @@ enum Probe {
     Vacant(Option<u64>),
 }
 
-/// Probes for `key` (whose tag is `tag`) in `table`.
+/// Probes for `key` (whose tag is `tag`) in `table`. Inlined, so that a
+/// loop of gets overlaps the probes' cache misses.
+#[inline(always)]
 fn find<K: Item, V: Item>(
     mem: &Mem,
     heap: (u64, u64),
