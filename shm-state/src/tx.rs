@@ -520,10 +520,39 @@ impl<'a> TxCore<'a> {
         Ok(())
     }
 
+    /// Whether `off..off+len` was allocated in this transaction (past the
+    /// heap top at its start, or inside a block taken from a free list):
+    /// not part of the committed state, written without journaling.
+    pub(crate) fn is_fresh(&self, off: u64, len: u64) -> bool {
+        let Some(end) = off.checked_add(len) else {
+            return false;
+        };
+        off >= self.start_top
+            || (!self.core.fresh.is_empty()
+                && self
+                    .core
+                    .fresh
+                    .range(..=off)
+                    .next_back()
+                    .is_some_and(|(_, &fresh_end)| end <= fresh_end))
+    }
+
+    /// Whether this transaction may have written the byte at `off` (or
+    /// allocated it): its line journaled whole, or the byte inside an exact
+    /// record or fresh memory. `false` means the byte is as committed.
+    pub(crate) fn may_have_written_byte(&self, off: u64) -> bool {
+        self.core.exact.covers(off, off + 1)
+            || self.core.logged.contains(off / LINE)
+            || self.is_fresh(off, 1)
+    }
+
     /// Writes bytes that are not part of the committed state without
     /// journaling them: bytes past a length field (a log chunk's `used`)
     /// that only grows within a transaction and is itself journaled, so a
-    /// rollback puts them back beyond the end again.
+    /// rollback puts them back beyond the end again; a map slot whose
+    /// control byte says, as committed, that it is free (the control byte
+    /// is journaled).
+    #[inline]
     pub(crate) fn write_tail(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         if off < self.core.heap_off {
             // Only heap bytes may skip the journal (the header's checksum
