@@ -648,6 +648,7 @@ impl<'s, R: Pod> Tx<'s, R> {
             off,
             h: hd,
             stale: false,
+            fresh_table: (0, false),
             _t: PhantomData,
         })
     }
@@ -666,6 +667,10 @@ pub struct MapMut<'t, 's, K, V> {
     h: Header,
     /// An operation failed part way: `h` must be read again.
     stale: bool,
+    /// A table block and whether it was allocated in this transaction
+    /// (which cannot change while the transaction runs): asked once per
+    /// table, not per insert.
+    fresh_table: (u64, bool),
     _t: PhantomData<(K, V)>,
 }
 
@@ -938,7 +943,11 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         let (k_field, v_field) = slot[8..].split_at_mut(field::<K>() as usize);
         self.encode::<K>(key, k_field)?;
         self.encode::<V>(value, v_field)?;
-        if h.ctrl && self.tx.is_fresh(h.ctrl_at(), h.table_bytes::<K, V>()) {
+        if h.ctrl && self.fresh_table.0 != h.table {
+            let fresh = self.tx.is_fresh(h.ctrl_at(), h.table_bytes::<K, V>());
+            self.fresh_table = (h.table, fresh);
+        }
+        if h.ctrl && self.fresh_table.1 {
             // A table made in this transaction: nothing to journal.
             self.tx.write_tail("map slot", at, buf.bytes())?;
             self.tx
