@@ -207,6 +207,8 @@ pub(crate) fn append(
 ) -> Result<u64> {
     match kind {
         Journal::Legacy => legacy::append(mem, journal_len, pos, key.seq, target, len),
+        // Nothing to keep (no caller asks; a record never has `len` 0).
+        Journal::Claimed if len == 0 => Ok(pos),
         Journal::Claimed if len <= SMALL => append_small(mem, journal_len, pos, key, target, len),
         Journal::Claimed => append_large(mem, journal_len, pos, key, target, len),
     }
@@ -411,11 +413,16 @@ fn head_claim(mem: &Mem, seq: u64) -> Result<Option<u64>> {
 
 /// The records to roll back an interrupted transaction `seq` with, read
 /// and checked without writing anything, from a journal of either kind:
-/// a format 7 journal holds transaction `seq`'s claim or a record of it at
+/// a journal that starts with an intact record of `seq` in the old layout
+/// (CRC-32 and sequence number) is one of formats 4 to 6; else a format 7
+/// journal holds transaction `seq`'s claim or a record of it at
 /// [`JOURNAL_HEAD`]; otherwise it is read as a journal of formats 4 to 6
 /// (an upgrading opening transaction writes that one: the region's format
 /// at its start decides, and the format field it rewrites may be either).
 pub(crate) fn recovery_records(mem: &Mem, journal_len: u64, seq: u64) -> Result<Vec<Record>> {
+    if legacy::starts_with_record(mem, journal_len, seq)? {
+        return legacy::recovery_records(mem, journal_len, seq);
+    }
     let claimed = head_claim(mem, seq)?;
     if claimed.is_none() && record_at(mem, journal_len, &TxKey::new(seq), JOURNAL_HEAD)?.is_none() {
         return legacy::recovery_records(mem, journal_len, seq);

@@ -133,6 +133,16 @@ pub(crate) fn scan(mem: &Mem, journal_len: u64, seq: u64) -> Result<(Vec<Record>
     Ok((records, pos))
 }
 
+/// Whether the journal starts with an intact record of transaction `seq`
+/// (a format 7 journal never does: its position 0 holds the claim, and a
+/// zero or older sequence number at +8).
+pub(crate) fn starts_with_record(mem: &Mem, journal_len: u64, seq: u64) -> Result<bool> {
+    Ok(matches!(
+        entry_at(mem, journal_len, seq, 0)?,
+        Entry::Record(_)
+    ))
+}
+
 /// The entry of transaction `seq` at journal position `pos`.
 fn entry_at(mem: &Mem, journal_len: u64, seq: u64, pos: u64) -> Result<Entry> {
     let at = JOURNAL_OFF + pos;
