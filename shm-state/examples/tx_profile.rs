@@ -11,7 +11,8 @@
 //! The difference of the two totals over 200 000 transactions is the
 //! instruction count of one transaction (setup cancels out). Modes:
 //! `insert` (inserts and removes), `get` (inserts and 5 passes of gets),
-//! `all`, and `batch` (6 rounds of the same `n` keys written 1000 per
+//! `all`, `grow` (a new map each round grown by one-insert transactions,
+//! as in the bench), `fill` (the same in one transaction), and `batch` (6 rounds of the same `n` keys written 1000 per
 //! transaction: fresh inserts, then updates).
 use bytemuck::{Pod, Zeroable};
 use shm_fd::{CreateOptions, SharedFd};
@@ -43,6 +44,41 @@ fn main() {
     })
     .unwrap();
     let h = s.root().unwrap().map;
+    if what == "grow" {
+        // As the bench's one-insert row: a new map each round, grown from
+        // empty by one-insert transactions (its tables then come from the
+        // free lists), then freed.
+        for round in 0..5u64 {
+            let m: StateMap<u64, u64> = s.transaction(|tx| tx.new_map()).unwrap();
+            let t = Instant::now();
+            for &k in &ks {
+                s.transaction(|tx| tx.map(m)?.insert(&k, &(k ^ round)))
+                    .unwrap();
+            }
+            eprintln!("round {round}: grow {:?}", t.elapsed() / n as u32);
+            s.transaction(|tx| tx.map(m)?.free()).unwrap();
+        }
+        return;
+    }
+    if what == "fill" {
+        // As the bench's all-in-one-transaction row: a new map each round,
+        // every key inserted in one transaction, then freed.
+        for round in 0..5u64 {
+            let m: StateMap<u64, u64> = s.transaction(|tx| tx.new_map()).unwrap();
+            let t = Instant::now();
+            s.transaction(|tx| {
+                let mut map = tx.map(m)?;
+                for &k in &ks {
+                    map.insert(&k, &(k ^ round))?;
+                }
+                Ok::<_, shm_state::Error>(())
+            })
+            .unwrap();
+            eprintln!("round {round}: fill {:?}", t.elapsed() / n as u32);
+            s.transaction(|tx| tx.map(m)?.free()).unwrap();
+        }
+        return;
+    }
     if what == "batch" {
         for round in 0..6u64 {
             let t = Instant::now();

@@ -13,8 +13,8 @@ pub const MAGIC: &[u8; 8] = b"SHMSTATE";
 /// created; [`MAGIC`] replaces it once the header is complete.
 pub const CREATING_MAGIC: &[u8; 8] = b"SHMSTNEW";
 /// The format version this library writes and reads.
-pub const FORMAT_VERSION: u32 = 6;
-/// The oldest format this library opens: a format 4 or 5 region is upgraded
+pub const FORMAT_VERSION: u32 = 7;
+/// The oldest format this library opens: a format 4, 5 or 6 region is upgraded
 /// to [`FORMAT_VERSION`] by its first open's (journaled) opening
 /// transaction.
 pub const OLDEST_FORMAT: u32 = 4;
@@ -189,7 +189,8 @@ pub(crate) fn touches_atomics(off: u64, len: u64) -> bool {
 
 /// The journal starts right after the header.
 pub(crate) const JOURNAL_OFF: u64 = HEADER_LEN;
-/// A journal record's fixed part: crc u32, len u32, seq u64, offset u64.
+/// A journal record's fixed part: `check u64, len u32, 0 u32, target u64`
+/// (format 7; formats 4 to 6: `crc u32, len u32, seq u64, target u64`).
 pub(crate) const RECORD_HEADER: u64 = 24;
 /// Before-images are taken in whole lines of this many bytes.
 pub(crate) const LINE: u64 = 64;

@@ -6,6 +6,17 @@
 //! set) followed by the key field and the value field: a POD value inline
 //! (padded to 8 bytes) or, for [`Bytes`], the offset of a byte-string block
 //! whose aux word is its length.
+//!
+//! A table with *control bytes* (format 7: [`CTRL_TABLE`] set in
+//! `key_kind`) starts with one byte per slot, then the slots: the control
+//! byte says whether the slot is empty (0), deleted (1) or live (the top
+//! byte of its tag, 0x80..=0xFF), and a slot whose control byte is not live
+//! holds no meaning. A probe reads the control bytes (`cap` bytes, where
+//! the slots take `cap × 24` or more) and a slot only where its byte
+//! matches the key's, and an insert writes a free slot without reading it
+//! (nor journaling it: only its control byte is). Tables without control
+//! bytes (maps of older formats) are read and written as they are until
+//! their next rebuild.
 
 use std::marker::PhantomData;
 
@@ -104,6 +115,40 @@ pub(crate) const EMPTY: u64 = 0;
 pub(crate) const DELETED: u64 = 1;
 pub(crate) const TAG_BIT: u64 = 1 << 63;
 
+/// In a map header's `key_kind`: the table starts with control bytes.
+pub(crate) const CTRL_TABLE: u32 = 1 << 16;
+/// Control bytes: an empty slot, a deleted one; a live slot's is
+/// [`ctrl_of`] its tag.
+pub(crate) const C_EMPTY: u8 = 0;
+pub(crate) const C_DELETED: u8 = 1;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: make tables as a build of format 6 or older does, without
+    /// control bytes.
+    pub(crate) static OLD_TABLES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether new tables get control bytes (always, but in tests that stand
+/// in for an older build).
+#[inline(always)]
+fn ctrl_tables() -> bool {
+    #[cfg(test)]
+    {
+        !OLD_TABLES.with(std::cell::Cell::get)
+    }
+    #[cfg(not(test))]
+    {
+        true
+    }
+}
+
+/// A live slot's control byte: its tag's top byte (0x80..=0xFF).
+#[inline(always)]
+pub(crate) fn ctrl_of(tag: u64) -> u8 {
+    (tag >> 56) as u8
+}
+
 /// A fast, stable (same in every process and run) 64-bit hash. Inlined, so
 /// that a fixed-size key's loop unrolls.
 #[inline]
@@ -136,25 +181,42 @@ pub(crate) struct Header {
     pub(crate) tombs: u64,
     pub(crate) cap: u64,
     pub(crate) table: u64,
+    /// The table starts with `cap` control bytes ([`CTRL_TABLE`]).
+    pub(crate) ctrl: bool,
 }
 
 impl Header {
-    pub(crate) fn slots(&self) -> u64 {
+    /// Where the control bytes start (a table with control bytes).
+    pub(crate) fn ctrl_at(&self) -> u64 {
         self.table + BLOCK_HEADER
+    }
+
+    /// Where the first slot starts.
+    pub(crate) fn slots(&self) -> u64 {
+        self.table + BLOCK_HEADER + if self.ctrl { self.cap } else { 0 }
     }
 
     /// The table's size in bytes (checked not to overflow when decoded).
     pub(crate) fn table_bytes<K: Item, V: Item>(&self) -> u64 {
-        self.cap * slot_size::<K, V>()
+        self.cap * slot_size::<K, V>() + if self.ctrl { self.cap } else { 0 }
     }
 
-    /// The table's bytes, `cap` slots (empty when there is no table). The
-    /// size was checked against the table block by [`header`].
+    /// The table's slots, `cap` of them (empty when there is no table).
+    /// The size was checked against the table block by [`header`].
     fn table<'m, K: Item, V: Item>(&self, mem: &'m Mem) -> Result<&'m [u8]> {
         if self.cap == 0 {
             return Ok(&[]);
         }
         mem.bytes("map table", self.slots(), self.cap * slot_size::<K, V>())
+    }
+
+    /// The table's control bytes (empty without a table or without
+    /// control bytes).
+    fn ctrl_bytes<'m>(&self, mem: &'m Mem) -> Result<&'m [u8]> {
+        if self.cap == 0 || !self.ctrl {
+            return Ok(&[]);
+        }
+        mem.bytes("map control bytes", self.ctrl_at(), self.cap)
     }
 
     /// The same map with no entries and no table.
@@ -165,7 +227,21 @@ impl Header {
             tombs: 0,
             cap: 0,
             table: 0,
+            ctrl: self.ctrl,
         }
+    }
+}
+
+/// Whether slot `i` holds an entry: by its control byte, or (a table
+/// without control bytes) by its tag. `ctrl` and `table` are a header's
+/// [`Header::ctrl_bytes`] and [`Header::table`].
+#[inline(always)]
+fn is_live(ctrl: &[u8], table: &[u8], size: usize, i: usize) -> bool {
+    if ctrl.is_empty() {
+        let t = u64::from_le_bytes(table[i * size..][..8].try_into().expect("8"));
+        t != EMPTY && t != DELETED
+    } else {
+        ctrl[i] >= 0x80
     }
 }
 
@@ -212,8 +288,13 @@ pub(crate) fn decode_header<K: Item, V: Item>(raw: &[u8; 48], at: u64) -> Result
     let word = |i: usize| u64::from_le_bytes(raw[i..i + 8].try_into().expect("8"));
     let half = |i: usize| u32::from_le_bytes(raw[i..i + 4].try_into().expect("4"));
     let (len, tombs, cap, table) = (word(0), word(8), word(16), word(24));
-    let kinds = [half(32), half(36), half(40), half(44)];
-    if kinds != [K::KIND, K::SIZE, V::KIND, V::SIZE] {
+    let ctrl = half(32) & CTRL_TABLE != 0;
+    // Compared as two words read straight from the header (an array built
+    // on the stack would be read back wide, stalling on store forwarding).
+    let flag = u64::from(CTRL_TABLE);
+    let want = |kind: u32, size: u32| u64::from(kind) | u64::from(size) << 32;
+    if word(32) & !flag != want(K::KIND, K::SIZE) || word(40) != want(V::KIND, V::SIZE) {
+        let kinds = [half(32) & !CTRL_TABLE, half(36), half(40), half(44)];
         return Err(Error::unsupported(format!(
             "the map holds (kind {}, size {}) -> (kind {}, size {}), the types asked for are \
              (kind {}, size {}) -> (kind {}, size {})",
@@ -241,7 +322,7 @@ pub(crate) fn decode_header<K: Item, V: Item>(raw: &[u8; 48], at: u64) -> Result
                 "{len} entries and {tombs} tombstones in {cap} slots"
             )));
         }
-        cap.checked_mul(slot_size::<K, V>())
+        cap.checked_mul(slot_size::<K, V>() + u64::from(ctrl))
             .ok_or_else(|| bad(format!("capacity {cap} overflows")))?;
     }
     Ok(Header {
@@ -250,12 +331,14 @@ pub(crate) fn decode_header<K: Item, V: Item>(raw: &[u8; 48], at: u64) -> Result
         tombs,
         cap,
         table,
+        ctrl,
     })
 }
 
 /// Reads the item field at byte `at` of `table` (whose first slot is at
 /// region offset `slots`): a POD item in place, or the byte string its
 /// offset names.
+#[inline(always)]
 fn item<'m, I: Item>(
     mem: &'m Mem,
     heap: (u64, u64),
@@ -284,17 +367,24 @@ enum Probe {
     Vacant(Option<u64>),
 }
 
-/// Probes for `key` (whose tag is `tag`) in `table`.
+/// Probes for `key` (whose tag is `tag`) in `table` (the slots) and
+/// `ctrl` (the control bytes, empty for a table without). Inlined, so that
+/// a loop of gets overlaps the probes' cache misses.
+#[inline(always)]
 fn find<K: Item, V: Item>(
     mem: &Mem,
     heap: (u64, u64),
     h: &Header,
+    ctrl: &[u8],
     table: &[u8],
     key: &[u8],
     tag: u64,
 ) -> Result<Probe> {
     if h.cap == 0 {
         return Ok(Probe::Vacant(None));
+    }
+    if !ctrl.is_empty() {
+        return find_ctrl::<K, V>(mem, heap, h, ctrl, table, key, tag);
     }
     let size = slot_size::<K, V>() as usize;
     let mask = h.cap - 1;
@@ -325,6 +415,49 @@ fn find<K: Item, V: Item>(
     Ok(Probe::Vacant(insert_at))
 }
 
+/// [`find`] over control bytes: a slot is read only where its control
+/// byte is the key's.
+#[inline(always)]
+fn find_ctrl<K: Item, V: Item>(
+    mem: &Mem,
+    heap: (u64, u64),
+    h: &Header,
+    ctrl: &[u8],
+    table: &[u8],
+    key: &[u8],
+    tag: u64,
+) -> Result<Probe> {
+    let size = slot_size::<K, V>() as usize;
+    let mask = h.cap - 1;
+    let want = ctrl_of(tag);
+    let mut i = tag & mask;
+    let mut insert_at = None;
+    for _ in 0..h.cap {
+        let c = ctrl[i as usize];
+        if c == C_EMPTY {
+            return Ok(Probe::Vacant(insert_at.or(Some(i))));
+        }
+        if c == C_DELETED {
+            insert_at.get_or_insert(i);
+        } else if c == want {
+            let slot = &table[i as usize * size..][..size];
+            let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
+            let same = t == tag
+                && if K::KIND == BYTES {
+                    let at = i as usize * size + 8;
+                    K::as_bytes(item::<K>(mem, heap, table, h.slots(), at)?) == key
+                } else {
+                    slot[8..8 + K::SIZE as usize] == *key
+                };
+            if same {
+                return Ok(Probe::Found(i));
+            }
+        }
+        i = (i + 1) & mask;
+    }
+    Ok(Probe::Vacant(insert_at))
+}
+
 /// A map for reading, borrowed from a [`State`]. Its header and table are
 /// validated once, when the view is made.
 #[derive(Debug)]
@@ -332,6 +465,9 @@ pub struct MapRef<'a, K, V> {
     mem: &'a Mem,
     heap: (u64, u64),
     h: Header,
+    /// The control bytes (empty for a table without).
+    ctrl: &'a [u8],
+    /// The slots.
     table: &'a [u8],
     _t: PhantomData<(K, V)>,
 }
@@ -342,6 +478,7 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
             mem,
             heap,
             h,
+            ctrl: h.ctrl_bytes(mem)?,
             table: h.table::<K, V>(mem)?,
             _t: PhantomData,
         })
@@ -364,7 +501,7 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
     pub fn get(&self, key: &K::Borrowed) -> Result<Option<&'a V::Borrowed>> {
         let kb = K::as_bytes(key);
         let tag = hash(kb) | TAG_BIT;
-        match find::<K, V>(self.mem, self.heap, &self.h, self.table, kb, tag)? {
+        match find::<K, V>(self.mem, self.heap, &self.h, self.ctrl, self.table, kb, tag)? {
             Probe::Found(i) => {
                 let at = (i * slot_size::<K, V>() + 8 + field::<K>()) as usize;
                 Ok(Some(item::<V>(
@@ -386,9 +523,9 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
 
     /// The entry in slot `i`, if the slot holds one.
     fn entry(&self, i: u64) -> Result<Option<(&'a K::Borrowed, &'a V::Borrowed)>> {
-        let at = (i * slot_size::<K, V>()) as usize;
-        let tag = u64::from_le_bytes(self.table[at..at + 8].try_into().expect("8"));
-        if tag == EMPTY || tag == DELETED {
+        let size = slot_size::<K, V>() as usize;
+        let at = i as usize * size;
+        if !is_live(self.ctrl, self.table, size, i as usize) {
             return Ok(None);
         }
         let slots = self.h.slots();
@@ -417,7 +554,20 @@ impl<'a, K: Item, V: Item> MapRef<'a, K, V> {
         for i in 0..self.h.cap {
             let at = (i * size) as usize;
             let tag = u64::from_le_bytes(self.table[at..at + 8].try_into().expect("8"));
-            match tag {
+            let state = match self.ctrl.get(i as usize) {
+                None => tag,
+                Some(&C_EMPTY) => EMPTY,
+                Some(&C_DELETED) => DELETED,
+                Some(&c) if c >= 0x80 && ctrl_of(tag) == c => tag,
+                Some(&c) => {
+                    return Err(Error::corrupt(
+                        "map control byte",
+                        self.h.ctrl_at() + i,
+                        format!("{c:#04x} is not the byte of its slot's tag {tag:#x}"),
+                    ));
+                }
+            };
+            match state {
                 EMPTY => {}
                 DELETED => dead += 1,
                 tag => {
@@ -470,7 +620,11 @@ impl<'s, R: Pod> Tx<'s, R> {
         check_item::<K>("key")?;
         check_item::<V>("value")?;
         let mut w = [0u8; 16];
-        for (i, v) in [K::KIND, K::SIZE, V::KIND, V::SIZE].into_iter().enumerate() {
+        let flag = if ctrl_tables() { CTRL_TABLE } else { 0 };
+        for (i, v) in [K::KIND | flag, K::SIZE, V::KIND, V::SIZE]
+            .into_iter()
+            .enumerate()
+        {
             w[i * 4..i * 4 + 4].copy_from_slice(&v.to_le_bytes());
         }
         self.core.op(|core| {
@@ -494,6 +648,7 @@ impl<'s, R: Pod> Tx<'s, R> {
             off,
             h: hd,
             stale: false,
+            fresh_table: (0, false),
             _t: PhantomData,
         })
     }
@@ -512,6 +667,10 @@ pub struct MapMut<'t, 's, K, V> {
     h: Header,
     /// An operation failed part way: `h` must be read again.
     stale: bool,
+    /// A table block and whether it was allocated in this transaction
+    /// (which cannot change while the transaction runs): asked once per
+    /// table, not per insert.
+    fresh_table: (u64, bool),
     _t: PhantomData<(K, V)>,
 }
 
@@ -595,7 +754,15 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         } else {
             (0, 0) // POD keys are compared in the slot: no block is read.
         };
-        find::<K, V>(mem, heap, h, h.table::<K, V>(mem)?, key, tag)
+        find::<K, V>(
+            mem,
+            heap,
+            h,
+            h.ctrl_bytes(mem)?,
+            h.table::<K, V>(mem)?,
+            key,
+            tag,
+        )
     }
 
     /// Fills `out` (an item's field in a slot, zeroed) with the item,
@@ -610,6 +777,16 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
             out[..bytes.len()].copy_from_slice(bytes);
         }
         Ok(())
+    }
+
+    /// Writes slot `i`'s control byte, journaling the aligned 8 bytes
+    /// around it (one small record then covers the neighbours' bytes too,
+    /// and is read and checked in whole words).
+    fn write_ctrl(&mut self, h: &Header, i: u64, c: u8) -> Result<()> {
+        let at = h.ctrl_at() + i;
+        self.tx.prepare(at & !7, 8)?;
+        // Journaled just now (or fresh, or journaled earlier).
+        self.tx.write_tail("map control byte", at, &[c])
     }
 
     /// Frees an item's byte string, if it has one.
@@ -633,24 +810,47 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
             h.cap
         };
         let size = slot_size::<K, V>();
-        let bytes = new_cap.checked_mul(size).ok_or(Error::TooLarge {
-            what: "map table",
-            len: u64::MAX,
-        })?;
+        // A table with control bytes: `new_cap` of them, then the slots.
+        let with_ctrl = ctrl_tables();
+        let bytes = new_cap
+            .checked_mul(size + u64::from(with_ctrl))
+            .ok_or(Error::TooLarge {
+                what: "map table",
+                len: u64::MAX,
+            })?;
         let mut table = vec![0u8; bytes as usize];
+        let ctrl_len = if with_ctrl { new_cap as usize } else { 0 };
+        let (ctrl, slots) = table.split_at_mut(ctrl_len);
         if h.cap > 0 {
-            let old = h.table::<K, V>(self.tx.mem())?;
+            let mem = self.tx.mem();
+            let (old_ctrl, old) = (h.ctrl_bytes(mem)?, h.table::<K, V>(mem)?);
             let mask = new_cap - 1;
-            for slot in old.chunks_exact(size as usize) {
-                let tag = u64::from_le_bytes(slot[..8].try_into().expect("8"));
-                if tag == EMPTY || tag == DELETED {
+            let size = size as usize;
+            for (j, slot) in old.chunks_exact(size).enumerate() {
+                if !is_live(old_ctrl, old, size, j) {
                     continue;
                 }
-                let mut i = tag & mask;
-                while table[(i * size) as usize..][..8] != [0; 8] {
-                    i = (i + 1) & mask;
+                let tag = u64::from_le_bytes(slot[..8].try_into().expect("8"));
+                if tag & TAG_BIT == 0 || old_ctrl.get(j).is_some_and(|&c| c != ctrl_of(tag)) {
+                    return Err(Error::corrupt(
+                        "map slot",
+                        h.slots() + (j * size) as u64,
+                        format!("a live slot with tag {tag:#x}"),
+                    ));
                 }
-                table[(i * size) as usize..][..size as usize].copy_from_slice(slot);
+                // Ends: at most `h.cap <= new_cap` slots are placed.
+                let mut i = (tag & mask) as usize;
+                while if with_ctrl {
+                    ctrl[i] != C_EMPTY
+                } else {
+                    slots[i * size..][..8] != [0; 8]
+                } {
+                    i = (i + 1) & mask as usize;
+                }
+                if with_ctrl {
+                    ctrl[i] = ctrl_of(tag);
+                }
+                slots[i * size..][..size].copy_from_slice(slot);
             }
         }
         let block = self.tx.alloc(Kind::MapTable, bytes, false)?;
@@ -658,9 +858,12 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         if h.table != 0 {
             self.tx.free(h.table, Kind::MapTable)?;
         }
-        let mut w = [0u8; 24];
+        // tombstones, cap, table and the key kind with the control flag.
+        let mut w = [0u8; 28];
         w[8..16].copy_from_slice(&new_cap.to_le_bytes());
         w[16..24].copy_from_slice(&block.off.to_le_bytes());
+        let flag = if with_ctrl { CTRL_TABLE } else { 0 };
+        w[24..28].copy_from_slice(&(K::KIND | flag).to_le_bytes());
         self.tx.write("map header", h.at + 8, &w)?;
         // Read back through the validation, like any header.
         Ok(Some(header::<K, V>(
@@ -719,7 +922,14 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
             ));
         };
         let at = h.slots() + i * size;
-        let reused = u64_at(self.tx.mem(), "map slot", at)? == DELETED;
+        let reused = if h.ctrl {
+            self.tx
+                .mem()
+                .bytes("map control byte", h.ctrl_at() + i, 1)?[0]
+                == C_DELETED
+        } else {
+            u64_at(self.tx.mem(), "map slot", at)? == DELETED
+        };
         let Some(tombs) = h.tombs.checked_sub(u64::from(reused)) else {
             return Err(Error::corrupt(
                 "map header",
@@ -733,7 +943,37 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         let (k_field, v_field) = slot[8..].split_at_mut(field::<K>() as usize);
         self.encode::<K>(key, k_field)?;
         self.encode::<V>(value, v_field)?;
-        self.tx.write("map slot", at, buf.bytes())?;
+        if h.ctrl && self.fresh_table.0 != h.table {
+            let fresh = self.tx.is_fresh(h.ctrl_at(), h.table_bytes::<K, V>());
+            self.fresh_table = (h.table, fresh);
+        }
+        if h.ctrl && self.fresh_table.1 {
+            // A table made in this transaction: nothing to journal.
+            self.tx.write_tail("map slot", at, buf.bytes())?;
+            self.tx
+                .write_tail("map control byte", h.ctrl_at() + i, &[ctrl_of(tag)])?;
+        } else if h.ctrl {
+            let c = h.ctrl_at() + i;
+            // A free slot means nothing to the committed state when its
+            // control byte is as committed (this transaction has not
+            // journaled it: it did not free the slot itself), so its
+            // bytes need no before-image: the slot is not even read. What
+            // needs journaling is journaled before anything is written, so
+            // that a full journal fails the insert before it changed
+            // anything.
+            let committed_free = !self.tx.may_have_written_byte(c);
+            if !committed_free {
+                self.tx.prepare(at, size)?;
+            }
+            self.write_ctrl(&h, i, ctrl_of(tag))?;
+            if committed_free {
+                self.tx.write_tail("map slot", at, buf.bytes())?;
+            } else {
+                self.tx.write("map slot", at, buf.bytes())?;
+            }
+        } else {
+            self.tx.write("map slot", at, buf.bytes())?;
+        }
         let mut w = [0u8; 16];
         w[..8].copy_from_slice(&(h.len + 1).to_le_bytes());
         w[8..].copy_from_slice(&tombs.to_le_bytes());
@@ -771,14 +1011,26 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         self.release::<V>(at + 8 + field::<K>())?;
         // A slot followed by an empty one ends every probe chain through it,
         // so it can become empty instead of a tombstone.
-        let next = h.slots() + ((i + 1) & (h.cap - 1)) * size;
-        let ends_chain = u64_at(self.tx.mem(), "map slot", next)? == EMPTY;
+        let next = (i + 1) & (h.cap - 1);
+        let ends_chain = if h.ctrl {
+            self.tx
+                .mem()
+                .bytes("map control byte", h.ctrl_at() + next, 1)?[0]
+                == C_EMPTY
+        } else {
+            u64_at(self.tx.mem(), "map slot", h.slots() + next * size)? == EMPTY
+        };
         let (mark, tombs) = if ends_chain {
             (EMPTY, h.tombs)
         } else {
             (DELETED, h.tombs + 1)
         };
-        self.tx.write_u64("map slot", at, mark)?;
+        if h.ctrl {
+            // The control byte alone: the slot's bytes then mean nothing.
+            self.write_ctrl(&h, i, mark as u8)?;
+        } else {
+            self.tx.write_u64("map slot", at, mark)?;
+        }
         let mut w = [0u8; 16];
         w[..8].copy_from_slice(&len.to_le_bytes());
         w[8..].copy_from_slice(&tombs.to_le_bytes());
@@ -798,8 +1050,16 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         if K::KIND == BYTES || V::KIND == BYTES {
             for i in 0..h.cap {
                 let at = h.slots() + i * size;
-                let tag = u64_at(self.tx.mem(), "map slot", at)?;
-                if tag != EMPTY && tag != DELETED {
+                let live = if h.ctrl {
+                    self.tx
+                        .mem()
+                        .bytes("map control byte", h.ctrl_at() + i, 1)?[0]
+                        >= 0x80
+                } else {
+                    let tag = u64_at(self.tx.mem(), "map slot", at)?;
+                    tag != EMPTY && tag != DELETED
+                };
+                if live {
                     self.release::<K>(at + 8)?;
                     self.release::<V>(at + 8 + field::<K>())?;
                 }

@@ -640,6 +640,31 @@ impl Mem {
         Ok(())
     }
 
+    /// Writes `len` bytes at `off` that `fill` produces, checked: what
+    /// [`Mem::write`] of those bytes does, without a buffer in between
+    /// (a caller that stores words from registers straight into the
+    /// region: a copy's wide loads of a buffer's narrow stores would stall
+    /// on store forwarding). `fill` gets the range, contents unspecified,
+    /// and must set every byte.
+    #[inline(always)]
+    pub(crate) fn write_with(
+        &mut self,
+        what: &'static str,
+        off: u64,
+        len: u64,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<()> {
+        #[cfg(test)]
+        if self.crash.is_some() {
+            // The crash seam sees one write of the whole range.
+            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(1 << 30)];
+            fill(&mut buf);
+            return self.write(what, off, &buf);
+        }
+        fill(self.bytes_mut(what, off, len)?);
+        Ok(())
+    }
+
     /// Copies `len` bytes from `src` to `dst` within the region, checked
     /// (the ranges may overlap).
     #[inline]

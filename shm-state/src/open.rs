@@ -183,8 +183,8 @@ pub(crate) trait OpenHooks {
     }
     /// The region is of the older format `from`: whether the opening
     /// transaction may upgrade it to [`FORMAT_VERSION`] now (a shared
-    /// open does not upgrade a format 5 region while another process,
-    /// perhaps of a format 5 build, shares it).
+    /// open does not upgrade a format 5 or 6 region while another process,
+    /// perhaps of an older build, shares it).
     fn may_upgrade(&mut self, _mem: &Mem, _from: u32) -> bool {
         true
     }

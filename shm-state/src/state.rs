@@ -3,6 +3,7 @@
 use crate::check::{Peek, peek, read_layout};
 use crate::error::{Error, Result, StoredLayout};
 use crate::format::*;
+use crate::journal::Journal;
 use crate::layout::{Layout, OldRoot, root_layout};
 use crate::lock::{Claim, LockWords};
 use crate::mem::{Backing, HeaderPage, Mem};
@@ -185,6 +186,9 @@ impl<R: Pod> State<R> {
         };
         let upgrade =
             stored_format < FORMAT_VERSION && hooks.may_upgrade(&state.core.mem, stored_format);
+        // The opening transaction writes the journal of the format it
+        // starts from (an upgrade rewrites the format inside it).
+        state.core.journal = Journal::of_format(stored_format);
         let opening = state.transaction(|tx| {
             let generation = u64_at(tx.core.mem(), "generation", DY_GENERATION)?.wrapping_add(1);
             tx.core.write_u64("generation", DY_GENERATION, generation)?;
@@ -224,6 +228,9 @@ impl<R: Pod> State<R> {
             }
         };
         hooks.opened(&state.core.mem);
+        if upgrade && format < FORMAT_VERSION {
+            state.core.journal = Journal::of_format(FORMAT_VERSION);
+        }
         state.restore_lock = None;
         state.report.generation = generation;
         if stored != expected {

@@ -367,6 +367,7 @@ mod corruption;
 mod crash;
 mod damage;
 mod fast_paths;
+mod journal;
 mod lock;
 mod migration;
 mod miri;

@@ -7,7 +7,7 @@ use std::sync::atomic::{Ordering, compiler_fence, fence};
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::journal;
+use crate::journal::{self, Journal, TxKey};
 use crate::mem::Mem;
 use crate::snapshot::Publisher;
 
@@ -117,6 +117,9 @@ impl ExactSet {
     /// ask and are not inside one.
     #[inline(always)]
     fn covers(&self, off: u64, end: u64) -> bool {
+        if self.n == 0 {
+            return false;
+        }
         let mut hit = false;
         for &(s, e) in &self.ranges {
             hit |= (s <= off) & (end <= e);
@@ -143,6 +146,9 @@ pub(crate) struct Core {
     pub publisher: Publisher,
     pub mem: Mem,
     pub journal_len: u64,
+    /// The journal transactions write: the region's format decides (see
+    /// [`Journal::of_format`]); set by the open.
+    pub journal: Journal,
     pub heap_off: u64,
     pub poisoned: bool,
     // Per-transaction bookkeeping, kept here to reuse the allocations.
@@ -165,6 +171,7 @@ impl Core {
         Core {
             mem,
             journal_len,
+            journal: Journal::Legacy,
             heap_off,
             publisher,
             poisoned: false,
@@ -238,6 +245,8 @@ fn bad_heap_top(mem: &Mem, heap_off: u64, top: u64) -> Error {
 pub(crate) struct TxCore<'a> {
     pub core: &'a mut Core,
     seq: u64,
+    /// What this transaction's journal records are bound to.
+    key: TxKey,
     pos: u64,
     start_top: u64,
     finished: bool,
@@ -292,10 +301,12 @@ impl<'a> TxCore<'a> {
         // reader in another process (a shared state's, a snapshotter) that
         // sees one of the writes sees the word open, or a later one.
         fence(Ordering::Release);
+        let pos = core.journal.first_pos();
         Ok(TxCore {
             core,
             seq,
-            pos: 0,
+            key: TxKey::new(seq),
+            pos,
             start_top,
             finished: false,
             changes: 0,
@@ -400,9 +411,10 @@ impl<'a> TxCore<'a> {
                 if exact.n < EXACT_SLOTS && !exact.near(first, last) {
                     self.pos = journal::append(
                         &mut self.core.mem,
+                        self.core.journal,
                         self.core.journal_len,
                         self.pos,
-                        self.seq,
+                        &self.key,
                         off,
                         len,
                     )?;
@@ -450,9 +462,10 @@ impl<'a> TxCore<'a> {
         let stop = (end * LINE).min(self.core.mem.len());
         self.pos = journal::append(
             &mut self.core.mem,
+            self.core.journal,
             self.core.journal_len,
             self.pos,
-            self.seq,
+            &self.key,
             from,
             stop - from,
         )?;
@@ -496,9 +509,10 @@ impl<'a> TxCore<'a> {
         }
         self.pos = journal::append(
             &mut self.core.mem,
+            self.core.journal,
             self.core.journal_len,
             self.pos,
-            self.seq,
+            &self.key,
             off,
             len,
         )?;
@@ -506,10 +520,39 @@ impl<'a> TxCore<'a> {
         Ok(())
     }
 
+    /// Whether `off..off+len` was allocated in this transaction (past the
+    /// heap top at its start, or inside a block taken from a free list):
+    /// not part of the committed state, written without journaling.
+    pub(crate) fn is_fresh(&self, off: u64, len: u64) -> bool {
+        let Some(end) = off.checked_add(len) else {
+            return false;
+        };
+        off >= self.start_top
+            || (!self.core.fresh.is_empty()
+                && self
+                    .core
+                    .fresh
+                    .range(..=off)
+                    .next_back()
+                    .is_some_and(|(_, &fresh_end)| end <= fresh_end))
+    }
+
+    /// Whether this transaction may have written the byte at `off` (or
+    /// allocated it): its line journaled whole, or the byte inside an exact
+    /// record or fresh memory. `false` means the byte is as committed.
+    pub(crate) fn may_have_written_byte(&self, off: u64) -> bool {
+        self.core.exact.covers(off, off + 1)
+            || self.core.logged.contains(off / LINE)
+            || self.is_fresh(off, 1)
+    }
+
     /// Writes bytes that are not part of the committed state without
     /// journaling them: bytes past a length field (a log chunk's `used`)
     /// that only grows within a transaction and is itself journaled, so a
-    /// rollback puts them back beyond the end again.
+    /// rollback puts them back beyond the end again; a map slot whose
+    /// control byte says, as committed, that it is free (the control byte
+    /// is journaled).
+    #[inline]
     pub(crate) fn write_tail(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         if off < self.core.heap_off {
             // Only heap bytes may skip the journal (the header's checksum
@@ -723,6 +766,7 @@ impl<'a> TxCore<'a> {
         self.finished = true;
         match journal::rollback_own(
             &mut self.core.mem,
+            self.core.journal,
             self.core.journal_len,
             self.seq,
             self.pos,

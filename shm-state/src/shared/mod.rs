@@ -335,10 +335,12 @@ impl OpenHooks for SharedOpen<'_> {
         }
     }
 
-    /// A format 5 region stays format 5 while another process shares it:
-    /// that process may be of a format 5 build, which does not know the
-    /// peer entries 64..68 or `ring_waiters` (a format 4 region has no
-    /// sharers of an older build: format 4 builds only open exclusively).
+    /// A format 5 or 6 region keeps its format while another process
+    /// shares it: that process may be of a format 5 build, which does not
+    /// know the peer entries 64..68 or `ring_waiters`, or of a format 5 or
+    /// 6 build, which reads only the journal of formats 4 to 6 (this build
+    /// writes that one there meanwhile). A format 4 region has no sharers
+    /// of an older build: format 4 builds only open exclusively.
     fn may_upgrade(&mut self, _mem: &Mem, from: u32) -> bool {
         from < 5 || self.others().is_empty()
     }

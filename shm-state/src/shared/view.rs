@@ -375,6 +375,18 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         Ok(self.byte_string(slot, 8)? == key)
     }
 
+    /// Slot `i`'s control byte (a table with control bytes).
+    fn ctrl(&self, i: u64) -> Result<u8> {
+        let mut c = [0u8; 1];
+        read_into(
+            &self.region,
+            "map control byte",
+            self.h.ctrl_at() + i,
+            &mut c,
+        )?;
+        Ok(c[0])
+    }
+
     /// Slot `i`, copied into `slot`.
     fn slot(&self, i: u64, slot: &mut [u8]) -> Result<()> {
         let at = self.h.slots() + i * slot.len() as u64;
@@ -402,9 +414,19 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         let mut i = tag & mask;
         // At most one pass over the table, however the slots change.
         for _ in 0..self.h.cap {
+            if self.h.ctrl {
+                match self.ctrl(i)? {
+                    map::C_EMPTY => return Ok(None),
+                    c if c != map::ctrl_of(tag) => {
+                        i = (i + 1) & mask;
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
             self.slot(i, slot)?;
             let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
-            if t == EMPTY {
+            if t == EMPTY && !self.h.ctrl {
                 return Ok(None);
             }
             if t == tag && self.same_key(slot, kb)? {
@@ -430,10 +452,17 @@ impl<K: Item, V: Item> MapView<'_, K, V> {
         let bound = self.heap.1 - self.heap.0;
         let mut copied = 0u64;
         for i in 0..self.h.cap {
-            self.slot(i, &mut slot)?;
-            let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
-            if t == EMPTY || t == DELETED {
-                continue;
+            if self.h.ctrl {
+                if self.ctrl(i)? < 0x80 {
+                    continue;
+                }
+                self.slot(i, &mut slot)?;
+            } else {
+                self.slot(i, &mut slot)?;
+                let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
+                if t == EMPTY || t == DELETED {
+                    continue;
+                }
             }
             let k = self.item::<K>(&slot, 8)?;
             let v = self.item::<V>(&slot, 8 + field::<K>() as usize)?;

@@ -126,8 +126,9 @@ fn a_map_slot_cannot_free_a_block_of_another_kind() {
     let (cap, table) = (get_u64(&img, hdr + 16), get_u64(&img, hdr + 24));
     let mut bad = img.clone();
     for i in 0..cap {
-        let at = table + 16 + i * 24;
-        if get_u64(&img, at) > 1 {
+        // A table with control bytes: `cap` of them before the slots.
+        let at = table + 16 + cap + i * 24;
+        if img[(table + 16 + i) as usize] >= 0x80 {
             put_u64(&mut bad, at + 16, root_block); // the value names the root
         }
     }

@@ -124,7 +124,7 @@ fn one_flipped_header_bit_never_half_recovers_an_interrupted_transaction() {
 }
 
 /// Bit flips in the journal of an interrupted transaction: in a record, its
-/// header or the terminator. Each opens to the state before the
+/// header or the journal's claim. Each opens to the state before the
 /// transaction or is refused: a damaged record in the middle (or the last
 /// one, followed by its terminator) used to end the scan early, rolling
 /// back only the records before it.
@@ -138,7 +138,7 @@ fn one_flipped_journal_bit_never_half_recovers_an_interrupted_transaction() {
     let (records, end) = crate::journal::scan(&mem, 16 << 10, seq).unwrap();
     assert!(records.len() >= 5, "{} records", records.len());
     let journal = crate::format::JOURNAL_OFF as usize;
-    let used = journal + end as usize + crate::format::RECORD_HEADER as usize;
+    let used = journal + end as usize;
     let mut rng = Rng(0x1234_5678_9abc_def1);
     let (mut opened, mut refused) = (0, 0);
     for byte in journal..used {
@@ -151,7 +151,8 @@ fn one_flipped_journal_bit_never_half_recovers_an_interrupted_transaction() {
     }
     // The first record's data (a before-image) damaged: refused, since
     // intact records follow.
-    let first_data = journal + crate::format::RECORD_HEADER as usize;
+    let first_data =
+        journal + (crate::journal::JOURNAL_HEAD + crate::format::RECORD_HEADER) as usize;
     assert!(!opens_right_or_refuses(&img, first_data, 0, &before));
     eprintln!("interrupted journal: {opened} flips opened to the state before, {refused} refused");
     assert!(
@@ -165,7 +166,9 @@ fn one_flipped_journal_bit_never_half_recovers_an_interrupted_transaction() {
 fn a_damaged_commit_word_or_journal_is_refused_and_left_untouched() {
     let (committed, _) = committed();
     let (interrupted, _) = interrupted();
-    let first_data = (crate::format::JOURNAL_OFF + crate::format::RECORD_HEADER) as usize;
+    let first_data = (crate::format::JOURNAL_OFF
+        + crate::journal::JOURNAL_HEAD
+        + crate::format::RECORD_HEADER) as usize;
     for (name, img, byte) in [
         ("commit word bit 0", committed, 0xC0),
         ("first record's data", interrupted, first_data),

@@ -186,9 +186,8 @@ fn regions_of_formats_1_to_3_are_refused_and_left_untouched() {
 }
 
 #[test]
-fn regions_of_formats_4_and_5_are_upgraded_by_their_first_open_and_a_crash_rolls_the_upgrade_back()
-{
-    for from in [4u32, 5] {
+fn regions_of_formats_4_to_6_are_upgraded_by_their_first_open_and_a_crash_rolls_the_upgrade_back() {
+    for from in [4u32, 5, 6] {
         upgrade_from(from);
     }
 }
