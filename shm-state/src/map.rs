@@ -25,6 +25,7 @@ use bytemuck::Pod;
 use crate::error::{Error, Result};
 use crate::format::{BLOCK_HEADER, Block, Kind, MAP_HEADER, u64_at};
 use crate::handle::StateMap;
+use crate::journal::Journal;
 use crate::mem::Mem;
 use crate::state::{State, Tx};
 use crate::tx::TxCore;
@@ -129,18 +130,17 @@ thread_local! {
     pub(crate) static OLD_TABLES: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Whether new tables get control bytes (always, but in tests that stand
-/// in for an older build).
+/// Whether new tables get control bytes: in a region at format 7 (one
+/// kept at an older format, because a peer of an older build shares it,
+/// gets the tables that build reads), and not in tests that stand in for
+/// an older build.
 #[inline(always)]
-fn ctrl_tables() -> bool {
+fn ctrl_tables(journal: Journal) -> bool {
     #[cfg(test)]
-    {
-        !OLD_TABLES.with(std::cell::Cell::get)
+    if OLD_TABLES.with(std::cell::Cell::get) {
+        return false;
     }
-    #[cfg(not(test))]
-    {
-        true
-    }
+    journal == Journal::Claimed
 }
 
 /// A live slot's control byte: its tag's top byte (0x80..=0xFF).
@@ -620,7 +620,11 @@ impl<'s, R: Pod> Tx<'s, R> {
         check_item::<K>("key")?;
         check_item::<V>("value")?;
         let mut w = [0u8; 16];
-        let flag = if ctrl_tables() { CTRL_TABLE } else { 0 };
+        let flag = if ctrl_tables(self.core.core.journal) {
+            CTRL_TABLE
+        } else {
+            0
+        };
         for (i, v) in [K::KIND | flag, K::SIZE, V::KIND, V::SIZE]
             .into_iter()
             .enumerate()
@@ -811,7 +815,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         };
         let size = slot_size::<K, V>();
         // A table with control bytes: `new_cap` of them, then the slots.
-        let with_ctrl = ctrl_tables();
+        let with_ctrl = ctrl_tables(self.tx.core.journal);
         let bytes = new_cap
             .checked_mul(size + u64::from(with_ctrl))
             .ok_or(Error::TooLarge {

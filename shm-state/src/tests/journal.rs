@@ -325,6 +325,35 @@ fn a_region_kept_at_format_6_is_written_with_the_old_journal() {
     assert!(points > 10, "{points} crash points");
 }
 
+#[test]
+fn a_region_kept_at_format_6_gets_the_tables_format_6_reads() {
+    // Review finding: a region kept at format 6 (a peer of that build
+    // shares it) got control-byte tables for maps made or grown there,
+    // which the format 6 build refuses.
+    let mut s = open_keeping_format(with_format(populated(), 6));
+    assert_eq!(s.core.journal, Journal::Legacy);
+    let r = *s.root().unwrap();
+    let made = s
+        .transaction(|tx| {
+            let m = tx.new_map::<u64, u64>()?;
+            for k in 0..200u64 {
+                tx.map(m)?.insert(&k, &k)?;
+                // The root's map grows (a rebuild) too.
+                tx.map(r.map)?.insert(&(10_000 + k), &k)?;
+            }
+            Ok::<_, Error>(m)
+        })
+        .unwrap();
+    for (what, off) in [("new map", made.offset()), ("grown map", r.map.offset())] {
+        assert_eq!(
+            key_kind(&s, off) & crate::map::CTRL_TABLE,
+            0,
+            "{what}: a control-byte table in a format 6 region"
+        );
+    }
+    assert_eq!(format_of(&s.image()), 6);
+}
+
 /// A map's `key_kind` word as stored (the control-table flag in bit 16).
 fn key_kind(s: &State<Root>, map: u64) -> u32 {
     let img = s.image();
