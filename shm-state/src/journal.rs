@@ -171,10 +171,21 @@ pub(crate) fn record_size(len: u64) -> u64 {
 /// half breaks it, and a claim left by another transaction passes with a
 /// chance of 2^-32.
 #[inline(always)]
-fn claim(key: &TxKey, pos: u64) -> u64 {
+pub(crate) fn claim(key: &TxKey, pos: u64) -> u64 {
     let pos = pos as u32;
     let check = pos ^ key.claim_mask;
     u64::from(pos) | (u64::from(check) << 32)
+}
+
+/// Stores the claim of nothing (position [`JOURNAL_HEAD`]) of the
+/// transaction `key` in the head: done before the transaction's open word,
+/// so that while it runs the head never holds a claim an earlier
+/// transaction left, whose check could match this one's (one time in
+/// 2^32) and make a transaction interrupted before its first claim look
+/// damaged.
+#[inline(always)]
+pub(crate) fn claim_nothing(mem: &mut Mem, key: &TxKey) -> Result<()> {
+    mem.store_word(JOURNAL_OFF, claim(key, JOURNAL_HEAD))
 }
 
 /// The position a claim word names, if it is the transaction's.

@@ -295,7 +295,13 @@ impl<'a> TxCore<'a> {
         } else {
             core.pending_set.clear();
         }
+        let key = TxKey::new(seq);
         core.publisher.begin_update();
+        if core.journal == Journal::Claimed {
+            // Before the open word: while this transaction is open, the
+            // head's claim is its own (docs/state-format.md, *Journal*).
+            journal::claim_nothing(&mut core.mem, &key)?;
+        }
         core.mem.store_word(TX_WORD, tx_word(seq, true))?;
         // The open word is visible before any write of the transaction: a
         // reader in another process (a shared state's, a snapshotter) that
@@ -305,7 +311,7 @@ impl<'a> TxCore<'a> {
         Ok(TxCore {
             core,
             seq,
-            key: TxKey::new(seq),
+            key,
             pos,
             start_top,
             finished: false,

@@ -248,9 +248,10 @@ fn no_stale_record_of_an_earlier_transaction_is_rolled_back() {
             .unwrap();
     }
     let before = dump(&s).unwrap();
-    // The first write is the open commit word's store (whole).
+    // The second write is the open commit word's store (whole), after the
+    // head's claim of nothing.
     s.core.mem.crash = Some(CrashPlan {
-        countdown: 0,
+        countdown: 1,
         torn_prefix: 8,
         image: None,
     });
@@ -443,4 +444,52 @@ fn a_slot_freed_and_taken_again_in_one_transaction_is_journaled() {
             Ok(())
         },
     );
+}
+
+#[test]
+fn a_claim_an_earlier_transaction_left_is_never_read_as_the_next_one_s() {
+    // Review finding: the head's claim carries a 32-bit check of its
+    // transaction's sequence number, and the head kept the last claim
+    // between transactions. A leftover claim whose check matched the next
+    // transaction's (one pair in 2^32) made a crash of that transaction
+    // before its first claim look damaged: the open was refused. Each
+    // transaction now claims nothing in the head before its open word.
+    // Here the leftover matches by construction.
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| tx.map(r.map)?.insert(&1, &1).map(|_| ()))
+        .unwrap();
+    let base = s.close().unwrap().into_heap().unwrap();
+    let (mut before, mut after, mut points) = (None, None, 0);
+    for n in 0.. {
+        let mut s = open(base.clone()).unwrap();
+        before.get_or_insert_with(|| dump(&s).unwrap());
+        let img = s.image();
+        let (last, open_now) =
+            read_tx_word(u64::from_le_bytes(img[0xC0..0xC8].try_into().unwrap())).unwrap();
+        assert!(!open_now);
+        // As if an earlier transaction had claimed records up to 4096 and
+        // its check matched the next one's.
+        let leftover = journal::claim(&journal::TxKey::new(last + 1), 4096);
+        s.core.mem.store_word(JOURNAL_OFF, leftover).unwrap();
+        s.core.mem.crash = Some(CrashPlan {
+            countdown: n,
+            torn_prefix: 8,
+            image: None,
+        });
+        s.transaction(|tx| tx.map(r.map)?.insert(&2, &2).map(|_| ()))
+            .unwrap();
+        let image = s.core.mem.crash.take().unwrap().image;
+        after.get_or_insert_with(|| dump(&s).unwrap());
+        drop(s);
+        let Some(image) = image else { break };
+        points += 1;
+        let s = open(image).unwrap_or_else(|e| panic!("crash at write {n}: refused: {e}"));
+        let got = dump(&s).unwrap();
+        assert!(
+            Some(&got) == before.as_ref() || Some(&got) == after.as_ref(),
+            "crash at write {n}"
+        );
+    }
+    assert!(points > 3, "{points} crash points");
 }
