@@ -409,6 +409,43 @@ impl From<shm_state::Error> for Abort {
     }
 }
 
+/// The memfd's first page (the protocol header, with the dirty map),
+/// mapped.
+fn header_page(memfd: &std::fs::File) -> memmap2::MmapRaw {
+    memmap2::MmapOptions::new()
+        .len(shm_snapshot::HEADER_LEN)
+        .map_raw(memfd)
+        .unwrap()
+}
+
+/// Checks that every byte that differs between `before` and `after` (the
+/// memfd's bytes; `after` may be longer) past `ALWAYS_READ` lies in a cell
+/// `marks` holds, naming `what` on failure; returns how many differ there.
+fn changed_bytes_all_marked(
+    before: &[u8],
+    after: &[u8],
+    marks: &shm_snapshot::DirtyCells,
+    what: impl Fn() -> String,
+) -> u64 {
+    let mut changed = 0;
+    for (at, (&a, &b)) in after
+        .iter()
+        .zip(before.iter().chain(std::iter::repeat(&0)))
+        .enumerate()
+    {
+        let at = at as u64;
+        if a != b && at >= shm_snapshot::ALWAYS_READ {
+            assert!(
+                marks.any(at, 1),
+                "{}: byte {at:#x} changed ({b:#04x} -> {a:#04x}) in a cell the map did not mark",
+                what()
+            );
+            changed += 1;
+        }
+    }
+    changed
+}
+
 /// The memfd's bytes, whole.
 fn bytes_of(memfd: &std::fs::File) -> Vec<u8> {
     let len = memfd.metadata().unwrap().len() as usize;
@@ -459,10 +496,7 @@ fn every_write_of_a_shm_state_program_past_the_first_cells_is_marked() {
             Ok::<_, shm_state::Error>(())
         })
         .unwrap();
-    let page_map = memmap2::MmapOptions::new()
-        .len(shm_snapshot::HEADER_LEN)
-        .map_raw(&memfd)
-        .unwrap();
+    let page_map = header_page(&memfd);
     let page = shm_snapshot::Region::try_from_mmap(&page_map).unwrap();
     let mut rng = shm_fd_tests::Rng::seeded("DIRTY_MARKS_SEED", "dirty_marks");
     let (mut checked, mut changed_cells) = (0u64, 0u64);
@@ -544,22 +578,9 @@ fn every_write_of_a_shm_state_program_past_the_first_cells_is_marked() {
             .unwrap();
         }
         let marks = shm_snapshot::take_dirty(page).expect("the map is on");
-        let after = bytes_of(&memfd);
-        for (at, (&a, b)) in after
-            .iter()
-            .zip(before.iter().chain(std::iter::repeat(&0)))
-            .enumerate()
-        {
-            let at = at as u64;
-            if a != *b && at >= shm_snapshot::ALWAYS_READ {
-                assert!(
-                    marks.any(at, 1),
-                    "round {round} (operation {what}): byte {at:#x} changed ({b:#04x} -> \
-                     {a:#04x}) in a cell the map did not mark"
-                );
-                checked += 1;
-            }
-        }
+        checked += changed_bytes_all_marked(&before, &bytes_of(&memfd), &marks, || {
+            format!("round {round} (operation {what})")
+        });
         changed_cells += marks.count();
     }
     assert!(checked > 10_000, "{checked} changed bytes checked");
@@ -669,10 +690,7 @@ fn a_killed_writer_and_the_rollback_after_it_mark_what_they_write() {
             })
             .unwrap();
     }
-    let page_map = memmap2::MmapOptions::new()
-        .len(shm_snapshot::HEADER_LEN)
-        .map_raw(&memfd)
-        .unwrap();
+    let page_map = header_page(&memfd);
     let page = shm_snapshot::Region::try_from_mmap(&page_map).unwrap();
     let mut rng = shm_fd_tests::Rng::seeded("DIRTY_KILLED_SEED", "dirty_killed");
     let (mut checked, mut rolled_back) = (0u64, 0usize);
@@ -696,22 +714,9 @@ fn a_killed_writer_and_the_rollback_after_it_mark_what_they_write() {
         }
         drop(state);
         let marks = shm_snapshot::take_dirty(page).expect("the map is on");
-        let after = bytes_of(&memfd);
-        for (at, (&a, b)) in after
-            .iter()
-            .zip(before.iter().chain(std::iter::repeat(&0)))
-            .enumerate()
-        {
-            let at = at as u64;
-            if a != *b && at >= shm_snapshot::ALWAYS_READ {
-                assert!(
-                    marks.any(at, 1),
-                    "round {round}: byte {at:#x} changed ({b:#04x} -> {a:#04x}) in a cell the \
-                     map did not mark"
-                );
-                checked += 1;
-            }
-        }
+        checked += changed_bytes_all_marked(&before, &bytes_of(&memfd), &marks, || {
+            format!("round {round}")
+        });
     }
     eprintln!("dirty_killed: {checked} changed bytes checked, {rolled_back} rollbacks");
     assert!(checked > 10_000, "{checked} changed bytes checked");
