@@ -400,19 +400,33 @@ fn find<K: Item, V: Item>(
             insert_at.get_or_insert(i);
         } else if t == tag {
             // Hash and key share the slot (and usually its cache line).
-            let same = if K::KIND == BYTES {
-                let at = i as usize * size + 8;
-                K::as_bytes(item::<K>(mem, heap, table, h.slots(), at)?) == key
-            } else {
-                slot[8..8 + K::SIZE as usize] == *key
-            };
-            if same {
+            if slot_holds::<K>(mem, heap, h, table, slot, i, key)? {
                 return Ok(Probe::Found(i));
             }
         }
         i = (i + 1) & mask;
     }
     Ok(Probe::Vacant(insert_at))
+}
+
+/// Whether slot `i` (its bytes `slot`, its tag already matched) holds
+/// `key`: the key's bytes in the slot, or a byte string's in its block.
+#[inline(always)]
+fn slot_holds<K: Item>(
+    mem: &Mem,
+    heap: (u64, u64),
+    h: &Header,
+    table: &[u8],
+    slot: &[u8],
+    i: u64,
+    key: &[u8],
+) -> Result<bool> {
+    Ok(if K::KIND == BYTES {
+        let at = i as usize * slot.len() + 8;
+        K::as_bytes(item::<K>(mem, heap, table, h.slots(), at)?) == key
+    } else {
+        slot[8..8 + K::SIZE as usize] == *key
+    })
 }
 
 /// [`find`] over control bytes: a slot is read only where its control
@@ -442,14 +456,7 @@ fn find_ctrl<K: Item, V: Item>(
         } else if c == want {
             let slot = &table[i as usize * size..][..size];
             let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
-            let same = t == tag
-                && if K::KIND == BYTES {
-                    let at = i as usize * size + 8;
-                    K::as_bytes(item::<K>(mem, heap, table, h.slots(), at)?) == key
-                } else {
-                    slot[8..8 + K::SIZE as usize] == *key
-                };
-            if same {
+            if t == tag && slot_holds::<K>(mem, heap, h, table, slot, i, key)? {
                 return Ok(Probe::Found(i));
             }
         }

@@ -415,15 +415,7 @@ impl<'a> TxCore<'a> {
                     return Ok(());
                 }
                 if exact.n < EXACT_SLOTS && !exact.near(first, last) {
-                    self.pos = journal::append(
-                        &mut self.core.mem,
-                        self.core.journal,
-                        self.core.journal_len,
-                        self.pos,
-                        &self.key,
-                        off,
-                        len,
-                    )?;
+                    self.append_record(off, len)?;
                     // Marked once the before-image is in, as below.
                     let exact = &mut self.core.exact;
                     exact.ranges[exact.n] = (off, end);
@@ -462,19 +454,27 @@ impl<'a> TxCore<'a> {
         Ok(())
     }
 
-    /// Journals the lines `start..end` (none journaled yet) as one record.
-    fn journal_lines(&mut self, start: u64, end: u64) -> Result<()> {
-        let from = start * LINE;
-        let stop = (end * LINE).min(self.core.mem.len());
+    /// Appends the before-image of `off..off+len` to this transaction's
+    /// journal as one record ([`journal::append`]), moving the position on.
+    #[inline(always)]
+    fn append_record(&mut self, off: u64, len: u64) -> Result<()> {
         self.pos = journal::append(
             &mut self.core.mem,
             self.core.journal,
             self.core.journal_len,
             self.pos,
             &self.key,
-            from,
-            stop - from,
+            off,
+            len,
         )?;
+        Ok(())
+    }
+
+    /// Journals the lines `start..end` (none journaled yet) as one record.
+    fn journal_lines(&mut self, start: u64, end: u64) -> Result<()> {
+        let from = start * LINE;
+        let stop = (end * LINE).min(self.core.mem.len());
+        self.append_record(from, stop - from)?;
         // Marked only once their before-image is in: a failed append (a
         // full journal) leaves them unjournaled, and a later write in this
         // transaction journals them then.
@@ -513,15 +513,7 @@ impl<'a> TxCore<'a> {
         if (off / LINE..=(end - 1) / LINE).all(|line| self.core.logged.contains(line)) {
             return Ok(());
         }
-        self.pos = journal::append(
-            &mut self.core.mem,
-            self.core.journal,
-            self.core.journal_len,
-            self.pos,
-            &self.key,
-            off,
-            len,
-        )?;
+        self.append_record(off, len)?;
         compiler_fence(Ordering::SeqCst);
         Ok(())
     }

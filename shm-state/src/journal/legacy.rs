@@ -18,9 +18,9 @@
 //! (its range untouched) from a complete record damaged later (its range
 //! possibly written): see [`append`] and [`recovery_records`].
 
-use super::{Record, apply_rollback};
+use super::{Record, apply_rollback, check_target};
 use crate::error::{Error, Result};
-use crate::format::{JOURNAL_OFF, RECORD_HEADER, touches_atomics};
+use crate::format::{JOURNAL_OFF, RECORD_HEADER};
 use crate::mem::Mem;
 
 /// The `crc` field of an end marker, which has no CRC: its `claim` word
@@ -168,23 +168,7 @@ fn entry_at(mem: &Mem, journal_len: u64, seq: u64, pos: u64) -> Result<Entry> {
         return Ok(Entry::Other);
     }
     let data = at + RECORD_HEADER;
-    let Some(end) = target.checked_add(len).filter(|&e| e <= mem.len()) else {
-        return Err(Error::corrupt(
-            "journal record",
-            at,
-            format!("before-image of {len} bytes for offset {target:#x} runs past the region"),
-        ));
-    };
-    let overlaps = |start: u64, stop: u64| target < stop && end > start;
-    if touches_atomics(target, end - target) || overlaps(JOURNAL_OFF, JOURNAL_OFF + journal_len) {
-        return Err(Error::corrupt(
-            "journal record",
-            at,
-            format!(
-                "before-image for offset {target:#x} overlaps the commit/lock words, the shared line, the peer table or the journal"
-            ),
-        ));
-    }
+    check_target(mem, journal_len, at, target, len)?;
     Ok(Entry::Record(Record { target, len, data }))
 }
 
