@@ -1169,19 +1169,49 @@ fn progress(pid: i32) -> Progress {
 mod tests {
     use super::*;
 
+    /// A command started in a process group of its own (the group a
+    /// capture stops), killed with its group and reaped when dropped, also
+    /// when a test fails part way.
+    struct Group(std::process::Child);
+
+    impl Group {
+        fn spawn(cmd: &mut std::process::Command) -> Group {
+            use std::os::unix::process::CommandExt;
+            Group(cmd.process_group(0).spawn().unwrap())
+        }
+
+        /// `sleep 30`, a program that never writes.
+        fn sleeper() -> Group {
+            Group::spawn(std::process::Command::new("sleep").arg("30"))
+        }
+
+        fn pgid(&self) -> i32 {
+            self.0.id() as i32
+        }
+
+        /// Kills the group (SIGKILL) and reaps the leader.
+        fn kill(&mut self) {
+            let _ = killpg(Pid::from_raw(self.pgid()), Signal::SIGKILL);
+            let _ = self.0.wait();
+        }
+    }
+
+    impl Drop for Group {
+        fn drop(&mut self) {
+            self.kill();
+        }
+    }
+
     #[test]
     fn a_group_caught_inside_vfork_is_stopped_too() {
-        use std::os::unix::process::CommandExt;
         // The shell starts each `true` with vfork: a SIGSTOP can land on the
         // child before its exec, leaving the parent in uninterruptible
         // sleep ("D") until the child goes on, which it cannot while
         // stopped.
-        let mut child = std::process::Command::new("sh")
-            .args(["-c", "while :; do /bin/true; done"])
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pgid = child.id() as i32;
+        let mut group = Group::spawn(
+            std::process::Command::new("sh").args(["-c", "while :; do /bin/true; done"]),
+        );
+        let pgid = group.pgid();
         let memfd = shm_fd::SharedFd::create("cap-vfork", Default::default())
             .unwrap()
             .into_file();
@@ -1193,8 +1223,7 @@ mod tests {
                 failed.push(e.to_string());
             }
         }
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        child.wait().unwrap();
+        group.kill();
         assert!(
             failed.is_empty(),
             "{} of {rounds}: {failed:?}",
@@ -1205,13 +1234,8 @@ mod tests {
     #[test]
     fn protocol_capture_of_a_memfd_it_cannot_map_safely_is_plain_and_says_so_once() {
         use std::os::unix::fs::FileExt;
-        use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pgid = child.id() as i32;
+        let mut group = Group::sleeper();
+        let pgid = group.pgid();
         let unsealed = shm_fd::SharedFd::create(
             "cap-unsealed",
             shm_fd::CreateOptions {
@@ -1240,8 +1264,7 @@ mod tests {
         }
         assert_eq!(firsts, [true, false]);
         assert!(!capture.detects_unchanged());
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        child.wait().unwrap();
+        group.kill();
         // The group is gone: the memfd is read directly, as after the exit.
         assert!(matches!(
             capture.capture(&unsealed).unwrap(),
@@ -1282,13 +1305,8 @@ mod tests {
 
     #[test]
     fn a_hole_written_between_the_extent_search_and_the_stop_is_copied() {
-        use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pgid = child.id() as i32;
+        let mut group = Group::sleeper();
+        let pgid = group.pgid();
         let memfd = fragmented_memfd("cap-hole-filled");
         let mut capture = StopGroup::new(pgid, Duration::from_secs(5));
         // The write lands after the search (made before the stop) and
@@ -1299,8 +1317,7 @@ mod tests {
                 write_after_the_search(&memfd);
             })
             .unwrap();
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        child.wait().unwrap();
+        group.kill();
         let Captured::Copied { image, .. } = got else {
             panic!("{got:?}")
         };
@@ -1320,13 +1337,8 @@ mod tests {
         use crate::save::{SaveOptions, Saver};
         use crate::storage::DirStorage;
         use std::ffi::OsStr;
-        use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        let pgid = child.id() as i32;
+        let mut group = Group::sleeper();
+        let pgid = group.pgid();
         let memfd = fragmented_memfd("cap-changes");
         // Pages 4..40 hold data too, so the changes are a small part.
         for p in 4u64..40 {
@@ -1386,8 +1398,7 @@ mod tests {
         let stale = capture.capture_changes(&memfd, &basis).unwrap();
         let e = saver.save_captured(&stale, &memfd, 3).unwrap_err();
         assert!(e.to_string().contains("generation 1"), "{e}");
-        let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
-        child.wait().unwrap();
+        group.kill();
         assert!(matches!(
             capture.capture_changes(&memfd, &basis).unwrap(),
             Captured::Quiescent
