@@ -1129,14 +1129,9 @@ impl<S: Storage> Saver<S> {
                 len += cells[j].1 as usize;
                 j += 1;
             }
-            let first = cells[i].0;
-            let adjacent = cells[i..j]
-                .windows(2)
-                .all(|w| w[0].0 + u64::from(w[0].1) == w[1].0);
-            let direct = dense
-                .as_ref()
-                .filter(|_| adjacent)
-                .and_then(|d| d.slice(first, len as u64));
+            // From an image the run is adjacent cells (above): one slice
+            // when no hole lies among them.
+            let direct = dense.as_ref().and_then(|d| d.slice(cells[i].0, len as u64));
             let bytes: &[u8] = match direct {
                 Some(slice) => slice,
                 None => {
