@@ -362,9 +362,10 @@ fn item<'m, I: Item>(
 enum Probe {
     /// The key is in this slot.
     Found(u64),
-    /// The key is absent; it would go in this slot (none: the table has
-    /// no free slot, which only a damaged header allows).
-    Vacant(Option<u64>),
+    /// The key is absent; it would go in this slot, with whether the slot
+    /// holds a tombstone (none: the table has no free slot, which only a
+    /// damaged header allows).
+    Vacant(Option<(u64, bool)>),
 }
 
 /// Probes for `key` (whose tag is `tag`) in `table` (the slots) and
@@ -394,10 +395,10 @@ fn find<K: Item, V: Item>(
         let slot = &table[i as usize * size..][..size];
         let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
         if t == EMPTY {
-            return Ok(Probe::Vacant(insert_at.or(Some(i))));
+            return Ok(Probe::Vacant(insert_at.or(Some((i, false)))));
         }
         if t == DELETED {
-            insert_at.get_or_insert(i);
+            insert_at.get_or_insert((i, true));
         } else if t == tag {
             // Hash and key share the slot (and usually its cache line).
             if slot_holds::<K>(mem, heap, h, table, slot, i, key)? {
@@ -449,10 +450,10 @@ fn find_ctrl<K: Item, V: Item>(
     for _ in 0..h.cap {
         let c = ctrl[i as usize];
         if c == C_EMPTY {
-            return Ok(Probe::Vacant(insert_at.or(Some(i))));
+            return Ok(Probe::Vacant(insert_at.or(Some((i, false)))));
         }
         if c == C_DELETED {
-            insert_at.get_or_insert(i);
+            insert_at.get_or_insert((i, true));
         } else if c == want {
             let slot = &table[i as usize * size..][..size];
             let t = u64::from_le_bytes(slot[..8].try_into().expect("8"));
@@ -693,6 +694,7 @@ struct SlotBuf {
 }
 
 impl SlotBuf {
+    #[inline(always)]
     fn new(len: usize) -> SlotBuf {
         SlotBuf {
             stack: [0; 128],
@@ -701,6 +703,7 @@ impl SlotBuf {
         }
     }
 
+    #[inline(always)]
     fn bytes(&mut self) -> &mut [u8] {
         if self.len > 128 {
             &mut self.heap
@@ -925,7 +928,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
                 }
             }
         };
-        let Some(i) = vacant else {
+        let Some((i, reused)) = vacant else {
             return Err(Error::corrupt(
                 "map table",
                 h.at,
@@ -933,14 +936,6 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
             ));
         };
         let at = h.slots() + i * size;
-        let reused = if h.ctrl {
-            self.tx
-                .mem()
-                .bytes("map control byte", h.ctrl_at() + i, 1)?[0]
-                == C_DELETED
-        } else {
-            u64_at(self.tx.mem(), "map slot", at)? == DELETED
-        };
         let Some(tombs) = h.tombs.checked_sub(u64::from(reused)) else {
             return Err(Error::corrupt(
                 "map header",

@@ -241,6 +241,38 @@ unsafe impl Send for Dirty {}
 // SAFETY: as above; `&Dirty` allows only atomic operations on the words.
 unsafe impl Sync for Dirty {}
 
+impl Dirty {
+    /// Marks the memfd bytes `at..at+len` (`len > 0`) in the map; cells
+    /// past the map are not marked (a snapshotter reads them).
+    #[inline(never)]
+    fn mark(&self, at: u64, len: u64) {
+        // The cells as the map says now: another process sharing the state
+        // may have enabled it again with larger ones (it grew the region),
+        // or a program that does not mark may have turned it off.
+        // SAFETY: `control` points into `_page`, kept mapped with `self`;
+        // reached only atomically.
+        let control = unsafe { &*self.control }.load(std::sync::atomic::Ordering::Relaxed);
+        let Some(shift) = shm_snapshot::control_shift(u64::from_le(control)) else {
+            return;
+        };
+        let last = (at.saturating_add(len - 1) >> shift).min(shm_snapshot::DIRTY_CELLS - 1);
+        let mut cell = at >> shift;
+        while cell <= last {
+            // SAFETY: `cell < DIRTY_CELLS`, so word `cell / 64` is inside the
+            // map, which `_page` keeps mapped; other processes change these
+            // words too, and this one reaches them only atomically.
+            let word = unsafe { &*self.words.add((cell / 64) as usize) };
+            let bit = 1u64 << (cell % 64);
+            if word.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
+                // Acquire: no later store of this thread (the write being
+                // marked) becomes visible before the bit.
+                word.fetch_or(bit, std::sync::atomic::Ordering::Acquire);
+            }
+            cell += 1;
+        }
+    }
+}
+
 /// Rounds `len` up to whole lines.
 fn lines_for(len: usize) -> usize {
     len.div_ceil(64)
@@ -431,36 +463,12 @@ impl Mem {
     /// snapshotter reads them).
     #[inline(always)]
     fn mark(&self, off: u64, len: u64) {
-        let Some(d) = &self.dirty else {
-            return;
-        };
-        if len == 0 {
-            return;
-        }
-        let at = self.base as u64 + off;
-        // The cells as the map says now: another process sharing the state
-        // may have enabled it again with larger ones (it grew the region),
-        // or a program that does not mark may have turned it off.
-        // SAFETY: `control` points into `_page`, kept mapped with `d`;
-        // reached only atomically.
-        let control = unsafe { &*d.control }.load(std::sync::atomic::Ordering::Relaxed);
-        let Some(shift) = shm_snapshot::control_shift(u64::from_le(control)) else {
-            return;
-        };
-        let last = (at.saturating_add(len - 1) >> shift).min(shm_snapshot::DIRTY_CELLS - 1);
-        let mut cell = at >> shift;
-        while cell <= last {
-            // SAFETY: `cell < DIRTY_CELLS`, so word `cell / 64` is inside the
-            // map, which `_page` keeps mapped; other processes change these
-            // words too, and this one reaches them only atomically.
-            let word = unsafe { &*d.words.add((cell / 64) as usize) };
-            let bit = 1u64 << (cell % 64);
-            if word.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
-                // Acquire: no later store of this thread (the write being
-                // marked) becomes visible before the bit.
-                word.fetch_or(bit, std::sync::atomic::Ordering::Acquire);
-            }
-            cell += 1;
+        // Only the check inline: without a dirty map (the common case) a
+        // write pays one test; the marking itself is out of line.
+        if let Some(d) = &self.dirty
+            && len != 0
+        {
+            d.mark(self.base as u64 + off, len);
         }
     }
 
@@ -601,7 +609,7 @@ impl Mem {
     }
 
     /// The bytes `off..off+len`, checked (never the atomic words).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn bytes(&self, what: &'static str, off: u64, len: u64) -> Result<&[u8]> {
         let (off, len) = self.slice_range(what, off, len)?;
         // SAFETY: off+len <= self.len (checked by `range`), and `ptr` is valid
@@ -614,7 +622,7 @@ impl Mem {
     /// The bytes `off..off+len` for writing, checked. Writes through the
     /// slice bypass the crash seam; transactions use [`Mem::write`] except for
     /// the `get_mut` accessors, whose ranges are journaled first.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn bytes_mut(
         &mut self,
         what: &'static str,
@@ -629,7 +637,7 @@ impl Mem {
     }
 
     /// Copies `data` to `off`, checked.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         #[cfg(test)]
         if self.crash_point(off, data)? {
@@ -704,7 +712,7 @@ impl Mem {
 
     /// The 8-byte word at `off` as an atomic (for the commit and lock words,
     /// and for reading the header before the lock is held).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn atomic_u64(&self, off: u64) -> Result<&AtomicU64> {
         let (o, _) = self.range("atomic word", off, 8)?;
         if !o.is_multiple_of(8) {
@@ -757,7 +765,7 @@ impl Mem {
     /// Stores `value` in the atomic word at `off` with release ordering: the
     /// stores that open and commit a transaction, and the magic. An aligned
     /// 8-byte store is never torn, so the crash seam applies it whole or not.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn store_word(&mut self, off: u64, value: u64) -> Result<()> {
         #[cfg(test)]
         if let Some(plan) = self.crash.as_mut()

@@ -287,12 +287,16 @@ impl<'a> TxCore<'a> {
         let (_, start_top) = core.heap()?;
         core.logged.clear();
         core.exact.clear();
-        core.fresh.clear();
+        // Most transactions allocate and free nothing: an empty set is
+        // left alone (a map's `clear` is not free even then).
+        if !core.fresh.is_empty() {
+            core.fresh.clear();
+        }
         core.pending_free.clear();
         core.ring_heads.clear();
         if core.pending_set.capacity() > SPILL_KEEP {
             core.pending_set = HashSet::default();
-        } else {
+        } else if !core.pending_set.is_empty() {
             core.pending_set.clear();
         }
         let key = TxKey::new(seq);
