@@ -787,12 +787,22 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
             self.stale = false;
         }
         let before = self.tx.changes();
-        let result = op(self);
-        if result.is_err() {
-            self.stale = true;
+        // `Ok` is rebuilt rather than the result moved: a `Result` holding
+        // the large `Error` would be copied in wide loads right after the
+        // operation's narrow stores of it, which stall on store forwarding.
+        match op(self) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.failed(before, e)),
         }
-        self.tx.settle(before, &result);
-        result
+    }
+
+    /// A changing operation that started at `before` failed with `e`.
+    #[cold]
+    #[inline(never)]
+    fn failed(&mut self, before: u64, e: Error) -> Error {
+        self.stale = true;
+        self.tx.settle_err(before, &e);
+        e
     }
 
     /// The number of entries.

@@ -339,10 +339,14 @@ impl<'a> TxCore<'a> {
     /// marked failed and will roll back instead of committing, even if the
     /// closure ignores the error.
     pub(crate) fn settle<T>(&mut self, before: u64, result: &Result<T>) {
-        if let Err(e) = result
-            && self.changes != before
-            && self.failed.is_none()
-        {
+        if let Err(e) = result {
+            self.settle_err(before, e);
+        }
+    }
+
+    /// [`TxCore::settle`] of an operation that failed with `e`.
+    pub(crate) fn settle_err(&mut self, before: u64, e: &Error) {
+        if self.changes != before && self.failed.is_none() {
             self.failed = Some(e.to_string());
         }
     }
