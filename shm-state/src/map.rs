@@ -450,8 +450,9 @@ fn find_ctrl<K: Item, V: Item>(
     })
 }
 
-/// The probe over control bytes `ctrl` (a power of two of them, at least
-/// 8) for a key of tag `tag`, `holds(j)` telling whether slot `j`, whose
+/// The probe over control bytes `ctrl` (a power of two of them: 8 or more
+/// in any table this library makes; fewer, from a damaged header, are read
+/// wrapping and give the same outcome) for a key of tag `tag`, `holds(j)` telling whether slot `j`, whose
 /// control byte is the tag's, holds the key: from slot `tag & mask` on,
 /// wrapping, up to the first empty slot, the first slot that holds the
 /// key, else the first tombstone or that empty slot. The bytes are
@@ -466,7 +467,8 @@ fn scan_ctrl(ctrl: &[u8], tag: u64, mut holds: impl FnMut(u64) -> Result<bool>) 
     let want = ctrl_of(tag);
     let mut i = tag & mask;
     let mut insert_at = None;
-    // `cap / 8` groups of eight visit every slot once.
+    // `cap / 8` groups of eight visit every slot once (a table under 8
+    // bytes: one group, its bytes repeated).
     for _ in 0..cap.div_ceil(8) {
         let group = ctrl_group(ctrl, i as usize);
         // Bytes before the first empty one (all eight if none is).
