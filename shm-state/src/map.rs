@@ -899,13 +899,11 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
                 what: "map table",
                 len: u64::MAX,
             })?;
-        let mut table = vec![0u8; bytes as usize];
-        let ctrl_len = if with_ctrl { new_cap as usize } else { 0 };
-        let (ctrl, slots) = table.split_at_mut(ctrl_len);
+        // Every live slot is checked before anything changes: a damaged
+        // table fails the insert with the transaction still able to commit.
         if h.cap > 0 {
             let mem = self.tx.mem();
             let (old_ctrl, old) = (h.ctrl_bytes(mem)?, h.table::<K, V>(mem)?);
-            let mask = new_cap - 1;
             let size = size as usize;
             for (j, slot) in old.chunks_exact(size).enumerate() {
                 if !is_live(old_ctrl, old, size, j) {
@@ -919,6 +917,43 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
                         format!("a live slot with tag {tag:#x}"),
                     ));
                 }
+            }
+        }
+        // The new table is built in its block (allocated in this
+        // transaction, so not part of the committed state: written
+        // without journaling), the live slots placed in it straight from
+        // the old table. Only what says "empty" is zeroed: the control
+        // bytes, or, in a table without them, every slot (the tag).
+        // A slot whose control byte is not live holds no meaning
+        // (docs/state-format.md, *Map slots*).
+        let block = self.tx.alloc(Kind::MapTable, bytes, false)?;
+        let ctrl_len = if with_ctrl { new_cap as usize } else { 0 };
+        let (old_ctrl_at, old_bytes) = if h.cap > 0 {
+            (h.ctrl_at(), h.table_bytes::<K, V>())
+        } else {
+            (0, 0)
+        };
+        let (old_all, table) = self.tx.core.mem.split_pair(
+            "map table",
+            (old_ctrl_at, old_bytes),
+            (block.payload(), bytes),
+        )?;
+        let (ctrl, slots) = table.split_at_mut(ctrl_len);
+        if with_ctrl {
+            ctrl.fill(C_EMPTY);
+        } else {
+            slots.fill(0);
+        }
+        if h.cap > 0 {
+            let old_ctrl_len = if h.ctrl { h.cap as usize } else { 0 };
+            let (old_ctrl, old) = old_all.split_at(old_ctrl_len);
+            let mask = new_cap - 1;
+            let size = size as usize;
+            for (j, slot) in old.chunks_exact(size).enumerate() {
+                if !is_live(old_ctrl, old, size, j) {
+                    continue;
+                }
+                let tag = u64::from_le_bytes(slot[..8].try_into().expect("8"));
                 // Ends: at most `h.cap <= new_cap` slots are placed.
                 let mut i = (tag & mask) as usize;
                 while if with_ctrl {
@@ -934,8 +969,6 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
                 slots[i * size..][..size].copy_from_slice(slot);
             }
         }
-        let block = self.tx.alloc(Kind::MapTable, bytes, false)?;
-        self.tx.write("map table", block.payload(), &table)?;
         if h.table != 0 {
             self.tx.free(h.table, Kind::MapTable)?;
         }

@@ -636,6 +636,42 @@ impl Mem {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) })
     }
 
+    /// The bytes `src..src+src_len` for reading and `dst..dst+dst_len` for
+    /// writing at once, checked like [`Mem::bytes`] and [`Mem::bytes_mut`]
+    /// and refused when they overlap. Writes through the second slice
+    /// bypass the crash seam, like [`Mem::bytes_mut`]'s: for memory that
+    /// is not part of the committed state (a table being built in a block
+    /// allocated by this transaction).
+    pub(crate) fn split_pair(
+        &mut self,
+        what: &'static str,
+        (src, src_len): (u64, u64),
+        (dst, dst_len): (u64, u64),
+    ) -> Result<(&[u8], &mut [u8])> {
+        let (s, sl) = self.slice_range(what, src, src_len)?;
+        let (d, dl) = self.slice_range(what, dst, dst_len)?;
+        // Both ends fit in usize (checked against the region's length).
+        if s < d + dl && d < s + sl && sl != 0 && dl != 0 {
+            return Err(Error::corrupt(
+                what,
+                dst,
+                format!("{dl} bytes overlap the {sl} bytes read at {src:#x}"),
+            ));
+        }
+        self.mark(dst, dst_len);
+        // SAFETY: both ranges are inside the region and off the atomic
+        // words (`slice_range`), and they do not overlap (checked above),
+        // so the shared and the mutable slice never alias; `&mut self`
+        // makes them the only slices of the region in this process while
+        // they live (module docs).
+        unsafe {
+            Ok((
+                std::slice::from_raw_parts(self.ptr.add(s), sl),
+                std::slice::from_raw_parts_mut(self.ptr.add(d), dl),
+            ))
+        }
+    }
+
     /// Copies `data` to `off`, checked.
     #[inline(always)]
     pub(crate) fn write(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
@@ -982,3 +1018,39 @@ fn overlaps_atomics(what: &'static str, off: u64, len: u64) -> Error {
 // `&self`/`&mut self`, so the usual borrow rules make it as thread-safe as a
 // `Vec<u8>`.
 unsafe impl Send for Mem {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `split_pair` gives the two ranges when they are apart (touching
+    /// included) and refuses any overlap, the atomic words and a range past
+    /// the end.
+    #[test]
+    fn split_pair_refuses_overlap() {
+        let base = HEADER_LEN;
+        let mut bytes = vec![0u8; (base + 256) as usize];
+        bytes[base as usize..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        let mut mem = Mem::heap(bytes, 0, 0).unwrap();
+        let (src, dst) = mem.split_pair("t", (base, 64), (base + 64, 64)).unwrap();
+        assert_eq!(src[5], 5);
+        dst.copy_from_slice(&src.to_vec());
+        assert_eq!(mem.bytes("t", base + 64, 64).unwrap()[5], 5);
+        // Empty ranges overlap nothing.
+        assert!(mem.split_pair("t", (0, 0), (base, 16)).is_ok());
+        for (s, d) in [
+            ((base, 64), (base + 63, 8)),
+            ((base + 8, 8), (base, 64)),
+            ((base, 64), (base, 64)),
+        ] {
+            let e = mem.split_pair("t", s, d).unwrap_err().to_string();
+            assert!(e.contains("overlap"), "{s:?} {d:?}: {e}");
+        }
+        assert!(mem.split_pair("t", (base, 8), (TX_WORD, 8)).is_err());
+        assert!(mem.split_pair("t", (base, 8), (base + 250, 8)).is_err());
+        assert_eq!(mem.bytes("t", base + 63, 1).unwrap()[0], 63);
+    }
+}

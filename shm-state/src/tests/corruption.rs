@@ -112,6 +112,50 @@ fn damaged_counts_and_huge_sizes_are_errors_not_panics() {
     }
 }
 
+/// A damaged live slot met by the rebuild of a full table fails the insert
+/// before anything changed: the transaction's other work commits, and the
+/// map keeps its table.
+#[test]
+fn a_damaged_slot_fails_the_growth_before_it_changes_anything() {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    // Seven entries fill a table of 8 slots: the eighth rebuilds it.
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for k in 0..7u64 {
+            m.insert(&k, &k)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    let img = s.close().unwrap().into_heap().unwrap();
+    let hdr = r.map.offset() + 16;
+    let (cap, table) = (get_u64(&img, hdr + 16), get_u64(&img, hdr + 24));
+    assert_eq!(cap, 8);
+    let mut bad = img.clone();
+    let live = (0..cap)
+        .find(|&i| img[(table + 16 + i) as usize] >= 0x80)
+        .expect("a live slot");
+    // Its tag no longer has its control byte as top byte.
+    let at = table + 16 + cap + live * 24;
+    put_u64(&mut bad, at, get_u64(&img, at) ^ (1 << 56));
+    let mut s = open(bad).unwrap();
+    let used = s.used_bytes().unwrap();
+    let e = s
+        .transaction(|tx| {
+            let e = tx.map(r.map)?.insert(&100, &100).unwrap_err();
+            tx.set_root(Root { n: 7, ..r })?;
+            Ok::<_, Error>(e)
+        })
+        .unwrap();
+    assert!(e.to_string().contains("a live slot with tag"), "{e}");
+    assert_eq!(s.root().unwrap().n, 7, "the transaction committed");
+    assert_eq!(s.used_bytes().unwrap(), used, "no table was allocated");
+    let img = s.close().unwrap().into_heap().unwrap();
+    assert_eq!(get_u64(&img, hdr + 16), 8);
+    assert_eq!(get_u64(&img, hdr + 24), table);
+}
+
 /// `repro -- foreign`: a byte-string slot naming another kind of block
 /// cannot free it, and `verify` checks the root pointer.
 #[test]
