@@ -1037,7 +1037,7 @@ mod tests {
         let mut mem = Mem::heap(bytes, 0, 0).unwrap();
         let (src, dst) = mem.split_pair("t", (base, 64), (base + 64, 64)).unwrap();
         assert_eq!(src[5], 5);
-        dst.copy_from_slice(&src.to_vec());
+        dst.copy_from_slice(src);
         assert_eq!(mem.bytes("t", base + 64, 64).unwrap()[5], 5);
         // Empty ranges overlap nothing.
         assert!(mem.split_pair("t", (0, 0), (base, 16)).is_ok());
