@@ -120,9 +120,14 @@ impl ExactSet {
         if self.n == 0 {
             return false;
         }
-        let mut hit = false;
-        for &(s, e) in &self.ranges {
-            hit |= (s <= off) & (end <= e);
+        // The first two slots always (unused ones cover nothing): most
+        // transactions hold one or two ranges.
+        let inside = |(s, e): (u64, u64)| (s <= off) & (end <= e);
+        let mut hit = inside(self.ranges[0]) | inside(self.ranges[1]);
+        if self.n > 2 {
+            for &r in &self.ranges[2..] {
+                hit |= inside(r);
+            }
         }
         hit
     }
@@ -558,7 +563,7 @@ impl<'a> TxCore<'a> {
     /// rollback puts them back beyond the end again; a map slot whose
     /// control byte says, as committed, that it is free (the control byte
     /// is journaled).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn write_tail(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         if off < self.core.heap_off {
             // Only heap bytes may skip the journal (the header's checksum
@@ -710,11 +715,14 @@ impl<'a> TxCore<'a> {
             self.abort_inner();
             return Err(Error::Incomplete { first });
         }
-        let result = self.commit_inner();
-        if result.is_err() {
-            self.abort_inner();
+        // `Ok` rebuilt, not the result moved (see `MapMut::changing`).
+        match self.commit_inner() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.abort_inner();
+                Err(e)
+            }
         }
-        result
     }
 
     fn commit_inner(&mut self) -> Result<()> {
