@@ -203,6 +203,7 @@ impl Header {
 
     /// The table's slots, `cap` of them (empty when there is no table).
     /// The size was checked against the table block by [`header`].
+    #[inline(always)]
     fn table<'m, K: Item, V: Item>(&self, mem: &'m Mem) -> Result<&'m [u8]> {
         if self.cap == 0 {
             return Ok(&[]);
@@ -212,6 +213,7 @@ impl Header {
 
     /// The table's control bytes (empty without a table or without
     /// control bytes).
+    #[inline(always)]
     fn ctrl_bytes<'m>(&self, mem: &'m Mem) -> Result<&'m [u8]> {
         if self.cap == 0 || !self.ctrl {
             return Ok(&[]);
@@ -828,6 +830,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
     }
 
     /// Probes for `key` in the map as it is now.
+    #[inline(always)]
     fn probe(&self, h: &Header, key: &[u8], tag: u64) -> Result<Probe> {
         let mem = self.tx.mem();
         let heap = if K::KIND == BYTES {

@@ -498,6 +498,7 @@ impl<'a> TxCore<'a> {
     }
 
     /// Writes `data` at `off`, journaling first.
+    #[inline(always)]
     pub(crate) fn write(&mut self, what: &'static str, off: u64, data: &[u8]) -> Result<()> {
         self.prepare(off, data.len() as u64)?;
         self.changes += 1;
