@@ -619,7 +619,26 @@ fn shared_vs_exclusive(n: u64) {
     );
 }
 
+/// Makes glibc's malloc keep freed memory, as the rounds after the first
+/// assume on the std side ("later rounds reuse freed memory"): by default
+/// a block over 128 KiB (the `HashMap`'s tables here) is mapped fresh and
+/// unmapped on free, until a free of such a block raises the threshold, so
+/// the baseline's speed depended on whether something else in the process
+/// had freed a large block first (this bench's own shm-state side did,
+/// until its tables stopped going through a temporary `Vec`: `HashMap`
+/// then took 35 ns per insert instead of 24). Fixed here for every run.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets malloc's tunables; called before any
+    // thread is started.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() {
+    keep_freed_memory();
     // `cargo test --benches` runs benches with --bench absent: keep it quick.
     let quick = !std::env::args().any(|a| a == "--bench");
     let n = if quick {
