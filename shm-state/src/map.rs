@@ -936,12 +936,15 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
         } else {
             (0, 0)
         };
-        let (old_all, table) = self.tx.core.mem.split_pair(
+        // The block with its header: a free block forged over the old
+        // table's end (its header, just written by `alloc`, would lie in
+        // bytes already checked) is refused as an overlap.
+        let (old_all, whole) = self.tx.core.mem.split_pair(
             "map table",
             (old_ctrl_at, old_bytes),
-            (block.payload(), bytes),
+            (block.off, BLOCK_HEADER + bytes),
         )?;
-        let (ctrl, slots) = table.split_at_mut(ctrl_len);
+        let (ctrl, slots) = whole[BLOCK_HEADER as usize..].split_at_mut(ctrl_len);
         if with_ctrl {
             ctrl.fill(C_EMPTY);
         } else {

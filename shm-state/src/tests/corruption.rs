@@ -156,6 +156,64 @@ fn a_damaged_slot_fails_the_growth_before_it_changes_anything() {
     assert_eq!(get_u64(&img, hdr + 24), table);
 }
 
+/// A free block forged over the end of a map's table, on the free list the
+/// rebuilt table is taken from: `alloc` writes its header into bytes the
+/// rebuild has checked already, and the rebuild refuses the overlap
+/// instead of copying them. The transaction rolls back; the map is intact.
+#[test]
+fn a_free_block_forged_over_the_old_table_fails_the_growth() {
+    use crate::format::{FREE_HEADS, Kind, block_header, class_for, free_head};
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    // Fourteen entries fill a table of 16 slots: the fifteenth rebuilds
+    // it at 32.
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for k in 0..14u64 {
+            m.insert(&k, &(k * 3))?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    // Room past the table for the forged block (a class 10 block).
+    s.transaction(|tx| tx.vec(r.vec)?.reserve(4096)).unwrap();
+    let hdr = r.map.offset() + 16;
+    let img = s.image();
+    let (cap, table) = (get_u64(&img, hdr + 16), get_u64(&img, hdr + 24));
+    assert_eq!(cap, 16);
+    // The old table's bytes: 16 control bytes, 16 slots of 24 bytes.
+    let end = table + 16 + cap * 25;
+    let forged = end - 16;
+    let class = class_for(32 * 25).unwrap();
+    s.core
+        .mem
+        .write("test", forged, &block_header(Kind::Free, class, 0))
+        .unwrap();
+    s.core
+        .mem
+        .write(
+            "test",
+            FREE_HEADS + u64::from(class) * 8,
+            &free_head(forged).to_le_bytes(),
+        )
+        .unwrap();
+    let before = s.image();
+    let e = s
+        .transaction(|tx| tx.map(r.map)?.insert(&100, &1).map(|_| ()))
+        .unwrap_err();
+    assert!(e.to_string().contains("overlap"), "{e}");
+    // Rolled back: the map's header and table (forged block included)
+    // byte for byte as they were, the key absent.
+    let after = s.image();
+    let map_bytes = |img: &[u8]| img[hdr as usize..(hdr + 48) as usize].to_vec();
+    assert_eq!(map_bytes(&after), map_bytes(&before));
+    assert_eq!(
+        after[table as usize..(end + 16) as usize],
+        before[table as usize..(end + 16) as usize]
+    );
+    assert_eq!(s.map(r.map).unwrap().get(&100).unwrap(), None);
+}
+
 /// `repro -- foreign`: a byte-string slot naming another kind of block
 /// cannot free it, and `verify` checks the root pointer.
 #[test]
