@@ -250,9 +250,29 @@ fn padded_word(src: &[u8], i: usize) -> u64 {
 
 /// A record of at most [`SMALL`] bytes, built in words kept in registers
 /// (read from the range, hashed, stored into the journal one by one): one
-/// write of the whole record, then the claim.
+/// write of the whole record, then the claim. Dispatched on the number of
+/// data words, so that each case is straight-line code.
 #[inline(always)]
 fn append_small(
+    mem: &mut Mem,
+    journal_len: u64,
+    pos: u64,
+    key: &TxKey,
+    target: u64,
+    len: u64,
+) -> Result<u64> {
+    match len.div_ceil(8) {
+        1 => append_words::<1>(mem, journal_len, pos, key, target, len),
+        2 => append_words::<2>(mem, journal_len, pos, key, target, len),
+        3 => append_words::<3>(mem, journal_len, pos, key, target, len),
+        _ => append_words::<4>(mem, journal_len, pos, key, target, len),
+    }
+}
+
+/// [`append_small`] of a before-image of `N` words (`len` bytes, `8 * N -
+/// 7 ..= 8 * N` of them).
+#[inline(always)]
+fn append_words<const N: usize>(
     mem: &mut Mem,
     journal_len: u64,
     pos: u64,
@@ -264,45 +284,27 @@ fn append_small(
         return Err(full(journal_len));
     };
     let src = mem.bytes("journaled range", target, len)?;
-    let data = len.div_ceil(8);
-    let d = [
-        padded_word(src, 0),
-        padded_word(src, 1),
-        padded_word(src, 2),
-        padded_word(src, 3),
-    ];
+    let mut d = [0u64; N];
+    for (i, w) in d.iter_mut().enumerate() {
+        *w = padded_word(src, i);
+    }
     let len_word = u64::from(len32);
-    // `record_check` of `len_word, target, d[..data]`: word `i` to lane
-    // `i % 4`.
+    // `record_check` of `len_word, target, d`: word `i` to lane `i % 4`.
     let mut h = lanes(key);
     h[0] = step(h[0], len_word);
     h[1] = step(h[1], target);
-    h[2] = step(h[2], d[0]); // `data` is at least 1
-    if data > 1 {
-        h[3] = step(h[3], d[1]);
-    }
-    if data > 2 {
-        h[0] = step(h[0], d[2]);
-    }
-    if data > 3 {
-        h[1] = step(h[1], d[3]);
+    for (i, &w) in d.iter().enumerate() {
+        h[(i + 2) % 4] = step(h[(i + 2) % 4], w);
     }
     let check = finish(h);
     mem.write_with("journal", JOURNAL_OFF + pos, end - pos, |dst| {
         dst[0..8].copy_from_slice(&check.to_le_bytes());
         dst[8..16].copy_from_slice(&len_word.to_le_bytes());
         dst[16..24].copy_from_slice(&target.to_le_bytes());
-        // One store per word, from registers (a loop over `d` would become
-        // a copy of it through memory).
-        dst[24..32].copy_from_slice(&d[0].to_le_bytes());
-        if data > 1 {
-            dst[32..40].copy_from_slice(&d[1].to_le_bytes());
-        }
-        if data > 2 {
-            dst[40..48].copy_from_slice(&d[2].to_le_bytes());
-        }
-        if data > 3 {
-            dst[48..56].copy_from_slice(&d[3].to_le_bytes());
+        // One store per word, from registers (`N` is a constant: the loop
+        // unrolls).
+        for (i, &w) in d.iter().enumerate() {
+            dst[24 + i * 8..32 + i * 8].copy_from_slice(&w.to_le_bytes());
         }
     })?;
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
