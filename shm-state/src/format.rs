@@ -84,6 +84,17 @@ pub(crate) const MAX_SEQ: u64 = (1 << 55) - 1;
 const TX_CHECK_SHIFT: u32 = 56;
 const TX_CHECK_SALT: u64 = 0xA5;
 
+/// murmur3's 64-bit finaliser: a bijection that spreads every bit (the
+/// end of the map hash, and the journal's claim check).
+#[inline(always)]
+pub(crate) fn fmix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
+}
+
 /// The check byte of the commit word's low 56 bits: their 7 bytes XORed
 /// together, XOR 0xA5 (so that an all-zero word does not check).
 #[inline]

@@ -25,7 +25,7 @@ mod legacy;
 pub(crate) use legacy::recovery_records as legacy_recovery_records;
 
 use crate::error::{Error, Result};
-use crate::format::{JOURNAL_OFF, RECORD_HEADER, TX_WORD, touches_atomics, tx_word, u64_at};
+use crate::format::{JOURNAL_OFF, RECORD_HEADER, TX_WORD, fmix, touches_atomics, tx_word, u64_at};
 use crate::mem::Mem;
 
 /// One valid record found by a scan.
@@ -81,16 +81,6 @@ impl Journal {
 const P: u64 = 0x9E37_79B9_7F4A_7C15;
 const CHECK_SALT: u64 = 0x6A09_E667_F3BC_C908;
 const CLAIM_SALT: u64 = 0xBB67_AE85_84CA_A73B;
-
-/// murmur3's 64-bit finaliser: a bijection that spreads every bit.
-#[inline(always)]
-fn fmix(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
 
 #[inline(always)]
 fn word(b: &[u8], at: usize) -> u64 {
@@ -540,18 +530,25 @@ pub(crate) fn rollback_own(
     let (records, found_end) = scan(mem, journal_len, seq)?;
     let claimed = head_claim(mem, seq)?;
     if found_end != end || (end != JOURNAL_HEAD && claimed != Some(end)) {
-        return Err(Error::corrupt(
-            "journal",
-            JOURNAL_OFF + found_end,
-            format!(
-                "the open transaction's records end at {:#x}, not at {:#x}",
-                JOURNAL_OFF + found_end,
-                JOURNAL_OFF + end
-            ),
-        ));
+        return Err(records_end_elsewhere(found_end, end));
     }
     apply_rollback(mem, &records, seq)?;
     Ok(records.len())
+}
+
+/// A rollback of this process's own transaction found its records ending
+/// at journal position `found_end`, where it wrote them up to `end`.
+#[cold]
+fn records_end_elsewhere(found_end: u64, end: u64) -> Error {
+    Error::corrupt(
+        "journal",
+        JOURNAL_OFF + found_end,
+        format!(
+            "the open transaction's records end at {:#x}, not at {:#x}",
+            JOURNAL_OFF + found_end,
+            JOURNAL_OFF + end
+        ),
+    )
 }
 
 #[cfg(test)]

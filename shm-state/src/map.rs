@@ -23,7 +23,7 @@ use std::marker::PhantomData;
 use bytemuck::Pod;
 
 use crate::error::{Error, Result};
-use crate::format::{BLOCK_HEADER, Block, Kind, MAP_HEADER, u64_at};
+use crate::format::{BLOCK_HEADER, Block, Kind, MAP_HEADER, fmix, u64_at};
 use crate::handle::StateMap;
 use crate::journal::Journal;
 use crate::mem::Mem;
@@ -167,11 +167,7 @@ pub(crate) fn hash(bytes: &[u8]) -> u64 {
         h = (h ^ u64::from_le_bytes(w)).wrapping_mul(P).rotate_left(31);
     }
     // murmur3's finalizer spreads the bits into the low ones we index by.
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
+    fmix(h)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -361,6 +357,7 @@ fn item<'m, I: Item>(
 }
 
 /// Where a probe for a key ended.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 enum Probe {
     /// The key is in this slot.
     Found(u64),
@@ -463,7 +460,6 @@ fn find_ctrl<K: Item, V: Item>(
 /// same calls of `holds`, in the same order, as one byte at a time.
 #[inline(always)]
 fn scan_ctrl(ctrl: &[u8], tag: u64, mut holds: impl FnMut(u64) -> Result<bool>) -> Result<Probe> {
-    const ONES: u64 = 0x0101_0101_0101_0101;
     let cap = ctrl.len() as u64;
     let mask = cap - 1;
     let want = ctrl_of(tag);
@@ -521,9 +517,11 @@ fn ctrl_group(ctrl: &[u8], i: usize) -> u64 {
 /// byte is exactly the lowest zero byte; flags above it may be false.
 #[inline(always)]
 fn zero_bytes(x: u64) -> u64 {
-    const ONES: u64 = 0x0101_0101_0101_0101;
     x.wrapping_sub(ONES) & !x & (ONES << 7)
 }
+
+/// A one in every byte of a word: `ONES * b` is byte `b` eight times.
+const ONES: u64 = 0x0101_0101_0101_0101;
 
 /// A map for reading, borrowed from a [`State`]. Its header and table are
 /// validated once, when the view is made.
@@ -1221,14 +1219,6 @@ mod scan_tests {
         Probe::Vacant(insert_at)
     }
 
-    fn same(a: &Probe, b: &Probe) -> bool {
-        match (a, b) {
-            (Probe::Found(x), Probe::Found(y)) => x == y,
-            (Probe::Vacant(x), Probe::Vacant(y)) => x == y,
-            _ => false,
-        }
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
         /// The word-at-a-time probe ends where the byte-at-a-time one does,
@@ -1263,7 +1253,7 @@ mod scan_tests {
                 asked_slow.borrow_mut().push(j);
                 holds(j)
             });
-            prop_assert!(same(&fast, &slow), "ctrl {:02x?} start {}", ctrl, tag & (cap as u64 - 1));
+            prop_assert_eq!(fast, slow, "ctrl {:02x?} start {}", ctrl, tag & (cap as u64 - 1));
             if cap >= 8 {
                 prop_assert_eq!(asked.into_inner(), asked_slow.into_inner());
             }

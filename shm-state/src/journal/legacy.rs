@@ -230,15 +230,7 @@ pub(crate) fn recovery_records(mem: &Mem, journal_len: u64, seq: u64) -> Result<
 pub(crate) fn rollback_own(mem: &mut Mem, journal_len: u64, seq: u64, end: u64) -> Result<usize> {
     let (records, found_end) = scan(mem, journal_len, seq)?;
     if found_end != end {
-        return Err(Error::corrupt(
-            "journal",
-            JOURNAL_OFF + found_end,
-            format!(
-                "the open transaction's records end at {:#x}, not at {:#x}",
-                JOURNAL_OFF + found_end,
-                JOURNAL_OFF + end
-            ),
-        ));
+        return Err(super::records_end_elsewhere(found_end, end));
     }
     apply_rollback(mem, &records, seq)?;
     Ok(records.len())
