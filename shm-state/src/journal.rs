@@ -287,16 +287,22 @@ fn append_words<const N: usize>(
         h[(i + 2) % 4] = step(h[(i + 2) % 4], w);
     }
     let check = finish(h);
-    mem.write_with("journal", JOURNAL_OFF + pos, end - pos, |dst| {
-        dst[0..8].copy_from_slice(&check.to_le_bytes());
-        dst[8..16].copy_from_slice(&len_word.to_le_bytes());
-        dst[16..24].copy_from_slice(&target.to_le_bytes());
-        // One store per word, from registers (`N` is a constant: the loop
-        // unrolls).
-        for (i, &w) in d.iter().enumerate() {
-            dst[24 + i * 8..32 + i * 8].copy_from_slice(&w.to_le_bytes());
-        }
-    })?;
+    mem.write_with(
+        "journal",
+        JOURNAL_OFF + pos,
+        end - pos,
+        #[inline(always)]
+        |dst| {
+            dst[0..8].copy_from_slice(&check.to_le_bytes());
+            dst[8..16].copy_from_slice(&len_word.to_le_bytes());
+            dst[16..24].copy_from_slice(&target.to_le_bytes());
+            // One store per word, from registers (`N` is a constant: the loop
+            // unrolls).
+            for (i, &w) in d.iter().enumerate() {
+                dst[24 + i * 8..32 + i * 8].copy_from_slice(&w.to_le_bytes());
+            }
+        },
+    )?;
     std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
     mem.store_word(JOURNAL_OFF, claim(key, end))?;
     Ok(end)

@@ -60,7 +60,15 @@ impl Publisher {
         Ok(())
     }
 
+    #[inline(always)]
     pub(crate) fn begin_update(&mut self) {
+        if !matches!(self, Publisher::None) {
+            self.begin_update_some();
+        }
+    }
+
+    #[inline(never)]
+    fn begin_update_some(&mut self) {
         match self {
             Publisher::None => {}
             Publisher::Hook(h) => h.begin_update(),
@@ -76,7 +84,15 @@ impl Publisher {
         }
     }
 
+    #[inline(always)]
     pub(crate) fn commit(&mut self) {
+        if !matches!(self, Publisher::None) {
+            self.commit_some();
+        }
+    }
+
+    #[inline(never)]
+    fn commit_some(&mut self) {
         match self {
             Publisher::None => {}
             Publisher::Hook(h) => h.commit(),

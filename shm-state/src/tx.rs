@@ -47,7 +47,19 @@ const SMALL_LINES: usize = 16;
 const SPILL_KEEP: usize = 1 << 12;
 
 impl LineSet {
+    /// Inlined as far as the empty set (a transaction's first write asks
+    /// it) and the first entry.
+    #[inline(always)]
     fn contains(&self, line: u64) -> bool {
+        match self.n {
+            0 => false,
+            1 => self.small[0] == line,
+            _ => self.contains_many(line),
+        }
+    }
+
+    #[inline(never)]
+    fn contains_many(&self, line: u64) -> bool {
         if self.n <= SMALL_LINES {
             self.small[..self.n].contains(&line)
         } else {
@@ -68,15 +80,22 @@ impl LineSet {
         self.n += 1;
     }
 
+    #[inline(always)]
     fn clear(&mut self) {
         if self.n > SMALL_LINES {
-            if self.spill.capacity() > SPILL_KEEP {
-                self.spill = HashSet::default();
-            } else {
-                self.spill.clear();
-            }
+            self.clear_spill();
         }
         self.n = 0;
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn clear_spill(&mut self) {
+        if self.spill.capacity() > SPILL_KEEP {
+            self.spill = HashSet::default();
+        } else {
+            self.spill.clear();
+        }
     }
 }
 
@@ -132,16 +151,26 @@ impl ExactSet {
         hit
     }
 
+    #[inline(always)]
     fn clear(&mut self) {
-        self.ranges[..self.n].fill(UNUSED);
+        // Most transactions hold one or two ranges (`covers` reads both).
+        self.ranges[0] = UNUSED;
+        self.ranges[1] = UNUSED;
+        if self.n > 2 {
+            self.ranges[2..].fill(UNUSED);
+        }
         self.n = 0;
     }
 
     /// Whether one of the ranges shares a line with `first..=last`.
+    #[inline(always)]
     fn near(&self, first: u64, last: u64) -> bool {
-        self.ranges[..self.n]
-            .iter()
-            .any(|&(s, e)| s / LINE <= last && first <= (e - 1) / LINE)
+        let near = |(s, e): (u64, u64)| s / LINE <= last && first <= (e - 1) / LINE;
+        match self.n {
+            0 => false,
+            1 => near(self.ranges[0]),
+            n => self.ranges[..n].iter().any(|&r| near(r)),
+        }
     }
 }
 
@@ -403,10 +432,7 @@ impl<'a> TxCore<'a> {
                 "a journaled write may not touch the commit and lock words, the shared line or the peer table",
             ));
         }
-        if !self.core.fresh.is_empty()
-            && let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()
-            && end <= fresh_end
-        {
+        if !self.core.fresh.is_empty() && self.in_fresh_block(off, end) {
             return Ok(());
         }
         let first = off / LINE;
@@ -519,9 +545,7 @@ impl<'a> TxCore<'a> {
         if len == 0 || off >= self.start_top {
             return Ok(());
         }
-        if let Some((_, &fresh_end)) = self.core.fresh.range(..=off).next_back()
-            && end <= fresh_end
-        {
+        if self.in_fresh_block(off, end) {
             return Ok(());
         }
         if (off / LINE..=(end - 1) / LINE).all(|line| self.core.logged.contains(line)) {
@@ -535,23 +559,29 @@ impl<'a> TxCore<'a> {
     /// Whether `off..off+len` was allocated in this transaction (past the
     /// heap top at its start, or inside a block taken from a free list):
     /// not part of the committed state, written without journaling.
+    #[inline(always)]
     pub(crate) fn is_fresh(&self, off: u64, len: u64) -> bool {
         let Some(end) = off.checked_add(len) else {
             return false;
         };
-        off >= self.start_top
-            || (!self.core.fresh.is_empty()
-                && self
-                    .core
-                    .fresh
-                    .range(..=off)
-                    .next_back()
-                    .is_some_and(|(_, &fresh_end)| end <= fresh_end))
+        off >= self.start_top || (!self.core.fresh.is_empty() && self.in_fresh_block(off, end))
+    }
+
+    /// Whether `off..end` lies inside a block this transaction took from a
+    /// free list.
+    #[inline(never)]
+    fn in_fresh_block(&self, off: u64, end: u64) -> bool {
+        self.core
+            .fresh
+            .range(..=off)
+            .next_back()
+            .is_some_and(|(_, &fresh_end)| end <= fresh_end)
     }
 
     /// Whether this transaction may have written the byte at `off` (or
     /// allocated it): its line journaled whole, or the byte inside an exact
     /// record or fresh memory. `false` means the byte is as committed.
+    #[inline(always)]
     pub(crate) fn may_have_written_byte(&self, off: u64) -> bool {
         self.core.exact.covers(off, off + 1)
             || self.core.logged.contains(off / LINE)
@@ -703,11 +733,12 @@ impl<'a> TxCore<'a> {
     /// the dynamic header's checksum (if the transaction changed it) and
     /// stores the commit word.
     ///
-    /// Inlined down to a call with a pointer: passing the transaction by
-    /// value would copy it with wide loads right after the operations'
-    /// narrow stores to it, which stalls on store forwarding.
+    /// Taken by reference, not by value: moving the transaction in would
+    /// copy it with wide loads right after the operations' narrow stores to
+    /// it, which stalls on store forwarding. The caller drops it
+    /// afterwards, which does nothing once it is finished.
     #[inline(always)]
-    pub(crate) fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(&mut self) -> Result<()> {
         self.commit_or_abort()
     }
 
@@ -726,7 +757,31 @@ impl<'a> TxCore<'a> {
         }
     }
 
+    #[inline(always)]
     fn commit_inner(&mut self) -> Result<()> {
+        if !self.core.pending_free.is_empty() {
+            self.free_pending()?;
+        }
+        // Every write to the dynamic header went through `prepare`, which
+        // logged its line: an untouched header keeps its checksum.
+        if self.core.logged.contains(DY_START / LINE) {
+            let crc = dynamic_crc(self.mem())?;
+            self.core
+                .mem
+                .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
+        }
+        compiler_fence(Ordering::SeqCst);
+        self.core
+            .mem
+            .store_word(TX_WORD, tx_word(self.seq, false))?;
+        self.finished = true;
+        self.core.publisher.commit();
+        Ok(())
+    }
+
+    /// Applies the deferred frees (the commit's first step).
+    #[inline(never)]
+    fn free_pending(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.core.pending_free);
         for &off in &pending {
             let heap = self.heap()?;
@@ -751,26 +806,13 @@ impl<'a> TxCore<'a> {
             )?;
         }
         self.core.pending_free = pending;
-        // Every write to the dynamic header went through `prepare`, which
-        // logged its line: an untouched header keeps its checksum.
-        if self.core.logged.contains(DY_START / LINE) {
-            let crc = dynamic_crc(self.mem())?;
-            self.core
-                .mem
-                .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
-        }
-        compiler_fence(Ordering::SeqCst);
-        self.core
-            .mem
-            .store_word(TX_WORD, tx_word(self.seq, false))?;
-        self.finished = true;
-        self.core.publisher.commit();
         Ok(())
     }
 
-    /// Undoes every change of this transaction.
+    /// Undoes every change of this transaction (by reference, as
+    /// [`TxCore::commit`]).
     #[inline(always)]
-    pub(crate) fn abort(mut self) {
+    pub(crate) fn abort(&mut self) {
         self.abort_inner();
     }
 
