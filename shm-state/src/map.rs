@@ -28,7 +28,7 @@ use crate::handle::StateMap;
 use crate::journal::Journal;
 use crate::mem::Mem;
 use crate::state::{State, Tx};
-use crate::tx::TxCore;
+use crate::tx::{KnownMap, TxCore};
 
 mod sealed {
     pub trait Sealed {}
@@ -268,12 +268,52 @@ fn check_item<I: Item>(what: &str) -> Result<()> {
 /// caller's read of it on store forwarding.
 #[inline(always)]
 fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Header> {
+    Ok(header_blocks::<K, V>(mem, heap, off)?.0)
+}
+
+/// [`header`], and the table block's capacity (0 without a table).
+#[inline(always)]
+fn header_blocks<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<(Header, u64)> {
     let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
-    let raw = mem.bytes("map header", b.payload(), MAP_HEADER)?;
-    let h = decode_header::<K, V>(raw.try_into().expect("48"), b.payload())?;
-    if h.cap != 0 {
-        Block::expect(mem, heap, h.table, Kind::MapTable)?.need(h.table_bytes::<K, V>())?;
+    let h = read_header::<K, V>(mem, b.off)?;
+    if h.cap == 0 {
+        return Ok((h, 0));
     }
+    let t = Block::expect(mem, heap, h.table, Kind::MapTable)?.need(h.table_bytes::<K, V>())?;
+    Ok((h, t.capacity()))
+}
+
+/// Reads and validates the header of the map whose block (checked) is at
+/// `off`.
+#[inline(always)]
+fn read_header<K: Item, V: Item>(mem: &Mem, off: u64) -> Result<Header> {
+    let at = off + BLOCK_HEADER;
+    let raw = mem.bytes("map header", at, MAP_HEADER)?;
+    decode_header::<K, V>(raw.try_into().expect("48"), at)
+}
+
+/// [`header`] for a view in a transaction: the checks of the map's block
+/// and table block are skipped when this handle checked the same two
+/// blocks in an earlier view and they still hold ([`KnownMap`]); the
+/// header itself is read and validated every time. A full check is
+/// remembered for the next view.
+#[inline(always)]
+fn tx_header<K: Item, V: Item>(tx: &mut TxCore<'_>, off: u64) -> Result<Header> {
+    if let Some(k) = tx.core.known_map
+        && k.map == off
+    {
+        let h = read_header::<K, V>(tx.mem(), off)?;
+        if h.cap == 0 || (h.table == k.table && h.table_bytes::<K, V>() <= k.table_cap) {
+            return Ok(h);
+        }
+    }
+    let (h, table_cap) = header_blocks::<K, V>(tx.mem(), tx.heap()?, off)?;
+    tx.core.known_map = Some(KnownMap {
+        seq: tx.seq(),
+        map: off,
+        table: h.table,
+        table_cap,
+    });
     Ok(h)
 }
 
@@ -705,13 +745,16 @@ impl<'s, R: Pod> Tx<'s, R> {
 
     /// A map, for reading and changing in this transaction. Its header is
     /// validated here, once: the view is the map's only writer while it
-    /// lives and keeps its copy of the header up to date.
+    /// lives and keeps its copy of the header up to date. The map's block
+    /// and table block are checked by the first view of the map in this
+    /// handle, and again only once they may have changed (see
+    /// `docs/state-format.md`, *Validation*).
     // Inlined: the view would come back through memory, and the caller's
     // first wide load of it stall on store forwarding.
     #[inline(always)]
     pub fn map<K: Item, V: Item>(&mut self, h: StateMap<K, V>) -> Result<MapMut<'_, 's, K, V>> {
         let off = h.off()?;
-        let hd = header::<K, V>(self.core.mem(), self.core.heap()?, off)?;
+        let hd = tx_header::<K, V>(&mut self.core, off)?;
         Ok(MapMut {
             tx: &mut self.core,
             off,
@@ -783,6 +826,7 @@ impl<K: Item, V: Item> MapMut<'_, '_, K, V> {
     /// Runs a changing operation on an up-to-date header; a failure marks
     /// the cached header stale, and, if the operation had changed something,
     /// fails the transaction (see `TxCore::settle`).
+    #[inline(always)]
     fn changing<T>(&mut self, op: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if self.stale {
             self.h = self.current()?;

@@ -174,6 +174,28 @@ impl ExactSet {
     }
 }
 
+/// A map's header block and table block, validated by a view of the map
+/// in a transaction of this handle: the next view of the same map skips
+/// their checks (`map::tx_header`), while they still hold.
+///
+/// They hold from the transaction `seq` that checked them for as long as
+/// every transaction since is this handle's and committed: a block stops
+/// being the map's only when a transaction frees it, and the heap top that
+/// bounds it only shrinks by a rollback. So this is forgotten when a
+/// transaction frees either block or rolls back, and when a transaction
+/// begins after one that was not this handle's (another process's, on a
+/// shared state), which `seq` tells.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KnownMap {
+    /// The last transaction of this handle, since the check.
+    pub seq: u64,
+    /// The map's block.
+    pub map: u64,
+    /// Its table's block (0: none) and that block's capacity.
+    pub table: u64,
+    pub table_cap: u64,
+}
+
 /// An open region: the memory and what was validated about it on open.
 #[derive(Debug)]
 pub(crate) struct Core {
@@ -198,6 +220,8 @@ pub(crate) struct Core {
     /// The same offsets (divided by 16), for the double-free check: a big
     /// clear frees tens of thousands of blocks.
     pending_set: HashSet<u64, BuildHasherDefault<LineHasher>>,
+    /// The blocks of the map viewed last, as validated (see [`KnownMap`]).
+    pub known_map: Option<KnownMap>,
 }
 
 impl Core {
@@ -215,6 +239,17 @@ impl Core {
             pending_free: Vec::new(),
             ring_heads: Vec::new(),
             pending_set: HashSet::default(),
+            known_map: None,
+        }
+    }
+
+    /// Forgets the known map if `off` is one of its blocks.
+    fn forget_block(&mut self, off: u64) {
+        if self
+            .known_map
+            .is_some_and(|k| k.map == off || (k.table == off && off != 0))
+        {
+            self.known_map = None;
         }
     }
 
@@ -318,6 +353,10 @@ impl<'a> TxCore<'a> {
             )));
         }
         let seq = last + 1;
+        if core.known_map.is_some_and(|k| k.seq != last) {
+            // A transaction ran that was not this handle's.
+            core.known_map = None;
+        }
         let (_, start_top) = core.heap()?;
         core.logged.clear();
         core.exact.clear();
@@ -359,6 +398,7 @@ impl<'a> TxCore<'a> {
     }
 
     /// This transaction's sequence number.
+    #[inline(always)]
     pub(crate) fn seq(&self) -> u64 {
         self.seq
     }
@@ -397,6 +437,7 @@ impl<'a> TxCore<'a> {
         &self.core.mem
     }
 
+    #[inline(always)]
     pub(crate) fn heap(&self) -> Result<(u64, u64)> {
         self.core.heap()
     }
@@ -724,6 +765,7 @@ impl<'a> TxCore<'a> {
             ));
         }
         self.changes += 1;
+        self.core.forget_block(off);
         self.core.pending_free.push(off);
         self.core.pending_set.insert(off / 16);
         Ok(())
@@ -775,6 +817,9 @@ impl<'a> TxCore<'a> {
             .mem
             .store_word(TX_WORD, tx_word(self.seq, false))?;
         self.finished = true;
+        if let Some(k) = &mut self.core.known_map {
+            k.seq = self.seq;
+        }
         self.core.publisher.commit();
         Ok(())
     }
@@ -784,6 +829,8 @@ impl<'a> TxCore<'a> {
     fn free_pending(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.core.pending_free);
         for &off in &pending {
+            // (A view may have validated the block again after the free.)
+            self.core.forget_block(off);
             let heap = self.heap()?;
             let b = Block::read(self.mem(), heap, off)?;
             if b.kind == Kind::Free {
@@ -821,6 +868,7 @@ impl<'a> TxCore<'a> {
             return;
         }
         self.finished = true;
+        self.core.known_map = None;
         match journal::rollback_own(
             &mut self.core.mem,
             self.core.journal,

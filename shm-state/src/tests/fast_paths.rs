@@ -183,3 +183,92 @@ fn a_transaction_that_does_not_allocate_leaves_the_dynamic_header_alone() {
     assert_eq!(s.vec(r.vec).unwrap()[..3], [1, 5, 3]);
     assert_eq!(s.vec(r.vec).unwrap().len(), 103);
 }
+
+/// A map with entries, viewed once in a committed transaction: its blocks
+/// are known to the handle.
+fn known_map_state() -> (State<Root>, Root) {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for k in 0..20u64 {
+            m.insert(&k, &k)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert_eq!(s.transaction(|tx| tx.map(r.map)?.len()).unwrap(), 20);
+    let k = s.core.known_map.expect("the view's blocks are known");
+    assert_eq!(k.map, r.map.offset());
+    (s, r)
+}
+
+/// A view that knows the map's blocks skips their checks: the handle must
+/// forget them when they stop holding. Each case fails if its forgetting
+/// is left out: the view would read a freed block's or a rolled-back
+/// block's stale header as a live map.
+#[test]
+fn known_map_blocks_are_forgotten_when_freed() {
+    let (mut s, r) = known_map_state();
+    // Later committed transactions of this handle keep them, views of
+    // the map or not.
+    for n in 1..=2 {
+        s.transaction(|tx| tx.set_root(Root { n, ..r })).unwrap();
+    }
+    assert!(s.core.known_map.is_some());
+    s.transaction(|tx| tx.map(r.map)?.insert(&100, &100))
+        .unwrap();
+    assert!(s.core.known_map.is_some());
+    // The map freed: its block is a free block again, and a view of the
+    // stale handle fails as it does without the shortcut.
+    s.transaction(|tx| tx.map(r.map)?.free()).unwrap();
+    assert!(s.core.known_map.is_none());
+    let e = s.transaction(|tx| tx.map(r.map).map(|_| ())).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+    assert!(e.to_string().contains("free block"), "{e}");
+}
+
+#[test]
+fn known_map_blocks_are_forgotten_on_rollback() {
+    let (mut s, _) = known_map_state();
+    // A map made and viewed in a transaction that rolls back: its blocks
+    // lie past the heap top again.
+    let mut made = None;
+    let e = s
+        .transaction(|tx| {
+            let h = tx.new_map::<u64, u64>()?;
+            // Viewed, not grown: the header is the one the view knows.
+            assert_eq!(tx.map(h)?.len()?, 0);
+            made = Some(h);
+            Err::<(), _>(Error::unsupported("rolled back"))
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("rolled back"), "{e}");
+    assert!(s.core.known_map.is_none());
+    let h = made.unwrap();
+    let e = s.transaction(|tx| tx.map(h).map(|_| ())).unwrap_err();
+    assert!(e.is_corruption(), "{e}");
+}
+
+#[test]
+fn known_map_blocks_are_forgotten_after_another_writers_transaction() {
+    let (mut s, r) = known_map_state();
+    // Another process's committed transaction, as it leaves the region:
+    // the map's block freed and the commit word one further.
+    let at = r.map.offset();
+    let word = s.core.mem.load_u64(crate::format::TX_WORD).unwrap();
+    let (seq, open) = crate::format::read_tx_word(word).unwrap();
+    assert!(!open);
+    let free = crate::format::block_header(crate::format::Kind::Free, 6, 0);
+    s.core.mem.write("test", at, &free).unwrap();
+    s.core
+        .mem
+        .store_word(
+            crate::format::TX_WORD,
+            crate::format::tx_word(seq + 1, false),
+        )
+        .unwrap();
+    let e = s.transaction(|tx| tx.map(r.map).map(|_| ())).unwrap_err();
+    assert!(e.to_string().contains("free block"), "{e}");
+    assert!(s.core.known_map.is_none());
+}
