@@ -271,16 +271,28 @@ fn header<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<Hea
     Ok(header_blocks::<K, V>(mem, heap, off)?.0)
 }
 
-/// [`header`], and the table block's capacity (0 without a table).
+/// [`header`], and the map's block and table block (`None` without a
+/// table).
 #[inline(always)]
-fn header_blocks<K: Item, V: Item>(mem: &Mem, heap: (u64, u64), off: u64) -> Result<(Header, u64)> {
+fn header_blocks<K: Item, V: Item>(
+    mem: &Mem,
+    heap: (u64, u64),
+    off: u64,
+) -> Result<(Header, Block, Option<Block>)> {
     let b = Block::expect(mem, heap, off, Kind::Map)?.need(MAP_HEADER)?;
     let h = read_header::<K, V>(mem, b.off)?;
     if h.cap == 0 {
-        return Ok((h, 0));
+        return Ok((h, b, None));
     }
     let t = Block::expect(mem, heap, h.table, Kind::MapTable)?.need(h.table_bytes::<K, V>())?;
-    Ok((h, t.capacity()))
+    Ok((h, b, Some(t)))
+}
+
+/// A block header's first word, as [`Block::expect`] checked it: the kind
+/// in the low half, the class in the high one.
+#[inline(always)]
+fn first_word(b: &Block) -> u64 {
+    u64::from(b.kind as u32) | (u64::from(b.class) << 32)
 }
 
 /// Reads and validates the header of the map whose block (checked) is at
@@ -292,27 +304,41 @@ fn read_header<K: Item, V: Item>(mem: &Mem, off: u64) -> Result<Header> {
     decode_header::<K, V>(raw.try_into().expect("48"), at)
 }
 
-/// [`header`] for a view in a transaction: the checks of the map's block
-/// and table block are skipped when this handle checked the same two
-/// blocks in an earlier view and they still hold ([`KnownMap`]); the
-/// header itself is read and validated every time. A full check is
-/// remembered for the next view.
+/// [`header`] for a view in a transaction: when this handle checked the
+/// map's block and table block in an earlier view and the check still
+/// holds ([`KnownMap`]), their header words are compared with the ones it
+/// checked instead; the map header itself is read and validated every
+/// time. Anything else (another map, another table, a header word that
+/// changed) takes the full check, which is remembered for the next view.
 #[inline(always)]
 fn tx_header<K: Item, V: Item>(tx: &mut TxCore<'_>, off: u64) -> Result<Header> {
     if let Some(k) = tx.core.known_map
         && k.map == off
     {
-        let h = read_header::<K, V>(tx.mem(), off)?;
-        if h.cap == 0 || (h.table == k.table && h.table_bytes::<K, V>() <= k.table_cap) {
-            return Ok(h);
+        let mem = tx.mem();
+        // The block header and the map header after it, read at once.
+        let raw = mem.bytes("map", off, BLOCK_HEADER + MAP_HEADER)?;
+        let word = |b: &[u8]| u64::from_le_bytes(b[..8].try_into().expect("8"));
+        if word(raw) == k.map_word {
+            let at = off + BLOCK_HEADER;
+            let h = decode_header::<K, V>(raw[16..].try_into().expect("48"), at)?;
+            if h.cap == 0
+                || (h.table == k.table
+                    && h.table_bytes::<K, V>() <= k.table_cap
+                    && word(mem.bytes("block header", h.table, 8)?) == k.table_word)
+            {
+                return Ok(h);
+            }
         }
     }
-    let (h, table_cap) = header_blocks::<K, V>(tx.mem(), tx.heap()?, off)?;
+    let (h, b, t) = header_blocks::<K, V>(tx.mem(), tx.heap()?, off)?;
     tx.core.known_map = Some(KnownMap {
         seq: tx.seq(),
         map: off,
+        map_word: first_word(&b),
         table: h.table,
-        table_cap,
+        table_word: t.as_ref().map_or(0, first_word),
+        table_cap: t.map_or(0, |t| t.capacity()),
     });
     Ok(h)
 }
@@ -746,9 +772,10 @@ impl<'s, R: Pod> Tx<'s, R> {
     /// A map, for reading and changing in this transaction. Its header is
     /// validated here, once: the view is the map's only writer while it
     /// lives and keeps its copy of the header up to date. The map's block
-    /// and table block are checked by the first view of the map in this
-    /// handle, and again only once they may have changed (see
-    /// `docs/state-format.md`, *Validation*).
+    /// and table block are checked fully by the first view of the map in
+    /// this handle; later views compare their header words, and check them
+    /// fully again once they may have moved (see `docs/state-format.md`,
+    /// *Validation*).
     // Inlined: the view would come back through memory, and the caller's
     // first wide load of it stall on store forwarding.
     #[inline(always)]

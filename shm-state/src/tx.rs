@@ -175,24 +175,30 @@ impl ExactSet {
 }
 
 /// A map's header block and table block, validated by a view of the map
-/// in a transaction of this handle: the next view of the same map skips
-/// their checks (`map::tx_header`), while they still hold.
+/// in a transaction of this handle: the next view of the same map compares
+/// the first word of each block header (kind and class) with the one
+/// checked, instead of checking them again (`map::tx_header`), while the
+/// rest of the check still holds.
 ///
-/// They hold from the transaction `seq` that checked them for as long as
-/// every transaction since is this handle's and committed: a block stops
-/// being the map's only when a transaction frees it, and the heap top that
-/// bounds it only shrinks by a rollback. So this is forgotten when a
-/// transaction frees either block or rolls back, and when a transaction
-/// begins after one that was not this handle's (another process's, on a
-/// shared state), which `seq` tells.
+/// The rest is where the blocks lie: 16-aligned inside the heap, ending
+/// below its top. Offsets and classes are those checked, and the heap top
+/// only shrinks by a rollback. So this holds from the transaction `seq`
+/// that checked them for as long as every transaction since is this
+/// handle's and committed, and is forgotten when a transaction rolls back,
+/// when one frees either block (at its commit, where the block becomes
+/// free), and when a transaction begins after one that was not this
+/// handle's (another process's, on a shared state), which `seq` tells.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct KnownMap {
     /// The last transaction of this handle, since the check.
     pub seq: u64,
-    /// The map's block.
+    /// The map's block, and the first word of its header.
     pub map: u64,
-    /// Its table's block (0: none) and that block's capacity.
+    pub map_word: u64,
+    /// Its table's block (0: none), the first word of its header, and its
+    /// capacity.
     pub table: u64,
+    pub table_word: u64,
     pub table_cap: u64,
 }
 
@@ -765,7 +771,6 @@ impl<'a> TxCore<'a> {
             ));
         }
         self.changes += 1;
-        self.core.forget_block(off);
         self.core.pending_free.push(off);
         self.core.pending_set.insert(off / 16);
         Ok(())
@@ -829,7 +834,7 @@ impl<'a> TxCore<'a> {
     fn free_pending(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.core.pending_free);
         for &off in &pending {
-            // (A view may have validated the block again after the free.)
+            // Free from here on: a map view must check it again.
             self.core.forget_block(off);
             let heap = self.heap()?;
             let b = Block::read(self.mem(), heap, off)?;

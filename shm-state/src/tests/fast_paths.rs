@@ -203,10 +203,11 @@ fn known_map_state() -> (State<Root>, Root) {
     (s, r)
 }
 
-/// A view that knows the map's blocks skips their checks: the handle must
-/// forget them when they stop holding. Each case fails if its forgetting
-/// is left out: the view would read a freed block's or a rolled-back
-/// block's stale header as a live map.
+/// A view that knows the map's blocks compares their header words instead
+/// of checking them again: the handle must forget them when the rest of
+/// the check stops holding. Each case pins the forgetting (the handle's
+/// state) and the behaviour (a view of a stale handle fails as it does
+/// without the shortcut).
 #[test]
 fn known_map_blocks_are_forgotten_when_freed() {
     let (mut s, r) = known_map_state();
@@ -271,4 +272,49 @@ fn known_map_blocks_are_forgotten_after_another_writers_transaction() {
     let e = s.transaction(|tx| tx.map(r.map).map(|_| ())).unwrap_err();
     assert!(e.to_string().contains("free block"), "{e}");
     assert!(s.core.known_map.is_none());
+}
+
+/// A map freed and then viewed again in the same transaction (the free
+/// takes effect at the commit, so the view checks and remembers the
+/// blocks again): the commit forgets them.
+#[test]
+fn known_map_blocks_freed_and_viewed_again_are_forgotten_at_commit() {
+    let (mut s, r) = known_map_state();
+    s.transaction(|tx| {
+        tx.map(r.map)?.free()?;
+        assert_eq!(tx.map(r.map)?.len()?, 0);
+        assert!(tx.core.core.known_map.is_some());
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    assert!(s.core.known_map.is_none());
+    let e = s.transaction(|tx| tx.map(r.map).map(|_| ())).unwrap_err();
+    assert!(e.to_string().contains("free block"), "{e}");
+}
+
+/// A block header changed without a transaction (a stray write; a process
+/// that writes without the protocol): the header word no longer matches
+/// the one checked, and the view checks the block again and fails, as it
+/// does without the shortcut. Fails if the words are not compared.
+#[test]
+fn known_map_blocks_are_checked_again_when_their_header_word_changes() {
+    use crate::format::{Kind, block_header};
+    for table in [false, true] {
+        let (mut s, r) = known_map_state();
+        let k = s.core.known_map.unwrap();
+        let (at, class) = if table {
+            (k.table, (k.table_word >> 32) as u32)
+        } else {
+            (k.map, (k.map_word >> 32) as u32)
+        };
+        assert_ne!(at, 0);
+        s.core
+            .mem
+            .write("test", at, &block_header(Kind::Free, class, 0))
+            .unwrap();
+        let e = s
+            .transaction(|tx| tx.map(r.map)?.insert(&100, &100))
+            .unwrap_err();
+        assert!(e.to_string().contains("free block"), "table {table}: {e}");
+    }
 }
