@@ -293,6 +293,9 @@ fn append_words<const N: usize>(
         end - pos,
         #[inline(always)]
         |dst| {
+            // The record's length, known here once (`end - pos` is
+            // `record_size(len)`): the stores below are then unchecked.
+            let dst = &mut dst[..24 + 8 * N];
             dst[0..8].copy_from_slice(&check.to_le_bytes());
             dst[8..16].copy_from_slice(&len_word.to_le_bytes());
             dst[16..24].copy_from_slice(&target.to_le_bytes());
