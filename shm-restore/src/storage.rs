@@ -66,15 +66,20 @@ pub trait Storage {
 
 /// The real file system: a directory on disk.
 ///
-/// Retired files are closed on a background thread: closing the last
-/// reference to a replaced snapshot frees its blocks, which for a file of
-/// hundreds of MiB takes tens of milliseconds that a save need not wait for.
+/// Retired files are closed on background threads: closing the last
+/// reference to a replaced snapshot frees its blocks and pages, which for
+/// a file of hundreds of MiB takes tens of milliseconds that a save need
+/// not wait for, and that must not take the CPU from the command (the
+/// threads run at background priority, one close at a time).
 #[derive(Debug)]
 pub struct DirStorage {
     dir: PathBuf,
-    /// Threads closing retired files (one per file; those that ended are
-    /// reaped at the next retire).
-    retiring: Vec<JoinHandle<()>>,
+    /// The thread closing the last retired file (after the one before
+    /// it: each thread waits for its predecessor first).
+    retiring: Option<JoinHandle<()>>,
+    /// Counts the closes running at once (tests).
+    #[cfg(test)]
+    probe: Option<std::sync::Arc<dir_tests::CloseProbe>>,
 }
 
 impl DirStorage {
@@ -82,7 +87,9 @@ impl DirStorage {
     pub fn new(dir: impl Into<PathBuf>) -> DirStorage {
         DirStorage {
             dir: dir.into(),
-            retiring: Vec::new(),
+            retiring: None,
+            #[cfg(test)]
+            probe: None,
         }
     }
 
@@ -186,27 +193,35 @@ impl Storage for DirStorage {
     }
 
     fn retire(&mut self, file: File) {
-        // Files retired one after the other (a compaction's old chain) are
-        // closed side by side: no retire waits for an earlier one.
-        let (done, running) = std::mem::take(&mut self.retiring)
-            .into_iter()
-            .partition(|h| h.is_finished());
-        self.retiring = running;
-        for handle in done {
-            let _ = handle.join();
-        }
-        // Without a thread the closure, and the file in it, is dropped
-        // (closed) by the failed spawn itself.
+        // One close at a time: a compaction retires its old chain (a full
+        // snapshot and its deltas) at once, and the kernel's work of
+        // several closes side by side can hold both CPUs of a small
+        // machine for a millisecond or more, background priority or not.
+        // No retire waits: the new thread waits for the one before.
+        let before = self.retiring.take();
+        #[cfg(test)]
+        let probe = self.probe.clone();
+        // Without a thread the closure, and the file and handle in it, is
+        // dropped by the failed spawn itself (the file closed now).
         if let Ok(handle) = std::thread::Builder::new()
             .name("shm-restore-close".into())
-            .spawn(move || drop(file))
+            .spawn(move || {
+                if let Some(before) = before {
+                    let _ = before.join();
+                }
+                let _background = crate::background::Background::enter();
+                #[cfg(test)]
+                let _closing = probe.as_deref().map(dir_tests::CloseProbe::enter);
+                drop(file)
+            })
         {
-            self.retiring.push(handle);
+            self.retiring = Some(handle);
         }
     }
 
     fn wait_retired(&mut self) {
-        for handle in self.retiring.drain(..) {
+        // The last thread waits for every one before it.
+        if let Some(handle) = self.retiring.take() {
             let _ = handle.join();
         }
     }
@@ -534,5 +549,85 @@ pub(crate) mod sim {
         fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
             <[u8] as ReadAt>::read_exact_at(self, buf, offset)
         }
+    }
+}
+
+#[cfg(test)]
+mod dir_tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// How many closes run at once, and the most that did.
+    #[derive(Debug, Default)]
+    pub(super) struct CloseProbe {
+        now: AtomicUsize,
+        most: AtomicUsize,
+    }
+
+    pub(super) struct Closing<'a>(&'a CloseProbe);
+
+    impl CloseProbe {
+        /// A close starts: counted, and made slow enough that closes
+        /// running side by side would overlap.
+        pub(super) fn enter(&self) -> Closing<'_> {
+            let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            Closing(self)
+        }
+    }
+
+    impl Drop for Closing<'_> {
+        fn drop(&mut self) {
+            self.0.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Files retired one after the other (a compaction's old chain) are
+    /// all closed once `wait_retired` returns: each close thread waits for
+    /// the one before, and the wait for the last.
+    #[test]
+    fn every_retired_file_is_closed_after_wait_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = DirStorage::new(dir.path());
+        let mut open = Vec::new();
+        for i in 0..6 {
+            let path = dir.path().join(format!("old-{i}"));
+            std::fs::write(&path, vec![i as u8; 256 << 10]).unwrap();
+            let file = File::open(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            let link = format!("/proc/self/fd/{}", file.as_raw_fd());
+            let target = std::fs::read_link(&link).unwrap();
+            open.push((link, target));
+            storage.retire(file);
+        }
+        storage.wait_retired();
+        for (link, target) in open {
+            // Closed: the descriptor is gone, or already another file's.
+            assert_ne!(std::fs::read_link(&link).ok(), Some(target), "{link}");
+        }
+        assert!(storage.retiring.is_none());
+    }
+
+    /// A compaction retires its old chain at once: the files are closed
+    /// one at a time (the kernel's work of closes side by side could hold
+    /// every CPU of a small machine).
+    #[test]
+    fn retired_files_are_closed_one_at_a_time_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = DirStorage::new(dir.path());
+        let probe = Arc::new(CloseProbe::default());
+        storage.probe = Some(probe.clone());
+        for i in 0..5 {
+            let path = dir.path().join(format!("old-{i}"));
+            std::fs::write(&path, b"x").unwrap();
+            storage.retire(File::open(&path).unwrap());
+        }
+        storage.wait_retired();
+        // Each close took 20 ms: side by side, they would have overlapped.
+        assert_eq!(probe.most.load(Ordering::SeqCst), 1, "closes overlapped");
+        assert_eq!(probe.now.load(Ordering::SeqCst), 0, "all closed");
     }
 }

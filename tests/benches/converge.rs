@@ -100,6 +100,9 @@ fn program(secs: u64, marking: bool) {
 struct Run {
     /// The longest gap in the windows of saves that did not compact.
     plain_max_ms: f64,
+    /// The longest gap in the window without saves just before (the
+    /// baseline: what the machine's scheduling alone gives).
+    idle_max_ms: f64,
     pauses_max_ms: f64,
     pause_p100_ms: f64,
     ratio: f64,
@@ -193,7 +196,8 @@ fn run(mib: u64, saves: usize, marking: bool) -> Run {
     let (gaps, commits) = gaps_in(saves_from, saves_to);
     let window = saves_to - saves_from;
     // The same length of idle time (repeated if the saves took longer).
-    let (_, idle_commits) = gaps_in(idle_from, idle_to);
+    let (idle_gaps, idle_commits) = gaps_in(idle_from, idle_to);
+    let idle_max_ms = idle_gaps.iter().copied().max().unwrap_or(0) as f64 / 1e6;
     let idle_rate = idle_commits as f64 / (idle_to - idle_from) as f64;
     let rate = commits as f64 / window as f64;
     let max_gap = gaps.iter().copied().max().unwrap_or(0) as f64 / 1e6;
@@ -216,13 +220,22 @@ fn run(mib: u64, saves: usize, marking: bool) -> Run {
             inside.windows(2).map(|w| (w[1] - w[0], w[0])).collect();
         with_gap.sort_unstable_by(|a, b| b.cmp(a));
         for &(g, at) in with_gap.iter().take(5) {
+            let ms = |ns: u64| ns as f64 / 1e6;
             let phase = phases
                 .iter()
-                .find_map(|&(a, b, c, k)| {
+                .enumerate()
+                .find_map(|(i, &(a, b, c, k))| {
                     if at >= a && at < b {
-                        Some(format!("capture ({k})"))
+                        Some(format!(
+                            "capture ({k}) of save {i}, {:.2} ms in",
+                            ms(at - a)
+                        ))
                     } else if at >= b && at < c {
-                        Some(format!("save ({k})"))
+                        Some(format!(
+                            "save ({k}) {i}, {:.2} ms into its {:.2} ms",
+                            ms(at - b),
+                            ms(c - b)
+                        ))
                     } else {
                         None
                     }
@@ -246,6 +259,7 @@ fn run(mib: u64, saves: usize, marking: bool) -> Run {
     save_time.sort();
     Run {
         plain_max_ms,
+        idle_max_ms,
         pauses_max_ms: max_gap,
         pause_p100_ms: (max_gap - 1.0).max(0.0),
         ratio: rate / idle_rate,
@@ -271,19 +285,20 @@ fn main() {
         load_average()
     );
     println!(
-        "\n| dirty map | saves (f full, d delta, c delta + compaction, no stop; S stopped) | median save | longest gap between commits | longest pause (gap - 1 ms) | ... in saves without a compaction | commits/s during the saves vs idle |"
+        "\n| dirty map | saves (f full, d delta, c delta + compaction, no stop; S stopped) | median save | longest gap between commits | longest pause (gap - 1 ms) | ... in saves without a compaction | longest pause with no save (1.5 s before) | commits/s during the saves vs idle |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for marking in [false, true] {
         let r = run(mib, saves, marking);
         println!(
-            "| {} | {} | {:.1} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}x |",
+            "| {} | {} | {:.1} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2}x |",
             if marking { "on" } else { "off" },
             r.kinds,
             r.save_ms,
             r.pauses_max_ms,
             r.pause_p100_ms,
             (r.plain_max_ms - 1.0).max(0.0),
+            (r.idle_max_ms - 1.0).max(0.0),
             r.ratio
         );
     }
