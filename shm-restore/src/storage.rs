@@ -66,17 +66,16 @@ pub trait Storage {
 
 /// The real file system: a directory on disk.
 ///
-/// Retired files are closed on background threads: closing the last
+/// Retired files are closed on a background thread: closing the last
 /// reference to a replaced snapshot frees its blocks and pages, which for
 /// a file of hundreds of MiB takes tens of milliseconds that a save need
 /// not wait for, and that must not take the CPU from the command (the
-/// threads run at background priority, one close at a time).
+/// thread runs at background priority and closes one file at a time).
 #[derive(Debug)]
 pub struct DirStorage {
     dir: PathBuf,
-    /// The thread closing the last retired file (after the one before
-    /// it: each thread waits for its predecessor first).
-    retiring: Option<JoinHandle<()>>,
+    /// The thread closing retired files, started by the first retire.
+    closer: Option<Closer>,
     /// Counts the closes running at once (tests).
     #[cfg(test)]
     probe: Option<std::sync::Arc<dir_tests::CloseProbe>>,
@@ -87,7 +86,7 @@ impl DirStorage {
     pub fn new(dir: impl Into<PathBuf>) -> DirStorage {
         DirStorage {
             dir: dir.into(),
-            retiring: None,
+            closer: None,
             #[cfg(test)]
             probe: None,
         }
@@ -193,43 +192,85 @@ impl Storage for DirStorage {
     }
 
     fn retire(&mut self, file: File) {
-        // One close at a time: a compaction retires its old chain (a full
-        // snapshot and its deltas) at once, and the kernel's work of
-        // several closes side by side can hold both CPUs of a small
-        // machine for a millisecond or more, background priority or not.
-        // No retire waits: the new thread waits for the one before.
-        let before = self.retiring.take();
-        #[cfg(test)]
-        let probe = self.probe.clone();
-        // Without a thread the closure, and the file and handle in it, is
-        // dropped by the failed spawn itself (the file closed now).
-        if let Ok(handle) = std::thread::Builder::new()
-            .name("shm-restore-close".into())
-            .spawn(move || {
-                if let Some(before) = before {
-                    let _ = before.join();
-                }
-                let _background = crate::background::Background::enter();
-                #[cfg(test)]
-                let _closing = probe.as_deref().map(dir_tests::CloseProbe::enter);
-                drop(file)
-            })
+        if self.closer.is_none() {
+            #[cfg(test)]
+            let closer = Closer::start(self.probe.clone());
+            #[cfg(not(test))]
+            let closer = Closer::start();
+            self.closer = closer.ok();
+        }
+        // Without the thread (it could not start, or ended), closed now.
+        if let Some(closer) = &self.closer
+            && let Err(std::sync::mpsc::SendError(Retired::Close(file))) =
+                closer.queue.send(Retired::Close(file))
         {
-            self.retiring = Some(handle);
+            drop(file);
         }
     }
 
     fn wait_retired(&mut self) {
-        // The last thread waits for every one before it.
-        if let Some(handle) = self.retiring.take() {
-            let _ = handle.join();
+        if let Some(closer) = &self.closer {
+            let (done, closed) = std::sync::mpsc::channel();
+            // Answered once every file queued before is closed; an error
+            // (the thread ended) means they are.
+            if closer.queue.send(Retired::Wait(done)).is_ok() {
+                let _ = closed.recv();
+            }
         }
     }
 }
 
 impl Drop for DirStorage {
     fn drop(&mut self) {
-        self.wait_retired();
+        if let Some(closer) = self.closer.take() {
+            // The thread closes what is queued, then ends.
+            drop(closer.queue);
+            let _ = closer.thread.join();
+        }
+    }
+}
+
+/// What a [`Closer`] is asked to do, in order.
+enum Retired {
+    Close(File),
+    /// Answer once every file queued before is closed.
+    Wait(std::sync::mpsc::Sender<()>),
+}
+
+/// One thread closing retired files one at a time, at background
+/// priority: a compaction retires its old chain (a full snapshot and its
+/// deltas) at once, and the kernel's work of several closes side by side
+/// can hold both CPUs of a small machine for a millisecond or more, even
+/// at nice 19.
+#[derive(Debug)]
+struct Closer {
+    queue: std::sync::mpsc::Sender<Retired>,
+    thread: JoinHandle<()>,
+}
+
+impl Closer {
+    fn start(
+        #[cfg(test)] probe: Option<std::sync::Arc<dir_tests::CloseProbe>>,
+    ) -> io::Result<Closer> {
+        let (queue, inbox) = std::sync::mpsc::channel::<Retired>();
+        let thread = std::thread::Builder::new()
+            .name("shm-restore-close".into())
+            .spawn(move || {
+                crate::background::lower_for_good();
+                for job in inbox {
+                    match job {
+                        Retired::Close(file) => {
+                            #[cfg(test)]
+                            let _closing = probe.as_deref().map(dir_tests::CloseProbe::enter);
+                            drop(file);
+                        }
+                        Retired::Wait(done) => {
+                            let _ = done.send(());
+                        }
+                    }
+                }
+            })?;
+        Ok(Closer { queue, thread })
     }
 }
 
@@ -564,6 +605,7 @@ mod dir_tests {
     pub(super) struct CloseProbe {
         now: AtomicUsize,
         most: AtomicUsize,
+        closed: AtomicUsize,
     }
 
     pub(super) struct Closing<'a>(&'a CloseProbe);
@@ -582,6 +624,7 @@ mod dir_tests {
     impl Drop for Closing<'_> {
         fn drop(&mut self) {
             self.0.now.fetch_sub(1, Ordering::SeqCst);
+            self.0.closed.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -608,12 +651,12 @@ mod dir_tests {
             // Closed: the descriptor is gone, or already another file's.
             assert_ne!(std::fs::read_link(&link).ok(), Some(target), "{link}");
         }
-        assert!(storage.retiring.is_none());
+        assert!(storage.closer.is_some());
     }
 
     /// A compaction retires its old chain at once: the files are closed
     /// one at a time (the kernel's work of closes side by side could hold
-    /// every CPU of a small machine).
+    /// every CPU of a small machine), and no retire waits for a close.
     #[test]
     fn retired_files_are_closed_one_at_a_time_without_waiting() {
         let dir = tempfile::tempdir().unwrap();
@@ -625,7 +668,14 @@ mod dir_tests {
             std::fs::write(&path, b"x").unwrap();
             storage.retire(File::open(&path).unwrap());
         }
+        // Each close takes 20 ms: a retire that waited for its close would
+        // have let at most one more start by now.
+        assert!(
+            probe.closed.load(Ordering::SeqCst) < 4,
+            "the retires waited"
+        );
         storage.wait_retired();
+        assert_eq!(probe.closed.load(Ordering::SeqCst), 5);
         // Each close took 20 ms: side by side, they would have overlapped.
         assert_eq!(probe.most.load(Ordering::SeqCst), 1, "closes overlapped");
         assert_eq!(probe.now.load(Ordering::SeqCst), 0, "all closed");

@@ -295,6 +295,7 @@ fn append_words<const N: usize>(
         |dst| {
             // The record's length, known here once (`end - pos` is
             // `record_size(len)`): the stores below are then unchecked.
+            debug_assert_eq!(dst.len(), 24 + 8 * N);
             let dst = &mut dst[..24 + 8 * N];
             dst[0..8].copy_from_slice(&check.to_le_bytes());
             dst[8..16].copy_from_slice(&len_word.to_le_bytes());

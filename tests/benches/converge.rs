@@ -195,7 +195,7 @@ fn run(mib: u64, saves: usize, marking: bool) -> Run {
     };
     let (gaps, commits) = gaps_in(saves_from, saves_to);
     let window = saves_to - saves_from;
-    // The same length of idle time (repeated if the saves took longer).
+    // The commit rate and the longest gap in the 1.5 s without saves.
     let (idle_gaps, idle_commits) = gaps_in(idle_from, idle_to);
     let idle_max_ms = idle_gaps.iter().copied().max().unwrap_or(0) as f64 / 1e6;
     let idle_rate = idle_commits as f64 / (idle_to - idle_from) as f64;
@@ -226,10 +226,7 @@ fn run(mib: u64, saves: usize, marking: bool) -> Run {
                 .enumerate()
                 .find_map(|(i, &(a, b, c, k))| {
                     if at >= a && at < b {
-                        Some(format!(
-                            "capture ({k}) of save {i}, {:.2} ms in",
-                            ms(at - a)
-                        ))
+                        Some(format!("capture ({k}) {i}, {:.2} ms into it", ms(at - a)))
                     } else if at >= b && at < c {
                         Some(format!(
                             "save ({k}) {i}, {:.2} ms into its {:.2} ms",
