@@ -789,19 +789,34 @@ impl<'a> TxCore<'a> {
         self.commit_or_abort()
     }
 
+    #[inline(always)]
     fn commit_or_abort(&mut self) -> Result<()> {
-        if let Some(first) = self.failed.take() {
-            self.abort_inner();
-            return Err(Error::Incomplete { first });
+        if self.failed.is_some() {
+            return Err(self.abort_failed());
         }
         // `Ok` rebuilt, not the result moved (see `MapMut::changing`).
         match self.commit_inner() {
             Ok(()) => Ok(()),
-            Err(e) => {
-                self.abort_inner();
-                Err(e)
-            }
+            Err(e) => Err(self.abort_with(e)),
         }
+    }
+
+    /// The commit of a transaction an operation left half done: rolled
+    /// back instead.
+    #[cold]
+    #[inline(never)]
+    fn abort_failed(&mut self) -> Error {
+        let first = self.failed.take().unwrap_or_default();
+        self.abort_inner();
+        Error::Incomplete { first }
+    }
+
+    /// A commit that failed with `e`: rolled back.
+    #[cold]
+    #[inline(never)]
+    fn abort_with(&mut self, e: Error) -> Error {
+        self.abort_inner();
+        e
     }
 
     #[inline(always)]
@@ -868,6 +883,7 @@ impl<'a> TxCore<'a> {
         self.abort_inner();
     }
 
+    #[inline(never)]
     fn abort_inner(&mut self) {
         if self.finished {
             return;
@@ -890,7 +906,10 @@ impl<'a> TxCore<'a> {
 }
 
 impl Drop for TxCore<'_> {
+    #[inline(always)]
     fn drop(&mut self) {
-        self.abort_inner();
+        if !self.finished {
+            self.abort_inner();
+        }
     }
 }
