@@ -228,6 +228,10 @@ pub(crate) struct Core {
     pending_set: HashSet<u64, BuildHasherDefault<LineHasher>>,
     /// The blocks of the map viewed last, as validated (see [`KnownMap`]).
     pub known_map: Option<KnownMap>,
+    /// The commit word this handle stored last, and its sequence number:
+    /// the next `begin` that finds the same word knows what it says
+    /// without decoding it again (decoding depends on the word alone).
+    last_committed: Option<(u64, u64)>,
 }
 
 impl Core {
@@ -246,6 +250,7 @@ impl Core {
             ring_heads: Vec::new(),
             pending_set: HashSet::default(),
             known_map: None,
+            last_committed: None,
         }
     }
 
@@ -320,6 +325,8 @@ fn bad_heap_top(mem: &Mem, heap_off: u64, top: u64) -> Error {
 pub(crate) struct TxCore<'a> {
     pub core: &'a mut Core,
     seq: u64,
+    /// The commit word that marks it open.
+    open_word: u64,
     /// What this transaction's journal records are bound to.
     key: TxKey,
     pos: u64,
@@ -343,7 +350,10 @@ impl<'a> TxCore<'a> {
             return Err(Error::Poisoned);
         }
         let word = core.mem.atomic_u64(TX_WORD)?.load(Ordering::Acquire);
-        let (last, open) = read_tx_word(word).inspect_err(|_| core.poisoned = true)?;
+        let (last, open) = match core.last_committed {
+            Some((committed, seq)) if committed == word => (seq, false),
+            _ => read_tx_word(word).inspect_err(|_| core.poisoned = true)?,
+        };
         if open {
             // Only a foreign writer can leave this set while we hold the lock.
             core.poisoned = true;
@@ -385,7 +395,8 @@ impl<'a> TxCore<'a> {
             // head's claim is its own (docs/state-format.md, *Journal*).
             journal::claim_nothing(&mut core.mem, &key)?;
         }
-        core.mem.store_word(TX_WORD, tx_word(seq, true))?;
+        let open_word = tx_word(seq, true);
+        core.mem.store_word(TX_WORD, open_word)?;
         // The open word is visible before any write of the transaction: a
         // reader in another process (a shared state's, a snapshotter) that
         // sees one of the writes sees the word open, or a later one.
@@ -394,6 +405,7 @@ impl<'a> TxCore<'a> {
         Ok(TxCore {
             core,
             seq,
+            open_word,
             key,
             pos,
             start_top,
@@ -833,9 +845,9 @@ impl<'a> TxCore<'a> {
                 .write("header checksum", DY_CRC, &crc.to_le_bytes())?;
         }
         compiler_fence(Ordering::SeqCst);
-        self.core
-            .mem
-            .store_word(TX_WORD, tx_word(self.seq, false))?;
+        let committed = committed_from_open(self.open_word);
+        self.core.mem.store_word(TX_WORD, committed)?;
+        self.core.last_committed = Some((committed, self.seq));
         self.finished = true;
         if let Some(k) = &mut self.core.known_map {
             k.seq = self.seq;

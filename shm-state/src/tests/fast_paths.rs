@@ -318,3 +318,34 @@ fn known_map_blocks_are_checked_again_when_their_header_word_changes() {
         assert!(e.to_string().contains("free block"), "table {table}: {e}");
     }
 }
+
+/// `begin` knows the commit word this handle stored last without decoding
+/// it again: any other word, a damaged one included, is decoded and
+/// checked. Fails if the remembered word is used without comparing it.
+#[test]
+fn a_commit_word_changed_after_this_handles_commit_is_checked_again() {
+    let (mut s, r) = known_map_state();
+    let word = s.core.mem.load_u64(crate::format::TX_WORD).unwrap();
+    s.transaction(|tx| tx.set_root(Root { n: 1, ..r })).unwrap();
+    // The same word is read back as committed: the next one runs.
+    s.transaction(|tx| tx.set_root(Root { n: 2, ..r })).unwrap();
+    assert_eq!(s.root().unwrap().n, 2);
+    let now = s.core.mem.load_u64(crate::format::TX_WORD).unwrap();
+    assert_ne!(now, word);
+    for bit in [0, 1, 40, 57] {
+        let (mut s, _) = known_map_state();
+        s.transaction(|tx| tx.set_root(Root { n: 1, ..r })).unwrap();
+        let w = s.core.mem.load_u64(crate::format::TX_WORD).unwrap();
+        s.core
+            .mem
+            .store_word(crate::format::TX_WORD, w ^ (1 << bit))
+            .unwrap();
+        let e = s
+            .transaction(|tx| tx.set_root(Root { n: 3, ..r }))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("commit word") || e.to_string().contains("open"),
+            "bit {bit}: {e}"
+        );
+    }
+}
