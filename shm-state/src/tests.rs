@@ -52,6 +52,22 @@ fn fresh() -> State<Root> {
     s
 }
 
+/// A new state (see [`fresh`]) whose map holds `entries`, inserted in one
+/// transaction.
+fn with_map(entries: impl IntoIterator<Item = (u64, u64)>) -> (State<Root>, Root) {
+    let mut s = fresh();
+    let r = *s.root().unwrap();
+    s.transaction(|tx| {
+        let mut m = tx.map(r.map)?;
+        for (k, v) in entries {
+            m.insert(&k, &v)?;
+        }
+        Ok::<_, Error>(())
+    })
+    .unwrap();
+    (s, r)
+}
+
 /// Everything a state holds, as std values.
 #[derive(Debug, Clone, PartialEq, Default)]
 struct Model {

@@ -187,17 +187,8 @@ fn map_handles_many_keys_and_deletes() {
 
 #[test]
 fn a_map_view_stays_true_to_the_region_after_a_failed_insert() {
-    let mut s = fresh();
-    let r = *s.root().unwrap();
     // A committed table (4096 slots), so that new entries are journaled.
-    s.transaction(|tx| {
-        let mut m = tx.map(r.map)?;
-        for k in 0..3000u64 {
-            m.insert(&(k + 1_000_000), &k)?;
-        }
-        Ok::<_, Error>(())
-    })
-    .unwrap();
+    let (mut s, r) = with_map((0..3000u64).map(|k| (k + 1_000_000, k)));
     let before = dump(&s).unwrap();
     // The 16 KiB journal fills up part way through: the view must go on
     // agreeing with the region (the cached header is re-read).

@@ -117,17 +117,8 @@ fn damaged_counts_and_huge_sizes_are_errors_not_panics() {
 /// map keeps its table.
 #[test]
 fn a_damaged_slot_fails_the_growth_before_it_changes_anything() {
-    let mut s = fresh();
-    let r = *s.root().unwrap();
     // Seven entries fill a table of 8 slots: the eighth rebuilds it.
-    s.transaction(|tx| {
-        let mut m = tx.map(r.map)?;
-        for k in 0..7u64 {
-            m.insert(&k, &k)?;
-        }
-        Ok::<_, Error>(())
-    })
-    .unwrap();
+    let (s, r) = with_map((0..7u64).map(|k| (k, k)));
     let img = s.close().unwrap().into_heap().unwrap();
     let hdr = r.map.offset() + 16;
     let (cap, table) = (get_u64(&img, hdr + 16), get_u64(&img, hdr + 24));
@@ -163,18 +154,9 @@ fn a_damaged_slot_fails_the_growth_before_it_changes_anything() {
 #[test]
 fn a_free_block_forged_over_the_old_table_fails_the_growth() {
     use crate::format::{FREE_HEADS, Kind, block_header, class_for, free_head};
-    let mut s = fresh();
-    let r = *s.root().unwrap();
     // Fourteen entries fill a table of 16 slots: the fifteenth rebuilds
     // it at 32.
-    s.transaction(|tx| {
-        let mut m = tx.map(r.map)?;
-        for k in 0..14u64 {
-            m.insert(&k, &(k * 3))?;
-        }
-        Ok::<_, Error>(())
-    })
-    .unwrap();
+    let (mut s, r) = with_map((0..14u64).map(|k| (k, k * 3)));
     // Room past the table for the forged block (a class 10 block).
     s.transaction(|tx| tx.vec(r.vec)?.reserve(4096)).unwrap();
     let hdr = r.map.offset() + 16;

@@ -187,16 +187,7 @@ fn a_transaction_that_does_not_allocate_leaves_the_dynamic_header_alone() {
 /// A map with entries, viewed once in a committed transaction: its blocks
 /// are known to the handle.
 fn known_map_state() -> (State<Root>, Root) {
-    let mut s = fresh();
-    let r = *s.root().unwrap();
-    s.transaction(|tx| {
-        let mut m = tx.map(r.map)?;
-        for k in 0..20u64 {
-            m.insert(&k, &k)?;
-        }
-        Ok::<_, Error>(())
-    })
-    .unwrap();
+    let (mut s, r) = with_map((0..20u64).map(|k| (k, k)));
     assert_eq!(s.transaction(|tx| tx.map(r.map)?.len()).unwrap(), 20);
     let k = s.core.known_map.expect("the view's blocks are known");
     assert_eq!(k.map, r.map.offset());
